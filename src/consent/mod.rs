@@ -1,0 +1,6 @@
+//! The consent registry: the record and its validity rules, the in-memory index the hot path
+//! reads, and the stores that feed it.
+
+pub mod record;
+
+pub use record::{Consent, ConsentRecord, FieldError};

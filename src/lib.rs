@@ -1,0 +1,6 @@
+//! residency-proxy: a reverse proxy that keeps residency-bound data at home, lets it leave
+//! only with valid consent, and logs every decision in a verifiable chain.
+#![forbid(unsafe_code)]
+
+pub mod consent;
+pub mod policy;

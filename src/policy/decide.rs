@@ -1,0 +1,489 @@
+//! `decide`: the algorithm of SPEC section 3, and the only place a request is decided.
+//! Pure: the environment (locations, resolved upstream addresses, consents, the clock) comes
+//! in through `Env`, so `serve`, `explain` and `test` run exactly this code.
+
+use super::country::Country;
+use super::decision::*;
+use super::forwarded;
+use super::model::*;
+use super::path;
+use crate::consent::record::Consent;
+use http::{HeaderMap, Method};
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Deref;
+
+/// The request as the proxy received it.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    pub method: &'a Method,
+    /// Host header (or :authority), possibly with a port.
+    pub host: Option<&'a str>,
+    /// The path of the request target, as received (no query).
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+    /// The socket peer.
+    pub peer: IpAddr,
+    /// The verified identity of an mTLS client certificate (SAN).
+    pub identity: Option<&'a str>,
+    /// Rotates the choice among equally valid upstream addresses.
+    pub pick: usize,
+}
+
+/// A consent lookup: the registry may be out of reach.
+pub enum ConsentLookup<C> {
+    Found(C),
+    NotFound,
+    Unavailable,
+}
+
+/// What `decide` needs from the world.
+pub trait Env {
+    type Addrs: Deref<Target = [SocketAddr]>;
+    type Consents: Deref<Target = [Consent]>;
+    fn locate(&self, ip: IpAddr) -> Location;
+    /// The addresses an upstream's host resolves to, or why it does not resolve.
+    fn upstream_addrs(&self, upstream: usize) -> Result<Self::Addrs, String>;
+    fn consents(&self, subject: &str) -> ConsentLookup<Self::Consents>;
+    /// Unix microseconds.
+    fn now(&self) -> i64;
+}
+
+/// Whether `addr`, located at `loc`, may receive traffic of `dataset` (step 4).
+pub fn upstream_allowed(dataset: &Dataset, loc: &Location) -> bool {
+    !dataset.resident || loc.country().is_some_and(|c| dataset.home.countries.contains(c))
+}
+
+/// Finds the dataset a normalised request matches: longest path prefix, then a host
+/// constraint, then a method constraint, then file order.
+pub fn match_dataset(policy: &Policy, host: Option<&str>, method: &Method, path: &str) -> Option<usize> {
+    let host = host.map(strip_port);
+    let idx = &policy.dataset_index;
+    for &len in &idx.lengths {
+        if len > path.len() || !path.is_char_boundary(len) {
+            continue;
+        }
+        let Some(list) = idx.by_prefix.get(&path[..len]) else { continue };
+        for &i in list {
+            let d = &policy.datasets[i];
+            if let Some(want) = &d.host
+                && !host.is_some_and(|h| host_matches(want, h))
+            {
+                continue;
+            }
+            if let Some(ms) = &d.methods
+                && !ms.contains(method)
+            {
+                continue;
+            }
+            return Some(i);
+        }
+    }
+    None
+}
+
+fn strip_port(h: &str) -> &str {
+    if let Some(rest) = h.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match h.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => h,
+    }
+}
+
+fn host_matches(want: &str, host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    match want.strip_prefix("*.") {
+        Some(suffix) => {
+            host.len() > suffix.len() + 1
+                && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+                && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+        }
+        None => host.eq_ignore_ascii_case(want),
+    }
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &http::HeaderName) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|s| !s.is_empty())
+}
+
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name && !v.is_empty()).then_some(v)
+    })
+}
+
+/// Decides one request. Never fails: every outcome is a `Decision`.
+pub fn decide<'a, E: Env, T: Tracer>(policy: &'a Policy, env: &E, req: &Request<'a>, trace: &mut T) -> Decision<'a> {
+    // 1. Normalise the target.
+    let path = match path::normalize(req.path) {
+        Ok(p) => p,
+        Err(why) => {
+            trace.step("request.path", format_args!("{why}: ambiguous"));
+            let mut d = Decision::new(Reason::AmbiguousPath, "request.path");
+            d.verdict = Verdict::Deny;
+            d.detail = Some(Cow::Owned(why.to_string()));
+            return d;
+        }
+    };
+    trace.step("request.path", format_args!("normalised to {path}"));
+
+    // 2. Find the client and the recipient.
+    let addr = match forwarded::client_addr(req.peer, req.headers, &policy.trusted_proxies) {
+        Ok(a) => a,
+        Err(e) => {
+            trace.step("proxy.trusted_proxies", format_args!("{e}"));
+            let mut d = Decision::new(Reason::BadRequest, "proxy.trusted_proxies");
+            d.verdict = Verdict::Error;
+            d.detail = Some(Cow::Owned(e.to_string()));
+            d.path = Some(path);
+            return d;
+        }
+    };
+    let location = env.locate(addr.ip);
+    trace.step(
+        "proxy.trusted_proxies",
+        format_args!(
+            "client {}{} located {} by {}",
+            addr.ip,
+            addr.via.map(|v| format!(" (forwarded by trusted proxy {v})")).unwrap_or_default(),
+            location.country().map(|c| c.as_str().to_string()).unwrap_or_else(|| "nowhere".into()),
+            location.source()
+        ),
+    );
+    let declared = req
+        .identity
+        .and_then(|id| policy.recipients_by_identity.get(id).copied())
+        .or_else(|| policy.recipients_by_network.lookup(addr.ip).copied());
+    let recipient = match declared {
+        Some(i) => {
+            let r = &policy.recipients[i];
+            trace.step(&format!("recipients.{}", r.id), format_args!("{} recipient, seat {}", r.relation.as_str(), r.country.map(|c| c.to_string()).unwrap_or_else(|| "undeclared".into())));
+            RecipientFacts { id: Some(&*r.id), relation: r.relation, country: r.country }
+        }
+        None => {
+            trace.step("recipients", format_args!("no declared recipient matches: an anonymous third party"));
+            RecipientFacts { id: None, relation: Relation::ThirdParty, country: None }
+        }
+    };
+    let client = ClientFacts { addr, location, identity: req.identity };
+
+    // 3. Match a dataset.
+    let Some(di) = match_dataset(policy, req.host, req.method, &path) else {
+        let mut d = Decision::new(Reason::NoRoute, "policy.unmatched");
+        d.path = Some(path);
+        d.client = Some(client);
+        d.recipient = Some(recipient);
+        match (policy.unmatched, policy.unmatched_upstream) {
+            (Unmatched::Allow, Some(u)) => {
+                trace.step("policy.unmatched", format_args!("no dataset matches; unmatched requests are allowed"));
+                d.reason = Reason::UnmatchedAllowed;
+                match pick_any(env, u, req.pick) {
+                    Ok(choice) => d.upstream = Some(choice),
+                    Err(e) => return unreachable_upstream(d, policy, u, e, trace),
+                }
+            }
+            _ => {
+                trace.step("policy.unmatched", format_args!("no dataset matches: no route"));
+                d.verdict = Verdict::Deny;
+            }
+        }
+        return d;
+    };
+    let ds = &policy.datasets[di];
+    trace.step(&ds.rules.matcher, format_args!("dataset \"{}\" (prefix {})", ds.name, ds.path_prefix));
+    let mut d = Decision::new(Reason::Domestic, &ds.rules.matcher);
+    d.dataset = Some(di);
+    d.client = Some(client);
+    d.recipient = Some(recipient);
+    // The subject and purpose are noted for the log even where no consent is needed.
+    let (subject, segment) = find_subject(ds, &path, req);
+    d.subject = subject;
+    d.subject_segment = segment;
+    d.purpose = header_str(req.headers, &policy.consent.purpose_header);
+    d.path = Some(path);
+    let audit = ds.mode == Mode::Audit;
+
+    // 4. Locate the upstream.
+    let addrs = match env.upstream_addrs(ds.upstream) {
+        Ok(a) if !a.is_empty() => a,
+        Ok(_) => return unreachable_upstream(d, policy, ds.upstream, "resolves to no address".into(), trace),
+        Err(e) => return unreachable_upstream(d, policy, ds.upstream, e, trace),
+    };
+    let (allowed, first) = count_allowed(env, ds, &addrs);
+    let up = &policy.upstreams[ds.upstream];
+    if allowed == 0 {
+        trace.step(&ds.rules.upstream, format_args!("no address of upstream \"{}\" is inside {}", up.name, ds.home.name));
+        let (addr, location) = first;
+        d.upstream = Some(UpstreamChoice { index: ds.upstream, addr, location });
+        if !audit {
+            return deny(d, Reason::UpstreamOutsideJurisdiction, &ds.rules.upstream);
+        }
+        // Audit mode forwards anyway; the first denial is the one recorded.
+        d = deny(d, Reason::UpstreamOutsideJurisdiction, &ds.rules.upstream);
+        d.enforced = false;
+        return d;
+    }
+    let choice = nth_allowed(env, ds, &addrs, req.pick % allowed);
+    trace.step(
+        &ds.rules.upstream,
+        format_args!(
+            "upstream \"{}\" at {} located {} ({}){}",
+            up.name,
+            choice.addr,
+            choice.location.country().map(|c| c.to_string()).unwrap_or_else(|| "nowhere".into()),
+            choice.location.source(),
+            if ds.resident { format!(", inside {}", ds.home.name) } else { ", dataset not residency-bound".to_string() }
+        ),
+    );
+    d.upstream = Some(choice);
+
+    // 5-8. Transfer rules, for egress methods only.
+    if !ds.is_egress(req.method) {
+        trace.step(&ds.rules.egress, format_args!("{} does not carry data out", req.method));
+        d.reason = Reason::NotEgress;
+        d.rule = &ds.rules.egress;
+        return d;
+    }
+    let d = transfer(policy, env, ds, d, trace);
+    if audit && d.verdict == Verdict::Deny {
+        return Decision { enforced: false, ..d };
+    }
+    d
+}
+
+fn deny<'a>(mut d: Decision<'a>, reason: Reason, rule: &'a str) -> Decision<'a> {
+    d.verdict = Verdict::Deny;
+    d.reason = reason;
+    d.rule = rule;
+    d
+}
+
+fn unreachable_upstream<'a, T: Tracer>(mut d: Decision<'a>, policy: &'a Policy, u: usize, why: String, trace: &mut T) -> Decision<'a> {
+    let up = &policy.upstreams[u];
+    trace.step(&up.rule, format_args!("upstream \"{}\" ({}): {why}", up.name, up.host));
+    d.verdict = Verdict::Error;
+    d.reason = Reason::UpstreamUnreachable;
+    d.rule = &up.rule;
+    d.detail = Some(Cow::Owned(format!("{} {why}", up.host)));
+    d
+}
+
+fn pick_any<E: Env>(env: &E, u: usize, pick: usize) -> Result<UpstreamChoice, String> {
+    let addrs = env.upstream_addrs(u)?;
+    if addrs.is_empty() {
+        return Err("resolves to no address".into());
+    }
+    let addr = addrs[pick % addrs.len()];
+    Ok(UpstreamChoice { index: u, addr, location: env.locate(addr.ip()) })
+}
+
+fn count_allowed<E: Env>(env: &E, ds: &Dataset, addrs: &[SocketAddr]) -> (usize, (SocketAddr, Location)) {
+    let mut n = 0;
+    let mut first = None;
+    for a in addrs {
+        let loc = env.locate(a.ip());
+        if upstream_allowed(ds, &loc) {
+            n += 1;
+        }
+        if first.is_none() {
+            first = Some((*a, loc));
+        }
+    }
+    (n, first.expect("addrs is not empty"))
+}
+
+fn nth_allowed<E: Env>(env: &E, ds: &Dataset, addrs: &[SocketAddr], n: usize) -> UpstreamChoice {
+    addrs
+        .iter()
+        .map(|a| (*a, env.locate(a.ip())))
+        .filter(|(_, loc)| upstream_allowed(ds, loc))
+        .nth(n)
+        .map(|(addr, location)| UpstreamChoice { index: ds.upstream, addr, location })
+        .expect("n < number of allowed addresses")
+}
+
+fn find_subject<'a>(ds: &Dataset, path: &Cow<'a, str>, req: &Request<'a>) -> (Option<Cow<'a, str>>, Option<usize>) {
+    match &ds.subject {
+        None => (None, None),
+        Some(SubjectSource::PathSegment(n)) => {
+            let seg = path::segment(path, *n).and_then(path::percent_decode).map(|s| Cow::Owned(s.into_owned()));
+            (seg, Some(*n))
+        }
+        Some(SubjectSource::Header(h)) => (header_str(req.headers, h).map(Cow::Borrowed), None),
+        Some(SubjectSource::Query(q)) => {
+            let v = query_param(req.query, q).and_then(path::percent_decode);
+            (v.map(|s| Cow::Owned(s.into_owned())), None)
+        }
+    }
+}
+
+/// Steps 5, 6 and 8 for an egress request.
+fn transfer<'a, E: Env, T: Tracer>(policy: &'a Policy, env: &E, ds: &'a Dataset, mut d: Decision<'a>, trace: &mut T) -> Decision<'a> {
+    let recipient = d.recipient.clone().expect("recipient is set in step 2");
+    let client_country = d.client.as_ref().and_then(|c| c.location.country());
+    let home = &ds.home.countries;
+
+    // 5. Classify the transfer.
+    let declared_out = recipient.country.is_some_and(|c| !home.contains(c));
+    let located_out = match client_country {
+        Some(c) => !home.contains(c),
+        None => match policy.unknown_location {
+            UnknownLocation::Deny => {
+                trace.step("policy.unknown_location", format_args!("the client address is not located: deny"));
+                return deny(d, Reason::LocationUnknown, "policy.unknown_location");
+            }
+            UnknownLocation::Foreign => {
+                trace.step("policy.unknown_location", format_args!("the client address is not located: treated as foreign"));
+                true
+            }
+        },
+    };
+    d.outside_home = declared_out || located_out;
+    d.destinations = [recipient.country, client_country.filter(|c| Some(*c) != recipient.country)];
+    let third = recipient.relation == Relation::ThirdParty;
+
+    // 6. Cross-border and third-party rules.
+    let cb = d.outside_home.then_some(ds.cross_border);
+    let tp = third.then_some(ds.third_party);
+    if let Some(r) = cb {
+        trace.step(&ds.rules.cross_border, format_args!("destination outside {}: {}", ds.home.name, r.as_str()));
+    }
+    if let Some(r) = tp {
+        trace.step(&ds.rules.third_party, format_args!("recipient is a third party: {}", r.as_str()));
+    }
+    if cb == Some(Rule::Deny) {
+        return deny(d, Reason::CrossBorderDenied, &ds.rules.cross_border);
+    }
+    if tp == Some(Rule::Deny) {
+        return deny(d, Reason::ThirdPartyDenied, &ds.rules.third_party);
+    }
+    let consent_rule: &'a str = match (cb, tp) {
+        (Some(Rule::Consent), _) => &ds.rules.cross_border,
+        (_, Some(Rule::Consent)) => &ds.rules.third_party,
+        (Some(Rule::Allow), _) => {
+            d.reason = Reason::CrossBorderAllowed;
+            d.rule = &ds.rules.cross_border;
+            return d;
+        }
+        (None, Some(Rule::Allow)) => {
+            d.reason = Reason::Domestic;
+            d.rule = &ds.rules.third_party;
+            return d;
+        }
+        _ => {
+            trace.step(&ds.rules.matcher, format_args!("first party at home: domestic"));
+            d.reason = Reason::Domestic;
+            return d;
+        }
+    };
+    d.rule = consent_rule;
+    consent(policy, env, ds, d, trace)
+}
+
+/// How far a consent got before failing; the nearest one names the refusal.
+fn rank(r: Reason) -> u8 {
+    match r {
+        Reason::ConsentScopeMismatch => 0,
+        Reason::ConsentMethodInvalid => 1,
+        Reason::ConsentRevoked => 2,
+        Reason::ConsentExpired => 3,
+        _ => 0,
+    }
+}
+
+/// Step 8: a valid consent of the subject for this recipient, purpose, category and
+/// destinations, in force, not revoked, collected by an accepted method.
+fn consent<'a, E: Env, T: Tracer>(policy: &'a Policy, env: &E, ds: &'a Dataset, mut d: Decision<'a>, trace: &mut T) -> Decision<'a> {
+    let Some(subject) = d.subject.clone() else {
+        trace.step(&ds.rules.subject, format_args!("no data subject in the request"));
+        return deny(d, Reason::SubjectUnidentified, &ds.rules.subject);
+    };
+    let Some(purpose) = d.purpose else {
+        trace.step("consent.purpose_header", format_args!("no purpose declared in {}", policy.consent.purpose_header));
+        return deny(d, Reason::PurposeMissing, "consent.purpose_header");
+    };
+    let rule = d.rule;
+    let Some(recipient) = d.recipient.as_ref().and_then(|r| r.id) else {
+        trace.step(rule, format_args!("an anonymous caller cannot hold consent: consent names its recipient"));
+        d.detail = Some(Cow::Borrowed("the caller is not a declared recipient"));
+        return deny(d, Reason::ConsentMissing, rule);
+    };
+    let consents = match env.consents(&subject) {
+        ConsentLookup::Found(c) => c,
+        ConsentLookup::NotFound => {
+            trace.step(rule, format_args!("the registry holds no consent of this subject"));
+            return deny(d, Reason::ConsentMissing, rule);
+        }
+        ConsentLookup::Unavailable => {
+            trace.step("consent.store", format_args!("the consent registry is unavailable"));
+            return deny(d, Reason::ConsentStoreUnavailable, "consent.store");
+        }
+    };
+    let now = env.now();
+    let dests: Vec<Country> = d.destinations.iter().flatten().copied().collect();
+    let mut nearest: Option<(&Consent, Reason, String)> = None;
+    for c in consents.iter().filter(|c| &*c.recipient == recipient) {
+        let failure = check(policy, ds, c, purpose, &dests, now);
+        match failure {
+            None => {
+                trace.step(rule, format_args!("consent {} is valid", c.id));
+                d.reason = Reason::Consented;
+                d.consent = Some(ConsentUse { id: c.id.clone(), failure: None });
+                return d;
+            }
+            Some((reason, why)) => {
+                trace.step(rule, format_args!("consent {}: {} ({why})", c.id, reason.as_str()));
+                if nearest.as_ref().is_none_or(|(_, r, _)| rank(reason) > rank(*r)) {
+                    nearest = Some((c, reason, why));
+                }
+            }
+        }
+    }
+    match nearest {
+        None => {
+            trace.step(rule, format_args!("no consent of this subject names recipient \"{recipient}\""));
+            deny(d, Reason::ConsentMissing, rule)
+        }
+        Some((c, reason, why)) => {
+            d.consent = Some(ConsentUse { id: c.id.clone(), failure: Some(reason) });
+            d.detail = Some(Cow::Owned(why));
+            deny(d, reason, rule)
+        }
+    }
+}
+
+fn covers_category(granted: &str, wanted: &str) -> bool {
+    wanted == granted || (wanted.len() > granted.len() && wanted.starts_with(granted) && wanted.as_bytes()[granted.len()] == b'.')
+}
+
+fn check(policy: &Policy, ds: &Dataset, c: &Consent, purpose: &str, dests: &[Country], now: i64) -> Option<(Reason, String)> {
+    if !c.purposes.iter().any(|p| &**p == purpose) {
+        return Some((Reason::ConsentScopeMismatch, format!("purpose \"{purpose}\" not granted")));
+    }
+    if !c.categories.iter().any(|g| covers_category(g, &ds.category)) {
+        return Some((Reason::ConsentScopeMismatch, format!("category \"{}\" not granted", ds.category)));
+    }
+    if dests.is_empty() {
+        return Some((Reason::ConsentScopeMismatch, "the destination country is unknown".into()));
+    }
+    if let Some(miss) = dests.iter().find(|country| !c.destinations.iter().any(|g| policy.jurisdictions.covers(g, **country))) {
+        return Some((Reason::ConsentScopeMismatch, format!("destination {miss} not granted")));
+    }
+    if !policy.consent.accept_methods.iter().any(|m| **m == *c.method) || super::compile::NEVER_CONSENT.contains(&&*c.method) {
+        return Some((Reason::ConsentMethodInvalid, format!("collected as \"{}\"", c.method)));
+    }
+    if c.revoked_at.is_some_and(|r| r <= now) {
+        return Some((Reason::ConsentRevoked, "revoked".into()));
+    }
+    if now < c.granted_at {
+        return Some((Reason::ConsentExpired, "not yet in force".into()));
+    }
+    if now >= c.expires_at {
+        return Some((Reason::ConsentExpired, "expired".into()));
+    }
+    None
+}

@@ -1,0 +1,309 @@
+//! The compiled policy: every name resolved to an index, every code validated, every rule
+//! carrying the path (`datasets.payments.cross_border`) by which errors, traces and the
+//! decision log refer to it. Built only by `compile`, immutable afterwards.
+
+use super::country::{Country, CountrySet};
+use super::net::CidrTable;
+use http::{HeaderName, Method};
+use ipnet::IpNet;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Enforce denials, or only log them (`"enforced": false`) and forward anyway.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    Audit,
+}
+
+/// What a request matching no dataset gets.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Unmatched {
+    Deny,
+    Allow,
+}
+
+/// How an address that nothing locates is treated.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum UnknownLocation {
+    Deny,
+    Foreign,
+}
+
+/// A transfer rule's verdict: `cross_border` and `third_party`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Rule {
+    Deny,
+    Consent,
+    Allow,
+}
+
+impl Rule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rule::Deny => "deny",
+            Rule::Consent => "consent",
+            Rule::Allow => "allow",
+        }
+    }
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Relation {
+    FirstParty,
+    ThirdParty,
+}
+
+impl Relation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Relation::FirstParty => "first_party",
+            Relation::ThirdParty => "third_party",
+        }
+    }
+}
+
+/// A named set of countries; `name` is how the policy wrote it (`EU`, `CN`).
+#[derive(Clone, Debug)]
+pub struct Jurisdiction {
+    pub name: Arc<str>,
+    pub countries: CountrySet,
+}
+
+/// Named jurisdictions; every assigned country code is implicitly a jurisdiction of itself.
+#[derive(Clone, Debug, Default)]
+pub struct Jurisdictions {
+    pub named: BTreeMap<String, CountrySet>,
+}
+
+impl Jurisdictions {
+    /// A declared jurisdiction by name, else a country code as a jurisdiction of itself.
+    pub fn resolve(&self, name: &str) -> Option<Jurisdiction> {
+        if let Some(set) = self.named.get(name) {
+            return Some(Jurisdiction { name: name.into(), countries: set.clone() });
+        }
+        Country::parse(name).map(|c| Jurisdiction { name: c.as_str().into(), countries: CountrySet::of([c]) })
+    }
+
+    /// Whether `name` (a jurisdiction or a country code, as a consent's destination names
+    /// it) contains `country`.
+    pub fn covers(&self, name: &str, country: Country) -> bool {
+        match self.named.get(name) {
+            Some(set) => set.contains(country),
+            None => Country::parse_shape(name) == Some(country),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct NetworkOverride {
+    pub cidr: IpNet,
+    pub country: Country,
+    pub name: Arc<str>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    pub name: Arc<str>,
+    pub scheme: Scheme,
+    /// Host as written in the URL: a DNS name or an IP literal (without brackets).
+    pub host: String,
+    pub port: u16,
+    /// The rule path, `upstreams.NAME`.
+    pub rule: Arc<str>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Recipient {
+    pub id: Arc<str>,
+    pub relation: Relation,
+    pub country: Option<Country>,
+    pub identities: Vec<String>,
+    pub networks: Vec<IpNet>,
+}
+
+/// Where a dataset's data subject is named in a request.
+#[derive(Clone, Debug)]
+pub enum SubjectSource {
+    /// 1-based segment of the normalised path.
+    PathSegment(usize),
+    Header(HeaderName),
+    Query(String),
+}
+
+/// Rule paths of one dataset, precomputed so that decisions borrow them.
+#[derive(Clone, Debug)]
+pub struct DatasetRules {
+    pub matcher: Arc<str>,
+    pub upstream: Arc<str>,
+    pub home: Arc<str>,
+    pub cross_border: Arc<str>,
+    pub third_party: Arc<str>,
+    pub subject: Arc<str>,
+    pub egress: Arc<str>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    pub name: Arc<str>,
+    /// Lower-case host without port; `*.example.com` matches any sub-domain.
+    pub host: Option<String>,
+    pub path_prefix: String,
+    pub methods: Option<Vec<Method>>,
+    pub upstream: usize,
+    pub category: Arc<str>,
+    pub subject: Option<SubjectSource>,
+    pub home: Jurisdiction,
+    pub resident: bool,
+    pub cross_border: Rule,
+    pub third_party: Rule,
+    pub egress_methods: Vec<Method>,
+    pub mode: Mode,
+    pub rules: DatasetRules,
+}
+
+impl Dataset {
+    pub fn is_egress(&self, method: &Method) -> bool {
+        self.egress_methods.iter().any(|m| m == method)
+    }
+}
+
+/// Where consents come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConsentStore {
+    /// No registry configured: no consent exists, so every transfer that needs one is refused.
+    None,
+    Sqlite(PathBuf),
+    Postgres(String),
+    File(PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub struct ConsentSettings {
+    pub store: ConsentStore,
+    pub accept_methods: Vec<String>,
+    pub purpose_header: HeaderName,
+    pub max_staleness: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogTarget {
+    Stdout,
+    File(PathBuf),
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Durability {
+    Write,
+    Fsync,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum OnFailure {
+    Deny,
+    Allow,
+}
+
+#[derive(Clone, Debug)]
+pub struct LogSettings {
+    pub target: LogTarget,
+    pub durability: Durability,
+    pub on_failure: OnFailure,
+    pub signing_key: Option<PathBuf>,
+    pub checkpoint_every: u64,
+    pub checkpoint_interval: Duration,
+    pub rotate_bytes: u64,
+    pub pseudonymize: bool,
+    pub mask_headers: Vec<HeaderName>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProxySettings {
+    pub listen: SocketAddr,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_body_bytes: Option<u64>,
+    pub header_read_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub drain_timeout: Duration,
+    pub resolve_interval: Duration,
+    pub upstream_idle_per_address: usize,
+    pub workers: Option<usize>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsSettings {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Dataset lookup by path prefix: one hash probe per distinct prefix length, longest first.
+#[derive(Clone, Debug, Default)]
+pub struct DatasetIndex {
+    /// Distinct prefix lengths, longest first.
+    pub(crate) lengths: Vec<usize>,
+    /// Prefix -> datasets with that prefix, most specific (host, then methods) first, then
+    /// file order.
+    pub(crate) by_prefix: FastMap<String, Vec<usize>>,
+}
+
+#[derive(Debug)]
+pub struct Policy {
+    pub name: String,
+    /// `sha256:` over every source file, in load order.
+    pub hash: String,
+    pub sources: Vec<PathBuf>,
+    pub home: Jurisdiction,
+    pub mode: Mode,
+    pub unmatched: Unmatched,
+    /// Where requests matching no dataset go when `unmatched = "allow"`.
+    pub unmatched_upstream: Option<usize>,
+    pub unknown_location: UnknownLocation,
+    pub proxy: ProxySettings,
+    pub trusted_proxies: CidrTable<()>,
+    pub jurisdictions: Jurisdictions,
+    pub geo_database: Option<PathBuf>,
+    pub networks: Vec<NetworkOverride>,
+    pub upstreams: Vec<Upstream>,
+    pub recipients: Vec<Recipient>,
+    pub datasets: Vec<Dataset>,
+    pub consent: ConsentSettings,
+    pub log: LogSettings,
+    pub admin: AdminSettings,
+    pub tls: Option<TlsSettings>,
+    pub(crate) recipients_by_identity: FastMap<String, usize>,
+    pub(crate) recipients_by_network: CidrTable<usize>,
+    pub(crate) dataset_index: DatasetIndex,
+}
+
+impl Policy {
+    pub fn dataset(&self, name: &str) -> Option<&Dataset> {
+        self.datasets.iter().find(|d| &*d.name == name)
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&Upstream> {
+        self.upstreams.iter().find(|u| &*u.name == name)
+    }
+}

@@ -1,0 +1,231 @@
+//! Request-path normalisation (SPEC step 1). Policy matching sees only the normalised path;
+//! anything that two servers could read two ways is refused as ambiguous instead of guessed.
+
+use std::borrow::Cow;
+use std::fmt;
+
+/// Why a path was refused.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Ambiguity {
+    NotAbsolute,
+    EncodedSlash,
+    Backslash,
+    EncodedDotSegment,
+    Nul,
+    InvalidUtf8,
+    BadPercent,
+    AboveRoot,
+}
+
+impl fmt::Display for Ambiguity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Ambiguity::NotAbsolute => "the path does not start with \"/\"",
+            Ambiguity::EncodedSlash => "the path contains an encoded \"/\" (%2F)",
+            Ambiguity::Backslash => "the path contains a backslash, raw or encoded",
+            Ambiguity::EncodedDotSegment => "the path contains a percent-encoded \".\" or \"..\" segment",
+            Ambiguity::Nul => "the path contains a NUL byte",
+            Ambiguity::InvalidUtf8 => "the path decodes to invalid UTF-8",
+            Ambiguity::BadPercent => "the path contains a malformed percent-escape",
+            Ambiguity::AboveRoot => "the path climbs above the root with \"..\"",
+        })
+    }
+}
+
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Normalises the path part of a request target (no query): decodes percent-escapes of
+/// unreserved characters, upper-cases the others, resolves `.` and `..`, collapses `//`.
+/// Borrows the input when it is already normal.
+pub fn normalize(raw: &str) -> Result<Cow<'_, str>, Ambiguity> {
+    let b = raw.as_bytes();
+    if b.first() != Some(&b'/') {
+        return Err(Ambiguity::NotAbsolute);
+    }
+    if !b.iter().any(|&c| matches!(c, b'%' | b'\\' | b'.' | 0)) && !raw.contains("//") {
+        return Ok(Cow::Borrowed(raw));
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let mut decoded_segments: Vec<String> = Vec::new();
+    // First pass: decode each segment; keep the encoded text of reserved bytes.
+    for seg in raw[1..].split('/') {
+        let sb = seg.as_bytes();
+        let mut s = Vec::with_capacity(sb.len());
+        let mut had_escape = false;
+        let mut i = 0;
+        while i < sb.len() {
+            match sb[i] {
+                0 => return Err(Ambiguity::Nul),
+                b'\\' => return Err(Ambiguity::Backslash),
+                b'%' => {
+                    let (h, l) = match (sb.get(i + 1).copied().and_then(hex), sb.get(i + 2).copied().and_then(hex)) {
+                        (Some(h), Some(l)) => (h, l),
+                        _ => return Err(Ambiguity::BadPercent),
+                    };
+                    let v = h * 16 + l;
+                    match v {
+                        b'/' => return Err(Ambiguity::EncodedSlash),
+                        b'\\' => return Err(Ambiguity::Backslash),
+                        0 => return Err(Ambiguity::Nul),
+                        _ => {}
+                    }
+                    had_escape = true;
+                    if unreserved(v) {
+                        s.push(v);
+                    } else {
+                        s.push(b'%');
+                        s.push(sb[i + 1].to_ascii_uppercase());
+                        s.push(sb[i + 2].to_ascii_uppercase());
+                    }
+                    i += 3;
+                }
+                c => {
+                    s.push(c);
+                    i += 1;
+                }
+            }
+        }
+        if had_escape && (s == b"." || s == b"..") {
+            return Err(Ambiguity::EncodedDotSegment);
+        }
+        decoded_segments.push(String::from_utf8(s).map_err(|_| Ambiguity::InvalidUtf8)?);
+    }
+    // Every escape left must decode, together with its neighbours, to valid UTF-8.
+    for seg in &decoded_segments {
+        if seg.contains('%') {
+            percent_decode(seg).ok_or(Ambiguity::InvalidUtf8)?;
+        }
+    }
+    let last = decoded_segments.len() - 1;
+    let mut trailing_slash = false;
+    for (i, seg) in decoded_segments.iter().enumerate() {
+        match seg.as_str() {
+            "" => trailing_slash = i == last,
+            "." => trailing_slash = i == last,
+            ".." => {
+                if out.pop().is_none() {
+                    return Err(Ambiguity::AboveRoot);
+                }
+                trailing_slash = i == last;
+            }
+            s => {
+                out.push(s);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut n = String::with_capacity(raw.len());
+    for s in &out {
+        n.push('/');
+        n.push_str(s);
+    }
+    if trailing_slash || out.is_empty() {
+        n.push('/');
+    }
+    if n == raw { Ok(Cow::Borrowed(raw)) } else { Ok(Cow::Owned(n)) }
+}
+
+/// Fully percent-decodes a normalised segment (used for subject identifiers); `None` when the
+/// result is not UTF-8.
+pub fn percent_decode(s: &str) -> Option<Cow<'_, str>> {
+    if !s.contains('%') {
+        return Some(Cow::Borrowed(s));
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let (Some(h), Some(l)) = (b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex))
+        {
+            out.push(h * 16 + l);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8(out).ok().map(Cow::Owned)
+}
+
+/// The `n`-th (1-based) segment of a normalised path.
+pub fn segment(path: &str, n: usize) -> Option<&str> {
+    path.split('/').skip(1).nth(n.checked_sub(1)?).filter(|s| !s.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(p: &str) -> String {
+        normalize(p).unwrap().into_owned()
+    }
+
+    #[test]
+    fn normal_paths_are_borrowed() {
+        assert!(matches!(normalize("/payments/u1/2026.json"), Ok(Cow::Borrowed(_))));
+        assert!(matches!(normalize("/"), Ok(Cow::Borrowed(_))));
+    }
+
+    #[test]
+    fn dots_and_double_slashes_resolve() {
+        assert_eq!(ok("/public/../payments/u1"), "/payments/u1");
+        assert_eq!(ok("//payments//u1/"), "/payments/u1/");
+        assert_eq!(ok("/a/./b/."), "/a/b/");
+        assert_eq!(ok("/a/b/.."), "/a/");
+        assert_eq!(ok("/a/b.json"), "/a/b.json");
+        assert_eq!(ok("/a/..b/c"), "/a/..b/c");
+    }
+
+    #[test]
+    fn unreserved_escapes_decode_and_others_are_uppercased() {
+        assert_eq!(ok("/p%61yments/u1"), "/payments/u1");
+        assert_eq!(ok("/a/%7euser/x%2ejson"), "/a/~user/x.json");
+        assert_eq!(ok("/a/b%3ac"), "/a/b%3Ac");
+        assert_eq!(ok("/a/%c3%a9"), "/a/%C3%A9");
+    }
+
+    #[test]
+    fn ambiguous_paths_are_refused() {
+        assert_eq!(normalize("/public/..%2fpayments/u1"), Err(Ambiguity::EncodedSlash));
+        assert_eq!(normalize("/public/%2e%2e/payments"), Err(Ambiguity::EncodedDotSegment));
+        assert_eq!(normalize("/public/.%2E/payments"), Err(Ambiguity::EncodedDotSegment));
+        assert_eq!(normalize("/public/%2e/payments"), Err(Ambiguity::EncodedDotSegment));
+        assert_eq!(normalize("/a\\b"), Err(Ambiguity::Backslash));
+        assert_eq!(normalize("/a%5cb"), Err(Ambiguity::Backslash));
+        assert_eq!(normalize("/a%00"), Err(Ambiguity::Nul));
+        assert_eq!(normalize("/a%c3%28"), Err(Ambiguity::InvalidUtf8));
+        assert_eq!(normalize("/a%zz"), Err(Ambiguity::BadPercent));
+        assert_eq!(normalize("/a%4"), Err(Ambiguity::BadPercent));
+        assert_eq!(normalize("/../etc"), Err(Ambiguity::AboveRoot));
+        assert_eq!(normalize("payments"), Err(Ambiguity::NotAbsolute));
+    }
+
+    #[test]
+    fn normalising_twice_changes_nothing() {
+        for p in ["/a//b/../c/%7e%41", "/x/./y/", "/%C3%A9/..", "//"] {
+            let once = ok(p);
+            assert_eq!(ok(&once), once, "{p}");
+        }
+    }
+
+    #[test]
+    fn segments_and_decoding() {
+        assert_eq!(segment("/payments/u123/2026.json", 2), Some("u123"));
+        assert_eq!(segment("/payments/", 2), None);
+        assert_eq!(segment("/payments", 0), None);
+        assert_eq!(percent_decode("alice%40example.com").unwrap(), "alice@example.com");
+        assert!(percent_decode("%FF").is_none());
+    }
+}
