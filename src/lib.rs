@@ -2,5 +2,6 @@
 //! only with valid consent, and logs every decision in a verifiable chain.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod consent;
 pub mod policy;

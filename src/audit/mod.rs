@@ -1,0 +1,10 @@
+//! The decision log: records, the hash chain, the writer that commits them before anything is
+//! forwarded, and offline verification.
+
+pub mod id;
+pub mod keys;
+pub mod pseudonym;
+pub mod record;
+
+pub use pseudonym::Pseudonymizer;
+pub use record::{DecisionRecord, OutcomeRecord, Record};

@@ -1,0 +1,368 @@
+//! The records of the decision log (SPEC section 5). Struct fields are declared in
+//! lexicographic order so that serde's compact output *is* the canonical form that the hash
+//! chain covers; `tests::canonical_order` guards this.
+
+use super::pseudonym::Pseudonymizer;
+use crate::policy::country::Country;
+use crate::policy::decision::{Decision, Reason, Verdict, status_of};
+use crate::policy::model::{Policy, Relation};
+use http::HeaderMap;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+pub const VERSION: u8 = 1;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ClientRec {
+    pub country: Option<Country>,
+    pub identity: Option<String>,
+    pub ip: Option<IpAddr>,
+    /// How the country was found: `override`, `database` or `none`.
+    pub source: &'static str,
+    /// The trusted proxy that forwarded the request, if any.
+    pub via: Option<IpAddr>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ConsentRec {
+    pub id: Arc<str>,
+    /// `valid`, or the reason the nearest consent failed.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RecipientRec {
+    pub country: Option<Country>,
+    pub id: Option<Arc<str>>,
+    pub relation: Relation,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RequestRec {
+    /// Only the headers the decision read, masked where the policy says so.
+    pub headers: BTreeMap<String, String>,
+    pub host: Option<String>,
+    pub method: String,
+    /// The normalised path (or the raw one, when it could not be normalised), with the
+    /// subject pseudonymised.
+    pub path: String,
+    pub query: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct UpstreamRec {
+    pub addr: SocketAddr,
+    pub country: Option<Country>,
+    pub name: Arc<str>,
+}
+
+/// Written before a request is forwarded or refused.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecisionRecord {
+    pub category: Option<Arc<str>>,
+    pub client: ClientRec,
+    pub consent: Option<ConsentRec>,
+    pub dataset: Option<Arc<str>>,
+    pub decision: &'static str,
+    pub enforced: bool,
+    pub geo_db: Option<Arc<str>>,
+    pub id: String,
+    pub kind: &'static str,
+    pub policy: Arc<str>,
+    pub prev: String,
+    pub purpose: Option<String>,
+    pub reason: Reason,
+    pub recipient: RecipientRec,
+    pub request: RequestRec,
+    pub rule: String,
+    pub seq: u64,
+    pub status: Option<u16>,
+    pub subject: Option<String>,
+    pub ts: String,
+    pub upstream: Option<UpstreamRec>,
+    pub v: u8,
+}
+
+/// Written when an exchange ends: what actually flowed.
+#[derive(Clone, Debug, Serialize)]
+pub struct OutcomeRecord {
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub duration_ms: f64,
+    /// Why the exchange failed after the decision, if it did.
+    pub error: Option<Reason>,
+    pub id: String,
+    pub kind: &'static str,
+    pub prev: String,
+    pub seq: u64,
+    /// The status the client received; 0 if the client went away before any.
+    pub status: u16,
+    pub ts: String,
+    /// The upstream address actually used, if any.
+    pub upstream: Option<SocketAddr>,
+    pub v: u8,
+}
+
+/// A record on its way to the log; the writer fills `seq` and `prev`.
+#[derive(Clone, Debug)]
+pub enum Record {
+    Decision(Box<DecisionRecord>),
+    Outcome(OutcomeRecord),
+}
+
+impl Record {
+    pub fn set_chain(&mut self, seq: u64, prev: &str) {
+        let (s, p) = match self {
+            Record::Decision(d) => (&mut d.seq, &mut d.prev),
+            Record::Outcome(o) => (&mut o.seq, &mut o.prev),
+        };
+        *s = seq;
+        p.clear();
+        p.push_str(prev);
+    }
+
+    pub fn id(&self) -> &str {
+        match self {
+            Record::Decision(d) => &d.id,
+            Record::Outcome(o) => &o.id,
+        }
+    }
+
+    /// Serialises the record, without `hash`, in canonical form.
+    pub fn write_canonical(&self, out: &mut Vec<u8>) {
+        let r = match self {
+            Record::Decision(d) => serde_json::to_writer(&mut *out, d),
+            Record::Outcome(o) => serde_json::to_writer(&mut *out, o),
+        };
+        r.expect("records serialise to JSON without error");
+    }
+}
+
+/// RFC 3339 UTC with microseconds, as every record writes it.
+pub fn timestamp(t: jiff::Timestamp) -> String {
+    format!("{t:.6}")
+}
+
+/// The request facts that a decision record needs besides the decision itself.
+pub struct RequestContext<'a> {
+    pub id: String,
+    pub ts: jiff::Timestamp,
+    pub method: &'a str,
+    pub host: Option<&'a str>,
+    pub raw_path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+    pub peer: IpAddr,
+}
+
+/// Builds the decision record for `decision`; raw subjects never leave this function.
+pub fn decision_record(
+    policy: &Policy,
+    geo_db: Option<Arc<str>>,
+    pseudo: &Pseudonymizer,
+    cx: &RequestContext<'_>,
+    decision: &Decision<'_>,
+) -> DecisionRecord {
+    let dataset = decision.dataset.map(|i| &policy.datasets[i]);
+    let subject = decision.subject.as_deref();
+    let pseudonym = subject.map(|s| pseudo.pseudonym(s));
+    let path = match &decision.path {
+        Some(p) => pseudo.path(p, subject, decision.subject_segment, pseudonym.as_deref()),
+        None => cx.raw_path.to_string(),
+    };
+    let query = cx.query.map(|q| pseudo.query(q, subject, pseudonym.as_deref(), &policy.log.mask_headers));
+    let mut headers = BTreeMap::new();
+    let mut note = |name: &http::HeaderName| {
+        if let Some(v) = cx.headers.get(name) {
+            let v = String::from_utf8_lossy(v.as_bytes());
+            let shown = if policy.log.mask_headers.contains(name) {
+                "[masked]".to_string()
+            } else {
+                match (subject, pseudonym.as_deref()) {
+                    (Some(s), Some(p)) if v.contains(s) => v.replace(s, p),
+                    _ => v.into_owned(),
+                }
+            };
+            headers.insert(name.as_str().to_string(), shown);
+        }
+    };
+    note(&policy.consent.purpose_header);
+    if let Some(crate::policy::model::SubjectSource::Header(h)) = dataset.and_then(|d| d.subject.as_ref()) {
+        note(h);
+    }
+    if decision.client.as_ref().is_some_and(|c| c.addr.via.is_some()) {
+        note(&http::header::FORWARDED);
+        note(&http::HeaderName::from_static("x-forwarded-for"));
+    }
+    let client = match &decision.client {
+        Some(c) => ClientRec {
+            country: c.location.country(),
+            identity: c.identity.map(str::to_string),
+            ip: Some(c.addr.ip),
+            source: c.location.source(),
+            via: c.addr.via,
+        },
+        None => ClientRec { country: None, identity: None, ip: Some(cx.peer), source: "none", via: None },
+    };
+    let recipient = match &decision.recipient {
+        Some(r) => RecipientRec { country: r.country, id: r.id.map(Arc::from), relation: r.relation },
+        None => RecipientRec { country: None, id: None, relation: Relation::ThirdParty },
+    };
+    let upstream = decision.upstream.as_ref().map(|u| UpstreamRec {
+        addr: u.addr,
+        country: u.location.country(),
+        name: policy.upstreams[u.index].name.clone(),
+    });
+    let consent = decision.consent.as_ref().map(|c| ConsentRec {
+        id: c.id.clone(),
+        result: c.failure.map(Reason::as_str).unwrap_or("valid"),
+    });
+    DecisionRecord {
+        category: dataset.map(|d| d.category.clone()),
+        client,
+        consent,
+        dataset: dataset.map(|d| d.name.clone()),
+        decision: decision.verdict.as_str(),
+        enforced: decision.enforced,
+        geo_db,
+        id: cx.id.clone(),
+        kind: "decision",
+        policy: policy_hash(policy),
+        prev: String::new(),
+        purpose: decision.purpose.map(str::to_string),
+        reason: decision.reason,
+        recipient,
+        request: RequestRec {
+            headers,
+            host: cx.host.map(str::to_string),
+            method: cx.method.to_string(),
+            path,
+            query,
+        },
+        rule: decision.rule.to_string(),
+        seq: 0,
+        status: decision.status(),
+        subject: pseudonym,
+        ts: timestamp(cx.ts),
+        upstream,
+        v: VERSION,
+    }
+}
+
+fn policy_hash(policy: &Policy) -> Arc<str> {
+    policy.hash.as_str().into()
+}
+
+/// A decision record for a request refused before it could be decided (oversized headers,
+/// a body too large, a log that cannot be written…).
+pub fn failure_record(policy: &Policy, cx: &RequestContext<'_>, reason: Reason, rule: &str) -> DecisionRecord {
+    DecisionRecord {
+        category: None,
+        client: ClientRec { country: None, identity: None, ip: Some(cx.peer), source: "none", via: None },
+        consent: None,
+        dataset: None,
+        decision: Verdict::Error.as_str(),
+        enforced: true,
+        geo_db: None,
+        id: cx.id.clone(),
+        kind: "decision",
+        policy: policy_hash(policy),
+        prev: String::new(),
+        purpose: None,
+        reason,
+        recipient: RecipientRec { country: None, id: None, relation: Relation::ThirdParty },
+        request: RequestRec {
+            headers: BTreeMap::new(),
+            host: cx.host.map(str::to_string),
+            method: cx.method.to_string(),
+            path: crate::policy::path::normalize(cx.raw_path).map(|p| p.into_owned()).unwrap_or_else(|_| cx.raw_path.to_string()),
+            query: None,
+        },
+        rule: rule.to_string(),
+        seq: 0,
+        status: Some(status_of(reason)),
+        subject: None,
+        ts: timestamp(cx.ts),
+        upstream: None,
+        v: VERSION,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Serialises a JSON value with object keys sorted, independently of struct order.
+    fn sorted(v: &serde_json::Value) -> String {
+        match v {
+            serde_json::Value::Object(m) => {
+                let mut keys: Vec<_> = m.keys().collect();
+                keys.sort();
+                let inner: Vec<String> = keys.iter().map(|k| format!("{}:{}", serde_json::to_string(k).unwrap(), sorted(&m[*k]))).collect();
+                format!("{{{}}}", inner.join(","))
+            }
+            serde_json::Value::Array(a) => format!("[{}]", a.iter().map(sorted).collect::<Vec<_>>().join(",")),
+            other => other.to_string(),
+        }
+    }
+
+    fn sample() -> DecisionRecord {
+        let p = crate::policy::compile::from_str(
+            "t.toml",
+            "[policy]\nname='t'\nhome='CN'\n[log]\npseudonymize=false\n[[upstreams]]\nname='u'\nurl='http://127.0.0.1:1'\n",
+        )
+        .unwrap();
+        let headers = HeaderMap::new();
+        let cx = RequestContext {
+            id: "01TEST".into(),
+            ts: jiff::Timestamp::UNIX_EPOCH,
+            method: "GET",
+            host: Some("h"),
+            raw_path: "/x",
+            query: None,
+            headers: &headers,
+            peer: "127.0.0.1".parse().unwrap(),
+        };
+        let mut r = failure_record(&p, &cx, Reason::HeadersTooLarge, "proxy.max_header_bytes");
+        r.consent = Some(ConsentRec { id: "c".into(), result: "valid" });
+        r.upstream = Some(UpstreamRec { addr: "127.0.0.1:1".parse().unwrap(), country: Country::parse("CN"), name: "u".into() });
+        r.request.headers.insert("x-purpose".into(), "p".into());
+        r
+    }
+
+    #[test]
+    fn canonical_order() {
+        let rec = Record::Decision(Box::new(sample()));
+        let mut out = Vec::new();
+        rec.write_canonical(&mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), sorted(&v));
+        let o = Record::Outcome(OutcomeRecord {
+            bytes_in: 1,
+            bytes_out: 2,
+            duration_ms: 0.125,
+            error: Some(Reason::UpstreamTimeout),
+            id: "x".into(),
+            kind: "outcome",
+            prev: "p".into(),
+            seq: 3,
+            status: 504,
+            ts: timestamp(jiff::Timestamp::UNIX_EPOCH),
+            upstream: None,
+            v: 1,
+        });
+        let mut out = Vec::new();
+        o.write_canonical(&mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), sorted(&v));
+    }
+
+    #[test]
+    fn timestamps_have_microseconds() {
+        let t: jiff::Timestamp = "2026-11-28T04:31:53.1234567Z".parse().unwrap();
+        assert_eq!(timestamp(t), "2026-11-28T04:31:53.123456Z");
+        assert_eq!(timestamp(jiff::Timestamp::UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
+    }
+}
