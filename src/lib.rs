@@ -3,5 +3,8 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod cli;
 pub mod consent;
+pub mod geo;
 pub mod policy;
+pub mod telemetry;

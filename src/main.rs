@@ -1,1 +1,18 @@
-fn main() {}
+//! The `residency-proxy` command: parse the command line, start telemetry, dispatch.
+
+use clap::Parser;
+use residency_proxy::cli::{self, Cli, Exit};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    residency_proxy::telemetry::init(cli.log_format);
+    match cli::run(cli).map_err(|e| anyhow::anyhow!("{e}")) {
+        Ok(Exit::Ok) => ExitCode::SUCCESS,
+        Ok(Exit::Failed) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

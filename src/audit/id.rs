@@ -26,6 +26,9 @@ mod tests {
         let b = new_id("2026-11-28T04:31:54Z".parse().unwrap());
         assert_eq!(a.len(), 26);
         assert!(a < b);
-        assert_ne!(new_id(jiff::Timestamp::UNIX_EPOCH), new_id(jiff::Timestamp::UNIX_EPOCH));
+        assert_ne!(
+            new_id(jiff::Timestamp::UNIX_EPOCH),
+            new_id(jiff::Timestamp::UNIX_EPOCH)
+        );
     }
 }

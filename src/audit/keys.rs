@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot read signing key {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("signing key {} is not a PKCS#8 PEM private key: {why}", path.display())]
     Format { path: PathBuf, why: String },
     #[error("signing key {} is not an Ed25519 key: {why}", path.display())]
@@ -31,17 +34,34 @@ impl std::fmt::Debug for SigningKey {
 
 impl SigningKey {
     pub fn load(path: &Path) -> Result<SigningKey, KeyError> {
-        let pem = std::fs::read(path).map_err(|source| KeyError::Read { path: path.into(), source })?;
+        let pem = std::fs::read(path).map_err(|source| KeyError::Read {
+            path: path.into(),
+            source,
+        })?;
         Self::from_pem(&pem, path)
     }
 
     pub fn from_pem(pem: &[u8], path: &Path) -> Result<SigningKey, KeyError> {
-        let der = PrivatePkcs8KeyDer::from_pem_slice(pem).map_err(|e| KeyError::Format { path: path.into(), why: e.to_string() })?;
-        let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der.secret_pkcs8_der())
-            .map_err(|e| KeyError::NotEd25519 { path: path.into(), why: e.to_string() })?;
-        let seed_bin = pair.seed().map_err(|_| KeyError::NotEd25519 { path: path.into(), why: "no seed".into() })?;
+        let der = PrivatePkcs8KeyDer::from_pem_slice(pem).map_err(|e| KeyError::Format {
+            path: path.into(),
+            why: e.to_string(),
+        })?;
+        let pair =
+            Ed25519KeyPair::from_pkcs8_maybe_unchecked(der.secret_pkcs8_der()).map_err(|e| {
+                KeyError::NotEd25519 {
+                    path: path.into(),
+                    why: e.to_string(),
+                }
+            })?;
+        let seed_bin = pair.seed().map_err(|_| KeyError::NotEd25519 {
+            path: path.into(),
+            why: "no seed".into(),
+        })?;
         let seed_be: aws_lc_rs::encoding::Curve25519SeedBin<'_> =
-            seed_bin.as_be_bytes().map_err(|_| KeyError::NotEd25519 { path: path.into(), why: "no seed".into() })?;
+            seed_bin.as_be_bytes().map_err(|_| KeyError::NotEd25519 {
+                path: path.into(),
+                why: "no seed".into(),
+            })?;
         let mut seed = [0u8; 32];
         seed.copy_from_slice(seed_be.as_ref());
         Ok(SigningKey { pair, seed })
@@ -49,7 +69,8 @@ impl SigningKey {
 
     /// Generates a new key and returns it as a PKCS#8 PEM document.
     pub fn generate_pem() -> String {
-        let doc = Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new()).expect("the system RNG works");
+        let doc = Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new())
+            .expect("the system RNG works");
         pem("PRIVATE KEY", doc.as_ref())
     }
 
@@ -60,7 +81,9 @@ impl SigningKey {
     /// The public key as a SubjectPublicKeyInfo PEM document.
     pub fn public_pem(&self) -> String {
         // SPKI for Ed25519 is a fixed 12-byte prefix followed by the 32-byte key (RFC 8410).
-        let mut der = vec![0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+        let mut der = vec![
+            0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+        ];
         der.extend_from_slice(self.public_key());
         pem("PUBLIC KEY", &der)
     }
@@ -88,29 +111,53 @@ impl SigningKey {
 
 /// `sha256:` of a raw Ed25519 public key.
 pub fn fingerprint(public_key: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, public_key).as_ref()))
+    format!(
+        "sha256:{}",
+        hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, public_key).as_ref())
+    )
 }
 
 /// Reads an Ed25519 public key from an SPKI PEM file (as written by `certs init`).
 pub fn load_public_key(path: &Path) -> Result<Vec<u8>, KeyError> {
-    let pem_bytes = std::fs::read(path).map_err(|source| KeyError::Read { path: path.into(), source })?;
-    let der = rustls_pki_types::SubjectPublicKeyInfoDer::from_pem_slice(&pem_bytes)
-        .map_err(|e| KeyError::Format { path: path.into(), why: e.to_string() })?;
+    let pem_bytes = std::fs::read(path).map_err(|source| KeyError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let der =
+        rustls_pki_types::SubjectPublicKeyInfoDer::from_pem_slice(&pem_bytes).map_err(|e| {
+            KeyError::Format {
+                path: path.into(),
+                why: e.to_string(),
+            }
+        })?;
     let der = der.as_ref();
-    if der.len() != 44 || der[..12] != [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00] {
-        return Err(KeyError::NotEd25519 { path: path.into(), why: "not an Ed25519 SubjectPublicKeyInfo".into() });
+    if der.len() != 44
+        || der[..12]
+            != [
+                0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+            ]
+    {
+        return Err(KeyError::NotEd25519 {
+            path: path.into(),
+            why: "not an Ed25519 SubjectPublicKeyInfo".into(),
+        });
     }
     Ok(der[12..].to_vec())
 }
 
 /// Verifies an Ed25519 signature.
 pub fn verify(public_key: &[u8], msg: &[u8], sig: &[u8]) -> bool {
-    aws_lc_rs::signature::UnparsedPublicKey::new(&aws_lc_rs::signature::ED25519, public_key).verify(msg, sig).is_ok()
+    aws_lc_rs::signature::UnparsedPublicKey::new(&aws_lc_rs::signature::ED25519, public_key)
+        .verify(msg, sig)
+        .is_ok()
 }
 
 fn pem(label: &str, der: &[u8]) -> String {
     use base64_lines::encode;
-    format!("-----BEGIN {label}-----\n{}-----END {label}-----\n", encode(der))
+    format!(
+        "-----BEGIN {label}-----\n{}-----END {label}-----\n",
+        encode(der)
+    )
 }
 
 mod base64_lines {
@@ -120,7 +167,11 @@ mod base64_lines {
     pub fn encode(data: &[u8]) -> String {
         let mut s = String::new();
         for chunk in data.chunks(3) {
-            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
             let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
             for i in 0..4 {
                 if i <= chunk.len() {

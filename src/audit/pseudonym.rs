@@ -32,13 +32,24 @@ impl Pseudonymizer {
     pub fn pseudonym(&self, subject: &str) -> String {
         match self {
             Pseudonymizer::Off => subject.to_string(),
-            Pseudonymizer::On(k) => format!("hmac:{}", hex::encode(hmac::sign(k, subject.as_bytes()).as_ref())),
+            Pseudonymizer::On(k) => format!(
+                "hmac:{}",
+                hex::encode(hmac::sign(k, subject.as_bytes()).as_ref())
+            ),
         }
     }
 
     /// The path with every segment naming the subject replaced by its pseudonym.
-    pub fn path(&self, path: &str, subject: Option<&str>, segment: Option<usize>, pseudonym: Option<&str>) -> String {
-        let (Some(subject), Some(p)) = (subject, pseudonym) else { return path.to_string() };
+    pub fn path(
+        &self,
+        path: &str,
+        subject: Option<&str>,
+        segment: Option<usize>,
+        pseudonym: Option<&str>,
+    ) -> String {
+        let (Some(subject), Some(p)) = (subject, pseudonym) else {
+            return path.to_string();
+        };
         if matches!(self, Pseudonymizer::Off) {
             return path.to_string();
         }
@@ -58,7 +69,13 @@ impl Pseudonymizer {
     }
 
     /// The query with values naming the subject pseudonymised and credentials masked.
-    pub fn query(&self, query: &str, subject: Option<&str>, pseudonym: Option<&str>, masked: &[HeaderName]) -> String {
+    pub fn query(
+        &self,
+        query: &str,
+        subject: Option<&str>,
+        pseudonym: Option<&str>,
+        masked: &[HeaderName],
+    ) -> String {
         query
             .split('&')
             .map(|pair| {
@@ -68,7 +85,10 @@ impl Pseudonymizer {
                     return format!("{k}=[masked]");
                 }
                 match (subject, pseudonym) {
-                    (Some(s), Some(p)) if !matches!(self, Pseudonymizer::Off) && crate::policy::path::percent_decode(v).as_deref() == Some(s) => {
+                    (Some(s), Some(p))
+                        if !matches!(self, Pseudonymizer::Off)
+                            && crate::policy::path::percent_decode(v).as_deref() == Some(s) =>
+                    {
                         format!("{k}={p}")
                     }
                     _ => pair.to_string(),
@@ -89,14 +109,27 @@ mod tests {
         let ps = p.pseudonym("alice@example.com");
         assert!(ps.starts_with("hmac:") && ps.len() == 5 + 64);
         assert_eq!(ps, p.pseudonym("alice@example.com"));
-        let path = p.path("/payments/alice%40example.com/2026.json", Some("alice@example.com"), Some(2), Some(&ps));
+        let path = p.path(
+            "/payments/alice%40example.com/2026.json",
+            Some("alice@example.com"),
+            Some(2),
+            Some(&ps),
+        );
         assert_eq!(path, format!("/payments/{ps}/2026.json"));
-        let q = p.query("uid=alice%40example.com&X-Amz-Signature=abc&x=1", Some("alice@example.com"), Some(&ps), &[]);
+        let q = p.query(
+            "uid=alice%40example.com&X-Amz-Signature=abc&x=1",
+            Some("alice@example.com"),
+            Some(&ps),
+            &[],
+        );
         assert_eq!(q, format!("uid={ps}&X-Amz-Signature=[masked]&x=1"));
     }
 
     #[test]
     fn different_keys_give_different_pseudonyms() {
-        assert_ne!(Pseudonymizer::new(&[1; 32]).pseudonym("u1"), Pseudonymizer::new(&[2; 32]).pseudonym("u1"));
+        assert_ne!(
+            Pseudonymizer::new(&[1; 32]).pseudonym("u1"),
+            Pseudonymizer::new(&[2; 32]).pseudonym("u1")
+        );
     }
 }

@@ -172,7 +172,9 @@ pub fn decision_record(
         Some(p) => pseudo.path(p, subject, decision.subject_segment, pseudonym.as_deref()),
         None => cx.raw_path.to_string(),
     };
-    let query = cx.query.map(|q| pseudo.query(q, subject, pseudonym.as_deref(), &policy.log.mask_headers));
+    let query = cx
+        .query
+        .map(|q| pseudo.query(q, subject, pseudonym.as_deref(), &policy.log.mask_headers));
     let mut headers = BTreeMap::new();
     let mut note = |name: &http::HeaderName| {
         if let Some(v) = cx.headers.get(name) {
@@ -189,10 +191,16 @@ pub fn decision_record(
         }
     };
     note(&policy.consent.purpose_header);
-    if let Some(crate::policy::model::SubjectSource::Header(h)) = dataset.and_then(|d| d.subject.as_ref()) {
+    if let Some(crate::policy::model::SubjectSource::Header(h)) =
+        dataset.and_then(|d| d.subject.as_ref())
+    {
         note(h);
     }
-    if decision.client.as_ref().is_some_and(|c| c.addr.via.is_some()) {
+    if decision
+        .client
+        .as_ref()
+        .is_some_and(|c| c.addr.via.is_some())
+    {
         note(&http::header::FORWARDED);
         note(&http::HeaderName::from_static("x-forwarded-for"));
     }
@@ -204,11 +212,25 @@ pub fn decision_record(
             source: c.location.source(),
             via: c.addr.via,
         },
-        None => ClientRec { country: None, identity: None, ip: Some(cx.peer), source: "none", via: None },
+        None => ClientRec {
+            country: None,
+            identity: None,
+            ip: Some(cx.peer),
+            source: "none",
+            via: None,
+        },
     };
     let recipient = match &decision.recipient {
-        Some(r) => RecipientRec { country: r.country, id: r.id.map(Arc::from), relation: r.relation },
-        None => RecipientRec { country: None, id: None, relation: Relation::ThirdParty },
+        Some(r) => RecipientRec {
+            country: r.country,
+            id: r.id.map(Arc::from),
+            relation: r.relation,
+        },
+        None => RecipientRec {
+            country: None,
+            id: None,
+            relation: Relation::ThirdParty,
+        },
     };
     let upstream = decision.upstream.as_ref().map(|u| UpstreamRec {
         addr: u.addr,
@@ -257,10 +279,21 @@ fn policy_hash(policy: &Policy) -> Arc<str> {
 
 /// A decision record for a request refused before it could be decided (oversized headers,
 /// a body too large, a log that cannot be written…).
-pub fn failure_record(policy: &Policy, cx: &RequestContext<'_>, reason: Reason, rule: &str) -> DecisionRecord {
+pub fn failure_record(
+    policy: &Policy,
+    cx: &RequestContext<'_>,
+    reason: Reason,
+    rule: &str,
+) -> DecisionRecord {
     DecisionRecord {
         category: None,
-        client: ClientRec { country: None, identity: None, ip: Some(cx.peer), source: "none", via: None },
+        client: ClientRec {
+            country: None,
+            identity: None,
+            ip: Some(cx.peer),
+            source: "none",
+            via: None,
+        },
         consent: None,
         dataset: None,
         decision: Verdict::Error.as_str(),
@@ -272,12 +305,18 @@ pub fn failure_record(policy: &Policy, cx: &RequestContext<'_>, reason: Reason, 
         prev: String::new(),
         purpose: None,
         reason,
-        recipient: RecipientRec { country: None, id: None, relation: Relation::ThirdParty },
+        recipient: RecipientRec {
+            country: None,
+            id: None,
+            relation: Relation::ThirdParty,
+        },
         request: RequestRec {
             headers: BTreeMap::new(),
             host: cx.host.map(str::to_string),
             method: cx.method.to_string(),
-            path: crate::policy::path::normalize(cx.raw_path).map(|p| p.into_owned()).unwrap_or_else(|_| cx.raw_path.to_string()),
+            path: crate::policy::path::normalize(cx.raw_path)
+                .map(|p| p.into_owned())
+                .unwrap_or_else(|_| cx.raw_path.to_string()),
             query: None,
         },
         rule: rule.to_string(),
@@ -300,10 +339,15 @@ mod tests {
             serde_json::Value::Object(m) => {
                 let mut keys: Vec<_> = m.keys().collect();
                 keys.sort();
-                let inner: Vec<String> = keys.iter().map(|k| format!("{}:{}", serde_json::to_string(k).unwrap(), sorted(&m[*k]))).collect();
+                let inner: Vec<String> = keys
+                    .iter()
+                    .map(|k| format!("{}:{}", serde_json::to_string(k).unwrap(), sorted(&m[*k])))
+                    .collect();
                 format!("{{{}}}", inner.join(","))
             }
-            serde_json::Value::Array(a) => format!("[{}]", a.iter().map(sorted).collect::<Vec<_>>().join(",")),
+            serde_json::Value::Array(a) => {
+                format!("[{}]", a.iter().map(sorted).collect::<Vec<_>>().join(","))
+            }
             other => other.to_string(),
         }
     }
@@ -326,8 +370,15 @@ mod tests {
             peer: "127.0.0.1".parse().unwrap(),
         };
         let mut r = failure_record(&p, &cx, Reason::HeadersTooLarge, "proxy.max_header_bytes");
-        r.consent = Some(ConsentRec { id: "c".into(), result: "valid" });
-        r.upstream = Some(UpstreamRec { addr: "127.0.0.1:1".parse().unwrap(), country: Country::parse("CN"), name: "u".into() });
+        r.consent = Some(ConsentRec {
+            id: "c".into(),
+            result: "valid",
+        });
+        r.upstream = Some(UpstreamRec {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            country: Country::parse("CN"),
+            name: "u".into(),
+        });
         r.request.headers.insert("x-purpose".into(), "p".into());
         r
     }
@@ -363,6 +414,9 @@ mod tests {
     fn timestamps_have_microseconds() {
         let t: jiff::Timestamp = "2026-11-28T04:31:53.1234567Z".parse().unwrap();
         assert_eq!(timestamp(t), "2026-11-28T04:31:53.123456Z");
-        assert_eq!(timestamp(jiff::Timestamp::UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            timestamp(jiff::Timestamp::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000000Z"
+        );
     }
 }

@@ -38,11 +38,16 @@ pub struct FieldError {
 }
 
 fn field(field: &'static str, message: impl Into<String>) -> FieldError {
-    FieldError { field, message: message.into() }
+    FieldError {
+        field,
+        message: message.into(),
+    }
 }
 
 fn token(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 impl ConsentRecord {
@@ -55,28 +60,59 @@ impl ConsentRecord {
             return Err(field("subject", "must not be empty"));
         }
         if self.recipient.trim().is_empty() || self.recipient.contains('*') {
-            return Err(field("recipient", format!("\"{}\" is not a recipient id: consent names one recipient, never a wildcard", self.recipient)));
+            return Err(field(
+                "recipient",
+                format!(
+                    "\"{}\" is not a recipient id: consent names one recipient, never a wildcard",
+                    self.recipient
+                ),
+            ));
         }
         if self.purposes.is_empty() {
             return Err(field("purposes", "must name at least one purpose"));
         }
         if let Some(p) = self.purposes.iter().find(|p| !token(p)) {
-            return Err(field("purposes", format!("\"{p}\" is not a purpose (lower-case letters, digits, _ and -)")));
+            return Err(field(
+                "purposes",
+                format!("\"{p}\" is not a purpose (lower-case letters, digits, _ and -)"),
+            ));
         }
         if self.categories.is_empty() {
             return Err(field("categories", "must name at least one data category"));
         }
         if let Some(c) = self.categories.iter().find(|c| !valid_category(c)) {
-            return Err(field("categories", format!("\"{c}\" is not a category (dot-separated lower-case names, e.g. \"user.financial\")")));
+            return Err(field(
+                "categories",
+                format!(
+                    "\"{c}\" is not a category (dot-separated lower-case names, e.g. \"user.financial\")"
+                ),
+            ));
         }
         if self.destinations.is_empty() {
-            return Err(field("destinations", "must name at least one destination country or jurisdiction"));
+            return Err(field(
+                "destinations",
+                "must name at least one destination country or jurisdiction",
+            ));
         }
-        if let Some(d) = self.destinations.iter().find(|d| d.is_empty() || d.contains('*') || d.contains(char::is_whitespace)) {
-            return Err(field("destinations", format!("\"{d}\" is not a country code or jurisdiction name")));
+        if let Some(d) = self
+            .destinations
+            .iter()
+            .find(|d| d.is_empty() || d.contains('*') || d.contains(char::is_whitespace))
+        {
+            return Err(field(
+                "destinations",
+                format!("\"{d}\" is not a country code or jurisdiction name"),
+            ));
         }
         if !KNOWN_METHODS.contains(&self.method.as_str()) {
-            return Err(field("method", format!("\"{}\" is not a known collection method ({})", self.method, KNOWN_METHODS.join(", "))));
+            return Err(field(
+                "method",
+                format!(
+                    "\"{}\" is not a known collection method ({})",
+                    self.method,
+                    KNOWN_METHODS.join(", ")
+                ),
+            ));
         }
         if self.expires_at <= self.granted_at {
             return Err(field("expires_at", "must be after granted_at"));
@@ -162,7 +198,10 @@ mod tests {
         let cases: Vec<(&str, Box<dyn Fn(&mut ConsentRecord)>)> = vec![
             ("recipient", Box::new(|r| r.recipient = "*".into())),
             ("purposes", Box::new(|r| r.purposes.clear())),
-            ("categories", Box::new(|r| r.categories = vec!["User Financial".into()])),
+            (
+                "categories",
+                Box::new(|r| r.categories = vec!["User Financial".into()]),
+            ),
             ("destinations", Box::new(|r| r.destinations.clear())),
             ("method", Box::new(|r| r.method = "telepathy".into())),
             ("expires_at", Box::new(|r| r.expires_at = r.granted_at)),

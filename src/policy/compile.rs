@@ -43,13 +43,19 @@ impl fmt::Display for Diagnostic {
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     #[error("cannot read policy file {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{} error(s) in policy:\n{}", .0.len(), render(.0))]
     Invalid(Vec<Diagnostic>),
 }
 
 fn render(d: &[Diagnostic]) -> String {
-    d.iter().map(|d| format!("  {d}")).collect::<Vec<_>>().join("\n")
+    d.iter()
+        .map(|d| format!("  {d}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// A segment of a location inside one TOML document.
@@ -99,10 +105,17 @@ pub fn load(
     entry: &Path,
     mut read: impl FnMut(&Path) -> std::io::Result<String>,
 ) -> Result<Policy, PolicyError> {
-    let mut loaded = Loaded { sources: Vec::new(), diags: Vec::new(), file: MergedFile::default() };
+    let mut loaded = Loaded {
+        sources: Vec::new(),
+        diags: Vec::new(),
+        file: MergedFile::default(),
+    };
     let mut stack = Vec::new();
     load_file(entry, &mut read, &mut loaded, &mut stack)?;
-    let mut cx = Cx { sources: &loaded.sources, diags: loaded.diags };
+    let mut cx = Cx {
+        sources: &loaded.sources,
+        diags: loaded.diags,
+    };
     let policy = compile(&mut cx, loaded.file, &loaded.sources);
     if cx.diags.is_empty() {
         Ok(policy.expect("a policy compiles when no diagnostic was raised"))
@@ -124,9 +137,15 @@ fn load_file(
     loaded: &mut Loaded,
     stack: &mut Vec<PathBuf>,
 ) -> Result<(), PolicyError> {
-    let text = read(path).map_err(|source| PolicyError::Read { path: path.to_path_buf(), source })?;
+    let text = read(path).map_err(|source| PolicyError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let file = loaded.sources.len();
-    loaded.sources.push(Source { path: path.to_path_buf(), text });
+    loaded.sources.push(Source {
+        path: path.to_path_buf(),
+        text,
+    });
     stack.push(path.to_path_buf());
     let text = loaded.sources[file].text.clone();
     let raw = match parse_file(&text) {
@@ -179,28 +198,40 @@ fn load_file(
                 file: path.to_path_buf(),
                 line: line_of(&text, &[Seg::Key("include".into()), Seg::Index(i)]),
                 rule: "include".into(),
-                message: format!("\"{inc}\" includes itself (cycle through {})", inc_path.display()),
+                message: format!(
+                    "\"{inc}\" includes itself (cycle through {})",
+                    inc_path.display()
+                ),
             });
             continue;
         }
         load_file(&inc_path, read, loaded, stack)?;
     }
     let m = &mut loaded.file;
-    let single = |name: &str, present: bool, previous: Option<usize>, diags: &mut Vec<Diagnostic>| {
-        if let (true, Some(prev)) = (present, previous) {
-            diags.push(Diagnostic {
-                file: path.to_path_buf(),
-                line: line_of(&text, &[Seg::Key(name.into())]),
-                rule: name.into(),
-                message: format!("[{name}] is already defined in {}", loaded.sources[prev].path.display()),
-            });
-            false
-        } else {
-            present
-        }
-    };
+    let single =
+        |name: &str, present: bool, previous: Option<usize>, diags: &mut Vec<Diagnostic>| {
+            if let (true, Some(prev)) = (present, previous) {
+                diags.push(Diagnostic {
+                    file: path.to_path_buf(),
+                    line: line_of(&text, &[Seg::Key(name.into())]),
+                    rule: name.into(),
+                    message: format!(
+                        "[{name}] is already defined in {}",
+                        loaded.sources[prev].path.display()
+                    ),
+                });
+                false
+            } else {
+                present
+            }
+        };
     let d = &mut loaded.diags;
-    if single("policy", policy.is_some(), m.policy.as_ref().map(|p| p.0), d) {
+    if single(
+        "policy",
+        policy.is_some(),
+        m.policy.as_ref().map(|p| p.0),
+        d,
+    ) {
         m.policy = policy.map(|p| (file, p));
     }
     if single("proxy", proxy.is_some(), m.proxy.as_ref().map(|p| p.0), d) {
@@ -209,7 +240,12 @@ fn load_file(
     if single("geo", geo.is_some(), m.geo.as_ref().map(|p| p.0), d) {
         m.geo = geo.map(|p| (file, p));
     }
-    if single("consent", consent.is_some(), m.consent.as_ref().map(|p| p.0), d) {
+    if single(
+        "consent",
+        consent.is_some(),
+        m.consent.as_ref().map(|p| p.0),
+        d,
+    ) {
         m.consent = consent.map(|p| (file, p));
     }
     if single("log", log.is_some(), m.log.as_ref().map(|p| p.0), d) {
@@ -225,10 +261,30 @@ fn load_file(
         m.jurisdictions.push((file, name, codes));
     }
     let origin = |index| Origin { file, index };
-    m.networks.extend(networks.into_iter().enumerate().map(|(i, x)| (origin(i), x)));
-    m.upstreams.extend(upstreams.into_iter().enumerate().map(|(i, x)| (origin(i), x)));
-    m.recipients.extend(recipients.into_iter().enumerate().map(|(i, x)| (origin(i), x)));
-    m.datasets.extend(datasets.into_iter().enumerate().map(|(i, x)| (origin(i), x)));
+    m.networks.extend(
+        networks
+            .into_iter()
+            .enumerate()
+            .map(|(i, x)| (origin(i), x)),
+    );
+    m.upstreams.extend(
+        upstreams
+            .into_iter()
+            .enumerate()
+            .map(|(i, x)| (origin(i), x)),
+    );
+    m.recipients.extend(
+        recipients
+            .into_iter()
+            .enumerate()
+            .map(|(i, x)| (origin(i), x)),
+    );
+    m.datasets.extend(
+        datasets
+            .into_iter()
+            .enumerate()
+            .map(|(i, x)| (origin(i), x)),
+    );
     stack.pop();
     Ok(())
 }
@@ -254,7 +310,9 @@ fn segments(p: &serde_ignored::Path<'_>) -> Vec<Seg> {
             v.push(Seg::Key(key.to_string()));
             v
         }
-        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => segments(parent),
+        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+            segments(parent)
+        }
     }
 }
 
@@ -275,7 +333,11 @@ fn display_segments(segs: &[Seg]) -> String {
 }
 
 fn line_at(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|b| *b == b'\n')
+        .count()
+        + 1
 }
 
 /// The line of the value at `segs` in `text`, or of the nearest enclosing item that exists.
@@ -309,7 +371,13 @@ struct Cx<'s> {
 }
 
 impl Cx<'_> {
-    fn err(&mut self, file: usize, at: &[Seg], rule: impl Into<String>, message: impl Into<String>) {
+    fn err(
+        &mut self,
+        file: usize,
+        at: &[Seg],
+        rule: impl Into<String>,
+        message: impl Into<String>,
+    ) {
         let src = &self.sources[file];
         self.diags.push(Diagnostic {
             file: src.path.clone(),
@@ -337,13 +405,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("\"{s}\" is not a duration (write e.g. \"500ms\", \"10s\", \"5m\")"))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!("\"{s}\" is not a duration (write e.g. \"500ms\", \"10s\", \"5m\")")
+    })?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
         "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("\"{s}\" is not a duration: the unit must be ms, s, m or h")),
+        _ => Err(format!(
+            "\"{s}\" is not a duration: the unit must be ms, s, m or h"
+        )),
     }
 }
 
@@ -351,12 +423,16 @@ fn parse_method(s: &str) -> Result<Method, String> {
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_uppercase()) {
         Method::from_bytes(s.as_bytes()).map_err(|e| e.to_string())
     } else {
-        Err(format!("\"{s}\" is not an HTTP method (write it in upper case, e.g. \"GET\")"))
+        Err(format!(
+            "\"{s}\" is not an HTTP method (write it in upper case, e.g. \"GET\")"
+        ))
     }
 }
 
 fn is_token(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// A fideslang-style category: dot-separated lower-case segments.
@@ -392,7 +468,12 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
             continue;
         }
         if jurisdictions.named.contains_key(name) {
-            cx.err(*file, &at, rule.clone(), format!("jurisdiction \"{name}\" is defined twice"));
+            cx.err(
+                *file,
+                &at,
+                rule.clone(),
+                format!("jurisdiction \"{name}\" is defined twice"),
+            );
             continue;
         }
         if Country::parse(name).is_some() {
@@ -412,11 +493,21 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
             }
         }
         if codes.is_empty() {
-            cx.err(*file, &at, rule.clone(), "a jurisdiction must list at least one country");
+            cx.err(
+                *file,
+                &at,
+                rule.clone(),
+                "a jurisdiction must list at least one country",
+            );
         }
         jurisdictions.named.insert(name.clone(), set);
     }
-    let resolve = |cx: &mut Cx<'_>, file: usize, at: &[Seg], rule: &str, name: &str| -> Option<Jurisdiction> {
+    let resolve = |cx: &mut Cx<'_>,
+                   file: usize,
+                   at: &[Seg],
+                   rule: &str,
+                   name: &str|
+     -> Option<Jurisdiction> {
         let j = jurisdictions.resolve(name);
         if j.is_none() {
             cx.err(file, at, rule, format!("\"{name}\" is neither a declared jurisdiction nor an ISO 3166-1 alpha-2 country code"));
@@ -430,7 +521,12 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
     let name = match p.name {
         Some(n) if !n.trim().is_empty() => n,
         _ => {
-            cx.err(pfile, &[k("policy")], "policy.name", "required: name the policy (it appears in every decision record)");
+            cx.err(
+                pfile,
+                &[k("policy")],
+                "policy.name",
+                "required: name the policy (it appears in every decision record)",
+            );
             String::new()
         }
     };
@@ -438,12 +534,18 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
         Some(h) => resolve(cx, pfile, &pat("home"), "policy.home", h),
         None => None,
     };
-    let mode = parse_mode(cx, pfile, &pat("mode"), "policy.mode", p.mode.as_deref()).unwrap_or(Mode::Enforce);
+    let mode = parse_mode(cx, pfile, &pat("mode"), "policy.mode", p.mode.as_deref())
+        .unwrap_or(Mode::Enforce);
     let unmatched = match p.unmatched.as_deref() {
         None | Some("deny") => Unmatched::Deny,
         Some("allow") => Unmatched::Allow,
         Some(o) => {
-            cx.err(pfile, &pat("unmatched"), "policy.unmatched", format!("\"{o}\" is not one of \"deny\", \"allow\""));
+            cx.err(
+                pfile,
+                &pat("unmatched"),
+                "policy.unmatched",
+                format!("\"{o}\" is not one of \"deny\", \"allow\""),
+            );
             Unmatched::Deny
         }
     };
@@ -451,7 +553,12 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
         None | Some("deny") => UnknownLocation::Deny,
         Some("foreign") => UnknownLocation::Foreign,
         Some(o) => {
-            cx.err(pfile, &pat("unknown_location"), "policy.unknown_location", format!("\"{o}\" is not one of \"deny\", \"foreign\""));
+            cx.err(
+                pfile,
+                &pat("unknown_location"),
+                "policy.unknown_location",
+                format!("\"{o}\" is not one of \"deny\", \"foreign\""),
+            );
             UnknownLocation::Deny
         }
     };
@@ -465,7 +572,12 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
             Some(s) => match parse_duration(s) {
                 Ok(d) if !d.is_zero() => d,
                 Ok(_) => {
-                    cx.err(xfile, &xat(f), format!("proxy.{f}"), "must be greater than zero");
+                    cx.err(
+                        xfile,
+                        &xat(f),
+                        format!("proxy.{f}"),
+                        "must be greater than zero",
+                    );
                     default
                 }
                 Err(e) => {
@@ -475,20 +587,57 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
             },
         }
     };
-    let header_read_timeout = dur(cx, "header_read_timeout", &x.header_read_timeout, Duration::from_secs(10));
-    let connect_timeout = dur(cx, "connect_timeout", &x.connect_timeout, Duration::from_secs(5));
-    let upstream_timeout = dur(cx, "upstream_timeout", &x.upstream_timeout, Duration::from_secs(60));
+    let header_read_timeout = dur(
+        cx,
+        "header_read_timeout",
+        &x.header_read_timeout,
+        Duration::from_secs(10),
+    );
+    let connect_timeout = dur(
+        cx,
+        "connect_timeout",
+        &x.connect_timeout,
+        Duration::from_secs(5),
+    );
+    let upstream_timeout = dur(
+        cx,
+        "upstream_timeout",
+        &x.upstream_timeout,
+        Duration::from_secs(60),
+    );
     let idle_timeout = dur(cx, "idle_timeout", &x.idle_timeout, Duration::from_secs(60));
-    let drain_timeout = dur(cx, "drain_timeout", &x.drain_timeout, Duration::from_secs(30));
-    let resolve_interval = dur(cx, "resolve_interval", &x.resolve_interval, Duration::from_secs(30));
-    let listen = parse_addr(cx, xfile, &xat("listen"), "proxy.listen", x.listen.as_deref(), "0.0.0.0:8080");
+    let drain_timeout = dur(
+        cx,
+        "drain_timeout",
+        &x.drain_timeout,
+        Duration::from_secs(30),
+    );
+    let resolve_interval = dur(
+        cx,
+        "resolve_interval",
+        &x.resolve_interval,
+        Duration::from_secs(30),
+    );
+    let listen = parse_addr(
+        cx,
+        xfile,
+        &xat("listen"),
+        "proxy.listen",
+        x.listen.as_deref(),
+        "0.0.0.0:8080",
+    );
     let mut trusted_proxies = CidrTable::new();
     for (i, t) in x.trusted_proxies.iter().flatten().enumerate() {
         match parse_net(t) {
             Ok(n) => {
                 trusted_proxies.insert(n, ());
             }
-            Err(e) => cx.err(xfile, &[k("proxy"), k("trusted_proxies"), Seg::Index(i)], "proxy.trusted_proxies", e),
+            Err(e) => cx.err(
+                xfile,
+                &[k("proxy"), k("trusted_proxies"), Seg::Index(i)],
+                "proxy.trusted_proxies",
+                e,
+            ),
         }
     }
     let bounded = |cx: &mut Cx<'_>, f: &str, v: Option<u64>, default: u64, min: u64| -> u64 {
@@ -496,14 +645,20 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
             None => default,
             Some(n) if n >= min => n,
             Some(n) => {
-                cx.err(xfile, &xat(f), format!("proxy.{f}"), format!("{n} is too small (at least {min})"));
+                cx.err(
+                    xfile,
+                    &xat(f),
+                    format!("proxy.{f}"),
+                    format!("{n} is too small (at least {min})"),
+                );
                 default
             }
         }
     };
     let proxy = ProxySettings {
         listen,
-        max_header_bytes: bounded(cx, "max_header_bytes", x.max_header_bytes, 64 * 1024, 1024) as usize,
+        max_header_bytes: bounded(cx, "max_header_bytes", x.max_header_bytes, 64 * 1024, 1024)
+            as usize,
         max_headers: bounded(cx, "max_headers", x.max_headers, 100, 8) as usize,
         max_body_bytes: x.max_body_bytes,
         header_read_timeout,
@@ -513,7 +668,13 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
         max_connections: bounded(cx, "max_connections", x.max_connections, 10_000, 1) as usize,
         drain_timeout,
         resolve_interval,
-        upstream_idle_per_address: bounded(cx, "upstream_idle_per_address", x.upstream_idle_per_address, 256, 0) as usize,
+        upstream_idle_per_address: bounded(
+            cx,
+            "upstream_idle_per_address",
+            x.upstream_idle_per_address,
+            256,
+            0,
+        ) as usize,
         workers: x.workers.map(|w| w.max(1) as usize),
     };
 
@@ -535,13 +696,30 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
         };
         let country = Country::parse(&n.country);
         if country.is_none() {
-            cx.err(o.file, &item("networks", o, Some("country")), rule.clone(), format!("\"{}\" is not an ISO 3166-1 alpha-2 country code", n.country));
+            cx.err(
+                o.file,
+                &item("networks", o, Some("country")),
+                rule.clone(),
+                format!(
+                    "\"{}\" is not an ISO 3166-1 alpha-2 country code",
+                    n.country
+                ),
+            );
         }
         if let (Some(cidr), Some(country)) = (cidr, country) {
             if !seen_nets.insert(cidr) {
-                cx.err(o.file, &item("networks", o, Some("cidr")), rule.clone(), format!("network {cidr} is listed twice"));
+                cx.err(
+                    o.file,
+                    &item("networks", o, Some("cidr")),
+                    rule.clone(),
+                    format!("network {cidr} is listed twice"),
+                );
             }
-            networks.push(NetworkOverride { cidr, country, name: label.into() });
+            networks.push(NetworkOverride {
+                cidr,
+                country,
+                name: label.into(),
+            });
         }
     }
 
@@ -550,14 +728,35 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
     for (o, u) in m.upstreams {
         let rule = format!("upstreams.{}", u.name);
         if u.name.is_empty() {
-            cx.err(o.file, &item("upstreams", o, Some("name")), rule.clone(), "an upstream needs a name");
+            cx.err(
+                o.file,
+                &item("upstreams", o, Some("name")),
+                rule.clone(),
+                "an upstream needs a name",
+            );
         } else if upstreams.iter().any(|x| *x.name == *u.name) {
-            cx.err(o.file, &item("upstreams", o, Some("name")), rule.clone(), format!("upstream \"{}\" is defined twice", u.name));
+            cx.err(
+                o.file,
+                &item("upstreams", o, Some("name")),
+                rule.clone(),
+                format!("upstream \"{}\" is defined twice", u.name),
+            );
             continue;
         }
         match parse_upstream_url(&u.url) {
-            Ok((scheme, host, port)) => upstreams.push(Upstream { name: u.name.into(), scheme, host, port, rule: rule.into() }),
-            Err(e) => cx.err(o.file, &item("upstreams", o, Some("url")), format!("{rule}.url"), e),
+            Ok((scheme, host, port)) => upstreams.push(Upstream {
+                name: u.name.into(),
+                scheme,
+                host,
+                port,
+                rule: rule.into(),
+            }),
+            Err(e) => cx.err(
+                o.file,
+                &item("upstreams", o, Some("url")),
+                format!("{rule}.url"),
+                e,
+            ),
         }
     }
 
@@ -568,43 +767,89 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
     for (o, r) in m.recipients {
         let rule = format!("recipients.{}", r.id);
         if r.id.is_empty() || r.id.contains('*') {
-            cx.err(o.file, &item("recipients", o, Some("id")), rule.clone(), "a recipient needs an id, and ids are never wildcards");
+            cx.err(
+                o.file,
+                &item("recipients", o, Some("id")),
+                rule.clone(),
+                "a recipient needs an id, and ids are never wildcards",
+            );
         }
         if recipients.iter().any(|x| *x.id == *r.id) {
-            cx.err(o.file, &item("recipients", o, Some("id")), rule.clone(), format!("recipient \"{}\" is defined twice", r.id));
+            cx.err(
+                o.file,
+                &item("recipients", o, Some("id")),
+                rule.clone(),
+                format!("recipient \"{}\" is defined twice", r.id),
+            );
             continue;
         }
         let relation = match r.relation.as_str() {
             "first_party" => Relation::FirstParty,
             "third_party" => Relation::ThirdParty,
             other => {
-                cx.err(o.file, &item("recipients", o, Some("relation")), format!("{rule}.relation"), format!("\"{other}\" is not one of \"first_party\", \"third_party\""));
+                cx.err(
+                    o.file,
+                    &item("recipients", o, Some("relation")),
+                    format!("{rule}.relation"),
+                    format!("\"{other}\" is not one of \"first_party\", \"third_party\""),
+                );
                 Relation::ThirdParty
             }
         };
         let country = r.country.as_deref().and_then(|c| {
             let parsed = Country::parse(c);
             if parsed.is_none() {
-                cx.err(o.file, &item("recipients", o, Some("country")), format!("{rule}.country"), format!("\"{c}\" is not an ISO 3166-1 alpha-2 country code"));
+                cx.err(
+                    o.file,
+                    &item("recipients", o, Some("country")),
+                    format!("{rule}.country"),
+                    format!("\"{c}\" is not an ISO 3166-1 alpha-2 country code"),
+                );
             }
             parsed
         });
         let idx = recipients.len();
         for (i, id) in r.identities.iter().enumerate() {
-            let at = [k("recipients"), Seg::Index(o.index), k("identities"), Seg::Index(i)];
+            let at = [
+                k("recipients"),
+                Seg::Index(o.index),
+                k("identities"),
+                Seg::Index(i),
+            ];
             if id.is_empty() || id.contains('*') {
                 cx.err(o.file, &at, format!("{rule}.identities"), format!("\"{id}\" is not an identity (a certificate SAN: URI or DNS name, no wildcards)"));
             } else if let Some(prev) = recipients_by_identity.insert(id.clone(), idx) {
-                cx.err(o.file, &at, format!("{rule}.identities"), format!("identity \"{id}\" already belongs to recipient \"{}\"", recipients[prev].id));
+                cx.err(
+                    o.file,
+                    &at,
+                    format!("{rule}.identities"),
+                    format!(
+                        "identity \"{id}\" already belongs to recipient \"{}\"",
+                        recipients[prev].id
+                    ),
+                );
             }
         }
         let mut nets = Vec::new();
         for (i, n) in r.networks.iter().enumerate() {
-            let at = [k("recipients"), Seg::Index(o.index), k("networks"), Seg::Index(i)];
+            let at = [
+                k("recipients"),
+                Seg::Index(o.index),
+                k("networks"),
+                Seg::Index(i),
+            ];
             match parse_net(n) {
                 Ok(net) => {
                     if let Some(prev) = recipients_by_network.insert(net, idx) {
-                        cx.err(o.file, &at, format!("{rule}.networks"), format!("network {net} already belongs to recipient \"{}\"", recipients[prev].id));
+                        cx.err(
+                            o.file,
+                            &at,
+                            format!("{rule}.networks"),
+                            format!(
+                                "network {net} already belongs to recipient \"{}\"",
+                                recipients[prev].id
+                            ),
+                        );
                     }
                     nets.push(net);
                 }
@@ -612,9 +857,20 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
             }
         }
         if r.identities.is_empty() && r.networks.is_empty() {
-            cx.err(o.file, &item("recipients", o, None), rule.clone(), "a recipient needs identities or networks, or nothing can ever match it");
+            cx.err(
+                o.file,
+                &item("recipients", o, None),
+                rule.clone(),
+                "a recipient needs identities or networks, or nothing can ever match it",
+            );
         }
-        recipients.push(Recipient { id: r.id.into(), relation, country, identities: r.identities, networks: nets });
+        recipients.push(Recipient {
+            id: r.id.into(),
+            relation,
+            country,
+            identities: r.identities,
+            networks: nets,
+        });
     }
 
     // [consent]
@@ -636,13 +892,32 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
         if NEVER_CONSENT.contains(&am.as_str()) {
             cx.err(cfile, &at, "consent.accept_methods", format!("\"{am}\" is not consent: pre-ticked, implied, bundled or opt-out agreement never counts"));
         } else if !KNOWN_METHODS.contains(&am.as_str()) {
-            cx.err(cfile, &at, "consent.accept_methods", format!("\"{am}\" is not a known collection method ({})", KNOWN_METHODS.join(", ")));
+            cx.err(
+                cfile,
+                &at,
+                "consent.accept_methods",
+                format!(
+                    "\"{am}\" is not a known collection method ({})",
+                    KNOWN_METHODS.join(", ")
+                ),
+            );
         }
     }
     if accept_methods.is_empty() {
-        cx.err(cfile, &cat("accept_methods"), "consent.accept_methods", "must name at least one method, e.g. [\"explicit\"]");
+        cx.err(
+            cfile,
+            &cat("accept_methods"),
+            "consent.accept_methods",
+            "must name at least one method, e.g. [\"explicit\"]",
+        );
     }
-    let purpose_header = parse_header(cx, cfile, &cat("purpose_header"), "consent.purpose_header", c.purpose_header.as_deref().unwrap_or("x-purpose"));
+    let purpose_header = parse_header(
+        cx,
+        cfile,
+        &cat("purpose_header"),
+        "consent.purpose_header",
+        c.purpose_header.as_deref().unwrap_or("x-purpose"),
+    );
     let max_staleness = match c.max_staleness.as_deref().map(parse_duration) {
         None => Duration::from_secs(30),
         Some(Ok(d)) => d,
@@ -651,7 +926,12 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
             Duration::from_secs(30)
         }
     };
-    let consent = ConsentSettings { store, accept_methods, purpose_header, max_staleness };
+    let consent = ConsentSettings {
+        store,
+        accept_methods,
+        purpose_header,
+        max_staleness,
+    };
 
     // [log]
     let (lfile, l) = m.log.unwrap_or((entry, RawLog::default()));
@@ -660,7 +940,12 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
         None => LogTarget::File(PathBuf::from("logs/decisions.jsonl")),
         Some("-") => LogTarget::Stdout,
         Some("") => {
-            cx.err(lfile, &lat("path"), "log.path", "must be a file path or \"-\" for standard output");
+            cx.err(
+                lfile,
+                &lat("path"),
+                "log.path",
+                "must be a file path or \"-\" for standard output",
+            );
             LogTarget::Stdout
         }
         Some(p) => LogTarget::File(PathBuf::from(p)),
@@ -669,7 +954,12 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
         None | Some("write") => Durability::Write,
         Some("fsync") => Durability::Fsync,
         Some(o) => {
-            cx.err(lfile, &lat("durability"), "log.durability", format!("\"{o}\" is not one of \"write\", \"fsync\""));
+            cx.err(
+                lfile,
+                &lat("durability"),
+                "log.durability",
+                format!("\"{o}\" is not one of \"write\", \"fsync\""),
+            );
             Durability::Write
         }
     };
@@ -677,7 +967,12 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
         None | Some("deny") => OnFailure::Deny,
         Some("allow") => OnFailure::Allow,
         Some(o) => {
-            cx.err(lfile, &lat("on_failure"), "log.on_failure", format!("\"{o}\" is not one of \"deny\", \"allow\""));
+            cx.err(
+                lfile,
+                &lat("on_failure"),
+                "log.on_failure",
+                format!("\"{o}\" is not one of \"deny\", \"allow\""),
+            );
             OnFailure::Deny
         }
     };
@@ -688,23 +983,47 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
     }
     let checkpoint_every = l.checkpoint_every.unwrap_or(1000);
     if checkpoint_every == 0 {
-        cx.err(lfile, &lat("checkpoint_every"), "log.checkpoint_every", "must be at least 1");
+        cx.err(
+            lfile,
+            &lat("checkpoint_every"),
+            "log.checkpoint_every",
+            "must be at least 1",
+        );
     }
     let checkpoint_interval = match l.checkpoint_interval.as_deref().map(parse_duration) {
         None => Duration::from_secs(10),
         Some(Ok(d)) if !d.is_zero() => d,
         Some(Ok(_)) => {
-            cx.err(lfile, &lat("checkpoint_interval"), "log.checkpoint_interval", "must be greater than zero");
+            cx.err(
+                lfile,
+                &lat("checkpoint_interval"),
+                "log.checkpoint_interval",
+                "must be greater than zero",
+            );
             Duration::from_secs(10)
         }
         Some(Err(e)) => {
-            cx.err(lfile, &lat("checkpoint_interval"), "log.checkpoint_interval", e);
+            cx.err(
+                lfile,
+                &lat("checkpoint_interval"),
+                "log.checkpoint_interval",
+                e,
+            );
             Duration::from_secs(10)
         }
     };
-    let mut mask_headers: Vec<HeaderName> = DEFAULT_MASK.iter().map(|h| HeaderName::from_static(h)).collect();
+    let mut mask_headers: Vec<HeaderName> = DEFAULT_MASK
+        .iter()
+        .map(|h| HeaderName::from_static(h))
+        .collect();
     for (i, h) in l.mask_headers.iter().flatten().enumerate() {
-        let hn = parse_header(cx, lfile, &[k("log"), k("mask_headers"), Seg::Index(i)], "log.mask_headers", h);
+        let hn = parse_header(
+            cx,
+            lfile,
+            &[k("log"), k("mask_headers"), Seg::Index(i)],
+            "log.mask_headers",
+            h,
+        );
         if !mask_headers.contains(&hn) {
             mask_headers.push(hn);
         }
@@ -724,15 +1043,31 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
     // [admin]
     let (afile, a) = m.admin.unwrap_or((entry, RawAdmin::default()));
     let admin = AdminSettings {
-        listen: parse_addr(cx, afile, &[k("admin"), k("listen")], "admin.listen", a.listen.as_deref(), "127.0.0.1:9901"),
+        listen: parse_addr(
+            cx,
+            afile,
+            &[k("admin"), k("listen")],
+            "admin.listen",
+            a.listen.as_deref(),
+            "127.0.0.1:9901",
+        ),
         token_file: a.token_file.map(PathBuf::from),
     };
 
     // [tls]
     let tls = m.tls.and_then(|(tfile, t)| match (t.cert, t.key) {
-        (Some(cert), Some(key)) => Some(TlsSettings { cert: cert.into(), key: key.into(), client_ca: t.client_ca.map(PathBuf::from) }),
+        (Some(cert), Some(key)) => Some(TlsSettings {
+            cert: cert.into(),
+            key: key.into(),
+            client_ca: t.client_ca.map(PathBuf::from),
+        }),
         _ => {
-            cx.err(tfile, &[k("tls")], "tls", "cert and key are both required to terminate TLS");
+            cx.err(
+                tfile,
+                &[k("tls")],
+                "tls",
+                "cert and key are both required to terminate TLS",
+            );
             None
         }
     });
@@ -740,19 +1075,41 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
     // [[datasets]]
     let mut datasets: Vec<Dataset> = Vec::new();
     for (o, d) in m.datasets {
-        let base = if d.name.is_empty() { format!("datasets[{}]", datasets.len()) } else { format!("datasets.{}", d.name) };
+        let base = if d.name.is_empty() {
+            format!("datasets[{}]", datasets.len())
+        } else {
+            format!("datasets.{}", d.name)
+        };
         let r = |f: &str| -> Arc<str> { format!("{base}.{f}").into() };
         let at = |f: &str| item("datasets", o, Some(f));
         if d.name.is_empty() {
             cx.err(o.file, &at("name"), base.clone(), "a dataset needs a name");
         } else if datasets.iter().any(|x| *x.name == *d.name) {
-            cx.err(o.file, &at("name"), base.clone(), format!("dataset \"{}\" is defined twice", d.name));
+            cx.err(
+                o.file,
+                &at("name"),
+                base.clone(),
+                format!("dataset \"{}\" is defined twice", d.name),
+            );
             continue;
         }
         let upstream = upstreams.iter().position(|u| *u.name == *d.upstream);
         if upstream.is_none() {
             let known: Vec<&str> = upstreams.iter().map(|u| &*u.name).collect();
-            cx.err(o.file, &at("upstream"), r("upstream").to_string(), format!("no upstream named \"{}\" (defined: {})", d.upstream, if known.is_empty() { "none".to_string() } else { known.join(", ") }));
+            cx.err(
+                o.file,
+                &at("upstream"),
+                r("upstream").to_string(),
+                format!(
+                    "no upstream named \"{}\" (defined: {})",
+                    d.upstream,
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            );
         }
         if !valid_category(&d.category) {
             cx.err(o.file, &at("category"), r("category").to_string(), format!("\"{}\" is not a category (dot-separated lower-case names, e.g. \"user.financial\")", d.category));
@@ -763,38 +1120,84 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
         }
         let host = d.matcher.host.as_ref().map(|h| h.to_ascii_lowercase());
         if let Some(h) = &host
-            && (h.is_empty() || h.contains(['/', ' ', ':']) || h[h.starts_with("*.").then_some(2).unwrap_or(0)..].contains('*'))
+            && (h.is_empty()
+                || h.contains(['/', ' ', ':'])
+                || h[h.starts_with("*.").then_some(2).unwrap_or(0)..].contains('*'))
         {
-            cx.err(o.file, &at("match.host"), r("match").to_string(), format!("\"{h}\" is not a host name (no port; a leading \"*.\" matches sub-domains)"));
+            cx.err(
+                o.file,
+                &at("match.host"),
+                r("match").to_string(),
+                format!(
+                    "\"{h}\" is not a host name (no port; a leading \"*.\" matches sub-domains)"
+                ),
+            );
         }
         let methods = d.matcher.methods.as_ref().map(|ms| {
             ms.iter()
                 .enumerate()
                 .filter_map(|(i, s)| {
                     parse_method(s)
-                        .map_err(|e| cx.err(o.file, &[k("datasets"), Seg::Index(o.index), k("match"), k("methods"), Seg::Index(i)], r("match").to_string(), e))
+                        .map_err(|e| {
+                            cx.err(
+                                o.file,
+                                &[
+                                    k("datasets"),
+                                    Seg::Index(o.index),
+                                    k("match"),
+                                    k("methods"),
+                                    Seg::Index(i),
+                                ],
+                                r("match").to_string(),
+                                e,
+                            )
+                        })
                         .ok()
                 })
                 .collect::<Vec<_>>()
         });
-        let subject = d.subject.as_ref().and_then(|s| match (s.path_segment, &s.header, &s.query) {
-            (Some(n), None, None) if n >= 1 => Some(SubjectSource::PathSegment(n as usize)),
-            (Some(n), None, None) => {
-                cx.err(o.file, &at("subject.path_segment"), r("subject").to_string(), format!("{n} is not a path segment: segments count from 1"));
-                None
-            }
-            (None, Some(h), None) => Some(SubjectSource::Header(parse_header(cx, o.file, &at("subject.header"), &r("subject"), h))),
-            (None, None, Some(q)) if !q.is_empty() => Some(SubjectSource::Query(q.clone())),
-            _ => {
-                cx.err(o.file, &at("subject"), r("subject").to_string(), "give exactly one of path_segment, header or query");
-                None
-            }
-        });
+        let subject =
+            d.subject
+                .as_ref()
+                .and_then(|s| match (s.path_segment, &s.header, &s.query) {
+                    (Some(n), None, None) if n >= 1 => Some(SubjectSource::PathSegment(n as usize)),
+                    (Some(n), None, None) => {
+                        cx.err(
+                            o.file,
+                            &at("subject.path_segment"),
+                            r("subject").to_string(),
+                            format!("{n} is not a path segment: segments count from 1"),
+                        );
+                        None
+                    }
+                    (None, Some(h), None) => Some(SubjectSource::Header(parse_header(
+                        cx,
+                        o.file,
+                        &at("subject.header"),
+                        &r("subject"),
+                        h,
+                    ))),
+                    (None, None, Some(q)) if !q.is_empty() => Some(SubjectSource::Query(q.clone())),
+                    _ => {
+                        cx.err(
+                            o.file,
+                            &at("subject"),
+                            r("subject").to_string(),
+                            "give exactly one of path_segment, header or query",
+                        );
+                        None
+                    }
+                });
         let home_j = match d.home.as_deref() {
             Some(h) => resolve(cx, o.file, &at("home"), &r("home"), h),
             None => {
                 if home.is_none() && p.home.is_none() {
-                    cx.err(o.file, &item("datasets", o, None), r("home").to_string(), "no home jurisdiction: set datasets.*.home or policy.home");
+                    cx.err(
+                        o.file,
+                        &item("datasets", o, None),
+                        r("home").to_string(),
+                        "no home jurisdiction: set datasets.*.home or policy.home",
+                    );
                 }
                 home.clone()
             }
@@ -806,7 +1209,12 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
                 Some("consent") => Rule::Consent,
                 Some("allow") => Rule::Allow,
                 Some(o2) => {
-                    cx.err(o.file, &at(f), r(f).to_string(), format!("\"{o2}\" is not one of \"deny\", \"consent\", \"allow\""));
+                    cx.err(
+                        o.file,
+                        &at(f),
+                        r(f).to_string(),
+                        format!("\"{o2}\" is not one of \"deny\", \"consent\", \"allow\""),
+                    );
                     Rule::Deny
                 }
             }
@@ -823,16 +1231,32 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
                 .enumerate()
                 .filter_map(|(i, s)| {
                     parse_method(s)
-                        .map_err(|e| cx.err(o.file, &[k("datasets"), Seg::Index(o.index), k("egress_methods"), Seg::Index(i)], r("egress_methods").to_string(), e))
+                        .map_err(|e| {
+                            cx.err(
+                                o.file,
+                                &[
+                                    k("datasets"),
+                                    Seg::Index(o.index),
+                                    k("egress_methods"),
+                                    Seg::Index(i),
+                                ],
+                                r("egress_methods").to_string(),
+                                e,
+                            )
+                        })
                         .ok()
                 })
                 .collect(),
         };
         let dmode = match d.mode.as_deref() {
             None => mode,
-            Some(_) => parse_mode(cx, o.file, &at("mode"), &r("mode"), d.mode.as_deref()).unwrap_or(mode),
+            Some(_) => {
+                parse_mode(cx, o.file, &at("mode"), &r("mode"), d.mode.as_deref()).unwrap_or(mode)
+            }
         };
-        let (Some(upstream), Some(home_j)) = (upstream, home_j) else { continue };
+        let (Some(upstream), Some(home_j)) = (upstream, home_j) else {
+            continue;
+        };
         datasets.push(Dataset {
             name: d.name.as_str().into(),
             host,
@@ -863,7 +1287,12 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
         (Some(u), _) => {
             let found = upstreams.iter().position(|x| *x.name == **u);
             if found.is_none() {
-                cx.err(pfile, &pat("unmatched_upstream"), "policy.unmatched_upstream", format!("no upstream named \"{u}\""));
+                cx.err(
+                    pfile,
+                    &pat("unmatched_upstream"),
+                    "policy.unmatched_upstream",
+                    format!("no upstream named \"{u}\""),
+                );
             }
             found
         }
@@ -879,7 +1308,10 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
     };
     let dataset_index = build_index(&datasets);
     let sources_paths = sources.iter().map(|s| s.path.clone()).collect();
-    let home = home.unwrap_or(Jurisdiction { name: "".into(), countries: CountrySet::new() });
+    let home = home.unwrap_or(Jurisdiction {
+        name: "".into(),
+        countries: CountrySet::new(),
+    });
     Some(Policy {
         name,
         hash,
@@ -916,33 +1348,66 @@ fn build_index(datasets: &[Dataset]) -> DatasetIndex {
         // Most specific first: a host constraint, then a method constraint; ties keep file order.
         list.sort_by_key(|&i| (datasets[i].host.is_none(), datasets[i].methods.is_none(), i));
     }
-    let mut lengths: Vec<usize> = by_prefix.keys().map(|p| p.len()).collect::<HashSet<_>>().into_iter().collect();
+    let mut lengths: Vec<usize> = by_prefix
+        .keys()
+        .map(|p| p.len())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
     lengths.sort_unstable_by(|a, b| b.cmp(a));
     DatasetIndex { lengths, by_prefix }
 }
 
-fn parse_mode(cx: &mut Cx<'_>, file: usize, at: &[Seg], rule: &str, v: Option<&str>) -> Option<Mode> {
+fn parse_mode(
+    cx: &mut Cx<'_>,
+    file: usize,
+    at: &[Seg],
+    rule: &str,
+    v: Option<&str>,
+) -> Option<Mode> {
     match v {
         None | Some("enforce") => Some(Mode::Enforce),
         Some("audit") => Some(Mode::Audit),
         Some(o) => {
-            cx.err(file, at, rule, format!("\"{o}\" is not one of \"enforce\", \"audit\""));
+            cx.err(
+                file,
+                at,
+                rule,
+                format!("\"{o}\" is not one of \"enforce\", \"audit\""),
+            );
             None
         }
     }
 }
 
-fn parse_addr(cx: &mut Cx<'_>, file: usize, at: &[Seg], rule: &str, v: Option<&str>, default: &str) -> SocketAddr {
+fn parse_addr(
+    cx: &mut Cx<'_>,
+    file: usize,
+    at: &[Seg],
+    rule: &str,
+    v: Option<&str>,
+    default: &str,
+) -> SocketAddr {
     let s = v.unwrap_or(default);
     s.parse().unwrap_or_else(|_| {
-        cx.err(file, at, rule, format!("\"{s}\" is not an address:port (e.g. \"127.0.0.1:8080\" or \"[::]:8080\")"));
+        cx.err(
+            file,
+            at,
+            rule,
+            format!("\"{s}\" is not an address:port (e.g. \"127.0.0.1:8080\" or \"[::]:8080\")"),
+        );
         default.parse().expect("default listen addresses parse")
     })
 }
 
 fn parse_header(cx: &mut Cx<'_>, file: usize, at: &[Seg], rule: &str, v: &str) -> HeaderName {
     HeaderName::from_bytes(v.to_ascii_lowercase().as_bytes()).unwrap_or_else(|_| {
-        cx.err(file, at, rule, format!("\"{v}\" is not an HTTP header name"));
+        cx.err(
+            file,
+            at,
+            rule,
+            format!("\"{v}\" is not an HTTP header name"),
+        );
         HeaderName::from_static("x-invalid")
     })
 }
@@ -951,7 +1416,9 @@ fn parse_net(s: &str) -> Result<IpNet, String> {
     if let Ok(n) = s.parse::<IpNet>() {
         return Ok(n.trunc());
     }
-    s.parse::<std::net::IpAddr>().map(IpNet::from).map_err(|_| format!("\"{s}\" is not a network (CIDR such as \"10.0.0.0/8\") or an address"))
+    s.parse::<std::net::IpAddr>().map(IpNet::from).map_err(|_| {
+        format!("\"{s}\" is not a network (CIDR such as \"10.0.0.0/8\") or an address")
+    })
 }
 
 fn parse_store(s: &str) -> Result<ConsentStore, String> {
@@ -968,7 +1435,9 @@ fn parse_store(s: &str) -> Result<ConsentStore, String> {
         }
         Ok(ConsentStore::File(p.into()))
     } else {
-        Err(format!("\"{s}\" is not a store: use \"sqlite:PATH\", \"postgres://…\" or \"file:PATH\""))
+        Err(format!(
+            "\"{s}\" is not a store: use \"sqlite:PATH\", \"postgres://…\" or \"file:PATH\""
+        ))
     }
 }
 
@@ -979,12 +1448,20 @@ fn parse_upstream_url(s: &str) -> Result<(Scheme, String, u16), String> {
         Some("https") => Scheme::Https,
         _ => return Err(format!("\"{s}\": the scheme must be http or https")),
     };
-    let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(|| format!("\"{s}\" has no host"))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+    let host = uri
+        .host()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| format!("\"{s}\" has no host"))?;
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
     if let Some(pq) = uri.path_and_query()
         && (pq.as_str() != "/" && !pq.as_str().is_empty())
     {
-        return Err(format!("\"{s}\": an upstream URL names a server only (no path or query); requests keep their own path"));
+        return Err(format!(
+            "\"{s}\": an upstream URL names a server only (no path or query); requests keep their own path"
+        ));
     }
     let port = uri.port_u16().unwrap_or(match scheme {
         Scheme::Http => 80,
@@ -1000,6 +1477,8 @@ fn check_prefix(p: &str) -> Result<(), String> {
     let normal = super::path::normalize(p).map(|n| n.into_owned());
     match normal {
         Ok(n) if n == p => Ok(()),
-        _ => Err(format!("path_prefix \"{p}\" is not a normalised path (no \"//\", \".\", \"..\" or percent-encoding): requests are matched after normalisation, so it could never match")),
+        _ => Err(format!(
+            "path_prefix \"{p}\" is not a normalised path (no \"//\", \".\", \"..\" or percent-encoding): requests are matched after normalisation, so it could never match"
+        )),
     }
 }

@@ -20,7 +20,10 @@ impl Country {
     /// Parses a code case-insensitively; `None` unless the code is assigned by ISO 3166-1.
     pub fn parse(code: &str) -> Option<Country> {
         let c = Self::parse_shape(code)?;
-        ASSIGNED.split(' ').any(|a| a.as_bytes() == c.0).then_some(c)
+        ASSIGNED
+            .split(' ')
+            .any(|a| a.as_bytes() == c.0)
+            .then_some(c)
     }
 
     /// Parses any two ASCII letters (geolocation databases may carry codes such as `EU` or
@@ -28,7 +31,10 @@ impl Country {
     pub fn parse_shape(code: &str) -> Option<Country> {
         let b = code.as_bytes();
         if b.len() == 2 && b[0].is_ascii_alphabetic() && b[1].is_ascii_alphabetic() {
-            Some(Country([b[0].to_ascii_uppercase(), b[1].to_ascii_uppercase()]))
+            Some(Country([
+                b[0].to_ascii_uppercase(),
+                b[1].to_ascii_uppercase(),
+            ]))
         } else {
             None
         }
@@ -121,7 +127,10 @@ mod tests {
     #[test]
     fn parses_assigned_codes_only() {
         assert_eq!(Country::parse("cn").unwrap().as_str(), "CN");
-        assert!(Country::parse("UK").is_none(), "UK is not ISO 3166-1; GB is");
+        assert!(
+            Country::parse("UK").is_none(),
+            "UK is not ISO 3166-1; GB is"
+        );
         assert!(Country::parse("C").is_none());
         assert!(Country::parse("C1").is_none());
         assert!(Country::parse_shape("XK").is_some());
@@ -132,6 +141,9 @@ mod tests {
         let s = CountrySet::of([Country::parse("DE").unwrap(), Country::parse("ZW").unwrap()]);
         assert!(s.contains(Country::parse("ZW").unwrap()));
         assert!(!s.contains(Country::parse("US").unwrap()));
-        assert_eq!(s.iter().map(|c| c.to_string()).collect::<Vec<_>>(), ["DE", "ZW"]);
+        assert_eq!(
+            s.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+            ["DE", "ZW"]
+        );
     }
 }

@@ -52,19 +52,29 @@ pub trait Env {
 
 /// Whether `addr`, located at `loc`, may receive traffic of `dataset` (step 4).
 pub fn upstream_allowed(dataset: &Dataset, loc: &Location) -> bool {
-    !dataset.resident || loc.country().is_some_and(|c| dataset.home.countries.contains(c))
+    !dataset.resident
+        || loc
+            .country()
+            .is_some_and(|c| dataset.home.countries.contains(c))
 }
 
 /// Finds the dataset a normalised request matches: longest path prefix, then a host
 /// constraint, then a method constraint, then file order.
-pub fn match_dataset(policy: &Policy, host: Option<&str>, method: &Method, path: &str) -> Option<usize> {
+pub fn match_dataset(
+    policy: &Policy,
+    host: Option<&str>,
+    method: &Method,
+    path: &str,
+) -> Option<usize> {
     let host = host.map(strip_port);
     let idx = &policy.dataset_index;
     for &len in &idx.lengths {
         if len > path.len() || !path.is_char_boundary(len) {
             continue;
         }
-        let Some(list) = idx.by_prefix.get(&path[..len]) else { continue };
+        let Some(list) = idx.by_prefix.get(&path[..len]) else {
+            continue;
+        };
         for &i in list {
             let d = &policy.datasets[i];
             if let Some(want) = &d.host
@@ -106,7 +116,11 @@ fn host_matches(want: &str, host: &str) -> bool {
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &http::HeaderName) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|s| !s.is_empty())
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
 }
 
 fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
@@ -117,7 +131,12 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
 }
 
 /// Decides one request. Never fails: every outcome is a `Decision`.
-pub fn decide<'a, E: Env, T: Tracer>(policy: &'a Policy, env: &E, req: &Request<'a>, trace: &mut T) -> Decision<'a> {
+pub fn decide<'a, E: Env, T: Tracer>(
+    policy: &'a Policy,
+    env: &E,
+    req: &Request<'a>,
+    trace: &mut T,
+) -> Decision<'a> {
     // 1. Normalise the target.
     let path = match path::normalize(req.path) {
         Ok(p) => p,
@@ -149,8 +168,13 @@ pub fn decide<'a, E: Env, T: Tracer>(policy: &'a Policy, env: &E, req: &Request<
         format_args!(
             "client {}{} located {} by {}",
             addr.ip,
-            addr.via.map(|v| format!(" (forwarded by trusted proxy {v})")).unwrap_or_default(),
-            location.country().map(|c| c.as_str().to_string()).unwrap_or_else(|| "nowhere".into()),
+            addr.via
+                .map(|v| format!(" (forwarded by trusted proxy {v})"))
+                .unwrap_or_default(),
+            location
+                .country()
+                .map(|c| c.as_str().to_string())
+                .unwrap_or_else(|| "nowhere".into()),
             location.source()
         ),
     );
@@ -161,15 +185,39 @@ pub fn decide<'a, E: Env, T: Tracer>(policy: &'a Policy, env: &E, req: &Request<
     let recipient = match declared {
         Some(i) => {
             let r = &policy.recipients[i];
-            trace.step(&format!("recipients.{}", r.id), format_args!("{} recipient, seat {}", r.relation.as_str(), r.country.map(|c| c.to_string()).unwrap_or_else(|| "undeclared".into())));
-            RecipientFacts { id: Some(&*r.id), relation: r.relation, country: r.country }
+            trace.step(
+                &format!("recipients.{}", r.id),
+                format_args!(
+                    "{} recipient, seat {}",
+                    r.relation.as_str(),
+                    r.country
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| "undeclared".into())
+                ),
+            );
+            RecipientFacts {
+                id: Some(&*r.id),
+                relation: r.relation,
+                country: r.country,
+            }
         }
         None => {
-            trace.step("recipients", format_args!("no declared recipient matches: an anonymous third party"));
-            RecipientFacts { id: None, relation: Relation::ThirdParty, country: None }
+            trace.step(
+                "recipients",
+                format_args!("no declared recipient matches: an anonymous third party"),
+            );
+            RecipientFacts {
+                id: None,
+                relation: Relation::ThirdParty,
+                country: None,
+            }
         }
     };
-    let client = ClientFacts { addr, location, identity: req.identity };
+    let client = ClientFacts {
+        addr,
+        location,
+        identity: req.identity,
+    };
 
     // 3. Match a dataset.
     let Some(di) = match_dataset(policy, req.host, req.method, &path) else {
@@ -179,7 +227,10 @@ pub fn decide<'a, E: Env, T: Tracer>(policy: &'a Policy, env: &E, req: &Request<
         d.recipient = Some(recipient);
         match (policy.unmatched, policy.unmatched_upstream) {
             (Unmatched::Allow, Some(u)) => {
-                trace.step("policy.unmatched", format_args!("no dataset matches; unmatched requests are allowed"));
+                trace.step(
+                    "policy.unmatched",
+                    format_args!("no dataset matches; unmatched requests are allowed"),
+                );
                 d.reason = Reason::UnmatchedAllowed;
                 match pick_any(env, u, req.pick) {
                     Ok(choice) => d.upstream = Some(choice),
@@ -187,14 +238,20 @@ pub fn decide<'a, E: Env, T: Tracer>(policy: &'a Policy, env: &E, req: &Request<
                 }
             }
             _ => {
-                trace.step("policy.unmatched", format_args!("no dataset matches: no route"));
+                trace.step(
+                    "policy.unmatched",
+                    format_args!("no dataset matches: no route"),
+                );
                 d.verdict = Verdict::Deny;
             }
         }
         return d;
     };
     let ds = &policy.datasets[di];
-    trace.step(&ds.rules.matcher, format_args!("dataset \"{}\" (prefix {})", ds.name, ds.path_prefix));
+    trace.step(
+        &ds.rules.matcher,
+        format_args!("dataset \"{}\" (prefix {})", ds.name, ds.path_prefix),
+    );
     let mut d = Decision::new(Reason::Domestic, &ds.rules.matcher);
     d.dataset = Some(di);
     d.client = Some(client);
@@ -210,15 +267,33 @@ pub fn decide<'a, E: Env, T: Tracer>(policy: &'a Policy, env: &E, req: &Request<
     // 4. Locate the upstream.
     let addrs = match env.upstream_addrs(ds.upstream) {
         Ok(a) if !a.is_empty() => a,
-        Ok(_) => return unreachable_upstream(d, policy, ds.upstream, "resolves to no address".into(), trace),
+        Ok(_) => {
+            return unreachable_upstream(
+                d,
+                policy,
+                ds.upstream,
+                "resolves to no address".into(),
+                trace,
+            );
+        }
         Err(e) => return unreachable_upstream(d, policy, ds.upstream, e, trace),
     };
     let (allowed, first) = count_allowed(env, ds, &addrs);
     let up = &policy.upstreams[ds.upstream];
     if allowed == 0 {
-        trace.step(&ds.rules.upstream, format_args!("no address of upstream \"{}\" is inside {}", up.name, ds.home.name));
+        trace.step(
+            &ds.rules.upstream,
+            format_args!(
+                "no address of upstream \"{}\" is inside {}",
+                up.name, ds.home.name
+            ),
+        );
         let (addr, location) = first;
-        d.upstream = Some(UpstreamChoice { index: ds.upstream, addr, location });
+        d.upstream = Some(UpstreamChoice {
+            index: ds.upstream,
+            addr,
+            location,
+        });
         if !audit {
             return deny(d, Reason::UpstreamOutsideJurisdiction, &ds.rules.upstream);
         }
@@ -234,23 +309,37 @@ pub fn decide<'a, E: Env, T: Tracer>(policy: &'a Policy, env: &E, req: &Request<
             "upstream \"{}\" at {} located {} ({}){}",
             up.name,
             choice.addr,
-            choice.location.country().map(|c| c.to_string()).unwrap_or_else(|| "nowhere".into()),
+            choice
+                .location
+                .country()
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "nowhere".into()),
             choice.location.source(),
-            if ds.resident { format!(", inside {}", ds.home.name) } else { ", dataset not residency-bound".to_string() }
+            if ds.resident {
+                format!(", inside {}", ds.home.name)
+            } else {
+                ", dataset not residency-bound".to_string()
+            }
         ),
     );
     d.upstream = Some(choice);
 
     // 5-8. Transfer rules, for egress methods only.
     if !ds.is_egress(req.method) {
-        trace.step(&ds.rules.egress, format_args!("{} does not carry data out", req.method));
+        trace.step(
+            &ds.rules.egress,
+            format_args!("{} does not carry data out", req.method),
+        );
         d.reason = Reason::NotEgress;
         d.rule = &ds.rules.egress;
         return d;
     }
     let d = transfer(policy, env, ds, d, trace);
     if audit && d.verdict == Verdict::Deny {
-        return Decision { enforced: false, ..d };
+        return Decision {
+            enforced: false,
+            ..d
+        };
     }
     d
 }
@@ -262,9 +351,18 @@ fn deny<'a>(mut d: Decision<'a>, reason: Reason, rule: &'a str) -> Decision<'a> 
     d
 }
 
-fn unreachable_upstream<'a, T: Tracer>(mut d: Decision<'a>, policy: &'a Policy, u: usize, why: String, trace: &mut T) -> Decision<'a> {
+fn unreachable_upstream<'a, T: Tracer>(
+    mut d: Decision<'a>,
+    policy: &'a Policy,
+    u: usize,
+    why: String,
+    trace: &mut T,
+) -> Decision<'a> {
     let up = &policy.upstreams[u];
-    trace.step(&up.rule, format_args!("upstream \"{}\" ({}): {why}", up.name, up.host));
+    trace.step(
+        &up.rule,
+        format_args!("upstream \"{}\" ({}): {why}", up.name, up.host),
+    );
     d.verdict = Verdict::Error;
     d.reason = Reason::UpstreamUnreachable;
     d.rule = &up.rule;
@@ -278,10 +376,18 @@ fn pick_any<E: Env>(env: &E, u: usize, pick: usize) -> Result<UpstreamChoice, St
         return Err("resolves to no address".into());
     }
     let addr = addrs[pick % addrs.len()];
-    Ok(UpstreamChoice { index: u, addr, location: env.locate(addr.ip()) })
+    Ok(UpstreamChoice {
+        index: u,
+        addr,
+        location: env.locate(addr.ip()),
+    })
 }
 
-fn count_allowed<E: Env>(env: &E, ds: &Dataset, addrs: &[SocketAddr]) -> (usize, (SocketAddr, Location)) {
+fn count_allowed<E: Env>(
+    env: &E,
+    ds: &Dataset,
+    addrs: &[SocketAddr],
+) -> (usize, (SocketAddr, Location)) {
     let mut n = 0;
     let mut first = None;
     for a in addrs {
@@ -302,15 +408,25 @@ fn nth_allowed<E: Env>(env: &E, ds: &Dataset, addrs: &[SocketAddr], n: usize) ->
         .map(|a| (*a, env.locate(a.ip())))
         .filter(|(_, loc)| upstream_allowed(ds, loc))
         .nth(n)
-        .map(|(addr, location)| UpstreamChoice { index: ds.upstream, addr, location })
+        .map(|(addr, location)| UpstreamChoice {
+            index: ds.upstream,
+            addr,
+            location,
+        })
         .expect("n < number of allowed addresses")
 }
 
-fn find_subject<'a>(ds: &Dataset, path: &Cow<'a, str>, req: &Request<'a>) -> (Option<Cow<'a, str>>, Option<usize>) {
+fn find_subject<'a>(
+    ds: &Dataset,
+    path: &Cow<'a, str>,
+    req: &Request<'a>,
+) -> (Option<Cow<'a, str>>, Option<usize>) {
     match &ds.subject {
         None => (None, None),
         Some(SubjectSource::PathSegment(n)) => {
-            let seg = path::segment(path, *n).and_then(path::percent_decode).map(|s| Cow::Owned(s.into_owned()));
+            let seg = path::segment(path, *n)
+                .and_then(path::percent_decode)
+                .map(|s| Cow::Owned(s.into_owned()));
             (seg, Some(*n))
         }
         Some(SubjectSource::Header(h)) => (header_str(req.headers, h).map(Cow::Borrowed), None),
@@ -322,7 +438,13 @@ fn find_subject<'a>(ds: &Dataset, path: &Cow<'a, str>, req: &Request<'a>) -> (Op
 }
 
 /// Steps 5, 6 and 8 for an egress request.
-fn transfer<'a, E: Env, T: Tracer>(policy: &'a Policy, env: &E, ds: &'a Dataset, mut d: Decision<'a>, trace: &mut T) -> Decision<'a> {
+fn transfer<'a, E: Env, T: Tracer>(
+    policy: &'a Policy,
+    env: &E,
+    ds: &'a Dataset,
+    mut d: Decision<'a>,
+    trace: &mut T,
+) -> Decision<'a> {
     let recipient = d.recipient.clone().expect("recipient is set in step 2");
     let client_country = d.client.as_ref().and_then(|c| c.location.country());
     let home = &ds.home.countries;
@@ -333,27 +455,42 @@ fn transfer<'a, E: Env, T: Tracer>(policy: &'a Policy, env: &E, ds: &'a Dataset,
         Some(c) => !home.contains(c),
         None => match policy.unknown_location {
             UnknownLocation::Deny => {
-                trace.step("policy.unknown_location", format_args!("the client address is not located: deny"));
+                trace.step(
+                    "policy.unknown_location",
+                    format_args!("the client address is not located: deny"),
+                );
                 return deny(d, Reason::LocationUnknown, "policy.unknown_location");
             }
             UnknownLocation::Foreign => {
-                trace.step("policy.unknown_location", format_args!("the client address is not located: treated as foreign"));
+                trace.step(
+                    "policy.unknown_location",
+                    format_args!("the client address is not located: treated as foreign"),
+                );
                 true
             }
         },
     };
     d.outside_home = declared_out || located_out;
-    d.destinations = [recipient.country, client_country.filter(|c| Some(*c) != recipient.country)];
+    d.destinations = [
+        recipient.country,
+        client_country.filter(|c| Some(*c) != recipient.country),
+    ];
     let third = recipient.relation == Relation::ThirdParty;
 
     // 6. Cross-border and third-party rules.
     let cb = d.outside_home.then_some(ds.cross_border);
     let tp = third.then_some(ds.third_party);
     if let Some(r) = cb {
-        trace.step(&ds.rules.cross_border, format_args!("destination outside {}: {}", ds.home.name, r.as_str()));
+        trace.step(
+            &ds.rules.cross_border,
+            format_args!("destination outside {}: {}", ds.home.name, r.as_str()),
+        );
     }
     if let Some(r) = tp {
-        trace.step(&ds.rules.third_party, format_args!("recipient is a third party: {}", r.as_str()));
+        trace.step(
+            &ds.rules.third_party,
+            format_args!("recipient is a third party: {}", r.as_str()),
+        );
     }
     if cb == Some(Rule::Deny) {
         return deny(d, Reason::CrossBorderDenied, &ds.rules.cross_border);
@@ -375,7 +512,10 @@ fn transfer<'a, E: Env, T: Tracer>(policy: &'a Policy, env: &E, ds: &'a Dataset,
             return d;
         }
         _ => {
-            trace.step(&ds.rules.matcher, format_args!("first party at home: domestic"));
+            trace.step(
+                &ds.rules.matcher,
+                format_args!("first party at home: domestic"),
+            );
             d.reason = Reason::Domestic;
             return d;
         }
@@ -397,29 +537,50 @@ fn rank(r: Reason) -> u8 {
 
 /// Step 8: a valid consent of the subject for this recipient, purpose, category and
 /// destinations, in force, not revoked, collected by an accepted method.
-fn consent<'a, E: Env, T: Tracer>(policy: &'a Policy, env: &E, ds: &'a Dataset, mut d: Decision<'a>, trace: &mut T) -> Decision<'a> {
+fn consent<'a, E: Env, T: Tracer>(
+    policy: &'a Policy,
+    env: &E,
+    ds: &'a Dataset,
+    mut d: Decision<'a>,
+    trace: &mut T,
+) -> Decision<'a> {
     let Some(subject) = d.subject.clone() else {
-        trace.step(&ds.rules.subject, format_args!("no data subject in the request"));
+        trace.step(
+            &ds.rules.subject,
+            format_args!("no data subject in the request"),
+        );
         return deny(d, Reason::SubjectUnidentified, &ds.rules.subject);
     };
     let Some(purpose) = d.purpose else {
-        trace.step("consent.purpose_header", format_args!("no purpose declared in {}", policy.consent.purpose_header));
+        trace.step(
+            "consent.purpose_header",
+            format_args!("no purpose declared in {}", policy.consent.purpose_header),
+        );
         return deny(d, Reason::PurposeMissing, "consent.purpose_header");
     };
     let rule = d.rule;
     let Some(recipient) = d.recipient.as_ref().and_then(|r| r.id) else {
-        trace.step(rule, format_args!("an anonymous caller cannot hold consent: consent names its recipient"));
+        trace.step(
+            rule,
+            format_args!("an anonymous caller cannot hold consent: consent names its recipient"),
+        );
         d.detail = Some(Cow::Borrowed("the caller is not a declared recipient"));
         return deny(d, Reason::ConsentMissing, rule);
     };
     let consents = match env.consents(&subject) {
         ConsentLookup::Found(c) => c,
         ConsentLookup::NotFound => {
-            trace.step(rule, format_args!("the registry holds no consent of this subject"));
+            trace.step(
+                rule,
+                format_args!("the registry holds no consent of this subject"),
+            );
             return deny(d, Reason::ConsentMissing, rule);
         }
         ConsentLookup::Unavailable => {
-            trace.step("consent.store", format_args!("the consent registry is unavailable"));
+            trace.step(
+                "consent.store",
+                format_args!("the consent registry is unavailable"),
+            );
             return deny(d, Reason::ConsentStoreUnavailable, "consent.store");
         }
     };
@@ -432,12 +593,21 @@ fn consent<'a, E: Env, T: Tracer>(policy: &'a Policy, env: &E, ds: &'a Dataset, 
             None => {
                 trace.step(rule, format_args!("consent {} is valid", c.id));
                 d.reason = Reason::Consented;
-                d.consent = Some(ConsentUse { id: c.id.clone(), failure: None });
+                d.consent = Some(ConsentUse {
+                    id: c.id.clone(),
+                    failure: None,
+                });
                 return d;
             }
             Some((reason, why)) => {
-                trace.step(rule, format_args!("consent {}: {} ({why})", c.id, reason.as_str()));
-                if nearest.as_ref().is_none_or(|(_, r, _)| rank(reason) > rank(*r)) {
+                trace.step(
+                    rule,
+                    format_args!("consent {}: {} ({why})", c.id, reason.as_str()),
+                );
+                if nearest
+                    .as_ref()
+                    .is_none_or(|(_, r, _)| rank(reason) > rank(*r))
+                {
                     nearest = Some((c, reason, why));
                 }
             }
@@ -445,11 +615,17 @@ fn consent<'a, E: Env, T: Tracer>(policy: &'a Policy, env: &E, ds: &'a Dataset, 
     }
     match nearest {
         None => {
-            trace.step(rule, format_args!("no consent of this subject names recipient \"{recipient}\""));
+            trace.step(
+                rule,
+                format_args!("no consent of this subject names recipient \"{recipient}\""),
+            );
             deny(d, Reason::ConsentMissing, rule)
         }
         Some((c, reason, why)) => {
-            d.consent = Some(ConsentUse { id: c.id.clone(), failure: Some(reason) });
+            d.consent = Some(ConsentUse {
+                id: c.id.clone(),
+                failure: Some(reason),
+            });
             d.detail = Some(Cow::Owned(why));
             deny(d, reason, rule)
         }
@@ -457,24 +633,63 @@ fn consent<'a, E: Env, T: Tracer>(policy: &'a Policy, env: &E, ds: &'a Dataset, 
 }
 
 fn covers_category(granted: &str, wanted: &str) -> bool {
-    wanted == granted || (wanted.len() > granted.len() && wanted.starts_with(granted) && wanted.as_bytes()[granted.len()] == b'.')
+    wanted == granted
+        || (wanted.len() > granted.len()
+            && wanted.starts_with(granted)
+            && wanted.as_bytes()[granted.len()] == b'.')
 }
 
-fn check(policy: &Policy, ds: &Dataset, c: &Consent, purpose: &str, dests: &[Country], now: i64) -> Option<(Reason, String)> {
+fn check(
+    policy: &Policy,
+    ds: &Dataset,
+    c: &Consent,
+    purpose: &str,
+    dests: &[Country],
+    now: i64,
+) -> Option<(Reason, String)> {
     if !c.purposes.iter().any(|p| &**p == purpose) {
-        return Some((Reason::ConsentScopeMismatch, format!("purpose \"{purpose}\" not granted")));
+        return Some((
+            Reason::ConsentScopeMismatch,
+            format!("purpose \"{purpose}\" not granted"),
+        ));
     }
-    if !c.categories.iter().any(|g| covers_category(g, &ds.category)) {
-        return Some((Reason::ConsentScopeMismatch, format!("category \"{}\" not granted", ds.category)));
+    if !c
+        .categories
+        .iter()
+        .any(|g| covers_category(g, &ds.category))
+    {
+        return Some((
+            Reason::ConsentScopeMismatch,
+            format!("category \"{}\" not granted", ds.category),
+        ));
     }
     if dests.is_empty() {
-        return Some((Reason::ConsentScopeMismatch, "the destination country is unknown".into()));
+        return Some((
+            Reason::ConsentScopeMismatch,
+            "the destination country is unknown".into(),
+        ));
     }
-    if let Some(miss) = dests.iter().find(|country| !c.destinations.iter().any(|g| policy.jurisdictions.covers(g, **country))) {
-        return Some((Reason::ConsentScopeMismatch, format!("destination {miss} not granted")));
+    if let Some(miss) = dests.iter().find(|country| {
+        !c.destinations
+            .iter()
+            .any(|g| policy.jurisdictions.covers(g, **country))
+    }) {
+        return Some((
+            Reason::ConsentScopeMismatch,
+            format!("destination {miss} not granted"),
+        ));
     }
-    if !policy.consent.accept_methods.iter().any(|m| **m == *c.method) || super::compile::NEVER_CONSENT.contains(&&*c.method) {
-        return Some((Reason::ConsentMethodInvalid, format!("collected as \"{}\"", c.method)));
+    if !policy
+        .consent
+        .accept_methods
+        .iter()
+        .any(|m| **m == *c.method)
+        || super::compile::NEVER_CONSENT.contains(&&*c.method)
+    {
+        return Some((
+            Reason::ConsentMethodInvalid,
+            format!("collected as \"{}\"", c.method),
+        ));
     }
     if c.revoked_at.is_some_and(|r| r <= now) {
         return Some((Reason::ConsentRevoked, "revoked".into()));

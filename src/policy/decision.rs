@@ -92,9 +92,14 @@ impl serde::Serialize for Reason {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Location {
     /// An operator override: index into `Policy::networks`.
-    Override { country: Country, network: usize },
+    Override {
+        country: Country,
+        network: usize,
+    },
     /// The MaxMind/DB-IP database.
-    Database { country: Country },
+    Database {
+        country: Country,
+    },
     Unknown,
 }
 
@@ -216,12 +221,21 @@ impl<'a> Decision<'a> {
 
     /// One human sentence explaining the decision.
     pub fn message(&self, policy: &Policy) -> String {
-        let ds = self.dataset.map(|i| &*policy.datasets[i].name).unwrap_or("-");
+        let ds = self
+            .dataset
+            .map(|i| &*policy.datasets[i].name)
+            .unwrap_or("-");
         let who = match &self.recipient {
             Some(RecipientFacts { id: Some(id), .. }) => format!("recipient \"{id}\""),
             _ => "an anonymous caller".to_string(),
         };
-        let dest = self.destinations.iter().flatten().map(|c| c.as_str()).collect::<Vec<_>>().join(", ");
+        let dest = self
+            .destinations
+            .iter()
+            .flatten()
+            .map(|c| c.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
         let detail = self.detail.as_deref().unwrap_or("");
         match self.reason {
             Reason::AmbiguousPath => format!("The request path is ambiguous: {detail}."),
@@ -269,7 +283,11 @@ pub fn status_of(reason: Reason) -> u16 {
         Reason::LogUnavailable => 503,
         Reason::PayloadTooLarge => 413,
         Reason::HeadersTooLarge => 431,
-        Reason::Domestic | Reason::Consented | Reason::CrossBorderAllowed | Reason::NotEgress | Reason::UnmatchedAllowed => 200,
+        Reason::Domestic
+        | Reason::Consented
+        | Reason::CrossBorderAllowed
+        | Reason::NotEgress
+        | Reason::UnmatchedAllowed => 200,
         _ => 451,
     }
 }
@@ -293,6 +311,9 @@ impl Tracer for () {
 
 impl Tracer for Vec<TraceStep> {
     fn step(&mut self, rule: &str, note: fmt::Arguments<'_>) {
-        self.push(TraceStep { rule: rule.to_string(), note: note.to_string() });
+        self.push(TraceStep {
+            rule: rule.to_string(),
+            note: note.to_string(),
+        });
     }
 }

@@ -35,7 +35,10 @@ pub fn parse_xff_element(s: &str) -> Option<IpAddr> {
         if !(tail.is_empty() || (tail.starts_with(':') && tail[1..].parse::<u16>().is_ok())) {
             return None;
         }
-        return rest[..end].parse::<Ipv6Addr>().ok().map(|v| IpAddr::V6(v).to_canonical());
+        return rest[..end]
+            .parse::<Ipv6Addr>()
+            .ok()
+            .map(|v| IpAddr::V6(v).to_canonical());
     }
     let (host, port) = s.rsplit_once(':')?;
     port.parse::<u16>().ok()?;
@@ -57,26 +60,47 @@ fn parse_forwarded_for(element: &str) -> Option<Result<IpAddr, String>> {
 fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
     let mut it = headers.get_all(name).iter().peekable();
     it.peek()?;
-    Some(it.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect::<Vec<_>>().join(","))
+    Some(
+        it.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect::<Vec<_>>()
+            .join(","),
+    )
 }
 
 fn rightmost_untrusted(chain: &[IpAddr], trusted: &CidrTable<()>) -> Option<IpAddr> {
-    chain.iter().rev().find(|ip| !trusted.contains(**ip)).or(chain.first()).copied()
+    chain
+        .iter()
+        .rev()
+        .find(|ip| !trusted.contains(**ip))
+        .or(chain.first())
+        .copied()
 }
 
 /// Determines the client address from the socket peer and, if the peer is trusted, the
 /// forwarding headers.
-pub fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &CidrTable<()>) -> Result<ClientAddr, ForwardedError> {
+pub fn client_addr(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    trusted: &CidrTable<()>,
+) -> Result<ClientAddr, ForwardedError> {
     let peer = peer.to_canonical();
     if trusted.is_empty() || !trusted.contains(peer) {
-        return Ok(ClientAddr { ip: peer, via: None });
+        return Ok(ClientAddr {
+            ip: peer,
+            via: None,
+        });
     }
     let xff = match joined(headers, "x-forwarded-for") {
         None => None,
         Some(v) => {
             let mut chain = Vec::new();
             for e in v.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-                chain.push(parse_xff_element(e).ok_or_else(|| ForwardedError::Malformed { header: "X-Forwarded-For", value: e.into() })?);
+                chain.push(
+                    parse_xff_element(e).ok_or_else(|| ForwardedError::Malformed {
+                        header: "X-Forwarded-For",
+                        value: e.into(),
+                    })?,
+                );
             }
             rightmost_untrusted(&chain, trusted)
         }
@@ -88,7 +112,12 @@ pub fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &CidrTable<()>) -
             for e in v.split(',') {
                 match parse_forwarded_for(e) {
                     Some(Ok(ip)) => chain.push(ip),
-                    Some(Err(value)) => return Err(ForwardedError::Malformed { header: "Forwarded", value }),
+                    Some(Err(value)) => {
+                        return Err(ForwardedError::Malformed {
+                            header: "Forwarded",
+                            value,
+                        });
+                    }
                     None => {}
                 }
             }
@@ -100,7 +129,10 @@ pub fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &CidrTable<()>) -
         (Some(a), _) | (None, Some(a)) => a,
         (None, None) => peer,
     };
-    Ok(ClientAddr { ip, via: (ip != peer).then_some(peer) })
+    Ok(ClientAddr {
+        ip,
+        via: (ip != peer).then_some(peer),
+    })
 }
 
 #[cfg(test)]
@@ -116,7 +148,10 @@ mod tests {
     fn h(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut m = HeaderMap::new();
         for (k, v) in pairs {
-            m.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            m.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         m
     }
@@ -127,21 +162,47 @@ mod tests {
 
     #[test]
     fn untrusted_peer_headers_are_ignored() {
-        let c = client_addr(ip("198.51.100.7"), &h(&[("x-forwarded-for", "10.1.1.1")]), &trusted()).unwrap();
-        assert_eq!(c, ClientAddr { ip: ip("198.51.100.7"), via: None });
+        let c = client_addr(
+            ip("198.51.100.7"),
+            &h(&[("x-forwarded-for", "10.1.1.1")]),
+            &trusted(),
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            ClientAddr {
+                ip: ip("198.51.100.7"),
+                via: None
+            }
+        );
     }
 
     #[test]
     fn rightmost_untrusted_address_wins() {
-        let hs = h(&[("x-forwarded-for", "1.1.1.1, 203.0.113.9"), ("x-forwarded-for", "10.2.2.2")]);
+        let hs = h(&[
+            ("x-forwarded-for", "1.1.1.1, 203.0.113.9"),
+            ("x-forwarded-for", "10.2.2.2"),
+        ]);
         let c = client_addr(ip("10.0.0.1"), &hs, &trusted()).unwrap();
-        assert_eq!(c, ClientAddr { ip: ip("203.0.113.9"), via: Some(ip("10.0.0.1")) });
+        assert_eq!(
+            c,
+            ClientAddr {
+                ip: ip("203.0.113.9"),
+                via: Some(ip("10.0.0.1"))
+            }
+        );
     }
 
     #[test]
     fn forwarded_header_forms() {
-        let hs = h(&[("forwarded", "for=192.0.2.60;proto=http, for=\"[2001:db8::1]:4711\"")]);
-        assert_eq!(client_addr(ip("10.0.0.1"), &hs, &trusted()).unwrap().ip, ip("2001:db8::1"));
+        let hs = h(&[(
+            "forwarded",
+            "for=192.0.2.60;proto=http, for=\"[2001:db8::1]:4711\"",
+        )]);
+        assert_eq!(
+            client_addr(ip("10.0.0.1"), &hs, &trusted()).unwrap().ip,
+            ip("2001:db8::1")
+        );
         assert_eq!(parse_xff_element("192.0.2.1:8080"), Some(ip("192.0.2.1")));
         assert_eq!(parse_xff_element("[::1]:80"), Some(ip("::1")));
         assert_eq!(parse_xff_element("example.com"), None);
@@ -150,16 +211,28 @@ mod tests {
     #[test]
     fn malformed_or_conflicting_headers_are_errors() {
         let hs = h(&[("x-forwarded-for", "1.1.1.1, nonsense")]);
-        assert!(matches!(client_addr(ip("10.0.0.1"), &hs, &trusted()), Err(ForwardedError::Malformed { .. })));
+        assert!(matches!(
+            client_addr(ip("10.0.0.1"), &hs, &trusted()),
+            Err(ForwardedError::Malformed { .. })
+        ));
         let hs = h(&[("forwarded", "for=unknown")]);
-        assert!(matches!(client_addr(ip("10.0.0.1"), &hs, &trusted()), Err(ForwardedError::Malformed { .. })));
+        assert!(matches!(
+            client_addr(ip("10.0.0.1"), &hs, &trusted()),
+            Err(ForwardedError::Malformed { .. })
+        ));
         let hs = h(&[("x-forwarded-for", "1.1.1.1"), ("forwarded", "for=2.2.2.2")]);
-        assert!(matches!(client_addr(ip("10.0.0.1"), &hs, &trusted()), Err(ForwardedError::Conflict { .. })));
+        assert!(matches!(
+            client_addr(ip("10.0.0.1"), &hs, &trusted()),
+            Err(ForwardedError::Conflict { .. })
+        ));
     }
 
     #[test]
     fn all_trusted_chain_names_the_leftmost() {
         let hs = h(&[("x-forwarded-for", "10.9.9.9, 10.8.8.8")]);
-        assert_eq!(client_addr(ip("10.0.0.1"), &hs, &trusted()).unwrap().ip, ip("10.9.9.9"));
+        assert_eq!(
+            client_addr(ip("10.0.0.1"), &hs, &trusted()).unwrap().ip,
+            ip("10.9.9.9")
+        );
     }
 }

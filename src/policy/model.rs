@@ -86,9 +86,15 @@ impl Jurisdictions {
     /// A declared jurisdiction by name, else a country code as a jurisdiction of itself.
     pub fn resolve(&self, name: &str) -> Option<Jurisdiction> {
         if let Some(set) = self.named.get(name) {
-            return Some(Jurisdiction { name: name.into(), countries: set.clone() });
+            return Some(Jurisdiction {
+                name: name.into(),
+                countries: set.clone(),
+            });
         }
-        Country::parse(name).map(|c| Jurisdiction { name: c.as_str().into(), countries: CountrySet::of([c]) })
+        Country::parse(name).map(|c| Jurisdiction {
+            name: c.as_str().into(),
+            countries: CountrySet::of([c]),
+        })
     }
 
     /// Whether `name` (a jurisdiction or a country code, as a consent's destination names

@@ -17,7 +17,10 @@ pub struct CidrTable<V> {
 
 impl<V> Default for CidrTable<V> {
     fn default() -> Self {
-        CidrTable { v4: Vec::new(), v6: Vec::new() }
+        CidrTable {
+            v4: Vec::new(),
+            v6: Vec::new(),
+        }
     }
 }
 
@@ -25,11 +28,19 @@ fn key(addr: IpAddr, len: u8) -> u128 {
     match addr {
         IpAddr::V4(a) => {
             let bits = u32::from(a) as u128;
-            if len == 0 { 0 } else { bits & (u32::MAX << (32 - len)) as u128 }
+            if len == 0 {
+                0
+            } else {
+                bits & (u32::MAX << (32 - len)) as u128
+            }
         }
         IpAddr::V6(a) => {
             let bits = u128::from(a);
-            if len == 0 { 0 } else { bits & (u128::MAX << (128 - len)) }
+            if len == 0 {
+                0
+            } else {
+                bits & (u128::MAX << (128 - len))
+            }
         }
     }
 }
@@ -64,7 +75,9 @@ impl<V> CidrTable<V> {
             IpAddr::V4(_) => &self.v4,
             IpAddr::V6(_) => &self.v6,
         };
-        levels.iter().find_map(|(len, map)| map.get(&key(addr, *len)))
+        levels
+            .iter()
+            .find_map(|(len, map)| map.get(&key(addr, *len)))
     }
 
     pub fn is_empty(&self) -> bool {

@@ -23,7 +23,9 @@ impl fmt::Display for Ambiguity {
             Ambiguity::NotAbsolute => "the path does not start with \"/\"",
             Ambiguity::EncodedSlash => "the path contains an encoded \"/\" (%2F)",
             Ambiguity::Backslash => "the path contains a backslash, raw or encoded",
-            Ambiguity::EncodedDotSegment => "the path contains a percent-encoded \".\" or \"..\" segment",
+            Ambiguity::EncodedDotSegment => {
+                "the path contains a percent-encoded \".\" or \"..\" segment"
+            }
             Ambiguity::Nul => "the path contains a NUL byte",
             Ambiguity::InvalidUtf8 => "the path decodes to invalid UTF-8",
             Ambiguity::BadPercent => "the path contains a malformed percent-escape",
@@ -69,7 +71,10 @@ pub fn normalize(raw: &str) -> Result<Cow<'_, str>, Ambiguity> {
                 0 => return Err(Ambiguity::Nul),
                 b'\\' => return Err(Ambiguity::Backslash),
                 b'%' => {
-                    let (h, l) = match (sb.get(i + 1).copied().and_then(hex), sb.get(i + 2).copied().and_then(hex)) {
+                    let (h, l) = match (
+                        sb.get(i + 1).copied().and_then(hex),
+                        sb.get(i + 2).copied().and_then(hex),
+                    ) {
                         (Some(h), Some(l)) => (h, l),
                         _ => return Err(Ambiguity::BadPercent),
                     };
@@ -133,7 +138,11 @@ pub fn normalize(raw: &str) -> Result<Cow<'_, str>, Ambiguity> {
     if trailing_slash || out.is_empty() {
         n.push('/');
     }
-    if n == raw { Ok(Cow::Borrowed(raw)) } else { Ok(Cow::Owned(n)) }
+    if n == raw {
+        Ok(Cow::Borrowed(raw))
+    } else {
+        Ok(Cow::Owned(n))
+    }
 }
 
 /// Fully percent-decodes a normalised segment (used for subject identifiers); `None` when the
@@ -147,7 +156,10 @@ pub fn percent_decode(s: &str) -> Option<Cow<'_, str>> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%'
-            && let (Some(h), Some(l)) = (b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex))
+            && let (Some(h), Some(l)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            )
         {
             out.push(h * 16 + l);
             i += 3;
@@ -161,7 +173,10 @@ pub fn percent_decode(s: &str) -> Option<Cow<'_, str>> {
 
 /// The `n`-th (1-based) segment of a normalised path.
 pub fn segment(path: &str, n: usize) -> Option<&str> {
-    path.split('/').skip(1).nth(n.checked_sub(1)?).filter(|s| !s.is_empty())
+    path.split('/')
+        .skip(1)
+        .nth(n.checked_sub(1)?)
+        .filter(|s| !s.is_empty())
 }
 
 #[cfg(test)]
@@ -174,7 +189,10 @@ mod tests {
 
     #[test]
     fn normal_paths_are_borrowed() {
-        assert!(matches!(normalize("/payments/u1/2026.json"), Ok(Cow::Borrowed(_))));
+        assert!(matches!(
+            normalize("/payments/u1/2026.json"),
+            Ok(Cow::Borrowed(_))
+        ));
         assert!(matches!(normalize("/"), Ok(Cow::Borrowed(_))));
     }
 
@@ -198,10 +216,22 @@ mod tests {
 
     #[test]
     fn ambiguous_paths_are_refused() {
-        assert_eq!(normalize("/public/..%2fpayments/u1"), Err(Ambiguity::EncodedSlash));
-        assert_eq!(normalize("/public/%2e%2e/payments"), Err(Ambiguity::EncodedDotSegment));
-        assert_eq!(normalize("/public/.%2E/payments"), Err(Ambiguity::EncodedDotSegment));
-        assert_eq!(normalize("/public/%2e/payments"), Err(Ambiguity::EncodedDotSegment));
+        assert_eq!(
+            normalize("/public/..%2fpayments/u1"),
+            Err(Ambiguity::EncodedSlash)
+        );
+        assert_eq!(
+            normalize("/public/%2e%2e/payments"),
+            Err(Ambiguity::EncodedDotSegment)
+        );
+        assert_eq!(
+            normalize("/public/.%2E/payments"),
+            Err(Ambiguity::EncodedDotSegment)
+        );
+        assert_eq!(
+            normalize("/public/%2e/payments"),
+            Err(Ambiguity::EncodedDotSegment)
+        );
         assert_eq!(normalize("/a\\b"), Err(Ambiguity::Backslash));
         assert_eq!(normalize("/a%5cb"), Err(Ambiguity::Backslash));
         assert_eq!(normalize("/a%00"), Err(Ambiguity::Nul));
@@ -225,7 +255,10 @@ mod tests {
         assert_eq!(segment("/payments/u123/2026.json", 2), Some("u123"));
         assert_eq!(segment("/payments/", 2), None);
         assert_eq!(segment("/payments", 0), None);
-        assert_eq!(percent_decode("alice%40example.com").unwrap(), "alice@example.com");
+        assert_eq!(
+            percent_decode("alice%40example.com").unwrap(),
+            "alice@example.com"
+        );
         assert!(percent_decode("%FF").is_none());
     }
 }

@@ -1,0 +1,103 @@
+//! The command line: one file per subcommand. Each returns an `Exit` (0 ok, 1 a check
+//! failed) or a `CliError` (exit 2: bad usage or unreadable input).
+
+pub mod audit;
+pub mod check;
+pub mod demo;
+pub mod explain;
+pub mod geo;
+pub mod serve;
+
+use clap::{Parser, Subcommand};
+
+/// How a command ended when it did not fail outright.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Exit {
+    Ok,
+    /// A check ran and found a problem (exit 1).
+    Failed,
+}
+
+/// A command that could not run: bad usage or unreadable input (exit 2). Holds any error;
+/// deliberately not an `Error` itself so that `?` converts every error into it.
+#[derive(Debug)]
+pub struct CliError(pub Box<dyn std::error::Error + Send + Sync>);
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for CliError {
+    fn from(e: E) -> Self {
+        CliError(Box::new(e))
+    }
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A one-sentence usage or input error.
+pub fn fail(msg: impl Into<String>) -> CliError {
+    CliError(msg.into().into())
+}
+
+pub type CliResult = Result<Exit, CliError>;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "residency-proxy",
+    version,
+    about = "A reverse proxy that keeps residency-bound data at home and lets it leave only with valid consent",
+    long_about = "residency-proxy sits in front of storage endpoints (S3-compatible object stores, REST data APIs). \
+It forwards a request for a residency-bound dataset only to upstream addresses located inside the dataset's home \
+jurisdiction, refuses cross-border or third-party sharing without the data subject's valid, explicit consent, and \
+writes every decision to a hash-chained log before a byte is forwarded.\n\nStart with `residency-proxy demo`."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Format of the proxy's own logs (not the decision log).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the proxy.
+    Serve(serve::ServeArgs),
+    /// Validate policy files; print every error with file, line and rule path.
+    Check(check::CheckArgs),
+    /// Decide one hypothetical request and print the decision with its trace.
+    Explain(explain::ExplainArgs),
+    /// Verify, query and report on decision logs.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
+    /// Geolocation look-ups as the proxy sees them.
+    #[command(subcommand)]
+    Geo(geo::GeoCommand),
+    /// Start a self-contained demonstration on loopback and leave it running.
+    Demo(demo::DemoArgs),
+}
+
+pub fn run(cli: Cli) -> CliResult {
+    match cli.command {
+        Command::Serve(a) => serve::run(a),
+        Command::Check(a) => check::run(a),
+        Command::Explain(a) => explain::run(a),
+        Command::Audit(a) => audit::run(a),
+        Command::Geo(a) => geo::run(a),
+        Command::Demo(a) => demo::run(a),
+    }
+}
+
+/// Reads and compiles a policy from disk.
+pub fn load_policy(
+    path: &std::path::Path,
+) -> Result<crate::policy::Policy, crate::policy::PolicyError> {
+    crate::policy::load(path, |p| std::fs::read_to_string(p))
+}
