@@ -6,5 +6,7 @@ pub mod audit;
 pub mod cli;
 pub mod consent;
 pub mod geo;
+pub mod offline;
 pub mod policy;
+pub mod proxy;
 pub mod telemetry;

@@ -9,7 +9,7 @@ use http::HeaderName;
 #[derive(Clone)]
 pub enum Pseudonymizer {
     Off,
-    On(hmac::Key),
+    On(Box<hmac::Key>),
 }
 
 impl std::fmt::Debug for Pseudonymizer {
@@ -26,7 +26,7 @@ const SECRET_PARAMS: [&str; 2] = ["x-amz-signature", "x-amz-credential"];
 
 impl Pseudonymizer {
     pub fn new(key: &[u8; 32]) -> Pseudonymizer {
-        Pseudonymizer::On(hmac::Key::new(hmac::HMAC_SHA256, key))
+        Pseudonymizer::On(Box::new(hmac::Key::new(hmac::HMAC_SHA256, key)))
     }
 
     pub fn pseudonym(&self, subject: &str) -> String {

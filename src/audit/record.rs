@@ -90,6 +90,8 @@ pub struct DecisionRecord {
 pub struct OutcomeRecord {
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Whether the response reached its end (false: the client or upstream went away).
+    pub complete: bool,
     pub duration_ms: f64,
     /// Why the exchange failed after the decision, if it did.
     pub error: Option<Reason>,
@@ -393,6 +395,7 @@ mod tests {
         let o = Record::Outcome(OutcomeRecord {
             bytes_in: 1,
             bytes_out: 2,
+            complete: true,
             duration_ms: 0.125,
             error: Some(Reason::UpstreamTimeout),
             id: "x".into(),

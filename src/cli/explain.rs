@@ -1,10 +1,178 @@
-//! `explain`.
+//! `explain`: decide one hypothetical request with the proxy's own code and print the
+//! decision record it would log, plus the trace of rules it passed through.
 
-use super::CliResult;
+use super::{CliError, CliResult, Exit, fail, load_policy};
+use crate::audit::Pseudonymizer;
+use crate::audit::keys::SigningKey;
+use crate::audit::record::{RequestContext, decision_record};
+use crate::consent::ConsentIndex;
+use crate::geo::{GeoDb, Locator};
+use crate::offline::OfflineEnv;
+use crate::policy::decide::{Request, decide};
+use crate::policy::decision::TraceStep;
+use crate::policy::model::ConsentStore;
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
-pub struct ExplainArgs {}
+#[command(
+    after_help = "Example:\n  residency-proxy explain --policy policies/demo.toml --method GET \\\n    --path /payments/u123/2026-01.json --client-ip 127.0.0.3 --purpose credit_scoring"
+)]
+pub struct ExplainArgs {
+    #[arg(long, value_name = "FILE")]
+    pub policy: PathBuf,
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+    /// Request target: path, optionally with `?query`.
+    #[arg(long)]
+    pub path: String,
+    /// The socket peer address of the hypothetical client.
+    #[arg(long, value_name = "IP")]
+    pub client_ip: IpAddr,
+    #[arg(long)]
+    pub host: Option<String>,
+    /// A verified mTLS identity (certificate SAN) the client presents.
+    #[arg(long)]
+    pub identity: Option<String>,
+    /// Shorthand for the policy's purpose header.
+    #[arg(long)]
+    pub purpose: Option<String>,
+    /// Extra request headers, `Name: value`; repeatable.
+    #[arg(long = "header", value_name = "K:V")]
+    pub headers: Vec<String>,
+    /// Consents in force (JSON lines); default: the policy's `file:` store, if it has one.
+    #[arg(long, value_name = "FILE")]
+    pub consents: Option<PathBuf>,
+    /// Decide as of this instant (RFC 3339) instead of now.
+    #[arg(long)]
+    pub now: Option<jiff::Timestamp>,
+    /// Print one JSON object (`record`, `trace`, `message`) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
 
-pub fn run(_args: ExplainArgs) -> CliResult {
-    Err(super::fail("not implemented yet"))
+pub fn run(a: ExplainArgs) -> CliResult {
+    let policy = load_policy(&a.policy)?;
+    let method = Method::from_bytes(a.method.to_ascii_uppercase().as_bytes())
+        .map_err(|_| fail(format!("\"{}\" is not an HTTP method", a.method)))?;
+    let (path, query) = match a.path.split_once('?') {
+        Some((p, q)) => (p.to_string(), Some(q.to_string())),
+        None => (a.path.clone(), None),
+    };
+    let mut headers = HeaderMap::new();
+    for h in &a.headers {
+        let (k, v) = h
+            .split_once(':')
+            .ok_or_else(|| fail(format!("--header \"{h}\" is not `Name: value`")))?;
+        let name = HeaderName::from_bytes(k.trim().as_bytes())
+            .map_err(|_| fail(format!("\"{k}\" is not a header name")))?;
+        let value = HeaderValue::from_str(v.trim())
+            .map_err(|_| fail(format!("\"{v}\" is not a header value")))?;
+        headers.append(name, value);
+    }
+    if let Some(p) = &a.purpose {
+        headers.insert(
+            policy.consent.purpose_header.clone(),
+            HeaderValue::from_str(p).map_err(|_| fail(format!("\"{p}\" is not a header value")))?,
+        );
+    }
+    if let Some(h) = &a.host {
+        headers.insert(
+            http::header::HOST,
+            HeaderValue::from_str(h).map_err(|_| fail(format!("\"{h}\" is not a host")))?,
+        );
+    }
+    let consents = Arc::new(ConsentIndex::new());
+    let consent_file = a.consents.clone().or(match &policy.consent.store {
+        ConsentStore::File(p) => Some(p.clone()),
+        _ => None,
+    });
+    if let Some(f) = &consent_file {
+        let report = crate::consent::file::load(f, &consents)?;
+        for s in &report.skipped {
+            eprintln!("{}:{}: skipped: {}", f.display(), s.line, s.message);
+        }
+    }
+    let db = policy
+        .geo_database
+        .as_ref()
+        .map(|p| GeoDb::open(p))
+        .transpose()?
+        .map(Arc::new);
+    let geo_label = db.as_ref().map(|d| d.label().clone());
+    let locator = Locator::new(&policy, db);
+    let now = a.now.unwrap_or_else(jiff::Timestamp::now);
+    let env = OfflineEnv::new(&policy, locator, consents, now.as_microsecond());
+    let pseudo = match (&policy.log.signing_key, policy.log.pseudonymize) {
+        (Some(k), true) => Pseudonymizer::new(&SigningKey::load(k)?.pseudonym_key()),
+        _ => Pseudonymizer::Off,
+    };
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok());
+    let req = Request {
+        method: &method,
+        host,
+        path: &path,
+        query: query.as_deref(),
+        headers: &headers,
+        peer: a.client_ip,
+        identity: a.identity.as_deref(),
+        pick: 0,
+    };
+    let mut trace: Vec<TraceStep> = Vec::new();
+    let d = decide(&policy, &env, &req, &mut trace);
+    let cx = RequestContext {
+        id: "explain".into(),
+        ts: now,
+        method: method.as_str(),
+        host,
+        raw_path: &path,
+        query: query.as_deref(),
+        headers: &headers,
+        peer: a.client_ip,
+    };
+    let record = decision_record(&policy, geo_label, &pseudo, &cx, &d);
+    let message = d.message(&policy);
+    if a.json {
+        let out = serde_json::json!({
+            "record": record,
+            "message": message,
+            "trace": trace.iter().map(|t| serde_json::json!({"rule": t.rule, "note": t.note})).collect::<Vec<_>>(),
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).map_err(CliError::from)?
+        );
+        return Ok(Exit::Ok);
+    }
+    let status = d
+        .status()
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| "forwarded".into());
+    println!(
+        "decision: {}{}  reason: {}  status: {}",
+        d.verdict.as_str(),
+        if d.enforced {
+            ""
+        } else {
+            " (audit mode: not enforced, forwarded)"
+        },
+        d.reason,
+        status
+    );
+    println!("rule:     {}", d.rule);
+    println!("message:  {message}");
+    println!("trace:");
+    for (i, t) in trace.iter().enumerate() {
+        println!("  {:>2}. {:<40} {}", i + 1, t.rule, t.note);
+    }
+    println!("record:");
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&record).map_err(CliError::from)?
+    );
+    Ok(Exit::Ok)
 }

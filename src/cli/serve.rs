@@ -1,10 +1,86 @@
-//! `serve`.
+//! `serve`: run the proxy until SIGTERM or SIGINT; SIGHUP reloads the policy.
 
-use super::CliResult;
+use super::{CliResult, Exit, fail};
+use crate::policy::model::LogTarget;
+use crate::proxy::snapshot::Overrides;
+use crate::proxy::{self, ServeConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
-pub struct ServeArgs {}
+#[command(
+    after_help = "Signals: SIGHUP reloads the policy (an invalid one is rejected and the old one keeps serving); \
+SIGTERM or SIGINT stop accepting, finish in-flight requests within proxy.drain_timeout, flush the decision log and exit 0."
+)]
+pub struct ServeArgs {
+    /// The policy file.
+    #[arg(long, value_name = "FILE")]
+    pub policy: PathBuf,
+    /// Listen address, overriding [proxy].listen.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Admin listen address, overriding [admin].listen.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+    /// Decision log path ("-" for standard output), overriding [log].path.
+    #[arg(long, value_name = "PATH")]
+    pub log: Option<String>,
+    /// Runtime worker threads (default: [proxy].workers, else one per CPU).
+    #[arg(long)]
+    pub workers: Option<usize>,
+}
 
-pub fn run(_args: ServeArgs) -> CliResult {
-    Err(super::fail("not implemented yet"))
+pub fn run(args: ServeArgs) -> CliResult {
+    let overrides = Overrides {
+        listen: args.listen,
+        admin: args.admin,
+        log: args.log.map(|l| {
+            if l == "-" {
+                LogTarget::Stdout
+            } else {
+                LogTarget::File(l.into())
+            }
+        }),
+    };
+    // Read the policy once up front: its errors are reported before anything starts, and it
+    // names the number of worker threads.
+    let policy = proxy::snapshot::read_policy(&args.policy, &overrides)?;
+    let workers = args
+        .workers
+        .or(policy.proxy.workers)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers.max(1))
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let running = proxy::start(ServeConfig {
+            policy_path: args.policy.clone(),
+            overrides,
+        })
+        .await?;
+        wait_for_signals(&running)
+            .await
+            .map_err(|e| fail(format!("cannot install signal handlers: {e}")))?;
+        tracing::info!("shutting down: draining connections and flushing the decision log");
+        running.shutdown().await;
+        Ok(Exit::Ok)
+    })
+}
+
+async fn wait_for_signals(running: &proxy::RunningProxy) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => match running.reload().await {
+                Ok(()) => {}
+                Err(e) => tracing::error!(error = %e, "policy reload rejected; the running policy stays"),
+            },
+        }
+    }
 }

@@ -195,7 +195,8 @@ mod tests {
 
     #[test]
     fn each_fault_names_its_field() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut ConsentRecord)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut ConsentRecord)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("recipient", Box::new(|r| r.recipient = "*".into())),
             ("purposes", Box::new(|r| r.purposes.clear())),
             (

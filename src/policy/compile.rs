@@ -1122,7 +1122,7 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
         if let Some(h) = &host
             && (h.is_empty()
                 || h.contains(['/', ' ', ':'])
-                || h[h.starts_with("*.").then_some(2).unwrap_or(0)..].contains('*'))
+                || h.strip_prefix("*.").unwrap_or(h).contains('*'))
         {
             cx.err(
                 o.file,

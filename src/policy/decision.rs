@@ -202,6 +202,14 @@ impl<'a> Decision<'a> {
         }
     }
 
+    /// A decision for a request that could not be decided (limits, log failures...).
+    pub fn new_failure(reason: Reason, rule: &'a str) -> Decision<'a> {
+        Decision {
+            verdict: Verdict::Error,
+            ..Decision::new(reason, rule)
+        }
+    }
+
     /// Whether the proxy forwards the request (allowed, or denied only in audit mode).
     pub fn forwards(&self) -> bool {
         match self.verdict {

@@ -1,0 +1,246 @@
+//! Bodies that stream through the proxy unbuffered, counting bytes, and the `Exchange` they
+//! share: when both halves of an exchange are gone, its outcome record is written.
+
+use super::upstream::PoolReturn;
+use crate::audit::record::{OutcomeRecord, Record, VERSION, timestamp};
+use crate::audit::writer::LogWriter;
+use crate::policy::decision::Reason;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+const NO_ERROR: u8 = u8::MAX;
+
+/// One request/response exchange. Held by the request body sent upstream and by the
+/// response body sent to the client; dropping the last holder writes the outcome record.
+pub struct Exchange {
+    id: String,
+    started: Instant,
+    log: LogWriter,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    status: AtomicU16,
+    error: AtomicU8,
+    complete: AtomicBool,
+    upstream: OnceLock<SocketAddr>,
+}
+
+impl Exchange {
+    pub fn new(id: String, started: Instant, log: LogWriter) -> Arc<Exchange> {
+        Arc::new(Exchange {
+            id,
+            started,
+            log,
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            status: AtomicU16::new(0),
+            error: AtomicU8::new(NO_ERROR),
+            complete: AtomicBool::new(false),
+            upstream: OnceLock::new(),
+        })
+    }
+
+    pub fn set_status(&self, status: u16) {
+        self.status.store(status, Ordering::Relaxed);
+    }
+
+    pub fn set_error(&self, reason: Reason) {
+        let i = Reason::ALL.iter().position(|r| *r == reason).unwrap_or(0) as u8;
+        self.error.store(i, Ordering::Relaxed);
+    }
+
+    pub fn set_upstream(&self, addr: SocketAddr) {
+        let _ = self.upstream.set(addr);
+    }
+
+    fn finished(&self) {
+        self.complete.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let err = self.error.load(Ordering::Relaxed);
+        let error = (err != NO_ERROR).then(|| Reason::ALL[err as usize]);
+        let elapsed = self.started.elapsed();
+        let record = OutcomeRecord {
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            complete: self.complete.load(Ordering::Relaxed),
+            duration_ms: (elapsed.as_micros() as f64) / 1000.0,
+            error,
+            id: std::mem::take(&mut self.id),
+            kind: "outcome",
+            prev: String::new(),
+            seq: 0,
+            status: self.status.load(Ordering::Relaxed),
+            ts: timestamp(jiff::Timestamp::now()),
+            upstream: self.upstream.get().copied(),
+            v: VERSION,
+        };
+        self.log.append_later(Record::Outcome(record));
+    }
+}
+
+/// The client's request body on its way upstream, counted.
+pub struct RequestBody {
+    inner: Incoming,
+    exchange: Arc<Exchange>,
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, exchange: Arc<Exchange>) -> RequestBody {
+        RequestBody { inner, exchange }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r
+            && let Some(d) = f.data_ref()
+        {
+            self.exchange
+                .bytes_in
+                .fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+enum Kind {
+    Upstream {
+        inner: Incoming,
+        pool: Option<PoolReturn>,
+    },
+    Local(Option<Bytes>),
+}
+
+/// The body of every response the proxy sends: an upstream's, streamed and counted, or
+/// one the proxy wrote itself.
+pub struct ResponseBody {
+    kind: Kind,
+    exchange: Option<Arc<Exchange>>,
+}
+
+impl ResponseBody {
+    pub fn upstream(
+        inner: Incoming,
+        pool: Option<PoolReturn>,
+        exchange: Arc<Exchange>,
+    ) -> ResponseBody {
+        ResponseBody {
+            kind: Kind::Upstream { inner, pool },
+            exchange: Some(exchange),
+        }
+    }
+
+    pub fn local(bytes: Bytes, exchange: Option<Arc<Exchange>>) -> ResponseBody {
+        if let Some(ex) = &exchange {
+            ex.bytes_out.store(bytes.len() as u64, Ordering::Relaxed);
+            ex.finished();
+        }
+        ResponseBody {
+            kind: Kind::Local(Some(bytes)),
+            exchange,
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(ex) = &self.exchange {
+            ex.finished();
+        }
+        if let Kind::Upstream { pool, .. } = &mut self.kind
+            && let Some(p) = pool.take()
+        {
+            p.give_back();
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match &mut this.kind {
+            Kind::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Upstream { inner, .. } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(None) => {
+                    this.finish();
+                    Poll::Ready(None)
+                }
+                Poll::Ready(Some(Ok(f))) => {
+                    if let (Some(d), Some(ex)) = (f.data_ref(), &this.exchange) {
+                        ex.bytes_out.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    }
+                    Poll::Ready(Some(Ok(f)))
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    if let Some(ex) = &this.exchange {
+                        ex.set_error(Reason::UpstreamUnreachable);
+                    }
+                    // A broken upstream connection is never pooled again.
+                    if let Kind::Upstream { pool, .. } = &mut this.kind {
+                        pool.take();
+                    }
+                    Poll::Ready(Some(Err(e.into())))
+                }
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Local(b) => b.is_none(),
+            Kind::Upstream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Local(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Kind::Local(None) => SizeHint::with_exact(0),
+            Kind::Upstream { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // An empty body (HEAD, 204, 304) may be dropped without being polled to its end.
+        if let Kind::Upstream { inner, pool } = &mut self.kind
+            && pool.is_some()
+            && inner.is_end_stream()
+        {
+            self.finish();
+        }
+    }
+}

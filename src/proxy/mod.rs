@@ -1,0 +1,201 @@
+//! The running proxy: start-up (policy, geolocation, consents, decision log, upstreams),
+//! the accept loop, reloads and shutdown.
+
+pub mod body;
+pub mod pipeline;
+pub mod respond;
+pub mod server;
+pub mod snapshot;
+pub mod upstream;
+
+use crate::audit::keys::KeyError;
+use crate::audit::writer::{AuditError, LogWriter};
+use crate::consent::ConsentIndex;
+use crate::consent::file::FileStoreError;
+use crate::geo::GeoError;
+use crate::policy::PolicyError;
+use crate::policy::model::ConsentStore;
+use arc_swap::ArcSwap;
+use snapshot::{Overrides, Snapshot, read_policy};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinHandle;
+
+/// Why the proxy could not start (or a reload was rejected).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Geo(#[from] GeoError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error(transparent)]
+    ConsentFile(#[from] FileStoreError),
+    #[error("consent.store \"{0}\" is not supported by this build yet; use \"file:PATH\"")]
+    UnsupportedStore(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{what} cannot change on reload (restart the proxy to change it)")]
+    NeedsRestart { what: &'static str },
+}
+
+/// State shared by every connection.
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub log: LogWriter,
+    pub consents: Arc<ConsentIndex>,
+}
+
+/// What `serve` needs to start.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub policy_path: PathBuf,
+    pub overrides: Overrides,
+}
+
+/// A proxy started in this process.
+pub struct RunningProxy {
+    pub addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    config: ServeConfig,
+    stop: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+    reload_lock: Mutex<()>,
+}
+
+impl RunningProxy {
+    /// Re-reads the policy (and what it names) and swaps it in; on any error the running
+    /// snapshot stays and the error is returned.
+    pub async fn reload(&self) -> Result<(), ServeError> {
+        let _guard = self.reload_lock.lock().await;
+        let policy = read_policy(&self.config.policy_path, &self.config.overrides)?;
+        let current = self.shared.snapshot.load_full();
+        if policy.log.target != current.policy.log.target {
+            return Err(ServeError::NeedsRestart { what: "log.path" });
+        }
+        if policy.consent.store != current.policy.consent.store {
+            return Err(ServeError::NeedsRestart {
+                what: "consent.store",
+            });
+        }
+        if policy.proxy.listen != current.policy.proxy.listen {
+            return Err(ServeError::NeedsRestart {
+                what: "proxy.listen",
+            });
+        }
+        let next = Snapshot::build(policy, Some(&current), self.shared.consents.clone()).await?;
+        tracing::info!(policy.name = %next.policy.name, policy.hash = %next.policy.hash, "policy reloaded");
+        self.shared.snapshot.store(Arc::new(next));
+        Ok(())
+    }
+
+    /// Stops accepting, drains open connections (bounded by `drain_timeout`), flushes the
+    /// decision log and returns.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.server.await;
+        for b in &self.background {
+            b.abort();
+        }
+        self.shared.log.close().await;
+    }
+}
+
+/// Starts the proxy: everything is checked before the listener opens, so that a bad policy,
+/// key, database or log path fails start-up with a clear error.
+pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
+    let policy = read_policy(&config.policy_path, &config.overrides)?;
+    let consents = Arc::new(ConsentIndex::new());
+    let mut background = Vec::new();
+    match &policy.consent.store {
+        ConsentStore::None => {
+            tracing::warn!(
+                "no consent.store configured: no consent exists, so every transfer that needs consent is refused"
+            );
+        }
+        ConsentStore::File(path) => {
+            let report = crate::consent::file::load(path, &consents)?;
+            tracing::info!(consent.file = %path.display(), consents = report.loaded, skipped = report.skipped.len(), "consents loaded");
+            background.push(crate::consent::file::watch(
+                path.clone(),
+                consents.clone(),
+                Duration::from_secs(1),
+            ));
+        }
+        ConsentStore::Sqlite(p) => {
+            return Err(ServeError::UnsupportedStore(format!(
+                "sqlite:{}",
+                p.display()
+            )));
+        }
+        ConsentStore::Postgres(u) => return Err(ServeError::UnsupportedStore(u.clone())),
+    }
+    let snapshot = Snapshot::build(policy, None, consents.clone()).await?;
+    let log = LogWriter::open(&snapshot.policy.log, snapshot.signing_key.clone())?;
+    let listen = snapshot.policy.proxy.listen;
+    let drain = snapshot.policy.proxy.drain_timeout;
+    let resolve_every = snapshot.policy.proxy.resolve_interval;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: listen,
+        source,
+    })?;
+    tracing::info!(
+        listen = %addr,
+        policy.name = %snapshot.policy.name,
+        policy.hash = %snapshot.policy.hash,
+        geo.db = snapshot.geo_label.as_deref().unwrap_or("none"),
+        "residency-proxy serving"
+    );
+    let shared = Arc::new(Shared {
+        snapshot: ArcSwap::from_pointee(snapshot),
+        log,
+        consents,
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    background.push(tokio::spawn(resolver(shared.clone(), resolve_every)));
+    let server = tokio::spawn(server::accept_loop(
+        listener,
+        shared.clone(),
+        stop_rx,
+        drain,
+    ));
+    Ok(RunningProxy {
+        addr,
+        shared,
+        config,
+        stop,
+        server,
+        background,
+        reload_lock: Mutex::new(()),
+    })
+}
+
+/// Keeps upstream host resolutions current, off the request path.
+async fn resolver(shared: Arc<Shared>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let snap = shared.snapshot.load_full();
+        for up in &snap.upstreams {
+            up.refresh().await;
+        }
+    }
+}

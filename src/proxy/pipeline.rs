@@ -1,0 +1,380 @@
+//! The per-request pipeline: limits, decide, write the decision record, then refuse or
+//! forward. No byte goes upstream before the record is written.
+
+use super::Shared;
+use super::body::{Exchange, RequestBody, ResponseBody};
+use super::respond::{self, DECISION_HEADER, Local};
+use super::snapshot::Snapshot;
+use super::upstream::{self, AddrPool, PoolReturn, UpstreamError};
+use crate::audit::id::new_id;
+use crate::audit::record::{self, Record, RequestContext};
+use crate::policy::decide::{self, upstream_allowed};
+use crate::policy::decision::{Decision, Reason, UpstreamChoice, status_of};
+use crate::policy::model::OnFailure;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::Instrument;
+
+/// What the connection knows about its client.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// The verified SAN of an mTLS client certificate.
+    pub identity: Option<Arc<str>>,
+}
+
+/// What to do once the decision record is written.
+enum Plan {
+    Refuse {
+        status: u16,
+        reason: Reason,
+        dataset: Option<Arc<str>>,
+        message: String,
+    },
+    Forward {
+        choice: UpstreamChoice,
+        dataset: Option<usize>,
+    },
+}
+
+fn header_bytes(method: &str, uri: &Uri, headers: &HeaderMap) -> usize {
+    let line = method.len() + uri.path_and_query().map_or(1, |p| p.as_str().len()) + 12;
+    line + headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Handles one request; every path through it writes exactly one decision record.
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let started = Instant::now();
+    let ts = jiff::Timestamp::now();
+    let id = new_id(ts);
+    let span = tracing::debug_span!("request", decision.id = %id, client.addr = %conn.peer);
+    Ok(handle_inner(shared, conn, req, started, ts, id)
+        .instrument(span)
+        .await)
+}
+
+async fn handle_inner(
+    shared: Arc<Shared>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+    started: Instant,
+    ts: jiff::Timestamp,
+    id: String,
+) -> Response<ResponseBody> {
+    let snap = shared.snapshot.load_full();
+    let policy = &snap.policy;
+    let (parts, body) = req.into_parts();
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()));
+    let cx = RequestContext {
+        id: id.clone(),
+        ts,
+        method: parts.method.as_str(),
+        host,
+        raw_path: parts.uri.path(),
+        query: parts.uri.query(),
+        headers: &parts.headers,
+        peer: conn.peer.ip(),
+    };
+
+    // Limits come first: an oversized request is refused, and logged, undecided.
+    let limit = if header_bytes(parts.method.as_str(), &parts.uri, &parts.headers)
+        > policy.proxy.max_header_bytes
+    {
+        Some((Reason::HeadersTooLarge, "proxy.max_header_bytes"))
+    } else if policy
+        .proxy
+        .max_body_bytes
+        .is_some_and(|max| content_length(&parts.headers).is_some_and(|n| n > max))
+    {
+        Some((Reason::PayloadTooLarge, "proxy.max_body_bytes"))
+    } else {
+        None
+    };
+    let (record, plan) = match limit {
+        Some((reason, rule)) => {
+            let rec = record::failure_record(policy, &cx, reason, rule);
+            let message = Decision::new_failure(reason, rule).message(policy);
+            (
+                rec,
+                Plan::Refuse {
+                    status: status_of(reason),
+                    reason,
+                    dataset: None,
+                    message,
+                },
+            )
+        }
+        None => {
+            let env = snap.env(ts.as_microsecond());
+            let request = decide::Request {
+                method: &parts.method,
+                host,
+                path: parts.uri.path(),
+                query: parts.uri.query(),
+                headers: &parts.headers,
+                peer: conn.peer.ip(),
+                identity: conn.identity.as_deref(),
+                pick: fastrand::usize(..),
+            };
+            let d = decide::decide(policy, &env, &request, &mut ());
+            let rec =
+                record::decision_record(policy, snap.geo_label.clone(), &snap.pseudo, &cx, &d);
+            let plan = match (d.forwards(), &d.upstream) {
+                (true, Some(choice)) => Plan::Forward {
+                    choice: choice.clone(),
+                    dataset: d.dataset,
+                },
+                _ => Plan::Refuse {
+                    status: d.status().unwrap_or(500),
+                    reason: d.reason,
+                    dataset: d.dataset.map(|i| policy.datasets[i].name.clone()),
+                    message: d.message(policy),
+                },
+            };
+            (rec, plan)
+        }
+    };
+
+    // The decision record is written before anything else happens.
+    let logged = shared.log.append(Record::Decision(Box::new(record))).await;
+    let exchange = Exchange::new(id.clone(), started, shared.log.clone());
+    if let Err(e) = logged {
+        let forwarding = matches!(plan, Plan::Forward { .. });
+        if policy.log.on_failure == OnFailure::Deny || !forwarding {
+            tracing::error!(error = %e, "decision log unavailable: refusing the request");
+            let reason = Reason::LogUnavailable;
+            let message = Decision::new_failure(reason, "log.on_failure").message(policy);
+            exchange.set_error(reason);
+            return respond::local(
+                Local {
+                    status: 503,
+                    reason,
+                    decision_id: &id,
+                    dataset: None,
+                    message: &message,
+                    policy_name: &policy.name,
+                },
+                Some(exchange),
+            );
+        }
+        tracing::error!(error = %e, "decision log unavailable: forwarding anyway (log.on_failure = \"allow\")");
+    }
+
+    match plan {
+        Plan::Refuse {
+            status,
+            reason,
+            dataset,
+            message,
+        } => respond::local(
+            Local {
+                status,
+                reason,
+                decision_id: &id,
+                dataset: dataset.as_deref(),
+                message: &message,
+                policy_name: &policy.name,
+            },
+            Some(exchange),
+        ),
+        Plan::Forward { choice, dataset } => {
+            forward(
+                &snap,
+                conn.peer.ip(),
+                parts,
+                body,
+                choice,
+                dataset,
+                exchange,
+                &id,
+            )
+            .await
+        }
+    }
+}
+
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "expect",
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        headers.remove(n);
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
+    let prior: Vec<String> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    let value = if prior.is_empty() {
+        peer.to_string()
+    } else {
+        format!("{}, {peer}", prior.join(", "))
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert("x-forwarded-for", v);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    snap: &Snapshot,
+    peer: IpAddr,
+    mut parts: http::request::Parts,
+    body: Incoming,
+    choice: UpstreamChoice,
+    dataset: Option<usize>,
+    exchange: Arc<Exchange>,
+    id: &str,
+) -> Response<ResponseBody> {
+    let policy = &snap.policy;
+    let up = &snap.upstreams[choice.index];
+    exchange.set_upstream(choice.addr);
+
+    // The upstream receives the original target bytes, the original Host, and one more
+    // X-Forwarded-For hop.
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(v) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        parts.headers.insert(header::HOST, v);
+    }
+    strip_hop_by_hop(&mut parts.headers);
+    append_forwarded_for(&mut parts.headers, peer);
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map(|pq| Uri::from(pq.clone()))
+        .unwrap_or_else(|| Uri::from_static("/"));
+    parts.version = Version::HTTP_11;
+    let req = Request::from_parts(parts, RequestBody::new(body, exchange.clone()));
+
+    let resolved = up.resolved();
+    let pool = resolved
+        .pool(choice.addr)
+        .cloned()
+        .unwrap_or_else(|| AddrPool::new(choice.addr, 0, policy.proxy.idle_timeout));
+    // The connect-time check repeats step 4 on the socket's own peer address.
+    let ds = dataset.map(|i| &policy.datasets[i]);
+    let allowed = |ip: IpAddr| ds.is_none_or(|d| upstream_allowed(d, &snap.locator.locate(ip)));
+    let fail = |reason: Reason, detail: String| {
+        tracing::warn!(upstream = %up.name, upstream.addr = %choice.addr, error = %detail, "upstream request failed");
+        exchange.set_error(reason);
+        let message = format!(
+            "{} ({detail})",
+            Decision::new_failure(reason, "")
+                .message(policy)
+                .trim_end_matches('.')
+        );
+        respond::local(
+            Local {
+                status: status_of(reason),
+                reason,
+                decision_id: id,
+                dataset: ds.map(|d| &*d.name),
+                message: &message,
+                policy_name: &policy.name,
+            },
+            Some(exchange.clone()),
+        )
+    };
+
+    let mut req = Some(req);
+    let mut attempt = 0;
+    let response = loop {
+        attempt += 1;
+        let (mut sender, reused) = match pool.take() {
+            Some(s) => (s, true),
+            None => {
+                match upstream::connect(choice.addr, policy.proxy.connect_timeout, allowed).await {
+                    Ok(s) => (s, false),
+                    Err(e @ UpstreamError::ConnectTimeout { .. }) => {
+                        return fail(Reason::UpstreamUnreachable, e.to_string());
+                    }
+                    Err(e) => return fail(Reason::UpstreamUnreachable, e.to_string()),
+                }
+            }
+        };
+        let sent = tokio::time::timeout(
+            policy.proxy.upstream_timeout,
+            sender.try_send_request(req.take().expect("request present")),
+        )
+        .await;
+        match sent {
+            Err(_) => {
+                return fail(
+                    Reason::UpstreamTimeout,
+                    format!("no response within {:?}", policy.proxy.upstream_timeout),
+                );
+            }
+            Ok(Ok(resp)) => break (resp, sender),
+            Ok(Err(mut e)) => {
+                // A pooled connection closed under us before the request left: try once more
+                // on a fresh connection (the request was never sent).
+                match e.take_message() {
+                    Some(back) if reused && attempt == 1 => req = Some(back),
+                    _ => return fail(Reason::UpstreamUnreachable, e.into_error().to_string()),
+                }
+            }
+        }
+    };
+    let (resp, sender) = response;
+    let (mut rparts, rbody) = resp.into_parts();
+    exchange.set_status(rparts.status.as_u16());
+    strip_hop_by_hop(&mut rparts.headers);
+    if let Ok(v) = HeaderValue::from_str(id) {
+        rparts.headers.insert(DECISION_HEADER, v);
+    }
+    let back = PoolReturn { sender, pool };
+    Response::from_parts(rparts, ResponseBody::upstream(rbody, Some(back), exchange))
+}

@@ -1,0 +1,167 @@
+//! The immutable snapshot every request reads once: policy, locator, upstreams, pseudonym
+//! key. Reloads build a new snapshot off the request path and swap it in whole.
+
+use super::ServeError;
+use super::upstream::UpstreamRuntime;
+use crate::audit::Pseudonymizer;
+use crate::audit::keys::SigningKey;
+use crate::consent::ConsentIndex;
+use crate::consent::record::Consent;
+use crate::geo::{GeoDb, Locator};
+use crate::policy::Policy;
+use crate::policy::decide::{ConsentLookup, Env};
+use crate::policy::decision::Location;
+use crate::policy::model::LogTarget;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Deref;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Values given on the command line, which win over the policy file on every (re)load.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub log: Option<LogTarget>,
+}
+
+impl Overrides {
+    pub fn apply(&self, policy: &mut Policy) {
+        if let Some(l) = self.listen {
+            policy.proxy.listen = l;
+        }
+        if let Some(a) = self.admin {
+            policy.admin.listen = a;
+        }
+        if let Some(t) = &self.log {
+            policy.log.target = t.clone();
+        }
+    }
+}
+
+pub struct Snapshot {
+    pub policy: Arc<Policy>,
+    pub locator: Locator,
+    pub upstreams: Vec<Arc<UpstreamRuntime>>,
+    pub pseudo: Pseudonymizer,
+    pub geo_label: Option<Arc<str>>,
+    pub consents: Arc<ConsentIndex>,
+    pub signing_key: Option<Arc<SigningKey>>,
+}
+
+/// Reads a policy from disk and applies the command-line overrides.
+pub fn read_policy(path: &Path, overrides: &Overrides) -> Result<Policy, ServeError> {
+    let mut p = crate::cli::load_policy(path)?;
+    overrides.apply(&mut p);
+    Ok(p)
+}
+
+impl Snapshot {
+    /// Builds a snapshot: opens the geolocation database and the signing key, and resolves
+    /// every upstream (keeping the pools of a previous snapshot's identical upstreams).
+    pub async fn build(
+        policy: Policy,
+        previous: Option<&Snapshot>,
+        consents: Arc<ConsentIndex>,
+    ) -> Result<Snapshot, ServeError> {
+        let geo = match &policy.geo_database {
+            Some(p) => {
+                let path = p.clone();
+                let db = tokio::task::spawn_blocking(move || GeoDb::open(&path))
+                    .await
+                    .expect("geo loader does not panic")?;
+                Some(Arc::new(db))
+            }
+            None => None,
+        };
+        let signing_key = match &policy.log.signing_key {
+            Some(p) => Some(Arc::new(SigningKey::load(p)?)),
+            None => None,
+        };
+        let pseudo = match (&signing_key, policy.log.pseudonymize) {
+            (Some(k), true) => Pseudonymizer::new(&k.pseudonym_key()),
+            _ => Pseudonymizer::Off,
+        };
+        let geo_label = geo.as_ref().map(|g| g.label().clone());
+        let locator = Locator::new(&policy, geo);
+        let idle = policy.proxy.idle_timeout;
+        let cap = policy.proxy.upstream_idle_per_address;
+        let mut upstreams = Vec::with_capacity(policy.upstreams.len());
+        for up in &policy.upstreams {
+            let reuse =
+                previous.and_then(|s| s.upstreams.iter().find(|r| r.same_target(up)).cloned());
+            let rt = match reuse {
+                Some(r) => r,
+                None => {
+                    let r = UpstreamRuntime::new(up, cap, idle);
+                    if tokio::time::timeout(Duration::from_secs(5), r.refresh())
+                        .await
+                        .is_err()
+                    {
+                        tracing::warn!(upstream = %up.name, host = %up.host, "resolving the upstream took over 5 s; requests get 502 until it resolves");
+                    }
+                    r
+                }
+            };
+            upstreams.push(rt);
+        }
+        Ok(Snapshot {
+            policy: Arc::new(policy),
+            locator,
+            upstreams,
+            pseudo,
+            geo_label,
+            consents,
+            signing_key,
+        })
+    }
+
+    pub fn env(&self, now: i64) -> ProxyEnv<'_> {
+        ProxyEnv { snap: self, now }
+    }
+}
+
+/// The world as `decide` sees it from inside the proxy.
+pub struct ProxyEnv<'s> {
+    snap: &'s Snapshot,
+    now: i64,
+}
+
+/// Resolved addresses of one upstream, held for the length of a decision.
+pub struct Addrs(Arc<super::upstream::Resolved>);
+
+impl Deref for Addrs {
+    type Target = [SocketAddr];
+    fn deref(&self) -> &[SocketAddr] {
+        &self.0.addrs
+    }
+}
+
+impl Env for ProxyEnv<'_> {
+    type Addrs = Addrs;
+    type Consents = Arc<[Consent]>;
+
+    fn locate(&self, ip: IpAddr) -> Location {
+        self.snap.locator.locate(ip)
+    }
+
+    fn upstream_addrs(&self, upstream: usize) -> Result<Addrs, String> {
+        let r = self.snap.upstreams[upstream].resolved();
+        match (&r.error, r.addrs.is_empty()) {
+            (Some(e), true) => Err(e.clone()),
+            _ => Ok(Addrs(r)),
+        }
+    }
+
+    fn consents(&self, subject: &str) -> ConsentLookup<Arc<[Consent]>> {
+        match self.snap.consents.get(subject) {
+            Some(c) => ConsentLookup::Found(c),
+            None => ConsentLookup::NotFound,
+        }
+    }
+
+    fn now(&self) -> i64 {
+        self.now
+    }
+}
