@@ -5,6 +5,9 @@
 use crate::policy::Policy;
 use crate::policy::country::Country;
 use crate::policy::decision::Location;
+use crate::policy::net::CidrTable;
+use serde::Deserialize;
+use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,54 +24,424 @@ pub enum GeoError {
     Invalid { path: PathBuf, why: String },
 }
 
+/// How many data records `open` inspects for a country before it calls the database
+/// country-less. Real country and city databases carry one in their first record; the margin
+/// tolerates a few leading records that only name a continent.
+const PROBE_RECORDS: usize = 1024;
+
+/// The fields of a record that locate it, borrowed from the database buffer so that a lookup
+/// allocates nothing. Every other field of the record is skipped by the decoder.
+#[derive(Deserialize)]
+struct CountryRecord<'a> {
+    /// MaxMind GeoIP2/GeoLite2 Country and City: where the address is used.
+    #[serde(borrow)]
+    country: Option<IsoCode<'a>>,
+    /// MaxMind: where the network is registered, the fallback when `country` is absent.
+    #[serde(borrow)]
+    registered_country: Option<IsoCode<'a>>,
+    /// DB-IP Lite country files: a top-level code.
+    #[serde(borrow)]
+    country_code: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct IsoCode<'a> {
+    #[serde(borrow)]
+    iso_code: Option<&'a str>,
+}
+
+impl<'a> CountryRecord<'a> {
+    /// The first well-formed code, in order of authority.
+    fn country(&self) -> Option<Country> {
+        fn nested<'a>(n: &Option<IsoCode<'a>>) -> Option<&'a str> {
+            n.as_ref().and_then(|n| n.iso_code)
+        }
+        [
+            nested(&self.country),
+            nested(&self.registered_country),
+            self.country_code,
+        ]
+        .into_iter()
+        .flatten()
+        .find_map(Country::parse_shape)
+    }
+}
+
 /// A MaxMind DB held in memory.
 pub struct GeoDb {
-    _todo: (),
+    reader: maxminddb::Reader<Vec<u8>>,
+    label: Arc<str>,
+    path: PathBuf,
 }
 
 impl GeoDb {
     /// Reads the whole file into memory and checks that it is a MaxMind DB with country data.
     pub fn open(path: &Path) -> Result<GeoDb, GeoError> {
-        let _ = path;
-        todo!()
+        // Held in memory rather than mapped: a database replaced on disk while mapped could
+        // change under the reader; a reload reads the new file whole and swaps.
+        let bytes = std::fs::read(path).map_err(|source| GeoError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        GeoDb::from_bytes(bytes, path)
     }
 
     /// Same as `open`, from bytes already read; `origin` names the file in errors.
     pub fn from_bytes(bytes: Vec<u8>, origin: &Path) -> Result<GeoDb, GeoError> {
-        let _ = (bytes, origin);
-        todo!()
+        let invalid = |why: String| GeoError::Invalid {
+            path: origin.to_path_buf(),
+            why,
+        };
+        let reader = maxminddb::Reader::from_source(bytes).map_err(|e| invalid(e.to_string()))?;
+        let label = label_of(reader.metadata()).map_err(invalid)?;
+        check_carries_country(&reader).map_err(invalid)?;
+        Ok(GeoDb {
+            reader,
+            label: label.into(),
+            path: origin.to_path_buf(),
+        })
     }
 
     /// `"<database_type> <build date YYYY-MM-DD>"`, e.g. `"GeoLite2-Country 2026-11-25"`.
     pub fn label(&self) -> &Arc<str> {
-        todo!()
+        &self.label
+    }
+
+    /// The file the database was read from (as given to `open` or `from_bytes`).
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// The country of `ip`, if the database has one.
     pub fn country(&self, ip: IpAddr) -> Option<Country> {
-        let _ = ip;
-        todo!()
+        // `::ffff:a.b.c.d` is the IPv4 host: look it up as such, whether or not the database
+        // aliases the mapped range. An IPv6 address in an IPv4-only database is an error
+        // from the reader, which here means "not located".
+        let found = self.reader.lookup(ip.to_canonical()).ok()?;
+        let record: CountryRecord<'_> = found.decode().ok()??;
+        record.country()
     }
+}
+
+impl fmt::Debug for GeoDb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GeoDb")
+            .field("label", &self.label)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The label from the metadata; the build date is the UTC calendar day of `build_epoch`.
+fn label_of(meta: &maxminddb::Metadata) -> Result<String, String> {
+    let date = i64::try_from(meta.build_epoch)
+        .ok()
+        .and_then(|s| jiff::Timestamp::from_second(s).ok())
+        .map(|t| jiff::tz::Offset::UTC.to_datetime(t).date())
+        .ok_or_else(|| format!("its build_epoch {} is not a date", meta.build_epoch))?;
+    let kind = meta.database_type.trim();
+    let kind = if kind.is_empty() { "MaxMind-DB" } else { kind };
+    Ok(format!("{kind} {date}"))
+}
+
+/// Refuses databases that cannot locate anything: an ASN or anonymous-IP database given by
+/// mistake would otherwise leave every address `unknown` without a word.
+fn check_carries_country(reader: &maxminddb::Reader<Vec<u8>>) -> Result<(), String> {
+    let networks = reader
+        .networks(maxminddb::WithinOptions::default())
+        .map_err(|e| e.to_string())?;
+    let mut seen = 0usize;
+    for item in networks.take(PROBE_RECORDS) {
+        let found = item.map_err(|e| e.to_string())?;
+        seen += 1;
+        if let Ok(Some(record)) = found.decode::<CountryRecord<'_>>()
+            && record.country().is_some()
+        {
+            return Ok(());
+        }
+    }
+    Err(if seen == 0 {
+        "it holds no records".to_string()
+    } else {
+        format!(
+            "none of its first {seen} records carries a country code \
+             (country.iso_code, registered_country.iso_code or country_code); \
+             is it a Country or City database?"
+        )
+    })
 }
 
 /// Locates addresses for one policy snapshot.
 pub struct Locator {
-    _todo: (),
+    /// Country and index into `Policy::networks` of each operator override.
+    overrides: CidrTable<(Country, usize)>,
+    db: Option<Arc<GeoDb>>,
 }
 
 impl Locator {
     /// Builds the override table from `policy.networks` (longest prefix wins) over `db`.
     pub fn new(policy: &Policy, db: Option<Arc<GeoDb>>) -> Locator {
-        let _ = (policy, db);
-        todo!()
+        let mut overrides = CidrTable::new();
+        for (i, n) in policy.networks.iter().enumerate() {
+            overrides.insert(n.cidr, (n.country, i));
+        }
+        Locator { overrides, db }
     }
 
+    /// Where `ip` is: an operator override if one contains it, else the database, else
+    /// unknown. IPv4-mapped IPv6 addresses are located as their IPv4 address.
     pub fn locate(&self, ip: IpAddr) -> Location {
-        let _ = ip;
-        todo!()
+        let ip = ip.to_canonical();
+        if let Some(&(country, network)) = self.overrides.lookup(ip) {
+            return Location::Override { country, network };
+        }
+        match self.db.as_ref().and_then(|db| db.country(ip)) {
+            Some(country) => Location::Database { country },
+            None => Location::Unknown,
+        }
     }
 
+    /// The database behind the overrides, if the policy names one.
     pub fn database(&self) -> Option<&Arc<GeoDb>> {
-        todo!()
+        self.db.as_ref()
+    }
+}
+
+impl fmt::Debug for Locator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Locator")
+            .field("database", &self.db)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mmdb_writer::{IpVersion, Ipv4Aliasing, Value, Writer};
+    use std::time::{Duration, UNIX_EPOCH};
+
+    /// 2026-11-25T23:30:00Z: a date taken in any time zone east of UTC would be the 26th.
+    const EPOCH: u64 = 1_795_649_400;
+
+    fn writer(kind: &str) -> Writer {
+        Writer::builder(kind)
+            .build_epoch(UNIX_EPOCH + Duration::from_secs(EPOCH))
+            .build()
+    }
+
+    fn insert(w: &mut Writer, cidr: &str, v: Value) {
+        w.insert_value(cidr.parse::<ipnet::IpNet>().unwrap(), v)
+            .unwrap();
+    }
+
+    fn iso(code: &str) -> Value {
+        Value::map([("iso_code", Value::from(code))])
+    }
+
+    fn db_of(w: Writer) -> GeoDb {
+        GeoDb::from_bytes(w.to_bytes().unwrap(), Path::new("test.mmdb")).unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn c(s: &str) -> Option<Country> {
+        Country::parse_shape(s)
+    }
+
+    fn maxmind() -> GeoDb {
+        let mut w = writer("GeoLite2-Country");
+        let rec = |code: &str| {
+            Value::map([
+                ("country", iso(code)),
+                ("continent", Value::map([("code", Value::from("NA"))])),
+            ])
+        };
+        insert(&mut w, "8.8.8.0/24", rec("US"));
+        insert(&mut w, "1.1.1.0/24", rec("AU"));
+        insert(&mut w, "2001:4860::/32", rec("US"));
+        // Only the registration country: an anycast or satellite range.
+        insert(
+            &mut w,
+            "9.9.9.0/24",
+            Value::map([("registered_country", iso("CH"))]),
+        );
+        // A record with no country at all.
+        insert(
+            &mut w,
+            "4.4.4.0/24",
+            Value::map([("continent", Value::map([("code", Value::from("EU"))]))]),
+        );
+        db_of(w)
+    }
+
+    #[test]
+    fn maxmind_layout_with_registered_country_fallback() {
+        let db = maxmind();
+        assert_eq!(db.country(ip("8.8.8.8")), c("US"));
+        assert_eq!(db.country(ip("1.1.1.1")), c("AU"));
+        assert_eq!(db.country(ip("9.9.9.9")), c("CH"));
+        assert_eq!(db.country(ip("4.4.4.4")), None);
+        assert_eq!(db.country(ip("5.5.5.5")), None, "not in the database");
+    }
+
+    #[test]
+    fn ipv6_and_mapped_ipv4() {
+        let db = maxmind();
+        assert_eq!(db.country(ip("2001:4860:4860::8888")), c("US"));
+        assert_eq!(db.country(ip("::ffff:1.1.1.1")), c("AU"));
+        assert_eq!(db.country(ip("2a00::1")), None);
+
+        // Without the writer's aliases, only canonicalisation finds the IPv4 record.
+        let mut w = Writer::builder("GeoLite2-Country")
+            .ipv4_aliasing(Ipv4Aliasing::Disabled)
+            .build();
+        insert(&mut w, "1.1.1.0/24", Value::map([("country", iso("AU"))]));
+        assert_eq!(db_of(w).country(ip("::ffff:1.1.1.1")), c("AU"));
+    }
+
+    #[test]
+    fn dbip_layout() {
+        let mut w = writer("DBIP-Country-Lite");
+        insert(
+            &mut w,
+            "1.1.1.0/24",
+            Value::map([("country_code", Value::from("au"))]),
+        );
+        let db = db_of(w);
+        assert_eq!(db.country(ip("1.1.1.7")), c("AU"));
+        assert_eq!(&**db.label(), "DBIP-Country-Lite 2026-11-25");
+    }
+
+    #[test]
+    fn label_is_type_and_utc_build_date() {
+        assert_eq!(&**maxmind().label(), "GeoLite2-Country 2026-11-25");
+    }
+
+    #[test]
+    fn malformed_country_falls_back_and_never_panics() {
+        let mut w = writer("GeoLite2-Country");
+        insert(
+            &mut w,
+            "8.8.8.0/24",
+            Value::map([("country", iso("USA")), ("registered_country", iso("US"))]),
+        );
+        // A code of the wrong type makes the record undecodable: not located.
+        insert(
+            &mut w,
+            "8.8.4.0/24",
+            Value::map([("country", Value::map([("iso_code", Value::from(7u32))]))]),
+        );
+        let db = db_of(w);
+        assert_eq!(db.country(ip("8.8.8.8")), c("US"));
+        assert_eq!(db.country(ip("8.8.4.4")), None);
+    }
+
+    #[test]
+    fn ipv6_address_in_ipv4_database_is_unknown() {
+        let mut w = Writer::builder("GeoLite2-Country")
+            .ip_version(IpVersion::V4)
+            .build();
+        insert(&mut w, "8.8.8.0/24", Value::map([("country", iso("US"))]));
+        let db = db_of(w);
+        assert_eq!(db.country(ip("8.8.8.8")), c("US"));
+        assert_eq!(db.country(ip("::ffff:8.8.8.8")), c("US"));
+        assert_eq!(db.country(ip("2001:4860::1")), None);
+    }
+
+    #[test]
+    fn refuses_garbage_and_country_less_databases() {
+        let e = GeoDb::from_bytes(b"not a database".to_vec(), Path::new("/x/country.mmdb"))
+            .unwrap_err();
+        assert!(matches!(e, GeoError::Invalid { .. }));
+        assert!(e.to_string().contains("/x/country.mmdb"), "{e}");
+
+        let mut w = writer("GeoLite2-ASN");
+        insert(
+            &mut w,
+            "8.8.8.0/24",
+            Value::map([("autonomous_system_number", Value::from(15169u32))]),
+        );
+        let e = GeoDb::from_bytes(w.to_bytes().unwrap(), Path::new("asn.mmdb")).unwrap_err();
+        assert!(e.to_string().contains("country"), "{e}");
+
+        let e = GeoDb::from_bytes(
+            writer("GeoLite2-Country").to_bytes().unwrap(),
+            Path::new("empty.mmdb"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("no records"), "{e}");
+    }
+
+    #[test]
+    fn open_names_a_missing_file() {
+        let e = GeoDb::open(Path::new("/nonexistent/geo.mmdb")).unwrap_err();
+        assert!(matches!(e, GeoError::Read { .. }));
+        assert!(e.to_string().contains("/nonexistent/geo.mmdb"), "{e}");
+    }
+
+    fn policy() -> Policy {
+        crate::policy::compile::from_str(
+            "t.toml",
+            r#"
+[policy]
+name = "t"
+home = "CN"
+[log]
+pseudonymize = false
+[[networks]]
+cidr = "8.8.0.0/16"
+country = "CN"
+name = "wide"
+[[networks]]
+cidr = "8.8.8.0/24"
+country = "DE"
+name = "narrow"
+[[upstreams]]
+name = "cn-store"
+url = "http://127.0.0.1:9000"
+"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn override_beats_database_longest_prefix_first() {
+        let p = policy();
+        let l = Locator::new(&p, Some(Arc::new(maxmind())));
+        let narrow = p.networks.iter().position(|n| &*n.name == "narrow");
+        let wide = p.networks.iter().position(|n| &*n.name == "wide");
+        assert_eq!(
+            l.locate(ip("8.8.8.8")),
+            Location::Override {
+                country: c("DE").unwrap(),
+                network: narrow.unwrap()
+            }
+        );
+        assert_eq!(
+            l.locate(ip("::ffff:8.8.4.4")),
+            Location::Override {
+                country: c("CN").unwrap(),
+                network: wide.unwrap()
+            }
+        );
+        assert_eq!(
+            l.locate(ip("1.1.1.1")),
+            Location::Database {
+                country: c("AU").unwrap()
+            }
+        );
+        assert_eq!(l.locate(ip("5.5.5.5")), Location::Unknown);
+        assert!(l.database().is_some());
+    }
+
+    #[test]
+    fn without_database_only_overrides_locate() {
+        let l = Locator::new(&policy(), None);
+        assert_eq!(l.locate(ip("1.1.1.1")), Location::Unknown);
+        assert_eq!(l.locate(ip("8.8.8.8")).country(), c("DE"));
+        assert!(l.database().is_none());
     }
 }

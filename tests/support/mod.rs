@@ -1,0 +1,3 @@
+//! Shared helpers for the integration tests; each test file declares `mod support;`.
+
+pub mod mmdb;
