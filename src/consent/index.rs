@@ -1,49 +1,328 @@
 //! The in-memory consent index the hot path reads: subject -> that subject's consents.
 //! Lookups never wait on a lock shared by all requests; stores keep it current.
+//!
+//! Readers go through a `papaya` map (lock-free reads) and get the subject's consents as one
+//! immutable `Arc<[Consent]>`. Writers never edit a slice in place: they build the subject's
+//! new slice and swap it in, so a reader sees a subject either wholly before or wholly after a
+//! change. Writers are serialised by a mutex that readers never touch; it also guards the
+//! interner, so that strings shared by many consents (recipients, purposes, categories,
+//! destinations, methods) are held once.
+//!
+//! Memory, for orientation: a consent costs about 270 bytes (128 inline in its slice, its id,
+//! and the three small lists of interned pointers), plus about 120 bytes per subject (map
+//! entry, key, slice header). Measured on 200,000 consents: about 410 bytes per consent with
+//! one consent per subject, 310 with four, so one million consents take 300-400 MB.
 
-use super::record::{Consent, ConsentRecord};
-use std::sync::Arc;
+use super::record::{Consent, ConsentRecord, FieldError};
+use foldhash::fast::RandomState;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// Subject -> consents, safe to read from every request while a store updates it.
 pub struct ConsentIndex {
-    _todo: (),
+    map: papaya::HashMap<Box<str>, Arc<[Consent]>, RandomState>,
+    /// Held by writers only, for the whole of an update.
+    writer: Mutex<Interner>,
+    /// Consents held; changed only under `writer`.
+    count: AtomicUsize,
+}
+
+/// One `Arc<str>` per distinct shared string.
+#[derive(Default)]
+struct Interner {
+    strings: HashSet<Arc<str>, RandomState>,
+}
+
+impl Interner {
+    fn intern(&mut self, s: &str) -> Arc<str> {
+        if let Some(held) = self.strings.get(s) {
+            return held.clone();
+        }
+        let new: Arc<str> = s.into();
+        self.strings.insert(new.clone());
+        new
+    }
+
+    fn consent(&mut self, record: &ConsentRecord) -> Consent {
+        Consent::from_record(record, |s| self.intern(s))
+    }
+
+    /// Forgets strings no consent uses any more. Under the writer lock nobody can obtain a
+    /// new reference except through the interner, so a count of one means unused.
+    fn prune(&mut self) {
+        self.strings.retain(|s| Arc::strong_count(s) > 1);
+    }
 }
 
 impl ConsentIndex {
     pub fn new() -> ConsentIndex {
-        todo!()
+        ConsentIndex {
+            map: papaya::HashMap::with_hasher(RandomState::default()),
+            writer: Mutex::new(Interner::default()),
+            count: AtomicUsize::new(0),
+        }
     }
 
     /// The consents of `subject`, if any.
     pub fn get(&self, subject: &str) -> Option<Arc<[Consent]>> {
-        let _ = subject;
-        todo!()
+        self.map.pin().get(subject).cloned()
     }
 
     /// Inserts a consent, or replaces the one with the same id (a revocation is an update).
-    pub fn upsert(&self, record: &ConsentRecord) {
-        let _ = record;
-        todo!()
+    ///
+    /// A record that fails [`ConsentRecord::validate`] is refused and changes nothing.
+    /// Ids are matched within the record's subject: a store must not move a consent id from
+    /// one subject to another with `upsert` (the old subject would keep it); `replace_all`
+    /// does not have this limit.
+    pub fn upsert(&self, record: &ConsentRecord) -> Result<(), FieldError> {
+        record.validate()?;
+        let mut interner = self.lock_writer();
+        let mut consent = Some(interner.consent(record));
+        let map = self.map.pin();
+        let old: &[Consent] = map.get(record.subject.as_str()).map_or(&[], |s| &s[..]);
+        let mut new: Vec<Consent> = Vec::with_capacity(old.len() + 1);
+        for c in old {
+            match consent.take_if(|n| n.id == c.id) {
+                Some(replacement) => new.push(replacement),
+                None => new.push(c.clone()),
+            }
+        }
+        if let Some(added) = consent {
+            new.push(added);
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+        map.insert(record.subject.as_str().into(), new.into());
+        Ok(())
     }
 
     /// Replaces the whole content; readers see each subject either before or after.
-    pub fn replace_all(&self, records: &[ConsentRecord]) {
-        let _ = records;
-        todo!()
+    ///
+    /// Subjects absent from `records` disappear; a subject present before and after is never
+    /// missing in between. When several records share an id, the last one wins. Records that
+    /// fail [`ConsentRecord::validate`] are left out; their number is returned.
+    pub fn replace_all(&self, records: &[ConsentRecord]) -> usize {
+        let mut interner = self.lock_writer();
+
+        // The winner of each id is its last valid record.
+        let mut winner: std::collections::HashMap<&str, usize, RandomState> =
+            std::collections::HashMap::with_capacity_and_hasher(
+                records.len(),
+                RandomState::default(),
+            );
+        let mut rejected = 0;
+        for (i, r) in records.iter().enumerate() {
+            if r.validate().is_ok() {
+                winner.insert(r.id.as_str(), i);
+            } else {
+                rejected += 1;
+            }
+        }
+        // Winners grouped by subject (a stable sort keeps their order within a subject), so
+        // each subject's slice is built in one go without a second copy of every consent.
+        let mut order: Vec<usize> = winner.into_values().collect();
+        order.sort_unstable();
+        order.sort_by(|&a, &b| records[a].subject.cmp(&records[b].subject));
+
+        let map = self.map.pin();
+        let mut total = 0;
+        for run in order.chunk_by(|&a, &b| records[a].subject == records[b].subject) {
+            let slice: Arc<[Consent]> =
+                run.iter().map(|&i| interner.consent(&records[i])).collect();
+            total += slice.len();
+            map.insert(records[run[0]].subject.as_str().into(), slice);
+        }
+        map.retain(|subject, _| {
+            order
+                .binary_search_by(|&i| records[i].subject.as_str().cmp(subject))
+                .is_ok()
+        });
+        self.count.store(total, Ordering::Relaxed);
+        interner.prune();
+        rejected
     }
 
     /// Number of consents held.
     pub fn len(&self) -> usize {
-        todo!()
+        self.count.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Number of subjects with at least one consent.
+    pub fn subjects(&self) -> usize {
+        self.map.len()
+    }
+
+    /// A panic in another writer leaves the index consistent (every change is one map
+    /// insert), so a poisoned lock is taken over rather than propagated.
+    fn lock_writer(&self) -> MutexGuard<'_, Interner> {
+        self.writer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    #[cfg(test)]
+    fn interned(&self) -> usize {
+        self.lock_writer().strings.len()
     }
 }
 
 impl Default for ConsentIndex {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, subject: &str, purpose: &str) -> ConsentRecord {
+        ConsentRecord {
+            id: id.into(),
+            subject: subject.into(),
+            recipient: "credit-bureau-us".into(),
+            purposes: vec![purpose.into()],
+            categories: vec!["user.financial".into()],
+            destinations: vec!["US".into()],
+            method: "explicit".into(),
+            granted_at: "2026-01-01T00:00:00Z".parse().unwrap(),
+            expires_at: "2027-01-01T00:00:00Z".parse().unwrap(),
+            revoked_at: None,
+            evidence: None,
+        }
+    }
+
+    fn ids(index: &ConsentIndex, subject: &str) -> Vec<String> {
+        index
+            .get(subject)
+            .map(|s| s.iter().map(|c| c.id.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn upsert_replaces_the_consent_with_the_same_id() {
+        let index = ConsentIndex::new();
+        index.upsert(&record("c1", "u1", "scoring")).unwrap();
+        index.upsert(&record("c2", "u1", "scoring")).unwrap();
+        let mut revoked = record("c1", "u1", "scoring");
+        revoked.revoked_at = Some("2026-06-01T00:00:00Z".parse().unwrap());
+        index.upsert(&revoked).unwrap();
+
+        assert_eq!(ids(&index, "u1"), ["c1", "c2"]);
+        let held = index.get("u1").unwrap();
+        assert!(held[0].revoked_at.is_some(), "the revocation replaced c1");
+        assert!(held[1].revoked_at.is_none());
+        assert_eq!((index.len(), index.subjects()), (2, 1));
+    }
+
+    #[test]
+    fn upsert_refuses_an_invalid_record() {
+        let index = ConsentIndex::new();
+        index.upsert(&record("c1", "u1", "scoring")).unwrap();
+        let mut bad = record("c1", "u1", "scoring");
+        bad.recipient = "*".into();
+        assert_eq!(index.upsert(&bad).unwrap_err().field, "recipient");
+        assert_eq!(&*index.get("u1").unwrap()[0].recipient, "credit-bureau-us");
+        assert_eq!(index.len(), 1);
+    }
+
+    #[test]
+    fn replace_all_removes_absent_subjects_and_keeps_the_last_of_an_id() {
+        let index = ConsentIndex::new();
+        index.upsert(&record("c1", "gone", "scoring")).unwrap();
+        index.upsert(&record("c2", "kept", "scoring")).unwrap();
+
+        let mut bad = record("c9", "new", "scoring");
+        bad.purposes.clear();
+        let rejected = index.replace_all(&[
+            record("c2", "kept", "scoring"),
+            record("c3", "new", "old-purpose"),
+            bad,
+            record("c3", "new", "marketing"),
+        ]);
+
+        assert_eq!(rejected, 1);
+        assert!(index.get("gone").is_none());
+        assert_eq!(ids(&index, "kept"), ["c2"]);
+        let new = index.get("new").unwrap();
+        assert_eq!(new.len(), 1);
+        assert_eq!(&*new[0].purposes[0], "marketing");
+        assert_eq!((index.len(), index.subjects()), (2, 2));
+
+        index.replace_all(&[]);
+        assert!(index.is_empty());
+        assert_eq!(index.subjects(), 0);
+    }
+
+    #[test]
+    fn shared_strings_are_held_once() {
+        let index = ConsentIndex::new();
+        index.upsert(&record("c1", "u1", "scoring")).unwrap();
+        index.replace_all(&[
+            record("c1", "u1", "scoring"),
+            record("c2", "u2", "scoring"),
+            record("c3", "u2", "fraud"),
+        ]);
+        index.upsert(&record("c4", "u3", "scoring")).unwrap();
+
+        let a = &index.get("u1").unwrap()[0];
+        let b = &index.get("u2").unwrap()[0];
+        let c = &index.get("u3").unwrap()[0];
+        for (x, y) in [(a, b), (a, c)] {
+            assert!(Arc::ptr_eq(&x.recipient, &y.recipient));
+            assert!(Arc::ptr_eq(&x.purposes[0], &y.purposes[0]));
+            assert!(Arc::ptr_eq(&x.categories[0], &y.categories[0]));
+            assert!(Arc::ptr_eq(&x.destinations[0], &y.destinations[0]));
+            assert!(Arc::ptr_eq(&x.method, &y.method));
+        }
+        // recipient, 2 purposes, category, destination, method.
+        assert_eq!(index.interned(), 6);
+    }
+
+    #[test]
+    fn readers_see_whole_slices_while_replace_all_runs() {
+        let index = ConsentIndex::new();
+        let set = |tag: &str, n: usize| -> Vec<ConsentRecord> {
+            let mut v: Vec<_> = (0..n)
+                .map(|i| record(&format!("{tag}-{i}"), "steady", tag))
+                .collect();
+            v.extend((0..50).map(|i| record(&format!("{tag}-o{i}"), &format!("o{i}"), tag)));
+            v
+        };
+        let (old, new) = (set("old", 3), set("new", 5));
+        index.replace_all(&old);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let readers: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut seen = 0usize;
+                        while !stop.load(Ordering::Relaxed) {
+                            let slice = index.get("steady").expect("a kept subject never vanishes");
+                            let tag = &*slice[0].purposes[0];
+                            let whole = match tag {
+                                "old" => slice.len() == 3,
+                                "new" => slice.len() == 5,
+                                _ => false,
+                            };
+                            assert!(whole, "partial slice: {} consents", slice.len());
+                            assert!(slice.iter().all(|c| &*c.purposes[0] == tag));
+                            seen += 1;
+                        }
+                        seen
+                    })
+                })
+                .collect();
+            for round in 0..200 {
+                index.replace_all(if round % 2 == 0 { &new } else { &old });
+            }
+            stop.store(true, Ordering::Relaxed);
+            for r in readers {
+                assert!(r.join().unwrap() > 0);
+            }
+        });
+        assert_eq!(index.len(), 53);
     }
 }
