@@ -1,6 +1,7 @@
 //! `audit verify|query|report`: offline tools for security teams.
 
 use super::{CliResult, Exit};
+use crate::audit::verify::{VerifyError, verify_log};
 use clap::Subcommand;
 use std::path::PathBuf;
 
@@ -16,9 +17,19 @@ pub enum AuditCommand {
 
 pub fn run(cmd: AuditCommand) -> CliResult {
     match cmd {
-        AuditCommand::Verify { path } => {
-            let _ = path;
-            Ok(Exit::Ok)
-        }
+        AuditCommand::Verify { path } => match verify_log(&path) {
+            Ok(report) => {
+                println!(
+                    "ok: {} records, {} checkpoints",
+                    report.records, report.checkpoints
+                );
+                Ok(Exit::Ok)
+            }
+            Err(VerifyError::Broken(broken)) => {
+                eprintln!("{broken}");
+                Ok(Exit::Failed)
+            }
+            Err(e @ VerifyError::Read { .. }) => Err(e.into()),
+        },
     }
 }
