@@ -42,7 +42,11 @@ fn consents() -> Vec<ConsentRecord> {
         .map(|i| ConsentRecord {
             id: format!("c{i}"),
             subject: format!("u{i}"),
-            recipient: if i % 2 == 0 { "bureau".into() } else { "other-bureau".into() },
+            recipient: if i % 2 == 0 {
+                "bureau".into()
+            } else {
+                "other-bureau".into()
+            },
             purposes: vec!["credit_scoring".into()],
             categories: vec!["user.financial".into()],
             destinations: vec!["US".into()],
@@ -61,19 +65,42 @@ fn bench(c: &mut Criterion) {
     index.replace_all(&consents());
     assert_eq!(index.len(), CONSENTS);
     let locator = Locator::new(&policy, None);
-    let now = "2026-11-28T00:00:00Z".parse::<jiff::Timestamp>().unwrap().as_microsecond();
+    let now = "2026-11-28T00:00:00Z"
+        .parse::<jiff::Timestamp>()
+        .unwrap()
+        .as_microsecond();
     let env = OfflineEnv::new(&policy, locator, index, now);
     let mut headers = HeaderMap::new();
     headers.insert("x-purpose", HeaderValue::from_static("credit_scoring"));
     let get = Method::GET;
     // Spread requests over datasets and subjects so caches see a realistic working set.
-    let paths: Vec<String> = (0..4096).map(|i| format!("/ds{}/u{}/2026-01.json", (i * 7919) % DATASETS, (i * 104_729 * 2) % CONSENTS)).collect();
+    let paths: Vec<String> = (0..4096)
+        .map(|i| {
+            format!(
+                "/ds{}/u{}/2026-01.json",
+                (i * 7919) % DATASETS,
+                (i * 104_729 * 2) % CONSENTS
+            )
+        })
+        .collect();
     let req = |path: &'static str, peer: &str| request(&get, &headers, path, peer.parse().unwrap());
-    let paths: Vec<&'static str> = paths.into_iter().map(|p| &*Box::leak(p.into_boxed_str())).collect();
+    let paths: Vec<&'static str> = paths
+        .into_iter()
+        .map(|p| &*Box::leak(p.into_boxed_str()))
+        .collect();
     // Sanity: the three scenarios decide as intended.
-    assert_eq!(decide(&policy, &env, &req(paths[1], "127.0.0.20"), &mut ()).reason, Reason::Consented);
-    assert_eq!(decide(&policy, &env, &req(paths[1], "127.0.0.10"), &mut ()).reason, Reason::Domestic);
-    assert_eq!(decide(&policy, &env, &req("/ds1/u1/x.json", "127.0.0.20"), &mut ()).reason, Reason::ConsentMissing);
+    assert_eq!(
+        decide(&policy, &env, &req(paths[1], "127.0.0.20"), &mut ()).reason,
+        Reason::Consented
+    );
+    assert_eq!(
+        decide(&policy, &env, &req(paths[1], "127.0.0.10"), &mut ()).reason,
+        Reason::Domestic
+    );
+    assert_eq!(
+        decide(&policy, &env, &req("/ds1/u1/x.json", "127.0.0.20"), &mut ()).reason,
+        Reason::ConsentMissing
+    );
 
     let mut i = 0usize;
     c.bench_function("decide/consented_cross_border", |b| {
@@ -96,9 +123,22 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-
-fn request<'a>(method: &'a Method, headers: &'a HeaderMap, path: &'a str, peer: std::net::IpAddr) -> Request<'a> {
-    Request { method, host: Some("storage.internal"), path, query: None, headers, peer, identity: None, pick: 0 }
+fn request<'a>(
+    method: &'a Method,
+    headers: &'a HeaderMap,
+    path: &'a str,
+    peer: std::net::IpAddr,
+) -> Request<'a> {
+    Request {
+        method,
+        host: Some("storage.internal"),
+        path,
+        query: None,
+        headers,
+        peer,
+        identity: None,
+        pick: 0,
+    }
 }
 
 criterion_group!(benches, bench);

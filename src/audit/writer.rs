@@ -106,10 +106,24 @@ impl LogWriter {
             counters: counters.clone(),
         };
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        std::thread::Builder::new()
-            .name("decision-log".into())
-            .spawn(move || committer.run(rx))
-            .map_err(AuditError::Spawn)?;
+        // In `write` mode a batch costs one write() into the page cache, cheaper than waking
+        // a thread and being woken back: the committer then runs as a task of the proxy's
+        // runtime, and batches form from whatever requests are ready when it is polled.
+        // `fsync` mode, and standard output (a pipe that may stall), get their own thread so
+        // that a slow device never blocks the runtime.
+        let inline =
+            settings.durability == Durability::Write && matches!(committer.sink, Sink::File(_));
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if inline => {
+                runtime.spawn(committer.run_task(rx));
+            }
+            _ => {
+                std::thread::Builder::new()
+                    .name("decision-log".into())
+                    .spawn(move || committer.run(rx))
+                    .map_err(AuditError::Spawn)?;
+            }
+        }
         Ok(LogWriter { tx, counters })
     }
 
@@ -221,19 +235,57 @@ struct Committer {
 }
 
 impl Committer {
-    fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+    fn announce(&self) {
         tracing::info!(
             log.target = %self.sink.name(),
             log.seq = self.seq,
             log.key = self.key.as_ref().map(|k| k.fingerprint()).as_deref().unwrap_or("none"),
             "decision log open"
         );
+    }
+
+    /// The committer as a task of the proxy's runtime (`write` durability to a file).
+    async fn run_task(mut self, mut rx: mpsc::Receiver<Request>) {
+        self.announce();
         let mut batch: Vec<(Record, Option<Ack>)> = Vec::with_capacity(BATCH_MAX);
         loop {
+            let first = rx.recv().await;
+            if let Some(ack) = self.step(first, &mut rx, &mut batch) {
+                // The file closes before the closer hears back.
+                drop(self);
+                ack.map(|a| a.send(()));
+                return;
+            }
+        }
+    }
+
+    /// The committer on its own thread.
+    fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        self.announce();
+        let mut batch: Vec<(Record, Option<Ack>)> = Vec::with_capacity(BATCH_MAX);
+        loop {
+            let first = rx.blocking_recv();
+            if let Some(ack) = self.step(first, &mut rx, &mut batch) {
+                drop(self);
+                ack.map(|a| a.send(()));
+                return;
+            }
+        }
+    }
+
+    /// Takes `first` and whatever else is queued, commits it as one batch. Returns `Some` when
+    /// the writer must stop, holding the closer to answer once the file is closed.
+    fn step(
+        &mut self,
+        first: Option<Request>,
+        rx: &mut mpsc::Receiver<Request>,
+        batch: &mut Vec<(Record, Option<Ack>)>,
+    ) -> Option<Option<oneshot::Sender<()>>> {
+        {
             let mut close = None;
-            match rx.blocking_recv() {
+            match first {
                 // Every handle is gone and the queue is empty.
-                None => return,
+                None => return Some(None),
                 Some(Request::Close(ack)) => close = Some(ack),
                 Some(Request::Append { record, ack }) => {
                     batch.push((record, ack));
@@ -250,7 +302,7 @@ impl Committer {
                 }
             }
             if !batch.is_empty() {
-                self.commit(&mut batch);
+                self.commit(batch);
             }
             if let Some(ack) = close {
                 rx.close();
@@ -260,11 +312,10 @@ impl Committer {
                         dropped(&self.counters, "the writer is closed");
                     }
                 }
-                drop(self);
-                let _ = ack.send(());
-                return;
+                return Some(Some(ack));
             }
         }
+        None
     }
 
     /// Chains, writes and acknowledges one batch; empties `batch`.

@@ -2,6 +2,7 @@
 //! failed) or a `CliError` (exit 2: bad usage or unreadable input).
 
 pub mod audit;
+pub mod certs;
 pub mod check;
 pub mod demo;
 pub mod explain;
@@ -80,6 +81,9 @@ pub enum Command {
     /// Geolocation look-ups as the proxy sees them.
     #[command(subcommand)]
     Geo(geo::GeoCommand),
+    /// Create keys: the log-signing key pair and the admin token.
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
     /// Start a self-contained demonstration on loopback and leave it running.
     Demo(demo::DemoArgs),
 }
@@ -91,6 +95,7 @@ pub fn run(cli: Cli) -> CliResult {
         Command::Explain(a) => explain::run(a),
         Command::Audit(a) => audit::run(a),
         Command::Geo(a) => geo::run(a),
+        Command::Certs(a) => certs::run(a),
         Command::Demo(a) => demo::run(a),
     }
 }

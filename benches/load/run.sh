@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# Load benchmark (SPEC section 9): requests per second and added latency through
+# residency-proxy (policy, consent check and decision log all on) against going direct and
+# against nginx as a plain reverse proxy, measured in the same run, interleaved by repetition.
+#
+#   benches/load/run.sh                     # defaults: 3 reps x 10 s, 64 connections, 1 KiB
+#   REPS=1 DUR=3 benches/load/run.sh        # quick look
+#   DURABILITY=fsync benches/load/run.sh    # decision log in fsync mode
+#
+# Needs wrk and nginx (Debian: apt-get install wrk nginx-light). Everything listens on
+# loopback; every process started here is stopped on exit. Results: target/load/<time>/.
+#
+# Layout, with addresses standing in for countries:
+#   backend  nginx static files   127.0.0.2:18080  (CN: the domestic store)
+#   nginx    plain reverse proxy  127.0.0.1:18081
+#   ours     residency-proxy      127.0.0.1:18090
+#   wrk      from 127.0.0.1       (US: a foreign third party holding a valid consent)
+# Servers share CPU 0 (one nginx worker, one tokio worker); wrk runs on CPU 1.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+DUR=${DUR:-10}
+REPS=${REPS:-3}
+CONNS=${CONNS:-64}
+THREADS=${THREADS:-2}
+PAYLOAD=${PAYLOAD:-1k}
+DURABILITY=${DURABILITY:-write}
+OUT=${OUT:-$ROOT/target/load/$(date +%Y%m%d-%H%M%S)}
+W=$OUT/work
+mkdir -p "$W/www/payments/u1" "$W/logs" "$W/run"
+command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install wrk)" >&2; exit 2; }
+command -v nginx >/dev/null || { echo "nginx is not installed (apt-get install nginx-light)" >&2; exit 2; }
+
+case $PAYLOAD in 1k) SIZE=1024;; 64k) SIZE=65536;; 1m) SIZE=1048576;; *) echo "PAYLOAD is 1k, 64k or 1m" >&2; exit 2;; esac
+head -c "$SIZE" /dev/urandom > "$W/www/payments/u1/$PAYLOAD.bin"
+
+cat > "$W/nginx.conf" <<CONF
+pid $W/run/nginx.pid;
+error_log $W/logs/nginx.error.log warn;
+worker_processes 1;
+worker_rlimit_nofile 16384;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    sendfile on; tcp_nodelay on;
+    keepalive_timeout 65s; keepalive_requests 1000000;
+    client_body_temp_path $W/run/body; proxy_temp_path $W/run/proxy;
+    fastcgi_temp_path $W/run/fcgi; uwsgi_temp_path $W/run/uwsgi; scgi_temp_path $W/run/scgi;
+    default_type application/octet-stream;
+    upstream store { server 127.0.0.2:18080; keepalive 256; keepalive_requests 1000000; }
+    server { listen 127.0.0.2:18080 backlog=4096; root $W/www; location / { } }
+    server {
+        listen 127.0.0.1:18081 backlog=4096;
+        location / {
+            proxy_pass http://store; proxy_http_version 1.1; proxy_set_header Connection "";
+            proxy_set_header Host \$host; proxy_buffering on; proxy_request_buffering off;
+        }
+    }
+}
+CONF
+
+cargo build --release --quiet
+BIN=$ROOT/target/release/residency-proxy
+"$BIN" certs init "$W" >/dev/null
+
+cat > "$W/consents.jsonl" <<JSON
+{"id":"c-bench-1","subject":"u1","recipient":"bureau","purposes":["credit_scoring"],"categories":["user.financial"],"destinations":["US"],"method":"explicit","granted_at":"2026-01-01T00:00:00Z","expires_at":"2036-01-01T00:00:00Z"}
+JSON
+cat > "$W/policy.toml" <<TOML
+[policy]
+name = "load-bench"
+home = "CN"
+[proxy]
+listen = "127.0.0.1:18090"
+upstream_idle_per_address = 512
+[[networks]]
+cidr = "127.0.0.2/32"
+country = "CN"
+name = "store"
+[[networks]]
+cidr = "127.0.0.1/32"
+country = "US"
+name = "bureau"
+[[upstreams]]
+name = "store"
+url = "http://127.0.0.2:18080"
+[[recipients]]
+id = "bureau"
+relation = "third_party"
+country = "US"
+networks = ["127.0.0.1/32"]
+[[datasets]]
+name = "payments"
+match = { path_prefix = "/payments/" }
+upstream = "store"
+category = "user.financial"
+subject = { path_segment = 2 }
+cross_border = "consent"
+third_party = "consent"
+[consent]
+store = "file:$W/consents.jsonl"
+[log]
+path = "$W/logs/decisions.jsonl"
+durability = "$DURABILITY"
+signing_key = "$W/log-signing.key"
+TOML
+"$BIN" check "$W/policy.toml" >/dev/null
+
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT INT TERM
+taskset -c 0 nginx -p "$W" -c "$W/nginx.conf" -g "daemon off;" & PIDS+=($!)
+taskset -c 0 "$BIN" serve --policy "$W/policy.toml" --workers 1 2> "$W/logs/proxy.log" & OURS=$!; PIDS+=($OURS)
+URL_PATH=/payments/u1/$PAYLOAD.bin
+for u in http://127.0.0.2:18080 http://127.0.0.1:18081 http://127.0.0.1:18090; do
+  for _ in $(seq 1 100); do curl -sf -o /dev/null -H 'X-Purpose: credit_scoring' "$u$URL_PATH" && break; sleep 0.1; done
+  code=$(curl -s -o /dev/null -w '%{http_code}' -H 'X-Purpose: credit_scoring' "$u$URL_PATH")
+  [ "$code" = 200 ] || { echo "$u$URL_PATH answered $code" >&2; cat "$W/logs/proxy.log" >&2; exit 1; }
+done
+
+TARGETS="direct=http://127.0.0.2:18080 nginx=http://127.0.0.1:18081 ours=http://127.0.0.1:18090"
+printf 'target\trep\trps\tp50_ms\tp99_ms\trequests\terrors\n' > "$OUT/runs.tsv"
+to_ms() { awk -v v="$1" 'BEGIN{ if (v ~ /us$/) {sub(/us/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v); print v+0} else {sub(/s/,"",v); print v*1000} }'; }
+for t in $TARGETS; do taskset -c 1 wrk -t"$THREADS" -c"$CONNS" -d2s -H 'X-Purpose: credit_scoring' "${t#*=}$URL_PATH" >/dev/null; done
+for rep in $(seq 1 "$REPS"); do
+  for t in $TARGETS; do
+    name=${t%%=*}
+    raw=$OUT/wrk_${name}_r$rep.txt
+    taskset -c 1 wrk -t"$THREADS" -c"$CONNS" -d"${DUR}s" --latency -H 'X-Purpose: credit_scoring' "${t#*=}$URL_PATH" > "$raw"
+    rps=$(awk '/^Requests\/sec/{print $2}' "$raw")
+    p50=$(to_ms "$(awk '$1=="50%"{print $2}' "$raw")")
+    p99=$(to_ms "$(awk '$1=="99%"{print $2}' "$raw")")
+    reqs=$(awk '/requests in/{print $1}' "$raw")
+    errs=$(awk '/Non-2xx/{print $NF} /Socket errors/{gsub(/,/,""); print $4+$6+$8+$10}' "$raw" | paste -sd+ | bc 2>/dev/null || echo 0)
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rep" "$rps" "$p50" "$p99" "$reqs" "${errs:-0}" >> "$OUT/runs.tsv"
+    printf '  rep %s %-7s %10s rps  p50 %6s ms  p99 %6s ms\n' "$rep" "$name" "$rps" "$p50" "$p99"
+  done
+done
+RSS_KB=$(awk '/^VmRSS/{print $2}' /proc/$OURS/status)
+kill -TERM "$OURS"; wait "$OURS" || true
+"$BIN" audit verify "$W/logs/decisions.jsonl" > "$OUT/verify.txt" 2>&1 || true
+python3 - "$OUT" "$W/logs/decisions.jsonl" "$RSS_KB" "$DURABILITY" <<'PY' | tee "$OUT/summary.md"
+import csv, json, statistics, sys
+out, log, rss, dur = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+rows = list(csv.DictReader(open(out + '/runs.tsv'), delimiter='\t'))
+med = lambda t, k: statistics.median(float(r[k]) for r in rows if r['target'] == t)
+d = {t: {k: med(t, k) for k in ('rps', 'p50_ms', 'p99_ms')} for t in ('direct', 'nginx', 'ours')}
+print('| target | rps | ratio to direct | p50 ms | p99 ms | added p50 | added p99 |')
+print('|---|---|---|---|---|---|---|')
+for t in ('direct', 'nginx', 'ours'):
+    x = d[t]
+    print('| %s | %.0f | %.2f | %.3f | %.3f | %.3f | %.3f |' % (t, x['rps'], x['rps'] / d['direct']['rps'], x['p50_ms'], x['p99_ms'],
+          x['p50_ms'] - d['direct']['p50_ms'], x['p99_ms'] - d['direct']['p99_ms']))
+print()
+print('ours / nginx throughput: %.2f; added latency p50 ours %.3f ms vs nginx %.3f ms; p99 ours %.3f ms vs nginx %.3f ms'
+      % (d['ours']['rps'] / d['nginx']['rps'], d['ours']['p50_ms'] - d['direct']['p50_ms'], d['nginx']['p50_ms'] - d['direct']['p50_ms'],
+         d['ours']['p99_ms'] - d['direct']['p99_ms'], d['nginx']['p99_ms'] - d['direct']['p99_ms']))
+dec = out_ = 0
+ids = {}
+for line in open(log):
+    r = json.loads(line)
+    if r['kind'] == 'decision':
+        dec += 1; ids[r['id']] = ids.get(r['id'], 0) + 1
+    elif r['kind'] == 'outcome':
+        out_ += 1
+dups = sum(1 for v in ids.values() if v > 1)
+print('decision log (%s): %d decision records, %d outcome records, %d duplicate ids; %s' % (dur, dec, out_, dups, open(out + '/verify.txt').read().strip()))
+print('proxy RSS at the end of the run: %.1f MiB' % (rss / 1024))
+PY
+echo "results in $OUT"
