@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
+use tokio::sync::oneshot;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -57,19 +58,30 @@ impl Exchange {
         self.error.store(i, Ordering::Relaxed);
     }
 
+    /// Request body bytes read from the client so far.
+    pub fn bytes_in(&self) -> u64 {
+        self.bytes_in.load(Ordering::Relaxed)
+    }
+
+    /// The failure recorded for this exchange, if any.
+    pub fn error(&self) -> Option<Reason> {
+        let i = self.error.load(Ordering::Relaxed);
+        (i != NO_ERROR).then(|| Reason::ALL[i as usize])
+    }
+
     pub fn set_upstream(&self, addr: SocketAddr) {
         let _ = self.upstream.set(addr);
     }
 
-    fn finished(&self) {
+    /// Marks the response as sent whole.
+    pub(crate) fn finished(&self) {
         self.complete.store(true, Ordering::Relaxed);
     }
 }
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        let err = self.error.load(Ordering::Relaxed);
-        let error = (err != NO_ERROR).then(|| Reason::ALL[err as usize]);
+        let error = self.error();
         let elapsed = self.started.elapsed();
         let record = OutcomeRecord {
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
@@ -90,35 +102,66 @@ impl Drop for Exchange {
     }
 }
 
-/// The client's request body on its way upstream, counted.
+/// A request body grew past `proxy.max_body_bytes` while streaming (a body without
+/// `Content-Length` is only measured as it flows).
+#[derive(Debug, thiserror::Error)]
+#[error("the request body exceeds {limit} bytes")]
+pub struct BodyTooLarge {
+    pub limit: u64,
+}
+
+/// The client's request body on its way upstream, counted, and cut off with an error (which
+/// aborts the upstream request) once it exceeds `limit`.
 pub struct RequestBody {
     inner: Incoming,
     exchange: Arc<Exchange>,
+    limit: Option<u64>,
+    seen: u64,
+    /// Dropped with the body, which the HTTP client does once it has sent it whole (or
+    /// given up): the receiver learns that the upstream has the entire request.
+    _sent: oneshot::Sender<()>,
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, exchange: Arc<Exchange>) -> RequestBody {
-        RequestBody { inner, exchange }
+    pub fn new(
+        inner: Incoming,
+        exchange: Arc<Exchange>,
+        limit: Option<u64>,
+        sent: oneshot::Sender<()>,
+    ) -> RequestBody {
+        RequestBody {
+            inner,
+            exchange,
+            limit,
+            seen: 0,
+            _sent: sent,
+        }
     }
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(f))) = &r
             && let Some(d) = f.data_ref()
         {
-            self.exchange
-                .bytes_in
-                .fetch_add(d.len() as u64, Ordering::Relaxed);
+            let n = d.len() as u64;
+            self.exchange.bytes_in.fetch_add(n, Ordering::Relaxed);
+            self.seen += n;
+            if let Some(limit) = self.limit
+                && self.seen > limit
+            {
+                self.exchange.set_error(Reason::PayloadTooLarge);
+                return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
+            }
         }
-        r
+        r.map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {

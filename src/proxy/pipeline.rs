@@ -10,14 +10,15 @@ use crate::audit::id::new_id;
 use crate::audit::record::{self, Record, RequestContext};
 use crate::policy::decide::{self, upstream_allowed};
 use crate::policy::decision::{Decision, Reason, UpstreamChoice, status_of};
-use crate::policy::model::OnFailure;
+use crate::policy::model::{Mode, OnFailure};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
 use tracing::Instrument;
 
 /// What the connection knows about its client.
@@ -297,21 +298,35 @@ async fn forward(
         .map(|pq| Uri::from(pq.clone()))
         .unwrap_or_else(|| Uri::from_static("/"));
     parts.version = Version::HTTP_11;
-    let req = Request::from_parts(parts, RequestBody::new(body, exchange.clone()));
+    let (body_sent, body_done) = oneshot::channel();
+    let mut body_done = Some(body_done);
+    let req = Request::from_parts(
+        parts,
+        RequestBody::new(
+            body,
+            exchange.clone(),
+            policy.proxy.max_body_bytes,
+            body_sent,
+        ),
+    );
 
     let resolved = up.resolved();
     let pool = resolved
         .pool(choice.addr)
         .cloned()
         .unwrap_or_else(|| AddrPool::new(choice.addr, 0, policy.proxy.idle_timeout));
-    // The connect-time check repeats step 4 on the socket's own peer address.
+    // The connect-time check repeats step 4 on the socket's own peer address. A dataset in
+    // audit mode only logs step 4 (its decision record already says "would deny"), so the
+    // connection it was allowed to make is not refused here either.
     let ds = dataset.map(|i| &policy.datasets[i]);
-    let allowed = |ip: IpAddr| ds.is_none_or(|d| upstream_allowed(d, &snap.locator.locate(ip)));
+    let allowed = |ip: IpAddr| {
+        ds.is_none_or(|d| d.mode == Mode::Audit || upstream_allowed(d, &snap.locator.locate(ip)))
+    };
     let fail = |reason: Reason, detail: String| {
         tracing::warn!(upstream = %up.name, upstream.addr = %choice.addr, error = %detail, "upstream request failed");
         exchange.set_error(reason);
         let message = format!(
-            "{} ({detail})",
+            "{} ({detail}).",
             Decision::new_failure(reason, "")
                 .message(policy)
                 .trim_end_matches('.')
@@ -345,11 +360,10 @@ async fn forward(
                 }
             }
         };
-        let sent = tokio::time::timeout(
-            policy.proxy.upstream_timeout,
-            sender.try_send_request(req.take().expect("request present")),
-        )
-        .await;
+        let sent = tokio::select! {
+            r = sender.try_send_request(req.take().expect("request present")) => Ok(r),
+            () = answer_deadline(&exchange, &mut body_done, policy.proxy.upstream_timeout) => Err(()),
+        };
         match sent {
             Err(_) => {
                 return fail(
@@ -358,6 +372,15 @@ async fn forward(
                 );
             }
             Ok(Ok(resp)) => break (resp, sender),
+            Ok(Err(_)) if exchange.error() == Some(Reason::PayloadTooLarge) => {
+                return fail(
+                    Reason::PayloadTooLarge,
+                    format!(
+                        "more than {} bytes",
+                        policy.proxy.max_body_bytes.unwrap_or_default()
+                    ),
+                );
+            }
             Ok(Err(mut e)) => {
                 // A pooled connection closed under us before the request left: try once more
                 // on a fresh connection (the request was never sent).
@@ -377,4 +400,33 @@ async fn forward(
     }
     let back = PoolReturn { sender, pool };
     Response::from_parts(rparts, ResponseBody::upstream(rbody, Some(back), exchange))
+}
+
+/// Resolves once the upstream has had `timeout` to answer, counted from when it has the
+/// whole request: a long upload is not a slow upstream. While the request body still flows,
+/// only a whole `timeout` without a byte of progress (a stalled client or an upstream that
+/// stopped reading) ends the wait early.
+async fn answer_deadline(
+    exchange: &Exchange,
+    body_done: &mut Option<oneshot::Receiver<()>>,
+    timeout: Duration,
+) {
+    if let Some(done) = body_done {
+        let mut seen = exchange.bytes_in();
+        loop {
+            tokio::select! {
+                _ = &mut *done => break,
+                () = tokio::time::sleep(timeout) => {
+                    let now = exchange.bytes_in();
+                    if now == seen {
+                        return;
+                    }
+                    seen = now;
+                }
+            }
+        }
+        // A completed receiver must not be polled again (a retry reuses this slot).
+        *body_done = None;
+    }
+    tokio::time::sleep(timeout).await;
 }

@@ -2,13 +2,18 @@
 //! on each, and a graceful drain on shutdown.
 
 use super::Shared;
+use super::body::Exchange;
 use super::pipeline::{ConnInfo, handle};
+use crate::audit::id::new_id;
+use crate::audit::record::{self, Record, RequestContext};
+use crate::policy::decision::{Reason, status_of};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tracing::Instrument;
@@ -59,6 +64,7 @@ pub async fn accept_loop(
             peer,
             identity: None,
         };
+        let log_to = shared.clone();
         let shared = shared.clone();
         let svc = service_fn(move |req| handle(shared.clone(), info.clone(), req));
         let conn = builder
@@ -70,6 +76,7 @@ pub async fn accept_loop(
             async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "connection ended with an error");
+                    log_refused_head(&log_to, peer, &*e);
                 }
                 drop(permit);
             }
@@ -83,4 +90,39 @@ pub async fn accept_loop(
     {
         tracing::warn!(drain_timeout = ?drain, "connections still open after the drain timeout; closing them");
     }
+}
+
+/// A request head that hyper refused before the pipeline saw it (larger than its buffer, more
+/// headers than `max_headers`, not HTTP at all) has already been answered by hyper (431 or
+/// 400); it still gets its decision and outcome records, as every refusal does.
+fn log_refused_head(shared: &Shared, peer: SocketAddr, e: &(dyn std::error::Error + 'static)) {
+    let Some(h) = e.downcast_ref::<hyper::Error>() else {
+        return;
+    };
+    let (reason, rule) = if h.is_parse_too_large() {
+        (Reason::HeadersTooLarge, "proxy.max_header_bytes")
+    } else if h.is_parse() {
+        (Reason::BadRequest, "request.head")
+    } else {
+        return;
+    };
+    let snap = shared.snapshot.load();
+    let ts = jiff::Timestamp::now();
+    let id = new_id(ts);
+    let headers = http::HeaderMap::new();
+    let cx = RequestContext {
+        id: id.clone(),
+        ts,
+        method: "",
+        host: None,
+        raw_path: "",
+        query: None,
+        headers: &headers,
+        peer: peer.ip(),
+    };
+    let rec = record::failure_record(&snap.policy, &cx, reason, rule);
+    shared.log.append_later(Record::Decision(Box::new(rec)));
+    let exchange = Exchange::new(id, Instant::now(), shared.log.clone());
+    exchange.set_status(status_of(reason));
+    exchange.finished();
 }

@@ -1,0 +1,781 @@
+//! Every reason code of SPEC section 3, reached through the real proxy over real sockets:
+//! the HTTP answer (status, JSON body, `Link`, `X-Residency-Decision`), the decision record
+//! and the outcome record, and what reached the storage servers.
+//!
+//! Loopback addresses stand in for countries (`[[networks]]`):
+//! 127.0.0.2 home store (CN), 127.0.0.3 store abroad (US), 127.0.0.10 the first-party app
+//! (CN), 127.0.0.20 a foreign credit bureau (US, third party), 127.0.0.30 a domestic partner
+//! (CN, third party), 127.0.0.40 an anonymous caller in the US, 127.0.0.50 an address nothing
+//! locates, 127.0.0.60 a trusted load balancer (CN).
+
+mod support;
+
+use http_body_util::BodyExt;
+use residency_proxy::consent::ConsentRecord;
+use serde_json::Value;
+use std::time::Duration;
+use support::body::{Generated, Trickle};
+use support::client::{self, Reply, empty, full, request};
+use support::proxy::{
+    ABROAD_IP, APP, BUREAU, HOME_IP, PolicySpec, TestProxy, consent, payments_dataset,
+};
+use support::upstream::{Reply as Serve, Upstream};
+
+const PARTNER: &str = "127.0.0.30";
+const ANON_US: &str = "127.0.0.40";
+const NOWHERE: &str = "127.0.0.50";
+const BALANCER: &str = "127.0.0.60";
+const PURPOSE: (&str, &str) = ("X-Purpose", "credit_scoring");
+
+/// Besides `payments` (consent needed abroad and for third parties).
+const RECIPIENTS_AND_DATASETS: &str = r#"
+[[recipients]]
+id = 'partner-cn'
+relation = 'third_party'
+country = 'CN'
+networks = ['127.0.0.30/32']
+
+[[datasets]]
+name = 'transactions'
+match = { path_prefix = '/transactions/' }
+upstream = 'cn-store'
+category = 'user.financial.transactions'
+subject = { path_segment = 2 }
+cross_border = 'consent'
+third_party = 'consent'
+
+[[datasets]]
+name = 'ledger'
+match = { path_prefix = '/ledger/' }
+upstream = 'cn-store'
+category = 'user.financial'
+subject = { path_segment = 2 }
+cross_border = 'deny'
+third_party = 'consent'
+
+[[datasets]]
+name = 'profiles'
+match = { path_prefix = '/profiles/' }
+upstream = 'cn-store'
+category = 'user.contact'
+subject = { path_segment = 2 }
+cross_border = 'consent'
+third_party = 'deny'
+
+[[datasets]]
+name = 'reports'
+match = { path_prefix = '/reports/' }
+upstream = 'cn-store'
+category = 'user.financial'
+subject = { header = 'X-Data-Subject' }
+cross_border = 'consent'
+third_party = 'consent'
+
+[[datasets]]
+name = 'catalog'
+match = { path_prefix = '/catalog/' }
+upstream = 'cn-store'
+category = 'system.operations'
+cross_border = 'allow'
+third_party = 'allow'
+
+[[datasets]]
+name = 'backup'
+match = { path_prefix = '/backup/' }
+upstream = 'us-store'
+category = 'user.financial'
+subject = { path_segment = 2 }
+cross_border = 'deny'
+third_party = 'deny'
+
+[[datasets]]
+name = 'audited'
+match = { path_prefix = '/audited/' }
+upstream = 'us-store'
+category = 'user.financial'
+subject = { path_segment = 2 }
+cross_border = 'deny'
+third_party = 'deny'
+mode = 'audit'
+
+[[datasets]]
+name = 'dead'
+match = { path_prefix = '/dead/' }
+upstream = 'dead-store'
+category = 'system.operations'
+cross_border = 'allow'
+third_party = 'allow'
+"#;
+
+/// The consents of the main world, one per way a consent can fail (and one that works).
+fn registry() -> Vec<ConsentRecord> {
+    let now = jiff::Timestamp::now();
+    let day = jiff::SignedDuration::from_hours(24);
+    let bureau = "credit-bureau-us";
+    vec![
+        consent("c-ok", "u-ok", bureau),
+        ConsentRecord {
+            granted_at: now - day * 30,
+            expires_at: now - day,
+            ..consent("c-exp", "u-exp", bureau)
+        },
+        ConsentRecord {
+            revoked_at: Some(now - jiff::SignedDuration::from_secs(10)),
+            ..consent("c-rev", "u-rev", bureau)
+        },
+        ConsentRecord {
+            method: "pre_ticked".into(),
+            ..consent("c-pre", "u-pre", bureau)
+        },
+        ConsentRecord {
+            categories: vec!["user.contact".into()],
+            ..consent("c-cat", "u-cat", bureau)
+        },
+        ConsentRecord {
+            destinations: vec!["DE".into()],
+            ..consent("c-dest", "u-dest", bureau)
+        },
+    ]
+}
+
+/// The proxy, a store at home and a store abroad, as the module doc describes.
+struct World {
+    proxy: TestProxy,
+    home: Upstream,
+    abroad: Upstream,
+}
+
+impl World {
+    async fn start() -> World {
+        World::start_with(Serve::Ok, |s| s).await
+    }
+
+    /// The main world, with `home` answering as `home_reply` and `tweak` applied last.
+    async fn start_with(home_reply: Serve, tweak: impl FnOnce(PolicySpec) -> PolicySpec) -> World {
+        let home = Upstream::start(HOME_IP, home_reply).await;
+        let abroad = Upstream::start(ABROAD_IP, Serve::Ok).await;
+        // A port nothing listens on: bound, then released, on an address no server uses.
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.99:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let spec = PolicySpec::new()
+            .with_parties()
+            .proxy("trusted_proxies = ['127.0.0.60/32']")
+            .proxy("max_header_bytes = 4096")
+            .proxy("max_body_bytes = 65536")
+            .network("127.0.0.99/32", "CN")
+            .network("127.0.0.30/32", "CN")
+            .network("127.0.0.40/32", "US")
+            .network("127.0.0.60/32", "CN")
+            .network("203.0.113.0/24", "US")
+            .upstream("cn-store", &home.url())
+            .upstream("us-store", &abroad.url())
+            .upstream("dead-store", &format!("http://{dead}"))
+            .toml(&payments_dataset("cn-store", "consent", "consent"))
+            .toml(RECIPIENTS_AND_DATASETS)
+            .consents(registry());
+        let proxy = tweak(spec).start().await;
+        World {
+            proxy,
+            home,
+            abroad,
+        }
+    }
+
+    async fn get(&self, from: &str, target: &str, headers: &[(&str, &str)]) -> Reply {
+        client::get(from, self.proxy.addr, target, headers).await
+    }
+
+    async fn send(&self, from: &str, method: &str, target: &str, body: &'static str) -> Reply {
+        let req = request(method, target).body(full(body)).unwrap();
+        client::send(from, self.proxy.addr, req).await
+    }
+
+    /// Asserts a refusal: the answer, the records, and that no store saw a request.
+    async fn refused(
+        &self,
+        reply: &Reply,
+        status: u16,
+        reason: &str,
+        dataset: Option<&str>,
+    ) -> Value {
+        assert_eq!(reply.status, status, "{}", reply.text());
+        let body = reply.json();
+        let id = reply.decision_id();
+        assert_eq!(body["error"], reason, "{body}");
+        assert_eq!(body["decision_id"], id.as_str());
+        assert_eq!(body["dataset"], json_opt(dataset));
+        let message = body["message"].as_str().expect("a message");
+        assert!(
+            message.len() > 10 && message.ends_with('.'),
+            "one human sentence: {message}"
+        );
+        assert_eq!(reply.header("content-type"), Some("application/json"));
+        let link = reply.header("link");
+        if status == 451 {
+            let link = link.expect("451 carries a Link header");
+            assert!(
+                link.contains("itest") && link.ends_with("; rel=\"blocked-by\""),
+                "{link}"
+            );
+        } else {
+            assert_eq!(link, None);
+        }
+
+        let rec = self.proxy.log.decision(&id);
+        assert_eq!(rec["reason"], reason, "{rec}");
+        assert_eq!(rec["status"], status, "{rec}");
+        assert_eq!(rec["enforced"], true, "{rec}");
+        assert_eq!(rec["dataset"], json_opt(dataset), "{rec}");
+        let verdict = match status {
+            451 | 404 => "deny",
+            400 if reason == "ambiguous_path" => "deny",
+            _ => "error",
+        };
+        assert_eq!(rec["decision"], verdict, "{rec}");
+        let out = self.proxy.log.outcome(&id).await;
+        assert_eq!(out["status"], status, "{out}");
+        assert_eq!(out["bytes_out"], reply.body.len() as u64, "{out}");
+        assert_eq!(out["upstream"], Value::Null, "{out}");
+
+        assert_eq!(
+            self.home.requests(),
+            0,
+            "a refused request reached the home store"
+        );
+        assert_eq!(
+            self.abroad.requests(),
+            0,
+            "a refused request reached the store abroad"
+        );
+        rec
+    }
+
+    /// Asserts a forwarded request: `up` answered it, and the records say why and where.
+    async fn forwarded(&self, reply: &Reply, reason: &str, up: &Upstream) -> Value {
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.text(), format!("ok from {}", up.addr));
+        let id = reply.decision_id();
+        let rec = self.proxy.log.decision(&id);
+        assert_eq!(rec["reason"], reason, "{rec}");
+        assert_eq!(rec["status"], Value::Null, "{rec}");
+        assert_eq!(rec["upstream"]["addr"], up.addr.to_string(), "{rec}");
+        let out = self.proxy.log.outcome(&id).await;
+        assert_eq!(out["status"], 200, "{out}");
+        assert_eq!(out["upstream"], up.addr.to_string(), "{out}");
+        assert_eq!(out["error"], Value::Null, "{out}");
+        assert_eq!(out["complete"], true, "{out}");
+        assert_eq!(out["bytes_out"], reply.body.len() as u64, "{out}");
+        rec
+    }
+}
+
+fn json_opt(s: Option<&str>) -> Value {
+    s.map_or(Value::Null, |s| Value::String(s.into()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_paths_are_refused_before_anything_else() {
+    let w = World::start().await;
+    for target in [
+        "/payments/%2e%2e/admin",
+        "/payments/u1%2Fx",
+        "/payments/u1%5cx",
+        "/payments/u1/%00",
+    ] {
+        let r = w.get(APP, target, &[]).await;
+        let rec = w.refused(&r, 400, "ambiguous_path", None).await;
+        assert_eq!(rec["rule"], "request.path");
+        // The log shows what arrived, since no normal form exists.
+        assert_eq!(rec["request"]["path"], target);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_forwarding_header_from_a_trusted_proxy_is_a_bad_request() {
+    let w = World::start().await;
+    let r = w
+        .get(
+            BALANCER,
+            "/payments/u1/2026-01.json",
+            &[("X-Forwarded-For", "203.0.113.9, not-an-address")],
+        )
+        .await;
+    let rec = w.refused(&r, 400, "bad_request", None).await;
+    assert_eq!(rec["rule"], "proxy.trusted_proxies");
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("not-an-address")
+    );
+    // The same header from an untrusted peer is not read at all.
+    let r = w
+        .get(
+            APP,
+            "/payments/u1/2026-01.json",
+            &[("X-Forwarded-For", "203.0.113.9, not-an-address")],
+        )
+        .await;
+    let rec = w.forwarded(&r, "domestic", &w.home).await;
+    assert_eq!(rec["client"]["ip"], APP);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_matching_no_dataset_has_no_route() {
+    let w = World::start().await;
+    let r = w.get(APP, "/elsewhere/x", &[]).await;
+    let rec = w.refused(&r, 404, "no_route", None).await;
+    assert_eq!(rec["rule"], "policy.unmatched");
+    assert_eq!(rec["client"]["country"], "CN");
+    assert_eq!(rec["recipient"]["id"], "payments-app");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmatched_requests_go_to_the_named_upstream_when_the_policy_allows() {
+    let w = World::start_with(Serve::Ok, |s| {
+        s.policy("unmatched = 'allow'")
+            .policy("unmatched_upstream = 'cn-store'")
+    })
+    .await;
+    let r = w.get(BUREAU, "/elsewhere/x", &[]).await;
+    let rec = w.forwarded(&r, "unmatched_allowed", &w.home).await;
+    assert_eq!(rec["decision"], "allow");
+    assert_eq!(rec["rule"], "policy.unmatched");
+    assert_eq!(rec["dataset"], Value::Null);
+    assert_eq!(w.home.last().target, "/elsewhere/x");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_upstream_is_refused_whatever_the_method() {
+    let w = World::start().await;
+    for (method, from) in [
+        ("GET", APP),
+        ("PUT", APP),
+        ("DELETE", BUREAU),
+        ("HEAD", APP),
+    ] {
+        let req = request(method, "/backup/u1/2026-01.json")
+            .body(empty())
+            .unwrap();
+        let r = client::send(from, w.proxy.addr, req).await;
+        if method == "HEAD" {
+            // No body on a HEAD answer, but the same refusal and the same records.
+            assert_eq!(r.status, 451);
+            let rec = w.proxy.log.decision(&r.decision_id());
+            assert_eq!(rec["reason"], "upstream_outside_jurisdiction");
+            continue;
+        }
+        let rec = w
+            .refused(&r, 451, "upstream_outside_jurisdiction", Some("backup"))
+            .await;
+        assert_eq!(rec["rule"], "datasets.backup.upstream");
+        assert_eq!(rec["upstream"]["name"], "us-store");
+        assert_eq!(rec["upstream"]["country"], "US");
+        assert_eq!(rec["request"]["method"], method);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unlocated_client_is_refused_when_unknown_locations_are_denied() {
+    let w = World::start().await;
+    let r = w
+        .get(NOWHERE, "/payments/u-ok/2026-01.json", &[PURPOSE])
+        .await;
+    let rec = w
+        .refused(&r, 451, "location_unknown", Some("payments"))
+        .await;
+    assert_eq!(rec["rule"], "policy.unknown_location");
+    assert_eq!(rec["client"]["country"], Value::Null);
+    assert_eq!(rec["client"]["source"], "none");
+    assert_eq!(rec["client"]["ip"], NOWHERE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_border_and_third_party_denials() {
+    let w = World::start().await;
+    let r = w.get(BUREAU, "/ledger/u-ok/2026-01.json", &[PURPOSE]).await;
+    let rec = w
+        .refused(&r, 451, "cross_border_denied", Some("ledger"))
+        .await;
+    assert_eq!(rec["rule"], "datasets.ledger.cross_border");
+    assert_eq!(rec["recipient"]["id"], "credit-bureau-us");
+    assert_eq!(rec["recipient"]["country"], "US");
+    assert_eq!(rec["client"]["country"], "US");
+    assert_eq!(rec["upstream"]["name"], "cn-store");
+    // Even a valid consent does not lift a `deny`.
+    assert_eq!(rec["consent"], Value::Null);
+
+    // Third parties are refused at home too.
+    let r = w.get(PARTNER, "/profiles/u-ok/card.json", &[PURPOSE]).await;
+    let rec = w
+        .refused(&r, 451, "third_party_denied", Some("profiles"))
+        .await;
+    assert_eq!(rec["rule"], "datasets.profiles.third_party");
+    assert_eq!(rec["recipient"]["id"], "partner-cn");
+    assert_eq!(rec["recipient"]["relation"], "third_party");
+    assert_eq!(rec["client"]["country"], "CN");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_needs_a_subject_and_a_purpose() {
+    let w = World::start().await;
+    let r = w.get(BUREAU, "/reports/2026-q1.json", &[PURPOSE]).await;
+    let rec = w
+        .refused(&r, 451, "subject_unidentified", Some("reports"))
+        .await;
+    assert_eq!(rec["rule"], "datasets.reports.subject");
+    assert_eq!(rec["subject"], Value::Null);
+
+    let r = w.get(BUREAU, "/payments/u-ok/2026-01.json", &[]).await;
+    let rec = w
+        .refused(&r, 451, "purpose_missing", Some("payments"))
+        .await;
+    assert_eq!(rec["rule"], "consent.purpose_header");
+    assert_eq!(rec["purpose"], Value::Null);
+}
+
+/// Each way a consent can fail, with the consent named in the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_consent_failure_names_its_reason_and_consent() {
+    let w = World::start().await;
+    let cases: [(&str, &str, &str, Option<&str>); 8] = [
+        ("u-none", "credit_scoring", "consent_missing", None),
+        ("u-exp", "credit_scoring", "consent_expired", Some("c-exp")),
+        ("u-rev", "credit_scoring", "consent_revoked", Some("c-rev")),
+        (
+            "u-pre",
+            "credit_scoring",
+            "consent_method_invalid",
+            Some("c-pre"),
+        ),
+        ("u-ok", "marketing", "consent_scope_mismatch", Some("c-ok")),
+        (
+            "u-cat",
+            "credit_scoring",
+            "consent_scope_mismatch",
+            Some("c-cat"),
+        ),
+        (
+            "u-dest",
+            "credit_scoring",
+            "consent_scope_mismatch",
+            Some("c-dest"),
+        ),
+        // A consent names its recipient: the anonymous caller holds none.
+        ("u-ok", "credit_scoring", "consent_missing", None),
+    ];
+    for (i, (subject, purpose, reason, consent_id)) in cases.into_iter().enumerate() {
+        let from = if i == 7 { ANON_US } else { BUREAU };
+        let target = format!("/payments/{subject}/2026-01.json");
+        let r = w.get(from, &target, &[("X-Purpose", purpose)]).await;
+        let rec = w.refused(&r, 451, reason, Some("payments")).await;
+        assert_eq!(rec["rule"], "datasets.payments.cross_border", "{rec}");
+        assert_eq!(rec["purpose"], purpose);
+        match consent_id {
+            Some(c) => {
+                assert_eq!(rec["consent"]["id"], c, "{rec}");
+                assert_eq!(rec["consent"]["result"], reason, "{rec}");
+            }
+            None => assert_eq!(rec["consent"], Value::Null, "{rec}"),
+        }
+        // Subjects are pseudonymised, in the subject field and in the logged path.
+        let subj = rec["subject"].as_str().unwrap();
+        assert!(subj.starts_with("hmac:"), "{rec}");
+        assert!(!rec.to_string().contains(subject), "raw subject in {rec}");
+        assert_eq!(
+            rec["request"]["path"],
+            format!("/payments/{subj}/2026-01.json")
+        );
+    }
+    let r = w
+        .get(BUREAU, "/payments/u-dest/2026-01.json", &[PURPOSE])
+        .await;
+    assert!(
+        r.json()["message"].as_str().unwrap().contains("US"),
+        "{}",
+        r.text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_transfers_name_their_reason() {
+    let w = World::start().await;
+    // The first party at home.
+    let r = w.get(APP, "/payments/u-ok/2026-01.json", &[]).await;
+    let rec = w.forwarded(&r, "domestic", &w.home).await;
+    assert_eq!(rec["decision"], "allow");
+    assert_eq!(rec["rule"], "datasets.payments.match");
+    assert_eq!(rec["recipient"]["id"], "payments-app");
+    assert_eq!(rec["recipient"]["relation"], "first_party");
+    assert_eq!(rec["client"]["country"], "CN");
+    assert_eq!(rec["client"]["source"], "override");
+    assert_eq!(rec["upstream"]["name"], "cn-store");
+    assert_eq!(rec["upstream"]["country"], "CN");
+    assert_eq!(rec["consent"], Value::Null);
+
+    // A valid explicit consent.
+    let r = w
+        .get(BUREAU, "/payments/u-ok/2026-01.json", &[PURPOSE])
+        .await;
+    let rec = w.forwarded(&r, "consented", &w.home).await;
+    assert_eq!(rec["rule"], "datasets.payments.cross_border");
+    assert_eq!(rec["consent"]["id"], "c-ok");
+    assert_eq!(rec["consent"]["result"], "valid");
+
+    // A consent for `user.financial` covers `user.financial.transactions`.
+    let r = w
+        .get(BUREAU, "/transactions/u-ok/2026-01.json", &[PURPOSE])
+        .await;
+    let rec = w.forwarded(&r, "consented", &w.home).await;
+    assert_eq!(rec["category"], "user.financial.transactions");
+    assert_eq!(rec["consent"]["id"], "c-ok");
+
+    // Data the policy lets leave.
+    let r = w.get(BUREAU, "/catalog/rates.json", &[]).await;
+    let rec = w.forwarded(&r, "cross_border_allowed", &w.home).await;
+    assert_eq!(rec["rule"], "datasets.catalog.cross_border");
+
+    // Writes carry nothing out; only the store's location counts.
+    let r = w
+        .send(BUREAU, "PUT", "/payments/u-none/2026-01.json", "{}")
+        .await;
+    let rec = w.forwarded(&r, "not_egress", &w.home).await;
+    assert_eq!(rec["rule"], "datasets.payments.egress_methods");
+    assert_eq!(w.home.last().method, "PUT");
+    assert_eq!(w.home.requests(), 5);
+    assert_eq!(w.abroad.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consent_granted_while_running_takes_effect() {
+    let w = World::start().await;
+    let target = "/payments/u-new/2026-01.json";
+    let r = w.get(BUREAU, target, &[PURPOSE]).await;
+    w.refused(&r, 451, "consent_missing", Some("payments"))
+        .await;
+    let mut all = registry();
+    all.push(consent("c-new", "u-new", "credit-bureau-us"));
+    w.proxy.set_consents(&all).await;
+    let r = w.get(BUREAU, target, &[PURPOSE]).await;
+    let rec = w.forwarded(&r, "consented", &w.home).await;
+    assert_eq!(rec["consent"]["id"], "c-new");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_mode_logs_the_would_be_denial_and_forwards() {
+    // Policy-wide.
+    let w = World::start_with(Serve::Ok, |s| s.policy("mode = 'audit'")).await;
+    let r = w
+        .get(BUREAU, "/payments/u-none/2026-01.json", &[PURPOSE])
+        .await;
+    let rec = w.forwarded(&r, "consent_missing", &w.home).await;
+    assert_eq!(rec["decision"], "deny");
+    assert_eq!(rec["enforced"], false);
+    assert_eq!(rec["rule"], "datasets.payments.cross_border");
+    assert_eq!(w.home.requests(), 1);
+
+    // One dataset in audit mode inside an enforcing policy: even a foreign store.
+    let w = World::start().await;
+    let r = w.get(APP, "/audited/u1/2026-01.json", &[]).await;
+    let rec = w
+        .forwarded(&r, "upstream_outside_jurisdiction", &w.abroad)
+        .await;
+    assert_eq!(rec["decision"], "deny");
+    assert_eq!(rec["enforced"], false);
+    assert_eq!(rec["upstream"]["country"], "US");
+    // The enforcing rest of the policy still refuses.
+    let r = w.get(APP, "/backup/u1/2026-01.json", &[]).await;
+    assert_eq!(r.status, 451);
+    assert_eq!(w.abroad.requests(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_refuses_connections_is_a_502() {
+    let w = World::start().await;
+    let r = w.get(APP, "/dead/x", &[]).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    let body = r.json();
+    let id = r.decision_id();
+    assert_eq!(body["error"], "upstream_unreachable");
+    assert_eq!(body["decision_id"], id.as_str());
+    assert!(body["message"].as_str().unwrap().ends_with('.'), "{body}");
+    assert_eq!(body["dataset"], "dead");
+    // The decision allowed the request; the failure came after it.
+    let rec = w.proxy.log.decision(&id);
+    assert_eq!(rec["decision"], "allow");
+    assert_eq!(rec["reason"], "domestic");
+    let out = w.proxy.log.outcome(&id).await;
+    assert_eq!(out["status"], 502);
+    assert_eq!(out["error"], "upstream_unreachable");
+    assert_eq!(out["upstream"], rec["upstream"]["addr"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_answers_too_late_is_a_504() {
+    let w = World::start_with(Serve::Delay(Duration::from_secs(5)), |s| {
+        s.proxy("upstream_timeout = '300ms'")
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let r = w.get(APP, "/payments/u1/2026-01.json", &[]).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the proxy waited for the upstream"
+    );
+    assert_eq!(r.status, 504, "{}", r.text());
+    let body = r.json();
+    let id = r.decision_id();
+    assert_eq!(body["error"], "upstream_timeout");
+    assert_eq!(body["dataset"], "payments");
+    assert!(body["message"].as_str().unwrap().ends_with('.'), "{body}");
+    let rec = w.proxy.log.decision(&id);
+    assert_eq!(rec["decision"], "allow");
+    let out = w.proxy.log.outcome(&id).await;
+    assert_eq!(out["status"], 504);
+    assert_eq!(out["error"], "upstream_timeout");
+}
+
+/// Regression: the upstream timeout ran from the first byte sent, so an upload that took
+/// longer than `upstream_timeout` to send was cut off with a 504 although the store answered
+/// at once. The timeout is how long the store may take to answer once it has the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_not_an_upstream_timeout() {
+    let w = World::start_with(Serve::Ok, |s| s.proxy("upstream_timeout = '400ms'")).await;
+    let req = request("PUT", "/payments/u1/2026-01.json")
+        .body(Trickle::new(6, 1000, Duration::from_millis(200)).boxed())
+        .unwrap();
+    let r = client::send(APP, w.proxy.addr, req).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(w.home.last().body_len, 6000);
+    let out = w.proxy.log.outcome(&r.decision_id()).await;
+    assert_eq!(out["error"], Value::Null, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_are_a_431() {
+    let w = World::start().await;
+    let big = "x".repeat(5000);
+    let r = w
+        .get(APP, "/payments/u1/2026-01.json", &[("X-Padding", &big)])
+        .await;
+    let rec = w.refused(&r, 431, "headers_too_large", None).await;
+    assert_eq!(rec["rule"], "proxy.max_header_bytes");
+}
+
+/// Regression: heads that hyper itself refuses (more headers than `max_headers`, larger than
+/// its read buffer, not HTTP) were answered but left no record in the decision log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_refused_before_the_pipeline_are_logged_too() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::start().await;
+    let mut b = request("GET", "/payments/u1/2026-01.json");
+    for i in 0..150 {
+        b = b.header(format!("x-h{i}"), "v");
+    }
+    let r = client::send(APP, w.proxy.addr, b.body(empty()).unwrap()).await;
+    assert_eq!(r.status, 431);
+    let huge = "x".repeat(64 * 1024);
+    let r = w
+        .get(APP, "/payments/u1/2026-01.json", &[("X-Huge", &huge)])
+        .await;
+    assert_eq!(r.status, 431);
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(format!("{PARTNER}:0").parse().unwrap())
+        .unwrap();
+    let mut stream = socket.connect(w.proxy.addr).await.unwrap();
+    stream.write_all(b"NOT HTTP AT ALL\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+
+    let mut found = Vec::new();
+    support::wait_until("three failure records", || {
+        found = w
+            .proxy
+            .log
+            .of_kind("decision")
+            .into_iter()
+            .filter(|r| r["decision"] == "error")
+            .collect();
+        found.len() == 3
+    })
+    .await;
+    // Each is logged when its connection ends, so their order in the log is not fixed.
+    let mut summary: Vec<(String, String, u64)> = found
+        .iter()
+        .map(|r| {
+            (
+                r["reason"].as_str().unwrap().to_string(),
+                r["client"]["ip"].as_str().unwrap().to_string(),
+                r["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    summary.sort();
+    assert_eq!(
+        summary,
+        [
+            ("bad_request".to_string(), PARTNER.to_string(), 400),
+            ("headers_too_large".to_string(), APP.to_string(), 431),
+            ("headers_too_large".to_string(), APP.to_string(), 431),
+        ]
+    );
+    for rec in &found {
+        let rule = if rec["reason"] == "bad_request" {
+            "request.head"
+        } else {
+            "proxy.max_header_bytes"
+        };
+        assert_eq!(rec["rule"], rule, "{rec}");
+        let out = w.proxy.log.outcome(rec["id"].as_str().unwrap()).await;
+        assert_eq!(out["status"], rec["status"]);
+    }
+    assert_eq!(w.home.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_is_a_413() {
+    let w = World::start().await;
+    let body = vec![b'a'; 70_000];
+    let req = request("PUT", "/payments/u1/2026-01.json")
+        .body(full(body))
+        .unwrap();
+    let r = client::send(APP, w.proxy.addr, req).await;
+    let rec = w.refused(&r, 413, "payload_too_large", None).await;
+    assert_eq!(rec["rule"], "proxy.max_body_bytes");
+}
+
+/// Regression: the limit was only compared with `Content-Length`, so a chunked body of any
+/// size went through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_chunked_body_is_a_413_too() {
+    let w = World::start().await;
+    let req = request("PUT", "/payments/u1/2026-01.json")
+        .body(Generated::chunked(200_000, 8192).boxed())
+        .unwrap();
+    let r = client::send(APP, w.proxy.addr, req).await;
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(r.json()["error"], "payload_too_large");
+    let id = r.decision_id();
+    let out = w.proxy.log.outcome(&id).await;
+    assert_eq!(out["status"], 413, "{out}");
+    assert_eq!(out["error"], "payload_too_large", "{out}");
+    // Whatever reached the store before the cut is an incomplete request, never a stored
+    // object.
+    assert!(
+        w.home.requests() == 0 || w.home.last().body_len <= 65536,
+        "the store received {} bytes",
+        w.home.last().body_len
+    );
+    // A chunked body within the limit still goes through whole.
+    let req = request("PUT", "/payments/u1/2026-01.json")
+        .body(Generated::chunked(60_000, 8192).boxed())
+        .unwrap();
+    let r = client::send(APP, w.proxy.addr, req).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(w.home.last().body_len, 60_000);
+}

@@ -1,0 +1,178 @@
+//! The decision log under concurrent load and across shutdown: one decision and one outcome
+//! record per request, a chain that verifies, and in-flight exchanges that finish and are
+//! logged after `shutdown()` begins.
+
+mod support;
+
+use residency_proxy::audit::verify::verify;
+use std::collections::HashMap;
+use std::time::Duration;
+use support::client::{self, Conn, empty, full, request};
+use support::proxy::{APP, BUREAU, HOME_IP, PolicySpec, TestProxy, consent, payments_dataset};
+use support::upstream::{Reply as Serve, Upstream};
+
+async fn start(home: &Upstream, tweak: impl FnOnce(PolicySpec) -> PolicySpec) -> TestProxy {
+    let spec = PolicySpec::new()
+        .with_parties()
+        .upstream("cn-store", &home.url())
+        .toml(&payments_dataset("cn-store", "consent", "consent"))
+        .consents(vec![consent("c-1", "u1", "credit-bureau-us")]);
+    tweak(spec).start().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_has_one_decision_and_one_outcome_and_the_log_verifies() {
+    let home = Upstream::start(HOME_IP, Serve::Ok).await;
+    // Checkpoints, when due, land among the records and must verify too.
+    let mut proxy = start(&home, |s| s.log("checkpoint_every = 50")).await;
+    let addr = proxy.addr;
+    let mut tasks = Vec::new();
+    for i in 0..200usize {
+        tasks.push(tokio::spawn(async move {
+            let (from, method, target, purpose) = match i % 5 {
+                0 => (APP, "GET", format!("/payments/u{i}/a.json"), ""),
+                1 => (
+                    BUREAU,
+                    "GET",
+                    "/payments/u1/a.json".into(),
+                    "credit_scoring",
+                ),
+                2 => (
+                    BUREAU,
+                    "GET",
+                    format!("/payments/u{i}/a.json"),
+                    "credit_scoring",
+                ),
+                3 => (BUREAU, "PUT", format!("/payments/u{i}/a.json"), ""),
+                _ => (APP, "GET", format!("/nowhere/{i}"), ""),
+            };
+            let mut req = request(method, &target);
+            if !purpose.is_empty() {
+                req = req.header("x-purpose", purpose);
+            }
+            let r = client::send(from, addr, req.body(full("x")).unwrap()).await;
+            let want = [200, 200, 451, 200, 404][i % 5];
+            assert_eq!(r.status, want, "request {i}: {}", r.text());
+            r.decision_id()
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap());
+    }
+    assert_eq!(home.requests(), 120);
+    proxy.shutdown().await;
+
+    let mut decisions: HashMap<String, usize> = HashMap::new();
+    let mut outcomes: HashMap<String, usize> = HashMap::new();
+    let records = proxy.log.records();
+    for r in &records {
+        let id = r["id"].as_str().map(str::to_string);
+        match r["kind"].as_str() {
+            Some("decision") => *decisions.entry(id.unwrap()).or_default() += 1,
+            Some("outcome") => *outcomes.entry(id.unwrap()).or_default() += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(decisions.len(), 200, "decision records");
+    assert_eq!(outcomes.len(), 200, "outcome records");
+    for id in &ids {
+        assert_eq!(decisions.get(id), Some(&1), "decision records of {id}");
+        assert_eq!(outcomes.get(id), Some(&1), "outcome records of {id}");
+    }
+    let report = verify(&proxy.log.path).unwrap_or_else(|e| panic!("the log does not verify: {e}"));
+    assert_eq!(report.records, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_flight_response_completes_after_shutdown_begins() {
+    let home = Upstream::start(HOME_IP, Serve::Delay(Duration::from_millis(700))).await;
+    let mut proxy = start(&home, |s| s).await;
+    let addr = proxy.addr;
+    let slow = tokio::spawn(async move {
+        let req = request("GET", "/payments/u1/a.json").body(empty()).unwrap();
+        client::send(APP, addr, req).await
+    });
+    // Shut down only once the request is at the store, waiting for its answer.
+    home.wait_requests(1).await;
+    proxy.shutdown().await;
+
+    let r = slow.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), format!("ok from {}", home.addr));
+    let id = r.decision_id();
+    let records = proxy.log.records();
+    let outcome = records
+        .iter()
+        .find(|r| r["kind"] == "outcome" && r["id"] == id.as_str())
+        .unwrap_or_else(|| panic!("no outcome record for {id} after shutdown"));
+    assert_eq!(outcome["status"], 200);
+    assert_eq!(outcome["complete"], true);
+    verify(&proxy.log.path).unwrap_or_else(|e| panic!("the log does not verify: {e}"));
+
+    // The listener is closed: a new client is refused.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{APP}:0").parse().unwrap()).unwrap();
+    assert!(
+        socket.connect(addr).await.is_err(),
+        "the proxy still accepts after shutdown"
+    );
+}
+
+/// An idle keep-alive client does not hold shutdown up for the whole drain timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_does_not_delay_shutdown() {
+    let home = Upstream::start(HOME_IP, Serve::Ok).await;
+    let mut proxy = start(&home, |s| s.proxy("drain_timeout = '20s'")).await;
+    let mut conn = Conn::open(APP, proxy.addr).await;
+    let r = conn
+        .send(request("GET", "/payments/u1/a.json").body(empty()).unwrap())
+        .await;
+    assert_eq!(r.status, 200);
+    let started = std::time::Instant::now();
+    proxy.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown waited {:?} for an idle connection",
+        started.elapsed()
+    );
+    proxy.log.outcome(&r.decision_id()).await;
+}
+
+/// A client that goes away in the middle of a download still leaves an outcome record,
+/// which says the response did not reach its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_mid_download_leaves_an_incomplete_outcome() {
+    let size = 64 * 1024 * 1024;
+    let home = Upstream::start(
+        HOME_IP,
+        Serve::Stream {
+            len: size,
+            chunk: 64 * 1024,
+        },
+    )
+    .await;
+    let proxy = start(&home, |s| s).await;
+    let id = {
+        let mut conn = Conn::open(APP, proxy.addr).await;
+        let mut resp = conn
+            .response(
+                request("GET", "/payments/u1/big.bin")
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await;
+        let id = resp.headers()["x-residency-decision"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        use http_body_util::BodyExt;
+        resp.body_mut().frame().await.unwrap().unwrap();
+        id
+        // The connection drops here, after the first chunk.
+    };
+    let out = proxy.log.outcome(&id).await;
+    assert_eq!(out["status"], 200, "{out}");
+    assert_eq!(out["complete"], false, "{out}");
+    assert!(out["bytes_out"].as_u64().unwrap() < size, "{out}");
+}
