@@ -2,6 +2,7 @@
 //! only with valid consent, and logs every decision in a verifiable chain.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod audit;
 pub mod cli;
 pub mod consent;

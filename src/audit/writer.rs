@@ -69,6 +69,8 @@ struct Counters {
     written: AtomicU64,
     failures: AtomicU64,
     dropped: AtomicU64,
+    /// Whether the last batch was written (readiness).
+    failing: std::sync::atomic::AtomicBool,
 }
 
 /// A handle to the writer thread; cheap to clone. When every handle is dropped without
@@ -185,6 +187,11 @@ impl LogWriter {
     /// `append_later`, only counted).
     pub fn failures(&self) -> u64 {
         self.counters.failures.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last write succeeded (false after a failure, until a write works again).
+    pub fn healthy(&self) -> bool {
+        !self.counters.failing.load(Ordering::Relaxed)
     }
 
     /// `append_later` records that never reached the writer.
@@ -339,10 +346,12 @@ impl Committer {
         let answer = match result {
             Ok(()) => {
                 self.counters.written.fetch_add(n, Ordering::Relaxed);
+                self.counters.failing.store(false, Ordering::Relaxed);
                 Ok(())
             }
             Err(e) => {
                 self.counters.failures.fetch_add(n, Ordering::Relaxed);
+                self.counters.failing.store(true, Ordering::Relaxed);
                 tracing::error!(
                     log.target = %self.sink.name(),
                     log.next_seq = self.seq + 1,

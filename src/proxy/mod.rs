@@ -45,6 +45,8 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
     #[error("{what} cannot change on reload (restart the proxy to change it)")]
     NeedsRestart { what: &'static str },
 }
@@ -66,6 +68,9 @@ pub struct ServeConfig {
 /// A proxy started in this process.
 pub struct RunningProxy {
     pub addr: SocketAddr,
+    /// Where the admin listener is bound.
+    pub admin_addr: SocketAddr,
+    admin: Option<crate::admin::RunningAdmin>,
     pub shared: Arc<Shared>,
     config: ServeConfig,
     stop: watch::Sender<bool>,
@@ -102,9 +107,12 @@ impl RunningProxy {
 
     /// Stops accepting, drains open connections (bounded by `drain_timeout`), flushes the
     /// decision log and returns.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         let _ = self.server.await;
+        if let Some(a) = self.admin.take() {
+            a.shutdown().await;
+        }
         for b in &self.background {
             b.abort();
         }
@@ -163,11 +171,26 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
         geo.db = snapshot.geo_label.as_deref().unwrap_or("none"),
         "residency-proxy serving"
     );
+    let admin_listen = snapshot.policy.admin.listen;
+    let token = snapshot
+        .policy
+        .admin
+        .token_file
+        .as_deref()
+        .map(crate::admin::read_token)
+        .transpose()?;
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(snapshot),
         log,
         consents,
     });
+    let admin_state = Arc::new(crate::admin::AdminState {
+        shared: shared.clone(),
+        token,
+    });
+    let admin = crate::admin::start(admin_listen, admin_state).await?;
+    let admin_addr = admin.addr;
+    tracing::info!(admin.listen = %admin_addr, "admin listener serving");
     let (stop, stop_rx) = watch::channel(false);
     background.push(tokio::spawn(resolver(shared.clone(), resolve_every)));
     let server = tokio::spawn(server::accept_loop(
@@ -178,6 +201,8 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
     ));
     Ok(RunningProxy {
         addr,
+        admin_addr,
+        admin: Some(admin),
         shared,
         config,
         stop,

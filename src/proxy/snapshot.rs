@@ -48,6 +48,7 @@ pub struct Snapshot {
     pub geo_label: Option<Arc<str>>,
     pub consents: Arc<ConsentIndex>,
     pub signing_key: Option<Arc<SigningKey>>,
+    pub loaded_at: jiff::Timestamp,
 }
 
 /// Reads a policy from disk and applies the command-line overrides.
@@ -114,6 +115,7 @@ impl Snapshot {
             geo_label,
             consents,
             signing_key,
+            loaded_at: jiff::Timestamp::now(),
         })
     }
 

@@ -113,6 +113,18 @@ impl Conn {
         self.sender.send_request(req).await.expect("a response")
     }
 
+    /// Sends `req` and reads the response whole; a connection error is returned, not a panic.
+    pub async fn try_send(&mut self, req: Request<ReqBody>) -> Result<Reply, hyper::Error> {
+        self.sender.ready().await?;
+        let (parts, body) = self.sender.send_request(req).await?.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Reply {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        })
+    }
+
     /// Sends `req` and reads the response whole.
     pub async fn send(&mut self, req: Request<ReqBody>) -> Reply {
         let (parts, body) = self.response(req).await.into_parts();

@@ -136,13 +136,20 @@ impl PolicySpec {
             s.push('\n');
             s
         };
+        // Parallel tests never share a port: the admin listener binds an ephemeral one too.
+        let admin = if self.body.contains("[admin]") {
+            String::new()
+        } else {
+            "[admin]\nlisten = '127.0.0.1:0'\n\n".to_string()
+        };
         format!(
-            "{}{}{}{}{}",
+            "{}{}{}{}{}{}",
             table("policy", &self.policy),
             table("proxy", &proxy),
             self.body,
             table("consent", &consent),
-            table("log", &log)
+            table("log", &log),
+            admin
         )
     }
 

@@ -116,6 +116,11 @@ impl Upstream {
             .expect("the upstream has received a request")
     }
 
+    /// The last request whose body was read whole, if any has been.
+    pub fn last_seen(&self) -> Option<Seen> {
+        self.state.last.lock().unwrap().clone()
+    }
+
     /// Waits (at most 10 s) until `n` requests have arrived.
     pub async fn wait_requests(&self, n: u64) {
         super::wait_until("upstream requests", || self.requests() >= n).await;

@@ -1,0 +1,224 @@
+//! The admin listener (SPEC section 6), on its own address, never on the data listener:
+//! health, readiness, the loaded policy, and the routes other modules plug in (the consent
+//! API, metrics). Mutating routes need the bearer token from `[admin].token_file`.
+
+use crate::proxy::Shared;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde::Serialize;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub type AdminResponse = Response<Full<Bytes>>;
+
+/// Largest request body the admin API reads.
+pub const MAX_BODY: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot listen on admin address {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot read admin token file {}: {source}", path.display())]
+    Token {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("admin token file {} is empty", path.display())]
+    EmptyToken { path: PathBuf },
+}
+
+/// What the admin listener serves from.
+pub struct AdminState {
+    pub shared: Arc<Shared>,
+    /// The bearer token for mutating endpoints; `None` refuses them all.
+    pub token: Option<Vec<u8>>,
+}
+
+/// Reads the bearer token (surrounding white space ignored).
+pub fn read_token(path: &Path) -> Result<Vec<u8>, AdminError> {
+    let raw = std::fs::read(path).map_err(|source| AdminError::Token {
+        path: path.into(),
+        source,
+    })?;
+    let token = raw.trim_ascii().to_vec();
+    if token.is_empty() {
+        return Err(AdminError::EmptyToken { path: path.into() });
+    }
+    Ok(token)
+}
+
+/// A JSON response.
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> AdminResponse {
+    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// A JSON error body `{"error": code, "message": …}`.
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> AdminResponse {
+    json(
+        status,
+        &serde_json::json!({ "error": code, "message": message.into() }),
+    )
+}
+
+/// A plain-text response.
+pub fn text(status: StatusCode, content_type: &'static str, body: String) -> AdminResponse {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+impl AdminState {
+    /// Whether the request carries the bearer token, compared in constant time.
+    pub fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let Some(token) = &self.token else {
+            return false;
+        };
+        let Some(given) = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        else {
+            return false;
+        };
+        aws_lc_rs::constant_time::verify_slices_are_equal(given.trim_ascii(), token).is_ok()
+    }
+}
+
+/// Reads a request body of at most `MAX_BODY` bytes.
+pub async fn read_body(req: Request<Incoming>) -> Result<Bytes, AdminResponse> {
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(_) => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request bodies are limited to {MAX_BODY} bytes"),
+        )),
+    }
+}
+
+/// What readiness found; `failing` names each check that did not pass.
+#[derive(Debug, Serialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub failing: Vec<String>,
+}
+
+/// Readiness: a policy is loaded (always, once serving), the decision log is writable (no
+/// failure since the last success) and the consent registry is reachable.
+pub fn readiness(shared: &Shared) -> Readiness {
+    let mut failing = Vec::new();
+    if !shared.log.healthy() {
+        failing.push("decision log: the last write failed".to_string());
+    }
+    Readiness {
+        ready: failing.is_empty(),
+        failing,
+    }
+}
+
+async fn route(
+    state: Arc<AdminState>,
+    req: Request<Incoming>,
+) -> Result<AdminResponse, Infallible> {
+    let path = req.uri().path().to_string();
+    let resp = match (req.method(), path.as_str()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        (&Method::GET, "/readyz") => {
+            let r = readiness(&state.shared);
+            json(
+                if r.ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                },
+                &r,
+            )
+        }
+        (&Method::GET, "/v1/policy") => {
+            let snap = state.shared.snapshot.load();
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "name": snap.policy.name,
+                    "hash": snap.policy.hash,
+                    "loaded_at": crate::audit::record::timestamp(snap.loaded_at),
+                    "geo_db": snap.geo_label.as_deref(),
+                    "sources": snap.policy.sources.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+                }),
+            )
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no admin endpoint {} {path}", req.method()),
+        ),
+    };
+    Ok(resp)
+}
+
+/// A running admin listener.
+pub struct RunningAdmin {
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl RunningAdmin {
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Binds `addr` and serves the admin routes until shut down.
+pub async fn start(addr: SocketAddr, state: Arc<AdminState>) -> Result<RunningAdmin, AdminError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| AdminError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| AdminError::Bind { addr, source })?;
+    let (stop, mut stop_rx) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+        loop {
+            let (stream, _) = tokio::select! {
+                r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                _ = stop_rx.changed() => return,
+            };
+            let state = state.clone();
+            let builder = builder.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| route(state.clone(), req));
+                let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    Ok(RunningAdmin {
+        addr: bound,
+        stop,
+        task,
+    })
+}

@@ -1,0 +1,57 @@
+//! The admin listener: health, readiness and the loaded policy, on its own address, never on
+//! the data listener.
+
+mod support;
+
+use support::client::{self, request};
+use support::proxy::{APP, HOME_IP, PolicySpec, payments_dataset};
+use support::upstream::{Reply as Serve, Upstream};
+
+#[tokio::test]
+async fn health_readiness_and_policy_are_served_on_the_admin_address_only() {
+    let home = Upstream::start(HOME_IP, Serve::Ok).await;
+    let mut proxy = PolicySpec::new()
+        .with_parties()
+        .upstream("cn-store", &home.url())
+        .toml(&payments_dataset("cn-store", "consent", "consent"))
+        .start()
+        .await;
+    let admin = proxy.running().admin_addr;
+    assert_ne!(admin, proxy.addr);
+
+    let r = client::send(
+        "127.0.0.1",
+        admin,
+        request("GET", "/healthz").body(client::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!((r.status, r.text().trim()), (200, "ok"));
+
+    let r = client::send(
+        "127.0.0.1",
+        admin,
+        request("GET", "/readyz").body(client::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["ready"], true);
+
+    let r = client::send(
+        "127.0.0.1",
+        admin,
+        request("GET", "/v1/policy").body(client::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["name"], "itest");
+    let hash = proxy.running().shared.snapshot.load().policy.hash.clone();
+    assert_eq!(v["hash"], hash.as_str());
+    assert!(v["loaded_at"].as_str().unwrap().ends_with('Z'));
+
+    // The data listener does not answer admin paths: they are ordinary requests there.
+    let r = client::get(APP, proxy.addr, "/healthz", &[]).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"], "no_route");
+    proxy.shutdown().await;
+}
