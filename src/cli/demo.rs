@@ -33,6 +33,9 @@ pub struct DemoArgs {
     /// Proxy listen address, overriding the policy's.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// Admin listen address, overriding the policy's.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
     /// Exit after the replay instead of staying up for your own calls.
     #[arg(long)]
     pub no_wait: bool,
@@ -321,6 +324,7 @@ async fn demo(args: DemoArgs) -> CliResult {
         policy_path: args.policy.clone(),
         overrides: Overrides {
             listen: args.listen,
+            admin: args.admin,
             ..Overrides::default()
         },
     })
