@@ -83,22 +83,24 @@ fn bench(c: &mut Criterion) {
             )
         })
         .collect();
-    let req = |path: &'static str, peer: &str| request(&get, &headers, path, peer.parse().unwrap());
+    let bureau: std::net::IpAddr = "127.0.0.20".parse().unwrap();
+    let app: std::net::IpAddr = "127.0.0.10".parse().unwrap();
+    let req = |path: &'static str, peer: std::net::IpAddr| request(&get, &headers, path, peer);
     let paths: Vec<&'static str> = paths
         .into_iter()
         .map(|p| &*Box::leak(p.into_boxed_str()))
         .collect();
     // Sanity: the three scenarios decide as intended.
     assert_eq!(
-        decide(&policy, &env, &req(paths[1], "127.0.0.20"), &mut ()).reason,
+        decide(&policy, &env, &req(paths[1], bureau), &mut ()).reason,
         Reason::Consented
     );
     assert_eq!(
-        decide(&policy, &env, &req(paths[1], "127.0.0.10"), &mut ()).reason,
+        decide(&policy, &env, &req(paths[1], app), &mut ()).reason,
         Reason::Domestic
     );
     assert_eq!(
-        decide(&policy, &env, &req("/ds1/u1/x.json", "127.0.0.20"), &mut ()).reason,
+        decide(&policy, &env, &req("/ds1/u1/x.json", bureau), &mut ()).reason,
         Reason::ConsentMissing
     );
 
@@ -106,19 +108,19 @@ fn bench(c: &mut Criterion) {
     c.bench_function("decide/consented_cross_border", |b| {
         b.iter(|| {
             i = (i + 1) & 4095;
-            black_box(decide(&policy, &env, &req(paths[i], "127.0.0.20"), &mut ()).reason)
+            black_box(decide(&policy, &env, &req(paths[i], bureau), &mut ()).reason)
         })
     });
     c.bench_function("decide/domestic_first_party", |b| {
         b.iter(|| {
             i = (i + 1) & 4095;
-            black_box(decide(&policy, &env, &req(paths[i], "127.0.0.10"), &mut ()).reason)
+            black_box(decide(&policy, &env, &req(paths[i], app), &mut ()).reason)
         })
     });
     c.bench_function("decide/refused_no_consent", |b| {
         b.iter(|| {
             i = (i + 1) & 4095;
-            black_box(decide(&policy, &env, &req("/ds1/u1/x.json", "127.0.0.20"), &mut ()).reason)
+            black_box(decide(&policy, &env, &req("/ds1/u1/x.json", bureau), &mut ()).reason)
         })
     });
 }

@@ -58,7 +58,12 @@ impl Interner {
 impl ConsentIndex {
     pub fn new() -> ConsentIndex {
         ConsentIndex {
-            map: papaya::HashMap::with_hasher(RandomState::default()),
+            // Blocking resizes: writers (stores, off the request path) finish a resize before going
+            // on, so readers never search two tables.
+            map: papaya::HashMap::builder()
+                .hasher(RandomState::default())
+                .resize_mode(papaya::ResizeMode::Blocking)
+                .build(),
             writer: Mutex::new(Interner::default()),
             count: AtomicUsize::new(0),
         }

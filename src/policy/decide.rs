@@ -13,6 +13,16 @@ use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Deref;
 
+/// Records a trace step only when the tracer wants it: with `()` neither the note nor its
+/// arguments are computed.
+macro_rules! step {
+    ($trace:ident, $rule:expr, $($arg:tt)*) => {
+        if $trace.enabled() {
+            $trace.step($rule, format_args!($($arg)*));
+        }
+    };
+}
+
 /// The request as the proxy received it.
 #[derive(Clone, Copy, Debug)]
 pub struct Request<'a> {
@@ -141,20 +151,20 @@ pub fn decide<'a, E: Env, T: Tracer>(
     let path = match path::normalize(req.path) {
         Ok(p) => p,
         Err(why) => {
-            trace.step("request.path", format_args!("{why}: ambiguous"));
+            step!(trace, "request.path", "{why}: ambiguous");
             let mut d = Decision::new(Reason::AmbiguousPath, "request.path");
             d.verdict = Verdict::Deny;
             d.detail = Some(Cow::Owned(why.to_string()));
             return d;
         }
     };
-    trace.step("request.path", format_args!("normalised to {path}"));
+    step!(trace, "request.path", "normalised to {path}");
 
     // 2. Find the client and the recipient.
     let addr = match forwarded::client_addr(req.peer, req.headers, &policy.trusted_proxies) {
         Ok(a) => a,
         Err(e) => {
-            trace.step("proxy.trusted_proxies", format_args!("{e}"));
+            step!(trace, "proxy.trusted_proxies", "{e}");
             let mut d = Decision::new(Reason::BadRequest, "proxy.trusted_proxies");
             d.verdict = Verdict::Error;
             d.detail = Some(Cow::Owned(e.to_string()));
@@ -163,20 +173,19 @@ pub fn decide<'a, E: Env, T: Tracer>(
         }
     };
     let location = env.locate(addr.ip);
-    trace.step(
+    step!(
+        trace,
         "proxy.trusted_proxies",
-        format_args!(
-            "client {}{} located {} by {}",
-            addr.ip,
-            addr.via
-                .map(|v| format!(" (forwarded by trusted proxy {v})"))
-                .unwrap_or_default(),
-            location
-                .country()
-                .map(|c| c.as_str().to_string())
-                .unwrap_or_else(|| "nowhere".into()),
-            location.source()
-        ),
+        "client {}{} located {} by {}",
+        addr.ip,
+        addr.via
+            .map(|v| format!(" (forwarded by trusted proxy {v})"))
+            .unwrap_or_default(),
+        location
+            .country()
+            .map(|c| c.as_str().to_string())
+            .unwrap_or_else(|| "nowhere".into()),
+        location.source()
     );
     let declared = req
         .identity
@@ -185,15 +194,14 @@ pub fn decide<'a, E: Env, T: Tracer>(
     let recipient = match declared {
         Some(i) => {
             let r = &policy.recipients[i];
-            trace.step(
+            step!(
+                trace,
                 &format!("recipients.{}", r.id),
-                format_args!(
-                    "{} recipient, seat {}",
-                    r.relation.as_str(),
-                    r.country
-                        .map(|c| c.to_string())
-                        .unwrap_or_else(|| "undeclared".into())
-                ),
+                "{} recipient, seat {}",
+                r.relation.as_str(),
+                r.country
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "undeclared".into())
             );
             RecipientFacts {
                 id: Some(&*r.id),
@@ -202,9 +210,10 @@ pub fn decide<'a, E: Env, T: Tracer>(
             }
         }
         None => {
-            trace.step(
+            step!(
+                trace,
                 "recipients",
-                format_args!("no declared recipient matches: an anonymous third party"),
+                "no declared recipient matches: an anonymous third party"
             );
             RecipientFacts {
                 id: None,
@@ -227,9 +236,10 @@ pub fn decide<'a, E: Env, T: Tracer>(
         d.recipient = Some(recipient);
         match (policy.unmatched, policy.unmatched_upstream) {
             (Unmatched::Allow, Some(u)) => {
-                trace.step(
+                step!(
+                    trace,
                     "policy.unmatched",
-                    format_args!("no dataset matches; unmatched requests are allowed"),
+                    "no dataset matches; unmatched requests are allowed"
                 );
                 d.reason = Reason::UnmatchedAllowed;
                 match pick_any(env, u, req.pick) {
@@ -238,19 +248,19 @@ pub fn decide<'a, E: Env, T: Tracer>(
                 }
             }
             _ => {
-                trace.step(
-                    "policy.unmatched",
-                    format_args!("no dataset matches: no route"),
-                );
+                step!(trace, "policy.unmatched", "no dataset matches: no route");
                 d.verdict = Verdict::Deny;
             }
         }
         return d;
     };
     let ds = &policy.datasets[di];
-    trace.step(
+    step!(
+        trace,
         &ds.rules.matcher,
-        format_args!("dataset \"{}\" (prefix {})", ds.name, ds.path_prefix),
+        "dataset \"{}\" (prefix {})",
+        ds.name,
+        ds.path_prefix
     );
     let mut d = Decision::new(Reason::Domestic, &ds.rules.matcher);
     d.dataset = Some(di);
@@ -281,12 +291,12 @@ pub fn decide<'a, E: Env, T: Tracer>(
     let (allowed, first) = count_allowed(env, ds, &addrs);
     let up = &policy.upstreams[ds.upstream];
     if allowed == 0 {
-        trace.step(
+        step!(
+            trace,
             &ds.rules.upstream,
-            format_args!(
-                "no address of upstream \"{}\" is inside {}",
-                up.name, ds.home.name
-            ),
+            "no address of upstream \"{}\" is inside {}",
+            up.name,
+            ds.home.name
         );
         let (addr, location) = first;
         d.upstream = Some(UpstreamChoice {
@@ -303,32 +313,33 @@ pub fn decide<'a, E: Env, T: Tracer>(
         return d;
     }
     let choice = nth_allowed(env, ds, &addrs, req.pick % allowed);
-    trace.step(
+    step!(
+        trace,
         &ds.rules.upstream,
-        format_args!(
-            "upstream \"{}\" at {} located {} ({}){}",
-            up.name,
-            choice.addr,
-            choice
-                .location
-                .country()
-                .map(|c| c.to_string())
-                .unwrap_or_else(|| "nowhere".into()),
-            choice.location.source(),
-            if ds.resident {
-                format!(", inside {}", ds.home.name)
-            } else {
-                ", dataset not residency-bound".to_string()
-            }
-        ),
+        "upstream \"{}\" at {} located {} ({}){}",
+        up.name,
+        choice.addr,
+        choice
+            .location
+            .country()
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "nowhere".into()),
+        choice.location.source(),
+        if ds.resident {
+            format!(", inside {}", ds.home.name)
+        } else {
+            ", dataset not residency-bound".to_string()
+        }
     );
     d.upstream = Some(choice);
 
     // 5-8. Transfer rules, for egress methods only.
     if !ds.is_egress(req.method) {
-        trace.step(
+        step!(
+            trace,
             &ds.rules.egress,
-            format_args!("{} does not carry data out", req.method),
+            "{} does not carry data out",
+            req.method
         );
         d.reason = Reason::NotEgress;
         d.rule = &ds.rules.egress;
@@ -359,9 +370,12 @@ fn unreachable_upstream<'a, T: Tracer>(
     trace: &mut T,
 ) -> Decision<'a> {
     let up = &policy.upstreams[u];
-    trace.step(
+    step!(
+        trace,
         &up.rule,
-        format_args!("upstream \"{}\" ({}): {why}", up.name, up.host),
+        "upstream \"{}\" ({}): {why}",
+        up.name,
+        up.host
     );
     d.verdict = Verdict::Error;
     d.reason = Reason::UpstreamUnreachable;
@@ -455,16 +469,18 @@ fn transfer<'a, E: Env, T: Tracer>(
         Some(c) => !home.contains(c),
         None => match policy.unknown_location {
             UnknownLocation::Deny => {
-                trace.step(
+                step!(
+                    trace,
                     "policy.unknown_location",
-                    format_args!("the client address is not located: deny"),
+                    "the client address is not located: deny"
                 );
                 return deny(d, Reason::LocationUnknown, "policy.unknown_location");
             }
             UnknownLocation::Foreign => {
-                trace.step(
+                step!(
+                    trace,
                     "policy.unknown_location",
-                    format_args!("the client address is not located: treated as foreign"),
+                    "the client address is not located: treated as foreign"
                 );
                 true
             }
@@ -481,15 +497,20 @@ fn transfer<'a, E: Env, T: Tracer>(
     let cb = d.outside_home.then_some(ds.cross_border);
     let tp = third.then_some(ds.third_party);
     if let Some(r) = cb {
-        trace.step(
+        step!(
+            trace,
             &ds.rules.cross_border,
-            format_args!("destination outside {}: {}", ds.home.name, r.as_str()),
+            "destination outside {}: {}",
+            ds.home.name,
+            r.as_str()
         );
     }
     if let Some(r) = tp {
-        trace.step(
+        step!(
+            trace,
             &ds.rules.third_party,
-            format_args!("recipient is a third party: {}", r.as_str()),
+            "recipient is a third party: {}",
+            r.as_str()
         );
     }
     if cb == Some(Rule::Deny) {
@@ -512,10 +533,7 @@ fn transfer<'a, E: Env, T: Tracer>(
             return d;
         }
         _ => {
-            trace.step(
-                &ds.rules.matcher,
-                format_args!("first party at home: domestic"),
-            );
+            step!(trace, &ds.rules.matcher, "first party at home: domestic");
             d.reason = Reason::Domestic;
             return d;
         }
@@ -544,54 +562,58 @@ fn consent<'a, E: Env, T: Tracer>(
     mut d: Decision<'a>,
     trace: &mut T,
 ) -> Decision<'a> {
-    let Some(subject) = d.subject.clone() else {
-        trace.step(
-            &ds.rules.subject,
-            format_args!("no data subject in the request"),
-        );
+    if d.subject.is_none() {
+        step!(trace, &ds.rules.subject, "no data subject in the request");
         return deny(d, Reason::SubjectUnidentified, &ds.rules.subject);
-    };
+    }
     let Some(purpose) = d.purpose else {
-        trace.step(
+        step!(
+            trace,
             "consent.purpose_header",
-            format_args!("no purpose declared in {}", policy.consent.purpose_header),
+            "no purpose declared in {}",
+            policy.consent.purpose_header
         );
         return deny(d, Reason::PurposeMissing, "consent.purpose_header");
     };
     let rule = d.rule;
     let Some(recipient) = d.recipient.as_ref().and_then(|r| r.id) else {
-        trace.step(
+        step!(
+            trace,
             rule,
-            format_args!("an anonymous caller cannot hold consent: consent names its recipient"),
+            "an anonymous caller cannot hold consent: consent names its recipient"
         );
         d.detail = Some(Cow::Borrowed("the caller is not a declared recipient"));
         return deny(d, Reason::ConsentMissing, rule);
     };
-    let consents = match env.consents(&subject) {
+    let consents = match env.consents(d.subject.as_deref().unwrap_or_default()) {
         ConsentLookup::Found(c) => c,
         ConsentLookup::NotFound => {
-            trace.step(
-                rule,
-                format_args!("the registry holds no consent of this subject"),
-            );
+            step!(trace, rule, "the registry holds no consent of this subject");
             return deny(d, Reason::ConsentMissing, rule);
         }
         ConsentLookup::Unavailable => {
-            trace.step(
+            step!(
+                trace,
                 "consent.store",
-                format_args!("the consent registry is unavailable"),
+                "the consent registry is unavailable"
             );
             return deny(d, Reason::ConsentStoreUnavailable, "consent.store");
         }
     };
     let now = env.now();
-    let dests: Vec<Country> = d.destinations.iter().flatten().copied().collect();
+    let mut dest_buf = [Country::parse_shape("ZZ").expect("two letters"); 2];
+    let mut n = 0;
+    for c in d.destinations.iter().flatten() {
+        dest_buf[n] = *c;
+        n += 1;
+    }
+    let dests = &dest_buf[..n];
     let mut nearest: Option<(&Consent, Reason, String)> = None;
     for c in consents.iter().filter(|c| &*c.recipient == recipient) {
-        let failure = check(policy, ds, c, purpose, &dests, now);
+        let failure = check(policy, ds, c, purpose, dests, now);
         match failure {
             None => {
-                trace.step(rule, format_args!("consent {} is valid", c.id));
+                step!(trace, rule, "consent {} is valid", c.id);
                 d.reason = Reason::Consented;
                 d.consent = Some(ConsentUse {
                     id: c.id.clone(),
@@ -600,10 +622,7 @@ fn consent<'a, E: Env, T: Tracer>(
                 return d;
             }
             Some((reason, why)) => {
-                trace.step(
-                    rule,
-                    format_args!("consent {}: {} ({why})", c.id, reason.as_str()),
-                );
+                step!(trace, rule, "consent {}: {} ({why})", c.id, reason.as_str());
                 if nearest
                     .as_ref()
                     .is_none_or(|(_, r, _)| rank(reason) > rank(*r))
@@ -615,9 +634,10 @@ fn consent<'a, E: Env, T: Tracer>(
     }
     match nearest {
         None => {
-            trace.step(
+            step!(
+                trace,
                 rule,
-                format_args!("no consent of this subject names recipient \"{recipient}\""),
+                "no consent of this subject names recipient \"{recipient}\""
             );
             deny(d, Reason::ConsentMissing, rule)
         }

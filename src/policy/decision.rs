@@ -307,12 +307,20 @@ pub struct TraceStep {
     pub note: String,
 }
 
-/// Receives the trace of a decision; `()` discards it at no cost.
+/// Receives the trace of a decision; `()` discards it at no cost (callers check `enabled`
+/// first, so that not even the arguments of a step are computed).
 pub trait Tracer {
+    fn enabled(&self) -> bool {
+        true
+    }
     fn step(&mut self, rule: &str, note: fmt::Arguments<'_>);
 }
 
 impl Tracer for () {
+    #[inline(always)]
+    fn enabled(&self) -> bool {
+        false
+    }
     #[inline(always)]
     fn step(&mut self, _: &str, _: fmt::Arguments<'_>) {}
 }

@@ -34,6 +34,11 @@ impl fmt::Display for Ambiguity {
     }
 }
 
+/// Whether a literal `.` or `..` segment appears (dots inside names, `a.json`, do not count).
+fn has_dot_segment(raw: &str) -> bool {
+    raw.split('/').skip(1).any(|seg| seg == "." || seg == "..")
+}
+
 fn unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
@@ -55,7 +60,10 @@ pub fn normalize(raw: &str) -> Result<Cow<'_, str>, Ambiguity> {
     if b.first() != Some(&b'/') {
         return Err(Ambiguity::NotAbsolute);
     }
-    if !b.iter().any(|&c| matches!(c, b'%' | b'\\' | b'.' | 0)) && !raw.contains("//") {
+    if !b.iter().any(|&c| matches!(c, b'%' | b'\\' | 0))
+        && !raw.contains("//")
+        && !has_dot_segment(raw)
+    {
         return Ok(Cow::Borrowed(raw));
     }
     let mut out: Vec<&str> = Vec::new();
