@@ -4,7 +4,8 @@
 //! Each line is read as untyped JSON, so that a record the verifier's own version does not
 //! know still verifies, and hashed again over a canonical form built here: object keys
 //! sorted, no whitespace. That is the form the writer emits, since record fields are
-//! declared in sorted order.
+//! declared in sorted order; the line itself must be exactly that form with `hash` last, so
+//! that a value spelled another way (`0e0` for `0.0`) does not pass as the same record.
 
 use super::chain::{GENESIS, link};
 use serde_json::Value;
@@ -183,6 +184,15 @@ impl Chain {
         if link(&self.hash, &self.canonical) != hash {
             return Err("hash mismatch: record was edited".into());
         }
+        // The hash covers the record's values, and JSON spells some values two ways (`0.0`
+        // and `0e0`, `\u001f` and `\u001F`): only the bytes the writer emits are accepted,
+        // so that no byte of a line can change unnoticed.
+        if !is_written_form(line, &self.canonical, &hash) {
+            return Err(
+                "record is not in the form the writer emits (canonical JSON, hash last): it was edited"
+                    .into(),
+            );
+        }
 
         self.seq = seq;
         self.hash = hash;
@@ -193,6 +203,20 @@ impl Chain {
         }
         Ok(())
     }
+}
+
+/// Whether `line` is `canonical` with `"hash"` added as its last field, as the writer
+/// writes it.
+fn is_written_form(line: &[u8], canonical: &[u8], hash: &str) -> bool {
+    const KEY: &[u8] = br#","hash":""#;
+    let Some((b'}', body)) = canonical.split_last() else {
+        return false;
+    };
+    line.len() == body.len() + KEY.len() + hash.len() + 2
+        && line.starts_with(body)
+        && line[body.len()..].starts_with(KEY)
+        && line[body.len() + KEY.len()..].starts_with(hash.as_bytes())
+        && line.ends_with(b"\"}")
 }
 
 /// Writes `value` in the canonical form the chain hashes: object keys sorted by their UTF-8
@@ -294,6 +318,25 @@ mod tests {
         lines[2] = lines[2].replace("\"method\":\"GET\"", "\"method\":\"PUT\"");
         let path = write(dir.path(), "d.jsonl", &lines);
         broken_at(&path, 3, "hash mismatch: record was edited");
+    }
+
+    /// Found by `tests/properties.rs`: an outcome's `"duration_ms":0.0` changed to `0e0`
+    /// parsed to the same value, hashed the same, and verified.
+    #[test]
+    fn a_value_respelled_with_the_same_meaning_is_an_edit() {
+        let dir = tempfile::tempdir().unwrap();
+        let respellings = [
+            ("\"method\":\"GET\"", "\"method\":\"\\u0047ET\""),
+            ("{\"category\"", "{ \"category\""),
+            ("\"v\":1,\"hash\"", "\"v\":1 ,\"hash\""),
+        ];
+        for (i, (from, to)) in respellings.into_iter().enumerate() {
+            let mut lines = written_log(dir.path());
+            assert!(lines[2].contains(from), "{from} not in {}", lines[2]);
+            lines[2] = lines[2].replacen(from, to, 1);
+            let path = write(dir.path(), &format!("d{i}.jsonl"), &lines);
+            broken_at(&path, 3, "not in the form the writer emits");
+        }
     }
 
     #[test]

@@ -5,6 +5,21 @@ use crate::policy::PolicyError;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
+#[command(
+    // The subcommand's doc comment in `cli/mod.rs` sets `about` and `long_about`; the
+    // details go after the options.
+    after_long_help = "Validates policy files without starting anything, like `nginx -t` or \
+`opa check`. Each FILE is loaded with the files it includes (`include = [\"other.toml\"]`, \
+relative to the including file) and compiled exactly as `serve` would compile it; every error \
+is reported, not only the first.\n\n\
+Each error goes to standard error as\n\
+\n    FILE:LINE: RULE: MESSAGE\n\n\
+where FILE is the file that holds the mistake (an included file is named itself), LINE its \
+line, and RULE the rule's path (e.g. datasets.payments.upstream); then a count per policy. \
+A valid policy gets one line on standard output: its name, its counts and its hash.\n\n\
+Exit status:\n  0  every policy is valid\n  1  a policy has an error\n  \
+2  bad usage, or a file (or a file it includes) cannot be read"
+)]
 pub struct CheckArgs {
     /// Policy files to validate.
     #[arg(required = true)]

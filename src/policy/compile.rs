@@ -82,6 +82,8 @@ struct Loaded {
     diags: Vec<Diagnostic>,
     /// One merged view; every array item remembers its origin.
     file: MergedFile,
+    /// A file could not be parsed, so the merged view is incomplete.
+    unparsed: bool,
 }
 
 #[derive(Default)]
@@ -100,6 +102,9 @@ struct MergedFile {
     tls: Option<(usize, RawTls)>,
 }
 
+/// How deep includes may nest.
+const MAX_INCLUDE_DEPTH: usize = 16;
+
 /// Loads the policy at `entry` and every file it includes, through `read`, and compiles it.
 pub fn load(
     entry: &Path,
@@ -109,9 +114,15 @@ pub fn load(
         sources: Vec::new(),
         diags: Vec::new(),
         file: MergedFile::default(),
+        unparsed: false,
     };
     let mut stack = Vec::new();
     load_file(entry, &mut read, &mut loaded, &mut stack)?;
+    // Checking what was read of a partly unreadable policy would only report what the
+    // unparsed file may well define (a missing [policy], an unknown upstream): stop here.
+    if loaded.unparsed {
+        return Err(PolicyError::Invalid(loaded.diags));
+    }
     let mut cx = Cx {
         sources: &loaded.sources,
         diags: loaded.diags,
@@ -164,12 +175,19 @@ fn load_file(
         }
         Err(e) => {
             let line = e.span().map(|s| line_at(&text, s.start));
+            // A value of the wrong type is named by its path; a syntax error has none.
+            let rule = e
+                .span()
+                .and_then(|s| path_at(&text, s.start))
+                .map(|segs| display_segments(&segs))
+                .unwrap_or_default();
             loaded.diags.push(Diagnostic {
                 file: path.to_path_buf(),
                 line,
-                rule: String::new(),
+                rule,
                 message: e.message().trim().to_string(),
             });
+            loaded.unparsed = true;
             stack.pop();
             return Ok(());
         }
@@ -193,15 +211,32 @@ fn load_file(
     let base = path.parent().unwrap_or(Path::new(""));
     for (i, inc) in include.iter().enumerate() {
         let inc_path = base.join(inc);
-        if stack.contains(&inc_path) {
+        // A cycle, a second inclusion, or nesting too deep (a cycle spelled through
+        // different paths, `a/../x.toml`) is reported instead of loaded again: loading
+        // again would repeat every definition, and re-including would not terminate.
+        let refused = if stack.contains(&inc_path) {
+            Some(format!(
+                "\"{inc}\" includes itself (cycle through {})",
+                inc_path.display()
+            ))
+        } else if loaded.sources.iter().any(|s| s.path == inc_path) {
+            Some(format!(
+                "\"{inc}\" is already included ({}); a file can be included only once",
+                inc_path.display()
+            ))
+        } else if stack.len() >= MAX_INCLUDE_DEPTH {
+            Some(format!(
+                "\"{inc}\" is nested more than {MAX_INCLUDE_DEPTH} includes deep"
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = refused {
             loaded.diags.push(Diagnostic {
                 file: path.to_path_buf(),
                 line: line_of(&text, &[Seg::Key("include".into()), Seg::Index(i)]),
                 rule: "include".into(),
-                message: format!(
-                    "\"{inc}\" includes itself (cycle through {})",
-                    inc_path.display()
-                ),
+                message,
             });
             continue;
         }
@@ -364,6 +399,41 @@ fn line_of(text: &str, segs: &[Seg]) -> Option<usize> {
     best.map(|o| line_at(text, o))
 }
 
+/// The path of the innermost value of `text` whose span holds `offset`, when `text` is
+/// valid TOML (that is, when `offset` comes from a deserialisation error).
+fn path_at(text: &str, offset: usize) -> Option<Vec<Seg>> {
+    use toml::de::{DeTable, DeValue};
+    type Value<'a> = toml::Spanned<DeValue<'a>>;
+    fn in_table(t: &DeTable<'_>, offset: usize, path: &mut Vec<Seg>) -> bool {
+        t.iter().any(|(k, v)| {
+            path.push(Seg::Key(k.get_ref().to_string()));
+            in_value(v, offset, path) || {
+                path.pop();
+                false
+            }
+        })
+    }
+    // Tables and arrays are searched whatever their own span says: a `[table]`'s span
+    // need not cover the keys under it.
+    fn in_value(v: &Value<'_>, offset: usize, path: &mut Vec<Seg>) -> bool {
+        let inside = match v.get_ref() {
+            DeValue::Table(t) => in_table(t, offset, path),
+            DeValue::Array(a) => a.iter().enumerate().any(|(i, x)| {
+                path.push(Seg::Index(i));
+                in_value(x, offset, path) || {
+                    path.pop();
+                    false
+                }
+            }),
+            _ => false,
+        };
+        inside || v.span().contains(&offset)
+    }
+    let root = DeTable::parse(text).ok()?;
+    let mut path = Vec::new();
+    in_table(root.get_ref(), offset, &mut path).then_some(path)
+}
+
 /// Collects diagnostics while compiling.
 struct Cx<'s> {
     sources: &'s [Source],
@@ -408,11 +478,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = num.parse().map_err(|_| {
         format!("\"{s}\" is not a duration (write e.g. \"500ms\", \"10s\", \"5m\")")
     })?;
+    let secs = |per: u64| {
+        n.checked_mul(per)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("\"{s}\" is too long a duration"))
+    };
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
+        "m" => secs(60),
+        "h" => secs(3600),
         _ => Err(format!(
             "\"{s}\" is not a duration: the unit must be ms, s, m or h"
         )),
@@ -725,6 +800,8 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
 
     // [[upstreams]]
     let mut upstreams: Vec<Upstream> = Vec::new();
+    // Names seen so far, valid or not: a duplicate of an invalid item is still a duplicate.
+    let mut upstream_names = HashSet::new();
     for (o, u) in m.upstreams {
         let rule = format!("upstreams.{}", u.name);
         if u.name.is_empty() {
@@ -734,7 +811,7 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
                 rule.clone(),
                 "an upstream needs a name",
             );
-        } else if upstreams.iter().any(|x| *x.name == *u.name) {
+        } else if !upstream_names.insert(u.name.clone()) {
             cx.err(
                 o.file,
                 &item("upstreams", o, Some("name")),
@@ -809,6 +886,12 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
             parsed
         });
         let idx = recipients.len();
+        // Whom a repeated identity or network already belongs to: this very recipient (not
+        // yet in `recipients`) when it lists the same one twice.
+        let owner = |prev: usize| match recipients.get(prev) {
+            Some(other) if prev != idx => format!("recipient \"{}\"", other.id),
+            _ => "this recipient: it is listed twice".to_string(),
+        };
         for (i, id) in r.identities.iter().enumerate() {
             let at = [
                 k("recipients"),
@@ -823,10 +906,7 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
                     o.file,
                     &at,
                     format!("{rule}.identities"),
-                    format!(
-                        "identity \"{id}\" already belongs to recipient \"{}\"",
-                        recipients[prev].id
-                    ),
+                    format!("identity \"{id}\" already belongs to {}", owner(prev)),
                 );
             }
         }
@@ -845,10 +925,7 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
                             o.file,
                             &at,
                             format!("{rule}.networks"),
-                            format!(
-                                "network {net} already belongs to recipient \"{}\"",
-                                recipients[prev].id
-                            ),
+                            format!("network {net} already belongs to {}", owner(prev)),
                         );
                     }
                     nets.push(net);
@@ -1074,6 +1151,7 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
 
     // [[datasets]]
     let mut datasets: Vec<Dataset> = Vec::new();
+    let mut dataset_names = HashSet::new();
     for (o, d) in m.datasets {
         let base = if d.name.is_empty() {
             format!("datasets[{}]", datasets.len())
@@ -1084,7 +1162,7 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
         let at = |f: &str| item("datasets", o, Some(f));
         if d.name.is_empty() {
             cx.err(o.file, &at("name"), base.clone(), "a dataset needs a name");
-        } else if datasets.iter().any(|x| *x.name == *d.name) {
+        } else if !dataset_names.insert(d.name.clone()) {
             cx.err(
                 o.file,
                 &at("name"),
@@ -1094,7 +1172,8 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
             continue;
         }
         let upstream = upstreams.iter().position(|u| *u.name == *d.upstream);
-        if upstream.is_none() {
+        // An upstream that is defined but invalid has its own error already.
+        if upstream.is_none() && !upstream_names.contains(&d.upstream) {
             let known: Vec<&str> = upstreams.iter().map(|u| &*u.name).collect();
             cx.err(
                 o.file,
