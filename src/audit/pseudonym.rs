@@ -62,10 +62,59 @@ impl Pseudonymizer {
             if Some(i) == segment || decoded.as_deref() == Some(subject) {
                 out.push_str(p);
             } else {
-                out.push_str(seg);
+                match decoded {
+                    // The subject inside a longer name (`u123-2026.json`) is hidden too.
+                    Some(d) if !subject.is_empty() && d.contains(subject) => {
+                        out.push_str(&d.replace(subject, p))
+                    }
+                    _ => out.push_str(seg),
+                }
             }
         }
         out
+    }
+
+    /// For a request whose subject is not known (no dataset matched, or the path could not
+    /// be read): every segment after the first becomes a pseudonym, since any of them might
+    /// name a person. `audit query --subject` still finds whole-segment subjects.
+    pub fn opaque_path(&self, path: &str) -> String {
+        if matches!(self, Pseudonymizer::Off) {
+            return path.to_string();
+        }
+        let mut out = String::with_capacity(path.len() + 140);
+        for (i, seg) in path.split('/').enumerate() {
+            if i > 0 {
+                out.push('/');
+            }
+            if i <= 1 || seg.is_empty() {
+                out.push_str(seg);
+            } else {
+                let decoded = crate::policy::path::percent_decode(seg);
+                out.push_str(&self.pseudonym(decoded.as_deref().unwrap_or(seg)));
+            }
+        }
+        out
+    }
+
+    /// The query of a request whose subject is not known: every value pseudonymised,
+    /// credentials masked.
+    pub fn opaque_query(&self, query: &str, masked: &[HeaderName]) -> String {
+        query
+            .split('&')
+            .map(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                let lk = k.to_ascii_lowercase();
+                if SECRET_PARAMS.contains(&lk.as_str()) || masked.iter().any(|h| h.as_str() == lk) {
+                    format!("{k}=[masked]")
+                } else if v.is_empty() || matches!(self, Pseudonymizer::Off) {
+                    pair.to_string()
+                } else {
+                    let decoded = crate::policy::path::percent_decode(v);
+                    format!("{k}={}", self.pseudonym(decoded.as_deref().unwrap_or(v)))
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("&")
     }
 
     /// The query with values naming the subject pseudonymised and credentials masked.
@@ -85,11 +134,12 @@ impl Pseudonymizer {
                     return format!("{k}=[masked]");
                 }
                 match (subject, pseudonym) {
-                    (Some(s), Some(p))
-                        if !matches!(self, Pseudonymizer::Off)
-                            && crate::policy::path::percent_decode(v).as_deref() == Some(s) =>
-                    {
-                        format!("{k}={p}")
+                    (Some(s), Some(p)) if !matches!(self, Pseudonymizer::Off) && !s.is_empty() => {
+                        match crate::policy::path::percent_decode(v) {
+                            Some(d) if d == s => format!("{k}={p}"),
+                            Some(d) if d.contains(s) => format!("{k}={}", d.replace(s, p)),
+                            _ => pair.to_string(),
+                        }
                     }
                     _ => pair.to_string(),
                 }
@@ -123,6 +173,33 @@ mod tests {
             &[],
         );
         assert_eq!(q, format!("uid={ps}&X-Amz-Signature=[masked]&x=1"));
+    }
+
+    #[test]
+    fn regression_subjects_inside_names_reached_the_log() {
+        let p = Pseudonymizer::new(&[7; 32]);
+        let ps = p.pseudonym("dave");
+        let path = p.path(
+            "/payments/dave/dave-2026.json",
+            Some("dave"),
+            Some(2),
+            Some(&ps),
+        );
+        assert_eq!(path, format!("/payments/{ps}/{ps}-2026.json"));
+        let q = p.query("prefix=dave/&x=1", Some("dave"), Some(&ps), &[]);
+        assert_eq!(q, format!("prefix={ps}/&x=1"));
+        // Unknown subject: every segment after the first, every query value.
+        let o = p.opaque_path("/payments/dave/x.json");
+        assert!(
+            !o.contains("dave") && o.starts_with("/payments/hmac:"),
+            "{o}"
+        );
+        assert!(
+            o.contains(&ps),
+            "a whole-segment subject stays findable: {o}"
+        );
+        let oq = p.opaque_query("uid=dave&X-Amz-Signature=s", &[]);
+        assert_eq!(oq, format!("uid={ps}&X-Amz-Signature=[masked]"));
     }
 
     #[test]

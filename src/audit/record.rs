@@ -170,13 +170,22 @@ pub fn decision_record(
     let dataset = decision.dataset.map(|i| &policy.datasets[i]);
     let subject = decision.subject.as_deref();
     let pseudonym = subject.map(|s| pseudo.pseudonym(s));
+    // Without a dataset there is no knowing which part of the target names a person.
+    let opaque = dataset.is_none() || decision.path.is_none();
     let path = match &decision.path {
-        Some(p) => pseudo.path(p, subject, decision.subject_segment, pseudonym.as_deref()),
-        None => cx.raw_path.to_string(),
+        Some(p) if !opaque => {
+            pseudo.path(p, subject, decision.subject_segment, pseudonym.as_deref())
+        }
+        Some(p) => pseudo.opaque_path(p),
+        None => pseudo.opaque_path(cx.raw_path),
     };
-    let query = cx
-        .query
-        .map(|q| pseudo.query(q, subject, pseudonym.as_deref(), &policy.log.mask_headers));
+    let query = cx.query.map(|q| {
+        if opaque {
+            pseudo.opaque_query(q, &policy.log.mask_headers)
+        } else {
+            pseudo.query(q, subject, pseudonym.as_deref(), &policy.log.mask_headers)
+        }
+    });
     let mut headers = BTreeMap::new();
     let mut note = |name: &http::HeaderName| {
         if let Some(v) = cx.headers.get(name) {

@@ -189,6 +189,11 @@ impl LogWriter {
         self.counters.failures.load(Ordering::Relaxed)
     }
 
+    /// Whether the writer has stopped (after `close`): nothing more can be logged.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     /// Whether the last write succeeded (false after a failure, until a write works again).
     pub fn healthy(&self) -> bool {
         !self.counters.failing.load(Ordering::Relaxed)

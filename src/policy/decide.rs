@@ -78,6 +78,22 @@ pub fn match_dataset(
 ) -> Option<usize> {
     let host = host.map(strip_port);
     let idx = &policy.dataset_index;
+    let fits = |i: usize| {
+        let d = &policy.datasets[i];
+        d.host
+            .as_ref()
+            .is_none_or(|want| host.is_some_and(|h| host_matches(want, h)))
+            && d.methods.as_ref().is_none_or(|ms| ms.contains(method))
+    };
+    // `/payments` (a bucket listing) belongs to the dataset of `/payments/`: the longest
+    // candidate prefix, one byte longer than the path itself.
+    if !path.ends_with('/')
+        && idx.lengths.contains(&(path.len() + 1))
+        && let Some(list) = idx.by_prefix.get(&format!("{path}/")[..])
+        && let Some(&i) = list.iter().find(|&&i| fits(i))
+    {
+        return Some(i);
+    }
     for &len in &idx.lengths {
         if len > path.len() || !path.is_char_boundary(len) {
             continue;
@@ -125,19 +141,82 @@ fn host_matches(want: &str, host: &str) -> bool {
     }
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &http::HeaderName) -> Option<&'a str> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
+const STANDARD_METHODS: [Method; 9] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::DELETE,
+    Method::CONNECT,
+    Method::OPTIONS,
+    Method::TRACE,
+    Method::PATCH,
+];
+
+/// Whether the method is one of RFC 9110's. Extension methods are treated as carrying data
+/// out, whatever `egress_methods` says: the proxy cannot know what an upstream does with them.
+fn is_standard(m: &Method) -> bool {
+    STANDARD_METHODS.contains(m)
 }
 
-fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
-    query?.split('&').find_map(|pair| {
+/// Request shapes that two HTTP implementations may read differently.
+fn request_ambiguity(req: &Request<'_>) -> Option<&'static str> {
+    let m = req.method;
+    if !is_standard(m)
+        && STANDARD_METHODS
+            .iter()
+            .any(|s| s.as_str().eq_ignore_ascii_case(m.as_str()))
+    {
+        return Some(
+            "the method is a standard one spelled in another case; methods are case-sensitive",
+        );
+    }
+    if m == Method::CONNECT {
+        return Some("CONNECT is not supported: the proxy forwards requests, not tunnels");
+    }
+    if req
+        .headers
+        .get_all(http::header::HOST)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return Some("the request has more than one Host header");
+    }
+    None
+}
+
+/// The value of a header that must appear at most once: `Err` when it appears twice.
+fn single_header<'a>(
+    headers: &'a HeaderMap,
+    name: &http::HeaderName,
+) -> Result<Option<&'a str>, ()> {
+    let mut all = headers.get_all(name).iter();
+    let first = all.next();
+    if all.next().is_some() {
+        return Err(());
+    }
+    Ok(first
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|s| !s.is_empty()))
+}
+
+/// The value of query parameter `name`, keys compared after percent-decoding; `Err` when
+/// the parameter appears more than once (an upstream might read the other one).
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Result<Option<&'a str>, ()> {
+    let Some(q) = query else { return Ok(None) };
+    let mut found = None;
+    for pair in q.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name && !v.is_empty()).then_some(v)
-    })
+        if path::percent_decode(k).as_deref() == Some(name) {
+            if found.is_some() {
+                return Err(());
+            }
+            found = Some(v);
+        }
+    }
+    Ok(found.filter(|v| !v.is_empty()))
 }
 
 /// Decides one request. Never fails: every outcome is a `Decision`.
@@ -147,6 +226,16 @@ pub fn decide<'a, E: Env, T: Tracer>(
     req: &Request<'a>,
     trace: &mut T,
 ) -> Decision<'a> {
+    // 0. Refuse what the upstream could read differently from the proxy: method spellings,
+    // duplicated Host headers.
+    if let Some(why) = request_ambiguity(req) {
+        step!(trace, "request", "{why}");
+        let mut d = Decision::new(Reason::BadRequest, "request");
+        d.verdict = Verdict::Error;
+        d.detail = Some(Cow::Borrowed(why));
+        return d;
+    }
+
     // 1. Normalise the target.
     let path = match path::normalize(req.path) {
         Ok(p) => p,
@@ -229,7 +318,28 @@ pub fn decide<'a, E: Env, T: Tracer>(
     };
 
     // 3. Match a dataset.
-    let Some(di) = match_dataset(policy, req.host, req.method, &path) else {
+    let matched = match_dataset(policy, req.host, req.method, &path);
+    if matched.is_none()
+        && let Cow::Owned(_) = &path
+        && let Ok(lit) = path::literal(req.path)
+        && match_dataset(policy, req.host, req.method, &lit).is_some()
+    {
+        step!(
+            trace,
+            "request.path",
+            "read literally, {lit} names a dataset: ambiguous"
+        );
+        let mut d = Decision::new(Reason::AmbiguousPath, "request.path");
+        d.verdict = Verdict::Deny;
+        d.detail = Some(Cow::Borrowed(
+            "resolving its dot segments or empty segments changes which dataset it names",
+        ));
+        d.path = Some(path);
+        d.client = Some(client);
+        d.recipient = Some(recipient);
+        return d;
+    }
+    let Some(di) = matched else {
         let mut d = Decision::new(Reason::NoRoute, "policy.unmatched");
         d.path = Some(path);
         d.client = Some(client);
@@ -267,10 +377,67 @@ pub fn decide<'a, E: Env, T: Tracer>(
     d.client = Some(client);
     d.recipient = Some(recipient);
     // The subject and purpose are noted for the log even where no consent is needed.
-    let (subject, segment) = find_subject(ds, &path, req);
+    let (subject, segment) = match find_subject(ds, &path, req) {
+        Ok(s) => s,
+        Err(why) => {
+            step!(trace, &ds.rules.subject, "{why}");
+            d.verdict = Verdict::Error;
+            d.reason = Reason::BadRequest;
+            d.rule = &ds.rules.subject;
+            d.detail = Some(Cow::Borrowed(why));
+            d.path = Some(path);
+            return d;
+        }
+    };
     d.subject = subject;
     d.subject_segment = segment;
-    d.purpose = header_str(req.headers, &policy.consent.purpose_header);
+    d.purpose = match single_header(req.headers, &policy.consent.purpose_header) {
+        Ok(p) => p,
+        Err(()) => {
+            step!(
+                trace,
+                "consent.purpose_header",
+                "the purpose header appears more than once"
+            );
+            d.verdict = Verdict::Error;
+            d.reason = Reason::BadRequest;
+            d.rule = "consent.purpose_header";
+            d.detail = Some(Cow::Borrowed("the purpose header appears more than once"));
+            d.path = Some(path);
+            return d;
+        }
+    };
+    // A path that only resolving `.`, `..` or `//` sends to this dataset or subject could be
+    // read otherwise by the upstream, which receives the original bytes: refuse it.
+    if let Cow::Owned(_) = &path
+        && let Ok(lit) = path::literal(req.path)
+    {
+        let same_dataset = match_dataset(policy, req.host, req.method, &lit) == Some(di);
+        let same_subject = match ds.subject {
+            Some(SubjectSource::PathSegment(n)) => {
+                path::segment(&lit, n)
+                    .and_then(path::percent_decode)
+                    .as_deref()
+                    == d.subject.as_deref()
+            }
+            _ => true,
+        };
+        if !(same_dataset && same_subject) {
+            step!(
+                trace,
+                "request.path",
+                "read literally, {lit} names another dataset or subject: ambiguous"
+            );
+            d.verdict = Verdict::Deny;
+            d.reason = Reason::AmbiguousPath;
+            d.rule = "request.path";
+            d.detail = Some(Cow::Borrowed(
+                "resolving its dot segments or empty segments changes which dataset or data subject it names",
+            ));
+            d.path = Some(path);
+            return d;
+        }
+    }
     d.path = Some(path);
     let audit = ds.mode == Mode::Audit;
 
@@ -304,13 +471,9 @@ pub fn decide<'a, E: Env, T: Tracer>(
             addr,
             location,
         });
-        if !audit {
-            return deny(d, Reason::UpstreamOutsideJurisdiction, &ds.rules.upstream);
-        }
-        // Audit mode forwards anyway; the first denial is the one recorded.
-        d = deny(d, Reason::UpstreamOutsideJurisdiction, &ds.rules.upstream);
-        d.enforced = false;
-        return d;
+        // Data never leaves through the proxy, in either direction: audit mode does not relax
+        // this step.
+        return deny(d, Reason::UpstreamOutsideJurisdiction, &ds.rules.upstream);
     }
     let choice = nth_allowed(env, ds, &addrs, req.pick % allowed);
     step!(
@@ -334,7 +497,7 @@ pub fn decide<'a, E: Env, T: Tracer>(
     d.upstream = Some(choice);
 
     // 5-8. Transfer rules, for egress methods only.
-    if !ds.is_egress(req.method) {
+    if !ds.is_egress(req.method) && is_standard(req.method) {
         step!(
             trace,
             &ds.rules.egress,
@@ -430,12 +593,16 @@ fn nth_allowed<E: Env>(env: &E, ds: &Dataset, addrs: &[SocketAddr], n: usize) ->
         .expect("n < number of allowed addresses")
 }
 
+type Subject<'a> = (Option<Cow<'a, str>>, Option<usize>);
+
+/// The data subject named by the request, and the path segment holding it; `Err` when the
+/// request names it twice.
 fn find_subject<'a>(
     ds: &Dataset,
     path: &Cow<'a, str>,
     req: &Request<'a>,
-) -> (Option<Cow<'a, str>>, Option<usize>) {
-    match &ds.subject {
+) -> Result<Subject<'a>, &'static str> {
+    Ok(match &ds.subject {
         None => (None, None),
         Some(SubjectSource::PathSegment(n)) => {
             let seg = path::segment(path, *n)
@@ -443,12 +610,21 @@ fn find_subject<'a>(
                 .map(|s| Cow::Owned(s.into_owned()));
             (seg, Some(*n))
         }
-        Some(SubjectSource::Header(h)) => (header_str(req.headers, h).map(Cow::Borrowed), None),
-        Some(SubjectSource::Query(q)) => {
-            let v = query_param(req.query, q).and_then(path::percent_decode);
-            (v.map(|s| Cow::Owned(s.into_owned())), None)
+        Some(SubjectSource::Header(h)) => {
+            let v = single_header(req.headers, h)
+                .map_err(|()| "the subject header appears more than once")?;
+            (v.map(Cow::Borrowed), None)
         }
-    }
+        Some(SubjectSource::Query(q)) => {
+            let v = query_param(req.query, q)
+                .map_err(|()| "the subject query parameter appears more than once")?;
+            (
+                v.and_then(path::percent_decode)
+                    .map(|s| Cow::Owned(s.into_owned())),
+                None,
+            )
+        }
+    })
 }
 
 /// Steps 5, 6 and 8 for an egress request.
@@ -711,7 +887,8 @@ fn check(
             format!("collected as \"{}\"", c.method),
         ));
     }
-    if c.revoked_at.is_some_and(|r| r <= now) {
+    // A revocation counts from the moment it is known, even if its writer's clock is ahead.
+    if c.revoked_at.is_some() {
         return Some((Reason::ConsentRevoked, "revoked".into()));
     }
     if now < c.granted_at {

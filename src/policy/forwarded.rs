@@ -47,8 +47,11 @@ pub fn parse_xff_element(s: &str) -> Option<IpAddr> {
 
 /// Parses the `for=` node of one `Forwarded` element (RFC 7239), quoted or not.
 fn parse_forwarded_for(element: &str) -> Option<Result<IpAddr, String>> {
-    for pair in element.split(';') {
-        let (k, v) = pair.split_once('=')?;
+    for pair in element.split(';').filter(|p| !p.trim().is_empty()) {
+        let Some((k, v)) = pair.split_once('=') else {
+            // A pair without `=` is malformed: the element cannot be trusted.
+            return Some(Err(pair.trim().to_string()));
+        };
         if k.trim().eq_ignore_ascii_case("for") {
             let v = v.trim().trim_matches('"');
             return Some(parse_xff_element(v).ok_or_else(|| v.to_string()));

@@ -52,6 +52,16 @@ impl<V> CidrTable<V> {
 
     /// Inserts a network; returns the previous value for exactly that network, if any.
     pub fn insert(&mut self, net: IpNet, value: V) -> Option<V> {
+        // Lookups see IPv4-mapped IPv6 addresses as IPv4, so mapped networks are stored so.
+        let net = match net {
+            IpNet::V6(n) if n.prefix_len() >= 96 => match n.addr().to_ipv4_mapped() {
+                Some(v4) => {
+                    IpNet::V4(ipnet::Ipv4Net::new(v4, n.prefix_len() - 96).expect("prefix <= 32"))
+                }
+                None => net,
+            },
+            _ => net,
+        };
         let net = net.trunc();
         let (levels, len) = match net {
             IpNet::V4(n) => (&mut self.v4, n.prefix_len()),
@@ -107,6 +117,14 @@ mod tests {
         assert_eq!(t.lookup("10.21.1.1".parse().unwrap()), Some(&"wide"));
         assert_eq!(t.lookup("192.0.2.1".parse().unwrap()), Some(&"any"));
         assert_eq!(t.lookup("::1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn regression_mapped_ipv6_networks_matched_nothing() {
+        let mut t = CidrTable::new();
+        t.insert(net("::ffff:10.0.0.0/104"), "lb");
+        assert_eq!(t.lookup("10.1.2.3".parse().unwrap()), Some(&"lb"));
+        assert_eq!(t.lookup("::ffff:10.1.2.3".parse().unwrap()), Some(&"lb"));
     }
 
     #[test]

@@ -66,9 +66,51 @@ pub fn normalize(raw: &str) -> Result<Cow<'_, str>, Ambiguity> {
     {
         return Ok(Cow::Borrowed(raw));
     }
+    let decoded_segments = decode_segments(raw)?;
     let mut out: Vec<&str> = Vec::new();
+    // Every escape left must decode, together with its neighbours, to valid UTF-8.
+    for seg in &decoded_segments {
+        if seg.contains('%') {
+            percent_decode(seg).ok_or(Ambiguity::InvalidUtf8)?;
+        }
+    }
+    let last = decoded_segments.len() - 1;
+    let mut trailing_slash = false;
+    for (i, seg) in decoded_segments.iter().enumerate() {
+        match seg.as_str() {
+            "" => trailing_slash = i == last,
+            "." => trailing_slash = i == last,
+            ".." => {
+                if out.pop().is_none() {
+                    return Err(Ambiguity::AboveRoot);
+                }
+                trailing_slash = i == last;
+            }
+            s => {
+                out.push(s);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut n = String::with_capacity(raw.len());
+    for s in &out {
+        n.push('/');
+        n.push_str(s);
+    }
+    if trailing_slash || out.is_empty() {
+        n.push('/');
+    }
+    if n == raw {
+        Ok(Cow::Borrowed(raw))
+    } else {
+        Ok(Cow::Owned(n))
+    }
+}
+
+/// Splits a path into segments (after the leading `/`) with escapes of unreserved characters
+/// decoded and the others upper-cased, refusing what is ambiguous in any single segment.
+fn decode_segments(raw: &str) -> Result<Vec<String>, Ambiguity> {
     let mut decoded_segments: Vec<String> = Vec::new();
-    // First pass: decode each segment; keep the encoded text of reserved bytes.
     for seg in raw[1..].split('/') {
         let sb = seg.as_bytes();
         let mut s = Vec::with_capacity(sb.len());
@@ -114,43 +156,23 @@ pub fn normalize(raw: &str) -> Result<Cow<'_, str>, Ambiguity> {
         }
         decoded_segments.push(String::from_utf8(s).map_err(|_| Ambiguity::InvalidUtf8)?);
     }
-    // Every escape left must decode, together with its neighbours, to valid UTF-8.
-    for seg in &decoded_segments {
-        if seg.contains('%') {
-            percent_decode(seg).ok_or(Ambiguity::InvalidUtf8)?;
-        }
+    Ok(decoded_segments)
+}
+
+/// The path read literally, as a server that does not resolve `.`, `..` or `//` would read
+/// it: escapes decoded like `normalize` does, nothing else. Callers compare the decision
+/// under this reading with the decision under the normalised one.
+pub fn literal(raw: &str) -> Result<Cow<'_, str>, Ambiguity> {
+    if !raw.as_bytes().contains(&b'%') {
+        return Ok(Cow::Borrowed(raw));
     }
-    let last = decoded_segments.len() - 1;
-    let mut trailing_slash = false;
-    for (i, seg) in decoded_segments.iter().enumerate() {
-        match seg.as_str() {
-            "" => trailing_slash = i == last,
-            "." => trailing_slash = i == last,
-            ".." => {
-                if out.pop().is_none() {
-                    return Err(Ambiguity::AboveRoot);
-                }
-                trailing_slash = i == last;
-            }
-            s => {
-                out.push(s);
-                trailing_slash = false;
-            }
-        }
-    }
+    let segs = decode_segments(raw)?;
     let mut n = String::with_capacity(raw.len());
-    for s in &out {
+    for s in &segs {
         n.push('/');
         n.push_str(s);
     }
-    if trailing_slash || out.is_empty() {
-        n.push('/');
-    }
-    if n == raw {
-        Ok(Cow::Borrowed(raw))
-    } else {
-        Ok(Cow::Owned(n))
-    }
+    Ok(Cow::Owned(n))
 }
 
 /// Fully percent-decodes a normalised segment (used for subject identifiers); `None` when the

@@ -47,6 +47,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
+    #[error("a loader task failed: {0}")]
+    Task(String),
     #[error("{what} cannot change on reload (restart the proxy to change it)")]
     NeedsRestart { what: &'static str },
 }

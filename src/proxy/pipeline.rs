@@ -86,7 +86,9 @@ async fn handle_inner(
 ) -> Response<ResponseBody> {
     let snap = shared.snapshot.load_full();
     let policy = &snap.policy;
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // The decision sees exactly the headers the upstream will get.
+    let host_named_hop = strip_hop_by_hop(&mut parts.headers);
     let host = parts
         .headers
         .get(header::HOST)
@@ -104,7 +106,9 @@ async fn handle_inner(
     };
 
     // Limits come first: an oversized request is refused, and logged, undecided.
-    let limit = if header_bytes(parts.method.as_str(), &parts.uri, &parts.headers)
+    let limit = if host_named_hop {
+        Some((Reason::BadRequest, "request.connection"))
+    } else if header_bytes(parts.method.as_str(), &parts.uri, &parts.headers)
         > policy.proxy.max_header_bytes
     {
         Some((Reason::HeadersTooLarge, "proxy.max_header_bytes"))
@@ -119,8 +123,13 @@ async fn handle_inner(
     };
     let (record, plan) = match limit {
         Some((reason, rule)) => {
-            let rec = record::failure_record(policy, &cx, reason, rule);
-            let message = Decision::new_failure(reason, rule).message(policy);
+            let mut rec = record::failure_record(policy, &cx, reason, rule);
+            rec.request.path = snap.pseudo.opaque_path(&rec.request.path);
+            let mut failure = Decision::new_failure(reason, rule);
+            if reason == Reason::BadRequest {
+                failure.detail = Some("the Connection header names Host".into());
+            }
+            let message = failure.message(policy);
             (
                 rec,
                 Plan::Refuse {
@@ -162,12 +171,15 @@ async fn handle_inner(
         }
     };
 
-    // The decision record is written before anything else happens.
-    let logged = shared.log.append(Record::Decision(Box::new(record))).await;
+    // The decision record is written before anything else happens. The exchange exists
+    // first, so that a client going away while the record is written still leaves an
+    // outcome record (queued after the decision).
     let exchange = Exchange::new(id.clone(), started, shared.log.clone());
+    let logged = shared.log.append(Record::Decision(Box::new(record))).await;
     if let Err(e) = logged {
         let forwarding = matches!(plan, Plan::Forward { .. });
-        if policy.log.on_failure == OnFailure::Deny || !forwarding {
+        // "allow" forwards past a failing log, never past a closed one (shutdown).
+        if policy.log.on_failure == OnFailure::Deny || !forwarding || shared.log.is_closed() {
             tracing::error!(error = %e, "decision log unavailable: refusing the request");
             let reason = Reason::LogUnavailable;
             let message = Decision::new_failure(reason, "log.on_failure").message(policy);
@@ -232,8 +244,10 @@ const HOP_BY_HOP: [&str; 9] = [
     "expect",
 ];
 
-/// Removes hop-by-hop headers, including those the `Connection` header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes hop-by-hop headers, including those the `Connection` header names; returns true
+/// when `Connection` names `Host`, which would leave the upstream another Host than the one
+/// decided on.
+fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -241,12 +255,16 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
+    let names_host = named.contains(&header::HOST);
     for n in named {
-        headers.remove(n);
+        if n != header::HOST {
+            headers.remove(n);
+        }
     }
     for n in HOP_BY_HOP {
         headers.remove(n);
     }
+    names_host
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {

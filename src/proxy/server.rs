@@ -41,6 +41,7 @@ pub async fn accept_loop(
         .timer(TokioTimer::new())
         .max_header_list_size((limits.max_header_bytes * 2) as u32);
     let builder = Arc::new(builder);
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
         // Wait for a free connection slot before accepting: excess clients queue in the
         // listen backlog instead of being accepted and starved.
@@ -72,7 +73,8 @@ pub async fn accept_loop(
             .into_owned();
         let conn = graceful.watch(conn);
         let span = tracing::debug_span!("connection", client.addr = %peer);
-        tokio::spawn(
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(
             async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "connection ended with an error");
@@ -88,7 +90,11 @@ pub async fn accept_loop(
         .await
         .is_err()
     {
-        tracing::warn!(drain_timeout = ?drain, "connections still open after the drain timeout; closing them");
+        // Nothing may run past the final flush of the decision log: what is still open
+        // after the drain time is cut off.
+        tracing::warn!(drain_timeout = ?drain, open = tasks.len(), "connections still open after the drain timeout; closing them");
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
     }
 }
 
@@ -120,7 +126,8 @@ fn log_refused_head(shared: &Shared, peer: SocketAddr, e: &(dyn std::error::Erro
         headers: &headers,
         peer: peer.ip(),
     };
-    let rec = record::failure_record(&snap.policy, &cx, reason, rule);
+    let mut rec = record::failure_record(&snap.policy, &cx, reason, rule);
+    rec.request.path = snap.pseudo.opaque_path(&rec.request.path);
     shared.log.append_later(Record::Decision(Box::new(rec)));
     let exchange = Exchange::new(id, Instant::now(), shared.log.clone());
     exchange.set_status(status_of(reason));

@@ -71,7 +71,7 @@ impl Snapshot {
                 let path = p.clone();
                 let db = tokio::task::spawn_blocking(move || GeoDb::open(&path))
                     .await
-                    .expect("geo loader does not panic")?;
+                    .map_err(|e| ServeError::Task(e.to_string()))??;
                 Some(Arc::new(db))
             }
             None => None,
