@@ -91,6 +91,13 @@ impl RunningProxy {
         if policy.log.target != current.policy.log.target {
             return Err(ServeError::NeedsRestart { what: "log.path" });
         }
+        if policy.log.signing_key != current.policy.log.signing_key
+            || policy.log.pseudonymize != current.policy.log.pseudonymize
+        {
+            return Err(ServeError::NeedsRestart {
+                what: "log.signing_key and log.pseudonymize",
+            });
+        }
         if policy.consent.store != current.policy.consent.store {
             return Err(ServeError::NeedsRestart {
                 what: "consent.store",

@@ -76,9 +76,14 @@ impl Snapshot {
             }
             None => None,
         };
-        let signing_key = match &policy.log.signing_key {
-            Some(p) => Some(Arc::new(SigningKey::load(p)?)),
-            None => None,
+        // The key the log writer signs with is read once: a reload keeps it, so that pseudonyms
+        // and signatures never change in the middle of a log.
+        let signing_key = match (&policy.log.signing_key, previous) {
+            (Some(p), Some(prev)) if prev.policy.log.signing_key.as_ref() == Some(p) => {
+                prev.signing_key.clone()
+            }
+            (Some(p), _) => Some(Arc::new(SigningKey::load(p)?)),
+            (None, _) => None,
         };
         let pseudo = match (&signing_key, policy.log.pseudonymize) {
             (Some(k), true) => Pseudonymizer::new(&k.pseudonym_key()),
