@@ -7,6 +7,7 @@ pub mod audit;
 pub mod cli;
 pub mod consent;
 pub mod geo;
+pub mod metrics;
 pub mod offline;
 pub mod policy;
 pub mod proxy;

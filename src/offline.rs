@@ -1,12 +1,15 @@
 //! The decision environment for offline tools (`explain`, `test`, benchmarks): the same
-//! locator and consent index as the proxy, upstreams resolved once, a clock that can be set.
+//! locator and consent index as the proxy, upstreams resolved once, a clock that can be set,
+//! and hypothetical requests built from what a user typed.
 
 use crate::consent::ConsentIndex;
 use crate::consent::record::Consent;
 use crate::geo::Locator;
 use crate::policy::Policy;
-use crate::policy::decide::{ConsentLookup, Env};
+use crate::policy::decide::{ConsentLookup, Env, Request};
 use crate::policy::decision::Location;
+use crate::policy::model::Upstream;
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
@@ -27,25 +30,124 @@ impl OfflineEnv {
         consents: Arc<ConsentIndex>,
         now: i64,
     ) -> OfflineEnv {
-        let upstreams = policy
-            .upstreams
-            .iter()
-            .map(|u| {
-                (u.host.as_str(), u.port)
-                    .to_socket_addrs()
-                    .map(|a| {
-                        a.map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
-                            .collect::<Vec<_>>()
-                            .into()
-                    })
-                    .map_err(|e| format!("does not resolve: {e}"))
-            })
-            .collect();
+        let upstreams = policy.upstreams.iter().map(resolve).collect();
         OfflineEnv {
             locator,
             upstreams,
             consents,
             now,
+        }
+    }
+}
+
+/// The addresses `up`'s host resolves to now, with the system resolver (an IP literal
+/// resolves to itself without a query).
+pub fn resolve(up: &Upstream) -> Result<Arc<[SocketAddr]>, String> {
+    (up.host.as_str(), up.port)
+        .to_socket_addrs()
+        .map(|a| {
+            a.map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+                .collect::<Vec<_>>()
+                .into()
+        })
+        .map_err(|e| format!("does not resolve: {e}"))
+}
+
+/// A request described on the command line or in a test case that cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum HypotheticalError {
+    #[error("\"{0}\" is not an HTTP method")]
+    Method(String),
+    #[error("header \"{0}\" is not `Name: value`")]
+    HeaderLine(String),
+    #[error("\"{0}\" is not a header name")]
+    HeaderName(String),
+    #[error("\"{0}\" is not a header value")]
+    HeaderValue(String),
+}
+
+/// A request that `explain` and `test` decide: what the proxy would have received.
+#[derive(Clone, Debug)]
+pub struct Hypothetical {
+    pub method: Method,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    /// The socket peer.
+    pub client_ip: IpAddr,
+    /// A verified mTLS identity (certificate SAN).
+    pub identity: Option<String>,
+}
+
+impl Hypothetical {
+    /// `target` is a path, optionally with `?query`; `purpose` goes in the policy's purpose
+    /// header and `host` in `Host`, after `headers`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new<'h>(
+        policy: &Policy,
+        method: &str,
+        target: &str,
+        client_ip: IpAddr,
+        headers: impl IntoIterator<Item = (&'h str, &'h str)>,
+        purpose: Option<&str>,
+        host: Option<&str>,
+        identity: Option<&str>,
+    ) -> Result<Hypothetical, HypotheticalError> {
+        let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+            .map_err(|_| HypotheticalError::Method(method.into()))?;
+        let (path, query) = match target.split_once('?') {
+            Some((p, q)) => (p.to_string(), Some(q.to_string())),
+            None => (target.to_string(), None),
+        };
+        let value = |v: &str| {
+            HeaderValue::from_str(v.trim()).map_err(|_| HypotheticalError::HeaderValue(v.into()))
+        };
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            let name = HeaderName::from_bytes(k.trim().as_bytes())
+                .map_err(|_| HypotheticalError::HeaderName(k.into()))?;
+            map.append(name, value(v)?);
+        }
+        if let Some(p) = purpose {
+            map.insert(policy.consent.purpose_header.clone(), value(p)?);
+        }
+        if let Some(h) = host {
+            map.insert(http::header::HOST, value(h)?);
+        }
+        Ok(Hypothetical {
+            method,
+            path,
+            query,
+            headers: map,
+            client_ip,
+            identity: identity.map(str::to_string),
+        })
+    }
+
+    /// Splits `Name: value` command-line header arguments.
+    pub fn header_line(line: &str) -> Result<(&str, &str), HypotheticalError> {
+        line.split_once(':')
+            .ok_or_else(|| HypotheticalError::HeaderLine(line.into()))
+    }
+
+    /// The `Host` header, if any.
+    pub fn host(&self) -> Option<&str> {
+        self.headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+    }
+
+    /// The request as `decide` takes it.
+    pub fn request(&self) -> Request<'_> {
+        Request {
+            method: &self.method,
+            host: self.host(),
+            path: &self.path,
+            query: self.query.as_deref(),
+            headers: &self.headers,
+            peer: self.client_ip,
+            identity: self.identity.as_deref(),
+            pick: 0,
         }
     }
 }

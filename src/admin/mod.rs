@@ -1,6 +1,10 @@
 //! The admin listener (SPEC section 6), on its own address, never on the data listener:
-//! health, readiness, the loaded policy, and the routes other modules plug in (the consent
-//! API, metrics). Mutating routes need the bearer token from `[admin].token_file`.
+//! health, readiness, metrics, the loaded policy, and the routes other modules plug in (the
+//! consent API). Mutating routes need the bearer token from `[admin].token_file`.
+//!
+//! It opens before the proxy has loaded what the policy names ([`bind`]): meanwhile
+//! `/healthz` says alive and `/readyz` says not ready, so an orchestrator can tell a slow
+//! start from a dead process.
 
 use crate::proxy::Shared;
 use bytes::Bytes;
@@ -125,10 +129,14 @@ pub struct Readiness {
     pub failing: Vec<String>,
 }
 
-/// Readiness: a policy is loaded (always, once serving), the decision log is writable (no
-/// failure since the last success) and the consent registry is reachable.
+/// Readiness: a policy is loaded (always, once `AdminState` exists: until then the start-up
+/// responder answers), the consent registry is reachable and the decision log is writable
+/// (no failure since the last success).
 pub fn readiness(shared: &Shared) -> Readiness {
     let mut failing = Vec::new();
+    if let Err(why) = consent_store_ready(shared) {
+        failing.push(format!("consent store: {why}"));
+    }
     if !shared.log.healthy() {
         failing.push("decision log: the last write failed".to_string());
     }
@@ -136,6 +144,30 @@ pub fn readiness(shared: &Shared) -> Readiness {
         ready: failing.is_empty(),
         failing,
     }
+}
+
+/// Whether the consent registry can answer. The `file:` store is read whole at start-up
+/// (start-up fails if it cannot be) and keeps its last content when a re-read fails, so it
+/// is always reachable once serving; database stores report their connection here.
+fn consent_store_ready(_shared: &Shared) -> Result<(), String> {
+    Ok(())
+}
+
+/// The metrics exposition (Prometheus text format).
+pub fn metrics(shared: &Shared) -> AdminResponse {
+    let snap = shared.snapshot.load();
+    let body = shared.metrics.render(&crate::metrics::Scrape {
+        policy: &snap.policy,
+        policy_loaded_at: snap.loaded_at,
+        geo_db: snap.geo_label.as_deref(),
+        log_written: shared.log.written(),
+        log_failures: shared.log.failures(),
+        log_dropped: shared.log.dropped(),
+        log_healthy: shared.log.healthy(),
+        consents: shared.consents.len(),
+        consent_subjects: shared.consents.subjects(),
+    });
+    text(StatusCode::OK, crate::metrics::CONTENT_TYPE, body)
 }
 
 async fn route(
@@ -156,6 +188,7 @@ async fn route(
                 &r,
             )
         }
+        (&Method::GET, "/metrics") => metrics(&state.shared),
         (&Method::GET, "/v1/policy") => {
             let snap = state.shared.snapshot.load();
             json(
@@ -166,6 +199,7 @@ async fn route(
                     "loaded_at": crate::audit::record::timestamp(snap.loaded_at),
                     "geo_db": snap.geo_label.as_deref(),
                     "sources": snap.policy.sources.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+                    "last_reload": state.shared.last_reload.load_full().as_deref(),
                 }),
             )
         }
@@ -194,12 +228,97 @@ impl RunningAdmin {
 
 /// Binds `addr` and serves the admin routes until shut down.
 pub async fn start(addr: SocketAddr, state: Arc<AdminState>) -> Result<RunningAdmin, AdminError> {
+    Ok(bind(addr).await?.serve(state).await)
+}
+
+/// The admin listener while the proxy starts: `/healthz` answers alive, `/readyz` and every
+/// other route answer 503. Dropping it closes the listener.
+pub struct Starting {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: JoinHandle<Option<TcpListener>>,
+}
+
+/// Binds `addr` and answers with [`Starting`]'s routes until [`Starting::serve`].
+pub async fn bind(addr: SocketAddr) -> Result<Starting, AdminError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| AdminError::Bind { addr, source })?;
     let bound = listener
         .local_addr()
         .map_err(|source| AdminError::Bind { addr, source })?;
+    let (stop, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+        loop {
+            let (stream, _) = tokio::select! {
+                r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                r = &mut stop_rx => return r.ok().map(|()| listener),
+            };
+            let builder = builder.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    Ok::<_, Infallible>(starting_route(&req))
+                });
+                let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    Ok(Starting {
+        addr: bound,
+        stop: Some(stop),
+        task,
+    })
+}
+
+/// What the admin routes answer before the proxy has loaded its policy. Each answer closes
+/// its connection, so that the next probe reaches the full listener once it runs.
+fn starting_route(req: &Request<Incoming>) -> AdminResponse {
+    let mut r = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        (&Method::GET, "/readyz") => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &Readiness {
+                ready: false,
+                failing: vec![
+                    "policy: not loaded yet (loading the geolocation database, consents and upstreams)"
+                        .to_string(),
+                ],
+            },
+        ),
+        _ => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "starting",
+            "the proxy is starting: its policy is not loaded yet",
+        ),
+    };
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+impl Starting {
+    /// Hands the listener to the full admin routes.
+    pub async fn serve(mut self, state: Arc<AdminState>) -> RunningAdmin {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let listener = (&mut self.task)
+            .await
+            .ok()
+            .flatten()
+            .expect("the start-up responder hands its listener back");
+        serve_on(listener, self.addr, state)
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn serve_on(listener: TcpListener, addr: SocketAddr, state: Arc<AdminState>) -> RunningAdmin {
     let (stop, mut stop_rx) = watch::channel(false);
     let task = tokio::spawn(async move {
         let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
@@ -216,9 +335,5 @@ pub async fn start(addr: SocketAddr, state: Arc<AdminState>) -> Result<RunningAd
             });
         }
     });
-    Ok(RunningAdmin {
-        addr: bound,
-        stop,
-        task,
-    })
+    RunningAdmin { addr, stop, task }
 }

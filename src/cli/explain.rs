@@ -1,17 +1,16 @@
 //! `explain`: decide one hypothetical request with the proxy's own code and print the
 //! decision record it would log, plus the trace of rules it passed through.
 
-use super::{CliError, CliResult, Exit, fail, load_policy};
+use super::{CliError, CliResult, Exit, load_policy};
 use crate::audit::Pseudonymizer;
 use crate::audit::keys::SigningKey;
 use crate::audit::record::{RequestContext, decision_record};
 use crate::consent::ConsentIndex;
 use crate::geo::{GeoDb, Locator};
-use crate::offline::OfflineEnv;
-use crate::policy::decide::{Request, decide};
+use crate::offline::{Hypothetical, OfflineEnv};
+use crate::policy::decide::decide;
 use crate::policy::decision::TraceStep;
 use crate::policy::model::ConsentStore;
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -53,37 +52,32 @@ pub struct ExplainArgs {
     pub json: bool,
 }
 
+/// The trace as numbered lines, each starting with `indent`.
+pub(crate) fn trace_lines(trace: &[TraceStep], indent: &str) -> String {
+    trace
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("{indent}{:>2}. {:<40} {}\n", i + 1, t.rule, t.note))
+        .collect()
+}
+
 pub fn run(a: ExplainArgs) -> CliResult {
     let policy = load_policy(&a.policy)?;
-    let method = Method::from_bytes(a.method.to_ascii_uppercase().as_bytes())
-        .map_err(|_| fail(format!("\"{}\" is not an HTTP method", a.method)))?;
-    let (path, query) = match a.path.split_once('?') {
-        Some((p, q)) => (p.to_string(), Some(q.to_string())),
-        None => (a.path.clone(), None),
-    };
-    let mut headers = HeaderMap::new();
-    for h in &a.headers {
-        let (k, v) = h
-            .split_once(':')
-            .ok_or_else(|| fail(format!("--header \"{h}\" is not `Name: value`")))?;
-        let name = HeaderName::from_bytes(k.trim().as_bytes())
-            .map_err(|_| fail(format!("\"{k}\" is not a header name")))?;
-        let value = HeaderValue::from_str(v.trim())
-            .map_err(|_| fail(format!("\"{v}\" is not a header value")))?;
-        headers.append(name, value);
-    }
-    if let Some(p) = &a.purpose {
-        headers.insert(
-            policy.consent.purpose_header.clone(),
-            HeaderValue::from_str(p).map_err(|_| fail(format!("\"{p}\" is not a header value")))?,
-        );
-    }
-    if let Some(h) = &a.host {
-        headers.insert(
-            http::header::HOST,
-            HeaderValue::from_str(h).map_err(|_| fail(format!("\"{h}\" is not a host")))?,
-        );
-    }
+    let headers = a
+        .headers
+        .iter()
+        .map(|h| Hypothetical::header_line(h))
+        .collect::<Result<Vec<_>, _>>()?;
+    let hypo = Hypothetical::new(
+        &policy,
+        &a.method,
+        &a.path,
+        a.client_ip,
+        headers,
+        a.purpose.as_deref(),
+        a.host.as_deref(),
+        a.identity.as_deref(),
+    )?;
     let consents = Arc::new(ConsentIndex::new());
     let consent_file = a.consents.clone().or(match &policy.consent.store {
         ConsentStore::File(p) => Some(p.clone()),
@@ -109,29 +103,17 @@ pub fn run(a: ExplainArgs) -> CliResult {
         (Some(k), true) => Pseudonymizer::new(&SigningKey::load(k)?.pseudonym_key()),
         _ => Pseudonymizer::Off,
     };
-    let host = headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok());
-    let req = Request {
-        method: &method,
-        host,
-        path: &path,
-        query: query.as_deref(),
-        headers: &headers,
-        peer: a.client_ip,
-        identity: a.identity.as_deref(),
-        pick: 0,
-    };
+    let req = hypo.request();
     let mut trace: Vec<TraceStep> = Vec::new();
     let d = decide(&policy, &env, &req, &mut trace);
     let cx = RequestContext {
         id: "explain".into(),
         ts: now,
-        method: method.as_str(),
-        host,
-        raw_path: &path,
-        query: query.as_deref(),
-        headers: &headers,
+        method: hypo.method.as_str(),
+        host: req.host,
+        raw_path: &hypo.path,
+        query: hypo.query.as_deref(),
+        headers: &hypo.headers,
         peer: a.client_ip,
     };
     let record = decision_record(&policy, geo_label, &pseudo, &cx, &d);
@@ -166,9 +148,7 @@ pub fn run(a: ExplainArgs) -> CliResult {
     println!("rule:     {}", d.rule);
     println!("message:  {message}");
     println!("trace:");
-    for (i, t) in trace.iter().enumerate() {
-        println!("  {:>2}. {:<40} {}", i + 1, t.rule, t.note);
-    }
+    print!("{}", trace_lines(&trace, "  "));
     println!("record:");
     println!(
         "{}",

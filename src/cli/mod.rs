@@ -8,6 +8,7 @@ pub mod demo;
 pub mod explain;
 pub mod geo;
 pub mod serve;
+pub mod test;
 
 use clap::{Parser, Subcommand};
 
@@ -75,6 +76,8 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Decide one hypothetical request and print the decision with its trace.
     Explain(explain::ExplainArgs),
+    /// Run policy test suites; print `N passed, N failed`.
+    Test(test::TestArgs),
     /// Verify, query and report on decision logs.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -93,6 +96,7 @@ pub fn run(cli: Cli) -> CliResult {
         Command::Serve(a) => serve::run(a),
         Command::Check(a) => check::run(a),
         Command::Explain(a) => explain::run(a),
+        Command::Test(a) => test::run(a),
         Command::Audit(a) => audit::run(a),
         Command::Geo(a) => geo::run(a),
         Command::Certs(a) => certs::run(a),

@@ -1,9 +1,9 @@
 //! Bodies that stream through the proxy unbuffered, counting bytes, and the `Exchange` they
 //! share: when both halves of an exchange are gone, its outcome record is written.
 
+use super::Shared;
 use super::upstream::PoolReturn;
 use crate::audit::record::{OutcomeRecord, Record, VERSION, timestamp};
-use crate::audit::writer::LogWriter;
 use crate::policy::decision::Reason;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -21,11 +21,12 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const NO_ERROR: u8 = u8::MAX;
 
 /// One request/response exchange. Held by the request body sent upstream and by the
-/// response body sent to the client; dropping the last holder writes the outcome record.
+/// response body sent to the client; dropping the last holder writes the outcome record
+/// and counts the exchange in the metrics.
 pub struct Exchange {
     id: String,
     started: Instant,
-    log: LogWriter,
+    shared: Arc<Shared>,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     status: AtomicU16,
@@ -35,11 +36,11 @@ pub struct Exchange {
 }
 
 impl Exchange {
-    pub fn new(id: String, started: Instant, log: LogWriter) -> Arc<Exchange> {
+    pub fn new(id: String, started: Instant, shared: Arc<Shared>) -> Arc<Exchange> {
         Arc::new(Exchange {
             id,
             started,
-            log,
+            shared,
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             status: AtomicU16::new(0),
@@ -83,6 +84,8 @@ impl Drop for Exchange {
     fn drop(&mut self) {
         let error = self.error();
         let elapsed = self.started.elapsed();
+        let status = self.status.load(Ordering::Relaxed);
+        self.shared.metrics.exchange_ended(status, elapsed);
         let record = OutcomeRecord {
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
@@ -93,12 +96,12 @@ impl Drop for Exchange {
             kind: "outcome",
             prev: String::new(),
             seq: 0,
-            status: self.status.load(Ordering::Relaxed),
+            status,
             ts: timestamp(jiff::Timestamp::now()),
             upstream: self.upstream.get().copied(),
             v: VERSION,
         };
-        self.log.append_later(Record::Outcome(record));
+        self.shared.log.append_later(Record::Outcome(record));
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod pipeline;
+pub mod reload;
 pub mod respond;
 pub mod server;
 pub mod snapshot;
@@ -13,17 +14,23 @@ use crate::audit::writer::{AuditError, LogWriter};
 use crate::consent::ConsentIndex;
 use crate::consent::file::FileStoreError;
 use crate::geo::GeoError;
+use crate::metrics::Metrics;
 use crate::policy::PolicyError;
 use crate::policy::model::ConsentStore;
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use reload::{ReloadStatus, Reloader, Trigger};
 use snapshot::{Overrides, Snapshot, read_policy};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+/// How often the policy file, its includes and the geolocation database are examined for
+/// changes.
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why the proxy could not start (or a reload was rejected).
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +65,9 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub log: LogWriter,
     pub consents: Arc<ConsentIndex>,
+    pub metrics: Metrics,
+    /// The last reload attempt, if any (`/v1/policy`).
+    pub last_reload: ArcSwapOption<ReloadStatus>,
 }
 
 /// What `serve` needs to start.
@@ -74,44 +84,17 @@ pub struct RunningProxy {
     pub admin_addr: SocketAddr,
     admin: Option<crate::admin::RunningAdmin>,
     pub shared: Arc<Shared>,
-    config: ServeConfig,
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
-    reload_lock: Mutex<()>,
+    reloader: Arc<Reloader>,
 }
 
 impl RunningProxy {
-    /// Re-reads the policy (and what it names) and swaps it in; on any error the running
-    /// snapshot stays and the error is returned.
+    /// Re-reads the policy (and what it names) and swaps it in, as SIGHUP does; on any
+    /// error the running snapshot stays, and the rejection is counted, logged and returned.
     pub async fn reload(&self) -> Result<(), ServeError> {
-        let _guard = self.reload_lock.lock().await;
-        let policy = read_policy(&self.config.policy_path, &self.config.overrides)?;
-        let current = self.shared.snapshot.load_full();
-        if policy.log.target != current.policy.log.target {
-            return Err(ServeError::NeedsRestart { what: "log.path" });
-        }
-        if policy.log.signing_key != current.policy.log.signing_key
-            || policy.log.pseudonymize != current.policy.log.pseudonymize
-        {
-            return Err(ServeError::NeedsRestart {
-                what: "log.signing_key and log.pseudonymize",
-            });
-        }
-        if policy.consent.store != current.policy.consent.store {
-            return Err(ServeError::NeedsRestart {
-                what: "consent.store",
-            });
-        }
-        if policy.proxy.listen != current.policy.proxy.listen {
-            return Err(ServeError::NeedsRestart {
-                what: "proxy.listen",
-            });
-        }
-        let next = Snapshot::build(policy, Some(&current), self.shared.consents.clone()).await?;
-        tracing::info!(policy.name = %next.policy.name, policy.hash = %next.policy.hash, "policy reloaded");
-        self.shared.snapshot.store(Arc::new(next));
-        Ok(())
+        self.reloader.reload(Trigger::Signal).await
     }
 
     /// Stops accepting, drains open connections (bounded by `drain_timeout`), flushes the
@@ -129,10 +112,21 @@ impl RunningProxy {
     }
 }
 
-/// Starts the proxy: everything is checked before the listener opens, so that a bad policy,
-/// key, database or log path fails start-up with a clear error.
+/// Starts the proxy: everything is checked before the data listener opens, so that a bad
+/// policy, key, database or log path fails start-up with a clear error. The admin listener
+/// opens first, so that `/healthz` answers and `/readyz` says what is still loading while the
+/// database, consents and upstreams load.
 pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
     let policy = read_policy(&config.policy_path, &config.overrides)?;
+    let watched = reload::baseline(&policy).await;
+    let token = policy
+        .admin
+        .token_file
+        .as_deref()
+        .map(crate::admin::read_token)
+        .transpose()?;
+    let admin = crate::admin::bind(policy.admin.listen).await?;
+    tracing::info!(admin.listen = %admin.addr, "admin listener serving (starting)");
     let consents = Arc::new(ConsentIndex::new());
     let mut background = Vec::new();
     match &policy.consent.store {
@@ -158,7 +152,8 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
         }
         ConsentStore::Postgres(u) => return Err(ServeError::UnsupportedStore(u.clone())),
     }
-    let snapshot = Snapshot::build(policy, None, consents.clone()).await?;
+    let metrics = Metrics::new();
+    let snapshot = Snapshot::build(policy, None, consents.clone(), &metrics).await?;
     let log = LogWriter::open(&snapshot.policy.log, snapshot.signing_key.clone())?;
     let listen = snapshot.policy.proxy.listen;
     let drain = snapshot.policy.proxy.drain_timeout;
@@ -180,28 +175,28 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
         geo.db = snapshot.geo_label.as_deref().unwrap_or("none"),
         "residency-proxy serving"
     );
-    let admin_listen = snapshot.policy.admin.listen;
-    let token = snapshot
-        .policy
-        .admin
-        .token_file
-        .as_deref()
-        .map(crate::admin::read_token)
-        .transpose()?;
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(snapshot),
         log,
         consents,
+        metrics,
+        last_reload: ArcSwapOption::empty(),
     });
     let admin_state = Arc::new(crate::admin::AdminState {
         shared: shared.clone(),
         token,
     });
-    let admin = crate::admin::start(admin_listen, admin_state).await?;
+    let admin = admin.serve(admin_state).await;
     let admin_addr = admin.addr;
     tracing::info!(admin.listen = %admin_addr, "admin listener serving");
     let (stop, stop_rx) = watch::channel(false);
     background.push(tokio::spawn(resolver(shared.clone(), resolve_every)));
+    let reloader = Arc::new(Reloader::new(shared.clone(), config));
+    background.push(tokio::spawn(reload::watch(
+        reloader.clone(),
+        WATCH_INTERVAL,
+        watched,
+    )));
     let server = tokio::spawn(server::accept_loop(
         listener,
         shared.clone(),
@@ -213,11 +208,10 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
         admin_addr,
         admin: Some(admin),
         shared,
-        config,
         stop,
         server,
         background,
-        reload_lock: Mutex::new(()),
+        reloader,
     })
 }
 

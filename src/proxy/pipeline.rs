@@ -8,8 +8,9 @@ use super::snapshot::Snapshot;
 use super::upstream::{self, AddrPool, PoolReturn, UpstreamError};
 use crate::audit::id::new_id;
 use crate::audit::record::{self, Record, RequestContext};
+use crate::metrics::UpstreamError as UpstreamErrorKind;
 use crate::policy::decide::{self, upstream_allowed};
-use crate::policy::decision::{Decision, Reason, UpstreamChoice, status_of};
+use crate::policy::decision::{Decision, Reason, UpstreamChoice, Verdict, status_of};
 use crate::policy::model::{Mode, OnFailure};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
@@ -70,9 +71,18 @@ pub async fn handle(
     let started = Instant::now();
     let ts = jiff::Timestamp::now();
     let id = new_id(ts);
-    let span = tracing::debug_span!("request", decision.id = %id, client.addr = %conn.peer);
-    Ok(handle_inner(shared, conn, req, started, ts, id)
-        .instrument(span)
+    // Dataset, decision and reason are filled in once decided; never the path or subject.
+    let span = tracing::debug_span!(
+        "request",
+        decision.id = %id,
+        client.addr = %conn.peer,
+        http.method = %req.method(),
+        dataset = tracing::field::Empty,
+        decision = tracing::field::Empty,
+        reason = tracing::field::Empty,
+    );
+    Ok(handle_inner(shared, conn, req, started, ts, id, &span)
+        .instrument(span.clone())
         .await)
 }
 
@@ -83,6 +93,7 @@ async fn handle_inner(
     started: Instant,
     ts: jiff::Timestamp,
     id: String,
+    span: &tracing::Span,
 ) -> Response<ResponseBody> {
     let snap = shared.snapshot.load_full();
     let policy = &snap.policy;
@@ -123,6 +134,9 @@ async fn handle_inner(
     };
     let (record, plan) = match limit {
         Some((reason, rule)) => {
+            snap.metrics
+                .dataset(None)
+                .record(reason, Verdict::Error, true);
             let mut rec = record::failure_record(policy, &cx, reason, rule);
             rec.request.path = snap.pseudo.opaque_path(&rec.request.path);
             let mut failure = Decision::new_failure(reason, rule);
@@ -153,6 +167,27 @@ async fn handle_inner(
                 pick: fastrand::usize(..),
             };
             let d = decide::decide(policy, &env, &request, &mut ());
+            shared.metrics.decision_time.observe(started.elapsed());
+            snap.metrics
+                .dataset(d.dataset)
+                .record(d.reason, d.verdict, d.enforced);
+            if d.reason == Reason::UpstreamUnreachable && d.upstream.is_none() {
+                // Decided unreachable: the upstream's host resolved to no address.
+                let up = d
+                    .dataset
+                    .map(|i| policy.datasets[i].upstream)
+                    .or(policy.unmatched_upstream);
+                if let Some(c) = up.and_then(|u| snap.metrics.upstream(u)) {
+                    c.error(UpstreamErrorKind::Resolve);
+                }
+            }
+            if !span.is_disabled() {
+                if let Some(i) = d.dataset {
+                    span.record("dataset", &*policy.datasets[i].name);
+                }
+                span.record("decision", d.verdict.as_str());
+                span.record("reason", d.reason.as_str());
+            }
             let rec =
                 record::decision_record(policy, snap.geo_label.clone(), &snap.pseudo, &cx, &d);
             let plan = match (d.forwards(), &d.upstream) {
@@ -174,8 +209,10 @@ async fn handle_inner(
     // The decision record is written before anything else happens. The exchange exists
     // first, so that a client going away while the record is written still leaves an
     // outcome record (queued after the decision).
-    let exchange = Exchange::new(id.clone(), started, shared.log.clone());
+    let exchange = Exchange::new(id.clone(), started, shared.clone());
+    let appending = Instant::now();
     let logged = shared.log.append(Record::Decision(Box::new(record))).await;
+    shared.metrics.log_append_time.observe(appending.elapsed());
     if let Err(e) = logged {
         let forwarding = matches!(plan, Plan::Forward { .. });
         // "allow" forwards past a failing log, never past a closed one (shutdown).
@@ -340,8 +377,13 @@ async fn forward(
     let allowed = |ip: IpAddr| {
         ds.is_none_or(|d| d.mode == Mode::Audit || upstream_allowed(d, &snap.locator.locate(ip)))
     };
-    let fail = |reason: Reason, detail: String| {
+    let counters = snap.metrics.upstream(choice.index);
+    // `kind`: what the upstream did wrong, if it was the upstream.
+    let fail = |reason: Reason, kind: Option<UpstreamErrorKind>, detail: String| {
         tracing::warn!(upstream = %up.name, upstream.addr = %choice.addr, error = %detail, "upstream request failed");
+        if let (Some(c), Some(kind)) = (counters, kind) {
+            c.error(kind);
+        }
         exchange.set_error(reason);
         let message = format!(
             "{} ({detail}).",
@@ -371,10 +413,20 @@ async fn forward(
             None => {
                 match upstream::connect(choice.addr, policy.proxy.connect_timeout, allowed).await {
                     Ok(s) => (s, false),
-                    Err(e @ UpstreamError::ConnectTimeout { .. }) => {
-                        return fail(Reason::UpstreamUnreachable, e.to_string());
+                    Err(e @ UpstreamError::OutsideHome { .. }) => {
+                        return fail(
+                            Reason::UpstreamUnreachable,
+                            Some(UpstreamErrorKind::OutsideHome),
+                            e.to_string(),
+                        );
                     }
-                    Err(e) => return fail(Reason::UpstreamUnreachable, e.to_string()),
+                    Err(e) => {
+                        return fail(
+                            Reason::UpstreamUnreachable,
+                            Some(UpstreamErrorKind::Connect),
+                            e.to_string(),
+                        );
+                    }
                 }
             }
         };
@@ -386,6 +438,7 @@ async fn forward(
             Err(_) => {
                 return fail(
                     Reason::UpstreamTimeout,
+                    Some(UpstreamErrorKind::Timeout),
                     format!("no response within {:?}", policy.proxy.upstream_timeout),
                 );
             }
@@ -393,6 +446,7 @@ async fn forward(
             Ok(Err(_)) if exchange.error() == Some(Reason::PayloadTooLarge) => {
                 return fail(
                     Reason::PayloadTooLarge,
+                    None,
                     format!(
                         "more than {} bytes",
                         policy.proxy.max_body_bytes.unwrap_or_default()
@@ -404,7 +458,13 @@ async fn forward(
                 // on a fresh connection (the request was never sent).
                 match e.take_message() {
                     Some(back) if reused && attempt == 1 => req = Some(back),
-                    _ => return fail(Reason::UpstreamUnreachable, e.into_error().to_string()),
+                    _ => {
+                        return fail(
+                            Reason::UpstreamUnreachable,
+                            Some(UpstreamErrorKind::Request),
+                            e.into_error().to_string(),
+                        );
+                    }
                 }
             }
         }

@@ -6,7 +6,7 @@ use super::body::Exchange;
 use super::pipeline::{ConnInfo, handle};
 use crate::audit::id::new_id;
 use crate::audit::record::{self, Record, RequestContext};
-use crate::policy::decision::{Reason, status_of};
+use crate::policy::decision::{Reason, Verdict, status_of};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -61,6 +61,8 @@ pub async fn accept_loop(
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
+        shared.metrics.connections_accepted.inc();
+        shared.metrics.connections_open.inc();
         let info = ConnInfo {
             peer,
             identity: None,
@@ -80,6 +82,7 @@ pub async fn accept_loop(
                     tracing::debug!(error = %e, "connection ended with an error");
                     log_refused_head(&log_to, peer, &*e);
                 }
+                log_to.metrics.connections_open.dec();
                 drop(permit);
             }
             .instrument(span),
@@ -101,7 +104,7 @@ pub async fn accept_loop(
 /// A request head that hyper refused before the pipeline saw it (larger than its buffer, more
 /// headers than `max_headers`, not HTTP at all) has already been answered by hyper (431 or
 /// 400); it still gets its decision and outcome records, as every refusal does.
-fn log_refused_head(shared: &Shared, peer: SocketAddr, e: &(dyn std::error::Error + 'static)) {
+fn log_refused_head(shared: &Arc<Shared>, peer: SocketAddr, e: &(dyn std::error::Error + 'static)) {
     let Some(h) = e.downcast_ref::<hyper::Error>() else {
         return;
     };
@@ -126,10 +129,13 @@ fn log_refused_head(shared: &Shared, peer: SocketAddr, e: &(dyn std::error::Erro
         headers: &headers,
         peer: peer.ip(),
     };
+    snap.metrics
+        .dataset(None)
+        .record(reason, Verdict::Error, true);
     let mut rec = record::failure_record(&snap.policy, &cx, reason, rule);
     rec.request.path = snap.pseudo.opaque_path(&rec.request.path);
     shared.log.append_later(Record::Decision(Box::new(rec)));
-    let exchange = Exchange::new(id, Instant::now(), shared.log.clone());
+    let exchange = Exchange::new(id, Instant::now(), shared.clone());
     exchange.set_status(status_of(reason));
     exchange.finished();
 }

@@ -8,6 +8,7 @@ use crate::audit::keys::SigningKey;
 use crate::consent::ConsentIndex;
 use crate::consent::record::Consent;
 use crate::geo::{GeoDb, Locator};
+use crate::metrics::{Metrics, SnapshotMetrics};
 use crate::policy::Policy;
 use crate::policy::decide::{ConsentLookup, Env};
 use crate::policy::decision::Location;
@@ -49,6 +50,8 @@ pub struct Snapshot {
     pub consents: Arc<ConsentIndex>,
     pub signing_key: Option<Arc<SigningKey>>,
     pub loaded_at: jiff::Timestamp,
+    /// The counters this snapshot's requests update, indexed like `policy`.
+    pub metrics: SnapshotMetrics,
 }
 
 /// Reads a policy from disk and applies the command-line overrides.
@@ -59,12 +62,14 @@ pub fn read_policy(path: &Path, overrides: &Overrides) -> Result<Policy, ServeEr
 }
 
 impl Snapshot {
-    /// Builds a snapshot: opens the geolocation database and the signing key, and resolves
-    /// every upstream (keeping the pools of a previous snapshot's identical upstreams).
+    /// Builds a snapshot: opens the geolocation database and the signing key, resolves
+    /// every upstream (keeping the pools of a previous snapshot's identical upstreams), and
+    /// registers the metrics of its datasets and upstreams.
     pub async fn build(
         policy: Policy,
         previous: Option<&Snapshot>,
         consents: Arc<ConsentIndex>,
+        metrics: &Metrics,
     ) -> Result<Snapshot, ServeError> {
         let geo = match &policy.geo_database {
             Some(p) => {
@@ -113,6 +118,7 @@ impl Snapshot {
             upstreams.push(rt);
         }
         Ok(Snapshot {
+            metrics: metrics.for_policy(&policy),
             policy: Arc::new(policy),
             locator,
             upstreams,

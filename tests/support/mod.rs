@@ -3,12 +3,15 @@
 //! `upstream` (storage servers that count what reaches them), `proxy` (a policy in a temp
 //! dir and the real proxy started in process), `client` (requests from a chosen source
 //! address), `log` (reading the decision log), `body` (generated bodies and hashes),
-//! `mmdb` (generated MaxMind databases).
+//! `mmdb` (generated MaxMind databases), `binary` (the real `serve` process), `prom`
+//! (a strict reader of the Prometheus text format).
 
+pub mod binary;
 pub mod body;
 pub mod client;
 pub mod log;
 pub mod mmdb;
+pub mod prom;
 pub mod proxy;
 pub mod upstream;
 

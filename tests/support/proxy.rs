@@ -156,17 +156,24 @@ impl PolicySpec {
     /// Writes the policy, a fresh signing key and the consent file into a new temp dir and
     /// starts the proxy.
     pub async fn start(self) -> TestProxy {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("log-signing.key"),
-            SigningKey::generate_pem(),
-        )
-        .unwrap();
-        let consents_path = dir.path().join("consents.jsonl");
-        write_consents(&consents_path, &self.consents);
-        let policy_path = dir.path().join("policy.toml");
-        let text = self.render(dir.path());
+        self.start_in(tempfile::tempdir().unwrap()).await
+    }
+
+    /// Writes the policy (`policy.toml`), a fresh signing key and the consent file into `dir`;
+    /// returns the policy's path and text. Files already in `dir` (say a log path made a
+    /// symlink) are kept unless the policy needs that name.
+    pub fn write_files(&self, dir: &Path) -> (PathBuf, String) {
+        std::fs::write(dir.join("log-signing.key"), SigningKey::generate_pem()).unwrap();
+        write_consents(&dir.join("consents.jsonl"), &self.consents);
+        let policy_path = dir.join("policy.toml");
+        let text = self.render(dir);
         std::fs::write(&policy_path, &text).unwrap();
+        (policy_path, text)
+    }
+
+    /// [`PolicySpec::start`] in a temp dir the caller prepared.
+    pub async fn start_in(self, dir: tempfile::TempDir) -> TestProxy {
+        let (policy_path, text) = self.write_files(dir.path());
         let running = proxy::start(ServeConfig {
             policy_path: policy_path.clone(),
             overrides: Overrides::default(),
@@ -177,7 +184,7 @@ impl PolicySpec {
             addr: running.addr,
             log: DecisionLog::new(dir.path().join("decisions.jsonl")),
             policy_path,
-            consents_path,
+            consents_path: dir.path().join("consents.jsonl"),
             running: Some(running),
             dir,
         }

@@ -1,0 +1,730 @@
+//! Prometheus metrics of the running proxy. Handles are registered once: the process-wide
+//! ones at start-up, the per-dataset and per-upstream ones when a policy is loaded (resolved
+//! to indexes held by the snapshot). The hot path only does relaxed atomic adds on them; no
+//! map is looked up by a string per request. The admin listener renders them in the
+//! Prometheus text exposition format (version 0.0.4), written by hand: it is a few lines.
+//!
+//! Label values are bounded: dataset and upstream names come from loaded policies, reasons
+//! and error kinds from closed enums. Paths, subjects and client addresses never appear.
+
+use crate::policy::decision::{Reason, Verdict};
+use crate::policy::model::Policy;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+/// The `Content-Type` of the exposition.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// A monotonically increasing count.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    #[inline]
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A latency histogram with fixed bucket bounds (nanoseconds). An observation costs a
+/// short scan of the bounds and two relaxed adds: the bucket and the sum. Buckets are kept
+/// non-cumulative and summed when rendered, so the count needs no add of its own.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [u64],
+    /// One per bound, then the `+Inf` bucket.
+    buckets: Box<[AtomicU64]>,
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [u64]) -> Histogram {
+        debug_assert!(bounds.windows(2).all(|w| w[0] < w[1]));
+        Histogram {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+
+    #[inline]
+    pub fn observe(&self, d: Duration) {
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        // The first bound at or above the value: Prometheus buckets are `le` (<=).
+        let i = self.bounds.partition_point(|b| *b < nanos);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        header(out, name, help, "histogram");
+        let mut cumulative = 0u64;
+        for (i, b) in self.buckets.iter().enumerate() {
+            cumulative += b.load(Ordering::Relaxed);
+            match self.bounds.get(i) {
+                Some(le) => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cumulative}", seconds(*le));
+                }
+                None => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            seconds(self.sum_nanos.load(Ordering::Relaxed))
+        );
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
+/// Nanoseconds as seconds, without trailing zeros (`0.0000025`, `1`).
+fn seconds(nanos: u64) -> String {
+    let whole = nanos / 1_000_000_000;
+    let frac = nanos % 1_000_000_000;
+    if frac == 0 {
+        return whole.to_string();
+    }
+    let digits = format!("{frac:09}");
+    format!("{whole}.{}", digits.trim_end_matches('0'))
+}
+
+const US: u64 = 1_000;
+const MS: u64 = 1_000_000;
+const S: u64 = 1_000_000_000;
+
+/// From the request head reaching the pipeline to the decision: policy evaluation is
+/// expected well under a microsecond, so the buckets start below it.
+const DECISION_BOUNDS: &[u64] = &[
+    250,
+    500,
+    US,
+    2 * US + US / 2,
+    5 * US,
+    10 * US,
+    25 * US,
+    50 * US,
+    100 * US,
+    250 * US,
+    MS,
+    10 * MS,
+];
+
+/// How long a request waits for its decision record to be written (and synced, in `fsync`
+/// mode) before anything is forwarded.
+const LOG_BOUNDS: &[u64] = &[
+    10 * US,
+    25 * US,
+    50 * US,
+    100 * US,
+    250 * US,
+    500 * US,
+    MS,
+    2 * MS + MS / 2,
+    5 * MS,
+    10 * MS,
+    25 * MS,
+    50 * MS,
+    100 * MS,
+    250 * MS,
+    S,
+];
+
+/// A whole exchange, from the request head to the last byte of the response.
+const REQUEST_BOUNDS: &[u64] = &[
+    100 * US,
+    250 * US,
+    500 * US,
+    MS,
+    2 * MS + MS / 2,
+    5 * MS,
+    10 * MS,
+    25 * MS,
+    50 * MS,
+    100 * MS,
+    250 * MS,
+    500 * MS,
+    S,
+    5 * S / 2,
+    5 * S,
+    10 * S,
+    30 * S,
+    60 * S,
+];
+
+/// The decision classes a decision counter distinguishes: verdict and enforcement.
+const OUTCOMES: [(&str, &str); 4] = [
+    ("allow", "true"),
+    ("deny", "true"),
+    // A would-deny in audit mode: logged, not enforced, forwarded.
+    ("deny", "false"),
+    ("error", "true"),
+];
+
+fn outcome(verdict: Verdict, enforced: bool) -> usize {
+    match (verdict, enforced) {
+        (Verdict::Allow, _) => 0,
+        (Verdict::Deny, true) => 1,
+        (Verdict::Deny, false) => 2,
+        (Verdict::Error, _) => 3,
+    }
+}
+
+/// Decision counts of one dataset (or of the requests that matched none), by reason and
+/// outcome. The slots are allocated on the first decision, so that a policy with thousands
+/// of datasets costs memory only for those that see traffic.
+#[derive(Debug, Default)]
+pub struct DatasetCounters {
+    slots: OnceLock<Box<[AtomicU64]>>,
+}
+
+impl DatasetCounters {
+    #[inline]
+    pub fn record(&self, reason: Reason, verdict: Verdict, enforced: bool) {
+        let slots = self.slots.get_or_init(|| {
+            (0..Reason::ALL.len() * OUTCOMES.len())
+                .map(|_| AtomicU64::new(0))
+                .collect()
+        });
+        // `Reason` is a field-less enum declared in the order of `Reason::ALL`.
+        let r = reason as usize;
+        debug_assert_eq!(Reason::ALL[r], reason);
+        slots[r * OUTCOMES.len() + outcome(verdict, enforced)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Non-zero counts as `(reason, outcome index, count)`.
+    fn each(&self, mut f: impl FnMut(Reason, usize, u64)) {
+        let Some(slots) = self.slots.get() else {
+            return;
+        };
+        for (i, s) in slots.iter().enumerate() {
+            let n = s.load(Ordering::Relaxed);
+            if n > 0 {
+                f(Reason::ALL[i / OUTCOMES.len()], i % OUTCOMES.len(), n);
+            }
+        }
+    }
+
+    /// All decisions counted here.
+    pub fn total(&self) -> u64 {
+        let mut n = 0;
+        self.each(|_, _, c| n += c);
+        n
+    }
+}
+
+/// What went wrong between the proxy and an upstream.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum UpstreamError {
+    /// The host resolved to no address (the request was decided `upstream_unreachable`).
+    Resolve,
+    /// TCP connect or HTTP handshake failed or timed out.
+    Connect,
+    /// The connected socket's peer was not inside the dataset's home: refused before a byte.
+    OutsideHome,
+    /// No response head within `upstream_timeout`.
+    Timeout,
+    /// The request failed after the connection was made.
+    Request,
+}
+
+impl UpstreamError {
+    const ALL: [UpstreamError; 5] = [
+        UpstreamError::Resolve,
+        UpstreamError::Connect,
+        UpstreamError::OutsideHome,
+        UpstreamError::Timeout,
+        UpstreamError::Request,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamError::Resolve => "resolve",
+            UpstreamError::Connect => "connect",
+            UpstreamError::OutsideHome => "outside_home",
+            UpstreamError::Timeout => "timeout",
+            UpstreamError::Request => "request",
+        }
+    }
+}
+
+/// Error counts of one upstream.
+#[derive(Debug, Default)]
+pub struct UpstreamCounters {
+    errors: [AtomicU64; 5],
+}
+
+impl UpstreamCounters {
+    pub fn error(&self, kind: UpstreamError) {
+        self.errors[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn errors(&self, kind: UpstreamError) -> u64 {
+        self.errors[kind as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// The counters one snapshot's requests update, indexed like the snapshot's policy.
+#[derive(Debug)]
+pub struct SnapshotMetrics {
+    datasets: Box<[Arc<DatasetCounters>]>,
+    unmatched: Arc<DatasetCounters>,
+    upstreams: Box<[Arc<UpstreamCounters>]>,
+}
+
+impl SnapshotMetrics {
+    /// The decision counters of dataset `i`, or of requests that matched no dataset.
+    #[inline]
+    pub fn dataset(&self, i: Option<usize>) -> &DatasetCounters {
+        match i.and_then(|i| self.datasets.get(i)) {
+            Some(d) => d,
+            None => &self.unmatched,
+        }
+    }
+
+    #[inline]
+    pub fn upstream(&self, i: usize) -> Option<&UpstreamCounters> {
+        self.upstreams.get(i).map(|u| &**u)
+    }
+}
+
+/// Per-name counters of every dataset and upstream any loaded policy has named. A reload
+/// that keeps a name keeps its counters (Prometheus sees no reset); a name a reload drops
+/// keeps its last values.
+#[derive(Default)]
+struct Named {
+    datasets: BTreeMap<Arc<str>, Arc<DatasetCounters>>,
+    upstreams: BTreeMap<Arc<str>, Arc<UpstreamCounters>>,
+}
+
+/// The result of a policy reload, for `residency_policy_reloads_total`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ReloadResult {
+    Ok,
+    Rejected,
+}
+
+/// Values read from elsewhere when the metrics are rendered.
+pub struct Scrape<'a> {
+    pub policy: &'a Policy,
+    pub policy_loaded_at: jiff::Timestamp,
+    pub geo_db: Option<&'a str>,
+    pub log_written: u64,
+    pub log_failures: u64,
+    pub log_dropped: u64,
+    pub log_healthy: bool,
+    pub consents: usize,
+    pub consent_subjects: usize,
+}
+
+/// Every metric of one proxy.
+pub struct Metrics {
+    named: Mutex<Named>,
+    unmatched: Arc<DatasetCounters>,
+    pub decision_time: Histogram,
+    pub log_append_time: Histogram,
+    pub request_time: Histogram,
+    /// Responses by status class: 1xx…5xx, then "none" (the exchange ended without one).
+    responses: [AtomicU64; 6],
+    pub connections_open: Gauge,
+    pub connections_accepted: Counter,
+    reloads_ok: Counter,
+    reloads_rejected: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        Metrics {
+            named: Mutex::new(Named::default()),
+            unmatched: Arc::new(DatasetCounters::default()),
+            decision_time: Histogram::new(DECISION_BOUNDS),
+            log_append_time: Histogram::new(LOG_BOUNDS),
+            request_time: Histogram::new(REQUEST_BOUNDS),
+            responses: Default::default(),
+            connections_open: Gauge::default(),
+            connections_accepted: Counter::default(),
+            reloads_ok: Counter::default(),
+            reloads_rejected: Counter::default(),
+        }
+    }
+
+    fn named(&self) -> std::sync::MutexGuard<'_, Named> {
+        // Only start-up, reloads and scrapes take this lock; a panic under it leaves maps
+        // that are still consistent.
+        self.named.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers (or finds) the counters of every dataset and upstream of `policy`, for a
+    /// snapshot of it. Called off the request path, when a snapshot is built.
+    pub fn for_policy(&self, policy: &Policy) -> SnapshotMetrics {
+        let mut named = self.named();
+        let datasets = policy
+            .datasets
+            .iter()
+            .map(|d| named.datasets.entry(d.name.clone()).or_default().clone())
+            .collect();
+        let upstreams = policy
+            .upstreams
+            .iter()
+            .map(|u| named.upstreams.entry(u.name.clone()).or_default().clone())
+            .collect();
+        SnapshotMetrics {
+            datasets,
+            unmatched: self.unmatched.clone(),
+            upstreams,
+        }
+    }
+
+    /// Counts the response status (0: none was sent) and the duration of an exchange.
+    #[inline]
+    pub fn exchange_ended(&self, status: u16, elapsed: Duration) {
+        let class = match status {
+            100..=599 => usize::from(status / 100 - 1),
+            _ => 5,
+        };
+        self.responses[class].fetch_add(1, Ordering::Relaxed);
+        self.request_time.observe(elapsed);
+    }
+
+    pub fn reloaded(&self, result: ReloadResult) {
+        match result {
+            ReloadResult::Ok => self.reloads_ok.inc(),
+            ReloadResult::Rejected => self.reloads_rejected.inc(),
+        }
+    }
+
+    /// Reloads so far with `result`.
+    pub fn reloads(&self, result: ReloadResult) -> u64 {
+        match result {
+            ReloadResult::Ok => self.reloads_ok.get(),
+            ReloadResult::Rejected => self.reloads_rejected.get(),
+        }
+    }
+
+    /// The exposition text.
+    pub fn render(&self, s: &Scrape<'_>) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        header(
+            &mut out,
+            "residency_build_info",
+            "The running build.",
+            "gauge",
+        );
+        let _ = writeln!(
+            out,
+            "residency_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        header(
+            &mut out,
+            "residency_policy_info",
+            "The policy in force: name, hash and geolocation database build.",
+            "gauge",
+        );
+        let _ = writeln!(
+            out,
+            "residency_policy_info{{name=\"{}\",hash=\"{}\",geo_db=\"{}\"}} 1",
+            escape(&s.policy.name),
+            escape(&s.policy.hash),
+            escape(s.geo_db.unwrap_or(""))
+        );
+        header(
+            &mut out,
+            "residency_policy_loaded_timestamp_seconds",
+            "When the policy in force was loaded (Unix time).",
+            "gauge",
+        );
+        let _ = writeln!(
+            out,
+            "residency_policy_loaded_timestamp_seconds {}",
+            s.policy_loaded_at.as_second()
+        );
+        header(
+            &mut out,
+            "residency_policy_reloads_total",
+            "Policy reloads (SIGHUP or a changed file), by result; a rejected one leaves the running policy in force.",
+            "counter",
+        );
+        let _ = writeln!(
+            out,
+            "residency_policy_reloads_total{{result=\"ok\"}} {}",
+            self.reloads_ok.get()
+        );
+        let _ = writeln!(
+            out,
+            "residency_policy_reloads_total{{result=\"rejected\"}} {}",
+            self.reloads_rejected.get()
+        );
+
+        header(
+            &mut out,
+            "residency_decisions_total",
+            "Decisions, one per request, by dataset (empty: none matched), decision, enforcement and reason.",
+            "counter",
+        );
+        let named = self.named();
+        let rows = named
+            .datasets
+            .iter()
+            .map(|(n, c)| (&**n, &**c))
+            .chain(std::iter::once(("", &*self.unmatched)));
+        for (name, counters) in rows {
+            counters.each(|reason, o, n| {
+                let (decision, enforced) = OUTCOMES[o];
+                let _ = writeln!(
+                    out,
+                    "residency_decisions_total{{dataset=\"{}\",decision=\"{decision}\",enforced=\"{enforced}\",reason=\"{}\"}} {n}",
+                    escape(name),
+                    reason.as_str()
+                );
+            });
+        }
+        header(
+            &mut out,
+            "residency_upstream_errors_total",
+            "Failures between the proxy and an upstream, by upstream and kind.",
+            "counter",
+        );
+        for (name, c) in &named.upstreams {
+            for kind in UpstreamError::ALL {
+                let _ = writeln!(
+                    out,
+                    "residency_upstream_errors_total{{upstream=\"{}\",error=\"{}\"}} {}",
+                    escape(name),
+                    kind.as_str(),
+                    c.errors(kind)
+                );
+            }
+        }
+        drop(named);
+
+        header(
+            &mut out,
+            "residency_responses_total",
+            "Exchanges ended, by response status class (none: no response was sent).",
+            "counter",
+        );
+        for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx", "none"]
+            .iter()
+            .enumerate()
+        {
+            let _ = writeln!(
+                out,
+                "residency_responses_total{{code=\"{class}\"}} {}",
+                self.responses[i].load(Ordering::Relaxed)
+            );
+        }
+        self.decision_time.render(
+            &mut out,
+            "residency_decision_duration_seconds",
+            "Time from a request head reaching the pipeline to its decision.",
+        );
+        self.log_append_time.render(
+            &mut out,
+            "residency_log_append_duration_seconds",
+            "Time a request waits for its decision record to be written before anything is forwarded.",
+        );
+        self.request_time.render(
+            &mut out,
+            "residency_request_duration_seconds",
+            "Whole exchanges, from the request head to the end of the response.",
+        );
+
+        let counters: [(&str, &str, u64); 3] = [
+            (
+                "residency_log_records_written_total",
+                "Decision-log records written.",
+                s.log_written,
+            ),
+            (
+                "residency_log_write_failures_total",
+                "Decision-log records whose write failed.",
+                s.log_failures,
+            ),
+            (
+                "residency_log_records_dropped_total",
+                "Outcome records that never reached the decision-log writer.",
+                s.log_dropped,
+            ),
+        ];
+        for (name, help, v) in counters {
+            header(&mut out, name, help, "counter");
+            let _ = writeln!(out, "{name} {v}");
+        }
+        let gauges: [(&str, &str, i64); 5] = [
+            (
+                "residency_log_writable",
+                "1 while the last decision-log write succeeded.",
+                i64::from(s.log_healthy),
+            ),
+            (
+                "residency_consents",
+                "Consent records held in the in-memory index.",
+                s.consents as i64,
+            ),
+            (
+                "residency_consent_subjects",
+                "Data subjects with at least one consent in the index.",
+                s.consent_subjects as i64,
+            ),
+            (
+                "residency_connections_open",
+                "Client connections open on the data listener.",
+                self.connections_open.get(),
+            ),
+            (
+                "residency_datasets",
+                "Datasets in the policy in force.",
+                s.policy.datasets.len() as i64,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            header(&mut out, name, help, "gauge");
+            let _ = writeln!(out, "{name} {v}");
+        }
+        header(
+            &mut out,
+            "residency_connections_accepted_total",
+            "Client connections accepted on the data listener.",
+            "counter",
+        );
+        let _ = writeln!(
+            out,
+            "residency_connections_accepted_total {}",
+            self.connections_accepted.get()
+        );
+        out
+    }
+}
+
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// A label value as the exposition format wants it: `\`, `"` and line feeds escaped.
+fn escape(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(datasets: &[&str]) -> Policy {
+        let mut text = String::from(
+            "[policy]\nname='m'\nhome='CN'\n[log]\npseudonymize=false\n\
+             [[upstreams]]\nname='cn-store'\nurl='http://127.0.0.2:9000'\n",
+        );
+        for d in datasets {
+            text.push_str(&format!(
+                "[[datasets]]\nname='{d}'\nmatch={{path_prefix='/{d}/'}}\nupstream='cn-store'\ncategory='user'\ncross_border='allow'\nthird_party='allow'\n"
+            ));
+        }
+        crate::policy::compile::from_str("m.toml", &text).unwrap()
+    }
+
+    fn scrape(p: &Policy) -> Scrape<'_> {
+        Scrape {
+            policy: p,
+            policy_loaded_at: jiff::Timestamp::UNIX_EPOCH,
+            geo_db: None,
+            log_written: 0,
+            log_failures: 0,
+            log_dropped: 0,
+            log_healthy: true,
+            consents: 0,
+            consent_subjects: 0,
+        }
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_le() {
+        let h = Histogram::new(&[1_000, 2_000]);
+        h.observe(Duration::from_nanos(1_000));
+        h.observe(Duration::from_nanos(1_500));
+        h.observe(Duration::from_secs(3));
+        let mut out = String::new();
+        h.render(&mut out, "x", "help");
+        assert!(out.contains("x_bucket{le=\"0.000001\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"0.000002\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_sum 3.0000025\n"), "{out}");
+        assert!(out.contains("x_count 3\n"), "{out}");
+    }
+
+    #[test]
+    fn a_reload_keeps_the_counters_of_a_dataset_that_moved() {
+        let m = Metrics::new();
+        let first = policy(&["a", "b"]);
+        let s1 = m.for_policy(&first);
+        s1.dataset(Some(1))
+            .record(Reason::Domestic, Verdict::Allow, true);
+        // The reload puts "b" first and adds "c": the snapshot's indexes follow the new policy.
+        let second = policy(&["b", "c", "a"]);
+        let s2 = m.for_policy(&second);
+        s2.dataset(Some(0))
+            .record(Reason::CrossBorderDenied, Verdict::Deny, false);
+        s2.dataset(None)
+            .record(Reason::NoRoute, Verdict::Deny, true);
+        let text = m.render(&scrape(&second));
+        assert!(text.contains("residency_decisions_total{dataset=\"b\",decision=\"allow\",enforced=\"true\",reason=\"domestic\"} 1\n"), "{text}");
+        assert!(text.contains("residency_decisions_total{dataset=\"b\",decision=\"deny\",enforced=\"false\",reason=\"cross_border_denied\"} 1\n"), "{text}");
+        assert!(text.contains("residency_decisions_total{dataset=\"\",decision=\"deny\",enforced=\"true\",reason=\"no_route\"} 1\n"), "{text}");
+        assert!(!text.contains("dataset=\"a\""), "{text}");
+        assert_eq!(s2.dataset(Some(0)).total(), 2);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

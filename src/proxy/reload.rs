@@ -1,0 +1,314 @@
+//! Policy reloads: on request (SIGHUP) and when a watched file changes. The policy file and
+//! its includes, the geolocation database and the TLS files are polled (metadata only: device,
+//! inode, size, modification time) every second; a change is acted on once it has held still
+//! for one poll, so that an editor's or a downloader's successive writes make one reload.
+//!
+//! A reload builds the new snapshot off the request path (the database is read whole and
+//! validated by `GeoDb::open`) and swaps it in whole; an invalid one is rejected with every
+//! error, counted, reported as an error event and in `/v1/policy`, and the running snapshot
+//! keeps serving.
+
+use super::snapshot::{Snapshot, read_policy};
+use super::{ServeConfig, ServeError, Shared};
+use crate::metrics::ReloadResult;
+use crate::policy::{Policy, PolicyError};
+use serde::Serialize;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::Mutex;
+
+/// What asked for a reload.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// SIGHUP, or `RunningProxy::reload`.
+    Signal,
+    /// A watched file changed on disk.
+    FileChange,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Signal => "signal",
+            Trigger::FileChange => "file_change",
+        }
+    }
+}
+
+/// The last reload attempt, as `/v1/policy` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReloadStatus {
+    /// RFC 3339.
+    pub at: String,
+    pub trigger: &'static str,
+    /// `"ok"` or `"rejected"`.
+    pub result: &'static str,
+    /// Every error of a rejected reload, one sentence each (policy errors as
+    /// `file:line: rule: message`).
+    pub errors: Vec<String>,
+}
+
+/// Whether a reload swapped a new snapshot in.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Reloaded {
+    Swapped,
+    /// A watched file changed again while the snapshot was built: nothing was swapped, and
+    /// the watcher tries again with the newer version.
+    Superseded,
+}
+
+/// Rebuilds and swaps the snapshot; one reload at a time.
+pub struct Reloader {
+    shared: Arc<Shared>,
+    config: ServeConfig,
+    lock: Mutex<()>,
+}
+
+impl Reloader {
+    pub fn new(shared: Arc<Shared>, config: ServeConfig) -> Reloader {
+        Reloader {
+            shared,
+            config,
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// Reloads unconditionally.
+    pub async fn reload(&self, trigger: Trigger) -> Result<(), ServeError> {
+        self.reload_if_unchanged(trigger, || async { true })
+            .await
+            .map(|_| ())
+    }
+
+    /// Reloads, swapping the new snapshot in only if `unchanged()` still holds once it is
+    /// built; records the result (metric, event, status) unless superseded.
+    pub async fn reload_if_unchanged<F: Future<Output = bool>>(
+        &self,
+        trigger: Trigger,
+        unchanged: impl FnOnce() -> F,
+    ) -> Result<Reloaded, ServeError> {
+        let _guard = self.lock.lock().await;
+        let result = self.build().await;
+        let next = match result {
+            Ok(next) if !unchanged().await => {
+                drop(next);
+                tracing::debug!(
+                    reload.trigger = trigger.as_str(),
+                    "a watched file changed again while reloading; trying again"
+                );
+                return Ok(Reloaded::Superseded);
+            }
+            Ok(next) => next,
+            Err(e) => {
+                let errors = error_lines(&e);
+                self.shared.metrics.reloaded(ReloadResult::Rejected);
+                tracing::error!(
+                    reload.trigger = trigger.as_str(),
+                    errors = errors.len(),
+                    error = %e,
+                    "policy reload rejected; the running policy keeps serving"
+                );
+                self.record(trigger, "rejected", errors);
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            reload.trigger = trigger.as_str(),
+            policy.name = %next.policy.name,
+            policy.hash = %next.policy.hash,
+            geo.db = next.geo_label.as_deref().unwrap_or("none"),
+            "policy reloaded"
+        );
+        self.shared.snapshot.store(Arc::new(next));
+        self.shared.metrics.reloaded(ReloadResult::Ok);
+        self.record(trigger, "ok", Vec::new());
+        Ok(Reloaded::Swapped)
+    }
+
+    async fn build(&self) -> Result<Snapshot, ServeError> {
+        let path = self.config.policy_path.clone();
+        let overrides = self.config.overrides.clone();
+        // Reading and compiling the files is blocking work: off the runtime threads.
+        let policy = tokio::task::spawn_blocking(move || read_policy(&path, &overrides))
+            .await
+            .expect("the policy loader does not panic")?;
+        let current = self.shared.snapshot.load_full();
+        if policy.log.target != current.policy.log.target {
+            return Err(ServeError::NeedsRestart { what: "log.path" });
+        }
+        if policy.log.signing_key != current.policy.log.signing_key
+            || policy.log.pseudonymize != current.policy.log.pseudonymize
+        {
+            return Err(ServeError::NeedsRestart {
+                what: "log.signing_key and log.pseudonymize",
+            });
+        }
+        if policy.consent.store != current.policy.consent.store {
+            return Err(ServeError::NeedsRestart {
+                what: "consent.store",
+            });
+        }
+        if policy.proxy.listen != current.policy.proxy.listen {
+            return Err(ServeError::NeedsRestart {
+                what: "proxy.listen",
+            });
+        }
+        if policy.admin.listen != current.policy.admin.listen {
+            return Err(ServeError::NeedsRestart {
+                what: "admin.listen",
+            });
+        }
+        Snapshot::build(
+            policy,
+            Some(&current),
+            self.shared.consents.clone(),
+            &self.shared.metrics,
+        )
+        .await
+    }
+
+    fn record(&self, trigger: Trigger, result: &'static str, errors: Vec<String>) {
+        self.shared.last_reload.store(Some(Arc::new(ReloadStatus {
+            at: crate::audit::record::timestamp(jiff::Timestamp::now()),
+            trigger: trigger.as_str(),
+            result,
+            errors,
+        })));
+    }
+}
+
+/// Every error of a failed reload, one line each.
+fn error_lines(e: &ServeError) -> Vec<String> {
+    match e {
+        ServeError::Policy(PolicyError::Invalid(diags)) => {
+            diags.iter().map(ToString::to_string).collect()
+        }
+        other => vec![other.to_string()],
+    }
+}
+
+/// One version of a watched file; `None` in a list: the file does not exist (or cannot be
+/// examined), which is a version too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Version {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    modified: SystemTime,
+}
+
+/// The files a policy was built from, and their versions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Watched {
+    paths: Vec<PathBuf>,
+    versions: Vec<Option<Version>>,
+}
+
+/// The files `p` was built from: the policy and its includes, the geolocation database, the
+/// TLS files.
+fn watched_paths(p: &Policy) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = p.sources.clone();
+    paths.extend(p.geo_database.iter().cloned());
+    if let Some(tls) = &p.tls {
+        paths.push(tls.cert.clone());
+        paths.push(tls.key.clone());
+        paths.extend(tls.client_ca.iter().cloned());
+    }
+    paths
+}
+
+/// Examines `paths` (a `stat` each) off the runtime threads: a stalled file system must not
+/// stall requests.
+async fn examine(paths: Vec<PathBuf>) -> Watched {
+    tokio::task::spawn_blocking(move || {
+        let versions = paths
+            .iter()
+            .map(|p| {
+                std::fs::metadata(p).ok().map(|m| Version {
+                    dev: m.dev(),
+                    ino: m.ino(),
+                    size: m.size(),
+                    modified: m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                })
+            })
+            .collect();
+        Watched { paths, versions }
+    })
+    .await
+    .expect("examining files does not panic")
+}
+
+/// The versions of the files `policy` names, taken when it is read at start-up: a change
+/// made while the proxy starts is then seen by the first poll.
+pub async fn baseline(policy: &Policy) -> Watched {
+    examine(watched_paths(policy)).await
+}
+
+/// Polls the files the running snapshot was built from every `every`, and reloads once a
+/// change (from `applied`, the versions in force) has held still for one poll.
+pub async fn watch(reloader: Arc<Reloader>, every: Duration, mut applied: Watched) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut pending: Option<Watched> = None;
+    loop {
+        tick.tick().await;
+        let current = examine(watched_paths(&reloader.shared.snapshot.load().policy)).await;
+        if current.paths != applied.paths {
+            // Another reload (SIGHUP) changed what the policy names: start from its files.
+            applied = current;
+            pending = None;
+            continue;
+        }
+        if current == applied {
+            pending = None;
+            continue;
+        }
+        if pending.as_ref() != Some(&current) {
+            // Changed since the last poll: wait for it to hold still.
+            pending = Some(current);
+            continue;
+        }
+        pending = None;
+        let changed: Vec<String> = current
+            .paths
+            .iter()
+            .zip(current.versions.iter().zip(&applied.versions))
+            .filter(|(_, (now, before))| now != before)
+            .map(|(p, _)| p.display().to_string())
+            .collect();
+        tracing::info!(files = ?changed, "watched files changed; reloading");
+        let result = reloader
+            .reload_if_unchanged(Trigger::FileChange, || async {
+                examine(current.paths.clone()).await == current
+            })
+            .await;
+        applied = match result {
+            // The next poll sees the newer version and starts over.
+            Ok(Reloaded::Superseded) => applied,
+            // The new snapshot may name other files (an include added or removed): the
+            // versions just read stand for the files it kept, new ones are examined now.
+            Ok(Reloaded::Swapped) => {
+                let paths = watched_paths(&reloader.shared.snapshot.load().policy);
+                let fresh = examine(paths).await;
+                let versions = fresh
+                    .paths
+                    .iter()
+                    .zip(fresh.versions)
+                    .map(|(p, v)| match current.paths.iter().position(|c| c == p) {
+                        Some(i) => current.versions[i],
+                        None => v,
+                    })
+                    .collect();
+                Watched {
+                    paths: fresh.paths,
+                    versions,
+                }
+            }
+            // Rejected: wait for the next change rather than retrying the same files.
+            Err(_) => current,
+        };
+    }
+}
