@@ -10,3 +10,4 @@ pub mod offline;
 pub mod policy;
 pub mod proxy;
 pub mod telemetry;
+pub mod tls;

@@ -15,6 +15,7 @@ use crate::consent::file::FileStoreError;
 use crate::geo::GeoError;
 use crate::policy::PolicyError;
 use crate::policy::model::ConsentStore;
+use crate::tls::ServerTls;
 use arc_swap::ArcSwap;
 use snapshot::{Overrides, Snapshot, read_policy};
 use std::net::SocketAddr;
@@ -45,8 +46,21 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(Box<crate::tls::TlsError>),
+    #[error("upstreams.{upstream}: {source}")]
+    UpstreamTls {
+        upstream: String,
+        source: Box<crate::tls::TlsError>,
+    },
     #[error("{what} cannot change on reload (restart the proxy to change it)")]
     NeedsRestart { what: &'static str },
+}
+
+impl From<crate::tls::TlsError> for ServeError {
+    fn from(e: crate::tls::TlsError) -> Self {
+        ServeError::Tls(Box::new(e))
+    }
 }
 
 /// State shared by every connection.
@@ -67,6 +81,8 @@ pub struct ServeConfig {
 pub struct RunningProxy {
     pub addr: SocketAddr,
     pub shared: Arc<Shared>,
+    /// The data listener's TLS, when `[tls]` is set: its configuration and counters.
+    pub tls: Option<Arc<ServerTls>>,
     config: ServeConfig,
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
@@ -94,7 +110,18 @@ impl RunningProxy {
                 what: "proxy.listen",
             });
         }
+        let tls = match (&policy.tls, &self.tls) {
+            (None, None) => None,
+            (Some(settings), Some(tls)) => Some((settings.clone(), tls.clone())),
+            _ => return Err(ServeError::NeedsRestart { what: "[tls]" }),
+        };
         let next = Snapshot::build(policy, Some(&current), self.shared.consents.clone()).await?;
+        // The certificate is re-read last: nothing is swapped in unless everything loaded.
+        if let Some((settings, tls)) = tls {
+            tokio::task::spawn_blocking(move || tls.reload(&settings))
+                .await
+                .expect("a TLS reload does not panic")?;
+        }
         tracing::info!(policy.name = %next.policy.name, policy.hash = %next.policy.hash, "policy reloaded");
         self.shared.snapshot.store(Arc::new(next));
         Ok(())
@@ -141,6 +168,15 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
         }
         ConsentStore::Postgres(u) => return Err(ServeError::UnsupportedStore(u.clone())),
     }
+    let tls = match policy.tls.clone() {
+        None => None,
+        Some(settings) => {
+            let loaded = tokio::task::spawn_blocking(move || ServerTls::load(&settings))
+                .await
+                .expect("loading the TLS configuration does not panic")?;
+            Some(Arc::new(loaded))
+        }
+    };
     let snapshot = Snapshot::build(policy, None, consents.clone()).await?;
     let log = LogWriter::open(&snapshot.policy.log, snapshot.signing_key.clone())?;
     let listen = snapshot.policy.proxy.listen;
@@ -161,6 +197,11 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
         policy.name = %snapshot.policy.name,
         policy.hash = %snapshot.policy.hash,
         geo.db = snapshot.geo_label.as_deref().unwrap_or("none"),
+        tls = match &snapshot.policy.tls {
+            None => "off",
+            Some(t) if t.client_ca.is_some() => "mtls",
+            Some(_) => "on",
+        },
         "residency-proxy serving"
     );
     let shared = Arc::new(Shared {
@@ -170,15 +211,20 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
     });
     let (stop, stop_rx) = watch::channel(false);
     background.push(tokio::spawn(resolver(shared.clone(), resolve_every)));
+    if let Some(t) = &tls {
+        background.push(t.clone().watch(Duration::from_secs(1)));
+    }
     let server = tokio::spawn(server::accept_loop(
         listener,
         shared.clone(),
         stop_rx,
         drain,
+        tls.clone(),
     ));
     Ok(RunningProxy {
         addr,
         shared,
+        tls,
         config,
         stop,
         server,

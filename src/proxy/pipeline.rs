@@ -325,6 +325,7 @@ async fn forward(
     let fail = |reason: Reason, detail: String| {
         tracing::warn!(upstream = %up.name, upstream.addr = %choice.addr, error = %detail, "upstream request failed");
         exchange.set_error(reason);
+        exchange.set_detail(detail.clone());
         let message = format!(
             "{} ({detail}).",
             Decision::new_failure(reason, "")
@@ -351,8 +352,19 @@ async fn forward(
         let (mut sender, reused) = match pool.take() {
             Some(s) => (s, true),
             None => {
-                match upstream::connect(choice.addr, policy.proxy.connect_timeout, allowed).await {
-                    Ok(s) => (s, false),
+                let tls = up.tls();
+                match upstream::connect(
+                    choice.addr,
+                    policy.proxy.connect_timeout,
+                    allowed,
+                    tls.as_deref(),
+                )
+                .await
+                {
+                    Ok(s) => {
+                        pool.adopt(&s);
+                        (s, false)
+                    }
                     Err(e @ UpstreamError::ConnectTimeout { .. }) => {
                         return fail(Reason::UpstreamUnreachable, e.to_string());
                     }

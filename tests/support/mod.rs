@@ -3,13 +3,14 @@
 //! `upstream` (storage servers that count what reaches them), `proxy` (a policy in a temp
 //! dir and the real proxy started in process), `client` (requests from a chosen source
 //! address), `log` (reading the decision log), `body` (generated bodies and hashes),
-//! `mmdb` (generated MaxMind databases).
+//! `mmdb` (generated MaxMind databases), `tls` (certificates and TLS configurations).
 
 pub mod body;
 pub mod client;
 pub mod log;
 pub mod mmdb;
 pub mod proxy;
+pub mod tls;
 pub mod upstream;
 
 use std::time::Duration;
