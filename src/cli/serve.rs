@@ -9,7 +9,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Signals: SIGHUP reloads the policy (an invalid one is rejected and the old one keeps serving); \
+    after_help = "Signals: SIGHUP reloads the policy and the TLS certificates (an invalid version is rejected and the old one keeps serving; \
+certificate files are also re-read within a second of being replaced); \
 SIGTERM or SIGINT stop accepting, finish in-flight requests within proxy.drain_timeout, flush the decision log and exit 0."
 )]
 pub struct ServeArgs {
