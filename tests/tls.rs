@@ -436,3 +436,31 @@ async fn certs_init_writes_certificates_that_a_real_mtls_handshake_accepts() {
     assert!(out.contains("created"), "{out}");
     assert_ne!(std::fs::read(dir.join("ca.crt")).unwrap(), ca);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_handshake_is_cut_off_after_handshake_timeout() {
+    use tokio::io::AsyncReadExt;
+    let pki = Pki::new();
+    let home = Upstream::start(HOME_IP, Serve::Ok).await;
+    let proxy = spec(&home)
+        .proxy("handshake_timeout = '300ms'")
+        .toml(&pki.tls_table(true))
+        .start()
+        .await;
+    let stats = &proxy.running().tls.as_ref().unwrap().stats;
+    let mut idle = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    // The proxy closes the connection; nothing was ever sent to it.
+    let n = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf))
+        .await
+        .expect("the proxy closes the connection")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    support::wait_until("the timeout refusal", || {
+        stats.refused_timeout.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert!(proxy.log.of_kind("decision").is_empty());
+}

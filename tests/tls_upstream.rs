@@ -204,3 +204,40 @@ async fn an_unreadable_upstream_ca_stops_start_up_with_the_upstream_named() {
     assert!(msg.contains("upstreams.cn-store"), "{msg}");
     assert!(msg.contains("missing.crt"), "{msg}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connect_time_location_check_refuses_before_any_tls_byte_is_sent() {
+    use residency_proxy::policy::model::{Scheme, Upstream as Up};
+    use residency_proxy::proxy::upstream::{UpstreamError, connect};
+    use tokio::io::AsyncReadExt;
+
+    let pki = Pki::new();
+    let listener = tokio::net::TcpListener::bind((HOME_IP, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let up = Up {
+        name: "cn-store".into(),
+        scheme: Scheme::Https,
+        host: HOME_IP.into(),
+        port: addr.port(),
+        rule: "upstreams.cn-store".into(),
+        ca: Some(pki.path("ca.crt")),
+        client_cert: None,
+    };
+    let tls = residency_proxy::tls::UpstreamTls::for_upstream(&up).unwrap();
+    let received = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        buf.len()
+    });
+    // The socket's peer is not where the dataset may go (say DNS changed since the decision).
+    let r = connect(
+        addr,
+        std::time::Duration::from_secs(5),
+        |_| false,
+        Some(&tls),
+    )
+    .await;
+    assert!(matches!(r, Err(UpstreamError::OutsideHome { .. })));
+    assert_eq!(received.await.unwrap(), 0, "no ClientHello was sent");
+}
