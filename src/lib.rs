@@ -12,3 +12,4 @@ pub mod offline;
 pub mod policy;
 pub mod proxy;
 pub mod telemetry;
+pub mod tls;

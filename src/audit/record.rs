@@ -92,6 +92,9 @@ pub struct OutcomeRecord {
     pub bytes_out: u64,
     /// Whether the response reached its end (false: the client or upstream went away).
     pub complete: bool,
+    /// The failure in words (e.g. an upstream certificate that is not trusted), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
     pub duration_ms: f64,
     /// Why the exchange failed after the decision, if it did.
     pub error: Option<Reason>,
@@ -405,6 +408,7 @@ mod tests {
             bytes_in: 1,
             bytes_out: 2,
             complete: true,
+            detail: Some("no response within 60s".into()),
             duration_ms: 0.125,
             error: Some(Reason::UpstreamTimeout),
             id: "x".into(),

@@ -84,7 +84,8 @@ pub enum Command {
     /// Geolocation look-ups as the proxy sees them.
     #[command(subcommand)]
     Geo(geo::GeoCommand),
-    /// Create keys: the log-signing key pair and the admin token.
+    /// Create keys and certificates: a development CA, server and client certificates, the
+    /// log-signing key pair and the admin token.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
     /// Start a self-contained demonstration on loopback and leave it running.

@@ -10,8 +10,11 @@ use std::path::PathBuf;
 #[derive(clap::Args, Debug)]
 #[command(
     after_help = "Reloads: SIGHUP, or a change to the policy file, one of its includes or the geolocation database \
-(examined every second), reloads the policy; an invalid one is rejected with every error and the old one keeps serving.\n\
-Signals: SIGTERM or SIGINT stop accepting, finish in-flight requests within proxy.drain_timeout, flush the decision log and exit 0.\n\
+(examined every second), reloads the policy and the TLS certificates; an invalid version is rejected with every error and \
+the old one keeps serving. Certificate files are also re-read within a second of being replaced.
+\
+Signals: SIGTERM or SIGINT stop accepting, finish in-flight requests within proxy.drain_timeout, flush the decision log and exit 0.
+\
 Admin listener ([admin].listen): GET /healthz, /readyz, /metrics (Prometheus), /v1/policy."
 )]
 pub struct ServeArgs {

@@ -751,6 +751,21 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
             0,
         ) as usize,
         workers: x.workers.map(|w| w.max(1) as usize),
+        handshake_timeout: dur(
+            cx,
+            "handshake_timeout",
+            &x.handshake_timeout,
+            Duration::from_secs(10),
+        ),
+        // hyper's own default (200) is generous for a sidecar; 100 is what RFC 9113 asks
+        // a peer to allow at least, and what nginx and Envoy's edge settings use.
+        max_concurrent_streams: bounded(
+            cx,
+            "max_concurrent_streams",
+            x.max_concurrent_streams.map(|n| n.min(u64::from(u32::MAX))),
+            100,
+            1,
+        ) as u32,
     };
 
     // [geo]
@@ -820,14 +835,54 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
             );
             continue;
         }
-        match parse_upstream_url(&u.url) {
-            Ok((scheme, host, port)) => upstreams.push(Upstream {
-                name: u.name.into(),
-                scheme,
-                host,
-                port,
-                rule: rule.into(),
+        let client_cert = match (u.client_cert, u.client_key) {
+            (Some(cert), Some(key)) => Some(ClientCert {
+                cert: cert.into(),
+                key: key.into(),
             }),
+            (None, None) => None,
+            (cert, _) => {
+                let (have, missing) = if cert.is_some() {
+                    ("client_cert", "client_key")
+                } else {
+                    ("client_key", "client_cert")
+                };
+                cx.err(
+                    o.file,
+                    &item("upstreams", o, Some(have)),
+                    format!("{rule}.{missing}"),
+                    format!("{have} needs {missing}: a client certificate is presented with its private key"),
+                );
+                None
+            }
+        };
+        let ca = u.ca.map(PathBuf::from);
+        match parse_upstream_url(&u.url) {
+            Ok((scheme, host, port)) => {
+                if scheme == Scheme::Http {
+                    let tls_keys = [("ca", ca.is_some()), ("client_cert", client_cert.is_some())];
+                    for (key, _) in tls_keys.iter().filter(|(_, set)| *set) {
+                        cx.err(
+                            o.file,
+                            &item("upstreams", o, Some(key)),
+                            format!("{rule}.{key}"),
+                            format!(
+                                "{key} applies to https upstreams only; \"{}\" is plain http",
+                                u.url
+                            ),
+                        );
+                    }
+                }
+                upstreams.push(Upstream {
+                    name: u.name.into(),
+                    scheme,
+                    host,
+                    port,
+                    rule: rule.into(),
+                    ca,
+                    client_cert,
+                })
+            }
             Err(e) => cx.err(
                 o.file,
                 &item("upstreams", o, Some("url")),
@@ -1559,5 +1614,70 @@ fn check_prefix(p: &str) -> Result<(), String> {
         _ => Err(format!(
             "path_prefix \"{p}\" is not a normalised path (no \"//\", \".\", \"..\" or percent-encoding): requests are matched after normalisation, so it could never match"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "[policy]\nname = 't'\nhome = 'CN'\n[log]\npseudonymize = false\n";
+
+    fn diags(extra: &str) -> Vec<Diagnostic> {
+        match from_str("p.toml", &format!("{BASE}{extra}")) {
+            Ok(_) => Vec::new(),
+            Err(PolicyError::Invalid(d)) => d,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn upstream_tls_files_compile() {
+        let p = from_str(
+            "p.toml",
+            &format!(
+                "{BASE}[[upstreams]]\nname = 's'\nurl = 'https://store.internal'\nca = 'certs/store-ca.crt'\nclient_cert = 'certs/c.crt'\nclient_key = 'certs/c.key'\n"
+            ),
+        )
+        .unwrap();
+        let up = &p.upstreams[0];
+        assert_eq!(up.port, 443);
+        assert_eq!(up.ca.as_deref(), Some(Path::new("certs/store-ca.crt")));
+        let cc = up.client_cert.as_ref().unwrap();
+        assert_eq!(cc.key, PathBuf::from("certs/c.key"));
+    }
+
+    #[test]
+    fn tls_keys_on_a_plain_upstream_are_located_errors() {
+        let d = diags(
+            "[[upstreams]]\nname = 's'\nurl = 'http://store.internal'\nca = 'certs/ca.crt'\n",
+        );
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].rule, "upstreams.s.ca");
+        assert_eq!(d[0].line, Some(9));
+        assert!(d[0].message.contains("https upstreams only"), "{}", d[0]);
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key() {
+        let d = diags(
+            "[[upstreams]]\nname = 's'\nurl = 'https://store.internal'\nclient_cert = 'c.crt'\n",
+        );
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].rule, "upstreams.s.client_key");
+        assert_eq!(d[0].line, Some(9));
+    }
+
+    #[test]
+    fn protocol_limits_have_safe_defaults_and_are_checked() {
+        let p = from_str("p.toml", BASE).unwrap();
+        assert_eq!(p.proxy.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(p.proxy.max_concurrent_streams, 100);
+        let d = diags("[proxy]\nhandshake_timeout = 'soon'\nmax_concurrent_streams = 0\n");
+        let rules: Vec<&str> = d.iter().map(|d| d.rule.as_str()).collect();
+        assert_eq!(
+            rules,
+            ["proxy.handshake_timeout", "proxy.max_concurrent_streams"]
+        );
     }
 }

@@ -129,6 +129,17 @@ pub struct Upstream {
     pub port: u16,
     /// The rule path, `upstreams.NAME`.
     pub rule: Arc<str>,
+    /// Extra trust anchors (PEM) for an `https` upstream, besides the platform's roots.
+    pub ca: Option<PathBuf>,
+    /// A client certificate to present to an `https` upstream (mTLS to storage).
+    pub client_cert: Option<ClientCert>,
+}
+
+/// A certificate chain and its private key, both PEM files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Clone, Debug)]
@@ -250,6 +261,10 @@ pub struct ProxySettings {
     pub resolve_interval: Duration,
     pub upstream_idle_per_address: usize,
     pub workers: Option<usize>,
+    /// Time a client has to complete the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// HTTP/2 streams one client connection may have open at once.
+    pub max_concurrent_streams: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -258,7 +273,9 @@ pub struct AdminSettings {
     pub token_file: Option<PathBuf>,
 }
 
-#[derive(Clone, Debug)]
+/// `[tls]`: terminate TLS on the data listener; with `client_ca`, require client
+/// certificates (mTLS).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsSettings {
     pub cert: PathBuf,
     pub key: PathBuf,

@@ -55,6 +55,8 @@ pub struct RawProxy {
     pub resolve_interval: Option<String>,
     pub upstream_idle_per_address: Option<u64>,
     pub workers: Option<u64>,
+    pub handshake_timeout: Option<String>,
+    pub max_concurrent_streams: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -73,6 +75,9 @@ pub struct RawNetwork {
 pub struct RawUpstream {
     pub name: String,
     pub url: String,
+    pub ca: Option<String>,
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -33,6 +33,7 @@ pub struct Exchange {
     error: AtomicU8,
     complete: AtomicBool,
     upstream: OnceLock<SocketAddr>,
+    detail: OnceLock<String>,
 }
 
 impl Exchange {
@@ -47,6 +48,7 @@ impl Exchange {
             error: AtomicU8::new(NO_ERROR),
             complete: AtomicBool::new(false),
             upstream: OnceLock::new(),
+            detail: OnceLock::new(),
         })
     }
 
@@ -70,6 +72,12 @@ impl Exchange {
         (i != NO_ERROR).then(|| Reason::ALL[i as usize])
     }
 
+    /// What exactly went wrong (an upstream's TLS refusal, a refused connect), for the
+    /// outcome record; the first one set stays.
+    pub fn set_detail(&self, detail: String) {
+        let _ = self.detail.set(detail);
+    }
+
     pub fn set_upstream(&self, addr: SocketAddr) {
         let _ = self.upstream.set(addr);
     }
@@ -90,6 +98,7 @@ impl Drop for Exchange {
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
             complete: self.complete.load(Ordering::Relaxed),
+            detail: self.detail.take(),
             duration_ms: (elapsed.as_micros() as f64) / 1000.0,
             error,
             id: std::mem::take(&mut self.id),

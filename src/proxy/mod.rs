@@ -17,6 +17,7 @@ use crate::geo::GeoError;
 use crate::metrics::Metrics;
 use crate::policy::PolicyError;
 use crate::policy::model::ConsentStore;
+use crate::tls::ServerTls;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use reload::{ReloadStatus, Reloader, Trigger};
 use snapshot::{Overrides, Snapshot, read_policy};
@@ -56,8 +57,21 @@ pub enum ServeError {
     Admin(#[from] crate::admin::AdminError),
     #[error("a loader task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Tls(Box<crate::tls::TlsError>),
+    #[error("upstreams.{upstream}: {source}")]
+    UpstreamTls {
+        upstream: String,
+        source: Box<crate::tls::TlsError>,
+    },
     #[error("{what} cannot change on reload (restart the proxy to change it)")]
     NeedsRestart { what: &'static str },
+}
+
+impl From<crate::tls::TlsError> for ServeError {
+    fn from(e: crate::tls::TlsError) -> Self {
+        ServeError::Tls(Box::new(e))
+    }
 }
 
 /// State shared by every connection.
@@ -84,6 +98,8 @@ pub struct RunningProxy {
     pub admin_addr: SocketAddr,
     admin: Option<crate::admin::RunningAdmin>,
     pub shared: Arc<Shared>,
+    /// The data listener's TLS, when `[tls]` is set: its configuration and counters.
+    pub tls: Option<Arc<ServerTls>>,
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
@@ -152,6 +168,15 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
         }
         ConsentStore::Postgres(u) => return Err(ServeError::UnsupportedStore(u.clone())),
     }
+    let tls = match policy.tls.clone() {
+        None => None,
+        Some(settings) => {
+            let loaded = tokio::task::spawn_blocking(move || ServerTls::load(&settings))
+                .await
+                .map_err(|e| ServeError::Task(e.to_string()))??;
+            Some(Arc::new(loaded))
+        }
+    };
     let metrics = Metrics::new();
     let snapshot = Snapshot::build(policy, None, consents.clone(), &metrics).await?;
     let log = LogWriter::open(&snapshot.policy.log, snapshot.signing_key.clone())?;
@@ -173,6 +198,11 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
         policy.name = %snapshot.policy.name,
         policy.hash = %snapshot.policy.hash,
         geo.db = snapshot.geo_label.as_deref().unwrap_or("none"),
+        tls = match &snapshot.policy.tls {
+            None => "off",
+            Some(t) if t.client_ca.is_some() => "mtls",
+            Some(_) => "on",
+        },
         "residency-proxy serving"
     );
     let shared = Arc::new(Shared {
@@ -191,23 +221,28 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
     tracing::info!(admin.listen = %admin_addr, "admin listener serving");
     let (stop, stop_rx) = watch::channel(false);
     background.push(tokio::spawn(resolver(shared.clone(), resolve_every)));
-    let reloader = Arc::new(Reloader::new(shared.clone(), config));
+    let reloader = Arc::new(Reloader::new(shared.clone(), config, tls.clone()));
     background.push(tokio::spawn(reload::watch(
         reloader.clone(),
         WATCH_INTERVAL,
         watched,
     )));
+    if let Some(t) = &tls {
+        background.push(t.clone().watch(Duration::from_secs(1)));
+    }
     let server = tokio::spawn(server::accept_loop(
         listener,
         shared.clone(),
         stop_rx,
         drain,
+        tls.clone(),
     ));
     Ok(RunningProxy {
         addr,
         admin_addr,
         admin: Some(admin),
         shared,
+        tls,
         stop,
         server,
         background,

@@ -385,6 +385,7 @@ async fn forward(
             c.error(kind);
         }
         exchange.set_error(reason);
+        exchange.set_detail(detail.clone());
         let message = format!(
             "{} ({detail}).",
             Decision::new_failure(reason, "")
@@ -411,8 +412,19 @@ async fn forward(
         let (mut sender, reused) = match pool.take() {
             Some(s) => (s, true),
             None => {
-                match upstream::connect(choice.addr, policy.proxy.connect_timeout, allowed).await {
-                    Ok(s) => (s, false),
+                let tls = up.tls();
+                match upstream::connect(
+                    choice.addr,
+                    policy.proxy.connect_timeout,
+                    allowed,
+                    tls.as_deref(),
+                )
+                .await
+                {
+                    Ok(s) => {
+                        pool.adopt(&s);
+                        (s, false)
+                    }
                     Err(e @ UpstreamError::OutsideHome { .. }) => {
                         return fail(
                             Reason::UpstreamUnreachable,

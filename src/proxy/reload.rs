@@ -63,14 +63,21 @@ pub enum Reloaded {
 pub struct Reloader {
     shared: Arc<Shared>,
     config: ServeConfig,
+    /// The data listener's TLS: a reload re-reads its certificate too.
+    tls: Option<Arc<crate::tls::ServerTls>>,
     lock: Mutex<()>,
 }
 
 impl Reloader {
-    pub fn new(shared: Arc<Shared>, config: ServeConfig) -> Reloader {
+    pub fn new(
+        shared: Arc<Shared>,
+        config: ServeConfig,
+        tls: Option<Arc<crate::tls::ServerTls>>,
+    ) -> Reloader {
         Reloader {
             shared,
             config,
+            tls,
             lock: Mutex::new(()),
         }
     }
@@ -160,13 +167,25 @@ impl Reloader {
                 what: "admin.listen",
             });
         }
-        Snapshot::build(
+        let tls = match (&policy.tls, &self.tls) {
+            (None, None) => None,
+            (Some(settings), Some(tls)) => Some((settings.clone(), tls.clone())),
+            _ => return Err(ServeError::NeedsRestart { what: "[tls]" }),
+        };
+        let next = Snapshot::build(
             policy,
             Some(&current),
             self.shared.consents.clone(),
             &self.shared.metrics,
         )
-        .await
+        .await?;
+        // The certificate is re-read last: nothing is swapped in unless everything loaded.
+        if let Some((settings, tls)) = tls {
+            tokio::task::spawn_blocking(move || tls.reload(&settings))
+                .await
+                .map_err(|e| ServeError::Task(e.to_string()))??;
+        }
+        Ok(next)
     }
 
     fn record(&self, trigger: Trigger, result: &'static str, errors: Vec<String>) {
@@ -211,11 +230,7 @@ pub struct Watched {
 fn watched_paths(p: &Policy) -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = p.sources.clone();
     paths.extend(p.geo_database.iter().cloned());
-    if let Some(tls) = &p.tls {
-        paths.push(tls.cert.clone());
-        paths.push(tls.key.clone());
-        paths.extend(tls.client_ca.iter().cloned());
-    }
+    // Certificate files are watched by the TLS module itself (`ServerTls::watch`).
     paths
 }
 

@@ -1,5 +1,6 @@
-//! The accept loop: a bounded number of connections, HTTP/1.1 and HTTP/2 (prior knowledge)
-//! on each, and a graceful drain on shutdown.
+//! The accept loop: a bounded number of connections, TLS (with client certificates when
+//! `[tls].client_ca` is set) or plain, HTTP/1.1 and HTTP/2 on each (chosen by ALPN under TLS,
+//! by prior knowledge in the clear), and a graceful drain on shutdown.
 
 use super::Shared;
 use super::body::Exchange;
@@ -7,10 +8,12 @@ use super::pipeline::{ConnInfo, handle};
 use crate::audit::id::new_id;
 use crate::audit::record::{self, Record, RequestContext};
 use crate::policy::decision::{Reason, Verdict, status_of};
+use crate::tls::ServerTls;
+use hyper::rt::{Read, Write};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,12 +22,14 @@ use tokio::sync::{Semaphore, watch};
 use tracing::Instrument;
 
 /// Serves `listener` until `stop` turns true, then drains open connections for at most
-/// `drain` before returning.
+/// `drain` before returning. With `tls`, every connection starts with a TLS handshake,
+/// run on the connection's own task (a slow client never holds up the accept loop).
 pub async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     drain: Duration,
+    tls: Option<Arc<ServerTls>>,
 ) {
     let graceful = GracefulShutdown::new();
     let limits = shared.snapshot.load().policy.proxy.clone();
@@ -39,7 +44,8 @@ pub async fn accept_loop(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size((limits.max_header_bytes * 2) as u32);
+        .max_header_list_size((limits.max_header_bytes * 2) as u32)
+        .max_concurrent_streams(limits.max_concurrent_streams);
     let builder = Arc::new(builder);
     let mut tasks = tokio::task::JoinSet::new();
     loop {
@@ -63,26 +69,50 @@ pub async fn accept_loop(
         let _ = stream.set_nodelay(true);
         shared.metrics.connections_accepted.inc();
         shared.metrics.connections_open.inc();
-        let info = ConnInfo {
-            peer,
-            identity: None,
-        };
-        let log_to = shared.clone();
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
         let shared = shared.clone();
-        let svc = service_fn(move |req| handle(shared.clone(), info.clone(), req));
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        let span = tracing::debug_span!("connection", client.addr = %peer);
+        let tls = tls.clone();
+        let handshake_timeout = limits.handshake_timeout;
+        let span = tracing::debug_span!("connection", client.addr = %peer, tls = tls.is_some());
         while tasks.try_join_next().is_some() {}
         tasks.spawn(
             async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                    log_refused_head(&log_to, peer, &*e);
+                match tls {
+                    None => {
+                        let info = ConnInfo {
+                            peer,
+                            identity: None,
+                        };
+                        serve(
+                            &builder,
+                            TokioIo::new(stream),
+                            info,
+                            shared.clone(),
+                            watcher,
+                        )
+                        .await;
+                    }
+                    Some(tls) => {
+                        // A refused handshake is counted and logged by `accept`; no request
+                        // was made, so there is nothing to decide.
+                        if let Some(ok) = tls.accept(stream, peer, handshake_timeout).await {
+                            let info = ConnInfo {
+                                peer,
+                                identity: ok.identity,
+                            };
+                            serve(
+                                &builder,
+                                TokioIo::new(ok.stream),
+                                info,
+                                shared.clone(),
+                                watcher,
+                            )
+                            .await;
+                        }
+                    }
                 }
-                log_to.metrics.connections_open.dec();
+                shared.metrics.connections_open.dec();
                 drop(permit);
             }
             .instrument(span),
@@ -98,6 +128,26 @@ pub async fn accept_loop(
         tracing::warn!(drain_timeout = ?drain, open = tasks.len(), "connections still open after the drain timeout; closing them");
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Serves HTTP/1.1 or HTTP/2 on one connection until it closes or the drain ends it.
+async fn serve<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    info: ConnInfo,
+    shared: Arc<Shared>,
+    watcher: Watcher,
+) where
+    I: Read + Write + Unpin + Send + 'static,
+{
+    let peer = info.peer;
+    let log_to = shared.clone();
+    let svc = service_fn(move |req| handle(shared.clone(), info.clone(), req));
+    let conn = builder.serve_connection(io, svc);
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+        log_refused_head(&log_to, peer, &*e);
     }
 }
 

@@ -12,7 +12,8 @@ use crate::metrics::{Metrics, SnapshotMetrics};
 use crate::policy::Policy;
 use crate::policy::decide::{ConsentLookup, Env};
 use crate::policy::decision::Location;
-use crate::policy::model::LogTarget;
+use crate::policy::model::{LogTarget, Scheme};
+use crate::tls::UpstreamTls;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Deref;
 use std::path::Path;
@@ -100,12 +101,29 @@ impl Snapshot {
         let cap = policy.proxy.upstream_idle_per_address;
         let mut upstreams = Vec::with_capacity(policy.upstreams.len());
         for up in &policy.upstreams {
+            let tls = match up.scheme {
+                Scheme::Http => None,
+                Scheme::Https => {
+                    let owned = up.clone();
+                    let built =
+                        tokio::task::spawn_blocking(move || UpstreamTls::for_upstream(&owned))
+                            .await
+                            .expect("building a TLS client configuration does not panic");
+                    Some(built.map_err(|source| ServeError::UpstreamTls {
+                        upstream: up.name.to_string(),
+                        source: Box::new(source),
+                    })?)
+                }
+            };
             let reuse =
                 previous.and_then(|s| s.upstreams.iter().find(|r| r.same_target(up)).cloned());
             let rt = match reuse {
-                Some(r) => r,
+                Some(r) => {
+                    r.set_tls(tls);
+                    r
+                }
                 None => {
-                    let r = UpstreamRuntime::new(up, cap, idle);
+                    let r = UpstreamRuntime::new(up, cap, idle, tls);
                     if tokio::time::timeout(Duration::from_secs(5), r.refresh())
                         .await
                         .is_err()

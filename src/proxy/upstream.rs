@@ -1,19 +1,108 @@
 //! Upstreams: host resolution kept current off the request path, and a keep-alive pool per
 //! resolved address. The proxy connects only to the exact address a decision verified, and
-//! checks the peer of the socket it got before sending a byte.
+//! checks the peer of the socket it got before sending a byte (and before any TLS
+//! handshake). `https` upstreams speak HTTP/2 when ALPN agrees: one connection per address,
+//! shared by every request, instead of a pool of HTTP/1.1 connections.
 
 use super::body::RequestBody;
 use crate::policy::model::{Scheme, Upstream};
-use arc_swap::ArcSwap;
+use crate::tls::UpstreamTls;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use crossbeam_queue::ArrayQueue;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use http::uri::{Authority, Scheme as UriScheme};
+use http::{HeaderValue, Request, Response, Uri, Version, header};
+use hyper::body::Incoming;
+use hyper::client::conn::{TrySendError, http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
-pub type Sender = SendRequest<RequestBody>;
+/// A connection to an upstream, ready to carry requests.
+pub enum Sender {
+    /// One request at a time; pooled while idle.
+    H1(http1::SendRequest<RequestBody>),
+    /// Many requests at once; clones share the connection.
+    H2(http2::SendRequest<RequestBody>),
+}
+
+impl Sender {
+    pub fn is_ready(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_ready(),
+            Sender::H2(s) => s.is_ready(),
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
+    /// Waits until the connection can take another request.
+    pub async fn ready(&mut self) -> hyper::Result<()> {
+        match self {
+            Sender::H1(s) => s.ready().await,
+            Sender::H2(s) => s.ready().await,
+        }
+    }
+
+    /// Sends `req` (in origin form with a `Host` header, as the pipeline builds it) in the
+    /// form this connection's protocol wants. A request the connection could not take is
+    /// handed back in the error, to be sent elsewhere.
+    pub async fn try_send_request(
+        &mut self,
+        req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<RequestBody>>> {
+        match self {
+            Sender::H1(s) => s.try_send_request(origin_form(req)).await,
+            Sender::H2(s) => s.try_send_request(absolute_form(req)).await,
+        }
+    }
+}
+
+/// HTTP/1.1: the target is the path and query; the authority travels in `Host`.
+fn origin_form(mut req: Request<RequestBody>) -> Request<RequestBody> {
+    if *req.version_mut() != Version::HTTP_11 {
+        *req.version_mut() = Version::HTTP_11;
+        if let Some(a) = req.uri().authority()
+            && !req.headers().contains_key(header::HOST)
+            && let Ok(v) = HeaderValue::from_str(a.as_str())
+        {
+            req.headers_mut().insert(header::HOST, v);
+        }
+        let pq = req.uri().path_and_query().cloned();
+        *req.uri_mut() = pq.map(Uri::from).unwrap_or_else(|| Uri::from_static("/"));
+    }
+    req
+}
+
+/// HTTP/2: the client's `Host` becomes `:authority` (RFC 9113 section 8.3.1), unchanged, so
+/// that signatures over it (S3 SigV4) stay valid.
+fn absolute_form(mut req: Request<RequestBody>) -> Request<RequestBody> {
+    *req.version_mut() = Version::HTTP_2;
+    let authority = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<Authority>().ok());
+    if let Some(authority) = authority {
+        let mut parts = req.uri().clone().into_parts();
+        parts.scheme = Some(UriScheme::HTTPS);
+        parts.authority = Some(authority);
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+            req.headers_mut().remove(header::HOST);
+        }
+    }
+    req
+}
 
 /// Why an upstream connection could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +123,18 @@ pub enum UpstreamError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    #[error("TLS handshake with {addr} ({server}) failed: {source}")]
+    Tls {
+        addr: SocketAddr,
+        server: String,
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {addr} ({server}) timed out after {after:?}")]
+    TlsTimeout {
+        addr: SocketAddr,
+        server: String,
+        after: Duration,
+    },
 }
 
 struct Idle {
@@ -46,6 +147,8 @@ struct Idle {
 pub struct AddrPool {
     pub addr: SocketAddr,
     idle: ArrayQueue<Idle>,
+    /// The HTTP/2 connection every request to this address shares, once there is one.
+    shared: ArcSwapOption<http2::SendRequest<RequestBody>>,
     max_idle_time: Duration,
     pooling: bool,
 }
@@ -55,13 +158,22 @@ impl AddrPool {
         Arc::new(AddrPool {
             addr,
             idle: ArrayQueue::new(capacity.max(1)),
+            shared: ArcSwapOption::empty(),
             max_idle_time,
             pooling: capacity > 0,
         })
     }
 
-    /// An idle connection that is still open, if any.
+    /// The shared HTTP/2 connection, else an idle HTTP/1.1 connection that is still open,
+    /// if any.
     pub fn take(&self) -> Option<Sender> {
+        if let Some(h2) = self.shared.load_full() {
+            if !h2.is_closed() {
+                return Some(Sender::H2((*h2).clone()));
+            }
+            // Gone (GOAWAY, reset): the next request connects anew.
+            self.shared.compare_and_swap(&h2, None);
+        }
         while let Some(i) = self.idle.pop() {
             if i.sender.is_ready()
                 && !i.sender.is_closed()
@@ -73,7 +185,19 @@ impl AddrPool {
         None
     }
 
+    /// Makes a new connection available to later requests: an HTTP/2 connection is shared
+    /// at once (it multiplexes); an HTTP/1.1 one returns through `PoolReturn` when free.
+    pub fn adopt(&self, sender: &Sender) {
+        if let (true, Sender::H2(s)) = (self.pooling, sender) {
+            self.shared.store(Some(Arc::new(s.clone())));
+        }
+    }
+
     fn put(&self, sender: Sender) {
+        if let Sender::H2(_) = sender {
+            // Its connection is shared already; this clone was only a handle.
+            return;
+        }
         if self.pooling && sender.is_ready() {
             // A full pool drops the connection, which closes it.
             let _ = self.idle.push(Idle {
@@ -97,6 +221,9 @@ pub struct PoolReturn {
 impl PoolReturn {
     pub fn give_back(self) {
         let PoolReturn { mut sender, pool } = self;
+        if matches!(sender, Sender::H2(_)) {
+            return;
+        }
         if sender.is_ready() {
             pool.put(sender);
             return;
@@ -135,6 +262,8 @@ pub struct UpstreamRuntime {
     pool_capacity: usize,
     max_idle_time: Duration,
     resolved: ArcSwap<Resolved>,
+    /// For `https` upstreams; swapped on reload (connections already open keep theirs).
+    tls: ArcSwapOption<UpstreamTls>,
 }
 
 impl UpstreamRuntime {
@@ -142,6 +271,7 @@ impl UpstreamRuntime {
         up: &Upstream,
         pool_capacity: usize,
         max_idle_time: Duration,
+        tls: Option<UpstreamTls>,
     ) -> Arc<UpstreamRuntime> {
         let literal = up.host.parse::<IpAddr>().ok();
         let resolved = match literal {
@@ -170,7 +300,18 @@ impl UpstreamRuntime {
             pool_capacity,
             max_idle_time,
             resolved: ArcSwap::from_pointee(resolved),
+            tls: ArcSwapOption::from_pointee(tls),
         })
+    }
+
+    /// The TLS settings new connections use (`None` for plain `http`).
+    pub fn tls(&self) -> Option<Arc<UpstreamTls>> {
+        self.tls.load_full()
+    }
+
+    /// Replaces the TLS settings (a reload read the upstream's files again).
+    pub fn set_tls(&self, tls: Option<UpstreamTls>) {
+        self.tls.store(tls.map(Arc::new));
     }
 
     /// Whether this runtime serves `up` as written (so that a reload can keep its pools).
@@ -238,11 +379,13 @@ impl UpstreamRuntime {
 }
 
 /// Opens a connection to exactly `addr` and checks, on the socket itself, that its peer is
-/// that address and that `allowed` accepts it, before the HTTP handshake.
+/// that address and that `allowed` accepts it, before the TLS (if `tls`) and HTTP
+/// handshakes. Each of the TCP connect and the TLS handshake gets `timeout`.
 pub async fn connect(
     addr: SocketAddr,
     timeout: Duration,
     allowed: impl Fn(IpAddr) -> bool,
+    tls: Option<&UpstreamTls>,
 ) -> Result<Sender, UpstreamError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Err(_) => {
@@ -265,7 +408,53 @@ pub async fn connect(
         return Err(UpstreamError::OutsideHome { addr: got });
     }
     let _ = stream.set_nodelay(true);
-    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+    let Some(tls) = tls else {
+        return http1_over(stream, addr).await;
+    };
+    let server = || tls.server_name.to_str().into_owned();
+    let stream = match tokio::time::timeout(
+        timeout,
+        tls.connector.connect(tls.server_name.clone(), stream),
+    )
+    .await
+    {
+        Err(_) => {
+            return Err(UpstreamError::TlsTimeout {
+                addr,
+                server: server(),
+                after: timeout,
+            });
+        }
+        Ok(Err(source)) => {
+            return Err(UpstreamError::Tls {
+                addr,
+                server: server(),
+                source,
+            });
+        }
+        Ok(Ok(s)) => s,
+    };
+    if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+        return http1_over(stream, addr).await;
+    }
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| UpstreamError::Handshake { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(upstream.addr = %addr, error = %e, "upstream HTTP/2 connection ended with an error");
+        }
+    });
+    Ok(Sender::H2(sender))
+}
+
+async fn http1_over<S>(stream: S, addr: SocketAddr) -> Result<Sender, UpstreamError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|source| UpstreamError::Handshake { addr, source })?;
@@ -274,5 +463,5 @@ pub async fn connect(
             tracing::debug!(upstream.addr = %addr, error = %e, "upstream connection ended with an error");
         }
     });
-    Ok(sender)
+    Ok(Sender::H1(sender))
 }

@@ -1,5 +1,6 @@
 //! A client that calls the proxy from a chosen source address (the policy places loopback
-//! addresses in countries), over one HTTP/1.1 connection it can reuse.
+//! addresses in countries), over one connection it can reuse: HTTP/1.1, HTTP/2 in the clear
+//! (prior knowledge), or TLS with the protocol ALPN picks.
 
 #![allow(dead_code)]
 
@@ -8,11 +9,15 @@ use bytes::Bytes;
 use http::{HeaderMap, Request};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use tokio::net::TcpSocket;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpSocket, TcpStream};
 
 /// The body type of every test request.
 pub type ReqBody = BoxBody<Bytes, Infallible>;
@@ -42,6 +47,7 @@ pub fn empty() -> ReqBody {
 #[derive(Debug)]
 pub struct Reply {
     pub status: u16,
+    pub version: http::Version,
     pub headers: HeaderMap,
     pub body: Bytes,
 }
@@ -83,25 +89,116 @@ pub struct Counted {
     pub sha256: String,
 }
 
+enum Sender {
+    H1(http1::SendRequest<ReqBody>),
+    H2(http2::SendRequest<ReqBody>),
+}
+
 /// One client connection from a chosen source address.
 pub struct Conn {
-    sender: SendRequest<ReqBody>,
+    sender: Sender,
+    /// The server's certificate, under TLS.
+    pub peer_cert: Option<rustls_pki_types::CertificateDer<'static>>,
+}
+
+async fn tcp(from: &str, to: SocketAddr) -> TcpStream {
+    let from: IpAddr = from.parse().expect("a source address");
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(from, 0))
+        .expect("bind the source");
+    socket.connect(to).await.expect("connect to the proxy")
+}
+
+async fn h1<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    io: S,
+) -> Result<Sender, hyper::Error> {
+    let (sender, conn) = http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(conn);
+    Ok(Sender::H1(sender))
+}
+
+async fn h2<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    io: S,
+) -> Result<Sender, hyper::Error> {
+    let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await?;
+    tokio::spawn(conn);
+    Ok(Sender::H2(sender))
 }
 
 impl Conn {
-    /// Connects to `to` from `from` (e.g. `"127.0.0.20"`), any port.
+    /// Connects to `to` from `from` (e.g. `"127.0.0.20"`), any port, HTTP/1.1.
     pub async fn open(from: &str, to: SocketAddr) -> Conn {
-        let from: IpAddr = from.parse().expect("a source address");
-        let socket = TcpSocket::new_v4().unwrap();
-        socket
-            .bind(SocketAddr::new(from, 0))
-            .expect("bind the source");
-        let stream = socket.connect(to).await.expect("connect to the proxy");
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let sender = h1(tcp(from, to).await).await.expect("HTTP/1 handshake");
+        Conn {
+            sender,
+            peer_cert: None,
+        }
+    }
+
+    /// Connects in the clear and speaks HTTP/2 at once (prior knowledge, "h2c").
+    pub async fn open_h2c(from: &str, to: SocketAddr) -> Conn {
+        let sender = h2(tcp(from, to).await).await.expect("HTTP/2 handshake");
+        Conn {
+            sender,
+            peer_cert: None,
+        }
+    }
+
+    /// Connects with TLS (`config` names the trust anchors, client certificate and ALPN
+    /// offer) and speaks what ALPN agreed. An error is the handshake's or the first
+    /// exchange's: under TLS 1.3 a server refuses a client certificate after the client
+    /// has finished its side of the handshake.
+    pub async fn open_tls(
+        from: &str,
+        to: SocketAddr,
+        config: Arc<ClientConfig>,
+    ) -> Result<Conn, String> {
+        let stream = tcp(from, to).await;
+        let name = ServerName::try_from("localhost").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, stream)
             .await
-            .expect("HTTP/1 handshake");
-        tokio::spawn(conn);
-        Conn { sender }
+            .map_err(|e| format!("TLS handshake: {e}"))?;
+        let peer_cert = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.clone().into_owned());
+        let sender = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            h2(tls).await
+        } else {
+            h1(tls).await
+        }
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
+        Ok(Conn { sender, peer_cert })
+    }
+
+    /// Sends `req`; an error is the connection's.
+    pub async fn try_response(
+        &mut self,
+        mut req: Request<ReqBody>,
+    ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
+        match &mut self.sender {
+            Sender::H1(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
+            Sender::H2(s) => {
+                // HTTP/2 carries the host in `:authority`.
+                let host = req
+                    .headers_mut()
+                    .remove("host")
+                    .map(|h| h.to_str().unwrap().to_string())
+                    .unwrap_or_else(|| HOST.into());
+                let pq = req.uri().path_and_query().unwrap().as_str().to_string();
+                *req.uri_mut() = format!("https://{host}{pq}").parse().unwrap();
+                *req.version_mut() = http::Version::HTTP_2;
+                s.ready().await?;
+                s.send_request(req).await
+            }
+        }
     }
 
     /// Sends `req` and returns the response with its body unread.
@@ -109,17 +206,16 @@ impl Conn {
         &mut self,
         req: Request<ReqBody>,
     ) -> http::Response<hyper::body::Incoming> {
-        self.sender.ready().await.expect("connection ready");
-        self.sender.send_request(req).await.expect("a response")
+        self.try_response(req).await.expect("a response")
     }
 
-    /// Sends `req` and reads the response whole; a connection error is returned, not a panic.
+    /// Sends `req` and reads the response whole; an error is the connection's.
     pub async fn try_send(&mut self, req: Request<ReqBody>) -> Result<Reply, hyper::Error> {
-        self.sender.ready().await?;
-        let (parts, body) = self.sender.send_request(req).await?.into_parts();
+        let (parts, body) = self.try_response(req).await?.into_parts();
         let body = body.collect().await?.to_bytes();
         Ok(Reply {
             status: parts.status.as_u16(),
+            version: parts.version,
             headers: parts.headers,
             body,
         })
@@ -127,13 +223,7 @@ impl Conn {
 
     /// Sends `req` and reads the response whole.
     pub async fn send(&mut self, req: Request<ReqBody>) -> Reply {
-        let (parts, body) = self.response(req).await.into_parts();
-        let body = body.collect().await.expect("response body").to_bytes();
-        Reply {
-            status: parts.status.as_u16(),
-            headers: parts.headers,
-            body,
-        }
+        self.try_send(req).await.expect("a response")
     }
 
     /// Sends `req` and counts and hashes the response body as it streams by.

@@ -275,6 +275,7 @@ pub fn write_log(path: &Path) -> u64 {
                 bytes_in: i as u64,
                 bytes_out: u64::MAX - i as u64,
                 complete: i % 2 == 0,
+                detail: None,
                 duration_ms,
                 error: None,
                 id: format!("r{i}"),

@@ -4,7 +4,7 @@
 //! dir and the real proxy started in process), `client` (requests from a chosen source
 //! address), `log` (reading the decision log), `body` (generated bodies and hashes),
 //! `mmdb` (generated MaxMind databases), `binary` (the real `serve` process), `prom`
-//! (a strict reader of the Prometheus text format).
+//! (a strict reader of the Prometheus text format), `tls` (certificates and TLS configurations).
 
 pub mod binary;
 pub mod body;
@@ -13,6 +13,7 @@ pub mod log;
 pub mod mmdb;
 pub mod prom;
 pub mod proxy;
+pub mod tls;
 pub mod upstream;
 
 use std::time::Duration;

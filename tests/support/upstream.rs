@@ -1,6 +1,8 @@
-//! Upstream test servers (hyper HTTP/1.1) on a chosen loopback address and port 0. Each
-//! counts the connections and requests that reach it and records what the last request
-//! looked like on arrival: method, target bytes, headers, body length and hash.
+//! Upstream test servers on a chosen loopback address and port 0: plain HTTP/1.1, or TLS
+//! with HTTP/1.1 and HTTP/2 (as ALPN agrees). Each counts the connections and requests that
+//! reach it and records what the last request looked like on arrival: method, target
+//! bytes, headers, body length and hash, protocol version, and the client certificate's
+//! identity under mTLS.
 
 #![allow(dead_code)]
 
@@ -10,7 +12,8 @@ use http::{HeaderMap, Request, Response};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::ServerConfig;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,6 +50,11 @@ pub struct Seen {
     pub body_len: u64,
     /// SHA-256 (hex) of the body.
     pub body_sha256: String,
+    pub version: http::Version,
+    /// `:authority` under HTTP/2, else the `Host` header.
+    pub authority: Option<String>,
+    /// The identity (SAN) of the client certificate the proxy presented, under mTLS.
+    pub client_identity: Option<String>,
 }
 
 struct State {
@@ -65,8 +73,17 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Starts a server on `ip` (e.g. `"127.0.0.2"`), port 0.
+    /// Starts a plain HTTP/1.1 server on `ip` (e.g. `"127.0.0.2"`), port 0.
     pub async fn start(ip: &str, reply: Reply) -> Upstream {
+        Upstream::start_with(ip, reply, None).await
+    }
+
+    /// Starts a TLS server (HTTP/1.1 or HTTP/2, as ALPN in `tls` agrees) on `ip`, port 0.
+    pub async fn start_tls(ip: &str, reply: Reply, tls: Arc<ServerConfig>) -> Upstream {
+        Upstream::start_with(ip, reply, Some(tls)).await
+    }
+
+    async fn start_with(ip: &str, reply: Reply, tls: Option<Arc<ServerConfig>>) -> Upstream {
         let listener = TcpListener::bind((ip.parse::<std::net::IpAddr>().unwrap(), 0))
             .await
             .expect("bind an upstream");
@@ -83,9 +100,28 @@ impl Upstream {
             while let Ok((stream, _)) = listener.accept().await {
                 s.connections.fetch_add(1, Ordering::SeqCst);
                 let s = s.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| serve(s.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
+                    let Some(tls) = tls else {
+                        let svc = service_fn(move |req| serve(s.clone(), None, req));
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                        return;
+                    };
+                    let Ok(stream) = tokio_rustls::TlsAcceptor::from(tls).accept(stream).await
+                    else {
+                        return;
+                    };
+                    let identity: Option<Arc<str>> = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(residency_proxy::tls::identity_of)
+                        .map(Arc::from);
+                    let svc = service_fn(move |req| serve(s.clone(), identity.clone(), req));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
                 });
@@ -101,6 +137,11 @@ impl Upstream {
     /// `http://ADDR`, for the policy.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// `https://ADDR`, for the policy.
+    pub fn https_url(&self) -> String {
+        format!("https://{}", self.addr)
     }
 
     /// Requests that reached this server (counted on arrival, before the body is read).
@@ -144,6 +185,7 @@ type ReplyBody = Either<Full<Bytes>, Either<Generated, Trickle>>;
 
 async fn serve(
     state: Arc<State>,
+    client_identity: Option<Arc<str>>,
     req: Request<Incoming>,
 ) -> Result<Response<ReplyBody>, Infallible> {
     state.requests.fetch_add(1, Ordering::SeqCst);
@@ -160,7 +202,17 @@ async fn serve(
         }
     }
     let body_len = hasher.len;
+    let authority = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
+        parts
+            .headers
+            .get("host")
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+    });
     *state.last.lock().unwrap() = Some(Seen {
+        version: parts.version,
+        authority,
+        client_identity: client_identity.map(|i| i.to_string()),
         method: parts.method.to_string(),
         target: parts
             .uri
