@@ -176,3 +176,27 @@ async fn a_client_that_hangs_up_mid_download_leaves_an_incomplete_outcome() {
     assert_eq!(out["complete"], false, "{out}");
     assert!(out["bytes_out"].as_u64().unwrap() < size, "{out}");
 }
+
+/// A client that connects and sends nothing does not hold a connection slot for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_plain_client_is_cut_off_after_the_handshake_timeout() {
+    use tokio::io::AsyncReadExt;
+    let home = Upstream::start(HOME_IP, Serve::Ok).await;
+    let proxy = start(&home, |s| s.proxy("handshake_timeout = '300ms'")).await;
+    let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+        .await
+        .expect("the proxy closes a silent connection")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "nothing is sent to a client that said nothing");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    // A client that speaks is served as usual.
+    let r = client::get(APP, proxy.addr, "/payments/u1/a.json", &[]).await;
+    assert_eq!(r.status, 200);
+}

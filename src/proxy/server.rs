@@ -80,6 +80,21 @@ pub async fn accept_loop(
             async move {
                 match tls {
                     None => {
+                        // A client that connects and says nothing is cut off after the
+                        // handshake timeout, as a TLS client would be; hyper's own timers only
+                        // start once the protocol is known.
+                        // (`peek` rather than `readable`: readiness can be reported before
+                        // any byte has arrived.)
+                        let mut first = [0u8; 1];
+                        if !matches!(
+                            tokio::time::timeout(handshake_timeout, stream.peek(&mut first)).await,
+                            Ok(Ok(1))
+                        ) {
+                            tracing::debug!("client sent nothing within the handshake timeout");
+                            shared.metrics.connections_open.dec();
+                            drop(permit);
+                            return;
+                        }
                         let info = ConnInfo {
                             peer,
                             identity: None,
