@@ -1,4 +1,5 @@
-//! `serve`: run the proxy until SIGTERM or SIGINT; SIGHUP reloads the policy.
+//! `serve`: run the proxy until SIGTERM or SIGINT; SIGHUP reloads the policy, SIGUSR1 rotates
+//! the decision log.
 
 use super::{CliResult, Exit, fail};
 use crate::policy::model::LogTarget;
@@ -10,7 +11,9 @@ use std::path::PathBuf;
 #[derive(clap::Args, Debug)]
 #[command(
     after_help = "Signals: SIGHUP reloads the policy (an invalid one is rejected and the old one keeps serving); \
-SIGTERM or SIGINT stop accepting, finish in-flight requests within proxy.drain_timeout, flush the decision log and exit 0."
+SIGUSR1 rotates the decision log (the active file is closed with a signed checkpoint and renamed \
+<name>-<first seq>-<UTC time>.jsonl); SIGTERM or SIGINT stop accepting, finish in-flight requests within \
+proxy.drain_timeout, write the final checkpoint and exit 0."
 )]
 pub struct ServeArgs {
     /// The policy file.
@@ -73,6 +76,7 @@ async fn wait_for_signals(running: &proxy::RunningProxy) -> std::io::Result<()> 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
     loop {
         tokio::select! {
             _ = term.recv() => return Ok(()),
@@ -80,6 +84,11 @@ async fn wait_for_signals(running: &proxy::RunningProxy) -> std::io::Result<()> 
             _ = hup.recv() => match running.reload().await {
                 Ok(()) => {}
                 Err(e) => tracing::error!(error = %e, "policy reload rejected; the running policy stays"),
+            },
+            _ = usr1.recv() => match running.shared.log.rotate().await {
+                Ok(Some(to)) => tracing::info!(log.rotated = %to.display(), "decision log rotated on SIGUSR1"),
+                Ok(None) => tracing::info!("SIGUSR1: nothing to rotate (the decision log file is empty, or standard output)"),
+                Err(e) => tracing::error!(error = %e, "decision log rotation on SIGUSR1 failed"),
             },
         }
     }
