@@ -1,12 +1,19 @@
-//! `residency-proxy audit verify` run as a user would: on a log written by the real writer,
-//! untouched and tampered with.
+//! `residency-proxy audit verify|query|report` run as a user would: on a log written by the
+//! real writer, untouched and tampered with, and on a real proxy's log, open and rotated.
+
+mod support;
 
 use residency_proxy::audit::LogWriter;
 use residency_proxy::audit::record::{Record, RequestContext, failure_record};
 use residency_proxy::policy::Reason;
 use residency_proxy::policy::model::LogTarget;
+use serde_json::Value;
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Command, Output};
+use support::client;
+use support::proxy::{APP, BUREAU, HOME_IP, TestProxy, payments_spec};
+use support::upstream::{Reply as Serve, Upstream};
 
 /// Writes `n` decision records to `path` through the writer.
 async fn write_log(path: &Path, n: usize) {
@@ -58,10 +65,12 @@ async fn an_untouched_log_verifies() {
     write_log(&path, 4).await;
     let out = verify(&path);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "ok: 4 records, 0 checkpoints\n");
+    // Written without a signing key: its final checkpoint is unsigned, and says so.
+    let want = "ok: 4 records, 1 checkpoints\nunsigned: 1 checkpoints carry no signature (the log was written without a signing key)\n";
+    assert_eq!(text(&out.stdout), want);
     // The folder holding it verifies the same.
     let out = verify(dir.path());
-    assert_eq!(text(&out.stdout), "ok: 4 records, 0 checkpoints\n");
+    assert_eq!(text(&out.stdout), want);
 }
 
 #[tokio::test]
@@ -94,4 +103,288 @@ fn an_unreadable_path_is_a_usage_error() {
     let err = text(&out.stderr);
     assert!(err.contains("missing.jsonl"), "{err}");
     assert!(err.contains("cannot read decision log"), "{err}");
+}
+
+/// Runs the binary with `args`.
+fn run<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Command::new(env!("CARGO_BIN_EXE_residency-proxy"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A proxy with `payments` (enforced: consent needed abroad) and `profiles` (audit mode:
+/// transfers abroad would be denied, but are only logged).
+async fn start(home: &Upstream) -> TestProxy {
+    payments_spec(&home.url())
+        .toml(
+            r#"
+[[datasets]]
+name = 'profiles'
+match = { path_prefix = '/profiles/' }
+upstream = 'cn-store'
+category = 'user.contact'
+subject = { path_segment = 2 }
+cross_border = 'deny'
+third_party = 'allow'
+mode = 'audit'
+"#,
+        )
+        .log("checkpoint_interval = '1h'")
+        .start()
+        .await
+}
+
+/// A request: from, target, headers, the status it must get.
+type Ask<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], u16);
+
+/// Five requests, one of each outcome; returns their decision ids in order: domestic,
+/// consented, consent_missing, cross_border_denied (audit mode, forwarded), no_route.
+async fn five_requests(proxy: &TestProxy) -> Vec<String> {
+    let p = [("x-purpose", "credit_scoring")];
+    let cases: [Ask; 5] = [
+        (APP, "/payments/u1/a.json", &[], 200),
+        (BUREAU, "/payments/u1/a.json", &p, 200),
+        (BUREAU, "/payments/u2/a.json", &p, 451),
+        (BUREAU, "/profiles/u3/p.json", &p, 200),
+        (APP, "/nowhere/x", &[], 404),
+    ];
+    let mut ids = Vec::new();
+    for (from, target, headers, want) in cases {
+        let r = client::get(from, proxy.addr, target, headers).await;
+        assert_eq!(r.status, want, "{target}: {}", r.text());
+        proxy.log.outcome(&r.decision_id()).await;
+        ids.push(r.decision_id());
+    }
+    ids
+}
+
+fn json_lines(out: &Output) -> Vec<Value> {
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_log_fails_as_open_unless_open_is_given() {
+    let home = Upstream::start(HOME_IP, Serve::Ok).await;
+    let mut proxy = start(&home).await;
+    five_requests(&proxy).await;
+    let log = proxy.log.path.clone();
+    let out = verify(&log);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.starts_with(&format!("{}:10: open or truncated: the log ends at seq 10 without a final checkpoint (no checkpoint signs it)", log.display())), "{err}");
+    let out = run([
+        OsStr::new("audit"),
+        "verify".as_ref(),
+        "--open".as_ref(),
+        log.as_os_str(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "ok: 10 records, 0 checkpoints\nopen: 10 records from the start are not signed yet (up to seq 10)\n"
+    );
+    proxy.shutdown().await;
+    assert_eq!(verify(&log).status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_filters_a_real_rotated_log() {
+    let home = Upstream::start(HOME_IP, Serve::Ok).await;
+    let mut proxy = start(&home).await;
+    let first = five_requests(&proxy).await;
+    proxy
+        .running()
+        .shared
+        .log
+        .rotate()
+        .await
+        .unwrap()
+        .expect("rotated");
+    let second = five_requests(&proxy).await;
+    proxy.shutdown().await;
+    let log = proxy.log.path.clone();
+    let key = proxy.dir.path().join("log-signing.key");
+    let query = |args: &[&str]| {
+        let mut a: Vec<&OsStr> = vec!["audit".as_ref(), "query".as_ref(), log.as_os_str()];
+        a.extend(args.iter().map(OsStr::new));
+        run(a)
+    };
+
+    // Both files are read, in order: ten decision records.
+    let all = json_lines(&query(&[]));
+    let ids: Vec<&str> = all.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        ids,
+        first
+            .iter()
+            .chain(&second)
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+    );
+
+    let denied = json_lines(&query(&["--decision", "deny"]));
+    assert!(denied.iter().all(|r| r["decision"] == "deny"));
+    let reasons: Vec<&str> = denied
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons.iter().filter(|r| **r == "consent_missing").count(),
+        2
+    );
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| **r == "cross_border_denied")
+            .count(),
+        2
+    );
+    let audit = json_lines(&query(&["--decision", "deny", "--enforced", "false"]));
+    assert_eq!(audit.len(), 2);
+    assert!(
+        audit
+            .iter()
+            .all(|r| r["dataset"] == "profiles" && r["enforced"] == false)
+    );
+
+    let allowed = json_lines(&query(&["--dataset", "payments", "--decision", "allow"]));
+    assert_eq!(allowed.len(), 4);
+    let us = json_lines(&query(&["--country", "us"]));
+    assert_eq!(us.len(), 6, "the bureau's three requests per run");
+    let bureau = json_lines(&query(&["--recipient", "credit-bureau-us,payments-app"]));
+    assert_eq!(bureau.len(), 10);
+
+    // --subject: the raw identifier never appears in the log; its pseudonym does.
+    let pseudonym = all[2]["subject"].as_str().unwrap().to_string();
+    assert!(pseudonym.starts_with("hmac:"), "{pseudonym}");
+    let by_key = json_lines(&query(&[
+        "--subject",
+        "u2",
+        "--signing-key",
+        key.to_str().unwrap(),
+    ]));
+    assert_eq!(by_key.len(), 2);
+    assert!(by_key.iter().all(|r| r["subject"] == pseudonym.as_str()));
+    let policy = proxy.policy_path.to_str().unwrap();
+    assert_eq!(
+        json_lines(&query(&["--subject", "u2", "--policy", policy])),
+        by_key
+    );
+    let out = query(&["--subject", "u2"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--subject needs the log's key"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // An exchange by id: its decision and its outcome.
+    let exchange = json_lines(&query(&["--id", &first[1]]));
+    let kinds: Vec<&str> = exchange
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["decision", "outcome"]);
+    let checkpoints = json_lines(&query(&["--kind", "checkpoint"]));
+    assert_eq!(checkpoints.len(), 2, "the rotation's and the final one");
+
+    // Time bounds.
+    assert!(json_lines(&query(&["--since", "1h"])).len() == 10);
+    assert!(json_lines(&query(&["--until", "2000-01-01"])).is_empty());
+    let since = all[5]["ts"].as_str().unwrap();
+    assert_eq!(json_lines(&query(&["--since", since])).len(), 5);
+
+    // A table for people, and usage errors for typos.
+    let out = query(&["--reason", "consent_missing", "--format", "table"]);
+    let table = text(&out.stdout);
+    let rows: Vec<&str> = table.lines().collect();
+    assert!(rows[0].starts_with("TIME (UTC)"), "{table}");
+    assert_eq!(rows.len(), 4, "{table}");
+    assert!(
+        rows[1].contains("deny") && rows[1].contains("451") && rows[1].contains("credit-bureau-us"),
+        "{table}"
+    );
+    assert_eq!(rows[3], "2 of 22 records matched (2 files)");
+    let out = query(&["--reason", "consent_mising"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("\"consent_mising\" is not a reason code"));
+    assert_eq!(
+        query(&["--limit", "3"])
+            .stdout
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count(),
+        3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_counts_decisions_and_what_audit_mode_would_have_blocked() {
+    let home = Upstream::start(HOME_IP, Serve::Ok).await;
+    let mut proxy = start(&home).await;
+    five_requests(&proxy).await;
+    five_requests(&proxy).await;
+    proxy.shutdown().await;
+    let log = proxy.log.path.clone();
+
+    let out = run([
+        OsStr::new("audit"),
+        "report".as_ref(),
+        log.as_os_str(),
+        "--format".as_ref(),
+        "json".as_ref(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["total"], 10);
+    let by_reason = &r["by_reason"];
+    for reason in [
+        "domestic",
+        "consented",
+        "consent_missing",
+        "cross_border_denied",
+        "no_route",
+    ] {
+        assert_eq!(by_reason[reason], 2, "{reason}: {r}");
+    }
+    assert_eq!(r["by_decision"]["allow"], 4, "{r}");
+    assert_eq!(r["by_decision"]["deny_not_enforced"], 2, "{r}");
+    assert_eq!(r["by_recipient"]["credit-bureau-us"], 6, "{r}");
+    assert_eq!(r["by_destination_country"]["US"], 6, "{r}");
+    let blocked = &r["would_have_been_blocked"];
+    assert_eq!(blocked["total"], 2, "{r}");
+    assert_eq!(blocked["by_dataset"]["profiles"], 2, "{r}");
+    assert_eq!(blocked["by_reason"]["cross_border_denied"], 2, "{r}");
+
+    let out = run([OsStr::new("audit"), "report".as_ref(), log.as_os_str()]);
+    let report = text(&out.stdout);
+    assert!(report.starts_with("10 decisions, "), "{report}");
+    assert!(
+        report.contains(
+            "\nwould have been blocked (audit mode: denied in the log, forwarded anyway): 2\n"
+        ),
+        "{report}"
+    );
+    // Nothing before the start of the log.
+    let out = run([
+        OsStr::new("audit"),
+        "report".as_ref(),
+        log.as_os_str(),
+        "--until".as_ref(),
+        "2000-01-01".as_ref(),
+    ]);
+    assert!(
+        text(&out.stdout).starts_with("0 decisions\n"),
+        "{}",
+        text(&out.stdout)
+    );
 }

@@ -60,7 +60,7 @@ http {
 CONF
 
 cargo build --release --quiet
-BIN=$ROOT/target/release/residency-proxy
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/residency-proxy
 "$BIN" certs init "$W" >/dev/null
 
 cat > "$W/consents.jsonl" <<JSON

@@ -1,14 +1,18 @@
-//! The decision log: records, the hash chain, the writer that commits them before anything is
-//! forwarded, and offline verification.
+//! The decision log: records, the hash chain, signed checkpoints, the writer that commits
+//! them before anything is forwarded, rotation, and the offline tools (verify, query, report).
 
 pub mod chain;
+pub mod checkpoint;
+pub mod files;
 pub mod id;
 pub mod keys;
 pub mod pseudonym;
+pub mod query;
 pub mod record;
+pub mod report;
 pub mod verify;
 pub mod writer;
 
 pub use pseudonym::Pseudonymizer;
 pub use record::{DecisionRecord, OutcomeRecord, Record};
-pub use writer::{LogFailed, LogWriter};
+pub use writer::{LogFailed, LogStats, LogWriter};

@@ -110,11 +110,55 @@ pub struct OutcomeRecord {
     pub v: u8,
 }
 
+/// A signed checkpoint (see [`super::checkpoint`] for what the signature covers). Written
+/// every `checkpoint_every` records, every `checkpoint_interval` while records arrive, at
+/// the end of every rotated file, after a recovery record, and on close (`final`).
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckpointRecord {
+    /// Written when the log was closed cleanly: nothing follows until the next start.
+    #[serde(rename = "final")]
+    pub final_: bool,
+    /// `sha256:` fingerprint of the signing key's raw public key; null when unsigned.
+    pub key: Option<String>,
+    pub kind: &'static str,
+    /// The chain head the signature covers: the hash of the record before.
+    pub prev: String,
+    /// The raw Ed25519 public key, hex; null when unsigned.
+    pub public_key: Option<String>,
+    pub seq: u64,
+    /// Ed25519 signature, hex; absent when the log has no signing key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
+    pub ts: String,
+    pub v: u8,
+}
+
+/// Written first after a start that found the log not closed cleanly (a crash, kill -9, a
+/// power cut): says what was found, then the chain continues.
+#[derive(Clone, Debug, Serialize)]
+pub struct RecoveryRecord {
+    /// Name of the file the previous run's last record is in.
+    pub file: String,
+    pub kind: &'static str,
+    /// Kind of the last complete record found (null: the log held none).
+    pub last_kind: Option<String>,
+    /// `seq` of the last complete record found (0: none).
+    pub last_seq: u64,
+    pub prev: String,
+    pub seq: u64,
+    /// Bytes of a torn (half-written) record cut off the end of `file`.
+    pub torn_bytes: u64,
+    pub ts: String,
+    pub v: u8,
+}
+
 /// A record on its way to the log; the writer fills `seq` and `prev`.
 #[derive(Clone, Debug)]
 pub enum Record {
     Decision(Box<DecisionRecord>),
     Outcome(OutcomeRecord),
+    Checkpoint(CheckpointRecord),
+    Recovery(RecoveryRecord),
 }
 
 impl Record {
@@ -122,16 +166,20 @@ impl Record {
         let (s, p) = match self {
             Record::Decision(d) => (&mut d.seq, &mut d.prev),
             Record::Outcome(o) => (&mut o.seq, &mut o.prev),
+            Record::Checkpoint(c) => (&mut c.seq, &mut c.prev),
+            Record::Recovery(r) => (&mut r.seq, &mut r.prev),
         };
         *s = seq;
         p.clear();
         p.push_str(prev);
     }
 
+    /// The decision id; empty for checkpoints and recovery records.
     pub fn id(&self) -> &str {
         match self {
             Record::Decision(d) => &d.id,
             Record::Outcome(o) => &o.id,
+            Record::Checkpoint(_) | Record::Recovery(_) => "",
         }
     }
 
@@ -140,6 +188,8 @@ impl Record {
         let r = match self {
             Record::Decision(d) => serde_json::to_writer(&mut *out, d),
             Record::Outcome(o) => serde_json::to_writer(&mut *out, o),
+            Record::Checkpoint(c) => serde_json::to_writer(&mut *out, c),
+            Record::Recovery(r) => serde_json::to_writer(&mut *out, r),
         };
         r.expect("records serialise to JSON without error");
     }
@@ -424,6 +474,41 @@ mod tests {
         o.write_canonical(&mut out);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), sorted(&v));
+        let mut cp = CheckpointRecord {
+            final_: true,
+            key: Some("sha256:00".into()),
+            kind: "checkpoint",
+            prev: "p".into(),
+            public_key: Some("00".into()),
+            seq: 4,
+            sig: Some("ff".into()),
+            ts: timestamp(jiff::Timestamp::UNIX_EPOCH),
+            v: 1,
+        };
+        let recovery = RecoveryRecord {
+            file: "decisions.jsonl".into(),
+            kind: "recovery",
+            last_kind: Some("decision".into()),
+            last_seq: 4,
+            prev: "p".into(),
+            seq: 5,
+            torn_bytes: 17,
+            ts: timestamp(jiff::Timestamp::UNIX_EPOCH),
+            v: 1,
+        };
+        for rec in [
+            Record::Checkpoint(cp.clone()),
+            Record::Recovery(recovery),
+            Record::Checkpoint({
+                cp.sig = None;
+                cp
+            }),
+        ] {
+            let mut out = Vec::new();
+            rec.write_canonical(&mut out);
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(String::from_utf8(out).unwrap(), sorted(&v));
+        }
     }
 
     #[test]

@@ -1,24 +1,75 @@
-//! Offline verification of a decision log: chain, sequence numbers, and (later) signed
-//! checkpoints; names the first broken record by file and line.
+//! Offline verification of a decision log: the hash chain, sequence numbers, signed
+//! checkpoints and what they cover, across rotated files; names the first broken record by
+//! file and line.
 //!
 //! Each line is read as untyped JSON, so that a record the verifier's own version does not
 //! know still verifies, and hashed again over a canonical form built here: object keys
 //! sorted, no whitespace. That is the form the writer emits, since record fields are
 //! declared in sorted order; the line itself must be exactly that form with `hash` last, so
 //! that a value spelled another way (`0e0` for `0.0`) does not pass as the same record.
+//!
+//! Signatures: with trusted keys (`--key`), every checkpoint must be signed by one of them.
+//! Without, each signature is checked against the public key its checkpoint carries (whose
+//! fingerprint it names), which catches any edit of a signed checkpoint but not a forger who
+//! re-signs the whole log with a key of their own: the report then lists the fingerprints
+//! that signed, for the reader to compare with the one they expect.
+//!
+//! Coverage: a checkpoint signs the chain head, which commits to every record before it, so
+//! the whole log is covered when it ends in a checkpoint; it must end in a *final* one (a
+//! clean close), else it is open or truncated. Every rotated file ends in a checkpoint.
 
 use super::chain::{GENESIS, link};
+use super::checkpoint;
+use super::files::{LineReader, LogFilesError, log_files, unreadable};
+use super::keys;
 use serde_json::Value;
-use std::fs::File;
-use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-/// A log that verified.
+/// How to verify.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyOptions {
+    /// Trusted raw Ed25519 public keys; empty: check signatures against the keys the log
+    /// carries.
+    pub keys: Vec<Vec<u8>>,
+    /// The log is still being written: a missing final checkpoint is not an error, and
+    /// records after the last checkpoint are reported as unsigned.
+    pub open: bool,
+}
+
+/// A crash the log records: where its recovery record is and what it found.
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoveryFound {
+    pub file: PathBuf,
+    pub line: usize,
+    pub seq: u64,
+    /// The last record written before the crash.
+    pub last_seq: u64,
+    pub torn_bytes: u64,
+}
+
+/// A log that verified.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VerifyReport {
-    /// Decision and outcome records (every line that is not a checkpoint).
+    /// Every record that is not a checkpoint (decision, outcome, recovery).
     pub records: u64,
     pub checkpoints: u64,
+    /// Files read, in chain order.
+    pub files: usize,
+    /// `seq` of the last record.
+    pub last_seq: u64,
+    /// Checkpoints whose signature verified.
+    pub signed: u64,
+    /// Checkpoints without a signature (a log written without a signing key).
+    pub unsigned_checkpoints: u64,
+    /// Fingerprints of the keys that signed, in order of first use.
+    pub signers: Vec<String>,
+    /// Signatures were checked against keys the caller trusts.
+    pub trusted: bool,
+    /// Records after the last checkpoint, not yet signed (only with `open`).
+    pub unsigned_tail: u64,
+    /// `seq` of the last checkpoint.
+    pub last_checkpoint: Option<u64>,
+    pub recoveries: Vec<RecoveryFound>,
 }
 
 /// The first place where a log is broken.
@@ -26,7 +77,7 @@ pub struct VerifyReport {
 #[error("{}:{line}: {why}", file.display())]
 pub struct Broken {
     pub file: PathBuf,
-    /// 1-based; 0 when the file could not be read at all.
+    /// 1-based; 0 when the file could not be read at all, or holds nothing.
     pub line: usize,
     pub why: String,
 }
@@ -34,111 +85,175 @@ pub struct Broken {
 /// Why a log did not verify: it could not be read, or it is broken.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
-    #[error("cannot read decision log {}: {source}", path.display())]
-    Read { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Files(#[from] LogFilesError),
     #[error(transparent)]
     Broken(#[from] Broken),
 }
 
-/// Verifies the log at `path` (a file, or a folder of rotated files). A log that cannot be
-/// read is reported as broken at line 0; [`verify_log`] tells the two apart.
+/// Verifies the log at `path` with default options (no trusted key, closed log). A log that
+/// cannot be read is reported as broken at line 0; [`verify_log`] tells the two apart.
 pub fn verify(path: &Path) -> Result<VerifyReport, Broken> {
-    verify_log(path).map_err(|e| match e {
+    verify_with(path, &VerifyOptions::default())
+}
+
+/// [`verify`] with options.
+pub fn verify_with(path: &Path, opts: &VerifyOptions) -> Result<VerifyReport, Broken> {
+    verify_log(path, opts).map_err(|e| match e {
         VerifyError::Broken(b) => b,
-        VerifyError::Read { path, source } => Broken {
-            file: path,
+        VerifyError::Files(e) => Broken {
+            file: path.into(),
             line: 0,
-            why: format!("cannot read: {source}"),
+            why: e.to_string(),
         },
     })
 }
 
-/// Verifies the log at `path`: a file, or a folder whose `*.jsonl` files are one chain in
-/// file-name order.
-pub fn verify_log(path: &Path) -> Result<VerifyReport, VerifyError> {
+/// Verifies the log at `path`: a file with its rotated siblings, or a folder holding one log
+/// (see [`super::files::log_files`]).
+pub fn verify_log(path: &Path, opts: &VerifyOptions) -> Result<VerifyReport, VerifyError> {
+    let files = log_files(path)?;
     let mut chain = Chain {
+        opts,
         seq: 0,
         hash: GENESIS.to_string(),
         canonical: Vec::new(),
+        signed: Vec::new(),
+        scratch: Vec::new(),
+        unsigned: 0,
+        last: None,
         report: VerifyReport {
-            records: 0,
-            checkpoints: 0,
+            files: files.len(),
+            trusted: !opts.keys.is_empty(),
+            ..VerifyReport::default()
         },
     };
-    for file in log_files(path)? {
-        chain.file(&file)?;
+    for (i, file) in files.iter().enumerate() {
+        chain.file(file, i + 1 == files.len())?;
     }
-    Ok(chain.report)
+    let end = files.last().map_or(path, PathBuf::as_path);
+    chain.finish(end)
 }
 
-fn unreadable(path: &Path) -> impl FnOnce(io::Error) -> VerifyError + '_ {
-    move |source| VerifyError::Read {
-        path: path.into(),
-        source,
-    }
-}
-
-fn log_files(path: &Path) -> Result<Vec<PathBuf>, VerifyError> {
-    let meta = std::fs::metadata(path).map_err(unreadable(path))?;
-    if !meta.is_dir() {
-        return Ok(vec![path.into()]);
-    }
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(path).map_err(unreadable(path))? {
-        let entry = entry.map_err(unreadable(path))?;
-        let p = entry.path();
-        if p.extension().is_some_and(|e| e == "jsonl") && !p.is_dir() {
-            files.push(p);
-        }
-    }
-    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
-    Ok(files)
+/// The last record read.
+struct Last {
+    file: PathBuf,
+    line: usize,
+    checkpoint: bool,
+    final_: bool,
 }
 
 /// The chain as verified so far.
-struct Chain {
+struct Chain<'o> {
+    opts: &'o VerifyOptions,
     /// `seq` of the last good record; 0 before the first.
     seq: u64,
     /// `hash` of the last good record; genesis before the first.
     hash: String,
     /// Reused for each record's canonical bytes.
     canonical: Vec<u8>,
+    /// Reused for a checkpoint's canonical bytes without `sig`.
+    signed: Vec<u8>,
+    scratch: Vec<u8>,
+    /// Records since the last checkpoint.
+    unsigned: u64,
+    last: Option<Last>,
     report: VerifyReport,
 }
 
-impl Chain {
-    fn file(&mut self, path: &Path) -> Result<(), VerifyError> {
-        let file = File::open(path).map_err(unreadable(path))?;
-        let mut reader = BufReader::with_capacity(64 * 1024, file);
-        let mut line = Vec::new();
-        let mut number = 0;
-        loop {
-            line.clear();
-            if reader
-                .read_until(b'\n', &mut line)
-                .map_err(unreadable(path))?
-                == 0
-            {
-                return Ok(());
-            }
-            number += 1;
-            let checked = match line.pop() {
-                Some(b'\n') => self.record(&line),
-                _ => Err(
+impl Chain<'_> {
+    fn file(&mut self, path: &Path, last_file: bool) -> Result<(), VerifyError> {
+        let mut reader = LineReader::open(path)?;
+        let mut last_line = 0;
+        while let Some(line) = reader.next_line().map_err(unreadable(path))? {
+            last_line = line.number;
+            let checked = if line.complete {
+                self.record(line.bytes)
+            } else {
+                Err(
                     "incomplete record: the log ends mid-line (cut short, or still being written)"
                         .into(),
-                ),
+                )
             };
-            checked.map_err(|why| Broken {
+            let kind = checked.map_err(|why| Broken {
                 file: path.into(),
-                line: number,
+                line: line.number,
                 why,
             })?;
+            if let Kind::Recovery {
+                last_seq,
+                torn_bytes,
+            } = kind
+            {
+                self.report.recoveries.push(RecoveryFound {
+                    file: path.into(),
+                    line: line.number,
+                    seq: self.seq,
+                    last_seq,
+                    torn_bytes,
+                });
+            }
+            self.last = Some(Last {
+                file: path.into(),
+                line: line.number,
+                checkpoint: matches!(kind, Kind::Checkpoint { .. }),
+                final_: matches!(kind, Kind::Checkpoint { final_: true }),
+            });
+        }
+        if !last_file {
+            // Rotation closes a file with a checkpoint; without it, its end was cut off.
+            let ends_signed = last_line > 0 && self.last.as_ref().is_some_and(|l| l.checkpoint);
+            if !ends_signed {
+                return Err(Broken {
+                    file: path.into(),
+                    line: last_line,
+                    why: "a rotated file must end with a checkpoint: records were cut off its end"
+                        .into(),
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    /// After the last file: the log must end in a final checkpoint, unless it is open.
+    fn finish(mut self, end: &Path) -> Result<VerifyReport, VerifyError> {
+        self.report.last_seq = self.seq;
+        match &self.last {
+            Some(l) if l.final_ => Ok(self.report),
+            _ if self.opts.open => {
+                self.report.unsigned_tail = self.unsigned;
+                Ok(self.report)
+            }
+            None => Err(Broken {
+                file: end.into(),
+                line: 0,
+                why: "empty log: no records and no final checkpoint (open or truncated)".into(),
+            }
+            .into()),
+            Some(l) => {
+                let unsigned = match self.report.last_checkpoint {
+                    Some(c) => format!(
+                        "{} records after the checkpoint at seq {c} are unsigned",
+                        self.unsigned
+                    ),
+                    None => "no checkpoint signs it".into(),
+                };
+                Err(Broken {
+                    file: l.file.clone(),
+                    line: l.line,
+                    why: format!(
+                        "open or truncated: the log ends at seq {} without a final checkpoint ({unsigned}); pass --open if the proxy is still writing it",
+                        self.seq
+                    ),
+                }
+                .into())
+            }
         }
     }
 
     /// Checks one line against the chain so far and, if it holds, moves the chain on.
-    fn record(&mut self, line: &[u8]) -> Result<(), String> {
+    fn record(&mut self, line: &[u8]) -> Result<Kind, String> {
         let mut value: Value =
             serde_json::from_slice(line).map_err(|e| format!("not JSON: {e}"))?;
         let Value::Object(fields) = &mut value else {
@@ -160,7 +275,10 @@ impl Chain {
             Some(Value::String(p)) => p,
             Some(_) => return Err("field prev is not a string".into()),
         };
-        let checkpoint = fields.get("kind").and_then(Value::as_str) == Some("checkpoint");
+        let kind = fields
+            .get("kind")
+            .and_then(Value::as_str)
+            .map(str::to_string);
 
         if seq != self.seq + 1 {
             return Err(if self.seq == 0 {
@@ -194,15 +312,112 @@ impl Chain {
             );
         }
 
+        let kind = match kind.as_deref() {
+            Some("checkpoint") => Kind::Checkpoint {
+                final_: self.checkpoint(&mut value)?,
+            },
+            Some("recovery") => {
+                let field = |k: &str| value.get(k).and_then(Value::as_u64).unwrap_or(0);
+                let (last_seq, torn_bytes) = (field("last_seq"), field("torn_bytes"));
+                if last_seq + 1 != seq {
+                    return Err(format!(
+                        "recovery record says the log ended at seq {last_seq}, but it follows seq {}",
+                        self.seq
+                    ));
+                }
+                Kind::Recovery {
+                    last_seq,
+                    torn_bytes,
+                }
+            }
+            _ => Kind::Record,
+        };
         self.seq = seq;
         self.hash = hash;
-        if checkpoint {
+        if let Kind::Checkpoint { .. } = kind {
             self.report.checkpoints += 1;
+            self.report.last_checkpoint = Some(seq);
+            self.unsigned = 0;
         } else {
             self.report.records += 1;
+            self.unsigned += 1;
         }
-        Ok(())
+        Ok(kind)
     }
+
+    /// Checks a checkpoint's signature (see [`super::checkpoint`]); returns whether it is
+    /// final. `value` is the checkpoint without `hash`.
+    fn checkpoint(&mut self, value: &mut Value) -> Result<bool, String> {
+        let Value::Object(fields) = value else {
+            return Err("not a JSON object".into());
+        };
+        let final_ = match fields.get("final") {
+            Some(Value::Bool(b)) => *b,
+            None => return Err("checkpoint without field final".into()),
+            Some(_) => return Err("field final is not true or false".into()),
+        };
+        let sig = match fields.remove("sig") {
+            None | Some(Value::Null) => {
+                if !self.opts.keys.is_empty() {
+                    return Err(
+                        "checkpoint is not signed, but a key was given to check signatures".into(),
+                    );
+                }
+                self.report.unsigned_checkpoints += 1;
+                return Ok(final_);
+            }
+            Some(Value::String(s)) => hex::decode(&s)
+                .ok()
+                .filter(|s| s.len() == 64)
+                .ok_or("field sig is not a hex Ed25519 signature")?,
+            Some(_) => return Err("field sig is not a string".into()),
+        };
+        let key = fields
+            .get("key")
+            .and_then(Value::as_str)
+            .ok_or("signed checkpoint without field key")?
+            .to_string();
+        let public_key = fields
+            .get("public_key")
+            .and_then(Value::as_str)
+            .and_then(|k| hex::decode(k).ok())
+            .filter(|k| k.len() == 32)
+            .ok_or("field public_key is not a hex Ed25519 public key")?;
+        if keys::fingerprint(&public_key) != key {
+            return Err(
+                "field key is not the fingerprint of the public key the checkpoint carries".into(),
+            );
+        }
+        if !self.opts.keys.is_empty() && !self.opts.keys.contains(&public_key) {
+            let given: Vec<String> = self
+                .opts
+                .keys
+                .iter()
+                .map(|k| keys::fingerprint(k))
+                .collect();
+            return Err(format!(
+                "checkpoint signed by {key}, not by the given key ({})",
+                given.join(", ")
+            ));
+        }
+        self.signed.clear();
+        canonical_json(value, &mut self.signed);
+        if !checkpoint::verify(&public_key, &self.signed, &sig, &mut self.scratch) {
+            return Err("signature does not verify: the checkpoint was forged or altered".into());
+        }
+        self.report.signed += 1;
+        if !self.report.signers.contains(&key) {
+            self.report.signers.push(key);
+        }
+        Ok(final_)
+    }
+}
+
+/// What a verified line was.
+enum Kind {
+    Record,
+    Checkpoint { final_: bool },
+    Recovery { last_seq: u64, torn_bytes: u64 },
 }
 
 /// Whether `line` is `canonical` with `"hash"` added as its last field, as the writer
@@ -264,17 +479,37 @@ pub fn canonical_json(value: &Value, out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::writer::tests::write_log;
+    use crate::audit::keys::SigningKey;
+    use crate::audit::writer::tests::{test_key, write_log, write_log_with};
 
-    /// A real log of six records, written by the writer; returns its lines (with `\n`).
-    fn written_log(dir: &Path) -> Vec<String> {
-        let path = dir.join("source.jsonl");
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()
+            .enable_all()
             .build()
             .unwrap()
-            .block_on(write_log(&path, 0..6));
-        let text = std::fs::read_to_string(&path).unwrap();
-        std::fs::remove_file(&path).unwrap();
+            .block_on(f)
+    }
+
+    /// A real log of six records and its final checkpoint, written by the writer; returns
+    /// its lines (with `\n`).
+    fn written_log(dir: &Path) -> Vec<String> {
+        let path = dir.join("source.jsonl");
+        block_on(write_log(&path, 0..6));
+        take_lines(&path)
+    }
+
+    /// Ten records signed by `key`, a checkpoint after every fourth, and the final one.
+    fn signed_log(dir: &Path, key: &std::sync::Arc<SigningKey>) -> Vec<String> {
+        let path = dir.join("signed-source.jsonl");
+        block_on(write_log_with(&path, 0..10, Some(key.clone()), |s| {
+            s.checkpoint_every = 4
+        }));
+        take_lines(&path)
+    }
+
+    fn take_lines(path: &Path) -> Vec<String> {
+        let text = std::fs::read_to_string(path).unwrap();
+        std::fs::remove_file(path).unwrap();
         text.split_inclusive('\n').map(str::to_string).collect()
     }
 
@@ -285,30 +520,64 @@ mod tests {
     }
 
     fn broken_at(path: &Path, line: usize, why: &str) {
-        let b = verify(path).unwrap_err();
+        broken_with(path, &VerifyOptions::default(), line, why);
+    }
+
+    fn broken_with(path: &Path, opts: &VerifyOptions, line: usize, why: &str) {
+        let b = verify_with(path, opts).unwrap_err();
         assert_eq!((b.file.as_path(), b.line), (path, line), "{b}");
         assert!(b.why.contains(why), "expected {why:?}, got {b}");
+    }
+
+    fn trusting(key: &SigningKey) -> VerifyOptions {
+        VerifyOptions {
+            keys: vec![key.public_key().to_vec()],
+            open: false,
+        }
+    }
+
+    /// Rewrites line `i` through `edit`, with a hash recomputed as a forger would.
+    fn rehash(lines: &mut [String], i: usize, edit: impl FnOnce(&mut Value)) {
+        let mut v: Value = serde_json::from_str(&lines[i]).unwrap();
+        edit(&mut v);
+        v.as_object_mut().unwrap().remove("hash");
+        let mut bytes = Vec::new();
+        canonical_json(&v, &mut bytes);
+        let prev = v["prev"].as_str().unwrap().to_string();
+        // Written as the writer writes: canonical, `hash` last.
+        bytes.pop();
+        lines[i] = format!(
+            "{},\"hash\":\"{}\"}}\n",
+            String::from_utf8(bytes).unwrap(),
+            link(&prev, &{
+                let mut c = Vec::new();
+                canonical_json(&v, &mut c);
+                c
+            })
+        );
     }
 
     #[test]
     fn an_untouched_log_verifies() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), "d.jsonl", &written_log(dir.path()));
-        assert_eq!(
-            verify(&path).unwrap(),
-            VerifyReport {
-                records: 6,
-                checkpoints: 0
-            }
-        );
+        let report = verify(&path).unwrap();
+        assert_eq!((report.records, report.checkpoints), (6, 1));
+        // Written without a key: its checkpoint is unsigned, and the report says so.
+        assert_eq!((report.signed, report.unsigned_checkpoints), (0, 1));
     }
 
     #[test]
-    fn an_empty_log_verifies_with_no_records() {
+    fn an_empty_log_is_open_or_truncated() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), "d.jsonl", &[]);
-        assert_eq!(verify(&path).unwrap().records, 0);
-        assert_eq!(verify(dir.path()).unwrap().records, 0);
+        broken_at(&path, 0, "empty log");
+        let open = VerifyOptions {
+            open: true,
+            ..VerifyOptions::default()
+        };
+        assert_eq!(verify_with(&path, &open).unwrap().records, 0);
+        assert_eq!(verify_with(dir.path(), &open).unwrap().records, 0);
     }
 
     #[test]
@@ -372,14 +641,10 @@ mod tests {
         let mut lines = written_log(dir.path());
         // The forger rewrites record 4 and hashes it correctly, but cannot link it to the
         // real record 3 without rewriting every later record too.
-        let mut forged: Value = serde_json::from_str(&lines[3]).unwrap();
-        forged["decision"] = "allow".into();
-        forged["prev"] = "ab".repeat(32).into();
-        forged.as_object_mut().unwrap().remove("hash");
-        let mut bytes = Vec::new();
-        canonical_json(&forged, &mut bytes);
-        forged["hash"] = link(&"ab".repeat(32), &bytes).into();
-        lines[3] = format!("{forged}\n");
+        rehash(&mut lines, 3, |v| {
+            v["decision"] = "allow".into();
+            v["prev"] = "ab".repeat(32).into();
+        });
         let path = write(dir.path(), "d.jsonl", &lines);
         broken_at(&path, 4, "prev does not match the previous record's hash");
     }
@@ -390,7 +655,7 @@ mod tests {
         let mut lines = written_log(dir.path());
         lines.push("garbage\n".into());
         let path = write(dir.path(), "d.jsonl", &lines);
-        broken_at(&path, 7, "not JSON");
+        broken_at(&path, 8, "not JSON");
     }
 
     #[test]
@@ -409,6 +674,9 @@ mod tests {
         let path = dir.path().join("hole.jsonl");
         std::fs::write(&path, format!("{}{}", &whole[..from], &whole[to..])).unwrap();
         broken_at(&path, 2, "not JSON");
+        // Cut at a line boundary, before the final checkpoint.
+        let path = write(dir.path(), "early.jsonl", &lines[..5]);
+        broken_at(&path, 5, "open or truncated: the log ends at seq 5");
     }
 
     #[test]
@@ -423,26 +691,114 @@ mod tests {
     }
 
     #[test]
-    fn a_folder_is_one_chain_in_file_name_order() {
+    fn signatures_are_checked_against_the_given_key_or_the_carried_one() {
         let dir = tempfile::tempdir().unwrap();
-        let lines = written_log(dir.path());
+        let key = test_key();
+        let lines = signed_log(dir.path(), &key);
+        // Checkpoints after records 4 and 8 (seq 5 and 10), and the final one.
+        assert_eq!(lines.len(), 13);
+        let path = write(dir.path(), "d.jsonl", &lines);
+        let report = verify_with(&path, &trusting(&key)).unwrap();
+        assert_eq!((report.records, report.checkpoints), (10, 3));
+        assert_eq!((report.signed, report.trusted), (3, true));
+        let report = verify(&path).unwrap();
+        assert_eq!((report.signed, report.trusted), (3, false));
+        assert_eq!(report.signers, [key.fingerprint()]);
+
+        // Another key is not trusted.
+        let other = test_key();
+        broken_with(
+            &path,
+            &trusting(&other),
+            5,
+            &format!(
+                "checkpoint signed by {}, not by the given key ({})",
+                key.fingerprint(),
+                other.fingerprint()
+            ),
+        );
+        // An unsigned log where a key is expected.
+        let unsigned = write(dir.path(), "unsigned.jsonl", &written_log(dir.path()));
+        broken_with(&unsigned, &trusting(&key), 7, "checkpoint is not signed");
+    }
+
+    #[test]
+    fn a_replaced_signature_does_not_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = test_key();
+        let mut lines = signed_log(dir.path(), &key);
+        let final_sig: Value = serde_json::from_str(&lines[12]).unwrap();
+        // The final checkpoint carries the first one's signature, rehashed: nothing after it
+        // links to its hash, so only the signature can catch it.
+        let first: Value = serde_json::from_str(&lines[4]).unwrap();
+        assert_ne!(first["sig"], final_sig["sig"]);
+        rehash(&mut lines, 12, |v| v["sig"] = first["sig"].clone());
+        let path = write(dir.path(), "d.jsonl", &lines);
+        broken_with(&path, &trusting(&key), 13, "signature does not verify");
+        broken_at(&path, 13, "signature does not verify");
+        // A fingerprint that does not belong to the carried public key.
+        let mut lines = signed_log(dir.path(), &key);
+        rehash(&mut lines, 12, |v| {
+            v["key"] = test_key().fingerprint().into()
+        });
+        let path = write(dir.path(), "fp.jsonl", &lines);
+        broken_at(&path, 13, "field key is not the fingerprint");
+    }
+
+    #[test]
+    fn an_open_log_passes_with_open_and_reports_its_unsigned_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = test_key();
+        let lines = signed_log(dir.path(), &key);
+        // Up to record 9 (seq 11): one record after the checkpoint at seq 10.
+        let path = write(dir.path(), "d.jsonl", &lines[..11]);
+        broken_with(
+            &path,
+            &trusting(&key),
+            11,
+            "open or truncated: the log ends at seq 11 without a final checkpoint (1 records after the checkpoint at seq 10 are unsigned)",
+        );
+        let open = VerifyOptions {
+            open: true,
+            ..trusting(&key)
+        };
+        let report = verify_with(&path, &open).unwrap();
+        assert_eq!(
+            (report.records, report.unsigned_tail, report.last_checkpoint),
+            (9, 1, Some(10))
+        );
+    }
+
+    #[test]
+    fn a_folder_is_one_chain_of_rotated_files_each_ending_in_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = test_key();
+        let lines = signed_log(dir.path(), &key);
         let logs = dir.path().join("logs");
         std::fs::create_dir(&logs).unwrap();
-        write(&logs, "decisions-0001.jsonl", &lines[..4]);
-        write(&logs, "decisions.jsonl", &lines[4..]);
+        let active = logs.join("decisions.jsonl");
+        let t = jiff::Timestamp::UNIX_EPOCH;
+        let first = crate::audit::files::rotated_name(&active, 1, t);
+        let second = crate::audit::files::rotated_name(&active, 6, t);
         write(&logs, "notes.txt", &["not a log\n".to_string()]);
-        assert_eq!(verify(&logs).unwrap().records, 6);
-        // The same files in the wrong order: the second one starts the chain too late.
-        std::fs::rename(
-            logs.join("decisions.jsonl"),
-            logs.join("decisions-0000.jsonl"),
-        )
-        .unwrap();
-        broken_at(
-            &logs.join("decisions-0000.jsonl"),
-            1,
-            "seq 5 at the start of the log",
-        );
+        std::fs::write(&first, lines[..5].concat()).unwrap();
+        std::fs::write(&second, lines[5..10].concat()).unwrap();
+        std::fs::write(&active, lines[10..].concat()).unwrap();
+        let report = verify_with(&logs, &trusting(&key)).unwrap();
+        assert_eq!((report.records, report.files), (10, 3));
+        assert_eq!(verify_with(&active, &trusting(&key)).unwrap(), report);
+
+        let broken_in = |file: &Path, line: usize, why: &str| {
+            let b = verify_with(&active, &trusting(&key)).unwrap_err();
+            assert_eq!((b.file.as_path(), b.line), (file, line), "{b}");
+            assert!(b.why.contains(why), "expected {why:?}, got {b}");
+        };
+        // A rotated file whose closing checkpoint was cut off.
+        std::fs::write(&first, lines[..4].concat()).unwrap();
+        broken_in(&first, 4, "a rotated file must end with a checkpoint");
+        // A rotated file deleted: the next one starts too late.
+        std::fs::remove_file(&first).unwrap();
+        broken_in(&second, 1, "seq 6 at the start of the log");
     }
 
     #[test]
@@ -450,8 +806,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope.jsonl");
         assert!(matches!(
-            verify_log(&missing),
-            Err(VerifyError::Read { .. })
+            verify_log(&missing, &VerifyOptions::default()),
+            Err(VerifyError::Files(LogFilesError::Read { .. }))
         ));
     }
 

@@ -1,19 +1,28 @@
-//! The log writer: one thread owns the file, takes records from a queue, chains them
+//! The log writer: one committer owns the file, takes records from a queue, chains them
 //! (`seq`, `prev`, `hash`), writes each batch with one system call (group commit), syncs it
-//! when asked, and only then releases the requests waiting on their records.
+//! when asked, and only then releases the requests waiting on their records. In `write`
+//! durability to a file the committer is a task of the proxy's runtime; otherwise (`fsync`,
+//! standard output) it has its own thread, so that a slow device never blocks the runtime.
+//!
+//! Signed checkpoints are lines the committer adds to a batch: after every `checkpoint_every`
+//! records, on a timer tick (every `checkpoint_interval`) while records are unsigned, at the
+//! end of a file being rotated, and on close (`"final": true`). Rotation (by size after a
+//! batch, or on request) renames the active file between two batches; the chain runs on in
+//! the new file (names: [`super::files`]).
 //!
 //! A write that fails answers every record of its batch with [`LogFailed`], leaves the chain
 //! head where it was, cuts the file back to its last complete record, and reopens the file by
 //! its path before the next batch, so the writer recovers by itself once writing works again.
 //!
-//! Room for what comes next, in the same thread: signed checkpoints are one more line that
-//! `Committer::commit` adds to the batch buffer when due (the 10 s timer can reach the thread
-//! as one more `Request` variant, so it keeps a single blocking wait), and rotation is a
-//! `Sink` switch between two batches.
+//! At open, a log that does not end in a final checkpoint was not closed cleanly (a crash,
+//! kill -9, a power cut): the torn tail of a half-written record is cut, and the first lines
+//! written are a `recovery` record saying what was found and a checkpoint that signs it.
 
 use super::chain::{GENESIS, link_into};
+use super::checkpoint::{self, KeyFields};
+use super::files::{self, LogFilesError};
 use super::keys::SigningKey;
-use super::record::Record;
+use super::record::{Record, RecoveryRecord, VERSION, timestamp};
 use crate::policy::model::{Durability, LogSettings, LogTarget};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -21,6 +30,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
@@ -43,6 +53,8 @@ pub enum AuditError {
         line: usize,
         why: String,
     },
+    #[error(transparent)]
+    Files(#[from] LogFilesError),
     #[error("cannot start the decision log writer thread: {0}")]
     Spawn(std::io::Error),
 }
@@ -53,6 +65,7 @@ pub enum AuditError {
 pub struct LogFailed(pub String);
 
 type Ack = oneshot::Sender<Result<(), LogFailed>>;
+type RotateAck = oneshot::Sender<Result<Option<PathBuf>, LogFailed>>;
 
 enum Request {
     /// `ack` is `None` for records nobody waits on ([`LogWriter::append_later`]).
@@ -60,6 +73,9 @@ enum Request {
         record: Record,
         ack: Option<Ack>,
     },
+    /// The checkpoint timer: sign what is unsigned.
+    Tick,
+    Rotate(RotateAck),
     Close(oneshot::Sender<()>),
 }
 
@@ -71,10 +87,39 @@ struct Counters {
     dropped: AtomicU64,
     /// Whether the last batch was written (readiness).
     failing: std::sync::atomic::AtomicBool,
+    batches: AtomicU64,
+    syncs: AtomicU64,
+    checkpoints: AtomicU64,
+    rotations: AtomicU64,
+    write_errors: AtomicU64,
 }
 
-/// A handle to the writer thread; cheap to clone. When every handle is dropped without
-/// [`LogWriter::close`], the thread still writes what was queued and then exits.
+/// What the writer has done so far, for metrics and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Decision and outcome records written.
+    pub written: u64,
+    /// Records whose write failed (each answered with [`LogFailed`], or only counted).
+    pub failures: u64,
+    /// `append_later` records that never reached the writer.
+    pub dropped: u64,
+    /// Successful writes, one system call each (group commit: `written / batches` records
+    /// share one).
+    pub batches: u64,
+    /// Successful fsyncs in `fsync` durability (`written / syncs` records share one).
+    pub syncs: u64,
+    /// Checkpoints written.
+    pub checkpoints: u64,
+    /// Files rotated.
+    pub rotations: u64,
+    /// Failed writes of any kind (a batch, a checkpoint, a rotation): each is also an error
+    /// event.
+    pub write_errors: u64,
+}
+
+/// A handle to the writer; cheap to clone. When every handle is dropped without
+/// [`LogWriter::close`], the writer still writes what was queued, then a final checkpoint,
+/// and exits.
 #[derive(Clone)]
 pub struct LogWriter {
     tx: mpsc::Sender<Request>,
@@ -82,29 +127,35 @@ pub struct LogWriter {
 }
 
 impl LogWriter {
-    /// Opens the log (creating parent directories), continues the chain of an existing file,
-    /// and starts the writer thread.
+    /// Opens the log (creating parent directories), continues the chain of an existing log
+    /// (after a `recovery` record if it was not closed cleanly), and starts the writer.
+    /// Checkpoints are signed with `key`, or written unsigned without one.
     pub fn open(
         settings: &LogSettings,
         key: Option<Arc<SigningKey>>,
     ) -> Result<LogWriter, AuditError> {
-        let (sink, head) = match &settings.target {
-            LogTarget::Stdout => (Sink::Stdout(io::stdout()), None),
+        let (sink, start) = match &settings.target {
+            LogTarget::Stdout => (Sink::Stdout(io::stdout()), Start::empty()),
             LogTarget::File(path) => {
-                let opened = LogFile::open(path).map_err(|e| e.into_audit(path))?;
-                (Sink::File(opened.file), opened.head)
+                let (file, start) = open_log(path)?;
+                (Sink::File(file), start)
             }
         };
-        let head = head.unwrap_or_else(Head::genesis);
         let counters = Arc::new(Counters::default());
         let committer = Committer {
             sink,
             durability: settings.durability,
-            seq: head.seq,
-            prev: head.hash,
+            seq: start.head.seq,
+            prev: start.head.hash,
             saved_prev: String::with_capacity(GENESIS.len()),
             buf: Vec::new(),
+            scratch: Vec::new(),
+            key_fields: key.as_deref().map(KeyFields::of),
             key,
+            checkpoint_every: settings.checkpoint_every.max(1),
+            rotate_bytes: settings.rotate_bytes,
+            unsigned: 0,
+            recovery: start.recovery,
             counters: counters.clone(),
         };
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
@@ -126,6 +177,7 @@ impl LogWriter {
                     .map_err(AuditError::Spawn)?;
             }
         }
+        start_timer(&tx, settings.checkpoint_interval);
         Ok(LogWriter { tx, counters })
     }
 
@@ -169,11 +221,24 @@ impl LogWriter {
         }
     }
 
-    /// Writes everything queued and stops the writer; later appends fail.
+    /// Closes the active file with a checkpoint, renames it to its rotated name, and goes on
+    /// in a new active file. Returns the rotated file's new path, or `None` when there was
+    /// nothing to rotate (an empty file, or standard output).
+    pub async fn rotate(&self) -> Result<Option<PathBuf>, LogFailed> {
+        let (ack, done) = oneshot::channel();
+        self.tx
+            .send(Request::Rotate(ack))
+            .await
+            .map_err(|_| stopped())?;
+        done.await.unwrap_or_else(|_| Err(stopped()))
+    }
+
+    /// Writes everything queued and a final checkpoint, and stops the writer; later appends
+    /// fail.
     pub async fn close(&self) {
         let (ack, done) = oneshot::channel();
         if self.tx.send(Request::Close(ack)).await.is_ok() {
-            // The thread answers after its last write and after closing the file.
+            // The writer answers after its last write and after closing the file.
             let _ = done.await;
         }
     }
@@ -203,6 +268,22 @@ impl LogWriter {
     pub fn dropped(&self) -> u64 {
         self.counters.dropped.load(Ordering::Relaxed)
     }
+
+    /// Everything the writer counts.
+    pub fn stats(&self) -> LogStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        LogStats {
+            written: get(&c.written),
+            failures: get(&c.failures),
+            dropped: get(&c.dropped),
+            batches: get(&c.batches),
+            syncs: get(&c.syncs),
+            checkpoints: get(&c.checkpoints),
+            rotations: get(&c.rotations),
+            write_errors: get(&c.write_errors),
+        }
+    }
 }
 
 fn stopped() -> LogFailed {
@@ -212,6 +293,48 @@ fn stopped() -> LogFailed {
 fn dropped(counters: &Counters, why: &'static str) {
     counters.dropped.fetch_add(1, Ordering::Relaxed);
     tracing::error!(why, "decision record dropped before reaching the log");
+}
+
+/// Sends the writer a `Tick` every `every`, for as long as a handle to it exists. It holds
+/// only a weak sender, so it never keeps the writer alive.
+fn start_timer(tx: &mpsc::Sender<Request>, every: Duration) {
+    let weak = tx.downgrade();
+    // False once the writer is gone.
+    let tick = move || match weak.upgrade() {
+        None => false,
+        // A full queue means the writer is busy and checkpoints by count anyway.
+        Some(tx) => !matches!(tx.try_send(Request::Tick), Err(TrySendError::Closed(_))),
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(async move {
+                let start = tokio::time::Instant::now() + every;
+                let mut timer = tokio::time::interval_at(start, every);
+                timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    timer.tick().await;
+                    if !tick() {
+                        return;
+                    }
+                }
+            });
+        }
+        Err(_) => {
+            let spawned = std::thread::Builder::new()
+                .name("decision-log-timer".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(every);
+                        if !tick() {
+                            return;
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "no checkpoint timer: checkpoints are written by count and on close only");
+            }
+        }
+    }
 }
 
 /// The last record of the chain: the next record gets `seq + 1` and `prev = hash`.
@@ -229,7 +352,77 @@ impl Head {
     }
 }
 
-/// The state of the writer thread.
+/// Where the writer starts: the chain head, and a recovery record to write first if the log
+/// was not closed cleanly.
+struct Start {
+    head: Head,
+    recovery: Option<RecoveryRecord>,
+}
+
+impl Start {
+    fn empty() -> Start {
+        Start {
+            head: Head::genesis(),
+            recovery: None,
+        }
+    }
+}
+
+/// Opens the active file and finds where the chain stands: at the end of the active file,
+/// or, when that is empty (just rotated), at the end of the last rotated file.
+fn open_log(path: &Path) -> Result<(LogFile, Start), AuditError> {
+    let opened = LogFile::open(path).map_err(|e| e.into_audit(path))?;
+    let (tail, tail_file) = match opened.tail {
+        Some(t) => (Some(t), path.to_path_buf()),
+        None if opened.file.regular => match files::rotated_siblings(path)?.pop() {
+            Some(last) => (read_rotated_tail(&last)?, last),
+            None => (None, path.to_path_buf()),
+        },
+        None => (None, path.to_path_buf()),
+    };
+    let unclean = match &tail {
+        Some(t) => !t.closed || opened.torn > 0,
+        None => opened.torn > 0,
+    };
+    let recovery = unclean.then(|| RecoveryRecord {
+        file: tail_file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        kind: "recovery",
+        last_kind: tail.as_ref().and_then(|t| t.kind.clone()),
+        last_seq: tail.as_ref().map_or(0, |t| t.head.seq),
+        prev: String::new(),
+        seq: 0,
+        torn_bytes: opened.torn,
+        ts: timestamp(jiff::Timestamp::now()),
+        v: VERSION,
+    });
+    let head = tail.map_or_else(Head::genesis, |t| t.head);
+    Ok((opened.file, Start { head, recovery }))
+}
+
+/// The tail of a rotated file, which the writer only reads: it must end in a whole record.
+fn read_rotated_tail(path: &Path) -> Result<Option<Tail>, AuditError> {
+    let read = || -> Result<Option<Tail>, TailError> {
+        let file = File::open(path)?;
+        let len = file.metadata()?.len();
+        Ok(read_tail(&file, len, path, false)?.1)
+    };
+    read().map_err(|e| e.into_audit(path))
+}
+
+/// What a batch ends with besides its records.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    Nothing,
+    /// A checkpoint, if any record is unsigned.
+    Checkpoint,
+    /// The final checkpoint of a clean close.
+    Final,
+}
+
+/// The state of the writer.
 struct Committer {
     sink: Sink,
     durability: Durability,
@@ -241,19 +434,39 @@ struct Committer {
     saved_prev: String,
     /// The batch being written, reused from batch to batch.
     buf: Vec<u8>,
-    /// Signs checkpoints (not yet written).
+    /// The bytes a checkpoint signs, reused.
+    scratch: Vec<u8>,
     key: Option<Arc<SigningKey>>,
+    key_fields: Option<KeyFields>,
+    checkpoint_every: u64,
+    rotate_bytes: u64,
+    /// Records written since the last checkpoint.
+    unsigned: u64,
+    /// Written (with a checkpoint) before anything else, until a write succeeds.
+    recovery: Option<RecoveryRecord>,
     counters: Arc<Counters>,
 }
 
 impl Committer {
-    fn announce(&self) {
+    fn announce(&mut self) {
         tracing::info!(
             log.target = %self.sink.name(),
             log.seq = self.seq,
-            log.key = self.key.as_ref().map(|k| k.fingerprint()).as_deref().unwrap_or("none"),
+            log.key = self.key_fields.as_ref().map(|k| k.fingerprint.as_str()).unwrap_or("none"),
             "decision log open"
         );
+        if let Some(r) = &self.recovery {
+            tracing::warn!(
+                log.target = %self.sink.name(),
+                log.file = %r.file,
+                log.last_seq = r.last_seq,
+                log.torn_bytes = r.torn_bytes,
+                "decision log was not closed cleanly (a crash?): continuing the chain with a recovery record"
+            );
+            // Written now rather than with the first request, so that the records found are
+            // signed at once.
+            let _ = self.commit(&mut Vec::new(), End::Nothing);
+        }
     }
 
     /// The committer as a task of the proxy's runtime (`write` durability to a file).
@@ -285,38 +498,50 @@ impl Committer {
         }
     }
 
-    /// Takes `first` and whatever else is queued, commits it as one batch. Returns `Some` when
-    /// the writer must stop, holding the closer to answer once the file is closed.
+    /// Takes `first` and whatever else is queued, commits it as one batch, then carries out
+    /// a control request if one came. Returns `Some` when the writer must stop, holding the
+    /// closer to answer once the file is closed.
     fn step(
         &mut self,
         first: Option<Request>,
         rx: &mut mpsc::Receiver<Request>,
         batch: &mut Vec<(Record, Option<Ack>)>,
     ) -> Option<Option<oneshot::Sender<()>>> {
-        {
-            let mut close = None;
-            match first {
-                // Every handle is gone and the queue is empty.
-                None => return Some(None),
-                Some(Request::Close(ack)) => close = Some(ack),
-                Some(Request::Append { record, ack }) => {
-                    batch.push((record, ack));
-                    while batch.len() < BATCH_MAX {
-                        match rx.try_recv() {
-                            Ok(Request::Append { record, ack }) => batch.push((record, ack)),
-                            Ok(Request::Close(ack)) => {
-                                close = Some(ack);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
+        let mut control = match first {
+            // Every handle is gone and the queue is empty.
+            None => {
+                self.finish();
+                return Some(None);
+            }
+            Some(Request::Append { record, ack }) => {
+                batch.push((record, ack));
+                None
+            }
+            Some(other) => Some(other),
+        };
+        while control.is_none() && batch.len() < BATCH_MAX {
+            match rx.try_recv() {
+                Ok(Request::Append { record, ack }) => batch.push((record, ack)),
+                Ok(other) => control = Some(other),
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty() && self.commit(batch, End::Nothing).is_ok() {
+            self.rotate_if_full();
+        }
+        match control? {
+            Request::Append { .. } => None,
+            Request::Tick => {
+                if self.unsigned > 0 || self.recovery.is_some() {
+                    let _ = self.commit(&mut Vec::new(), End::Checkpoint);
                 }
+                None
             }
-            if !batch.is_empty() {
-                self.commit(batch);
+            Request::Rotate(ack) => {
+                let _ = ack.send(self.rotate());
+                None
             }
-            if let Some(ack) = close {
+            Request::Close(ack) => {
                 rx.close();
                 // Requests that raced with the close: waiters see their ack dropped (an error).
                 while let Ok(request) = rx.try_recv() {
@@ -324,75 +549,206 @@ impl Committer {
                         dropped(&self.counters, "the writer is closed");
                     }
                 }
-                return Some(Some(ack));
+                self.finish();
+                Some(Some(ack))
             }
         }
-        None
     }
 
-    /// Chains, writes and acknowledges one batch; empties `batch`.
-    fn commit(&mut self, batch: &mut Vec<(Record, Option<Ack>)>) {
+    /// The final checkpoint of a clean close.
+    fn finish(&mut self) {
+        let ok = self.commit(&mut Vec::new(), End::Final).is_ok();
+        let stats = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let c = &self.counters;
+        tracing::info!(
+            log.target = %self.sink.name(),
+            log.seq = self.seq,
+            log.final_checkpoint = ok,
+            records = stats(&c.written),
+            batches = stats(&c.batches),
+            syncs = stats(&c.syncs),
+            checkpoints = stats(&c.checkpoints),
+            "decision log closed"
+        );
+    }
+
+    /// Chains, writes and acknowledges one batch (with whatever checkpoints and recovery
+    /// record are due); empties `batch`.
+    fn commit(
+        &mut self,
+        batch: &mut Vec<(Record, Option<Ack>)>,
+        end: End,
+    ) -> Result<(), LogFailed> {
         let n = batch.len() as u64;
-        let result = self
-            .sink
-            .prepare(&mut self.seq, &mut self.prev)
-            .and_then(|()| {
-                let first_seq = self.seq;
-                self.saved_prev.clear();
-                self.saved_prev.push_str(&self.prev);
-                self.chain(batch);
-                let written = self.sink.write(&self.buf, self.durability);
-                if written.is_err() {
-                    self.seq = first_seq;
-                    std::mem::swap(&mut self.prev, &mut self.saved_prev);
-                }
-                written
-            });
-        let answer = match result {
-            Ok(()) => {
-                self.counters.written.fetch_add(n, Ordering::Relaxed);
-                self.counters.failing.store(false, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(e) => {
-                self.counters.failures.fetch_add(n, Ordering::Relaxed);
-                self.counters.failing.store(true, Ordering::Relaxed);
-                tracing::error!(
-                    log.target = %self.sink.name(),
-                    log.next_seq = self.seq + 1,
-                    records = n,
-                    error = %e,
-                    "decision log write failed"
-                );
-                Err(LogFailed(format!("{}: {e}", self.sink.name())))
-            }
-        };
+        if let Err(e) = self.sink.prepare(&mut self.seq, &mut self.prev) {
+            return self.failed(batch, e);
+        }
+        let (first_seq, unsigned) = (self.seq, self.unsigned);
+        self.saved_prev.clear();
+        self.saved_prev.push_str(&self.prev);
+        let (checkpoints, recovered) = self.chain(batch, end);
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.sink.write(&self.buf, self.durability, first_seq + 1) {
+            self.seq = first_seq;
+            self.unsigned = unsigned;
+            std::mem::swap(&mut self.prev, &mut self.saved_prev);
+            return self.failed(batch, e);
+        }
+        let c = &self.counters;
+        c.written.fetch_add(n, Ordering::Relaxed);
+        c.batches.fetch_add(1, Ordering::Relaxed);
+        c.failing.store(false, Ordering::Relaxed);
+        c.checkpoints.fetch_add(checkpoints, Ordering::Relaxed);
+        if self.durability == Durability::Fsync && matches!(self.sink, Sink::File(_)) {
+            c.syncs.fetch_add(1, Ordering::Relaxed);
+        }
+        if recovered {
+            self.recovery = None;
+        }
         for (_, ack) in batch.drain(..) {
             if let Some(ack) = ack {
-                let _ = ack.send(answer.clone());
+                let _ = ack.send(Ok(()));
             }
+        }
+        Ok(())
+    }
+
+    /// Counts a failed write, reports it, and answers the batch with the error.
+    fn failed(
+        &mut self,
+        batch: &mut Vec<(Record, Option<Ack>)>,
+        e: io::Error,
+    ) -> Result<(), LogFailed> {
+        let n = batch.len() as u64;
+        self.counters.failures.fetch_add(n, Ordering::Relaxed);
+        self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+        self.counters.failing.store(true, Ordering::Relaxed);
+        tracing::error!(
+            log.target = %self.sink.name(),
+            log.next_seq = self.seq + 1,
+            records = n,
+            error = %e,
+            "decision log write failed"
+        );
+        let err = LogFailed(format!("{}: {e}", self.sink.name()));
+        for (_, ack) in batch.drain(..) {
+            if let Some(ack) = ack {
+                let _ = ack.send(Err(err.clone()));
+            }
+        }
+        Err(err)
+    }
+
+    /// Numbers and links into `buf`, one line each: a pending recovery record and its
+    /// checkpoint, the batch with a checkpoint after every `checkpoint_every` records, and
+    /// what `end` asks for. Returns the checkpoints added and whether the recovery record is.
+    fn chain(&mut self, batch: &mut [(Record, Option<Ack>)], end: End) -> (u64, bool) {
+        self.buf.clear();
+        let mut checkpoints = 0;
+        let recovered = match self.recovery.clone() {
+            Some(r) => {
+                self.push(&mut Record::Recovery(r));
+                self.push_checkpoint(false);
+                checkpoints += 1;
+                true
+            }
+            None => false,
+        };
+        for (record, _) in batch.iter_mut() {
+            self.push(record);
+            self.unsigned += 1;
+            if self.unsigned >= self.checkpoint_every {
+                self.push_checkpoint(false);
+                checkpoints += 1;
+            }
+        }
+        let checkpoint = match end {
+            End::Nothing => None,
+            End::Checkpoint => (self.unsigned > 0).then_some(false),
+            End::Final => Some(true),
+        };
+        if let Some(final_) = checkpoint {
+            self.push_checkpoint(final_);
+            checkpoints += 1;
+        }
+        (checkpoints, recovered)
+    }
+
+    /// Appends one record to `buf` as the next link of the chain.
+    fn push(&mut self, record: &mut Record) {
+        let mut hash = [0u8; 64];
+        self.seq += 1;
+        record.set_chain(self.seq, &self.prev);
+        let start = self.buf.len();
+        record.write_canonical(&mut self.buf);
+        link_into(&self.prev, &self.buf[start..], &mut hash);
+        // The canonical form is one JSON object: `hash` goes in before its closing brace.
+        debug_assert_eq!(self.buf.last(), Some(&b'}'));
+        self.buf.pop();
+        self.buf.extend_from_slice(br#","hash":""#);
+        self.buf.extend_from_slice(&hash);
+        self.buf.extend_from_slice(b"\"}\n");
+        self.prev.clear();
+        self.prev
+            .push_str(std::str::from_utf8(&hash).expect("hex is ASCII"));
+    }
+
+    /// Appends a checkpoint over the current head, signed when there is a key.
+    fn push_checkpoint(&mut self, final_: bool) {
+        let mut cp = checkpoint::unsigned(
+            self.key_fields.as_ref(),
+            final_,
+            timestamp(jiff::Timestamp::now()),
+        );
+        cp.seq = self.seq + 1;
+        cp.prev.push_str(&self.prev);
+        if let Some(key) = &self.key {
+            checkpoint::sign(&mut cp, key, &mut self.scratch);
+        }
+        self.push(&mut Record::Checkpoint(cp));
+        self.unsigned = 0;
+    }
+
+    fn rotate_if_full(&mut self) {
+        if let Sink::File(f) = &self.sink
+            && f.regular
+            && f.len >= self.rotate_bytes
+        {
+            let _ = self.rotate();
         }
     }
 
-    /// Numbers and links the batch into `buf`, one line per record.
-    fn chain(&mut self, batch: &mut [(Record, Option<Ack>)]) {
-        self.buf.clear();
-        let mut hash = [0u8; 64];
-        for (record, _) in batch.iter_mut() {
-            self.seq += 1;
-            record.set_chain(self.seq, &self.prev);
-            let start = self.buf.len();
-            record.write_canonical(&mut self.buf);
-            link_into(&self.prev, &self.buf[start..], &mut hash);
-            // The canonical form is one JSON object: `hash` goes in before its closing brace.
-            debug_assert_eq!(self.buf.last(), Some(&b'}'));
-            self.buf.pop();
-            self.buf.extend_from_slice(br#","hash":""#);
-            self.buf.extend_from_slice(&hash);
-            self.buf.extend_from_slice(b"\"}\n");
-            self.prev.clear();
-            self.prev
-                .push_str(std::str::from_utf8(&hash).expect("hex is ASCII"));
+    /// Closes the active file with a checkpoint and renames it; the chain goes on in a new
+    /// active file.
+    fn rotate(&mut self) -> Result<Option<PathBuf>, LogFailed> {
+        match &self.sink {
+            Sink::File(f) if f.regular && (f.len > 0 || f.stale) => {}
+            _ => return Ok(None),
+        }
+        // Every rotated file ends in a checkpoint: it is signed to its last record.
+        self.commit(&mut Vec::new(), End::Checkpoint)?;
+        let Sink::File(f) = &mut self.sink else {
+            return Ok(None);
+        };
+        if f.len == 0 {
+            return Ok(None);
+        }
+        match f.rotate(self.seq, self.durability) {
+            Ok(to) => {
+                self.counters.rotations.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(log.path = %f.path.display(), log.rotated = %to.display(), log.seq = self.seq, "decision log rotated");
+                Ok(Some(to))
+            }
+            Err(e) => {
+                self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(log.path = %f.path.display(), error = %e, "decision log rotation failed; writing on in the same file");
+                Err(LogFailed(format!(
+                    "cannot rotate {}: {e}",
+                    f.path.display()
+                )))
+            }
         }
     }
 }
@@ -419,29 +775,30 @@ impl Sink {
             return Ok(());
         }
         let opened = LogFile::open(&f.path).map_err(TailError::into_io)?;
-        if let Some(head) = opened.head
-            && (head.seq != *seq || head.hash != *prev)
+        if let Some(tail) = opened.tail
+            && (tail.head.seq != *seq || tail.head.hash != *prev)
         {
             tracing::warn!(
                 log.path = %f.path.display(),
-                log.seq = head.seq,
+                log.seq = tail.head.seq,
                 "decision log changed while it could not be written; continuing from its last record"
             );
-            *seq = head.seq;
-            *prev = head.hash;
+            *seq = tail.head.seq;
+            *prev = tail.head.hash;
         }
         *f = opened.file;
         Ok(())
     }
 
-    fn write(&mut self, bytes: &[u8], durability: Durability) -> io::Result<()> {
+    /// Writes a batch whose first record has `first_seq`.
+    fn write(&mut self, bytes: &[u8], durability: Durability, first_seq: u64) -> io::Result<()> {
         match self {
             Sink::Stdout(out) => {
                 let mut out = out.lock();
                 out.write_all(bytes)?;
                 out.flush()
             }
-            Sink::File(f) => f.write(bytes, durability),
+            Sink::File(f) => f.write(bytes, durability, first_seq),
         }
     }
 }
@@ -454,12 +811,26 @@ struct LogFile {
     len: u64,
     /// A write failed: reopen before the next one.
     stale: bool,
+    /// A regular file, which can be read back, cut and rotated (not a device or a pipe).
+    regular: bool,
+    /// `seq` of the file's first record, which names it when rotated; `None` while empty.
+    first_seq: Option<u64>,
 }
 
-/// A file opened for appending, and the head of the chain it holds.
+/// A file opened for appending, the chain's tail in it, and the bytes of a torn record cut
+/// off its end.
 struct Opened {
     file: LogFile,
-    head: Option<Head>,
+    tail: Option<Tail>,
+    torn: u64,
+}
+
+/// The last complete record of a file.
+struct Tail {
+    head: Head,
+    kind: Option<String>,
+    /// It is a final checkpoint: the log was closed cleanly.
+    closed: bool,
 }
 
 enum TailError {
@@ -500,7 +871,7 @@ impl TailError {
 
 impl LogFile {
     /// Opens `path` for appending (creating its directories), cuts a torn last line, and
-    /// reads the chain head from the last complete one.
+    /// reads the chain's tail from the last complete one.
     fn open(path: &Path) -> Result<Opened, TailError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
@@ -511,24 +882,29 @@ impl LogFile {
             .create(true)
             .open(path)?;
         let meta = file.metadata()?;
-        let (len, head) = if meta.is_file() {
-            read_tail(&file, meta.len(), path)?
+        let regular = meta.is_file();
+        let (len, tail, torn) = if regular {
+            read_tail(&file, meta.len(), path, true)?
         } else {
             // A device or a pipe: nothing to continue from, nothing to cut.
-            (0, None)
+            (0, None, 0)
         };
+        let first_seq = if len > 0 { first_seq(&file, len) } else { None };
         Ok(Opened {
             file: LogFile {
                 path: path.into(),
                 file,
                 len,
                 stale: false,
+                regular,
+                first_seq,
             },
-            head,
+            tail,
+            torn,
         })
     }
 
-    fn write(&mut self, bytes: &[u8], durability: Durability) -> io::Result<()> {
+    fn write(&mut self, bytes: &[u8], durability: Durability, first_seq: u64) -> io::Result<()> {
         let result = self.file.write_all(bytes).and_then(|()| match durability {
             Durability::Fsync => self.file.sync_data(),
             Durability::Write => Ok(()),
@@ -536,11 +912,12 @@ impl LogFile {
         match result {
             Ok(()) => {
                 self.len += bytes.len() as u64;
+                self.first_seq.get_or_insert(first_seq);
                 Ok(())
             }
             Err(e) => {
                 // Best effort: a partly written batch must not stay in front of the next one.
-                if self.file.metadata().is_ok_and(|m| m.is_file())
+                if self.regular
                     && let Err(t) = self.file.set_len(self.len)
                 {
                     tracing::warn!(
@@ -554,11 +931,80 @@ impl LogFile {
             }
         }
     }
+
+    /// Renames the file to its rotated name and opens a new, empty one at `path`. `last_seq`
+    /// names the file if its first record could not be read. In `fsync` durability the
+    /// closed file, the rename and the new file are synced; in `write` durability (where
+    /// this runs on a runtime thread) the OS is trusted with them, as with every record.
+    fn rotate(&mut self, last_seq: u64, durability: Durability) -> io::Result<PathBuf> {
+        let sync = durability == Durability::Fsync;
+        if sync {
+            // The closed file is whole on disk before it takes its final name.
+            self.file.sync_data()?;
+        }
+        let first = self.first_seq.unwrap_or(last_seq);
+        let to = files::rotated_name(&self.path, first, jiff::Timestamp::now());
+        if to.exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} already exists", to.display()),
+            ));
+        }
+        std::fs::rename(&self.path, &to)?;
+        self.len = 0;
+        self.first_seq = None;
+        match OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&self.path)
+        {
+            Ok(file) => self.file = file,
+            // The next batch reopens the path (and continues the chain from memory).
+            Err(e) => {
+                tracing::warn!(log.path = %self.path.display(), error = %e, "cannot create the new decision log file; retrying before the next write");
+                self.stale = true;
+            }
+        }
+        // The rename and the new file survive a power cut once the directory is synced.
+        if let Some(dir) = self
+            .path
+            .parent()
+            .filter(|d| sync && !d.as_os_str().is_empty())
+            && let Err(e) = File::open(dir).and_then(|d| d.sync_all())
+        {
+            tracing::warn!(log.dir = %dir.display(), error = %e, "cannot sync the decision log directory after rotation");
+        }
+        Ok(to)
+    }
+}
+
+/// `seq` of the first record of a non-empty file, read from its first line.
+fn first_seq(file: &File, len: u64) -> Option<u64> {
+    let mut buf = vec![0u8; 4096.min(len as usize)];
+    loop {
+        file.read_exact_at(&mut buf, 0).ok()?;
+        if let Some(end) = buf.iter().position(|&b| b == b'\n') {
+            let v: serde_json::Value = serde_json::from_slice(&buf[..end]).ok()?;
+            return v.get("seq")?.as_u64();
+        }
+        // A long first line: read more, up to the whole file.
+        if buf.len() as u64 >= len {
+            return None;
+        }
+        buf.resize((buf.len() * 4).min(len as usize), 0);
+    }
 }
 
 /// Finds the last complete line of a file of `len` bytes, reading backwards from the end.
-/// Returns the length to keep (a torn last line is cut off) and the head it names.
-fn read_tail(file: &File, len: u64, path: &Path) -> Result<(u64, Option<Head>), TailError> {
+/// Returns the length to keep, the tail it names, and the length of a torn last line, which
+/// is cut off when `cut` (and is an error otherwise).
+fn read_tail(
+    file: &File,
+    len: u64,
+    path: &Path,
+    cut: bool,
+) -> Result<(u64, Option<Tail>, u64), TailError> {
     let mut window: u64 = 8 * 1024;
     let mut buf = Vec::new();
     loop {
@@ -585,21 +1031,21 @@ fn read_tail(file: &File, len: u64, path: &Path) -> Result<(u64, Option<Head>), 
             None => 0,
         };
         let keep = start + complete as u64;
-        let head = if complete == 0 {
+        let tail = if complete == 0 {
             None
         } else {
-            let head = parse_head(&buf[line_start..complete - 1]).map_err(|why| {
+            let tail = parse_tail(&buf[line_start..complete - 1]).map_err(|why| {
                 match count_newlines(file, keep) {
                     Ok(line) => TailError::Bad { line, why },
                     Err(e) => TailError::Io(e),
                 }
             })?;
-            Some(head)
+            Some(tail)
         };
         let torn = &buf[complete..];
         if !torn.is_empty() {
             // A crash mid-write leaves the start of a record; anything else is not ours to cut.
-            if torn[0] != b'{' {
+            if torn[0] != b'{' || !cut {
                 return Err(TailError::Bad {
                     line: count_newlines(file, keep)? + 1,
                     why: format!("{} bytes after the last line are not a record", torn.len()),
@@ -612,11 +1058,11 @@ fn read_tail(file: &File, len: u64, path: &Path) -> Result<(u64, Option<Head>), 
                 "decision log ended in a torn record (a crash mid-write); cut it off"
             );
         }
-        return Ok((keep, head));
+        return Ok((keep, tail, torn.len() as u64));
     }
 }
 
-fn parse_head(line: &[u8]) -> Result<Head, String> {
+fn parse_tail(line: &[u8]) -> Result<Tail, String> {
     let v: serde_json::Value =
         serde_json::from_slice(line).map_err(|e| format!("not JSON: {e}"))?;
     let seq = v
@@ -630,9 +1076,16 @@ fn parse_head(line: &[u8]) -> Result<Head, String> {
     if hash.len() != GENESIS.len() || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!("field hash is not a SHA-256 hex digest: {hash:?}"));
     }
-    Ok(Head {
-        seq,
-        hash: hash.to_string(),
+    let kind = v.get("kind").and_then(serde_json::Value::as_str);
+    let closed =
+        kind == Some("checkpoint") && v.get("final") == Some(&serde_json::Value::Bool(true));
+    Ok(Tail {
+        head: Head {
+            seq,
+            hash: hash.to_string(),
+        },
+        kind: kind.map(str::to_string),
+        closed,
     })
 }
 
@@ -653,7 +1106,7 @@ fn count_newlines(file: &File, upto: u64) -> io::Result<usize> {
 pub(crate) mod tests {
     use super::*;
     use crate::audit::record::{RequestContext, failure_record};
-    use crate::audit::verify::verify;
+    use crate::audit::verify::{VerifyOptions, VerifyReport, verify, verify_with};
     use crate::policy::{Policy, Reason};
     use serde_json::Value;
 
@@ -663,6 +1116,19 @@ pub(crate) mod tests {
             "[policy]\nname='t'\nhome='CN'\n[log]\npseudonymize=false\n[[upstreams]]\nname='u'\nurl='http://127.0.0.1:1'\n",
         )
         .unwrap()
+    }
+
+    /// A fresh Ed25519 signing key.
+    pub(crate) fn test_key() -> Arc<SigningKey> {
+        let pem = SigningKey::generate_pem();
+        Arc::new(SigningKey::from_pem(pem.as_bytes(), Path::new("test.key")).unwrap())
+    }
+
+    fn trusting(key: &SigningKey) -> VerifyOptions {
+        VerifyOptions {
+            keys: vec![key.public_key().to_vec()],
+            open: false,
+        }
     }
 
     /// A realistic decision record whose id and path name `n`.
@@ -702,29 +1168,50 @@ pub(crate) mod tests {
             .collect()
     }
 
+    fn of_kind(lines: &[Value], kind: &str) -> Vec<Value> {
+        lines
+            .iter()
+            .filter(|l| l["kind"] == kind)
+            .cloned()
+            .collect()
+    }
+
     /// Opens the log at `path`, appends records `ids` one by one, and closes it.
     pub(crate) async fn write_log(path: &Path, ids: std::ops::Range<usize>) {
+        write_log_with(path, ids, None, |_| {}).await;
+    }
+
+    /// [`write_log`] with a signing key and settings changed by `tweak`.
+    pub(crate) async fn write_log_with(
+        path: &Path,
+        ids: std::ops::Range<usize>,
+        key: Option<Arc<SigningKey>>,
+        tweak: impl FnOnce(&mut LogSettings),
+    ) {
         let p = policy();
-        let w = LogWriter::open(&settings(&p, path, Durability::Write), None).unwrap();
+        let mut s = settings(&p, path, Durability::Write);
+        tweak(&mut s);
+        let w = LogWriter::open(&s, key).unwrap();
         for n in ids {
             w.append(record(&p, n)).await.unwrap();
         }
         w.close().await;
     }
 
-    /// Asserts the file holds records 1..=n, each linked to the one before.
-    fn assert_chain(path: &Path, n: u64) -> Vec<Value> {
+    /// Asserts the file is one chain from the genesis, that it verifies, and that it holds
+    /// `n` decision records; returns them.
+    fn assert_chain(path: &Path, n: usize) -> Vec<Value> {
         let lines = lines(path);
-        assert_eq!(lines.len() as u64, n);
         let mut prev = GENESIS.to_string();
         for (i, l) in lines.iter().enumerate() {
             assert_eq!(l["seq"], i as u64 + 1, "line {}", i + 1);
             assert_eq!(l["prev"], prev.as_str(), "line {}", i + 1);
             prev = l["hash"].as_str().unwrap().to_string();
         }
-        let report = verify(path).unwrap();
-        assert_eq!(report.records, n);
-        lines
+        verify(path).unwrap_or_else(|e| panic!("the log does not verify: {e}"));
+        let decisions = of_kind(&lines, "decision");
+        assert_eq!(decisions.len(), n);
+        decisions
     }
 
     #[tokio::test]
@@ -748,13 +1235,75 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn reopening_continues_the_chain() {
+    async fn reopening_a_cleanly_closed_log_continues_the_chain() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.jsonl");
         write_log(&path, 0..3).await;
         write_log(&path, 3..6).await;
         let lines = assert_chain(&path, 6);
         assert_eq!(lines[3]["id"], "r3");
+        let all = self::lines(&path);
+        // Each run ends in a final checkpoint, and a clean close needs no recovery record.
+        assert_eq!(all[3]["kind"], "checkpoint");
+        assert_eq!(all[3]["final"], true);
+        assert!(of_kind(&all, "recovery").is_empty());
+    }
+
+    #[tokio::test]
+    async fn checkpoints_are_signed_every_n_records_and_on_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        let key = test_key();
+        write_log_with(&path, 0..25, Some(key.clone()), |s| s.checkpoint_every = 10).await;
+        let all = lines(&path);
+        let checkpoints = of_kind(&all, "checkpoint");
+        let at: Vec<_> = checkpoints
+            .iter()
+            .map(|c| c["seq"].as_u64().unwrap())
+            .collect();
+        // After records 10 and 20 (seq 11 and 22), and the final one after record 25.
+        assert_eq!(at, [11, 22, 28]);
+        let finals: Vec<_> = checkpoints.iter().map(|c| c["final"].clone()).collect();
+        assert_eq!(finals, [false, false, true]);
+        for c in &checkpoints {
+            assert_eq!(c["key"], key.fingerprint().as_str());
+            assert_eq!(c["public_key"], hex::encode(key.public_key()).as_str());
+            assert_eq!(c["sig"].as_str().unwrap().len(), 128);
+        }
+        let report = verify_with(&path, &trusting(&key)).unwrap();
+        assert_eq!(
+            (report.records, report.checkpoints, report.signed),
+            (25, 3, 3)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_is_written_on_the_timer_while_records_are_unsigned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        let p = policy();
+        let key = test_key();
+        let mut s = settings(&p, &path, Durability::Write);
+        s.checkpoint_interval = Duration::from_millis(50);
+        let w = LogWriter::open(&s, Some(key.clone())).unwrap();
+        w.append(record(&p, 0)).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while of_kind(&lines(&path), "checkpoint").is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no timed checkpoint"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The open log is signed up to its last record.
+        let open = VerifyOptions {
+            open: true,
+            ..trusting(&key)
+        };
+        let report = verify_with(&path, &open).unwrap();
+        assert_eq!((report.records, report.unsigned_tail), (1, 0));
+        assert_eq!(of_kind(&lines(&path), "checkpoint")[0]["final"], false);
+        w.close().await;
     }
 
     #[tokio::test]
@@ -768,6 +1317,8 @@ pub(crate) mod tests {
             // Acknowledged means on disk, not merely queued: the line is already there.
             assert_eq!(lines(&path).len(), n + 1);
         }
+        // One sync per batch; appends one at a time make one batch each.
+        assert_eq!(w.stats().syncs, 3);
         w.close().await;
         assert_chain(&path, 3);
     }
@@ -788,6 +1339,7 @@ pub(crate) mod tests {
         }
         assert_eq!(w.failures(), 3);
         assert_eq!(w.written(), 0);
+        assert!(w.stats().write_errors >= 1);
         // Space is back: the path now leads to a regular file.
         std::fs::remove_file(&path).unwrap();
         w.append(record(&p, 10)).await.unwrap();
@@ -815,19 +1367,62 @@ pub(crate) mod tests {
         out
     }
 
-    #[tokio::test]
-    async fn a_torn_tail_is_cut_and_the_chain_continues() {
+    /// Runs `f` on a runtime that is then dropped without closing the writer: for a writer
+    /// in `write` mode, whose committer is a task of that runtime, this is a crash.
+    fn crash_after<F: std::future::Future<Output = ()>>(f: F) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(f);
+        drop(rt);
+    }
+
+    #[test]
+    fn a_crash_leaves_a_recovery_record_with_the_torn_tail_and_the_log_verifies() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.jsonl");
-        write_log(&path, 0..3).await;
+        let key = test_key();
+        let p = policy();
+        let s = settings(&p, &path, Durability::Write);
+        crash_after(async {
+            let w = LogWriter::open(&s, Some(key.clone())).unwrap();
+            for n in 0..3 {
+                w.append(record(&p, n)).await.unwrap();
+            }
+        });
         let complete = std::fs::read(&path).unwrap();
-        let mut torn = complete.clone();
-        torn.extend_from_slice(br#"{"category":null,"client":{"coun"#);
-        std::fs::write(&path, &torn).unwrap();
+        let torn = br#"{"category":null,"client":{"coun"#;
+        let mut with_tail = complete.clone();
+        with_tail.extend_from_slice(torn);
+        std::fs::write(&path, &with_tail).unwrap();
 
-        write_log(&path, 3..4).await;
-        assert_chain(&path, 4);
+        crash_after(async {
+            let w = LogWriter::open(&s, Some(key.clone())).unwrap();
+            w.append(record(&p, 3)).await.unwrap();
+            w.close().await;
+        });
         assert!(std::fs::read(&path).unwrap().starts_with(&complete));
+        let all = lines(&path);
+        assert_eq!(all[3]["kind"], "recovery");
+        assert_eq!(all[3]["seq"], 4);
+        assert_eq!(all[3]["last_seq"], 3);
+        assert_eq!(all[3]["last_kind"], "decision");
+        assert_eq!(all[3]["torn_bytes"], torn.len());
+        assert_eq!(all[3]["file"], "d.jsonl");
+        // The recovery record is signed at once, before any new record.
+        assert_eq!(all[4]["kind"], "checkpoint");
+        assert_eq!(all[5]["id"], "r3");
+        let report = verify_with(&path, &trusting(&key)).unwrap();
+        assert_eq!(report.records, 5);
+        assert_eq!(report.recoveries.len(), 1);
+        assert_eq!(
+            (
+                report.recoveries[0].last_seq,
+                report.recoveries[0].torn_bytes
+            ),
+            (3, torn.len() as u64)
+        );
     }
 
     #[test]
@@ -877,6 +1472,92 @@ pub(crate) mod tests {
         assert!(w.append(record(&p, 200)).await.is_err());
         w.append_later(record(&p, 201));
         assert_eq!(w.dropped(), 1);
-        assert_eq!(lines(&path).len(), 200);
+        // 200 records and the final checkpoint; nothing after the close.
+        assert_eq!(lines(&path).len(), 201);
+    }
+
+    /// The rotated files of the log at `active`, oldest first.
+    fn rotated(active: &Path) -> Vec<PathBuf> {
+        files::rotated_siblings(active).unwrap()
+    }
+
+    #[tokio::test]
+    async fn rotation_by_size_keeps_one_chain_across_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("decisions.jsonl");
+        let key = test_key();
+        write_log_with(&path, 0..20, Some(key.clone()), |s| s.rotate_bytes = 4000).await;
+        let files = rotated(&path);
+        assert!(files.len() >= 3, "rotated files: {files:?}");
+        let mut next_seq = 1;
+        for f in &files {
+            let lines = lines(f);
+            // Named after its first record, ended by a checkpoint that signs it.
+            assert_eq!(lines[0]["seq"], next_seq, "{}", f.display());
+            let name = f.file_name().unwrap().to_str().unwrap();
+            assert!(
+                name.starts_with(&format!("decisions-{next_seq:020}-")),
+                "{name}"
+            );
+            assert_eq!(lines.last().unwrap()["kind"], "checkpoint");
+            assert!(std::fs::metadata(f).unwrap().len() >= 4000);
+            next_seq = lines.last().unwrap()["seq"].as_u64().unwrap() + 1;
+        }
+        assert_eq!(lines(&path)[0]["seq"], next_seq);
+        for target in [path.as_path(), dir.path()] {
+            let report = verify_with(target, &trusting(&key)).unwrap();
+            assert_eq!((report.records, report.files), (20, files.len() + 1));
+        }
+    }
+
+    #[test]
+    fn rotation_on_request_and_a_restart_right_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("decisions.jsonl");
+        let key = test_key();
+        let p = policy();
+        let s = settings(&p, &path, Durability::Write);
+        let mut first = PathBuf::new();
+        crash_after(async {
+            let w = LogWriter::open(&s, Some(key.clone())).unwrap();
+            for n in 0..3 {
+                w.append(record(&p, n)).await.unwrap();
+            }
+            first = w.rotate().await.unwrap().expect("a rotated file");
+            assert_eq!(rotated(&path), [first.clone()]);
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+            // Nothing new to rotate.
+            assert_eq!(w.rotate().await.unwrap(), None);
+            assert_eq!(w.stats().rotations, 1);
+            w.close().await;
+        });
+        // The new file holds only the final checkpoint; the chain runs on from the old one.
+        let last = lines(&path);
+        assert_eq!(last.len(), 1);
+        let first_end = lines(&first).last().unwrap()["seq"].as_u64().unwrap();
+        assert_eq!(last[0]["seq"], first_end + 1);
+
+        // A run that stops just after rotating leaves an empty active file: the next run
+        // continues from the rotated file, with a recovery record naming it.
+        let mut second = PathBuf::new();
+        crash_after(async {
+            let w = LogWriter::open(&s, Some(key.clone())).unwrap();
+            w.append(record(&p, 3)).await.unwrap();
+            second = w.rotate().await.unwrap().unwrap();
+        });
+        crash_after(async {
+            let w = LogWriter::open(&s, Some(key.clone())).unwrap();
+            w.append(record(&p, 4)).await.unwrap();
+            w.close().await;
+        });
+        let recovery = of_kind(&lines(&path), "recovery");
+        assert_eq!(recovery.len(), 1);
+        assert_eq!(
+            recovery[0]["file"],
+            second.file_name().unwrap().to_str().unwrap()
+        );
+        assert_eq!(recovery[0]["last_kind"], "checkpoint");
+        let report: VerifyReport = verify_with(&path, &trusting(&key)).unwrap();
+        assert_eq!((report.records, report.files), (6, 3));
     }
 }

@@ -1,35 +1,336 @@
 //! `audit verify|query|report`: offline tools for security teams.
 
-use super::{CliResult, Exit};
-use crate::audit::verify::{VerifyError, verify_log};
+use super::{CliError, CliResult, Exit, fail};
+use crate::audit::Pseudonymizer;
+use crate::audit::keys::{self, SigningKey};
+use crate::audit::query::{self, Filter, Format, QueryError, Scanned, parse_time};
+use crate::audit::report;
+use crate::audit::verify::{VerifyError, VerifyOptions, VerifyReport, verify_log};
+use crate::policy::Reason;
 use clap::Subcommand;
+use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Subcommand, Debug)]
 pub enum AuditCommand {
-    /// Verify the hash chain of a log file or folder; print the first broken record or
+    /// Verify the hash chain, the signed checkpoints and their coverage of a log file (with
+    /// its rotated files) or folder; print the first broken record (file, line, why) or
     /// `ok: N records, M checkpoints`.
-    Verify {
-        /// A log file, or a folder of rotated log files.
-        path: PathBuf,
-    },
+    Verify(VerifyArgs),
+    /// Print the records that match every given filter, as JSON lines or a table.
+    Query(Box<QueryArgs>),
+    /// Count decisions by decision, reason, dataset, recipient and destination country; in
+    /// audit mode, what would have been blocked.
+    Report(ReportArgs),
+}
+
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Without --key, each signature is checked against the public key its \
+checkpoint carries, and the report names that key's fingerprint: compare it with yours. With \
+--key, every checkpoint must be signed by that key (repeat --key for a log signed by several \
+keys over time). A log that does not end in a final checkpoint (written on a clean shutdown) \
+fails as open or truncated, unless --open."
+)]
+pub struct VerifyArgs {
+    /// The active log file (its rotated files beside it are read first), one rotated file, or
+    /// a folder holding one log.
+    pub path: PathBuf,
+    /// Public key (PEM, e.g. log-signing.pub from `certs init`) that must have signed the
+    /// checkpoints.
+    #[arg(long, value_name = "PUBKEY")]
+    pub key: Vec<PathBuf>,
+    /// The log is still being written: do not require a final checkpoint; report the records
+    /// after the last checkpoint as unsigned.
+    #[arg(long)]
+    pub open: bool,
+}
+
+/// Filters of `audit query`; repeat a flag, or separate values with commas, for "any of".
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Filters combine: a record is printed when it matches every flag given, \
+and any of the values of each. --country matches the recipient's declared country or the \
+client's located country. --subject pseudonymises RAW with the key derived from the log-signing \
+key, so it needs --signing-key or --policy. Times: 2026-11-28T04:00:00Z, 2026-11-28 (midnight UTC), \
+or a duration back from now (30m, 24h, 7d); --since is inclusive, --until exclusive."
+)]
+pub struct QueryArgs {
+    /// The active log file (with its rotated files), one rotated file, or a folder.
+    pub path: PathBuf,
+    /// allow, deny or error.
+    #[arg(long, value_delimiter = ',', value_parser = ["allow", "deny", "error"])]
+    pub decision: Vec<String>,
+    /// A reason code (consent_missing, domestic, …).
+    #[arg(long, value_delimiter = ',')]
+    pub reason: Vec<String>,
+    #[arg(long, value_delimiter = ',')]
+    pub dataset: Vec<String>,
+    /// A recipient id, or `anonymous`.
+    #[arg(long, value_delimiter = ',')]
+    pub recipient: Vec<String>,
+    /// A destination country (ISO 3166-1 alpha-2).
+    #[arg(long, value_delimiter = ',')]
+    pub country: Vec<String>,
+    /// A data subject's raw identifier, matched through its pseudonym.
+    #[arg(long, value_name = "RAW")]
+    pub subject: Vec<String>,
+    /// A decision id (all records of that exchange: decision and outcome).
+    #[arg(long, value_delimiter = ',')]
+    pub id: Vec<String>,
+    /// `false`: denials audit mode only logged (the request was forwarded).
+    #[arg(long)]
+    pub enforced: Option<bool>,
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+    /// Record kinds: decision (the default), outcome, checkpoint, recovery, or any.
+    #[arg(long, value_delimiter = ',', value_parser = ["decision", "outcome", "checkpoint", "recovery", "any"])]
+    pub kind: Vec<String>,
+    /// The log-signing key ([log] signing_key), for --subject.
+    #[arg(long, value_name = "FILE")]
+    pub signing_key: Option<PathBuf>,
+    /// The policy whose [log] section names the signing key, for --subject.
+    #[arg(long, value_name = "FILE", conflicts_with = "signing_key")]
+    pub policy: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Json)]
+    pub format: OutputFormat,
+    /// Stop after this many records.
+    #[arg(long)]
+    pub limit: Option<u64>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputFormat {
+    Json,
+    Table,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ReportArgs {
+    /// The active log file (with its rotated files), one rotated file, or a folder.
+    pub path: PathBuf,
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+    #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+    pub format: ReportFormat,
+    /// Rows per table in text.
+    #[arg(long, default_value_t = 20)]
+    pub top: usize,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReportFormat {
+    Text,
+    Json,
 }
 
 pub fn run(cmd: AuditCommand) -> CliResult {
     match cmd {
-        AuditCommand::Verify { path } => match verify_log(&path) {
-            Ok(report) => {
-                println!(
-                    "ok: {} records, {} checkpoints",
-                    report.records, report.checkpoints
-                );
-                Ok(Exit::Ok)
-            }
-            Err(VerifyError::Broken(broken)) => {
-                eprintln!("{broken}");
-                Ok(Exit::Failed)
-            }
-            Err(e @ VerifyError::Read { .. }) => Err(e.into()),
-        },
+        AuditCommand::Verify(a) => verify(a),
+        AuditCommand::Query(a) => run_query(*a),
+        AuditCommand::Report(a) => run_report(a),
     }
+}
+
+fn verify(args: VerifyArgs) -> CliResult {
+    let mut opts = VerifyOptions {
+        keys: Vec::new(),
+        open: args.open,
+    };
+    for k in &args.key {
+        opts.keys.push(keys::load_public_key(k)?);
+    }
+    match verify_log(&args.path, &opts) {
+        Ok(report) => {
+            for line in describe(&report) {
+                println!("{line}");
+            }
+            Ok(Exit::Ok)
+        }
+        Err(VerifyError::Broken(broken)) => {
+            eprintln!("{broken}");
+            Ok(Exit::Failed)
+        }
+        Err(e @ VerifyError::Files(_)) => Err(e.into()),
+    }
+}
+
+/// The lines `audit verify` prints for a log that verified.
+pub fn describe(r: &VerifyReport) -> Vec<String> {
+    let mut out = vec![format!(
+        "ok: {} records, {} checkpoints",
+        r.records, r.checkpoints
+    )];
+    let signers = r.signers.join(", ");
+    if r.signed > 0 {
+        out.push(if r.trusted {
+            format!("signatures: {} verified with the given key ({signers})", r.signed)
+        } else {
+            format!(
+                "signatures: {} verified against the public key the log carries ({signers}); pass --key to check it is yours",
+                r.signed
+            )
+        });
+    }
+    if r.unsigned_checkpoints > 0 {
+        out.push(format!(
+            "unsigned: {} checkpoints carry no signature (the log was written without a signing key)",
+            r.unsigned_checkpoints
+        ));
+    }
+    if r.unsigned_tail > 0 {
+        let after = r
+            .last_checkpoint
+            .map_or("from the start".to_string(), |c| format!("after seq {c}"));
+        out.push(format!(
+            "open: {} records {after} are not signed yet (up to seq {})",
+            r.unsigned_tail, r.last_seq
+        ));
+    }
+    for rec in &r.recoveries {
+        out.push(format!(
+            "recovered: {}:{} after a crash: the log ended at seq {}{}",
+            rec.file.display(),
+            rec.line,
+            rec.last_seq,
+            if rec.torn_bytes > 0 {
+                format!(", {} bytes of a torn record cut off", rec.torn_bytes)
+            } else {
+                String::new()
+            }
+        ));
+    }
+    if r.files > 1 {
+        out.push(format!("files: {}", r.files));
+    }
+    out
+}
+
+/// The pseudonymiser that turns `--subject` values into what the log holds.
+fn pseudonymizer(args: &QueryArgs) -> Result<Pseudonymizer, CliError> {
+    if let Some(path) = &args.signing_key {
+        return Ok(Pseudonymizer::new(&SigningKey::load(path)?.pseudonym_key()));
+    }
+    if let Some(path) = &args.policy {
+        let policy = super::load_policy(path)?;
+        return Ok(match (&policy.log.signing_key, policy.log.pseudonymize) {
+            (Some(k), true) => Pseudonymizer::new(&SigningKey::load(k)?.pseudonym_key()),
+            _ => Pseudonymizer::Off,
+        });
+    }
+    Err(fail(
+        "--subject needs the log's key to pseudonymise the subject: pass --signing-key FILE (the policy's [log] signing_key) or --policy FILE",
+    ))
+}
+
+fn times(
+    since: &Option<String>,
+    until: &Option<String>,
+) -> Result<(Option<String>, Option<String>), CliError> {
+    let now = jiff::Timestamp::now();
+    let parse = |s: &Option<String>, flag: &str| {
+        s.as_deref()
+            .map(|s| parse_time(s, now).map_err(|e| fail(format!("--{flag}: {e}"))))
+            .transpose()
+    };
+    Ok((parse(since, "since")?, parse(until, "until")?))
+}
+
+fn run_query(args: QueryArgs) -> CliResult {
+    for r in &args.reason {
+        if Reason::parse(r).is_none() {
+            let known: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+            return Err(fail(format!(
+                "--reason \"{r}\" is not a reason code (one of: {})",
+                known.join(", ")
+            )));
+        }
+    }
+    let mut countries = Vec::new();
+    for c in &args.country {
+        if c.len() != 2 || !c.bytes().all(|b| b.is_ascii_alphabetic()) {
+            return Err(fail(format!(
+                "--country \"{c}\" is not an ISO 3166-1 alpha-2 code (e.g. US)"
+            )));
+        }
+        countries.push(c.to_ascii_uppercase());
+    }
+    let subjects = if args.subject.is_empty() {
+        Vec::new()
+    } else {
+        let p = pseudonymizer(&args)?;
+        args.subject.iter().map(|s| p.pseudonym(s)).collect()
+    };
+    let (since, until) = times(&args.since, &args.until)?;
+    let filter = Filter {
+        kinds: args.kind.clone(),
+        decisions: args.decision.clone(),
+        reasons: args.reason.clone(),
+        datasets: args.dataset.clone(),
+        recipients: args.recipient.clone(),
+        countries,
+        subjects,
+        ids: args.id.clone(),
+        enforced: args.enforced,
+        since,
+        until,
+    };
+    let format = match args.format {
+        OutputFormat::Json => Format::Json,
+        OutputFormat::Table => Format::Table,
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(256 * 1024, stdout.lock());
+    let scanned = match query::query(&args.path, &filter, format, args.limit, &mut out)
+        .and_then(|s| out.flush().map(|()| s).map_err(QueryError::Output))
+    {
+        Ok(s) => s,
+        // The reader went away (`| head`): not an error.
+        Err(QueryError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            return Ok(Exit::Ok);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if format == Format::Table {
+        let _ = writeln!(
+            out,
+            "{} of {} records matched ({} files)",
+            scanned.matched, scanned.records, scanned.files
+        );
+        let _ = out.flush();
+    }
+    warn_unread(&scanned);
+    Ok(Exit::Ok)
+}
+
+/// Lines a query or report could not read: said on stderr, with where to look.
+fn warn_unread(s: &Scanned) {
+    if let Some((file, line, why)) = &s.first_bad {
+        eprintln!(
+            "warning: {} lines are not records and were skipped, the first at {}:{line} ({why}); run `audit verify`",
+            s.bad,
+            file.display()
+        );
+    }
+    if s.incomplete > 0 {
+        eprintln!("note: skipped a last line still being written");
+    }
+}
+
+fn run_report(args: ReportArgs) -> CliResult {
+    let (since, until) = times(&args.since, &args.until)?;
+    let (report, scanned) = report::report(&args.path, since, until)?;
+    match args.format {
+        ReportFormat::Text => print!("{}", report.text(args.top.max(1))),
+        ReportFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("reports serialise to JSON")
+        ),
+    }
+    warn_unread(&scanned);
+    Ok(Exit::Ok)
 }

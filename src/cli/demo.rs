@@ -534,7 +534,10 @@ async fn demo(args: DemoArgs) -> CliResult {
         "  residency-proxy explain --policy {} --method GET --path {obj} --client-ip 127.0.0.20 --purpose credit_scoring",
         args.policy.display()
     );
-    println!("  residency-proxy audit verify {}", log_path.display());
+    println!(
+        "  residency-proxy audit verify --open {}",
+        log_path.display()
+    );
     println!(
         "Edit {} (JSON lines) to grant or revoke consent; the proxy reloads it within a second.",
         consents_path.display()

@@ -1,4 +1,5 @@
-//! `serve`: run the proxy until SIGTERM or SIGINT; SIGHUP reloads the policy.
+//! `serve`: run the proxy until SIGTERM or SIGINT; SIGHUP reloads the policy, SIGUSR1 rotates
+//! the decision log.
 
 use super::{CliResult, Exit, fail};
 use crate::policy::model::LogTarget;
@@ -11,10 +12,10 @@ use std::path::PathBuf;
 #[command(
     after_help = "Reloads: SIGHUP, or a change to the policy file, one of its includes or the geolocation database \
 (examined every second), reloads the policy and the TLS certificates; an invalid version is rejected with every error and \
-the old one keeps serving. Certificate files are also re-read within a second of being replaced.
-\
-Signals: SIGTERM or SIGINT stop accepting, finish in-flight requests within proxy.drain_timeout, flush the decision log and exit 0.
-\
+the old one keeps serving. Certificate files are also re-read within a second of being replaced.\n\
+Signals: SIGUSR1 rotates the decision log (the active file is closed with a signed checkpoint and renamed \
+<name>-<first seq>-<UTC time>.jsonl); SIGTERM or SIGINT stop accepting, finish in-flight requests within \
+proxy.drain_timeout, write the final checkpoint and exit 0.\n\
 Admin listener ([admin].listen): GET /healthz, /readyz, /metrics (Prometheus), /v1/policy."
 )]
 pub struct ServeArgs {
@@ -78,6 +79,7 @@ async fn wait_for_signals(running: &proxy::RunningProxy) -> std::io::Result<()> 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
     loop {
         tokio::select! {
             _ = term.recv() => return Ok(()),
@@ -86,6 +88,11 @@ async fn wait_for_signals(running: &proxy::RunningProxy) -> std::io::Result<()> 
             _ = hup.recv() => {
                 let _ = running.reload().await;
             }
+            _ = usr1.recv() => match running.shared.log.rotate().await {
+                Ok(Some(to)) => tracing::info!(log.rotated = %to.display(), "decision log rotated on SIGUSR1"),
+                Ok(None) => tracing::info!("SIGUSR1: nothing to rotate (the decision log file is empty, or standard output)"),
+                Err(e) => tracing::error!(error = %e, "decision log rotation on SIGUSR1 failed"),
+            },
         }
     }
 }

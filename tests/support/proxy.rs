@@ -24,6 +24,7 @@ pub struct PolicySpec {
     log: BTreeMap<String, String>,
     body: String,
     consents: Vec<ConsentRecord>,
+    log_path: Option<PathBuf>,
 }
 
 fn set(table: &mut BTreeMap<String, String>, line: &str) {
@@ -47,6 +48,7 @@ impl PolicySpec {
             log: BTreeMap::new(),
             body: String::new(),
             consents: Vec::new(),
+            log_path: None,
         };
         for line in [
             "name = 'itest'",
@@ -103,6 +105,19 @@ impl PolicySpec {
         self
     }
 
+    /// Writes the decision log at `path` instead of `decisions.jsonl` in the temp dir.
+    pub fn log_path(mut self, path: &Path) -> Self {
+        self.log_path = Some(path.into());
+        self
+    }
+
+    /// Where the decision log goes when the state files are in `dir`.
+    fn log_file(&self, dir: &Path) -> PathBuf {
+        self.log_path
+            .clone()
+            .unwrap_or_else(|| dir.join("decisions.jsonl"))
+    }
+
     /// Consents in the registry file when the proxy starts.
     pub fn consents(mut self, records: Vec<ConsentRecord>) -> Self {
         self.consents = records;
@@ -119,7 +134,7 @@ impl PolicySpec {
         let mut log = self.log.clone();
         set(
             &mut log,
-            &format!("path = '{}'", dir.join("decisions.jsonl").display()),
+            &format!("path = '{}'", self.log_file(dir).display()),
         );
         set(
             &mut log,
@@ -182,7 +197,7 @@ impl PolicySpec {
         .unwrap_or_else(|e| panic!("the proxy does not start: {e}\n--- policy ---\n{text}"));
         TestProxy {
             addr: running.addr,
-            log: DecisionLog::new(dir.path().join("decisions.jsonl")),
+            log: DecisionLog::new(self.log_file(dir.path())),
             policy_path,
             consents_path: dir.path().join("consents.jsonl"),
             running: Some(running),
@@ -291,6 +306,16 @@ cross_border = '{cross_border}'
 third_party = '{third_party}'
 "#
     )
+}
+
+/// The set-up most log tests share: the parties, `cn-store` at `home_url`, `payments` needing
+/// consent abroad and for third parties, and a consent of `u1` for `credit-bureau-us`.
+pub fn payments_spec(home_url: &str) -> PolicySpec {
+    PolicySpec::new()
+        .with_parties()
+        .upstream("cn-store", home_url)
+        .toml(&payments_dataset("cn-store", "consent", "consent"))
+        .consents(vec![consent("c-1", "u1", "credit-bureau-us")])
 }
 
 /// Writes consent records as JSON lines, atomically (write, then rename).

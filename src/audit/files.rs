@@ -1,0 +1,277 @@
+//! Where a decision log lives on disk: the active file, the rotated files beside it, and the
+//! order in which they form one chain; plus a line reader shared by verify, query and report.
+//!
+//! Naming: the active file keeps the configured name (`decisions.jsonl`); rotation renames it
+//! to `decisions-<first seq, 20 digits>-<UTC time of rotation, YYYYMMDDTHHMMSSZ>.jsonl`. The
+//! zero-padded sequence number makes rotated files sort in chain order even if the clock
+//! steps back, and since `-` sorts before `.`, the active file lists after all of them.
+//! Readers do not rely on that last point: they always put the active file last.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+/// Digits of the sequence number in a rotated file name (`u64::MAX` has 20).
+const SEQ_DIGITS: usize = 20;
+/// Length of `YYYYMMDDTHHMMSSZ`.
+const TIME_LEN: usize = 16;
+
+/// Why the files of a log could not be listed or read.
+#[derive(Debug, thiserror::Error)]
+pub enum LogFilesError {
+    #[error("cannot read decision log {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error(
+        "folder {} holds files of several logs ({names}): name the active file of one, e.g. {}",
+        path.display(), example.display()
+    )]
+    Ambiguous {
+        path: PathBuf,
+        names: String,
+        example: PathBuf,
+    },
+}
+
+pub(crate) fn unreadable(path: &Path) -> impl FnOnce(io::Error) -> LogFilesError + '_ {
+    move |source| LogFilesError::Read {
+        path: path.into(),
+        source,
+    }
+}
+
+/// The name a rotated file gets: `<stem>-<first seq>-<time>.<ext>`.
+pub fn rotated_name(active: &Path, first_seq: u64, at: jiff::Timestamp) -> PathBuf {
+    let (stem, ext) = split_name(active);
+    // `2026-11-28T04:31:53.123456Z` -> `20261128T043153Z`
+    let ts = super::record::timestamp(at);
+    let compact: String = ts[..19]
+        .chars()
+        .filter(|c| *c != '-' && *c != ':')
+        .collect();
+    let name = format!("{stem}-{first_seq:0SEQ_DIGITS$}-{compact}Z{ext}");
+    active.with_file_name(name)
+}
+
+/// `("decisions", ".jsonl")` for `logs/decisions.jsonl`; the extension may be empty.
+fn split_name(path: &Path) -> (String, String) {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match name.rfind('.') {
+        Some(i) if i > 0 => (name[..i].to_string(), name[i..].to_string()),
+        _ => (name, String::new()),
+    }
+}
+
+/// If `name` is a rotated file name of the log whose active file is `<stem><ext>`, its stem.
+fn rotated_stem<'n>(name: &'n str, ext: &str) -> Option<&'n str> {
+    let base = name.strip_suffix(ext)?;
+    let tail = SEQ_DIGITS + TIME_LEN + 2;
+    if base.len() <= tail {
+        return None;
+    }
+    let (stem, rest) = base.split_at(base.len() - tail);
+    let rest = rest.as_bytes();
+    let ok = rest[0] == b'-'
+        && rest[1..=SEQ_DIGITS].iter().all(u8::is_ascii_digit)
+        && rest[SEQ_DIGITS + 1] == b'-'
+        && is_compact_time(&rest[SEQ_DIGITS + 2..]);
+    ok.then_some(stem)
+}
+
+fn is_compact_time(t: &[u8]) -> bool {
+    t.len() == TIME_LEN
+        && t[..8].iter().all(u8::is_ascii_digit)
+        && t[8] == b'T'
+        && t[9..15].iter().all(u8::is_ascii_digit)
+        && t[15] == b'Z'
+}
+
+/// The rotated files of the log whose active file is `active`, in chain order.
+pub fn rotated_siblings(active: &Path) -> Result<Vec<PathBuf>, LogFilesError> {
+    let dir = match active.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let (stem, ext) = split_name(active);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(unreadable(&dir)(e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(unreadable(&dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if rotated_stem(name, &ext) == Some(stem.as_str()) {
+            out.push(entry.path());
+        }
+    }
+    out.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    Ok(out)
+}
+
+/// The files of the log at `path`, in chain order:
+///
+/// - a rotated file: that file alone;
+/// - any other file: its rotated siblings, then the file itself (the active file);
+/// - a folder: the one log in it (`*.jsonl` files grouped by stem); several logs are an error.
+pub fn log_files(path: &Path) -> Result<Vec<PathBuf>, LogFilesError> {
+    let meta = std::fs::metadata(path).map_err(unreadable(path))?;
+    if !meta.is_dir() {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let (_, ext) = split_name(path);
+        if rotated_stem(&name, &ext).is_some() {
+            return Ok(vec![path.into()]);
+        }
+        let mut files = rotated_siblings(path)?;
+        files.push(path.into());
+        return Ok(files);
+    }
+    // Group the folder's `*.jsonl` files by the log they belong to.
+    let mut logs: std::collections::BTreeMap<String, (Vec<PathBuf>, Option<PathBuf>)> =
+        std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(path).map_err(unreadable(path))? {
+        let entry = entry.map_err(unreadable(path))?;
+        let p = entry.path();
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !name.ends_with(".jsonl") || p.is_dir() {
+            continue;
+        }
+        match rotated_stem(name, ".jsonl") {
+            Some(stem) => logs.entry(stem.into()).or_default().0.push(p),
+            None => {
+                let stem = name.trim_end_matches(".jsonl").to_string();
+                logs.entry(stem).or_default().1 = Some(p);
+            }
+        }
+    }
+    if logs.len() > 1 {
+        let names: Vec<&str> = logs.keys().map(String::as_str).collect();
+        return Err(LogFilesError::Ambiguous {
+            path: path.into(),
+            names: names.join(", "),
+            example: path.join(format!("{}.jsonl", names[0])),
+        });
+    }
+    Ok(match logs.into_values().next() {
+        None => Vec::new(),
+        Some((mut rotated, active)) => {
+            rotated.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+            rotated.extend(active);
+            rotated
+        }
+    })
+}
+
+/// Reads a log file line by line without holding more than one line.
+pub struct LineReader {
+    reader: BufReader<File>,
+    line: Vec<u8>,
+    number: usize,
+}
+
+/// One line of a log file.
+pub struct Line<'a> {
+    /// 1-based.
+    pub number: usize,
+    /// Without its `\n`.
+    pub bytes: &'a [u8],
+    /// False for a last line without `\n`: cut short, or still being written.
+    pub complete: bool,
+}
+
+impl LineReader {
+    pub fn open(path: &Path) -> Result<LineReader, LogFilesError> {
+        let file = File::open(path).map_err(unreadable(path))?;
+        Ok(LineReader {
+            reader: BufReader::with_capacity(256 * 1024, file),
+            line: Vec::with_capacity(4096),
+            number: 0,
+        })
+    }
+
+    /// The next line, or `None` at the end of the file.
+    pub fn next_line(&mut self) -> io::Result<Option<Line<'_>>> {
+        self.line.clear();
+        if self.reader.read_until(b'\n', &mut self.line)? == 0 {
+            return Ok(None);
+        }
+        self.number += 1;
+        let complete = self.line.last() == Some(&b'\n');
+        if complete {
+            self.line.pop();
+        }
+        Ok(Some(Line {
+            number: self.number,
+            bytes: &self.line,
+            complete,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotated_names_sort_in_chain_order_before_the_active_file() {
+        let active = Path::new("/var/log/rp/decisions.jsonl");
+        let t: jiff::Timestamp = "2026-11-28T04:31:53.123456Z".parse().unwrap();
+        let a = rotated_name(active, 9, t);
+        // An earlier clock on the later file: the sequence number still orders them.
+        let b = rotated_name(active, 10, "2026-11-27T00:00:00Z".parse().unwrap());
+        assert_eq!(
+            a.file_name().unwrap(),
+            "decisions-00000000000000000009-20261128T043153Z.jsonl"
+        );
+        let mut names = vec![
+            active.file_name().unwrap().to_owned(),
+            b.file_name().unwrap().to_owned(),
+            a.file_name().unwrap().to_owned(),
+        ];
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                a.file_name().unwrap(),
+                b.file_name().unwrap(),
+                active.file_name().unwrap()
+            ]
+        );
+        assert_eq!(
+            rotated_stem(a.file_name().unwrap().to_str().unwrap(), ".jsonl"),
+            Some("decisions")
+        );
+        assert_eq!(rotated_stem("decisions-old.jsonl", ".jsonl"), None);
+    }
+
+    #[test]
+    fn a_file_brings_its_rotated_siblings_and_a_folder_its_one_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let active = dir.path().join("decisions.jsonl");
+        let t = jiff::Timestamp::UNIX_EPOCH;
+        let r2 = rotated_name(&active, 20, t);
+        let r1 = rotated_name(&active, 1, t);
+        for p in [&active, &r2, &r1] {
+            std::fs::write(p, "").unwrap();
+        }
+        std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
+        std::fs::write(dir.path().join("other-log.jsonl.bak"), "x").unwrap();
+        let want = vec![r1.clone(), r2.clone(), active.clone()];
+        assert_eq!(log_files(&active).unwrap(), want);
+        assert_eq!(log_files(dir.path()).unwrap(), want);
+        assert_eq!(log_files(&r2).unwrap(), vec![r2.clone()]);
+
+        std::fs::write(dir.path().join("consents.jsonl"), "").unwrap();
+        let err = log_files(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("several logs (consents, decisions)"), "{err}");
+        assert_eq!(log_files(&active).unwrap(), want);
+    }
+}

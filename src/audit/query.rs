@@ -1,0 +1,670 @@
+//! Reading a log for people: streams the records of a log (a file with its rotated siblings,
+//! or a folder) one line at a time, never holding more than one, reads only the fields that
+//! filters and reports use (borrowed from the line where it has no escapes), and prints
+//! matches as JSON lines or a table. `audit query` and `audit report` share it.
+//!
+//! Times compare as strings: every record's `ts` has the fixed form
+//! `YYYY-MM-DDTHH:MM:SS.ffffffZ`, so string order is time order, and the bounds are brought
+//! into the same form.
+
+use super::files::{LineReader, LogFilesError, log_files, unreadable};
+use super::record::timestamp;
+use serde::{Deserialize, Deserializer};
+use std::borrow::Cow;
+use std::io::{self, Write};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+/// A string field, borrowed from the line unless it holds escapes.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Text<'a>(pub Cow<'a, str>);
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+type Field<'a> = Option<Text<'a>>;
+
+/// Where a request came from, as a decision record says.
+#[derive(Debug, Default, Deserialize)]
+pub struct ClientView<'a> {
+    #[serde(borrow, default)]
+    pub country: Field<'a>,
+    #[serde(borrow, default)]
+    pub ip: Field<'a>,
+}
+
+/// Who asked, as a decision record says.
+#[derive(Debug, Default, Deserialize)]
+pub struct RecipientView<'a> {
+    #[serde(borrow, default)]
+    pub id: Field<'a>,
+    #[serde(borrow, default)]
+    pub country: Field<'a>,
+}
+
+/// The consent a decision looked at.
+#[derive(Debug, Default, Deserialize)]
+pub struct ConsentView<'a> {
+    #[serde(borrow, default)]
+    pub id: Field<'a>,
+}
+
+/// The request a decision was about.
+#[derive(Debug, Default, Deserialize)]
+pub struct RequestView<'a> {
+    #[serde(borrow, default)]
+    pub method: Field<'a>,
+    #[serde(borrow, default)]
+    pub path: Field<'a>,
+}
+
+/// The fields of a record that filters, tables and reports read; any record kind parses
+/// (absent fields are `None`).
+#[derive(Debug, Default, Deserialize)]
+pub struct View<'a> {
+    #[serde(borrow, default)]
+    pub kind: Field<'a>,
+    #[serde(default)]
+    pub seq: Option<u64>,
+    #[serde(borrow, default)]
+    pub id: Field<'a>,
+    #[serde(borrow, default)]
+    pub ts: Field<'a>,
+    #[serde(borrow, default)]
+    pub decision: Field<'a>,
+    #[serde(default)]
+    pub enforced: Option<bool>,
+    #[serde(borrow, default)]
+    pub reason: Field<'a>,
+    #[serde(borrow, default)]
+    pub dataset: Field<'a>,
+    #[serde(borrow, default)]
+    pub subject: Field<'a>,
+    #[serde(borrow, default)]
+    pub purpose: Field<'a>,
+    #[serde(default)]
+    pub status: Option<u16>,
+    #[serde(default)]
+    pub bytes_out: Option<u64>,
+    #[serde(borrow, default)]
+    pub recipient: Option<RecipientView<'a>>,
+    #[serde(borrow, default)]
+    pub client: Option<ClientView<'a>>,
+    #[serde(borrow, default)]
+    pub consent: Option<ConsentView<'a>>,
+    #[serde(borrow, default)]
+    pub request: Option<RequestView<'a>>,
+    /// Checkpoints: whether final, and the key's fingerprint.
+    #[serde(default, rename = "final")]
+    pub final_: Option<bool>,
+    #[serde(borrow, default)]
+    pub key: Field<'a>,
+    /// Recovery records: what the restart found.
+    #[serde(default)]
+    pub last_seq: Option<u64>,
+    #[serde(default)]
+    pub torn_bytes: Option<u64>,
+    #[serde(borrow, default)]
+    pub file: Field<'a>,
+}
+
+fn text<'v>(f: &'v Field<'_>) -> Option<&'v str> {
+    f.as_ref().map(|t| &*t.0)
+}
+
+impl View<'_> {
+    pub fn kind(&self) -> Option<&str> {
+        text(&self.kind)
+    }
+
+    /// The recipient's id, or `anonymous` for a caller no recipient matched.
+    pub fn recipient(&self) -> &str {
+        self.recipient
+            .as_ref()
+            .and_then(|r| text(&r.id))
+            .unwrap_or("anonymous")
+    }
+
+    /// The countries the response goes to (SPEC section 3, step 5): the recipient's declared
+    /// seat and the client's located country, without repeats.
+    pub fn destinations(&self) -> impl Iterator<Item = &str> {
+        let declared = self.recipient.as_ref().and_then(|r| text(&r.country));
+        let located = self.client.as_ref().and_then(|c| text(&c.country));
+        let second = located.filter(|l| Some(*l) != declared);
+        declared.into_iter().chain(second)
+    }
+
+    /// A denial that audit mode only logged: the request was forwarded.
+    pub fn would_have_been_blocked(&self) -> bool {
+        text(&self.decision) == Some("deny") && self.enforced == Some(false)
+    }
+}
+
+/// Which records to print; every list is "any of", and all given lists must match.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// Record kinds (`decision`, `outcome`, `checkpoint`, `recovery`); empty: decision
+    /// records, or every kind when `ids` is given.
+    pub kinds: Vec<String>,
+    pub decisions: Vec<String>,
+    pub reasons: Vec<String>,
+    pub datasets: Vec<String>,
+    /// Recipient ids; `anonymous` matches callers no recipient matched.
+    pub recipients: Vec<String>,
+    /// Destination countries (see [`View::destinations`]).
+    pub countries: Vec<String>,
+    /// Subjects as the log holds them (pseudonyms).
+    pub subjects: Vec<String>,
+    pub ids: Vec<String>,
+    pub enforced: Option<bool>,
+    /// Inclusive, in the log's `ts` form ([`parse_time`]).
+    pub since: Option<String>,
+    /// Exclusive, in the log's `ts` form.
+    pub until: Option<String>,
+}
+
+fn any_of(list: &[String], value: Option<&str>) -> bool {
+    list.is_empty() || value.is_some_and(|v| list.iter().any(|x| x == v))
+}
+
+impl Filter {
+    pub fn matches(&self, v: &View<'_>) -> bool {
+        let kind_ok = if self.kinds.is_empty() {
+            !self.ids.is_empty() || v.kind() == Some("decision")
+        } else {
+            self.kinds
+                .iter()
+                .any(|k| k == "any" || Some(k.as_str()) == v.kind())
+        };
+        let ts = text(&v.ts);
+        kind_ok
+            && any_of(&self.ids, text(&v.id))
+            && any_of(&self.decisions, text(&v.decision))
+            && any_of(&self.reasons, text(&v.reason))
+            && any_of(&self.datasets, text(&v.dataset))
+            && any_of(&self.subjects, text(&v.subject))
+            && (self.recipients.is_empty()
+                || (v.kind() == Some("decision") && any_of(&self.recipients, Some(v.recipient()))))
+            && (self.countries.is_empty()
+                || v.destinations()
+                    .any(|c| self.countries.iter().any(|x| x == c)))
+            && self.enforced.is_none_or(|e| v.enforced == Some(e))
+            && self
+                .since
+                .as_deref()
+                .is_none_or(|s| ts.is_some_and(|t| t >= s))
+            && self
+                .until
+                .as_deref()
+                .is_none_or(|u| ts.is_some_and(|t| t < u))
+    }
+}
+
+/// Reads a time bound: RFC 3339 (`2026-11-28T04:00:00Z`, any offset), a date-time without
+/// offset or a date (`2026-11-28`, midnight), both UTC, or a duration back from `now` (`90s`, `30m`, `24h`, `7d`). Returns it in
+/// the log's `ts` form.
+pub fn parse_time(s: &str, now: jiff::Timestamp) -> Result<String, String> {
+    let s = s.trim();
+    if let Ok(t) = s.parse::<jiff::Timestamp>() {
+        return Ok(timestamp(t));
+    }
+    // A date-time without an offset, or a date (midnight), is read as UTC.
+    let civil = s.parse::<jiff::civil::DateTime>().ok().or_else(|| {
+        s.parse::<jiff::civil::Date>()
+            .ok()
+            .map(|d| d.at(0, 0, 0, 0))
+    });
+    if let Some(t) = civil.and_then(|dt| format!("{dt}Z").parse::<jiff::Timestamp>().ok()) {
+        return Ok(timestamp(t));
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let secs = match (n.parse::<i64>(), unit) {
+        (Ok(n), "s") => Some(n),
+        (Ok(n), "m") => n.checked_mul(60),
+        (Ok(n), "h") => n.checked_mul(3600),
+        (Ok(n), "d") => n.checked_mul(86_400),
+        _ => None,
+    };
+    secs.and_then(|secs| now.checked_sub(jiff::SignedDuration::from_secs(secs)).ok())
+        .map(timestamp)
+        .ok_or_else(|| {
+            format!(
+                "\"{s}\" is not a time: write 2026-11-28T04:00:00Z, 2026-11-28, or a duration back from now such as 24h or 7d"
+            )
+        })
+}
+
+/// A necessary condition checked on the raw line before it is parsed: for each filter
+/// with values, the line holds one of them as a JSON string. Whatever the white space or
+/// field order, a record that matches the filter passes; most records that do not never
+/// reach the JSON parser, which is what makes a selective query cheap.
+struct Prefilter {
+    /// All groups must match; within a group, any needle.
+    groups: Vec<Vec<memchr::memmem::Finder<'static>>>,
+}
+
+impl Prefilter {
+    fn new(f: &Filter) -> Prefilter {
+        let kinds: Vec<String> = match (f.kinds.is_empty(), f.ids.is_empty()) {
+            (true, true) => vec!["decision".into()],
+            (true, false) => Vec::new(),
+            (false, _) if f.kinds.iter().any(|k| k == "any") => Vec::new(),
+            (false, _) => f.kinds.clone(),
+        };
+        // `anonymous` matches a null recipient id, which no needle can find.
+        let recipients: &[String] = if f.recipients.iter().any(|r| r == "anonymous") {
+            &[]
+        } else {
+            &f.recipients
+        };
+        let lists: [&[String]; 8] = [
+            &kinds,
+            &f.ids,
+            &f.decisions,
+            &f.reasons,
+            &f.datasets,
+            &f.subjects,
+            recipients,
+            &f.countries,
+        ];
+        let groups = lists
+            .into_iter()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                l.iter()
+                    .map(|v| {
+                        let needle = serde_json::to_vec(v).expect("strings serialise");
+                        memchr::memmem::Finder::new(&needle).into_owned()
+                    })
+                    .collect()
+            })
+            .collect();
+        Prefilter { groups }
+    }
+
+    fn admits(&self, line: &[u8]) -> bool {
+        self.groups
+            .iter()
+            .all(|g| g.iter().any(|f| f.find(line).is_some()))
+    }
+}
+
+/// Why a log could not be read through.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error(transparent)]
+    Files(#[from] LogFilesError),
+    #[error("cannot write the output: {0}")]
+    Output(io::Error),
+}
+
+/// What a scan read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scanned {
+    pub files: usize,
+    /// Complete lines read.
+    pub records: u64,
+    pub matched: u64,
+    /// Lines read in full that are not records (not JSON, or fields of the wrong type); the
+    /// first is in `first_bad`. `audit verify` says more.
+    pub bad: u64,
+    pub first_bad: Option<(PathBuf, usize, String)>,
+    /// A last line without its `\n` (the log is being written): skipped.
+    pub incomplete: u64,
+}
+
+/// Calls `each` with every record of the log at `path` that `filter` matches, with its raw
+/// line (without `\n`), in chain order; stops early when `each` says so.
+pub fn scan(
+    path: &Path,
+    filter: &Filter,
+    mut each: impl FnMut(&[u8], &View<'_>) -> io::Result<ControlFlow<()>>,
+) -> Result<Scanned, QueryError> {
+    let files = log_files(path)?;
+    let mut out = Scanned {
+        files: files.len(),
+        ..Scanned::default()
+    };
+    let pre = Prefilter::new(filter);
+    for file in &files {
+        let mut reader = LineReader::open(file)?;
+        while let Some(line) = reader.next_line().map_err(unreadable(file))? {
+            if !line.complete {
+                out.incomplete += 1;
+                continue;
+            }
+            out.records += 1;
+            if !pre.admits(line.bytes) {
+                continue;
+            }
+            let view: View<'_> = match serde_json::from_slice(line.bytes) {
+                Ok(v) => v,
+                Err(e) => {
+                    out.bad += 1;
+                    if out.first_bad.is_none() {
+                        out.first_bad = Some((file.clone(), line.number, e.to_string()));
+                    }
+                    continue;
+                }
+            };
+            if filter.matches(&view) {
+                out.matched += 1;
+                if each(line.bytes, &view)
+                    .map_err(QueryError::Output)?
+                    .is_break()
+                {
+                    return Ok(out);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// How `audit query` prints records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// The records as the log holds them, one per line.
+    Json,
+    /// One aligned line per record, for reading.
+    Table,
+}
+
+/// Prints the records `filter` matches to `out`, at most `limit`.
+pub fn query(
+    path: &Path,
+    filter: &Filter,
+    format: Format,
+    limit: Option<u64>,
+    out: &mut impl Write,
+) -> Result<Scanned, QueryError> {
+    if format == Format::Table {
+        writeln!(out, "{}", table_header()).map_err(QueryError::Output)?;
+    }
+    let mut printed = 0u64;
+    let mut row = String::new();
+    scan(path, filter, |line, view| {
+        if limit.is_some_and(|l| printed >= l) {
+            return Ok(ControlFlow::Break(()));
+        }
+        printed += 1;
+        match format {
+            Format::Json => {
+                out.write_all(line)?;
+                out.write_all(b"\n")?;
+            }
+            Format::Table => {
+                row.clear();
+                table_row(view, &mut row);
+                writeln!(out, "{row}")?;
+            }
+        }
+        Ok(ControlFlow::Continue(()))
+    })
+}
+
+const COLUMNS: [(&str, usize); 9] = [
+    ("TIME (UTC)", 27),
+    ("SEQ", 8),
+    ("DECISION", 14),
+    ("STATUS", 6),
+    ("REASON", 24),
+    ("DATASET", 14),
+    ("RECIPIENT", 20),
+    ("DEST", 5),
+    ("SUBJECT", 14),
+];
+
+fn table_header() -> String {
+    let mut s = String::new();
+    for (name, width) in COLUMNS {
+        push_cell(&mut s, name, width);
+    }
+    s.push_str("REQUEST");
+    s
+}
+
+/// Left-aligned in `width` columns, cut with `…` when longer, then a space.
+fn push_cell(s: &mut String, value: &str, width: usize) {
+    let n = value.chars().count();
+    if n > width {
+        s.extend(value.chars().take(width - 1));
+        s.push('…');
+    } else {
+        s.push_str(value);
+        s.extend(std::iter::repeat_n(' ', width - n));
+    }
+    s.push(' ');
+}
+
+fn table_row(v: &View<'_>, s: &mut String) {
+    let seq = v.seq.map(|n| n.to_string()).unwrap_or_default();
+    let kind = v.kind().unwrap_or("?");
+    let decision = match (kind, text(&v.decision)) {
+        ("decision", Some(d)) if v.enforced == Some(false) => format!("{d} (audit)"),
+        ("decision", Some(d)) => d.to_string(),
+        (k, _) => k.to_string(),
+    };
+    let status = v
+        .status
+        .map(|n| n.to_string())
+        .unwrap_or_else(|| "-".into());
+    let dest: Vec<&str> = v.destinations().collect();
+    let cells = [
+        text(&v.ts).unwrap_or(""),
+        &seq,
+        &decision,
+        &status,
+        text(&v.reason).unwrap_or("-"),
+        text(&v.dataset).unwrap_or("-"),
+        if kind == "decision" {
+            v.recipient()
+        } else {
+            "-"
+        },
+        &if dest.is_empty() {
+            "-".into()
+        } else {
+            dest.join(",")
+        },
+        text(&v.subject).unwrap_or("-"),
+    ];
+    for ((_, width), value) in COLUMNS.iter().zip(cells) {
+        push_cell(s, value, *width);
+    }
+    match &v.request {
+        Some(r) => {
+            s.push_str(text(&r.method).unwrap_or(""));
+            s.push(' ');
+            s.push_str(text(&r.path).unwrap_or(""));
+        }
+        None if kind == "outcome" => {
+            s.push_str(&format!(
+                "{} bytes out (id {})",
+                v.bytes_out.unwrap_or(0),
+                text(&v.id).unwrap_or("")
+            ));
+        }
+        None if kind == "checkpoint" => {
+            s.push_str(if v.final_ == Some(true) {
+                "final, "
+            } else {
+                ""
+            });
+            match text(&v.key) {
+                Some(k) => s.push_str(&format!("signed by {k}")),
+                None => s.push_str("unsigned"),
+            }
+        }
+        None if kind == "recovery" => {
+            s.push_str(&format!(
+                "restart after a crash: {} ended at seq {}, {} torn bytes cut",
+                text(&v.file).unwrap_or("?"),
+                v.last_seq.unwrap_or(0),
+                v.torn_bytes.unwrap_or(0)
+            ));
+        }
+        None => {}
+    }
+    // Cells are padded; the row is not.
+    s.truncate(s.trim_end().len());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DECISION: &str = r#"{"category":"user.financial","client":{"country":"US","identity":null,"ip":"127.0.0.20","source":"override","via":null},"consent":{"id":"c-1","result":"consent_method_invalid"},"dataset":"payments","decision":"deny","enforced":true,"geo_db":null,"id":"01A","kind":"decision","policy":"sha256:00","prev":"00","purpose":"credit_scoring","reason":"consent_method_invalid","recipient":{"country":"US","id":"credit-bureau-us","relation":"third_party"},"request":{"headers":{},"host":"h","method":"GET","path":"/payments/hmac:ab/x \"q\".json","query":null},"rule":"datasets.payments.cross_border","seq":5,"status":451,"subject":"hmac:ab","ts":"2026-11-28T05:59:42.981302Z","upstream":null,"v":1,"hash":"11"}"#;
+
+    fn view(line: &str) -> View<'_> {
+        serde_json::from_str(line).unwrap()
+    }
+
+    #[test]
+    fn fields_borrow_from_the_line_unless_escaped() {
+        let v = view(DECISION);
+        assert!(matches!(v.reason.as_ref().unwrap().0, Cow::Borrowed(_)));
+        let path = &v.request.as_ref().unwrap().path.as_ref().unwrap().0;
+        assert!(matches!(path, Cow::Owned(_)));
+        assert_eq!(&**path, "/payments/hmac:ab/x \"q\".json");
+    }
+
+    #[test]
+    fn filters_are_all_of_their_any_of_lists() {
+        let v = view(DECISION);
+        let f = |tweak: fn(&mut Filter)| {
+            let mut f = Filter::default();
+            tweak(&mut f);
+            f.matches(&v)
+        };
+        assert!(f(|_| {}));
+        assert!(f(|f| f.decisions = vec!["allow".into(), "deny".into()]));
+        assert!(!f(|f| f.decisions = vec!["allow".into()]));
+        assert!(f(|f| f.countries = vec!["US".into()]));
+        assert!(!f(|f| f.countries = vec!["CN".into()]));
+        assert!(f(|f| f.recipients = vec!["credit-bureau-us".into()]));
+        assert!(!f(|f| f.recipients = vec!["anonymous".into()]));
+        assert!(f(|f| f.subjects = vec!["hmac:ab".into()]));
+        assert!(f(|f| f.since = Some("2026-11-28T05:59:42.981302Z".into())));
+        assert!(!f(|f| f.until = Some("2026-11-28T05:59:42.981302Z".into())));
+        assert!(!f(|f| f.enforced = Some(false)));
+        assert!(!f(|f| f.kinds = vec!["outcome".into()]));
+        assert!(f(|f| f.kinds = vec!["any".into()]));
+        assert!(!f(|f| {
+            f.decisions = vec!["deny".into()];
+            f.datasets = vec!["other".into()];
+        }));
+    }
+
+    #[test]
+    fn the_prefilter_never_drops_a_match() {
+        let filters = [
+            Filter::default(),
+            Filter {
+                reasons: vec!["consent_method_invalid".into()],
+                countries: vec!["US".into(), "DE".into()],
+                ..Filter::default()
+            },
+            Filter {
+                recipients: vec!["anonymous".into(), "credit-bureau-us".into()],
+                ids: vec!["01A".into()],
+                ..Filter::default()
+            },
+            Filter {
+                kinds: vec!["any".into()],
+                subjects: vec!["hmac:ab".into()],
+                ..Filter::default()
+            },
+        ];
+        // The same record with white space between its tokens still passes.
+        let spaced = DECISION.replace("\":", "\" : ").replace(",\"", ", \"");
+        for f in &filters {
+            for line in [DECISION, spaced.as_str()] {
+                assert!(f.matches(&view(line)));
+                assert!(Prefilter::new(f).admits(line.as_bytes()), "{f:?}");
+            }
+        }
+        let other = Filter {
+            reasons: vec!["domestic".into()],
+            ..Filter::default()
+        };
+        assert!(!Prefilter::new(&other).admits(DECISION.as_bytes()));
+        let outcome = br#"{"kind":"outcome","id":"01A","status":200}"#;
+        assert!(!Prefilter::new(&Filter::default()).admits(outcome));
+    }
+
+    #[test]
+    fn times_are_brought_into_the_log_form() {
+        let now: jiff::Timestamp = "2026-11-28T12:00:00Z".parse().unwrap();
+        assert_eq!(
+            parse_time("2026-11-28T06:00:00+01:00", now).unwrap(),
+            "2026-11-28T05:00:00.000000Z"
+        );
+        assert_eq!(
+            parse_time("2026-11-27", now).unwrap(),
+            "2026-11-27T00:00:00.000000Z"
+        );
+        assert_eq!(
+            parse_time("2026-11-27T08:30", now).unwrap(),
+            "2026-11-27T08:30:00.000000Z"
+        );
+        assert_eq!(
+            parse_time("36h", now).unwrap(),
+            "2026-11-27T00:00:00.000000Z"
+        );
+        assert_eq!(
+            parse_time("7d", now).unwrap(),
+            "2026-11-21T12:00:00.000000Z"
+        );
+        let e = parse_time("yesterday", now).unwrap_err();
+        assert!(e.contains("\"yesterday\" is not a time"), "{e}");
+    }
+
+    #[test]
+    fn a_table_row_says_what_was_decided_for_whom() {
+        let mut row = String::new();
+        table_row(&view(DECISION), &mut row);
+        assert!(
+            row.starts_with("2026-11-28T05:59:42.981302Z 5        deny"),
+            "{row}"
+        );
+        for part in [
+            "451",
+            "consent_method_invalid",
+            "payments",
+            "credit-bureau-us",
+            "US",
+            "hmac:ab",
+        ] {
+            assert!(row.contains(part), "{part} in {row}");
+        }
+        assert!(row.ends_with("GET /payments/hmac:ab/x \"q\".json"), "{row}");
+    }
+}

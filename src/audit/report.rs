@@ -1,0 +1,279 @@
+//! `audit report`: counts of decisions by decision, reason, dataset, recipient and
+//! destination country over a time range, and, for audit-mode records (`"enforced": false`),
+//! what would have been blocked. Streams the log like `audit query`; memory grows with the
+//! number of distinct values, not with the log.
+
+use super::query::{Filter, QueryError, Scanned, View, scan};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::ops::ControlFlow;
+use std::path::Path;
+
+/// Counts by value.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Counts(pub BTreeMap<String, u64>);
+
+impl Counts {
+    fn add(&mut self, key: &str) {
+        // A lookup by `&str` first: no allocation for a value already counted.
+        match self.0.get_mut(key) {
+            Some(n) => *n += 1,
+            None => {
+                self.0.insert(key.to_string(), 1);
+            }
+        }
+    }
+
+    /// Largest first, then by name.
+    fn ranked(&self) -> Vec<(&str, u64)> {
+        let mut v: Vec<(&str, u64)> = self.0.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        v
+    }
+}
+
+/// The tables of a report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Tables {
+    pub total: u64,
+    pub by_reason: Counts,
+    pub by_dataset: Counts,
+    pub by_recipient: Counts,
+    /// A record counts once under each of its destination countries (the recipient's
+    /// declared seat and the client's located country), so this table can sum to more than
+    /// `total`.
+    pub by_destination_country: Counts,
+}
+
+impl Tables {
+    fn add(&mut self, v: &View<'_>) {
+        self.total += 1;
+        self.by_reason.add(v.reason.as_deref().unwrap_or("(none)"));
+        self.by_dataset
+            .add(v.dataset.as_deref().unwrap_or("(no dataset)"));
+        self.by_recipient.add(v.recipient());
+        let mut any = false;
+        for c in v.destinations() {
+            self.by_destination_country.add(c);
+            any = true;
+        }
+        if !any {
+            self.by_destination_country.add("unknown");
+        }
+    }
+}
+
+/// A report over the decision records of a log.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// The range asked for (`--since`, `--until`), in the log's time form.
+    pub since: Option<String>,
+    pub until: Option<String>,
+    /// Times of the first and last decision counted.
+    pub first: Option<String>,
+    pub last: Option<String>,
+    /// By the record's `decision`, with audit-mode denials (logged, forwarded anyway) apart
+    /// as `deny_not_enforced`.
+    pub by_decision: Counts,
+    #[serde(flatten)]
+    pub all: Tables,
+    /// Audit mode: the denials that were only logged, and the request forwarded.
+    pub would_have_been_blocked: Tables,
+}
+
+impl Report {
+    fn add(&mut self, v: &View<'_>) {
+        let blocked = v.would_have_been_blocked();
+        let decision = if blocked {
+            "deny_not_enforced"
+        } else {
+            v.decision.as_deref().unwrap_or("(none)")
+        };
+        self.by_decision.add(decision);
+        self.all.add(v);
+        if blocked {
+            self.would_have_been_blocked.add(v);
+        }
+        if let Some(ts) = v.ts.as_deref() {
+            if self.first.as_deref().is_none_or(|f| ts < f) {
+                self.first = Some(ts.to_string());
+            }
+            if self.last.as_deref().is_none_or(|l| ts > l) {
+                self.last = Some(ts.to_string());
+            }
+        }
+    }
+
+    /// Plain text, each table largest first, at most `top` rows each.
+    pub fn text(&self, top: usize) -> String {
+        let mut s = String::new();
+        let range = match (&self.first, &self.last) {
+            (Some(f), Some(l)) => format!(", {f} .. {l}"),
+            _ => String::new(),
+        };
+        let _ = writeln!(s, "{} decisions{range}", self.all.total);
+        if self.since.is_some() || self.until.is_some() {
+            let _ = writeln!(
+                s,
+                "range asked: {} .. {}",
+                self.since.as_deref().unwrap_or("start"),
+                self.until.as_deref().unwrap_or("end")
+            );
+        }
+        // One width for every table, so that the numbers line up down the page.
+        let width = [
+            &self.by_decision,
+            &self.all.by_reason,
+            &self.all.by_dataset,
+            &self.all.by_recipient,
+            &self.all.by_destination_country,
+        ]
+        .iter()
+        .flat_map(|c| c.ranked().into_iter().take(top))
+        .map(|(k, _)| k.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(12);
+        let layout = Layout { top, width };
+        layout.table(&mut s, "by decision", &self.by_decision, self.all.total, "");
+        layout.tables(&mut s, &self.all, "");
+        let b = &self.would_have_been_blocked;
+        if b.total == 0 {
+            let _ = writeln!(s, "\nwould have been blocked (audit mode): none");
+        } else {
+            let _ = writeln!(
+                s,
+                "\nwould have been blocked (audit mode: denied in the log, forwarded anyway): {}",
+                b.total
+            );
+            layout.tables(&mut s, b, "  ");
+        }
+        s
+    }
+}
+
+/// How text tables are laid out: rows per table, and the width of the name column.
+struct Layout {
+    top: usize,
+    width: usize,
+}
+
+impl Layout {
+    fn tables(&self, s: &mut String, t: &Tables, indent: &str) {
+        self.table(s, "by reason", &t.by_reason, t.total, indent);
+        self.table(s, "by dataset", &t.by_dataset, t.total, indent);
+        self.table(s, "by recipient", &t.by_recipient, t.total, indent);
+        self.table(
+            s,
+            "by destination country",
+            &t.by_destination_country,
+            t.total,
+            indent,
+        );
+    }
+
+    fn table(&self, s: &mut String, title: &str, counts: &Counts, total: u64, indent: &str) {
+        let _ = writeln!(s, "\n{indent}{title}");
+        let ranked = counts.ranked();
+        // An indented table gives its indent back from the name column.
+        let width = self.width.saturating_sub(indent.len()).max(1);
+        for (k, n) in ranked.iter().take(self.top) {
+            let pct = if total == 0 {
+                0.0
+            } else {
+                *n as f64 * 100.0 / total as f64
+            };
+            let _ = writeln!(s, "{indent}  {k:<width$}  {n:>9}  {pct:5.1}%");
+        }
+        if ranked.len() > self.top {
+            let _ = writeln!(
+                s,
+                "{indent}  … {} more (--format json lists all)",
+                ranked.len() - self.top
+            );
+        }
+    }
+}
+
+/// Counts the decision records of the log at `path` between `since` (inclusive) and `until`
+/// (exclusive), both in the log's time form.
+pub fn report(
+    path: &Path,
+    since: Option<String>,
+    until: Option<String>,
+) -> Result<(Report, Scanned), QueryError> {
+    let filter = Filter {
+        since: since.clone(),
+        until: until.clone(),
+        ..Filter::default()
+    };
+    let mut report = Report {
+        since,
+        until,
+        ..Report::default()
+    };
+    let scanned = scan(path, &filter, |_, v| {
+        report.add(v);
+        Ok(ControlFlow::Continue(()))
+    })?;
+    Ok((report, scanned))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decision(
+        decision: &str,
+        enforced: bool,
+        reason: &str,
+        recipient: &str,
+        client: &str,
+    ) -> String {
+        let rid = if recipient.is_empty() {
+            "null".to_string()
+        } else {
+            format!("\"{recipient}\"")
+        };
+        format!(
+            r#"{{"client":{{"country":"{client}"}},"dataset":"payments","decision":"{decision}","enforced":{enforced},"kind":"decision","reason":"{reason}","recipient":{{"country":"US","id":{rid}}},"seq":1,"ts":"2026-11-28T05:00:00.000000Z"}}"#
+        )
+    }
+
+    #[test]
+    fn counts_and_the_would_have_been_blocked_view() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        let lines = [
+            decision("allow", true, "consented", "credit-bureau-us", "US"),
+            decision("deny", true, "consent_missing", "credit-bureau-us", "US"),
+            decision("deny", false, "consent_missing", "", "DE"),
+            r#"{"kind":"outcome","id":"x","status":200,"seq":2}"#.to_string(),
+        ];
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let (r, scanned) = report(&path, None, None).unwrap();
+        assert_eq!((scanned.records, scanned.matched), (4, 3));
+        assert_eq!(r.all.total, 3);
+        let c = |t: &Counts, k: &str| t.0.get(k).copied().unwrap_or(0);
+        assert_eq!(c(&r.by_decision, "allow"), 1);
+        assert_eq!(c(&r.by_decision, "deny"), 1);
+        assert_eq!(c(&r.by_decision, "deny_not_enforced"), 1);
+        assert_eq!(c(&r.all.by_recipient, "anonymous"), 1);
+        // The audit-mode denial went to a DE client of a recipient seated in the US.
+        assert_eq!(c(&r.all.by_destination_country, "US"), 3);
+        assert_eq!(c(&r.all.by_destination_country, "DE"), 1);
+        let b = &r.would_have_been_blocked;
+        assert_eq!((b.total, c(&b.by_reason, "consent_missing")), (1, 1));
+        let text = r.text(20);
+        assert!(
+            text.contains(
+                "would have been blocked (audit mode: denied in the log, forwarded anyway): 1"
+            ),
+            "{text}"
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["by_reason"]["consent_missing"], 2);
+        assert_eq!(json["would_have_been_blocked"]["total"], 1);
+    }
+}
