@@ -34,9 +34,13 @@ command -v nginx >/dev/null || { echo "nginx is not installed (apt-get install n
 case $PAYLOAD in 1k) SIZE=1024;; 64k) SIZE=65536;; 1m) SIZE=1048576;; *) echo "PAYLOAD is 1k, 64k or 1m" >&2; exit 2;; esac
 head -c "$SIZE" /dev/urandom > "$W/www/payments/u1/$PAYLOAD.bin"
 
-cat > "$W/nginx.conf" <<CONF
-pid $W/run/nginx.pid;
-error_log $W/logs/nginx.error.log warn;
+# Two nginx processes, as in ../shared/perf: the backend, and nginx as a plain reverse proxy.
+# Kept apart so that nginx-the-proxy pays for talking to its backend across processes exactly
+# as residency-proxy does.
+nginx_conf() {  # name, server block
+  cat <<CONF
+pid $W/run/$1.pid;
+error_log $W/logs/$1.error.log warn;
 worker_processes 1;
 worker_rlimit_nofile 16384;
 events { worker_connections 8192; }
@@ -44,20 +48,22 @@ http {
     access_log off;
     sendfile on; tcp_nodelay on;
     keepalive_timeout 65s; keepalive_requests 1000000;
-    client_body_temp_path $W/run/body; proxy_temp_path $W/run/proxy;
-    fastcgi_temp_path $W/run/fcgi; uwsgi_temp_path $W/run/uwsgi; scgi_temp_path $W/run/scgi;
+    client_body_temp_path $W/run/$1-body; proxy_temp_path $W/run/$1-proxy;
+    fastcgi_temp_path $W/run/$1-fcgi; uwsgi_temp_path $W/run/$1-uwsgi; scgi_temp_path $W/run/$1-scgi;
     default_type application/octet-stream;
-    upstream store { server 127.0.0.2:18080; keepalive 256; keepalive_requests 1000000; }
-    server { listen 127.0.0.2:18080 backlog=4096; root $W/www; location / { } }
+    $2
+}
+CONF
+}
+nginx_conf backend "server { listen 127.0.0.2:18080 backlog=4096; root $W/www; location / { } }" > "$W/backend.conf"
+nginx_conf proxy "upstream store { server 127.0.0.2:18080; keepalive 256; keepalive_requests 1000000; }
     server {
         listen 127.0.0.1:18081 backlog=4096;
         location / {
-            proxy_pass http://store; proxy_http_version 1.1; proxy_set_header Connection "";
+            proxy_pass http://store; proxy_http_version 1.1; proxy_set_header Connection \"\";
             proxy_set_header Host \$host; proxy_buffering on; proxy_request_buffering off;
         }
-    }
-}
-CONF
+    }" > "$W/proxy.conf"
 
 cargo build --release --quiet
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/residency-proxy
@@ -109,7 +115,8 @@ TOML
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
-taskset -c 0 nginx -p "$W" -c "$W/nginx.conf" -g "daemon off;" & PIDS+=($!)
+taskset -c 0 nginx -p "$W" -c "$W/backend.conf" -g "daemon off;" & BACKEND=$!; PIDS+=($BACKEND)
+taskset -c 0 nginx -p "$W" -c "$W/proxy.conf" -g "daemon off;" & NGINX=$!; PIDS+=($NGINX)
 taskset -c 0 "$BIN" serve --policy "$W/policy.toml" --workers 1 2> "$W/logs/proxy.log" & OURS=$!; PIDS+=($OURS)
 URL_PATH=/payments/u1/$PAYLOAD.bin
 for u in http://127.0.0.2:18080 http://127.0.0.1:18081 http://127.0.0.1:18090; do
@@ -119,20 +126,30 @@ for u in http://127.0.0.2:18080 http://127.0.0.1:18081 http://127.0.0.1:18090; d
 done
 
 TARGETS="direct=http://127.0.0.2:18080 nginx=http://127.0.0.1:18081 ours=http://127.0.0.1:18090"
-printf 'target\trep\trps\tp50_ms\tp99_ms\trequests\terrors\n' > "$OUT/runs.tsv"
+printf 'target\trep\trps\tp50_ms\tp99_ms\trequests\terrors\tbackend_ticks\tnginx_ticks\tours_ticks\n' > "$OUT/runs.tsv"
+# CPU ticks (1/100 s, user + system) of a process and its children (nginx's worker).
+ticks() {
+  local total=0 q
+  for q in "$1" $(cat /proc/"$1"/task/*/children 2>/dev/null); do
+    [ -r /proc/$q/stat ] && total=$(( total + $(sed 's/^.*) //' /proc/$q/stat | awk '{print $12 + $13}') ))
+  done
+  echo $total
+}
 to_ms() { awk -v v="$1" 'BEGIN{ if (v ~ /us$/) {sub(/us/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v); print v+0} else {sub(/s/,"",v); print v*1000} }'; }
 for t in $TARGETS; do taskset -c 1 wrk -t"$THREADS" -c"$CONNS" -d2s -H 'X-Purpose: credit_scoring' "${t#*=}$URL_PATH" >/dev/null; done
 for rep in $(seq 1 "$REPS"); do
   for t in $TARGETS; do
     name=${t%%=*}
     raw=$OUT/wrk_${name}_r$rep.txt
+    b0=$(ticks $BACKEND); n0=$(ticks $NGINX); o0=$(ticks $OURS)
     taskset -c 1 wrk -t"$THREADS" -c"$CONNS" -d"${DUR}s" --latency -H 'X-Purpose: credit_scoring' "${t#*=}$URL_PATH" > "$raw"
+    b1=$(ticks $BACKEND); n1=$(ticks $NGINX); o1=$(ticks $OURS)
     rps=$(awk '/^Requests\/sec/{print $2}' "$raw")
     p50=$(to_ms "$(awk '$1=="50%"{print $2}' "$raw")")
     p99=$(to_ms "$(awk '$1=="99%"{print $2}' "$raw")")
     reqs=$(awk '/requests in/{print $1}' "$raw")
     errs=$(awk '/Non-2xx/{print $NF} /Socket errors/{gsub(/,/,""); print $4+$6+$8+$10}' "$raw" | paste -sd+ | bc 2>/dev/null || echo 0)
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rep" "$rps" "$p50" "$p99" "$reqs" "${errs:-0}" >> "$OUT/runs.tsv"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rep" "$rps" "$p50" "$p99" "$reqs" "${errs:-0}" $((b1 - b0)) $((n1 - n0)) $((o1 - o0)) >> "$OUT/runs.tsv"
     printf '  rep %s %-7s %10s rps  p50 %6s ms  p99 %6s ms\n' "$rep" "$name" "$rps" "$p50" "$p99"
   done
 done
@@ -151,13 +168,20 @@ for t in ('direct', 'nginx', 'ours'):
     x = d[t]
     print('| %s | %.0f | %.2f | %.3f | %.3f | %.3f | %.3f |' % (t, x['rps'], x['rps'] / d['direct']['rps'], x['p50_ms'], x['p99_ms'],
           x['p50_ms'] - d['direct']['p50_ms'], x['p99_ms'] - d['direct']['p99_ms']))
+# CPU per request of each process, from its own ticks.
+cpu = lambda t, k: statistics.median(int(r[k]) * 10000.0 / max(int(r['requests']), 1) for r in rows if r['target'] == t)
+print()
+print('CPU per request (µs): backend %.1f (direct); nginx as proxy %.1f; residency-proxy %.1f'
+      % (cpu('direct', 'backend_ticks'), cpu('nginx', 'nginx_ticks'), cpu('ours', 'ours_ticks')))
 print()
 print('ours / nginx throughput: %.2f; added latency p50 ours %.3f ms vs nginx %.3f ms; p99 ours %.3f ms vs nginx %.3f ms'
       % (d['ours']['rps'] / d['nginx']['rps'], d['ours']['p50_ms'] - d['direct']['p50_ms'], d['nginx']['p50_ms'] - d['direct']['p50_ms'],
          d['ours']['p99_ms'] - d['direct']['p99_ms'], d['nginx']['p99_ms'] - d['direct']['p99_ms']))
 dec = out_ = 0
 ids = {}
-for line in open(log):
+import glob, os
+files = sorted(glob.glob(os.path.join(os.path.dirname(log), 'decisions*.jsonl')))
+for line in (l for f in files for l in open(f)):
     r = json.loads(line)
     if r['kind'] == 'decision':
         dec += 1; ids[r['id']] = ids.get(r['id'], 0) + 1

@@ -475,6 +475,12 @@ impl Committer {
         let mut batch: Vec<(Record, Option<Ack>)> = Vec::with_capacity(BATCH_MAX);
         loop {
             let first = rx.recv().await;
+            // The runtime polls a task it has just woken first: without stepping aside once,
+            // every record would be a batch of its own. Yielding lets the requests that are
+            // ready queue their records, and one write then takes them all.
+            if rx.is_empty() {
+                tokio::task::yield_now().await;
+            }
             if let Some(ack) = self.step(first, &mut rx, &mut batch) {
                 // The file closes before the closer hears back.
                 drop(self);

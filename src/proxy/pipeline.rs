@@ -285,6 +285,10 @@ const HOP_BY_HOP: [&str; 9] = [
 /// when `Connection` names `Host`, which would leave the upstream another Host than the one
 /// decided on.
 fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
+    // Most messages carry none of them: one pass over the names finds that out.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(&k.as_str())) {
+        return false;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
