@@ -13,7 +13,8 @@
 //! entry, key, slice header). Measured on 200,000 consents: about 410 bytes per consent with
 //! one consent per subject, 310 with four, so one million consents take 300-400 MB.
 
-use super::record::{Consent, ConsentRecord, FieldError};
+use super::freshness::Freshness;
+use super::record::{Consent, ConsentRecord, FieldError, micros};
 use foldhash::fast::RandomState;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,12 +27,16 @@ pub struct ConsentIndex {
     writer: Mutex<Interner>,
     /// Consents held; changed only under `writer`.
     count: AtomicUsize,
+    freshness: Freshness,
 }
 
-/// One `Arc<str>` per distinct shared string.
+/// One `Arc<str>` per distinct shared string, one `Arc<[Arc<str>]>` per distinct list.
 #[derive(Default)]
 struct Interner {
     strings: HashSet<Arc<str>, RandomState>,
+    lists: HashSet<Arc<[Arc<str>]>, RandomState>,
+    /// Scratch space for building a list key without allocating per lookup.
+    scratch: Vec<Arc<str>>,
 }
 
 impl Interner {
@@ -44,13 +49,46 @@ impl Interner {
         new
     }
 
-    fn consent(&mut self, record: &ConsentRecord) -> Consent {
-        Consent::from_record(record, |s| self.intern(s))
+    fn list(&mut self, items: &[String]) -> Arc<[Arc<str>]> {
+        let mut key = std::mem::take(&mut self.scratch);
+        key.clear();
+        for s in items {
+            let held = self.intern(s);
+            key.push(held);
+        }
+        let list = match self.lists.get(key.as_slice()) {
+            Some(held) => held.clone(),
+            None => {
+                let new: Arc<[Arc<str>]> = key.as_slice().into();
+                self.lists.insert(new.clone());
+                new
+            }
+        };
+        key.clear();
+        self.scratch = key;
+        list
     }
 
-    /// Forgets strings no consent uses any more. Under the writer lock nobody can obtain a
-    /// new reference except through the interner, so a count of one means unused.
+    /// The in-memory form of `record`, sharing what earlier consents already hold.
+    fn consent(&mut self, r: &ConsentRecord) -> Consent {
+        Consent {
+            id: r.id.as_str().into(),
+            recipient: self.intern(&r.recipient),
+            purposes: self.list(&r.purposes),
+            categories: self.list(&r.categories),
+            destinations: self.list(&r.destinations),
+            method: self.intern(&r.method),
+            granted_at: micros(r.granted_at),
+            expires_at: micros(r.expires_at),
+            revoked_at: r.revoked_at.map(micros),
+        }
+    }
+
+    /// Forgets lists and strings no consent uses any more. Under the writer lock nobody can
+    /// obtain a new reference except through the interner, so a count of one means unused
+    /// (lists go first: they hold references to strings).
     fn prune(&mut self) {
+        self.lists.retain(|l| Arc::strong_count(l) > 1);
         self.strings.retain(|s| Arc::strong_count(s) > 1);
     }
 }
@@ -61,7 +99,13 @@ impl ConsentIndex {
             map: papaya::HashMap::with_hasher(RandomState::default()),
             writer: Mutex::new(Interner::default()),
             count: AtomicUsize::new(0),
+            freshness: Freshness::default(),
         }
+    }
+
+    /// How current the content is; untracked (never stale) unless a store tracks it.
+    pub fn freshness(&self) -> &Freshness {
+        &self.freshness
     }
 
     /// The consents of `subject`, if any.
@@ -163,8 +207,9 @@ impl ConsentIndex {
     }
 
     #[cfg(test)]
-    fn interned(&self) -> usize {
-        self.lock_writer().strings.len()
+    fn interned(&self) -> (usize, usize) {
+        let i = self.lock_writer();
+        (i.strings.len(), i.lists.len())
     }
 }
 
@@ -277,8 +322,13 @@ mod tests {
             assert!(Arc::ptr_eq(&x.destinations[0], &y.destinations[0]));
             assert!(Arc::ptr_eq(&x.method, &y.method));
         }
-        // recipient, 2 purposes, category, destination, method.
-        assert_eq!(index.interned(), 6);
+        assert!(
+            Arc::ptr_eq(&a.purposes, &c.purposes),
+            "whole lists are shared"
+        );
+        // Strings: recipient, 2 purposes, category, destination, method; lists: 2 purpose
+        // lists, one category list, one destination list.
+        assert_eq!(index.interned(), (6, 4));
     }
 
     #[test]

@@ -10,6 +10,9 @@ use std::sync::Arc;
 /// count as consent, and pre-ticked, implied, bundled or opt-out agreement never does.
 pub const KNOWN_METHODS: [&str; 5] = ["explicit", "pre_ticked", "implied", "bundled", "opt_out"];
 
+/// Longest consent id: ids travel in change notifications, URLs and log records.
+pub const MAX_ID_BYTES: usize = 200;
+
 /// A consent as stored and exchanged (JSON lines, admin API, CLI).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,6 +58,12 @@ impl ConsentRecord {
     pub fn validate(&self) -> Result<(), FieldError> {
         if self.id.trim().is_empty() {
             return Err(field("id", "must not be empty"));
+        }
+        if self.id.len() > MAX_ID_BYTES || self.id.contains(char::is_control) {
+            return Err(field(
+                "id",
+                format!("must be at most {MAX_ID_BYTES} bytes without control characters"),
+            ));
         }
         if self.subject.trim().is_empty() {
             return Err(field("subject", "must not be empty"));
@@ -126,15 +135,16 @@ impl ConsentRecord {
     }
 }
 
-/// The in-memory form of a consent, holding only what a decision reads. Strings shared
-/// between many consents (recipients, purposes, categories) are interned by the index.
+/// The in-memory form of a consent, holding only what a decision reads. Strings and lists
+/// shared between many consents (recipients, purposes, categories, destinations, methods) are
+/// interned by the index, so most consents hold pointers to shared copies.
 #[derive(Clone, Debug)]
 pub struct Consent {
     pub id: Arc<str>,
     pub recipient: Arc<str>,
-    pub purposes: Box<[Arc<str>]>,
-    pub categories: Box<[Arc<str>]>,
-    pub destinations: Box<[Arc<str>]>,
+    pub purposes: Arc<[Arc<str>]>,
+    pub categories: Arc<[Arc<str>]>,
+    pub destinations: Arc<[Arc<str>]>,
     pub method: Arc<str>,
     /// Unix microseconds.
     pub granted_at: i64,
@@ -145,27 +155,6 @@ pub struct Consent {
 /// Unix microseconds of a timestamp.
 pub fn micros(t: Timestamp) -> i64 {
     t.as_microsecond()
-}
-
-impl Consent {
-    /// Builds the in-memory form, interning shared strings through `intern`.
-    pub fn from_record(r: &ConsentRecord, mut intern: impl FnMut(&str) -> Arc<str>) -> Consent {
-        let mut list = |v: &[String]| v.iter().map(|s| intern(s)).collect::<Box<[_]>>();
-        let purposes = list(&r.purposes);
-        let categories = list(&r.categories);
-        let destinations = list(&r.destinations);
-        Consent {
-            id: r.id.as_str().into(),
-            recipient: intern(&r.recipient),
-            purposes,
-            categories,
-            destinations,
-            method: intern(&r.method),
-            granted_at: micros(r.granted_at),
-            expires_at: micros(r.expires_at),
-            revoked_at: r.revoked_at.map(micros),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@ pub mod upstream;
 
 use crate::audit::keys::KeyError;
 use crate::audit::writer::{AuditError, LogWriter};
-use crate::consent::ConsentIndex;
 use crate::consent::file::FileStoreError;
+use crate::consent::{ConsentIndex, Registry, RegistryError};
 use crate::geo::GeoError;
 use crate::policy::PolicyError;
 use crate::policy::model::ConsentStore;
@@ -38,8 +38,8 @@ pub enum ServeError {
     Audit(#[from] AuditError),
     #[error(transparent)]
     ConsentFile(#[from] FileStoreError),
-    #[error("consent.store \"{0}\" is not supported by this build yet; use \"file:PATH\"")]
-    UnsupportedStore(String),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -51,11 +51,16 @@ pub enum ServeError {
     NeedsRestart { what: &'static str },
 }
 
+/// How often the SQLite feed looks for changes written by other processes.
+const SQLITE_POLL: Duration = Duration::from_millis(250);
+
 /// State shared by every connection.
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub log: LogWriter,
     pub consents: Arc<ConsentIndex>,
+    /// The consent registry (`sqlite:`/`postgres://` stores), for the admin API.
+    pub registry: Option<Registry>,
 }
 
 /// What `serve` needs to start.
@@ -141,14 +146,33 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
                 Duration::from_secs(1),
             ));
         }
-        ConsentStore::Sqlite(p) => {
-            return Err(ServeError::UnsupportedStore(format!(
-                "sqlite:{}",
-                p.display()
-            )));
+        ConsentStore::Sqlite(path) => {
+            background.push(
+                crate::consent::sqlite::start_feed(path.clone(), consents.clone(), SQLITE_POLL)
+                    .await
+                    .map_err(RegistryError::from)?,
+            );
         }
-        ConsentStore::Postgres(u) => return Err(ServeError::UnsupportedStore(u.clone())),
+        ConsentStore::Postgres(url) => {
+            background.push(
+                crate::consent::postgres::start_feed(
+                    url,
+                    consents.clone(),
+                    policy.consent.max_staleness,
+                )
+                .await
+                .map_err(RegistryError::from)?,
+            );
+        }
     }
+    // The feed has created the SQLite file; the API's writer must not create another if it
+    // goes away.
+    let registry = match &policy.consent.store {
+        ConsentStore::Sqlite(_) | ConsentStore::Postgres(_) => {
+            Some(Registry::open(&policy.consent.store, false).await?)
+        }
+        ConsentStore::None | ConsentStore::File(_) => None,
+    };
     let snapshot = Snapshot::build(policy, None, consents.clone()).await?;
     let log = LogWriter::open(&snapshot.policy.log, snapshot.signing_key.clone())?;
     let listen = snapshot.policy.proxy.listen;
@@ -183,6 +207,7 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
         snapshot: ArcSwap::from_pointee(snapshot),
         log,
         consents,
+        registry,
     });
     let admin_state = Arc::new(crate::admin::AdminState {
         shared: shared.clone(),

@@ -3,13 +3,15 @@
 //! `upstream` (storage servers that count what reaches them), `proxy` (a policy in a temp
 //! dir and the real proxy started in process), `client` (requests from a chosen source
 //! address), `log` (reading the decision log), `body` (generated bodies and hashes),
-//! `mmdb` (generated MaxMind databases).
+//! `mmdb` (generated MaxMind databases), `registry` (the consent API, the `consent` command,
+//! PostgreSQL databases and a relay that cuts them off).
 
 pub mod body;
 pub mod client;
 pub mod log;
 pub mod mmdb;
 pub mod proxy;
+pub mod registry;
 pub mod upstream;
 
 use std::time::Duration;

@@ -24,6 +24,7 @@ pub struct PolicySpec {
     log: BTreeMap<String, String>,
     body: String,
     consents: Vec<ConsentRecord>,
+    admin_token: Option<String>,
 }
 
 fn set(table: &mut BTreeMap<String, String>, line: &str) {
@@ -47,6 +48,7 @@ impl PolicySpec {
             log: BTreeMap::new(),
             body: String::new(),
             consents: Vec::new(),
+            admin_token: None,
         };
         for line in [
             "name = 'itest'",
@@ -71,6 +73,18 @@ impl PolicySpec {
     /// A `key = value` line of `[proxy]`.
     pub fn proxy(mut self, line: &str) -> Self {
         set(&mut self.proxy, line);
+        self
+    }
+
+    /// A `key = value` line of `[consent]`; `store = '…'` replaces the consent file.
+    pub fn consent(mut self, line: &str) -> Self {
+        set(&mut self.consent, line);
+        self
+    }
+
+    /// An admin bearer token, written to `admin.token` and named by `[admin].token_file`.
+    pub fn admin_token(mut self, token: &str) -> Self {
+        self.admin_token = Some(token.into());
         self
     }
 
@@ -112,10 +126,12 @@ impl PolicySpec {
     /// The policy text, with the state files in `dir`.
     pub fn render(&self, dir: &Path) -> String {
         let mut consent = self.consent.clone();
-        set(
-            &mut consent,
-            &format!("store = 'file:{}'", dir.join("consents.jsonl").display()),
-        );
+        if !consent.contains_key("store") {
+            set(
+                &mut consent,
+                &format!("store = 'file:{}'", dir.join("consents.jsonl").display()),
+            );
+        }
         let mut log = self.log.clone();
         set(
             &mut log,
@@ -139,6 +155,11 @@ impl PolicySpec {
         // Parallel tests never share a port: the admin listener binds an ephemeral one too.
         let admin = if self.body.contains("[admin]") {
             String::new()
+        } else if self.admin_token.is_some() {
+            format!(
+                "[admin]\nlisten = '127.0.0.1:0'\ntoken_file = '{}'\n\n",
+                dir.join("admin.token").display()
+            )
         } else {
             "[admin]\nlisten = '127.0.0.1:0'\n\n".to_string()
         };
@@ -164,6 +185,9 @@ impl PolicySpec {
         .unwrap();
         let consents_path = dir.path().join("consents.jsonl");
         write_consents(&consents_path, &self.consents);
+        if let Some(token) = &self.admin_token {
+            std::fs::write(dir.path().join("admin.token"), format!("{token}\n")).unwrap();
+        }
         let policy_path = dir.path().join("policy.toml");
         let text = self.render(dir.path());
         std::fs::write(&policy_path, &text).unwrap();
