@@ -6,10 +6,10 @@
 mod support;
 
 use std::time::Duration;
-use support::proxy::APP;
 use support::registry::{
-    Relay, TOKEN, address_of, admin, bureau_reads, cli_ok, consent_body, fresh_database, holds,
-    home_store, pg_connect, postgres_url, registry_policy, time_until, with_address,
+    Relay, TOKEN, address_of, admin, bureau_reads, cli_ok, expect_store_unavailable,
+    fresh_database, grant_via_api, holds, home_store, pg_connect, postgres_url, registry_policy,
+    time_until, until_bureau_reads, with_address,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -21,20 +21,9 @@ async fn a_revocation_through_one_proxy_is_refused_by_another_within_a_second() 
     let home = home_store().await;
     let mut first = registry_policy(&url, &home).start().await;
     let mut second = registry_policy(&url, &home).start().await;
-    assert_eq!(
-        bureau_reads(&second, "u1").await,
-        (451, "consent_missing".into())
-    );
+    assert_eq!(bureau_reads(&second, "u1").await, "451 consent_missing");
 
-    let r = admin(
-        &first,
-        "POST",
-        "/v1/consents",
-        Some(TOKEN),
-        Some(consent_body("c-1", "u1")),
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", r.text());
+    grant_via_api(&first, "c-1", "u1").await;
     let took = time_until(
         "the grant to reach the second proxy",
         Duration::from_secs(10),
@@ -42,7 +31,7 @@ async fn a_revocation_through_one_proxy_is_refused_by_another_within_a_second() 
     )
     .await;
     assert!(took < Duration::from_secs(1), "granted after {took:?}");
-    assert_eq!(bureau_reads(&second, "u1").await, (200, "-".into()));
+    assert_eq!(bureau_reads(&second, "u1").await, "200");
 
     let r = admin(&first, "POST", "/v1/consents/c-1/revoke", Some(TOKEN), None).await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -53,14 +42,8 @@ async fn a_revocation_through_one_proxy_is_refused_by_another_within_a_second() 
     )
     .await;
     assert!(took < Duration::from_secs(1), "revoked after {took:?}");
-    assert_eq!(
-        bureau_reads(&second, "u1").await,
-        (451, "consent_revoked".into())
-    );
-    assert_eq!(
-        bureau_reads(&first, "u1").await,
-        (451, "consent_revoked".into())
-    );
+    assert_eq!(bureau_reads(&second, "u1").await, "451 consent_revoked");
+    assert_eq!(bureau_reads(&first, "u1").await, "451 consent_revoked");
 
     // The second proxy's API sees the history written through the first.
     let r = admin(
@@ -119,7 +102,7 @@ async fn grants_by_the_consent_command_and_by_straight_sql_take_effect_while_run
     })
     .await;
     assert!(took < Duration::from_secs(1), "granted after {took:?}");
-    assert_eq!(bureau_reads(&proxy, "u2").await, (200, "-".into()));
+    assert_eq!(bureau_reads(&proxy, "u2").await, "200");
 
     // An operator's INSERT, bypassing every tool: the trigger notifies the proxies.
     let db = pg_connect(&url).await;
@@ -133,7 +116,7 @@ async fn grants_by_the_consent_command_and_by_straight_sql_take_effect_while_run
         holds(&proxy, "u3", "c-sql", false)
     })
     .await;
-    assert_eq!(bureau_reads(&proxy, "u3").await, (200, "-".into()));
+    assert_eq!(bureau_reads(&proxy, "u3").await, "200");
     db.batch_execute(
         "INSERT INTO consent_revocations (consent_id, revoked_at) VALUES ('c-sql', now())",
     )
@@ -143,10 +126,7 @@ async fn grants_by_the_consent_command_and_by_straight_sql_take_effect_while_run
         holds(&proxy, "u3", "c-sql", true)
     })
     .await;
-    assert_eq!(
-        bureau_reads(&proxy, "u3").await,
-        (451, "consent_revoked".into())
-    );
+    assert_eq!(bureau_reads(&proxy, "u3").await, "451 consent_revoked");
 
     // Facts stay facts, even for straight SQL.
     let e = db
@@ -185,47 +165,14 @@ async fn the_database_lost_mid_run_refuses_consent_after_the_bound_and_recovers(
         .consent("max_staleness = '2s'")
         .start()
         .await;
-    let r = admin(
-        &proxy,
-        "POST",
-        "/v1/consents",
-        Some(TOKEN),
-        Some(consent_body("c-1", "u1")),
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", r.text());
-    assert_eq!(bureau_reads(&proxy, "u1").await, (200, "-".into()));
+    grant_via_api(&proxy, "c-1", "u1").await;
+    assert_eq!(bureau_reads(&proxy, "u1").await, "200");
     let r = admin(&proxy, "GET", "/readyz", None, None).await;
     assert_eq!(r.status, 200, "{}", r.text());
 
     relay.cut();
-    let lost = tokio::time::Instant::now();
-    let mut reason = String::new();
-    while reason != "consent_store_unavailable" {
-        assert!(lost.elapsed() < Duration::from_secs(20), "still {reason}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        reason = bureau_reads(&proxy, "u1").await.1;
-    }
     // The bound counts from the last contact, at most a heartbeat (0.5 s) before the cut.
-    assert!(
-        lost.elapsed() >= Duration::from_millis(1400),
-        "refused after {:?}",
-        lost.elapsed()
-    );
-    let r = support::client::get(APP, proxy.addr, "/payments/u1/2026-01.json", &[]).await;
-    assert_eq!(
-        r.status,
-        200,
-        "a request needing no consent is unaffected: {}",
-        r.text()
-    );
-    let r = admin(&proxy, "GET", "/readyz", None, None).await;
-    assert_eq!(r.status, 503);
-    assert!(
-        r.json()["failing"].to_string().contains("consent store"),
-        "{}",
-        r.text()
-    );
+    expect_store_unavailable(&proxy, Duration::from_millis(1400)).await;
     // The admin API says the store is unavailable rather than hanging.
     let r = admin(&proxy, "GET", "/v1/consents/c-1", Some(TOKEN), None).await;
     assert_eq!(
@@ -241,13 +188,7 @@ async fn the_database_lost_mid_run_refuses_consent_after_the_bound_and_recovers(
     .await
     .unwrap();
     relay.restore();
-    let back = tokio::time::Instant::now();
-    let mut reason = String::new();
-    while reason != "consent_revoked" {
-        assert!(back.elapsed() < Duration::from_secs(20), "still {reason}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        reason = bureau_reads(&proxy, "u1").await.1;
-    }
+    until_bureau_reads(&proxy, "u1", "451 consent_revoked", Duration::from_secs(20)).await;
     let r = admin(&proxy, "GET", "/readyz", None, None).await;
     assert_eq!(r.status, 200, "{}", r.text());
     proxy.shutdown().await;

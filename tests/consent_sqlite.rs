@@ -4,9 +4,9 @@
 mod support;
 
 use std::time::Duration;
-use support::proxy::APP;
 use support::registry::{
-    TOKEN, admin, bureau_reads, cli, cli_ok, holds, home_store, registry_policy, time_until,
+    TOKEN, admin, bureau_reads, cli, cli_ok, expect_store_unavailable, grant_via_api, holds,
+    home_store, registry_policy, time_until, until_bureau_reads,
 };
 
 const GRANT: [&str; 14] = [
@@ -36,10 +36,7 @@ async fn a_grant_by_the_consent_command_takes_effect_while_the_proxy_runs() {
         db.path().join("data/consent.db").exists(),
         "created on first use"
     );
-    assert_eq!(
-        bureau_reads(&proxy, "u7").await,
-        (451, "consent_missing".into())
-    );
+    assert_eq!(bureau_reads(&proxy, "u7").await, "451 consent_missing");
 
     let mut args = vec![
         "consent",
@@ -62,7 +59,7 @@ async fn a_grant_by_the_consent_command_takes_effect_while_the_proxy_runs() {
     )
     .await;
     assert!(took < Duration::from_secs(1), "noticed after {took:?}");
-    assert_eq!(bureau_reads(&proxy, "u7").await, (200, "-".into()));
+    assert_eq!(bureau_reads(&proxy, "u7").await, "200");
 
     let out = cli(&[
         "consent",
@@ -88,10 +85,7 @@ async fn a_grant_by_the_consent_command_takes_effect_while_the_proxy_runs() {
     )
     .await;
     assert!(took < Duration::from_secs(1), "noticed after {took:?}");
-    assert_eq!(
-        bureau_reads(&proxy, "u7").await,
-        (451, "consent_revoked".into())
-    );
+    assert_eq!(bureau_reads(&proxy, "u7").await, "451 consent_revoked");
 
     // History, not overwrites: both facts, with who recorded them and why.
     let out = cli_ok(&[
@@ -197,11 +191,8 @@ async fn an_import_is_idempotent_and_records_revocations_as_facts() {
         || holds(&proxy, "ua", "c-a", false) && holds(&proxy, "ub", "c-b", true),
     )
     .await;
-    assert_eq!(bureau_reads(&proxy, "ua").await, (200, "-".into()));
-    assert_eq!(
-        bureau_reads(&proxy, "ub").await,
-        (451, "consent_revoked".into())
-    );
+    assert_eq!(bureau_reads(&proxy, "ua").await, "200");
+    assert_eq!(bureau_reads(&proxy, "ub").await, "451 consent_revoked");
     let r = admin(
         &proxy,
         "GET",
@@ -229,16 +220,8 @@ async fn a_database_gone_away_refuses_consent_after_the_staleness_bound_and_reco
         .consent("max_staleness = '2s'")
         .start()
         .await;
-    let r = admin(
-        &proxy,
-        "POST",
-        "/v1/consents",
-        Some(TOKEN),
-        Some(support::registry::consent_body("c-1", "u1")),
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", r.text());
-    assert_eq!(bureau_reads(&proxy, "u1").await, (200, "-".into()));
+    grant_via_api(&proxy, "c-1", "u1").await;
+    assert_eq!(bureau_reads(&proxy, "u1").await, "200");
 
     let moved = db.path().join("consent.db.moved");
     std::fs::rename(&path, &moved).unwrap();
@@ -246,39 +229,13 @@ async fn a_database_gone_away_refuses_consent_after_the_staleness_bound_and_reco
     // Within the bound the consents loaded stay in force.
     let early = bureau_reads(&proxy, "u1").await;
     if gone.elapsed() < Duration::from_secs(1) {
-        assert_eq!(early, (200, "-".into()));
+        assert_eq!(early, "200");
     }
-    let mut reason = String::new();
-    while reason != "consent_store_unavailable" {
-        assert!(gone.elapsed() < Duration::from_secs(15), "still {reason}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        reason = bureau_reads(&proxy, "u1").await.1;
-    }
-    assert!(
-        gone.elapsed() >= Duration::from_millis(1500),
-        "refused after {:?}",
-        gone.elapsed()
-    );
-    // Requests that need no consent are unaffected.
-    let r = support::client::get(APP, proxy.addr, "/payments/u1/2026-01.json", &[]).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    // Readiness says why.
-    let r = admin(&proxy, "GET", "/readyz", None, None).await;
-    assert_eq!(r.status, 503);
-    let why = r.json()["failing"].to_string();
-    assert!(
-        why.contains("consent store") && why.contains("consent.db"),
-        "{why}"
-    );
+    let why = expect_store_unavailable(&proxy, Duration::from_millis(1500)).await;
+    assert!(why.contains("consent.db"), "{why}");
 
     std::fs::rename(&moved, &path).unwrap();
-    let mut reason = String::new();
-    let back = tokio::time::Instant::now();
-    while reason != "-" {
-        assert!(back.elapsed() < Duration::from_secs(10), "still {reason}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        reason = bureau_reads(&proxy, "u1").await.1;
-    }
+    until_bureau_reads(&proxy, "u1", "200", Duration::from_secs(10)).await;
     let r = admin(&proxy, "GET", "/readyz", None, None).await;
     assert_eq!(r.status, 200, "{}", r.text());
     proxy.shutdown().await;

@@ -24,7 +24,7 @@ pub enum ConsentCommand {
 
 #[derive(clap::Args, Debug)]
 pub struct Store {
-    /// The registry: sqlite:PATH (created on first use) or postgres://…
+    /// The registry: sqlite:PATH (created by the first grant or import) or postgres://…
     #[arg(long, value_name = "URL", env = "RESIDENCY_CONSENT_STORE")]
     pub store: String,
 }
@@ -133,9 +133,11 @@ pub fn run(cmd: ConsentCommand) -> CliResult {
     })
 }
 
-async fn open(store: &Store) -> Result<Registry, super::CliError> {
+/// Opens the registry; `create`: a missing SQLite file is created (writes), else refused
+/// (reads and revocations, where a new empty file would only hide a mistyped path).
+async fn open(store: &Store, create: bool) -> Result<Registry, super::CliError> {
     let parsed = parse_store(&store.store).map_err(fail)?;
-    Ok(Registry::open(&parsed, true).await?)
+    Ok(Registry::open(&parsed, create).await?)
 }
 
 fn author(a: &Author) -> String {
@@ -155,7 +157,7 @@ fn print_json(value: &impl serde::Serialize) -> Result<(), super::CliError> {
 }
 
 async fn grant(a: GrantArgs) -> CliResult {
-    let registry = open(&a.store).await?;
+    let registry = open(&a.store, true).await?;
     let now = Timestamp::now();
     let record = ConsentRecord {
         id: a
@@ -192,7 +194,7 @@ async fn grant(a: GrantArgs) -> CliResult {
 }
 
 async fn revoke(a: RevokeArgs) -> CliResult {
-    let registry = open(&a.store).await?;
+    let registry = open(&a.store, false).await?;
     let w = registry
         .revoke(
             Revocation {
@@ -211,7 +213,7 @@ async fn revoke(a: RevokeArgs) -> CliResult {
 }
 
 async fn list(a: ListArgs) -> CliResult {
-    let registry = open(&a.store).await?;
+    let registry = open(&a.store, false).await?;
     let filter = match &a.subject {
         Some(s) => Filter::Subject(s),
         None => Filter::All,
@@ -229,7 +231,7 @@ async fn list(a: ListArgs) -> CliResult {
 }
 
 async fn import(a: ImportArgs) -> CliResult {
-    let registry = open(&a.store).await?;
+    let registry = open(&a.store, true).await?;
     let by = author(&a.author);
     let name = a.file.display().to_string();
     let reader: Box<dyn BufRead + Send> = if name == "-" {

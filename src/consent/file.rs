@@ -390,7 +390,7 @@ mod tests {
         assert_eq!(report.loaded, 2);
         assert_eq!(ids(&index, "u1"), ["c1", "c5"]);
         // Whether a pre-ticked consent counts is the policy's call, not the store's.
-        assert_eq!(&*index.get("u1").unwrap()[1].method, "pre_ticked");
+        assert_eq!(&*index.get("u1").unwrap()[1].scope.method, "pre_ticked");
         let messages: Vec<&str> = report.skipped.iter().map(|e| &*e.message).collect();
         assert!(
             messages[0].starts_with("not a valid consent record"),

@@ -57,7 +57,7 @@ impl Freshness {
         match self.confirmed.load(Ordering::Acquire) {
             UNTRACKED => false,
             NEVER => true,
-            ms => self.origin.elapsed().as_millis() as u64 + 1 - ms > max.as_millis() as u64,
+            ms => self.age(ms) > max.as_millis() as u64,
         }
     }
 
@@ -71,7 +71,7 @@ impl Freshness {
         Some(match self.confirmed.load(Ordering::Acquire) {
             NEVER => format!("consent store: never reached since start-up ({problem})"),
             ms => {
-                let age = self.origin.elapsed().as_millis() as u64 + 1 - ms;
+                let age = self.age(ms);
                 format!(
                     "consent store: unreachable for {:.1} s, over consent.max_staleness {} s ({problem})",
                     age as f64 / 1000.0,
@@ -84,6 +84,11 @@ impl Freshness {
     /// The latest failure, if the store has not been reached since.
     pub fn problem(&self) -> Option<String> {
         self.lock().clone()
+    }
+
+    /// Milliseconds since the confirmation stored as `ms`.
+    fn age(&self, ms: u64) -> u64 {
+        (self.origin.elapsed().as_millis() as u64 + 1).saturating_sub(ms)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {

@@ -135,21 +135,29 @@ impl ConsentRecord {
     }
 }
 
-/// The in-memory form of a consent, holding only what a decision reads. Strings and lists
-/// shared between many consents (recipients, purposes, categories, destinations, methods) are
-/// interned by the index, so most consents hold pointers to shared copies.
+/// The in-memory form of a consent, holding only what a decision reads.
 #[derive(Clone, Debug)]
 pub struct Consent {
     pub id: Arc<str>,
+    /// What was consented to. Consents with the same terms share one `Scope` (the index
+    /// interns them), which keeps a consent at 56 bytes plus its id.
+    pub scope: Arc<Scope>,
+    /// Unix microseconds.
+    pub granted_at: i64,
+    pub expires_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// The terms of a consent: to whom, for what, which data, where, and how it was collected.
+/// Its strings and lists are interned too, so a million consents on a few hundred distinct
+/// terms hold each string once.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Scope {
     pub recipient: Arc<str>,
     pub purposes: Arc<[Arc<str>]>,
     pub categories: Arc<[Arc<str>]>,
     pub destinations: Arc<[Arc<str>]>,
     pub method: Arc<str>,
-    /// Unix microseconds.
-    pub granted_at: i64,
-    pub expires_at: i64,
-    pub revoked_at: Option<i64>,
 }
 
 /// Unix microseconds of a timestamp.
@@ -157,24 +165,31 @@ pub fn micros(t: Timestamp) -> i64 {
     t.as_microsecond()
 }
 
+/// A valid explicit consent of `subject` for `credit-bureau-us` (credit scoring, financial
+/// data, to the US, during 2026), for unit tests.
+#[cfg(test)]
+pub(crate) fn sample(id: &str, subject: &str) -> ConsentRecord {
+    ConsentRecord {
+        id: id.into(),
+        subject: subject.into(),
+        recipient: "credit-bureau-us".into(),
+        purposes: vec!["credit_scoring".into()],
+        categories: vec!["user.financial".into()],
+        destinations: vec!["US".into()],
+        method: "explicit".into(),
+        granted_at: "2026-01-01T00:00:00Z".parse().unwrap(),
+        expires_at: "2027-01-01T00:00:00Z".parse().unwrap(),
+        revoked_at: None,
+        evidence: Some("receipt".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn good() -> ConsentRecord {
-        ConsentRecord {
-            id: "c1".into(),
-            subject: "u123".into(),
-            recipient: "credit-bureau-us".into(),
-            purposes: vec!["credit_scoring".into()],
-            categories: vec!["user.financial".into()],
-            destinations: vec!["US".into()],
-            method: "explicit".into(),
-            granted_at: "2026-01-01T00:00:00Z".parse().unwrap(),
-            expires_at: "2027-01-01T00:00:00Z".parse().unwrap(),
-            revoked_at: None,
-            evidence: None,
-        }
+        sample("c1", "u123")
     }
 
     #[test]

@@ -467,19 +467,7 @@ mod tests {
     use super::*;
 
     fn record(id: &str) -> ConsentRecord {
-        ConsentRecord {
-            id: id.into(),
-            subject: "u1".into(),
-            recipient: "credit-bureau-us".into(),
-            purposes: vec!["credit_scoring".into()],
-            categories: vec!["user.financial".into()],
-            destinations: vec!["US".into()],
-            method: "explicit".into(),
-            granted_at: "2026-01-01T00:00:00Z".parse().unwrap(),
-            expires_at: "2027-01-01T00:00:00Z".parse().unwrap(),
-            revoked_at: None,
-            evidence: Some("receipt 1".into()),
-        }
+        crate::consent::record::sample(id, "u1")
     }
 
     fn outcomes(results: &[Result<Written, RegistryError>]) -> Vec<String> {

@@ -486,6 +486,7 @@ impl Feed {
             Ok((seq, records))
         })()
         .map_err(query)?;
+        let read = started.elapsed();
         let rejected = self.index.replace_all(&records);
         let data_version = conn
             .pragma_query_value(None, "data_version", |r| r.get(0))
@@ -494,6 +495,7 @@ impl Feed {
             consent.store = %format!("sqlite:{}", self.path.display()),
             consents = records.len() - rejected,
             rejected,
+            read_ms = read.as_millis() as u64,
             ms = started.elapsed().as_millis() as u64,
             "consents loaded"
         );
@@ -626,21 +628,7 @@ pub fn last_change(path: &Path) -> Result<Option<i64>, SqliteError> {
 mod tests {
     use super::*;
 
-    fn record(id: &str, subject: &str) -> ConsentRecord {
-        ConsentRecord {
-            id: id.into(),
-            subject: subject.into(),
-            recipient: "credit-bureau-us".into(),
-            purposes: vec!["credit_scoring".into()],
-            categories: vec!["user.financial".into()],
-            destinations: vec!["US".into()],
-            method: "explicit".into(),
-            granted_at: "2026-01-01T00:00:00Z".parse().unwrap(),
-            expires_at: "2027-01-01T00:00:00Z".parse().unwrap(),
-            revoked_at: None,
-            evidence: Some("receipt".into()),
-        }
-    }
+    use crate::consent::record::sample as record;
 
     #[test]
     fn a_new_file_is_created_with_the_current_schema_and_reopened_without_migrating() {
@@ -741,7 +729,7 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(&*index.get("u9").unwrap()[0].categories[0], "user");
+        assert_eq!(&*index.get("u9").unwrap()[0].scope.categories[0], "user");
         task.abort();
     }
 }

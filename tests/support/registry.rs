@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use super::client::{self, Reply, full, request};
-use super::proxy::{BUREAU, HOME_IP, PolicySpec, TestProxy, payments_dataset};
+use super::proxy::{APP, BUREAU, HOME_IP, PolicySpec, TestProxy, payments_dataset};
 use super::upstream::{Reply as Serve, Upstream};
 use std::net::SocketAddr;
 use std::process::Output;
@@ -62,9 +62,9 @@ pub async fn admin(
     .await
 }
 
-/// The credit bureau reads `subject`'s payments for credit scoring; returns the status and
-/// the reason code (`error` of a refusal, `-` when forwarded).
-pub async fn bureau_reads(proxy: &TestProxy, subject: &str) -> (u16, String) {
+/// The credit bureau reads `subject`'s payments for credit scoring; returns `"200"` when
+/// forwarded, else the status and reason code (`"451 consent_revoked"`).
+pub async fn bureau_reads(proxy: &TestProxy, subject: &str) -> String {
     let r = client::get(
         BUREAU,
         proxy.addr,
@@ -72,12 +72,73 @@ pub async fn bureau_reads(proxy: &TestProxy, subject: &str) -> (u16, String) {
         &[PURPOSE],
     )
     .await;
-    let reason = if r.status == 200 {
-        "-".to_string()
+    if r.status == 200 {
+        "200".to_string()
     } else {
-        r.json()["error"].as_str().unwrap_or("?").to_string()
-    };
-    (r.status, reason)
+        format!("{} {}", r.status, r.json()["error"].as_str().unwrap_or("?"))
+    }
+}
+
+/// Repeats [`bureau_reads`] every 50 ms until it answers `want`; returns how long that took,
+/// or panics after `limit`.
+pub async fn until_bureau_reads(
+    proxy: &TestProxy,
+    subject: &str,
+    want: &str,
+    limit: Duration,
+) -> Duration {
+    let start = tokio::time::Instant::now();
+    loop {
+        let got = bureau_reads(proxy, subject).await;
+        if got == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "still {got} after {limit:?}, waiting for {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// After the store is lost: waits until the bureau is refused `consent_store_unavailable`,
+/// which must take at least `at_least` (the consents loaded stay in force within the
+/// bound); checks that a request needing no consent is still forwarded and that `/readyz`
+/// fails naming the consent store. Returns readiness's reasons.
+pub async fn expect_store_unavailable(proxy: &TestProxy, at_least: Duration) -> String {
+    let took = until_bureau_reads(
+        proxy,
+        "u1",
+        "451 consent_store_unavailable",
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(took >= at_least, "refused after {took:?}");
+    let r = client::get(APP, proxy.addr, "/payments/u1/2026-01.json", &[]).await;
+    assert_eq!(
+        r.status,
+        200,
+        "a request needing no consent is unaffected: {}",
+        r.text()
+    );
+    let r = admin(proxy, "GET", "/readyz", None, None).await;
+    assert_eq!(r.status, 503);
+    let why = r.json()["failing"].to_string();
+    assert!(why.contains("consent store"), "{why}");
+    why
+}
+
+/// Grants [`consent_body`]`(id, subject)` through the admin API.
+pub async fn grant_via_api(proxy: &TestProxy, id: &str, subject: &str) {
+    let r = admin(
+        proxy,
+        "POST",
+        "/v1/consents",
+        Some(TOKEN),
+        Some(consent_body(id, subject)),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
 }
 
 /// A consent body for the API: `subject` lets `credit-bureau-us` score credit from the US.
