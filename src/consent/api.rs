@@ -15,6 +15,7 @@
 use super::record::{ConsentRecord, FieldError};
 use super::registry::{Filter, Outcome, Registry, RegistryError, Revocation, Written};
 use crate::admin::{AdminResponse, AdminState, error, json, read_body};
+use crate::policy::model::ConsentStore;
 use http::{HeaderValue, Method, Request, StatusCode, header};
 use hyper::body::Incoming;
 use jiff::Timestamp;
@@ -150,12 +151,15 @@ pub async fn handle(state: &AdminState, req: Request<Incoming>) -> AdminResponse
         return r;
     }
     let Some(registry) = &state.shared.registry else {
-        let store = &state.shared.snapshot.load().policy.consent.store;
+        let store = match &state.shared.snapshot.load().policy.consent.store {
+            ConsentStore::File(p) => format!("file:{}", p.display()),
+            _ => "not set".into(),
+        };
         return Refusal::new(
             StatusCode::NOT_IMPLEMENTED,
             "no_registry",
             format!(
-                "consent.store is {store:?}: the consent API needs a registry (sqlite:PATH or postgres://…); a file: store is edited as a file"
+                "consent.store is {store}: the consent API needs a registry (sqlite:PATH or postgres://…); a file: store is edited as a file"
             ),
         )
         .respond();

@@ -17,7 +17,7 @@ use super::record::ConsentRecord;
 use super::registry::{Change, Event, Filter, RegistryError, Written, plan};
 use foldhash::fast::RandomState;
 use jiff::Timestamp;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, Row, TransactionBehavior, params};
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -610,18 +610,6 @@ pub async fn start_feed(
             }
         }
     }))
-}
-
-/// The id of the newest change recorded, for tests and tools that wait for a feed.
-pub fn last_change(path: &Path) -> Result<Option<i64>, SqliteError> {
-    let (conn, _) = connect(path, false)?;
-    conn.query_row("SELECT max(seq) FROM consent_changes", [], |r| r.get(0))
-        .optional()
-        .map(Option::flatten)
-        .map_err(|source| SqliteError::Query {
-            path: path.into(),
-            source,
-        })
 }
 
 #[cfg(test)]
