@@ -4,65 +4,23 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method};
-use residency_proxy::consent::{ConsentIndex, ConsentRecord};
+use residency_proxy::consent::ConsentIndex;
 use residency_proxy::geo::Locator;
 use residency_proxy::offline::OfflineEnv;
 use residency_proxy::policy::compile::from_str;
-use residency_proxy::policy::decide::{Request, decide};
+use residency_proxy::policy::decide::decide;
 use residency_proxy::policy::decision::Reason;
 use std::hint::black_box;
 use std::sync::Arc;
 
-const DATASETS: usize = 10_000;
-const CONSENTS: usize = 1_000_000;
+mod common;
 
-fn policy_text() -> String {
-    let mut s = String::from(
-        "[policy]\nname = \"bench\"\nhome = \"CN\"\n[log]\npseudonymize = false\n\
-         [[networks]]\ncidr = \"127.0.0.2/32\"\ncountry = \"CN\"\n\
-         [[networks]]\ncidr = \"127.0.0.10/32\"\ncountry = \"CN\"\n\
-         [[networks]]\ncidr = \"127.0.0.20/32\"\ncountry = \"US\"\n\
-         [[upstreams]]\nname = \"store\"\nurl = \"http://127.0.0.2:9000\"\n\
-         [[recipients]]\nid = \"app\"\nrelation = \"first_party\"\ncountry = \"CN\"\nnetworks = [\"127.0.0.10/32\"]\n\
-         [[recipients]]\nid = \"bureau\"\nrelation = \"third_party\"\ncountry = \"US\"\nnetworks = [\"127.0.0.20/32\"]\n",
-    );
-    for i in 0..DATASETS {
-        s.push_str(&format!(
-            "[[datasets]]\nname = \"ds{i}\"\nmatch = {{ path_prefix = \"/ds{i}/\" }}\nupstream = \"store\"\ncategory = \"user.financial.c{}\"\nsubject = {{ path_segment = 2 }}\n",
-            i % 50
-        ));
-    }
-    s
-}
-
-fn consents() -> Vec<ConsentRecord> {
-    let granted: jiff::Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
-    let expires: jiff::Timestamp = "2030-01-01T00:00:00Z".parse().unwrap();
-    (0..CONSENTS)
-        .map(|i| ConsentRecord {
-            id: format!("c{i}"),
-            subject: format!("u{i}"),
-            recipient: if i % 2 == 0 {
-                "bureau".into()
-            } else {
-                "other-bureau".into()
-            },
-            purposes: vec!["credit_scoring".into()],
-            categories: vec!["user.financial".into()],
-            destinations: vec!["US".into()],
-            method: "explicit".into(),
-            granted_at: granted,
-            expires_at: expires,
-            revoked_at: None,
-            evidence: None,
-        })
-        .collect()
-}
+use common::{CONSENTS, DATASETS, consents, policy_text, request};
 
 fn bench(c: &mut Criterion) {
     let policy = from_str("bench.toml", &policy_text()).expect("the bench policy compiles");
     let index = Arc::new(ConsentIndex::new());
-    index.replace_all(&consents());
+    index.replace_all(&consents(CONSENTS));
     assert_eq!(index.len(), CONSENTS);
     let locator = Locator::new(&policy, None);
     let now = "2026-11-28T00:00:00Z"
@@ -123,24 +81,6 @@ fn bench(c: &mut Criterion) {
             black_box(decide(&policy, &env, &req("/ds1/u1/x.json", bureau), &mut ()).reason)
         })
     });
-}
-
-fn request<'a>(
-    method: &'a Method,
-    headers: &'a HeaderMap,
-    path: &'a str,
-    peer: std::net::IpAddr,
-) -> Request<'a> {
-    Request {
-        method,
-        host: Some("storage.internal"),
-        path,
-        query: None,
-        headers,
-        peer,
-        identity: None,
-        pick: 0,
-    }
 }
 
 criterion_group!(benches, bench);

@@ -480,6 +480,13 @@ async fn each_consent_failure_names_its_reason_and_consent() {
             Some(c) => {
                 assert_eq!(rec["consent"]["id"], c, "{rec}");
                 assert_eq!(rec["consent"]["result"], reason, "{rec}");
+                // The log says why the consent that existed did not count.
+                let why = rec["consent"]["why"].as_str().unwrap_or_default();
+                if c == "c-pre" {
+                    assert_eq!(why, "collected as \"pre_ticked\"", "{rec}");
+                } else {
+                    assert!(!why.is_empty(), "{rec}");
+                }
             }
             None => assert_eq!(rec["consent"], Value::Null, "{rec}"),
         }
@@ -526,6 +533,11 @@ async fn allowed_transfers_name_their_reason() {
     assert_eq!(rec["rule"], "datasets.payments.cross_border");
     assert_eq!(rec["consent"]["id"], "c-ok");
     assert_eq!(rec["consent"]["result"], "valid");
+    assert_eq!(
+        rec["consent"].get("why"),
+        None,
+        "a valid consent needs no why"
+    );
 
     // A consent for `user.financial` covers `user.financial.transactions`.
     let r = w

@@ -99,6 +99,7 @@ pub fn decision(n: u64, pseudo: &Pseudonymizer, ts: jiff::Timestamp) -> Decision
             } else {
                 "consent_missing"
             },
+            why: None,
         }),
         dataset: dataset.map(Arc::from),
         decision,

@@ -140,6 +140,8 @@ pub fn readiness(shared: &Shared) -> Readiness {
     if !shared.log.healthy() {
         failing.push("decision log: the last write failed".to_string());
     }
+    let max_staleness = shared.snapshot.load().policy.consent.max_staleness;
+    failing.extend(shared.consents.freshness().stale_reason(max_staleness));
     Readiness {
         ready: failing.is_empty(),
         failing,
@@ -175,6 +177,9 @@ async fn route(
     req: Request<Incoming>,
 ) -> Result<AdminResponse, Infallible> {
     let path = req.uri().path().to_string();
+    if path == "/v1/consents" || path.starts_with("/v1/consents/") {
+        return Ok(crate::consent::api::handle(&state, req).await);
+    }
     let resp = match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
         (&Method::GET, "/readyz") => {

@@ -30,6 +30,11 @@ pub struct ConsentRec {
     pub id: Arc<str>,
     /// `valid`, or the reason the nearest consent failed.
     pub result: &'static str,
+    /// Why the nearest consent failed (`collected as "pre_ticked"`, `purpose "x" not
+    /// granted`): what a security engineer needs to see that a consent existed but did not
+    /// count. Absent when the consent was valid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -304,6 +309,7 @@ pub fn decision_record(
     let consent = decision.consent.as_ref().map(|c| ConsentRec {
         id: c.id.clone(),
         result: c.failure.map(Reason::as_str).unwrap_or("valid"),
+        why: c.failure.and(decision.detail.as_deref()).map(str::to_owned),
     });
     DecisionRecord {
         category: dataset.map(|d| d.category.clone()),
@@ -436,7 +442,8 @@ mod tests {
         let mut r = failure_record(&p, &cx, Reason::HeadersTooLarge, "proxy.max_header_bytes");
         r.consent = Some(ConsentRec {
             id: "c".into(),
-            result: "valid",
+            result: "consent_method_invalid",
+            why: Some("collected as \"pre_ticked\"".into()),
         });
         r.upstream = Some(UpstreamRec {
             addr: "127.0.0.1:1".parse().unwrap(),

@@ -6,6 +6,7 @@ use crate::audit::Pseudonymizer;
 use crate::audit::keys::SigningKey;
 use crate::audit::record::{RequestContext, decision_record};
 use crate::consent::ConsentIndex;
+use crate::consent::registry::{Filter, Registry};
 use crate::geo::{GeoDb, Locator};
 use crate::offline::{Hypothetical, OfflineEnv};
 use crate::policy::decide::decide;
@@ -88,6 +89,16 @@ pub fn run(a: ExplainArgs) -> CliResult {
         for s in &report.skipped {
             eprintln!("{}:{}: skipped: {}", f.display(), s.line, s.message);
         }
+    } else if let ConsentStore::Sqlite(_) | ConsentStore::Postgres(_) = &policy.consent.store {
+        // The registry the proxy would read, read once (never created here).
+        let records = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                let registry = Registry::open(&policy.consent.store, false).await?;
+                registry.list(Filter::All).await
+            })?;
+        consents.replace_all(&records);
     }
     let db = policy
         .geo_database

@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod certs;
 pub mod check;
+pub mod consent;
 pub mod demo;
 pub mod explain;
 pub mod geo;
@@ -84,6 +85,9 @@ pub enum Command {
     /// Geolocation look-ups as the proxy sees them.
     #[command(subcommand)]
     Geo(geo::GeoCommand),
+    /// Manage the consent registry (sqlite: or postgres:// stores): grant, revoke, list, import.
+    #[command(subcommand)]
+    Consent(consent::ConsentCommand),
     /// Create keys and certificates: a development CA, server and client certificates, the
     /// log-signing key pair and the admin token.
     #[command(subcommand)]
@@ -100,6 +104,7 @@ pub fn run(cli: Cli) -> CliResult {
         Command::Test(a) => test::run(a),
         Command::Audit(a) => audit::run(a),
         Command::Geo(a) => geo::run(a),
+        Command::Consent(a) => consent::run(a),
         Command::Certs(a) => certs::run(a),
         Command::Demo(a) => demo::run(a),
     }

@@ -132,19 +132,8 @@ fn parse(
     // Each line's verdict on its id, in file order; `None` for a withdrawn consent.
     let mut entries: Vec<(usize, Option<ConsentRecord>)> = Vec::new();
     let mut latest: HashMap<String, usize, RandomState> = HashMap::default();
-    let mut buf = Vec::new();
-    let mut number = 0;
-    loop {
-        buf.clear();
-        if reader.read_until(b'\n', &mut buf)? == 0 {
-            break;
-        }
-        number += 1;
-        let line = buf.trim_ascii();
-        if line.is_empty() || line.starts_with(b"#") {
-            continue;
-        }
-        let (id, verdict) = match judge(line) {
+    judged_lines(&mut reader, |number, judged| {
+        let (id, verdict) = match judged {
             Ok(record) => (record.id.clone(), Some(record)),
             Err((id, message)) => {
                 if report.skipped.len() < WARN_LINES {
@@ -161,7 +150,7 @@ fn parse(
                 });
                 match id {
                     Some(id) => (id, None),
-                    None => continue,
+                    None => return,
                 }
             }
         };
@@ -173,7 +162,7 @@ fn parse(
         }
         latest.insert(id, entries.len());
         entries.push((number, verdict));
-    }
+    })?;
     if report.skipped.len() > WARN_LINES {
         tracing::warn!(
             file = %path.display(),
@@ -183,6 +172,39 @@ fn parse(
     }
     let records = entries.into_iter().filter_map(|(_, r)| r).collect();
     Ok((records, report))
+}
+
+/// Calls `each` with every record line of `reader` in order (1-based line number, the record
+/// or why the line is refused), skipping blank and `#` lines. Unlike a load, every line
+/// counts: an import records each line's fact (a grant, then its revocation).
+pub fn each_line(
+    mut reader: impl BufRead,
+    mut each: impl FnMut(usize, Result<ConsentRecord, String>),
+) -> std::io::Result<()> {
+    judged_lines(&mut reader, |number, judged| {
+        each(number, judged.map_err(|(_, message)| message))
+    })
+}
+
+/// The record lines of `reader`, each judged, with their 1-based numbers.
+fn judged_lines(
+    reader: &mut impl BufRead,
+    mut each: impl FnMut(usize, Result<ConsentRecord, (Option<String>, String)>),
+) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let mut number = 0;
+    loop {
+        buf.clear();
+        if reader.read_until(b'\n', &mut buf)? == 0 {
+            return Ok(());
+        }
+        number += 1;
+        let line = buf.trim_ascii();
+        if line.is_empty() || line.starts_with(b"#") {
+            continue;
+        }
+        each(number, judge(line));
+    }
 }
 
 /// One line's record, or why it is refused (with its id, when the line still names one).
@@ -368,7 +390,7 @@ mod tests {
         assert_eq!(report.loaded, 2);
         assert_eq!(ids(&index, "u1"), ["c1", "c5"]);
         // Whether a pre-ticked consent counts is the policy's call, not the store's.
-        assert_eq!(&*index.get("u1").unwrap()[1].method, "pre_ticked");
+        assert_eq!(&*index.get("u1").unwrap()[1].scope.method, "pre_ticked");
         let messages: Vec<&str> = report.skipped.iter().map(|e| &*e.message).collect();
         assert!(
             messages[0].starts_with("not a valid consent record"),

@@ -10,6 +10,9 @@ use std::sync::Arc;
 /// count as consent, and pre-ticked, implied, bundled or opt-out agreement never does.
 pub const KNOWN_METHODS: [&str; 5] = ["explicit", "pre_ticked", "implied", "bundled", "opt_out"];
 
+/// Longest consent id: ids travel in change notifications, URLs and log records.
+pub const MAX_ID_BYTES: usize = 200;
+
 /// A consent as stored and exchanged (JSON lines, admin API, CLI).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,6 +58,12 @@ impl ConsentRecord {
     pub fn validate(&self) -> Result<(), FieldError> {
         if self.id.trim().is_empty() {
             return Err(field("id", "must not be empty"));
+        }
+        if self.id.len() > MAX_ID_BYTES || self.id.contains(char::is_control) {
+            return Err(field(
+                "id",
+                format!("must be at most {MAX_ID_BYTES} bytes without control characters"),
+            ));
         }
         if self.subject.trim().is_empty() {
             return Err(field("subject", "must not be empty"));
@@ -126,20 +135,29 @@ impl ConsentRecord {
     }
 }
 
-/// The in-memory form of a consent, holding only what a decision reads. Strings shared
-/// between many consents (recipients, purposes, categories) are interned by the index.
+/// The in-memory form of a consent, holding only what a decision reads.
 #[derive(Clone, Debug)]
 pub struct Consent {
     pub id: Arc<str>,
-    pub recipient: Arc<str>,
-    pub purposes: Box<[Arc<str>]>,
-    pub categories: Box<[Arc<str>]>,
-    pub destinations: Box<[Arc<str>]>,
-    pub method: Arc<str>,
+    /// What was consented to. Consents with the same terms share one `Scope` (the index
+    /// interns them), which keeps a consent at 56 bytes plus its id.
+    pub scope: Arc<Scope>,
     /// Unix microseconds.
     pub granted_at: i64,
     pub expires_at: i64,
     pub revoked_at: Option<i64>,
+}
+
+/// The terms of a consent: to whom, for what, which data, where, and how it was collected.
+/// Its strings and lists are interned too, so a million consents on a few hundred distinct
+/// terms hold each string once.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Scope {
+    pub recipient: Arc<str>,
+    pub purposes: Arc<[Arc<str>]>,
+    pub categories: Arc<[Arc<str>]>,
+    pub destinations: Arc<[Arc<str>]>,
+    pub method: Arc<str>,
 }
 
 /// Unix microseconds of a timestamp.
@@ -147,24 +165,22 @@ pub fn micros(t: Timestamp) -> i64 {
     t.as_microsecond()
 }
 
-impl Consent {
-    /// Builds the in-memory form, interning shared strings through `intern`.
-    pub fn from_record(r: &ConsentRecord, mut intern: impl FnMut(&str) -> Arc<str>) -> Consent {
-        let mut list = |v: &[String]| v.iter().map(|s| intern(s)).collect::<Box<[_]>>();
-        let purposes = list(&r.purposes);
-        let categories = list(&r.categories);
-        let destinations = list(&r.destinations);
-        Consent {
-            id: r.id.as_str().into(),
-            recipient: intern(&r.recipient),
-            purposes,
-            categories,
-            destinations,
-            method: intern(&r.method),
-            granted_at: micros(r.granted_at),
-            expires_at: micros(r.expires_at),
-            revoked_at: r.revoked_at.map(micros),
-        }
+/// A valid explicit consent of `subject` for `credit-bureau-us` (credit scoring, financial
+/// data, to the US, during 2026), for unit tests.
+#[cfg(test)]
+pub(crate) fn sample(id: &str, subject: &str) -> ConsentRecord {
+    ConsentRecord {
+        id: id.into(),
+        subject: subject.into(),
+        recipient: "credit-bureau-us".into(),
+        purposes: vec!["credit_scoring".into()],
+        categories: vec!["user.financial".into()],
+        destinations: vec!["US".into()],
+        method: "explicit".into(),
+        granted_at: "2026-01-01T00:00:00Z".parse().unwrap(),
+        expires_at: "2027-01-01T00:00:00Z".parse().unwrap(),
+        revoked_at: None,
+        evidence: Some("receipt".into()),
     }
 }
 
@@ -173,19 +189,7 @@ mod tests {
     use super::*;
 
     fn good() -> ConsentRecord {
-        ConsentRecord {
-            id: "c1".into(),
-            subject: "u123".into(),
-            recipient: "credit-bureau-us".into(),
-            purposes: vec!["credit_scoring".into()],
-            categories: vec!["user.financial".into()],
-            destinations: vec!["US".into()],
-            method: "explicit".into(),
-            granted_at: "2026-01-01T00:00:00Z".parse().unwrap(),
-            expires_at: "2027-01-01T00:00:00Z".parse().unwrap(),
-            revoked_at: None,
-            evidence: None,
-        }
+        sample("c1", "u123")
     }
 
     #[test]

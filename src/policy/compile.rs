@@ -1555,7 +1555,9 @@ fn parse_net(s: &str) -> Result<IpNet, String> {
     })
 }
 
-fn parse_store(s: &str) -> Result<ConsentStore, String> {
+/// Parses a consent store URL (`sqlite:PATH`, `postgres://…`, `file:PATH`), as
+/// `[consent].store` and the `consent` command's `--store` take it.
+pub fn parse_store(s: &str) -> Result<ConsentStore, String> {
     if let Some(p) = s.strip_prefix("sqlite:") {
         if p.is_empty() {
             return Err("sqlite: needs a path, e.g. \"sqlite:data/consent.db\"".into());

@@ -785,7 +785,7 @@ fn consent<'a, E: Env, T: Tracer>(
     }
     let dests = &dest_buf[..n];
     let mut nearest: Option<(&Consent, Reason, String)> = None;
-    for c in consents.iter().filter(|c| &*c.recipient == recipient) {
+    for c in consents.iter().filter(|c| &*c.scope.recipient == recipient) {
         let failure = check(policy, ds, c, purpose, dests, now);
         match failure {
             None => {
@@ -843,13 +843,14 @@ fn check(
     dests: &[Country],
     now: i64,
 ) -> Option<(Reason, String)> {
-    if !c.purposes.iter().any(|p| &**p == purpose) {
+    let terms = &c.scope;
+    if !terms.purposes.iter().any(|p| &**p == purpose) {
         return Some((
             Reason::ConsentScopeMismatch,
             format!("purpose \"{purpose}\" not granted"),
         ));
     }
-    if !c
+    if !terms
         .categories
         .iter()
         .any(|g| covers_category(g, &ds.category))
@@ -866,7 +867,8 @@ fn check(
         ));
     }
     if let Some(miss) = dests.iter().find(|country| {
-        !c.destinations
+        !terms
+            .destinations
             .iter()
             .any(|g| policy.jurisdictions.covers(g, **country))
     }) {
@@ -879,12 +881,12 @@ fn check(
         .consent
         .accept_methods
         .iter()
-        .any(|m| **m == *c.method)
-        || super::compile::NEVER_CONSENT.contains(&&*c.method)
+        .any(|m| **m == *terms.method)
+        || super::compile::NEVER_CONSENT.contains(&&*terms.method)
     {
         return Some((
             Reason::ConsentMethodInvalid,
-            format!("collected as \"{}\"", c.method),
+            format!("collected as \"{}\"", terms.method),
         ));
     }
     // A revocation counts from the moment it is known, even if its writer's clock is ahead.

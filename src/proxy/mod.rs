@@ -11,8 +11,8 @@ pub mod upstream;
 
 use crate::audit::keys::KeyError;
 use crate::audit::writer::{AuditError, LogWriter};
-use crate::consent::ConsentIndex;
 use crate::consent::file::FileStoreError;
+use crate::consent::{ConsentIndex, Registry, RegistryError};
 use crate::geo::GeoError;
 use crate::metrics::Metrics;
 use crate::policy::PolicyError;
@@ -46,8 +46,8 @@ pub enum ServeError {
     Audit(#[from] AuditError),
     #[error(transparent)]
     ConsentFile(#[from] FileStoreError),
-    #[error("consent.store \"{0}\" is not supported by this build yet; use \"file:PATH\"")]
-    UnsupportedStore(String),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -74,6 +74,9 @@ impl From<crate::tls::TlsError> for ServeError {
     }
 }
 
+/// How often the SQLite feed looks for changes written by other processes.
+const SQLITE_POLL: Duration = Duration::from_millis(250);
+
 /// State shared by every connection.
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
@@ -82,6 +85,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// The last reload attempt, if any (`/v1/policy`).
     pub last_reload: ArcSwapOption<ReloadStatus>,
+    /// The consent registry (`sqlite:`/`postgres://` stores), for the admin API.
+    pub registry: Option<Registry>,
 }
 
 /// What `serve` needs to start.
@@ -160,14 +165,33 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
                 Duration::from_secs(1),
             ));
         }
-        ConsentStore::Sqlite(p) => {
-            return Err(ServeError::UnsupportedStore(format!(
-                "sqlite:{}",
-                p.display()
-            )));
+        ConsentStore::Sqlite(path) => {
+            background.push(
+                crate::consent::sqlite::start_feed(path.clone(), consents.clone(), SQLITE_POLL)
+                    .await
+                    .map_err(RegistryError::from)?,
+            );
         }
-        ConsentStore::Postgres(u) => return Err(ServeError::UnsupportedStore(u.clone())),
+        ConsentStore::Postgres(url) => {
+            background.push(
+                crate::consent::postgres::start_feed(
+                    url,
+                    consents.clone(),
+                    policy.consent.max_staleness,
+                )
+                .await
+                .map_err(RegistryError::from)?,
+            );
+        }
     }
+    // The feed has created the SQLite file; the API's writer must not create another if it
+    // goes away.
+    let registry = match &policy.consent.store {
+        ConsentStore::Sqlite(_) | ConsentStore::Postgres(_) => {
+            Some(Registry::open(&policy.consent.store, false).await?)
+        }
+        ConsentStore::None | ConsentStore::File(_) => None,
+    };
     let tls = match policy.tls.clone() {
         None => None,
         Some(settings) => {
@@ -211,6 +235,7 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
         consents,
         metrics,
         last_reload: ArcSwapOption::empty(),
+        registry,
     });
     let admin_state = Arc::new(crate::admin::AdminState {
         shared: shared.clone(),

@@ -186,7 +186,15 @@ impl Env for ProxyEnv<'_> {
     }
 
     fn consents(&self, subject: &str) -> ConsentLookup<Arc<[Consent]>> {
-        match self.snap.consents.get(subject) {
+        // Asked only for requests that need consent: others never see the store's state.
+        let index = &self.snap.consents;
+        if index
+            .freshness()
+            .is_stale(self.snap.policy.consent.max_staleness)
+        {
+            return ConsentLookup::Unavailable;
+        }
+        match index.get(subject) {
             Some(c) => ConsentLookup::Found(c),
             None => ConsentLookup::NotFound,
         }

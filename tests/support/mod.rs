@@ -4,7 +4,9 @@
 //! dir and the real proxy started in process), `client` (requests from a chosen source
 //! address), `log` (reading the decision log), `body` (generated bodies and hashes),
 //! `mmdb` (generated MaxMind databases), `binary` (the real `serve` process), `prom`
-//! (a strict reader of the Prometheus text format), `tls` (certificates and TLS configurations).
+//! (a strict reader of the Prometheus text format), `tls` (certificates and TLS configurations),
+//! `registry` (the consent API, the `consent` command, PostgreSQL databases and a relay that
+//! cuts them off).
 
 pub mod binary;
 pub mod body;
@@ -13,6 +15,7 @@ pub mod log;
 pub mod mmdb;
 pub mod prom;
 pub mod proxy;
+pub mod registry;
 pub mod tls;
 pub mod upstream;
 

@@ -25,6 +25,7 @@ pub struct PolicySpec {
     body: String,
     consents: Vec<ConsentRecord>,
     log_path: Option<PathBuf>,
+    admin_token: Option<String>,
 }
 
 fn set(table: &mut BTreeMap<String, String>, line: &str) {
@@ -49,6 +50,7 @@ impl PolicySpec {
             body: String::new(),
             consents: Vec::new(),
             log_path: None,
+            admin_token: None,
         };
         for line in [
             "name = 'itest'",
@@ -73,6 +75,18 @@ impl PolicySpec {
     /// A `key = value` line of `[proxy]`.
     pub fn proxy(mut self, line: &str) -> Self {
         set(&mut self.proxy, line);
+        self
+    }
+
+    /// A `key = value` line of `[consent]`; `store = '…'` replaces the consent file.
+    pub fn consent(mut self, line: &str) -> Self {
+        set(&mut self.consent, line);
+        self
+    }
+
+    /// An admin bearer token, written to `admin.token` and named by `[admin].token_file`.
+    pub fn admin_token(mut self, token: &str) -> Self {
+        self.admin_token = Some(token.into());
         self
     }
 
@@ -127,10 +141,12 @@ impl PolicySpec {
     /// The policy text, with the state files in `dir`.
     pub fn render(&self, dir: &Path) -> String {
         let mut consent = self.consent.clone();
-        set(
-            &mut consent,
-            &format!("store = 'file:{}'", dir.join("consents.jsonl").display()),
-        );
+        if !consent.contains_key("store") {
+            set(
+                &mut consent,
+                &format!("store = 'file:{}'", dir.join("consents.jsonl").display()),
+            );
+        }
         let mut log = self.log.clone();
         set(
             &mut log,
@@ -154,6 +170,11 @@ impl PolicySpec {
         // Parallel tests never share a port: the admin listener binds an ephemeral one too.
         let admin = if self.body.contains("[admin]") {
             String::new()
+        } else if self.admin_token.is_some() {
+            format!(
+                "[admin]\nlisten = '127.0.0.1:0'\ntoken_file = '{}'\n\n",
+                dir.join("admin.token").display()
+            )
         } else {
             "[admin]\nlisten = '127.0.0.1:0'\n\n".to_string()
         };
@@ -180,6 +201,9 @@ impl PolicySpec {
     pub fn write_files(&self, dir: &Path) -> (PathBuf, String) {
         std::fs::write(dir.join("log-signing.key"), SigningKey::generate_pem()).unwrap();
         write_consents(&dir.join("consents.jsonl"), &self.consents);
+        if let Some(token) = &self.admin_token {
+            std::fs::write(dir.join("admin.token"), format!("{token}\n")).unwrap();
+        }
         let policy_path = dir.join("policy.toml");
         let text = self.render(dir);
         std::fs::write(&policy_path, &text).unwrap();

@@ -1,0 +1,780 @@
+//! The `postgres://` store, for fleets: many sidecars share one database.
+//!
+//! Triggers on the two fact tables (`consents`, `consent_revocations`) send the consent id on
+//! the `residency_consents` channel (NOTIFY) when a grant or revocation commits, however it
+//! was written: through any sidecar's admin API, the `consent` command, or straight SQL.
+//! Each proxy's feed LISTENs on one connection, fetches the current state of each notified
+//! consent and applies it to the index, so a change reaches every sidecar within a second.
+//! A full resynchronisation runs on every (re)connection and every [`RESYNC_EVERY`] as a
+//! safety net; a heartbeat query proves the database reachable for the staleness bound, and a
+//! lost connection is re-established with capped, jittered exponential backoff.
+//!
+//! Rows are facts: triggers refuse to update, delete or truncate them. The schema is
+//! versioned in `residency_consent_schema` and migrated under an advisory lock, so sidecars
+//! starting together migrate once.
+
+use super::index::ConsentIndex;
+use super::record::ConsentRecord;
+use super::registry::{Change, Event, Filter, RegistryError, Written, plan, redact};
+use jiff::Timestamp;
+use serde::Serialize;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{AsyncMessage, Client, Config, GenericClient, NoTls, Row};
+
+/// The NOTIFY channel.
+pub const CHANNEL: &str = "residency_consents";
+/// How often the feed reloads everything even when notifications flow.
+pub const RESYNC_EVERY: Duration = Duration::from_secs(300);
+/// A query that takes longer counts as a lost connection.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Rows per page of a full load.
+const PAGE: i64 = 20_000;
+/// Advisory lock key serialising migrations and writes ("rpconsnt").
+const LOCK_KEY: i64 = 0x7270_636f_6e73_6e74;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("consent.store {target} is not a PostgreSQL connection URL: {source}")]
+    Url {
+        target: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("cannot reach consent database {target}: {source}")]
+    Connect {
+        target: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("consent database {target}: {source}")]
+    Query {
+        target: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("consent database {target} did not answer within {} s", timeout.as_secs())]
+    Timeout { target: String, timeout: Duration },
+    #[error("consent database {target}: the connection closed")]
+    Closed { target: String },
+    #[error(
+        "consent database {target} has schema version {found}, newer than this build knows ({known}): upgrade residency-proxy"
+    )]
+    TooNew {
+        target: String,
+        found: i32,
+        known: i32,
+    },
+}
+
+/// Schema migrations, in order; `residency_consent_schema.version` counts those applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE consents (
+    id           text PRIMARY KEY,
+    subject      text NOT NULL,
+    recipient    text NOT NULL,
+    purposes     text[] NOT NULL,
+    categories   text[] NOT NULL,
+    destinations text[] NOT NULL,
+    method       text NOT NULL,
+    granted_at   timestamptz NOT NULL,
+    expires_at   timestamptz NOT NULL,
+    evidence     text,
+    recorded_at  timestamptz NOT NULL DEFAULT now(),
+    recorded_by  text NOT NULL DEFAULT session_user
+);
+CREATE INDEX consents_by_subject ON consents (subject);
+
+CREATE TABLE consent_revocations (
+    consent_id  text NOT NULL REFERENCES consents (id),
+    revoked_at  timestamptz NOT NULL,
+    evidence    text,
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    recorded_by text NOT NULL DEFAULT session_user
+);
+CREATE INDEX consent_revocations_by_consent ON consent_revocations (consent_id);
+
+CREATE FUNCTION residency_consent_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('residency_consents', to_jsonb(NEW) ->> TG_ARGV[0]);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER consents_notify AFTER INSERT ON consents
+    FOR EACH ROW EXECUTE FUNCTION residency_consent_notify('id');
+CREATE TRIGGER consent_revocations_notify AFTER INSERT ON consent_revocations
+    FOR EACH ROW EXECUTE FUNCTION residency_consent_notify('consent_id');
+
+CREATE FUNCTION residency_consent_fact_kept() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'rows of % are facts: they are never changed or deleted (revoke, or grant a new consent)', TG_TABLE_NAME;
+END $$;
+CREATE TRIGGER consents_kept BEFORE UPDATE OR DELETE ON consents
+    FOR EACH ROW EXECUTE FUNCTION residency_consent_fact_kept();
+CREATE TRIGGER consents_kept_whole BEFORE TRUNCATE ON consents
+    FOR EACH STATEMENT EXECUTE FUNCTION residency_consent_fact_kept();
+CREATE TRIGGER consent_revocations_kept BEFORE UPDATE OR DELETE ON consent_revocations
+    FOR EACH ROW EXECUTE FUNCTION residency_consent_fact_kept();
+CREATE TRIGGER consent_revocations_kept_whole BEFORE TRUNCATE ON consent_revocations
+    FOR EACH STATEMENT EXECUTE FUNCTION residency_consent_fact_kept();
+"#];
+
+/// The columns of a current state, in the order [`state_from_row`] reads them; times as
+/// Unix microseconds.
+const STATE_COLUMNS: &str = "c.id, c.subject, c.recipient, c.purposes, c.categories, c.destinations, c.method, \
+     (extract(epoch FROM c.granted_at) * 1000000)::int8, (extract(epoch FROM c.expires_at) * 1000000)::int8, c.evidence, \
+     (SELECT (extract(epoch FROM min(r.revoked_at)) * 1000000)::int8 FROM consent_revocations r WHERE r.consent_id = c.id)";
+
+fn micros(us: i64) -> Timestamp {
+    Timestamp::from_microsecond(us).unwrap_or(Timestamp::MAX)
+}
+
+fn state_from_row(row: &Row) -> Result<ConsentRecord, tokio_postgres::Error> {
+    Ok(ConsentRecord {
+        id: row.try_get(0)?,
+        subject: row.try_get(1)?,
+        recipient: row.try_get(2)?,
+        purposes: row.try_get(3)?,
+        categories: row.try_get(4)?,
+        destinations: row.try_get(5)?,
+        method: row.try_get(6)?,
+        granted_at: micros(row.try_get(7)?),
+        expires_at: micros(row.try_get(8)?),
+        evidence: row.try_get(9)?,
+        revoked_at: row.try_get::<_, Option<i64>>(10)?.map(micros),
+    })
+}
+
+/// Parses a store URL, with defaults suited to a sidecar.
+fn config(url: &str) -> Result<(Config, String), PgError> {
+    let target = redact(url);
+    let mut config = Config::from_str(url).map_err(|source| PgError::Url {
+        target: target.clone(),
+        source,
+    })?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(5));
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("residency-proxy");
+    }
+    config.keepalives(true);
+    Ok((config, target))
+}
+
+/// Bounds a database call, naming the database when it takes too long.
+async fn bounded<T>(
+    target: &str,
+    f: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, PgError> {
+    match tokio::time::timeout(QUERY_TIMEOUT, f).await {
+        Ok(r) => r.map_err(|source| PgError::Query {
+            target: target.into(),
+            source,
+        }),
+        Err(_) => Err(PgError::Timeout {
+            target: target.into(),
+            timeout: QUERY_TIMEOUT,
+        }),
+    }
+}
+
+async fn migrate(client: &mut Client, target: &str) -> Result<(), PgError> {
+    let known = MIGRATIONS.len() as i32;
+    // The usual case, with no lock and no privilege beyond SELECT: already up to date.
+    let exists: bool = bounded(
+        target,
+        client.query_one(
+            "SELECT to_regclass('residency_consent_schema') IS NOT NULL",
+            &[],
+        ),
+    )
+    .await?
+    .get(0);
+    if exists {
+        let current: i32 = bounded(
+            target,
+            client.query_one(
+                "SELECT coalesce(max(version), 0) FROM residency_consent_schema",
+                &[],
+            ),
+        )
+        .await?
+        .get(0);
+        if current == known {
+            return Ok(());
+        }
+    }
+    let tx = bounded(target, client.transaction()).await?;
+    bounded(
+        target,
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY]),
+    )
+    .await?;
+    bounded(
+        target,
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS residency_consent_schema (version integer NOT NULL)",
+        ),
+    )
+    .await?;
+    let found: i32 = bounded(
+        target,
+        tx.query_one(
+            "SELECT coalesce(max(version), 0) FROM residency_consent_schema",
+            &[],
+        ),
+    )
+    .await?
+    .get(0);
+    if found > known {
+        return Err(PgError::TooNew {
+            target: target.into(),
+            found,
+            known,
+        });
+    }
+    if found == known {
+        return Ok(());
+    }
+    for m in &MIGRATIONS[found as usize..] {
+        bounded(target, tx.batch_execute(m)).await?;
+    }
+    bounded(
+        target,
+        tx.execute("DELETE FROM residency_consent_schema", &[]),
+    )
+    .await?;
+    bounded(
+        target,
+        tx.execute(
+            "INSERT INTO residency_consent_schema (version) VALUES ($1)",
+            &[&known],
+        ),
+    )
+    .await?;
+    bounded(target, tx.commit()).await
+}
+
+/// The selected consents' current states.
+async fn states(
+    client: &impl GenericClient,
+    target: &str,
+    filter: Filter<'_>,
+) -> Result<Vec<ConsentRecord>, PgError> {
+    let (cond, param) = condition(filter);
+    let sql = format!("SELECT {STATE_COLUMNS} FROM consents c WHERE {cond} ORDER BY c.id");
+    let params = params(&param);
+    let rows = bounded(target, client.query(&sql, &params)).await?;
+    rows_to_states(&rows, target)
+}
+
+fn rows_to_states(rows: &[Row], target: &str) -> Result<Vec<ConsentRecord>, PgError> {
+    rows.iter()
+        .map(|r| {
+            state_from_row(r).map_err(|source| PgError::Query {
+                target: target.into(),
+                source,
+            })
+        })
+        .collect()
+}
+
+async fn states_of(
+    client: &impl GenericClient,
+    target: &str,
+    ids: &[&str],
+) -> Result<Vec<ConsentRecord>, PgError> {
+    let sql = format!("SELECT {STATE_COLUMNS} FROM consents c WHERE c.id = ANY($1)");
+    let rows = bounded(target, client.query(&sql, &[&ids])).await?;
+    rows_to_states(&rows, target)
+}
+
+/// Every consent, a page at a time (memory stays bounded by the page, not the table).
+async fn load_all(client: &Client, target: &str) -> Result<Vec<ConsentRecord>, PgError> {
+    let sql =
+        format!("SELECT {STATE_COLUMNS} FROM consents c WHERE c.id > $1 ORDER BY c.id LIMIT $2");
+    let mut out = Vec::new();
+    let mut after = String::new();
+    loop {
+        let rows = bounded(target, client.query(&sql, &[&after, &PAGE])).await?;
+        let page = rows_to_states(&rows, target)?;
+        let done = (page.len() as i64) < PAGE;
+        if let Some(last) = page.last() {
+            after = last.id.clone();
+        }
+        out.extend(page);
+        if done {
+            return Ok(out);
+        }
+    }
+}
+
+enum Param<'a> {
+    None,
+    Text(&'a str),
+}
+
+fn condition(filter: Filter<'_>) -> (&'static str, Param<'_>) {
+    match filter {
+        Filter::All => ("TRUE", Param::None),
+        Filter::Subject(s) => ("c.subject = $1", Param::Text(s)),
+        Filter::Id(id) => ("c.id = $1", Param::Text(id)),
+    }
+}
+
+fn params<'a>(p: &'a Param<'a>) -> Vec<&'a (dyn ToSql + Sync)> {
+    match p {
+        Param::None => vec![],
+        Param::Text(s) => vec![s],
+    }
+}
+
+async fn history(client: &Client, target: &str, filter: Filter<'_>) -> Result<Vec<Event>, PgError> {
+    let (cond, param) = condition(filter);
+    let params = params(&param);
+    let recorded = "(extract(epoch FROM {t}.recorded_at) * 1000000)::int8, {t}.recorded_by";
+    let grants = format!(
+        "SELECT {STATE_COLUMNS}, {} FROM consents c WHERE {cond}",
+        recorded.replace("{t}", "c")
+    );
+    let query = |source| PgError::Query {
+        target: target.into(),
+        source,
+    };
+    let mut events = Vec::new();
+    for row in bounded(target, client.query(&grants, &params)).await? {
+        let mut r = state_from_row(&row).map_err(query)?;
+        r.revoked_at = None;
+        events.push(Event {
+            event: "grant",
+            consent: r.id.clone(),
+            subject: r.subject.clone(),
+            at: r.granted_at,
+            recorded_at: micros(row.try_get(11).map_err(query)?),
+            recorded_by: row.try_get(12).map_err(query)?,
+            evidence: r.evidence.clone(),
+            record: Some(r),
+        });
+    }
+    let revocations = format!(
+        "SELECT r.consent_id, c.subject, (extract(epoch FROM r.revoked_at) * 1000000)::int8, {}, r.evidence \
+         FROM consent_revocations r JOIN consents c ON c.id = r.consent_id WHERE {cond}",
+        recorded.replace("{t}", "r")
+    );
+    for row in bounded(target, client.query(&revocations, &params)).await? {
+        events.push(Event {
+            event: "revoke",
+            consent: row.try_get(0).map_err(query)?,
+            subject: row.try_get(1).map_err(query)?,
+            at: micros(row.try_get(2).map_err(query)?),
+            recorded_at: micros(row.try_get(3).map_err(query)?),
+            recorded_by: row.try_get(4).map_err(query)?,
+            evidence: row.try_get(5).map_err(query)?,
+            record: None,
+        });
+    }
+    Ok(events)
+}
+
+#[derive(Serialize)]
+struct RevocationRow<'a> {
+    consent_id: &'a str,
+    revoked_at: Timestamp,
+    evidence: Option<&'a str>,
+}
+
+/// Writes a batch in one transaction, serialised with every other writer of the database.
+async fn write(
+    client: &mut Client,
+    target: &str,
+    changes: &[Change],
+    by: &str,
+) -> Result<Vec<Result<Written, RegistryError>>, PgError> {
+    let tx = bounded(target, client.transaction()).await?;
+    bounded(
+        target,
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY]),
+    )
+    .await?;
+    let ids: Vec<&str> = changes.iter().map(Change::id).collect();
+    let held = states_of(&tx, target, &ids)
+        .await?
+        .into_iter()
+        .map(|r| (r.id.clone(), r))
+        .collect();
+    let (batch, results) = plan(held, changes);
+    // One statement per kind of fact, whatever the batch size: the rows travel as JSON.
+    if !batch.grants.is_empty() {
+        let rows = serde_json::to_string(&batch.grants).expect("records serialise");
+        bounded(
+            target,
+            tx.execute(
+                "INSERT INTO consents (id, subject, recipient, purposes, categories, destinations, method, granted_at, expires_at, evidence, recorded_by) \
+                 SELECT id, subject, recipient, purposes, categories, destinations, method, granted_at, expires_at, evidence, $2 \
+                 FROM jsonb_to_recordset($1::text::jsonb) AS x(id text, subject text, recipient text, purposes text[], categories text[], \
+                      destinations text[], method text, granted_at timestamptz, expires_at timestamptz, evidence text)",
+                &[&rows, &by],
+            ),
+        )
+        .await?;
+    }
+    if !batch.revocations.is_empty() {
+        let rows: Vec<RevocationRow> = batch
+            .revocations
+            .iter()
+            .map(|r| RevocationRow {
+                consent_id: &r.consent_id,
+                revoked_at: r.revoked_at,
+                evidence: r.evidence.as_deref(),
+            })
+            .collect();
+        let rows = serde_json::to_string(&rows).expect("revocations serialise");
+        bounded(
+            target,
+            tx.execute(
+                "INSERT INTO consent_revocations (consent_id, revoked_at, evidence, recorded_by) \
+                 SELECT consent_id, revoked_at, evidence, $2 \
+                 FROM jsonb_to_recordset($1::text::jsonb) AS x(consent_id text, revoked_at timestamptz, evidence text)",
+                &[&rows, &by],
+            ),
+        )
+        .await?;
+    }
+    bounded(target, tx.commit()).await?;
+    Ok(results)
+}
+
+/// Connects, driving the connection on its own task. Notifications go to `notes` when given.
+async fn connect(
+    config: &Config,
+    target: &str,
+    notes: Option<mpsc::UnboundedSender<String>>,
+) -> Result<Client, PgError> {
+    let (client, mut conn) = config
+        .connect(NoTls)
+        .await
+        .map_err(|source| PgError::Connect {
+            target: target.into(),
+            source,
+        })?;
+    let target = target.to_string();
+    tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    if let Some(tx) = &notes {
+                        let _ = tx.send(n.payload().to_string());
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::debug!(consent.store = %target, error = %e, "consent database connection ended");
+                    return;
+                }
+                None => return,
+            }
+        }
+    });
+    Ok(client)
+}
+
+/// The registry's writer and reader for the admin API and the `consent` command: one
+/// connection, opened on first use and re-opened after a failure.
+pub struct PgRegistry {
+    config: Config,
+    target: String,
+    client: tokio::sync::Mutex<Option<Client>>,
+}
+
+impl PgRegistry {
+    /// Parses the URL; connects on first use.
+    pub fn new(url: &str) -> Result<PgRegistry, PgError> {
+        let (config, target) = config(url)?;
+        Ok(PgRegistry {
+            config,
+            target,
+            client: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The database, for messages (without a password).
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    async fn session(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>, PgError> {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            *guard = None;
+            let mut client = connect(&self.config, &self.target, None).await?;
+            migrate(&mut client, &self.target).await?;
+            *guard = Some(client);
+        }
+        Ok(guard)
+    }
+
+    /// Keeps the connection after a success, drops it after a failure.
+    fn settle<T>(guard: &mut Option<Client>, result: Result<T, PgError>) -> Result<T, PgError> {
+        if result.is_err() {
+            *guard = None;
+        }
+        result
+    }
+
+    /// See [`super::Registry::write`].
+    pub async fn write(
+        &self,
+        changes: &[Change],
+        by: &str,
+    ) -> Result<Vec<Result<Written, RegistryError>>, PgError> {
+        let mut guard = self.session().await?;
+        let client = guard.as_mut().expect("connected");
+        let result = write(client, &self.target, changes, by).await;
+        Self::settle(&mut guard, result)
+    }
+
+    pub async fn list(&self, filter: Filter<'_>) -> Result<Vec<ConsentRecord>, PgError> {
+        let mut guard = self.session().await?;
+        let client = guard.as_ref().expect("connected");
+        let result = states(client, &self.target, filter).await;
+        Self::settle(&mut guard, result)
+    }
+
+    pub async fn history(&self, filter: Filter<'_>) -> Result<Vec<Event>, PgError> {
+        let mut guard = self.session().await?;
+        let client = guard.as_ref().expect("connected");
+        let result = history(client, &self.target, filter).await;
+        Self::settle(&mut guard, result)
+    }
+}
+
+/// One connection of the feed: LISTENing, loaded, with its notifications.
+struct Session {
+    client: Client,
+    notes: mpsc::UnboundedReceiver<String>,
+}
+
+/// The proxy's change feed: keeps `index` equal to the database (see the module doc).
+struct Feed {
+    config: Config,
+    target: String,
+    index: Arc<ConsentIndex>,
+    heartbeat: Duration,
+}
+
+/// Most notified ids fetched in one query.
+const FETCH_MAX: usize = 5000;
+
+impl Feed {
+    /// Connects, LISTENs, then loads everything: a change committed after the load began is
+    /// notified and applied after it, so none falls between.
+    async fn open(&self) -> Result<Session, PgError> {
+        let (tx, notes) = mpsc::unbounded_channel();
+        let mut client = connect(&self.config, &self.target, Some(tx)).await?;
+        migrate(&mut client, &self.target).await?;
+        bounded(
+            &self.target,
+            client.batch_execute(&format!("LISTEN {CHANNEL}")),
+        )
+        .await?;
+        self.resync(&client).await?;
+        Ok(Session { client, notes })
+    }
+
+    async fn resync(&self, client: &Client) -> Result<(), PgError> {
+        let started = std::time::Instant::now();
+        let records = load_all(client, &self.target).await?;
+        let read = started.elapsed();
+        let index = self.index.clone();
+        let (total, rejected) = tokio::task::spawn_blocking(move || {
+            let rejected = index.replace_all(&records);
+            (records.len(), rejected)
+        })
+        .await
+        .expect("replace_all does not panic");
+        self.index.freshness().confirm();
+        tracing::info!(
+            consent.store = %self.target,
+            consents = total - rejected,
+            rejected,
+            read_ms = read.as_millis() as u64,
+            ms = started.elapsed().as_millis() as u64,
+            "consents loaded"
+        );
+        Ok(())
+    }
+
+    /// Serves one session until its connection fails.
+    async fn follow(&self, mut session: Session) -> PgError {
+        let mut heartbeat = tokio::time::interval(self.heartbeat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut resync = tokio::time::interval(RESYNC_EVERY);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        resync.tick().await;
+        loop {
+            let step = tokio::select! {
+                id = session.notes.recv() => match id {
+                    Some(id) => {
+                        let mut ids = vec![id];
+                        while ids.len() < FETCH_MAX {
+                            match session.notes.try_recv() {
+                                Ok(more) => ids.push(more),
+                                Err(_) => break,
+                            }
+                        }
+                        self.apply(&session.client, ids).await
+                    }
+                    None => Err(PgError::Closed { target: self.target.clone() }),
+                },
+                _ = heartbeat.tick() => {
+                    let ping = tokio::time::timeout(self.heartbeat.max(Duration::from_secs(1)), session.client.simple_query("SELECT 1")).await;
+                    match ping {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(source)) => Err(PgError::Query { target: self.target.clone(), source }),
+                        Err(_) => Err(PgError::Timeout { target: self.target.clone(), timeout: self.heartbeat }),
+                    }
+                }
+                _ = resync.tick() => self.resync(&session.client).await,
+            };
+            match step {
+                Ok(()) => self.index.freshness().confirm(),
+                Err(e) => return e,
+            }
+        }
+    }
+
+    async fn apply(&self, client: &Client, mut ids: Vec<String>) -> Result<(), PgError> {
+        ids.sort_unstable();
+        ids.dedup();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let records = states_of(client, &self.target, &refs).await?;
+        for r in &records {
+            if let Err(e) = self.index.upsert(r) {
+                tracing::warn!(consent.id = %r.id, error = %e, "invalid consent in the registry ignored");
+            }
+        }
+        tracing::debug!(consents = records.len(), "consent changes applied");
+        Ok(())
+    }
+
+    async fn run(self, mut session: Option<Session>) {
+        let mut backoff = Backoff::default();
+        loop {
+            let s = match session.take() {
+                Some(s) => s,
+                None => match self.open().await {
+                    Ok(s) => {
+                        if backoff.failed() {
+                            tracing::info!(consent.store = %self.target, "consent database reachable again");
+                        }
+                        backoff = Backoff::default();
+                        s
+                    }
+                    Err(e) => {
+                        self.index.freshness().fail(e.to_string());
+                        tokio::time::sleep(backoff.next()).await;
+                        continue;
+                    }
+                },
+            };
+            let e = self.follow(s).await;
+            tracing::error!(error = %e, "consent database connection lost; the consents loaded stay in force until consent.max_staleness");
+            self.index.freshness().fail(e.to_string());
+            backoff.next();
+        }
+    }
+}
+
+/// Reconnection delays: 100 ms doubling to 5 s, each with up to 25% jitter so that a fleet
+/// does not reconnect in lockstep.
+#[derive(Default)]
+struct Backoff {
+    attempts: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let base = Duration::from_millis(100) * 2u32.saturating_pow(self.attempts.min(6));
+        self.attempts += 1;
+        let base = base.min(Duration::from_secs(5));
+        base + base.mul_f64(fastrand::f64() * 0.25)
+    }
+
+    fn failed(&self) -> bool {
+        self.attempts > 0
+    }
+}
+
+/// How often the feed proves the database reachable: often enough that `max_staleness`
+/// spans several heartbeats.
+fn heartbeat_for(max_staleness: Duration) -> Duration {
+    (max_staleness / 4).clamp(Duration::from_millis(250), Duration::from_secs(5))
+}
+
+/// Connects to the database at `url`, loads it into `index`, and starts the task that keeps
+/// the index current. An unreachable database does not stop start-up: the index stays stale
+/// (consent-needing requests are refused) until the feed reaches it. A malformed URL does.
+pub async fn start_feed(
+    url: &str,
+    index: Arc<ConsentIndex>,
+    max_staleness: Duration,
+) -> Result<tokio::task::JoinHandle<()>, PgError> {
+    let (config, target) = config(url)?;
+    index.freshness().track();
+    let feed = Feed {
+        config,
+        target,
+        index,
+        heartbeat: heartbeat_for(max_staleness),
+    };
+    let first = match feed.open().await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, "consent database unreachable at start-up; consent-needing requests are refused until it is reached");
+            feed.index.freshness().fail(e.to_string());
+            None
+        }
+    };
+    Ok(tokio::spawn(feed.run(first)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_fit_several_times_in_the_staleness_bound() {
+        assert_eq!(
+            heartbeat_for(Duration::from_secs(2)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            heartbeat_for(Duration::from_secs(30)),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            heartbeat_for(Duration::from_millis(100)),
+            Duration::from_millis(250)
+        );
+    }
+
+    #[test]
+    fn backoff_grows_to_a_cap() {
+        let mut b = Backoff::default();
+        let first = b.next();
+        assert!(first >= Duration::from_millis(100) && first <= Duration::from_millis(125));
+        for _ in 0..20 {
+            b.next();
+        }
+        let late = b.next();
+        assert!(late >= Duration::from_secs(5) && late <= Duration::from_millis(6250));
+    }
+
+    #[test]
+    fn a_malformed_url_is_refused_without_echoing_its_password() {
+        let e = PgRegistry::new("postgres://u:hunter2@host:notaport/db")
+            .err()
+            .unwrap();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+}

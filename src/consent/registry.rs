@@ -1,0 +1,570 @@
+//! The consent registry behind `sqlite:` and `postgres://` stores, as the admin API and the
+//! `consent` command use it: grant, revoke, look up, list with history, import.
+//!
+//! History, not overwrites: a grant is a fact recorded once and never changed; a revocation
+//! is a later fact about it. A consent's current state is its grant plus the earliest of its
+//! revocations. Both kinds of fact carry who recorded them, when, and their evidence.
+//!
+//! Both backends write through the same plan ([`plan`]): for each change, what the registry
+//! already holds for that id decides whether it is a new grant, a revocation, a repetition
+//! (nothing to do: imports are idempotent by id) or a conflict (an id reused for different
+//! content is refused, never overwritten).
+
+use super::postgres::{PgError, PgRegistry};
+use super::record::{ConsentRecord, FieldError};
+use super::sqlite::{SqliteError, SqliteRegistry};
+use crate::policy::model::ConsentStore;
+use foldhash::fast::RandomState;
+use jiff::Timestamp;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Changes written per transaction by an import.
+pub const IMPORT_BATCH: usize = 1000;
+
+/// A registry: the stores that record consents as facts.
+#[derive(Clone)]
+pub enum Registry {
+    Sqlite(Arc<SqliteRegistry>),
+    Postgres(Arc<PgRegistry>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("consent \"{id}\" is invalid: {source}")]
+    Invalid { id: String, source: FieldError },
+    #[error("no consent \"{id}\" in the registry")]
+    NotFound { id: String },
+    #[error(
+        "consent \"{id}\" is already recorded with a different {field}; a grant is never changed: revoke it and grant a new consent"
+    )]
+    Conflict { id: String, field: &'static str },
+    #[error("consent.store \"{store}\" is not a registry (use sqlite:PATH or postgres://…)")]
+    NotARegistry { store: String },
+    #[error(transparent)]
+    Sqlite(#[from] SqliteError),
+    #[error(transparent)]
+    Postgres(#[from] PgError),
+    #[error("the registry task stopped: {0}")]
+    Task(String),
+}
+
+impl RegistryError {
+    /// Whether the registry refused the change itself (as opposed to not being reachable).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            RegistryError::Invalid { .. }
+                | RegistryError::NotFound { .. }
+                | RegistryError::Conflict { .. }
+        )
+    }
+}
+
+/// A revocation of a recorded consent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revocation {
+    pub consent_id: String,
+    pub revoked_at: Timestamp,
+    pub evidence: Option<String>,
+}
+
+/// One change to write.
+#[derive(Clone, Debug)]
+pub enum Change {
+    /// A record as the file store writes it: a grant, with `revoked_at` when it was revoked.
+    Record(ConsentRecord),
+    Revoke(Revocation),
+}
+
+impl Change {
+    pub fn id(&self) -> &str {
+        match self {
+            Change::Record(r) => &r.id,
+            Change::Revoke(r) => &r.consent_id,
+        }
+    }
+}
+
+/// What a change did.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Granted,
+    Revoked,
+    /// Granted and revoked at once (an imported record that was already revoked).
+    GrantedRevoked,
+    /// The registry already held exactly this.
+    Unchanged,
+}
+
+/// A change written (or found already written), with the consent's state after it.
+#[derive(Clone, Debug)]
+pub struct Written {
+    pub record: ConsentRecord,
+    pub outcome: Outcome,
+}
+
+/// What the backends write for a batch of changes: grants first, then revocations.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub grants: Vec<ConsentRecord>,
+    pub revocations: Vec<Revocation>,
+}
+
+/// The effect of each change given what the registry holds (`existing`, current states by
+/// id), in order: a later change of the same id sees the earlier one's result.
+pub fn plan(
+    mut existing: HashMap<String, ConsentRecord, RandomState>,
+    changes: &[Change],
+) -> (Batch, Vec<Result<Written, RegistryError>>) {
+    let mut batch = Batch::default();
+    let mut results = Vec::with_capacity(changes.len());
+    for change in changes {
+        let held = existing.get(change.id());
+        let result = step(held, change);
+        if let Ok(w) = &result {
+            if matches!(w.outcome, Outcome::Granted | Outcome::GrantedRevoked) {
+                batch.grants.push(ConsentRecord {
+                    revoked_at: None,
+                    ..w.record.clone()
+                });
+            }
+            if matches!(w.outcome, Outcome::Revoked | Outcome::GrantedRevoked) {
+                let evidence = match change {
+                    Change::Revoke(r) => r.evidence.clone(),
+                    Change::Record(_) => None,
+                };
+                batch.revocations.push(Revocation {
+                    consent_id: w.record.id.clone(),
+                    revoked_at: w.record.revoked_at.expect("a revoked state"),
+                    evidence,
+                });
+            }
+            existing.insert(w.record.id.clone(), w.record.clone());
+        }
+        results.push(result);
+    }
+    (batch, results)
+}
+
+fn step(held: Option<&ConsentRecord>, change: &Change) -> Result<Written, RegistryError> {
+    let written = |record: ConsentRecord, outcome| Ok(Written { record, outcome });
+    if let Change::Record(r) = change
+        && let Err(source) = r.validate()
+    {
+        return Err(RegistryError::Invalid {
+            id: r.id.clone(),
+            source,
+        });
+    }
+    match (held, change) {
+        (None, Change::Record(r)) => {
+            let outcome = match r.revoked_at {
+                Some(_) => Outcome::GrantedRevoked,
+                None => Outcome::Granted,
+            };
+            written(r.clone(), outcome)
+        }
+        (Some(h), Change::Record(r)) => {
+            if let Some(field) = first_difference(h, r) {
+                return Err(RegistryError::Conflict {
+                    id: r.id.clone(),
+                    field,
+                });
+            }
+            match (h.revoked_at, r.revoked_at) {
+                (None, Some(at)) => written(
+                    ConsentRecord {
+                        revoked_at: Some(at),
+                        ..h.clone()
+                    },
+                    Outcome::Revoked,
+                ),
+                // A revoked consent stays revoked: a record without `revoked_at` is an
+                // earlier state of it (a file lists the grant, then its revocation).
+                _ => written(h.clone(), Outcome::Unchanged),
+            }
+        }
+        (None, Change::Revoke(r)) => Err(RegistryError::NotFound {
+            id: r.consent_id.clone(),
+        }),
+        (Some(h), Change::Revoke(_)) if h.revoked_at.is_some() => {
+            written(h.clone(), Outcome::Unchanged)
+        }
+        (Some(h), Change::Revoke(r)) => {
+            let after = ConsentRecord {
+                revoked_at: Some(r.revoked_at),
+                ..h.clone()
+            };
+            match after.validate() {
+                Ok(()) => written(after, Outcome::Revoked),
+                Err(source) => Err(RegistryError::Invalid {
+                    id: h.id.clone(),
+                    source,
+                }),
+            }
+        }
+    }
+}
+
+/// The first field of the grant (everything but `revoked_at`) where `a` and `b` differ.
+fn first_difference(a: &ConsentRecord, b: &ConsentRecord) -> Option<&'static str> {
+    let fields: [(&str, bool); 9] = [
+        ("subject", a.subject == b.subject),
+        ("recipient", a.recipient == b.recipient),
+        ("purposes", a.purposes == b.purposes),
+        ("categories", a.categories == b.categories),
+        ("destinations", a.destinations == b.destinations),
+        ("method", a.method == b.method),
+        ("granted_at", a.granted_at == b.granted_at),
+        ("expires_at", a.expires_at == b.expires_at),
+        ("evidence", a.evidence == b.evidence),
+    ];
+    fields.iter().find(|(_, same)| !same).map(|(f, _)| *f)
+}
+
+/// One fact of a consent's history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Event {
+    /// `grant` or `revoke`.
+    pub event: &'static str,
+    pub consent: String,
+    pub subject: String,
+    /// When the fact took effect: `granted_at` or `revoked_at`.
+    pub at: Timestamp,
+    /// When, and by whom, it was written into the registry.
+    pub recorded_at: Timestamp,
+    pub recorded_by: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<String>,
+    /// The grant itself (grants only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub record: Option<ConsentRecord>,
+}
+
+/// Orders events as they were recorded; a grant comes before a revocation recorded in the
+/// same instant (it must have been, for the revocation to refer to it).
+pub fn sort_events(events: &mut [Event]) {
+    events.sort_by(|a, b| {
+        (a.recorded_at, a.event != "grant", &a.consent).cmp(&(
+            b.recorded_at,
+            b.event != "grant",
+            &b.consent,
+        ))
+    });
+}
+
+/// Which consents a listing covers.
+#[derive(Copy, Clone, Debug)]
+pub enum Filter<'a> {
+    All,
+    Subject(&'a str),
+    Id(&'a str),
+}
+
+/// What an import did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ImportReport {
+    pub granted: usize,
+    pub revoked: usize,
+    pub unchanged: usize,
+    /// Lines refused (1-based line number, why); the rest of the import went ahead.
+    pub refused: Vec<(usize, String)>,
+}
+
+impl ImportReport {
+    /// Adds the counts of a later part of the same import.
+    pub fn absorb(&mut self, other: ImportReport) {
+        self.granted += other.granted;
+        self.revoked += other.revoked;
+        self.unchanged += other.unchanged;
+        self.refused.extend(other.refused);
+    }
+
+    fn count(&mut self, line: usize, result: Result<Written, RegistryError>) {
+        match result.map(|w| w.outcome) {
+            Ok(Outcome::Granted) => self.granted += 1,
+            Ok(Outcome::Revoked) => self.revoked += 1,
+            Ok(Outcome::GrantedRevoked) => {
+                self.granted += 1;
+                self.revoked += 1;
+            }
+            Ok(Outcome::Unchanged) => self.unchanged += 1,
+            Err(e) => self.refused.push((line, e.to_string())),
+        }
+    }
+}
+
+/// `postgres://user:secret@host/db` without the secret, for messages and logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            let hidden = if userinfo.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{hidden}@{host}{tail}")
+        }
+        None => url.to_string(),
+    }
+}
+
+impl Registry {
+    /// Opens the registry a store URL names. `create`: a missing SQLite file is created (the
+    /// proxy at start-up and the `consent` command do; the proxy's admin API later does not,
+    /// so that a deleted file is noticed rather than silently replaced).
+    pub async fn open(store: &ConsentStore, create: bool) -> Result<Registry, RegistryError> {
+        match store {
+            ConsentStore::Sqlite(path) => {
+                let path = path.clone();
+                let reg = blocking(move || SqliteRegistry::open(&path, create).map_err(Into::into))
+                    .await?;
+                Ok(Registry::Sqlite(Arc::new(reg)))
+            }
+            ConsentStore::Postgres(url) => Ok(Registry::Postgres(Arc::new(PgRegistry::new(url)?))),
+            ConsentStore::File(p) => Err(RegistryError::NotARegistry {
+                store: format!("file:{}", p.display()),
+            }),
+            ConsentStore::None => Err(RegistryError::NotARegistry {
+                store: "(none)".into(),
+            }),
+        }
+    }
+
+    /// The store, for messages (without a password).
+    pub fn describe(&self) -> String {
+        match self {
+            Registry::Sqlite(s) => format!("sqlite:{}", s.path().display()),
+            Registry::Postgres(p) => p.target().to_string(),
+        }
+    }
+
+    /// Writes `changes` (each refused on its own, the rest written together); `by` names
+    /// who records them.
+    pub async fn write(
+        &self,
+        changes: Vec<Change>,
+        by: &str,
+    ) -> Result<Vec<Result<Written, RegistryError>>, RegistryError> {
+        match self {
+            Registry::Sqlite(s) => {
+                let (s, by) = (s.clone(), by.to_string());
+                blocking(move || s.write(&changes, &by).map_err(Into::into)).await
+            }
+            Registry::Postgres(p) => Ok(p.write(&changes, by).await?),
+        }
+    }
+
+    /// Records a grant. Granting exactly what is already recorded changes nothing.
+    pub async fn grant(&self, record: ConsentRecord, by: &str) -> Result<Written, RegistryError> {
+        self.write_one(Change::Record(record), by).await
+    }
+
+    /// Records a revocation; revoking a revoked consent changes nothing.
+    pub async fn revoke(&self, revocation: Revocation, by: &str) -> Result<Written, RegistryError> {
+        self.write_one(Change::Revoke(revocation), by).await
+    }
+
+    async fn write_one(&self, change: Change, by: &str) -> Result<Written, RegistryError> {
+        self.write(vec![change], by)
+            .await?
+            .pop()
+            .expect("one result per change")
+    }
+
+    /// Imports records (as the file store writes them, with their line numbers), in batches.
+    pub async fn import(
+        &self,
+        records: Vec<(usize, ConsentRecord)>,
+        by: &str,
+    ) -> Result<ImportReport, RegistryError> {
+        let mut report = ImportReport::default();
+        for chunk in records.chunks(IMPORT_BATCH) {
+            let changes = chunk
+                .iter()
+                .map(|(_, r)| Change::Record(r.clone()))
+                .collect();
+            let results = self.write(changes, by).await?;
+            for ((line, _), result) in chunk.iter().zip(results) {
+                report.count(*line, result);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Current states of the consents `filter` selects.
+    pub async fn list(&self, filter: Filter<'_>) -> Result<Vec<ConsentRecord>, RegistryError> {
+        match self {
+            Registry::Sqlite(s) => {
+                let (s, f) = (s.clone(), OwnedFilter::from(filter));
+                blocking(move || s.list(f.borrow()).map_err(Into::into)).await
+            }
+            Registry::Postgres(p) => Ok(p.list(filter).await?),
+        }
+    }
+
+    /// One consent's current state.
+    pub async fn get(&self, id: &str) -> Result<Option<ConsentRecord>, RegistryError> {
+        Ok(self.list(Filter::Id(id)).await?.pop())
+    }
+
+    /// Every fact about the consents `filter` selects, in the order they were recorded.
+    pub async fn history(&self, filter: Filter<'_>) -> Result<Vec<Event>, RegistryError> {
+        let mut events = match self {
+            Registry::Sqlite(s) => {
+                let (s, f) = (s.clone(), OwnedFilter::from(filter));
+                blocking(move || s.history(f.borrow()).map_err(Into::into)).await?
+            }
+            Registry::Postgres(p) => p.history(filter).await?,
+        };
+        sort_events(&mut events);
+        Ok(events)
+    }
+}
+
+/// A [`Filter`] that can move to another thread.
+enum OwnedFilter {
+    All,
+    Subject(String),
+    Id(String),
+}
+
+impl From<Filter<'_>> for OwnedFilter {
+    fn from(f: Filter<'_>) -> Self {
+        match f {
+            Filter::All => OwnedFilter::All,
+            Filter::Subject(s) => OwnedFilter::Subject(s.into()),
+            Filter::Id(s) => OwnedFilter::Id(s.into()),
+        }
+    }
+}
+
+impl OwnedFilter {
+    fn borrow(&self) -> Filter<'_> {
+        match self {
+            OwnedFilter::All => Filter::All,
+            OwnedFilter::Subject(s) => Filter::Subject(s),
+            OwnedFilter::Id(s) => Filter::Id(s),
+        }
+    }
+}
+
+/// Runs SQLite work off the runtime threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, RegistryError> + Send + 'static,
+) -> Result<T, RegistryError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RegistryError::Task(e.to_string()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str) -> ConsentRecord {
+        crate::consent::record::sample(id, "u1")
+    }
+
+    fn outcomes(results: &[Result<Written, RegistryError>]) -> Vec<String> {
+        results
+            .iter()
+            .map(|r| match r {
+                Ok(w) => format!("{:?}", w.outcome),
+                Err(e) => format!("error: {e}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_file_with_a_grant_then_its_revocation_becomes_two_facts() {
+        let revoked = ConsentRecord {
+            revoked_at: Some("2026-06-01T00:00:00Z".parse().unwrap()),
+            ..record("c1")
+        };
+        let (batch, results) = plan(
+            HashMap::default(),
+            &[
+                Change::Record(record("c1")),
+                Change::Record(revoked.clone()),
+            ],
+        );
+        assert_eq!(outcomes(&results), ["Granted", "Revoked"]);
+        assert_eq!(batch.grants, [record("c1")]);
+        assert_eq!(batch.revocations.len(), 1);
+        assert_eq!(batch.revocations[0].revoked_at, revoked.revoked_at.unwrap());
+    }
+
+    #[test]
+    fn repeating_an_import_changes_nothing_and_a_reused_id_is_refused() {
+        let held: HashMap<_, _, RandomState> =
+            [("c1".to_string(), record("c1"))].into_iter().collect();
+        let other = ConsentRecord {
+            purposes: vec!["marketing".into()],
+            ..record("c1")
+        };
+        let (batch, results) = plan(held, &[Change::Record(record("c1")), Change::Record(other)]);
+        let out = outcomes(&results);
+        assert_eq!(out[0], "Unchanged");
+        assert!(out[1].contains("different purposes"), "{}", out[1]);
+        assert!(batch.grants.is_empty() && batch.revocations.is_empty());
+    }
+
+    #[test]
+    fn a_revocation_needs_a_grant_is_kept_once_and_is_never_undone() {
+        let at: Timestamp = "2026-03-01T00:00:00Z".parse().unwrap();
+        let revoke = |id: &str, at: Timestamp| {
+            Change::Revoke(Revocation {
+                consent_id: id.into(),
+                revoked_at: at,
+                evidence: None,
+            })
+        };
+        let held: HashMap<_, _, RandomState> =
+            [("c1".to_string(), record("c1"))].into_iter().collect();
+        let too_early: Timestamp = "2025-01-01T00:00:00Z".parse().unwrap();
+        let (batch, results) = plan(
+            held,
+            &[
+                revoke("nope", at),
+                revoke("c1", too_early),
+                revoke("c1", at),
+                revoke("c1", at),
+                Change::Record(record("c1")),
+            ],
+        );
+        let out = outcomes(&results);
+        assert!(out[0].contains("no consent \"nope\""), "{}", out[0]);
+        assert!(out[1].contains("revoked_at"), "{}", out[1]);
+        // Revoking twice, or importing the unrevoked grant again, leaves it revoked.
+        assert_eq!(out[2..], ["Revoked", "Unchanged", "Unchanged"]);
+        assert_eq!(batch.revocations.len(), 1);
+    }
+
+    #[test]
+    fn an_invalid_record_is_refused_naming_its_field() {
+        let bad = ConsentRecord {
+            recipient: "*".into(),
+            ..record("c1")
+        };
+        let (_, results) = plan(HashMap::default(), &[Change::Record(bad)]);
+        match &results[0] {
+            Err(RegistryError::Invalid { source, .. }) => assert_eq!(source.field, "recipient"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("postgres://app:s3cret@db.internal:5432/consents"),
+            "postgres://app:***@db.internal:5432/consents"
+        );
+        assert_eq!(redact("postgres://app@db/c"), "postgres://app@db/c");
+        assert_eq!(redact("postgres://db/c"), "postgres://db/c");
+    }
+}

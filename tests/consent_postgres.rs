@@ -1,0 +1,195 @@
+//! The `postgres://` registry against a real PostgreSQL server (`RESIDENCY_TEST_POSTGRES`,
+//! started by `.ci/postgres.sh`; without it these tests say they are skipped): proxies
+//! sharing one database, the `consent` command and straight SQL writing while they run, and
+//! the database lost mid-run. Each test uses a database of its own.
+
+mod support;
+
+use std::time::Duration;
+use support::registry::{
+    Relay, TOKEN, address_of, admin, bureau_reads, cli_ok, expect_store_unavailable,
+    fresh_database, grant_via_api, holds, home_store, pg_connect, postgres_url, registry_policy,
+    time_until, until_bureau_reads, with_address,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_through_one_proxy_is_refused_by_another_within_a_second() {
+    let Some(server) = postgres_url("a_revocation_through_one_proxy_is_refused_by_another") else {
+        return;
+    };
+    let url = fresh_database(&server).await;
+    let home = home_store().await;
+    let mut first = registry_policy(&url, &home).start().await;
+    let mut second = registry_policy(&url, &home).start().await;
+    assert_eq!(bureau_reads(&second, "u1").await, "451 consent_missing");
+
+    grant_via_api(&first, "c-1", "u1").await;
+    let took = time_until(
+        "the grant to reach the second proxy",
+        Duration::from_secs(10),
+        || holds(&second, "u1", "c-1", false),
+    )
+    .await;
+    assert!(took < Duration::from_secs(1), "granted after {took:?}");
+    assert_eq!(bureau_reads(&second, "u1").await, "200");
+
+    let r = admin(&first, "POST", "/v1/consents/c-1/revoke", Some(TOKEN), None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let took = time_until(
+        "the revocation to reach the second proxy",
+        Duration::from_secs(10),
+        || holds(&second, "u1", "c-1", true),
+    )
+    .await;
+    assert!(took < Duration::from_secs(1), "revoked after {took:?}");
+    assert_eq!(bureau_reads(&second, "u1").await, "451 consent_revoked");
+    assert_eq!(bureau_reads(&first, "u1").await, "451 consent_revoked");
+
+    // The second proxy's API sees the history written through the first.
+    let r = admin(
+        &second,
+        "GET",
+        "/v1/consents?subject=u1&history=true",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    let kinds: Vec<String> = r.json()["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(kinds, ["grant", "revoke"]);
+    first.shutdown().await;
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_by_the_consent_command_and_by_straight_sql_take_effect_while_running() {
+    let Some(server) = postgres_url("grants_by_the_consent_command_and_by_straight_sql") else {
+        return;
+    };
+    let url = fresh_database(&server).await;
+    let home = home_store().await;
+    let mut proxy = registry_policy(&url, &home).start().await;
+
+    cli_ok(&[
+        "consent",
+        "grant",
+        "--store",
+        &url,
+        "--id",
+        "c-cli",
+        "--subject",
+        "u2",
+        "--recipient",
+        "credit-bureau-us",
+        "--purpose",
+        "credit_scoring",
+        "--category",
+        "user",
+        "--destination",
+        "US",
+        "--method",
+        "explicit",
+        "--expires-at",
+        "2099-01-01T00:00:00Z",
+    ])
+    .await;
+    let took = time_until("the CLI grant", Duration::from_secs(10), || {
+        holds(&proxy, "u2", "c-cli", false)
+    })
+    .await;
+    assert!(took < Duration::from_secs(1), "granted after {took:?}");
+    assert_eq!(bureau_reads(&proxy, "u2").await, "200");
+
+    // An operator's INSERT, bypassing every tool: the trigger notifies the proxies.
+    let db = pg_connect(&url).await;
+    db.batch_execute(
+        "INSERT INTO consents (id, subject, recipient, purposes, categories, destinations, method, granted_at, expires_at) \
+         VALUES ('c-sql', 'u3', 'credit-bureau-us', '{credit_scoring}', '{user.financial}', '{US}', 'explicit', now() - interval '1 hour', now() + interval '1 year')",
+    )
+    .await
+    .unwrap();
+    time_until("the SQL grant", Duration::from_secs(10), || {
+        holds(&proxy, "u3", "c-sql", false)
+    })
+    .await;
+    assert_eq!(bureau_reads(&proxy, "u3").await, "200");
+    db.batch_execute(
+        "INSERT INTO consent_revocations (consent_id, revoked_at) VALUES ('c-sql', now())",
+    )
+    .await
+    .unwrap();
+    time_until("the SQL revocation", Duration::from_secs(10), || {
+        holds(&proxy, "u3", "c-sql", true)
+    })
+    .await;
+    assert_eq!(bureau_reads(&proxy, "u3").await, "451 consent_revoked");
+
+    // Facts stay facts, even for straight SQL.
+    let e = db
+        .batch_execute("DELETE FROM consents WHERE id = 'c-sql'")
+        .await
+        .unwrap_err();
+    assert!(format!("{e:?}").contains("facts"), "{e:?}");
+    let history = cli_ok(&[
+        "consent",
+        "list",
+        "--store",
+        &url,
+        "--subject",
+        "u3",
+        "--history",
+    ])
+    .await;
+    assert_eq!(history.lines().count(), 2, "{history}");
+    assert!(
+        history.contains("\"recorded_by\":\"postgres\""),
+        "{history}"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_lost_mid_run_refuses_consent_after_the_bound_and_recovers() {
+    let Some(server) = postgres_url("the_database_lost_mid_run") else {
+        return;
+    };
+    let direct = fresh_database(&server).await;
+    let relay = Relay::start(address_of(&direct)).await;
+    let via_relay = with_address(&direct, relay.addr);
+    let home = home_store().await;
+    let mut proxy = registry_policy(&via_relay, &home)
+        .consent("max_staleness = '2s'")
+        .start()
+        .await;
+    grant_via_api(&proxy, "c-1", "u1").await;
+    assert_eq!(bureau_reads(&proxy, "u1").await, "200");
+    let r = admin(&proxy, "GET", "/readyz", None, None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    relay.cut();
+    // The bound counts from the last contact, at most a heartbeat (0.5 s) before the cut.
+    expect_store_unavailable(&proxy, Duration::from_millis(1400)).await;
+    // The admin API says the store is unavailable rather than hanging.
+    let r = admin(&proxy, "GET", "/v1/consents/c-1", Some(TOKEN), None).await;
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (503, "store_unavailable".into())
+    );
+
+    // Meanwhile the consent is revoked elsewhere; the proxy learns it when it reconnects.
+    let db = pg_connect(&direct).await;
+    db.batch_execute(
+        "INSERT INTO consent_revocations (consent_id, revoked_at) VALUES ('c-1', now())",
+    )
+    .await
+    .unwrap();
+    relay.restore();
+    until_bureau_reads(&proxy, "u1", "451 consent_revoked", Duration::from_secs(20)).await;
+    let r = admin(&proxy, "GET", "/readyz", None, None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    proxy.shutdown().await;
+}

@@ -1,0 +1,242 @@
+//! The `sqlite:` registry with the proxy running: the real `consent` command writing from
+//! another process, imports that are idempotent, and a database that goes away.
+
+mod support;
+
+use std::time::Duration;
+use support::registry::{
+    TOKEN, admin, bureau_reads, cli, cli_ok, expect_store_unavailable, grant_via_api, holds,
+    home_store, registry_policy, time_until, until_bureau_reads,
+};
+
+const GRANT: [&str; 14] = [
+    "--recipient",
+    "credit-bureau-us",
+    "--purpose",
+    "credit_scoring",
+    "--category",
+    "user.financial",
+    "--destination",
+    "US",
+    "--method",
+    "explicit",
+    "--expires-at",
+    "2099-01-01T00:00:00Z",
+    "--evidence",
+    "receipt from the CLI test",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_by_the_consent_command_takes_effect_while_the_proxy_runs() {
+    let db = tempfile::tempdir().unwrap();
+    let store = format!("sqlite:{}", db.path().join("data/consent.db").display());
+    let home = home_store().await;
+    let mut proxy = registry_policy(&store, &home).start().await;
+    assert!(
+        db.path().join("data/consent.db").exists(),
+        "created on first use"
+    );
+    assert_eq!(bureau_reads(&proxy, "u7").await, "451 consent_missing");
+
+    let mut args = vec![
+        "consent",
+        "grant",
+        "--store",
+        &store,
+        "--subject",
+        "u7",
+        "--id",
+        "c-cli-1",
+    ];
+    args.extend(GRANT);
+    let out = cli_ok(&args).await;
+    let printed: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(printed["id"], "c-cli-1");
+    let took = time_until(
+        "the proxy to notice the grant",
+        Duration::from_secs(10),
+        || holds(&proxy, "u7", "c-cli-1", false),
+    )
+    .await;
+    assert!(took < Duration::from_secs(1), "noticed after {took:?}");
+    assert_eq!(bureau_reads(&proxy, "u7").await, "200");
+
+    let out = cli(&[
+        "consent",
+        "revoke",
+        "--store",
+        &store,
+        "c-cli-1",
+        "--by",
+        "dpo@example",
+        "--evidence",
+        "ticket 42",
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let took = time_until(
+        "the proxy to notice the revocation",
+        Duration::from_secs(10),
+        || holds(&proxy, "u7", "c-cli-1", true),
+    )
+    .await;
+    assert!(took < Duration::from_secs(1), "noticed after {took:?}");
+    assert_eq!(bureau_reads(&proxy, "u7").await, "451 consent_revoked");
+
+    // History, not overwrites: both facts, with who recorded them and why.
+    let out = cli_ok(&[
+        "consent",
+        "list",
+        "--store",
+        &store,
+        "--subject",
+        "u7",
+        "--history",
+    ])
+    .await;
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 2, "{out}");
+    assert_eq!(events[0]["event"], "grant");
+    assert!(
+        events[0]["recorded_by"]
+            .as_str()
+            .unwrap()
+            .starts_with("cli:")
+    );
+    assert_eq!(events[0]["evidence"], "receipt from the CLI test");
+    assert_eq!(events[1]["event"], "revoke");
+    assert_eq!(events[1]["recorded_by"], "dpo@example");
+    assert_eq!(events[1]["evidence"], "ticket 42");
+    let out = cli_ok(&["consent", "list", "--store", &store, "--subject", "u7"]).await;
+    let now: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(now["revoked_at"].is_string(), "{now}");
+    assert_eq!(
+        now["evidence"], "receipt from the CLI test",
+        "the grant is kept"
+    );
+
+    // An invalid grant names the flag at fault and records nothing.
+    let mut args = vec!["consent", "grant", "--store", &store, "--subject", "u8"];
+    args.extend(GRANT);
+    let at = args.iter().position(|a| *a == "explicit").unwrap();
+    args[at] = "telepathy";
+    let out = cli(&args).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--method"));
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_is_idempotent_and_records_revocations_as_facts() {
+    let db = tempfile::tempdir().unwrap();
+    let store = format!("sqlite:{}", db.path().join("consent.db").display());
+    let home = home_store().await;
+    let mut proxy = registry_policy(&store, &home).start().await;
+
+    let line = |id: &str, subject: &str, revoked: bool| {
+        let mut v = support::registry::consent_body(id, subject);
+        if revoked {
+            v["revoked_at"] = "2026-02-01T00:00:00Z".into();
+        }
+        v.to_string()
+    };
+    let file = db.path().join("consents.jsonl");
+    let text = [
+        "# exported from the file store".to_string(),
+        line("c-a", "ua", false),
+        line("c-b", "ub", false),
+        line("c-b", "ub", true),
+        r#"{"id": "c-broken""#.to_string(),
+        line("c-c", "uc", false).replace("credit-bureau-us", "*"),
+    ]
+    .join("\n");
+    std::fs::write(&file, text).unwrap();
+    let file = file.display().to_string();
+
+    let out = cli(&["consent", "import", "--store", &store, &file]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a refused line fails the import: {stderr}"
+    );
+    assert!(
+        stdout.contains("2 granted, 1 revoked, 0 unchanged, 2 refused"),
+        "{stdout}"
+    );
+    assert!(stderr.contains(":5: refused"), "{stderr}");
+    assert!(
+        stderr.contains(":6: refused") && stderr.contains("recipient"),
+        "{stderr}"
+    );
+
+    let out = cli(&["consent", "import", "--store", &store, &file]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("0 granted, 0 revoked, 3 unchanged, 2 refused"),
+        "{stdout}"
+    );
+
+    time_until(
+        "the import to reach the proxy",
+        Duration::from_secs(10),
+        || holds(&proxy, "ua", "c-a", false) && holds(&proxy, "ub", "c-b", true),
+    )
+    .await;
+    assert_eq!(bureau_reads(&proxy, "ua").await, "200");
+    assert_eq!(bureau_reads(&proxy, "ub").await, "451 consent_revoked");
+    let r = admin(
+        &proxy,
+        "GET",
+        "/v1/consents?subject=ub&history=1",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(
+        r.json()["events"].as_array().unwrap().len(),
+        2,
+        "{}",
+        r.text()
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_gone_away_refuses_consent_after_the_staleness_bound_and_recovers() {
+    let db = tempfile::tempdir().unwrap();
+    let path = db.path().join("consent.db");
+    let store = format!("sqlite:{}", path.display());
+    let home = home_store().await;
+    let mut proxy = registry_policy(&store, &home)
+        .consent("max_staleness = '2s'")
+        .start()
+        .await;
+    grant_via_api(&proxy, "c-1", "u1").await;
+    assert_eq!(bureau_reads(&proxy, "u1").await, "200");
+
+    let moved = db.path().join("consent.db.moved");
+    std::fs::rename(&path, &moved).unwrap();
+    let gone = tokio::time::Instant::now();
+    // Within the bound the consents loaded stay in force.
+    let early = bureau_reads(&proxy, "u1").await;
+    if gone.elapsed() < Duration::from_secs(1) {
+        assert_eq!(early, "200");
+    }
+    let why = expect_store_unavailable(&proxy, Duration::from_millis(1500)).await;
+    assert!(why.contains("consent.db"), "{why}");
+
+    std::fs::rename(&moved, &path).unwrap();
+    until_bureau_reads(&proxy, "u1", "200", Duration::from_secs(10)).await;
+    let r = admin(&proxy, "GET", "/readyz", None, None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    proxy.shutdown().await;
+}
