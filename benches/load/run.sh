@@ -65,8 +65,11 @@ nginx_conf proxy "upstream store { server 127.0.0.2:18080; keepalive 256; keepal
         }
     }" > "$W/proxy.conf"
 
-cargo build --release --quiet
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/residency-proxy
+# RP_BIN=/path/to/residency-proxy measures a given build (to compare two side by side).
+if [ -z "${RP_BIN:-}" ]; then
+  cargo build --release --quiet
+fi
+BIN=${RP_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/residency-proxy}
 "$BIN" certs init "$W" >/dev/null
 
 cat > "$W/consents.jsonl" <<JSON

@@ -6,14 +6,12 @@
 //!
 //! 127.0.0.2 is the home store (CN), 127.0.0.10 the first-party app (CN).
 
-mod support;
-
+use crate::support::client::{self, empty, request};
+use crate::support::proxy::{APP, HOME_IP, PolicySpec, TestProxy, payments_dataset};
+use crate::support::tls::{H1_ONLY, H2_AND_H1, Pki};
+use crate::support::upstream::{Reply as Serve, Upstream};
 use residency_proxy::tls::dev::Validity;
 use std::sync::Arc;
-use support::client::{self, empty, request};
-use support::proxy::{APP, HOME_IP, PolicySpec, TestProxy, payments_dataset};
-use support::tls::{H1_ONLY, H2_AND_H1, Pki};
-use support::upstream::{Reply as Serve, Upstream};
 
 /// The proxy with one `https` upstream, `cn-store`, and the `payments` dataset on it;
 /// `extra` adds keys to the upstream (`ca = …`, `client_cert = …`).

@@ -1,11 +1,9 @@
 //! The admin listener: health, readiness and the loaded policy, on its own address, never on
 //! the data listener.
 
-mod support;
-
-use support::client::{self, request};
-use support::proxy::{APP, HOME_IP, PolicySpec, payments_dataset};
-use support::upstream::{Reply as Serve, Upstream};
+use crate::support::client::{self, request};
+use crate::support::proxy::{APP, HOME_IP, PolicySpec, payments_dataset};
+use crate::support::upstream::{Reply as Serve, Upstream};
 
 #[tokio::test]
 async fn health_readiness_and_policy_are_served_on_the_admin_address_only() {

@@ -7,16 +7,16 @@
 //! first-party app's network (CN), 127.0.0.20 where the bureau calls from (US), 127.0.0.60
 //! a trusted load balancer (CN).
 
-mod support;
-
+use crate::support::client::{Conn, Reply, empty, request};
+use crate::support::proxy::{
+    APP, BUREAU, HOME_IP, PolicySpec, TestProxy, consent, payments_dataset,
+};
+use crate::support::tls::{H1_ONLY, H2_AND_H1, Pki, cert_in};
+use crate::support::upstream::{Reply as Serve, Upstream};
 use residency_proxy::tls::dev::{DevCa, Validity};
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use support::client::{Conn, Reply, empty, request};
-use support::proxy::{APP, BUREAU, HOME_IP, PolicySpec, TestProxy, consent, payments_dataset};
-use support::tls::{H1_ONLY, H2_AND_H1, Pki, cert_in};
-use support::upstream::{Reply as Serve, Upstream};
 
 const BUREAU_ID: &str = "spiffe://partners/credit-bureau-us";
 const APP_ID: &str = "spiffe://home/payments-app";
@@ -56,7 +56,7 @@ async fn start(pki: &Pki, home: &Upstream, mtls: bool) -> TestProxy {
     spec(home).toml(&pki.tls_table(mtls)).start().await
 }
 
-fn get(target: &str, headers: &[(&str, &str)]) -> http::Request<support::client::ReqBody> {
+fn get(target: &str, headers: &[(&str, &str)]) -> http::Request<crate::support::client::ReqBody> {
     let mut b = request("GET", target);
     for (k, v) in headers {
         b = b.header(*k, *v);
@@ -164,7 +164,7 @@ async fn no_certificate_another_cas_certificate_or_an_expired_one_is_refused_at_
 
     let none = pki.client_config(None, H2_AND_H1);
     assert!(attempt(&proxy, none).await.is_err());
-    support::wait_until("the no-certificate refusal", || {
+    crate::support::wait_until("the no-certificate refusal", || {
         stats.refused_no_certificate.load(Ordering::Relaxed) == 1
     })
     .await;
@@ -173,7 +173,7 @@ async fn no_certificate_another_cas_certificate_or_an_expired_one_is_refused_at_
     let stranger = other_ca.client(BUREAU_ID, Validity::days(30)).unwrap();
     let config = pki.client_config(Some(&stranger), H2_AND_H1);
     assert!(attempt(&proxy, config).await.is_err());
-    support::wait_until("the unknown-issuer refusal", || {
+    crate::support::wait_until("the unknown-issuer refusal", || {
         stats.refused_unknown_issuer.load(Ordering::Relaxed) == 1
     })
     .await;
@@ -181,7 +181,7 @@ async fn no_certificate_another_cas_certificate_or_an_expired_one_is_refused_at_
     let expired = pki.ca.client(BUREAU_ID, Validity::expired()).unwrap();
     let config = pki.client_config(Some(&expired), H2_AND_H1);
     assert!(attempt(&proxy, config).await.is_err());
-    support::wait_until("the expired refusal", || {
+    crate::support::wait_until("the expired refusal", || {
         stats.refused_expired.load(Ordering::Relaxed) == 1
     })
     .await;
@@ -306,7 +306,7 @@ async fn a_broken_pair_is_rejected_and_the_old_certificate_keeps_serving() {
     let other = pki.ca.server(&[], Validity::days(30)).unwrap();
     std::fs::write(pki.path("server.key"), &other.key_pem).unwrap();
     std::fs::write(pki.path("server.crt"), &cert.cert_pem).unwrap();
-    support::wait_until("the rejected reload", || {
+    crate::support::wait_until("the rejected reload", || {
         tls.stats.reload_failures.load(Ordering::Relaxed) >= 1
     })
     .await;
@@ -458,7 +458,7 @@ async fn a_client_that_never_finishes_its_handshake_is_cut_off_after_handshake_t
         .unwrap_or(0);
     assert_eq!(n, 0);
     assert!(started.elapsed() >= Duration::from_millis(250));
-    support::wait_until("the timeout refusal", || {
+    crate::support::wait_until("the timeout refusal", || {
         stats.refused_timeout.load(Ordering::Relaxed) == 1
     })
     .await;

@@ -1,10 +1,8 @@
 //! `geo lookup` through the real binary: a policy and a generated MaxMind DB in a temp dir.
 
-mod support;
-
+use crate::support::mmdb::{self, BUILD_DATE};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use support::mmdb::{self, BUILD_DATE};
 
 /// A policy with home CN, the `shanghai-dc` override and `database` (if any) as its
 /// `[geo]` database; `extra` is appended verbatim.

@@ -6,16 +6,16 @@
 //! first-party app (CN), 127.0.0.20 a foreign credit bureau (US, third party),
 //! 127.0.0.60 a trusted load balancer.
 
-mod support;
-
+use crate::support::body::{Generated, sha256};
+use crate::support::client::{self, Conn, HOST, empty, full, request};
+use crate::support::mmdb;
+use crate::support::proxy::{
+    ABROAD_IP, APP, BUREAU, HOME_IP, PolicySpec, TestProxy, payments_dataset,
+};
+use crate::support::upstream::{Reply as Serve, Upstream};
 use residency_proxy::proxy::upstream::AddrPool;
 use serde_json::Value;
 use std::sync::Arc;
-use support::body::{Generated, sha256};
-use support::client::{self, Conn, HOST, empty, full, request};
-use support::mmdb;
-use support::proxy::{ABROAD_IP, APP, BUREAU, HOME_IP, PolicySpec, TestProxy, payments_dataset};
-use support::upstream::{Reply as Serve, Upstream};
 
 const BALANCER: &str = "127.0.0.60";
 
@@ -247,7 +247,7 @@ async fn keep_alive_on_both_sides() {
         assert_eq!(home.last().target, format!("/payments/u1/{i}.json"));
         ids.push(r.decision_id());
         // The connection goes back to the pool once the response has been read whole.
-        support::wait_until("the upstream connection back in the pool", || {
+        crate::support::wait_until("the upstream connection back in the pool", || {
             pool.idle() == 1
         })
         .await;

@@ -3,7 +3,7 @@
 //! cargo-fuzz targets in `fuzz/` exercise, and asserts the same invariants. Set
 //! `PROPERTY_SEED` to explore other inputs; the default seed keeps every run identical.
 
-#[path = "support/invariants.rs"]
+#[path = "../support/invariants.rs"]
 mod invariants;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -190,7 +190,7 @@ fn xff_elements_round_trip_every_address_form() {
 // ---------------------------------------------------------------------------------------
 // 3. Policy parsing
 
-const DEMO: &str = include_str!("../policies/demo.toml");
+const DEMO: &str = include_str!("../../policies/demo.toml");
 
 const TOML_PIECES: &[&str] = &[
     "\n",

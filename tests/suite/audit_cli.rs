@@ -1,8 +1,9 @@
 //! `residency-proxy audit verify|query|report` run as a user would: on a log written by the
 //! real writer, untouched and tampered with, and on a real proxy's log, open and rotated.
 
-mod support;
-
+use crate::support::client;
+use crate::support::proxy::{APP, BUREAU, HOME_IP, TestProxy, payments_spec};
+use crate::support::upstream::{Reply as Serve, Upstream};
 use residency_proxy::audit::LogWriter;
 use residency_proxy::audit::record::{Record, RequestContext, failure_record};
 use residency_proxy::policy::Reason;
@@ -11,9 +12,6 @@ use serde_json::Value;
 use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Command, Output};
-use support::client;
-use support::proxy::{APP, BUREAU, HOME_IP, TestProxy, payments_spec};
-use support::upstream::{Reply as Serve, Upstream};
 
 /// Writes `n` decision records to `path` through the writer.
 async fn write_log(path: &Path, n: usize) {

@@ -1,14 +1,14 @@
 //! What an orchestrator and a Prometheus server see on the admin listener: metrics that parse
 //! and count what was sent, and readiness that follows the policy load and the decision log.
 
-mod support;
-
+use crate::support::binary::Served;
+use crate::support::client::{self, empty, full, request};
+use crate::support::prom::{Exposition, parse};
+use crate::support::proxy::{
+    APP, BUREAU, HOME_IP, PolicySpec, TestProxy, consent, payments_dataset,
+};
+use crate::support::upstream::{Reply as Serve, Upstream};
 use std::time::Duration;
-use support::binary::Served;
-use support::client::{self, empty, full, request};
-use support::prom::{Exposition, parse};
-use support::proxy::{APP, BUREAU, HOME_IP, PolicySpec, TestProxy, consent, payments_dataset};
-use support::upstream::{Reply as Serve, Upstream};
 
 async fn admin(addr: std::net::SocketAddr, path: &str) -> client::Reply {
     client::send(
@@ -95,7 +95,7 @@ async fn metrics_parse_as_prometheus_text_and_count_the_requests_sent() {
 
     // Exchanges are counted when they end, which can be just after the client has its answer.
     let shared = &proxy.running().shared;
-    support::wait_until("every exchange to end", || {
+    crate::support::wait_until("every exchange to end", || {
         shared.metrics.request_time.count() == 9 && shared.metrics.connections_open.get() == 0
     })
     .await;
@@ -265,7 +265,7 @@ async fn readyz_turns_ready_only_once_the_policy_is_loaded() {
     );
     assert_eq!(admin(admin_addr, "/metrics").await.status, 503);
 
-    let bytes = support::mmdb::maxmind_country_db(&[("198.51.100.0/24", "US")]);
+    let bytes = crate::support::mmdb::maxmind_country_db(&[("198.51.100.0/24", "US")]);
     let writer = tokio::task::spawn_blocking(move || std::fs::write(db, bytes));
     tokio::time::timeout(Duration::from_secs(10), writer)
         .await

@@ -2,14 +2,14 @@
 //! record per request, a chain that verifies, and in-flight exchanges that finish and are
 //! logged after `shutdown()` begins.
 
-mod support;
-
+use crate::support::client::{self, Conn, empty, full, request};
+use crate::support::proxy::{
+    APP, BUREAU, HOME_IP, PolicySpec, TestProxy, consent, payments_dataset,
+};
+use crate::support::upstream::{Reply as Serve, Upstream};
 use residency_proxy::audit::verify::verify;
 use std::collections::HashMap;
 use std::time::Duration;
-use support::client::{self, Conn, empty, full, request};
-use support::proxy::{APP, BUREAU, HOME_IP, PolicySpec, TestProxy, consent, payments_dataset};
-use support::upstream::{Reply as Serve, Upstream};
 
 async fn start(home: &Upstream, tweak: impl FnOnce(PolicySpec) -> PolicySpec) -> TestProxy {
     let spec = PolicySpec::new()

@@ -3,14 +3,12 @@
 //! sharing one database, the `consent` command and straight SQL writing while they run, and
 //! the database lost mid-run. Each test uses a database of its own.
 
-mod support;
-
-use std::time::Duration;
-use support::registry::{
+use crate::support::registry::{
     Relay, TOKEN, address_of, admin, bureau_reads, cli_ok, expect_store_unavailable,
     fresh_database, grant_via_api, holds, home_store, pg_connect, postgres_url, registry_policy,
     time_until, until_bureau_reads, with_address,
 };
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_through_one_proxy_is_refused_by_another_within_a_second() {

@@ -1,13 +1,11 @@
 //! The `sqlite:` registry with the proxy running: the real `consent` command writing from
 //! another process, imports that are idempotent, and a database that goes away.
 
-mod support;
-
-use std::time::Duration;
-use support::registry::{
+use crate::support::registry::{
     TOKEN, admin, bureau_reads, cli, cli_ok, expect_store_unavailable, grant_via_api, holds,
     home_store, registry_policy, time_until, until_bureau_reads,
 };
+use std::time::Duration;
 
 const GRANT: [&str; 14] = [
     "--recipient",
@@ -141,7 +139,7 @@ async fn an_import_is_idempotent_and_records_revocations_as_facts() {
     let mut proxy = registry_policy(&store, &home).start().await;
 
     let line = |id: &str, subject: &str, revoked: bool| {
-        let mut v = support::registry::consent_body(id, subject);
+        let mut v = crate::support::registry::consent_body(id, subject);
         if revoked {
             v["revoked_at"] = "2026-02-01T00:00:00Z".into();
         }

@@ -8,18 +8,16 @@
 //! (CN, third party), 127.0.0.40 an anonymous caller in the US, 127.0.0.50 an address nothing
 //! locates, 127.0.0.60 a trusted load balancer (CN).
 
-mod support;
-
+use crate::support::body::{Generated, Trickle};
+use crate::support::client::{self, Reply, empty, full, request};
+use crate::support::proxy::{
+    ABROAD_IP, APP, BUREAU, HOME_IP, PolicySpec, TestProxy, consent, payments_dataset,
+};
+use crate::support::upstream::{Reply as Serve, Upstream};
 use http_body_util::BodyExt;
 use residency_proxy::consent::ConsentRecord;
 use serde_json::Value;
 use std::time::Duration;
-use support::body::{Generated, Trickle};
-use support::client::{self, Reply, empty, full, request};
-use support::proxy::{
-    ABROAD_IP, APP, BUREAU, HOME_IP, PolicySpec, TestProxy, consent, payments_dataset,
-};
-use support::upstream::{Reply as Serve, Upstream};
 
 const PARTNER: &str = "127.0.0.30";
 const ANON_US: &str = "127.0.0.40";
@@ -707,7 +705,7 @@ async fn heads_refused_before_the_pipeline_are_logged_too() {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
 
     let mut found = Vec::new();
-    support::wait_until("three failure records", || {
+    crate::support::wait_until("three failure records", || {
         found = w
             .proxy
             .log

@@ -3,8 +3,9 @@
 //! first broken record by file and line; the untouched log passes. Then the same for a log
 //! rotated into several files.
 
-mod support;
-
+use crate::support::client::{self, full, request};
+use crate::support::proxy::{APP, BUREAU, HOME_IP, PolicySpec, TestProxy, payments_spec};
+use crate::support::upstream::{Reply as Serve, Upstream};
 use residency_proxy::audit::chain::link;
 use residency_proxy::audit::checkpoint::signed_bytes;
 use residency_proxy::audit::keys::SigningKey;
@@ -12,9 +13,6 @@ use residency_proxy::audit::verify::canonical_json;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use support::client::{self, full, request};
-use support::proxy::{APP, BUREAU, HOME_IP, PolicySpec, TestProxy, payments_spec};
-use support::upstream::{Reply as Serve, Upstream};
 
 async fn start(home: &Upstream, tweak: impl FnOnce(PolicySpec) -> PolicySpec) -> TestProxy {
     tweak(payments_spec(&home.url())).start().await

@@ -3,8 +3,9 @@
 //! a recovery record and the log verifies), and a full disk (503 `log_unavailable`, nothing
 //! forwarded, recovery once space is back).
 
-mod support;
-
+use crate::support::client::{ReqBody, empty, request};
+use crate::support::proxy::{APP, BUREAU, HOME_IP, consent, payments_spec, write_consents};
+use crate::support::upstream::{Reply as Serve, Upstream};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use residency_proxy::audit::keys::SigningKey;
@@ -15,9 +16,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use support::client::{ReqBody, empty, request};
-use support::proxy::{APP, BUREAU, HOME_IP, consent, payments_spec, write_consents};
-use support::upstream::{Reply as Serve, Upstream};
 use tokio::net::TcpSocket;
 
 const BIN: &str = env!("CARGO_BIN_EXE_residency-proxy");
@@ -181,7 +179,7 @@ async fn kill_under_load_and_restart(durability: &str) {
             }
         }));
     }
-    support::wait_until("300 answers under load", || {
+    crate::support::wait_until("300 answers under load", || {
         answered.lock().unwrap().len() >= 300
     })
     .await;
@@ -328,7 +326,7 @@ async fn a_full_disk_refuses_with_503_forwards_nothing_and_recovers() {
         .log_path(&log)
         .start()
         .await;
-    let get = |target: &'static str| support::client::get(APP, proxy.addr, target, &[]);
+    let get = |target: &'static str| crate::support::client::get(APP, proxy.addr, target, &[]);
     assert_eq!(get("/payments/u1/a.json").await.status, 200);
     assert_eq!(home.requests(), 1);
 
@@ -399,7 +397,7 @@ async fn a_full_disk_with_on_failure_allow_forwards_and_counts() {
     let filler = disk.fill();
     let before = proxy.running().shared.log.stats().failures;
     for _ in 0..20 {
-        let r = support::client::get(APP, proxy.addr, "/payments/u1/a.json", &[]).await;
+        let r = crate::support::client::get(APP, proxy.addr, "/payments/u1/a.json", &[]).await;
         assert_eq!(r.status, 200, "{}", r.text());
     }
     assert_eq!(home.requests(), 20);

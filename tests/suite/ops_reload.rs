@@ -2,16 +2,14 @@
 //! decisions without failing a request, a broken one is rejected with every error while the
 //! running policy keeps deciding, and a database is only used once it has been read whole.
 
-mod support;
-
+use crate::support::client::{self, Conn, empty, request};
+use crate::support::proxy::{APP, BUREAU, HOME_IP, PolicySpec, TestProxy, payments_dataset};
+use crate::support::upstream::{Reply as Serve, Upstream};
 use residency_proxy::metrics::ReloadResult;
 use serde_json::Value;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
-use support::client::{self, Conn, empty, request};
-use support::proxy::{APP, BUREAU, HOME_IP, PolicySpec, TestProxy, payments_dataset};
-use support::upstream::{Reply as Serve, Upstream};
 
 /// Polls `probe` every 20 ms until it returns `Some`, for at most 15 s (a reload takes one
 /// poll to notice and one to confirm, a second each).
@@ -221,7 +219,7 @@ async fn a_broken_edit_is_rejected_with_every_error_and_decisions_do_not_change(
             .any(|e| e.contains("datasets.payments.upstream") && e.contains("cn-stor")),
         "{errors:?}"
     );
-    let exposition = support::prom::parse(&admin_get(&proxy, "/metrics").await.text());
+    let exposition = crate::support::prom::parse(&admin_get(&proxy, "/metrics").await.text());
     assert_eq!(
         exposition.value("residency_policy_reloads_total", &[("result", "rejected")]),
         Some(1.0)
@@ -256,8 +254,8 @@ async fn a_replaced_geolocation_database_is_used_only_once_read_whole() {
     let store = Upstream::start(store_ip, Serve::Ok).await;
     let dir = tempfile::tempdir().unwrap();
     let db_path = dir.path().join("geo.mmdb");
-    let at_home = support::mmdb::maxmind_country_db(&[("127.0.0.5/32", "CN")]);
-    let moved = support::mmdb::maxmind_country_db(&[("127.0.0.5/32", "US")]);
+    let at_home = crate::support::mmdb::maxmind_country_db(&[("127.0.0.5/32", "CN")]);
+    let moved = crate::support::mmdb::maxmind_country_db(&[("127.0.0.5/32", "US")]);
     std::fs::write(&db_path, &at_home).unwrap();
     // Only the database places the store; the caller is placed by an override.
     let proxy = PolicySpec::new()

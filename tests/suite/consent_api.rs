@@ -1,12 +1,12 @@
 //! The consent API on the admin listener, against a real SQLite registry: the bearer token,
 //! every validation error, and grant / look-up / revoke with the history kept.
 
-mod support;
-
+use crate::support::client;
+use crate::support::proxy::{APP, PolicySpec};
+use crate::support::registry::{
+    TOKEN, admin, bureau_reads, consent_body, home_store, registry_policy,
+};
 use serde_json::{Value, json};
-use support::client;
-use support::proxy::{APP, PolicySpec};
-use support::registry::{TOKEN, admin, bureau_reads, consent_body, home_store, registry_policy};
 
 fn sqlite_store(dir: &tempfile::TempDir) -> String {
     format!("sqlite:{}", dir.path().join("consent.db").display())

@@ -2,16 +2,14 @@
 //! the process then exits 0 with its decision log flushed; a download slower than the drain
 //! time is cut at the deadline rather than holding the process.
 
-mod support;
-
+use crate::support::binary::Served;
+use crate::support::client::{Conn, empty, request};
+use crate::support::log::DecisionLog;
+use crate::support::proxy::{APP, HOME_IP, PolicySpec, payments_dataset};
+use crate::support::upstream::{Reply as Serve, Upstream};
 use http_body_util::BodyExt;
 use residency_proxy::audit::verify::verify;
 use std::time::{Duration, Instant};
-use support::binary::Served;
-use support::client::{Conn, empty, request};
-use support::log::DecisionLog;
-use support::proxy::{APP, HOME_IP, PolicySpec, payments_dataset};
-use support::upstream::{Reply as Serve, Upstream};
 
 const CHUNK: usize = 16 * 1024;
 
@@ -89,7 +87,7 @@ async fn sigterm_lets_a_slow_download_finish_within_the_drain_time() {
         .event("shutting down: draining connections and flushing the decision log")
         .await;
     // New clients are turned away while the download goes on.
-    support::wait_until("the listener to close", || {
+    crate::support::wait_until("the listener to close", || {
         std::net::TcpStream::connect(addr).is_err()
     })
     .await;

@@ -1,0 +1,29 @@
+//! The integration suite in one binary (one link instead of one per file keeps `cargo test`
+//! fast): the real proxy, its commands and its stores, driven over real sockets and files.
+//! `tests/proxy_streaming.rs` stays a binary of its own, since it measures its process's
+//! memory.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod admin;
+mod audit_cli;
+mod audit_durability;
+mod audit_tamper;
+mod check_cli;
+mod cli;
+mod consent_api;
+mod consent_postgres;
+mod consent_sqlite;
+mod deploy;
+mod geo;
+mod ops_admin;
+mod ops_drain;
+mod ops_reload;
+mod properties;
+mod proxy_decisions;
+mod proxy_forwarding;
+mod proxy_lifecycle;
+mod shipped_policies;
+mod tls;
+mod tls_upstream;
