@@ -154,7 +154,6 @@ impl Hypothetical {
 
 impl Env for OfflineEnv {
     type Addrs = Arc<[SocketAddr]>;
-    type Consents = Arc<[Consent]>;
 
     fn locate(&self, ip: IpAddr) -> Location {
         self.locator.locate(ip)
@@ -164,11 +163,11 @@ impl Env for OfflineEnv {
         self.upstreams[upstream].clone()
     }
 
-    fn consents(&self, subject: &str) -> ConsentLookup<Arc<[Consent]>> {
-        match self.consents.get(subject) {
-            Some(c) => ConsentLookup::Found(c),
-            None => ConsentLookup::NotFound,
-        }
+    fn with_consents<R>(&self, subject: &str, f: impl FnOnce(ConsentLookup<&[Consent]>) -> R) -> R {
+        self.consents.with(subject, |found| match found {
+            Some(c) => f(ConsentLookup::Found(c)),
+            None => f(ConsentLookup::NotFound),
+        })
     }
 
     fn now(&self) -> i64 {

@@ -93,7 +93,7 @@ pub fn decision(n: u64, pseudo: &Pseudonymizer, ts: jiff::Timestamp) -> Decision
             via: None,
         },
         consent: (reason == "consented" || reason == "consent_missing").then(|| ConsentRec {
-            id: Arc::from(format!("c-{}", n % 100_000)),
+            id: format!("c-{}", n % 100_000),
             result: if reason == "consented" {
                 "valid"
             } else {

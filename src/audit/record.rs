@@ -27,7 +27,7 @@ pub struct ClientRec {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ConsentRec {
-    pub id: Arc<str>,
+    pub id: String,
     /// `valid`, or the reason the nearest consent failed.
     pub result: &'static str,
     /// Why the nearest consent failed (`collected as "pre_ticked"`, `purpose "x" not
@@ -307,7 +307,7 @@ pub fn decision_record(
         name: policy.upstreams[u.index].name.clone(),
     });
     let consent = decision.consent.as_ref().map(|c| ConsentRec {
-        id: c.id.clone(),
+        id: c.id.to_string(),
         result: c.failure.map(Reason::as_str).unwrap_or("valid"),
         why: c.failure.and(decision.detail.as_deref()).map(str::to_owned),
     });

@@ -19,14 +19,41 @@
 
 use super::freshness::Freshness;
 use super::record::{Consent, ConsentRecord, FieldError, Scope, micros};
+use compact_str::CompactString;
 use foldhash::fast::RandomState;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+/// A subject's consents as the map holds them. Most subjects have one: it sits in the map
+/// entry itself, next to the (inline) subject key, so a lookup touches one entry and no other
+/// allocation.
+#[derive(Clone, Debug)]
+enum Held {
+    One(Consent),
+    Many(Arc<[Consent]>),
+}
+
+impl Held {
+    fn of(mut consents: Vec<Consent>) -> Held {
+        if consents.len() == 1 {
+            Held::One(consents.pop().expect("one consent"))
+        } else {
+            Held::Many(consents.into())
+        }
+    }
+
+    fn as_slice(&self) -> &[Consent] {
+        match self {
+            Held::One(c) => std::slice::from_ref(c),
+            Held::Many(cs) => cs,
+        }
+    }
+}
+
 /// Subject -> consents, safe to read from every request while a store updates it.
 pub struct ConsentIndex {
-    map: papaya::HashMap<Box<str>, Arc<[Consent]>, RandomState>,
+    map: papaya::HashMap<CompactString, Held, RandomState>,
     /// Held by writers only, for the whole of an update.
     writer: Mutex<Interner>,
     /// Consents held; changed only under `writer`.
@@ -132,8 +159,16 @@ impl ConsentIndex {
     }
 
     /// The consents of `subject`, if any.
+    /// Calls `f` with the consents of `subject` read in place: the hot path's lookup, which
+    /// touches no reference count.
+    pub fn with<R>(&self, subject: &str, f: impl FnOnce(Option<&[Consent]>) -> R) -> R {
+        let map = self.map.pin();
+        f(map.get(subject).map(Held::as_slice))
+    }
+
+    /// A copy of the consents of `subject` (tools and tests; the hot path uses `with`).
     pub fn get(&self, subject: &str) -> Option<Arc<[Consent]>> {
-        self.map.pin().get(subject).cloned()
+        self.map.pin().get(subject).map(|h| h.as_slice().into())
     }
 
     /// Inserts a consent, or replaces the one with the same id (a revocation is an update).
@@ -147,7 +182,7 @@ impl ConsentIndex {
         let mut interner = self.lock_writer();
         let mut consent = Some(interner.consent(record));
         let map = self.map.pin();
-        let old: &[Consent] = map.get(record.subject.as_str()).map_or(&[], |s| &s[..]);
+        let old: &[Consent] = map.get(record.subject.as_str()).map_or(&[], Held::as_slice);
         let mut new: Vec<Consent> = Vec::with_capacity(old.len() + 1);
         for c in old {
             match consent.take_if(|n| n.id == c.id) {
@@ -159,7 +194,7 @@ impl ConsentIndex {
             new.push(added);
             self.count.fetch_add(1, Ordering::Relaxed);
         }
-        map.insert(record.subject.as_str().into(), new.into());
+        map.insert(record.subject.as_str().into(), Held::of(new));
         Ok(())
     }
 
@@ -194,10 +229,9 @@ impl ConsentIndex {
         let map = self.map.pin();
         let mut total = 0;
         for run in order.chunk_by(|&a, &b| records[a].subject == records[b].subject) {
-            let slice: Arc<[Consent]> =
-                run.iter().map(|&i| interner.consent(&records[i])).collect();
-            total += slice.len();
-            map.insert(records[run[0]].subject.as_str().into(), slice);
+            let held: Vec<Consent> = run.iter().map(|&i| interner.consent(&records[i])).collect();
+            total += held.len();
+            map.insert(records[run[0]].subject.as_str().into(), Held::of(held));
         }
         map.retain(|subject, _| {
             order

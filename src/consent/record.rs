@@ -138,7 +138,9 @@ impl ConsentRecord {
 /// The in-memory form of a consent, holding only what a decision reads.
 #[derive(Clone, Debug)]
 pub struct Consent {
-    pub id: Arc<str>,
+    /// Held inline (ids up to 24 bytes need no allocation): the hot path copies it into the
+    /// decision without touching another cache line.
+    pub id: compact_str::CompactString,
     /// What was consented to. Consents with the same terms share one `Scope` (the index
     /// interns them), which keeps a consent at 56 bytes plus its id.
     pub scope: Arc<Scope>,

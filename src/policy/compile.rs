@@ -1403,6 +1403,10 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
             resident: d.resident.unwrap_or(true),
             cross_border,
             third_party,
+            egress_mask: egress_methods
+                .iter()
+                .filter_map(method_bit)
+                .fold(0, |m, b| m | b),
             egress_methods,
             mode: dmode,
             rules: DatasetRules {

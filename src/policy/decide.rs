@@ -51,11 +51,11 @@ pub enum ConsentLookup<C> {
 /// What `decide` needs from the world.
 pub trait Env {
     type Addrs: Deref<Target = [SocketAddr]>;
-    type Consents: Deref<Target = [Consent]>;
     fn locate(&self, ip: IpAddr) -> Location;
     /// The addresses an upstream's host resolves to, or why it does not resolve.
     fn upstream_addrs(&self, upstream: usize) -> Result<Self::Addrs, String>;
-    fn consents(&self, subject: &str) -> ConsentLookup<Self::Consents>;
+    /// Calls `f` with the consents of `subject`, read in place.
+    fn with_consents<R>(&self, subject: &str, f: impl FnOnce(ConsentLookup<&[Consent]>) -> R) -> R;
     /// Unix microseconds.
     fn now(&self) -> i64;
 }
@@ -141,7 +141,7 @@ fn host_matches(want: &str, host: &str) -> bool {
     }
 }
 
-const STANDARD_METHODS: [Method; 9] = [
+static STANDARD_METHODS: [Method; 9] = [
     Method::GET,
     Method::HEAD,
     Method::POST,
@@ -761,21 +761,6 @@ fn consent<'a, E: Env, T: Tracer>(
         d.detail = Some(Cow::Borrowed("the caller is not a declared recipient"));
         return deny(d, Reason::ConsentMissing, rule);
     };
-    let consents = match env.consents(d.subject.as_deref().unwrap_or_default()) {
-        ConsentLookup::Found(c) => c,
-        ConsentLookup::NotFound => {
-            step!(trace, rule, "the registry holds no consent of this subject");
-            return deny(d, Reason::ConsentMissing, rule);
-        }
-        ConsentLookup::Unavailable => {
-            step!(
-                trace,
-                "consent.store",
-                "the consent registry is unavailable"
-            );
-            return deny(d, Reason::ConsentStoreUnavailable, "consent.store");
-        }
-    };
     let now = env.now();
     let mut dest_buf = [Country::parse_shape("ZZ").expect("two letters"); 2];
     let mut n = 0;
@@ -784,48 +769,80 @@ fn consent<'a, E: Env, T: Tracer>(
         n += 1;
     }
     let dests = &dest_buf[..n];
-    let mut nearest: Option<(&Consent, Reason, String)> = None;
-    for c in consents.iter().filter(|c| &*c.scope.recipient == recipient) {
-        let failure = check(policy, ds, c, purpose, dests, now);
-        match failure {
-            None => {
-                step!(trace, rule, "consent {} is valid", c.id);
-                d.reason = Reason::Consented;
-                d.consent = Some(ConsentUse {
-                    id: c.id.clone(),
-                    failure: None,
-                });
-                return d;
+    // The consents are read in place (no copy, no reference count touched): the closure
+    // returns what the decision needs from them.
+    let found = env.with_consents(d.subject.as_deref().unwrap_or_default(), |lookup| {
+        let consents = match lookup {
+            ConsentLookup::Found(c) => c,
+            ConsentLookup::NotFound => {
+                step!(trace, rule, "the registry holds no consent of this subject");
+                return Found::Nothing;
             }
-            Some((reason, why)) => {
-                step!(trace, rule, "consent {}: {} ({why})", c.id, reason.as_str());
-                if nearest
-                    .as_ref()
-                    .is_none_or(|(_, r, _)| rank(reason) > rank(*r))
-                {
-                    nearest = Some((c, reason, why));
+            ConsentLookup::Unavailable => {
+                step!(
+                    trace,
+                    "consent.store",
+                    "the consent registry is unavailable"
+                );
+                return Found::Unavailable;
+            }
+        };
+        let mut nearest: Option<(&Consent, Reason, String)> = None;
+        for c in consents.iter().filter(|c| &*c.scope.recipient == recipient) {
+            match check(policy, ds, c, purpose, dests, now) {
+                None => {
+                    step!(trace, rule, "consent {} is valid", c.id);
+                    return Found::Valid(c.id.clone());
+                }
+                Some((reason, why)) => {
+                    step!(trace, rule, "consent {}: {} ({why})", c.id, reason.as_str());
+                    if nearest
+                        .as_ref()
+                        .is_none_or(|(_, r, _)| rank(reason) > rank(*r))
+                    {
+                        nearest = Some((c, reason, why));
+                    }
                 }
             }
         }
-    }
-    match nearest {
-        None => {
-            step!(
-                trace,
-                rule,
-                "no consent of this subject names recipient \"{recipient}\""
-            );
-            deny(d, Reason::ConsentMissing, rule)
+        match nearest {
+            None => {
+                step!(
+                    trace,
+                    rule,
+                    "no consent of this subject names recipient \"{recipient}\""
+                );
+                Found::Nothing
+            }
+            Some((c, reason, why)) => Found::Failed(c.id.clone(), reason, why),
         }
-        Some((c, reason, why)) => {
+    });
+    match found {
+        Found::Valid(id) => {
+            d.reason = Reason::Consented;
+            d.consent = Some(ConsentUse { id, failure: None });
+            d
+        }
+        Found::Failed(id, reason, why) => {
             d.consent = Some(ConsentUse {
-                id: c.id.clone(),
+                id,
                 failure: Some(reason),
             });
             d.detail = Some(Cow::Owned(why));
             deny(d, reason, rule)
         }
+        Found::Nothing => deny(d, Reason::ConsentMissing, rule),
+        Found::Unavailable => deny(d, Reason::ConsentStoreUnavailable, "consent.store"),
     }
+}
+
+/// What the consents of a subject say about one transfer.
+enum Found {
+    Valid(compact_str::CompactString),
+    /// The nearest consent, why it failed, in words.
+    Failed(compact_str::CompactString, Reason, String),
+    Nothing,
+    Unavailable,
 }
 
 fn covers_category(granted: &str, wanted: &str) -> bool {

@@ -7,7 +7,6 @@ use super::model::{Policy, Relation};
 use std::borrow::Cow;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 /// The outcome class of a decision.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -147,7 +146,7 @@ pub struct UpstreamChoice {
 /// The consent that allowed a transfer, or the nearest one that failed and why.
 #[derive(Clone, Debug)]
 pub struct ConsentUse {
-    pub id: Arc<str>,
+    pub id: compact_str::CompactString,
     /// `None`: valid, it allowed the transfer.
     pub failure: Option<Reason>,
 }

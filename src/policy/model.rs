@@ -187,14 +187,36 @@ pub struct Dataset {
     pub cross_border: Rule,
     pub third_party: Rule,
     pub egress_methods: Vec<Method>,
+    /// `egress_methods` as bits (`method_bit`), read without touching the list.
+    pub egress_mask: u16,
     pub mode: Mode,
     pub rules: DatasetRules,
 }
 
 impl Dataset {
     pub fn is_egress(&self, method: &Method) -> bool {
-        self.egress_methods.iter().any(|m| m == method)
+        match method_bit(method) {
+            Some(bit) => self.egress_mask & bit != 0,
+            None => self.egress_methods.iter().any(|m| m == method),
+        }
     }
+}
+
+/// A bit per standard method, for method sets held as masks.
+pub fn method_bit(m: &Method) -> Option<u16> {
+    let i = match *m {
+        Method::GET => 0,
+        Method::HEAD => 1,
+        Method::POST => 2,
+        Method::PUT => 3,
+        Method::DELETE => 4,
+        Method::CONNECT => 5,
+        Method::OPTIONS => 6,
+        Method::TRACE => 7,
+        Method::PATCH => 8,
+        _ => return None,
+    };
+    Some(1 << i)
 }
 
 /// Where consents come from.

@@ -34,9 +34,30 @@ impl fmt::Display for Ambiguity {
     }
 }
 
-/// Whether a literal `.` or `..` segment appears (dots inside names, `a.json`, do not count).
-fn has_dot_segment(raw: &str) -> bool {
-    raw.split('/').skip(1).any(|seg| seg == "." || seg == "..")
+/// Whether the path is already normal, in one pass over its bytes: no escape, backslash or
+/// NUL, no empty segment (`//`) and no `.` or `..` segment (dots inside names, `a.json`, are
+/// fine).
+fn is_plain(b: &[u8]) -> bool {
+    let mut seg_start = 0;
+    for (i, &c) in b.iter().enumerate() {
+        match c {
+            b'%' | b'\\' | 0 => return false,
+            b'/' => {
+                if i > 0 && !segment_ok(&b[seg_start..i]) {
+                    return false;
+                }
+                seg_start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    // The last segment may be empty (a trailing slash) but not a dot segment.
+    let last = &b[seg_start..];
+    last != b"." && last != b".."
+}
+
+fn segment_ok(seg: &[u8]) -> bool {
+    !seg.is_empty() && seg != b"." && seg != b".."
 }
 
 fn unreserved(b: u8) -> bool {
@@ -60,10 +81,7 @@ pub fn normalize(raw: &str) -> Result<Cow<'_, str>, Ambiguity> {
     if b.first() != Some(&b'/') {
         return Err(Ambiguity::NotAbsolute);
     }
-    if !b.iter().any(|&c| matches!(c, b'%' | b'\\' | 0))
-        && !raw.contains("//")
-        && !has_dot_segment(raw)
-    {
+    if is_plain(b) {
         return Ok(Cow::Borrowed(raw));
     }
     let decoded_segments = decode_segments(raw)?;

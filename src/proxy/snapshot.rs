@@ -171,7 +171,6 @@ impl Deref for Addrs {
 
 impl Env for ProxyEnv<'_> {
     type Addrs = Addrs;
-    type Consents = Arc<[Consent]>;
 
     fn locate(&self, ip: IpAddr) -> Location {
         self.snap.locator.locate(ip)
@@ -185,19 +184,19 @@ impl Env for ProxyEnv<'_> {
         }
     }
 
-    fn consents(&self, subject: &str) -> ConsentLookup<Arc<[Consent]>> {
+    fn with_consents<R>(&self, subject: &str, f: impl FnOnce(ConsentLookup<&[Consent]>) -> R) -> R {
         // Asked only for requests that need consent: others never see the store's state.
         let index = &self.snap.consents;
         if index
             .freshness()
             .is_stale(self.snap.policy.consent.max_staleness)
         {
-            return ConsentLookup::Unavailable;
+            return f(ConsentLookup::Unavailable);
         }
-        match index.get(subject) {
-            Some(c) => ConsentLookup::Found(c),
-            None => ConsentLookup::NotFound,
-        }
+        index.with(subject, |found| match found {
+            Some(c) => f(ConsentLookup::Found(c)),
+            None => f(ConsentLookup::NotFound),
+        })
     }
 
     fn now(&self) -> i64 {
