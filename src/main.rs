@@ -4,11 +4,6 @@ use clap::Parser;
 use residency_proxy::cli::{self, Cli, Exit};
 use std::process::ExitCode;
 
-// Every request allocates (headers, records, buffers): mimalloc's thread-local free lists cost
-// a fraction of the system allocator's.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     residency_proxy::telemetry::init(cli.log_format);
