@@ -611,32 +611,27 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
     };
     let mode = parse_mode(cx, pfile, &pat("mode"), "policy.mode", p.mode.as_deref())
         .unwrap_or(Mode::Enforce);
-    let unmatched = match p.unmatched.as_deref() {
-        None | Some("deny") => Unmatched::Deny,
-        Some("allow") => Unmatched::Allow,
-        Some(o) => {
-            cx.err(
-                pfile,
-                &pat("unmatched"),
-                "policy.unmatched",
-                format!("\"{o}\" is not one of \"deny\", \"allow\""),
-            );
-            Unmatched::Deny
-        }
-    };
-    let unknown_location = match p.unknown_location.as_deref() {
-        None | Some("deny") => UnknownLocation::Deny,
-        Some("foreign") => UnknownLocation::Foreign,
-        Some(o) => {
-            cx.err(
-                pfile,
-                &pat("unknown_location"),
-                "policy.unknown_location",
-                format!("\"{o}\" is not one of \"deny\", \"foreign\""),
-            );
-            UnknownLocation::Deny
-        }
-    };
+    let unmatched = choice(
+        cx,
+        pfile,
+        &pat("unmatched"),
+        "policy.unmatched",
+        p.unmatched.as_deref(),
+        &[("deny", Unmatched::Deny), ("allow", Unmatched::Allow)],
+        Unmatched::Deny,
+    );
+    let unknown_location = choice(
+        cx,
+        pfile,
+        &pat("unknown_location"),
+        "policy.unknown_location",
+        p.unknown_location.as_deref(),
+        &[
+            ("deny", UnknownLocation::Deny),
+            ("foreign", UnknownLocation::Foreign),
+        ],
+        UnknownLocation::Deny,
+    );
 
     // [proxy]
     let (xfile, x) = m.proxy.unwrap_or((entry, RawProxy::default()));
@@ -1082,32 +1077,24 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
         }
         Some(p) => LogTarget::File(PathBuf::from(p)),
     };
-    let durability = match l.durability.as_deref() {
-        None | Some("write") => Durability::Write,
-        Some("fsync") => Durability::Fsync,
-        Some(o) => {
-            cx.err(
-                lfile,
-                &lat("durability"),
-                "log.durability",
-                format!("\"{o}\" is not one of \"write\", \"fsync\""),
-            );
-            Durability::Write
-        }
-    };
-    let on_failure = match l.on_failure.as_deref() {
-        None | Some("deny") => OnFailure::Deny,
-        Some("allow") => OnFailure::Allow,
-        Some(o) => {
-            cx.err(
-                lfile,
-                &lat("on_failure"),
-                "log.on_failure",
-                format!("\"{o}\" is not one of \"deny\", \"allow\""),
-            );
-            OnFailure::Deny
-        }
-    };
+    let durability = choice(
+        cx,
+        lfile,
+        &lat("durability"),
+        "log.durability",
+        l.durability.as_deref(),
+        &[("write", Durability::Write), ("fsync", Durability::Fsync)],
+        Durability::Write,
+    );
+    let on_failure = choice(
+        cx,
+        lfile,
+        &lat("on_failure"),
+        "log.on_failure",
+        l.on_failure.as_deref(),
+        &[("deny", OnFailure::Deny), ("allow", OnFailure::Allow)],
+        OnFailure::Deny,
+    );
     let pseudonymize = l.pseudonymize.unwrap_or(true);
     let signing_key = l.signing_key.map(PathBuf::from);
     if pseudonymize && signing_key.is_none() {
@@ -1494,6 +1481,31 @@ fn build_index(datasets: &[Dataset]) -> DatasetIndex {
         .collect();
     lengths.sort_unstable_by(|a, b| b.cmp(a));
     DatasetIndex { lengths, by_prefix }
+}
+
+/// One of a closed set of words, or the default when absent; anything else is an error
+/// naming the choices (and the default is used to go on compiling).
+fn choice<T: Copy>(
+    cx: &mut Cx<'_>,
+    file: usize,
+    at: &[Seg],
+    rule: &str,
+    value: Option<&str>,
+    options: &[(&str, T)],
+    default: T,
+) -> T {
+    let Some(v) = value else { return default };
+    if let Some((_, t)) = options.iter().find(|(w, _)| *w == v) {
+        return *t;
+    }
+    let names: Vec<String> = options.iter().map(|(w, _)| format!("\"{w}\"")).collect();
+    cx.err(
+        file,
+        at,
+        rule,
+        format!("\"{v}\" is not one of {}", names.join(", ")),
+    );
+    default
 }
 
 fn parse_mode(

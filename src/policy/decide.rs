@@ -381,12 +381,7 @@ pub fn decide<'a, E: Env, T: Tracer>(
         Ok(s) => s,
         Err(why) => {
             step!(trace, &ds.rules.subject, "{why}");
-            d.verdict = Verdict::Error;
-            d.reason = Reason::BadRequest;
-            d.rule = &ds.rules.subject;
-            d.detail = Some(Cow::Borrowed(why));
-            d.path = Some(path);
-            return d;
+            return bad_request(d, &ds.rules.subject, why, path);
         }
     };
     d.subject = subject;
@@ -394,17 +389,9 @@ pub fn decide<'a, E: Env, T: Tracer>(
     d.purpose = match single_header(req.headers, &policy.consent.purpose_header) {
         Ok(p) => p,
         Err(()) => {
-            step!(
-                trace,
-                "consent.purpose_header",
-                "the purpose header appears more than once"
-            );
-            d.verdict = Verdict::Error;
-            d.reason = Reason::BadRequest;
-            d.rule = "consent.purpose_header";
-            d.detail = Some(Cow::Borrowed("the purpose header appears more than once"));
-            d.path = Some(path);
-            return d;
+            let why = "the purpose header appears more than once";
+            step!(trace, "consent.purpose_header", "{why}");
+            return bad_request(d, "consent.purpose_header", why, path);
         }
     };
     // A path that only resolving `.`, `..` or `//` sends to this dataset or subject could be
@@ -515,6 +502,21 @@ pub fn decide<'a, E: Env, T: Tracer>(
             ..d
         };
     }
+    d
+}
+
+/// A request the upstream could read otherwise than the proxy: refused, undecided.
+fn bad_request<'a>(
+    mut d: Decision<'a>,
+    rule: &'a str,
+    why: &'static str,
+    path: Cow<'a, str>,
+) -> Decision<'a> {
+    d.verdict = Verdict::Error;
+    d.reason = Reason::BadRequest;
+    d.rule = rule;
+    d.detail = Some(Cow::Borrowed(why));
+    d.path = Some(path);
     d
 }
 
