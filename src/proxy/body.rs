@@ -2,6 +2,7 @@
 //! share: when both halves of an exchange are gone, its outcome record is written.
 
 use super::Shared;
+use super::stall::Stall;
 use super::upstream::PoolReturn;
 use crate::audit::record::{OutcomeRecord, Record, VERSION, timestamp};
 use crate::policy::decision::Reason;
@@ -13,7 +14,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -189,6 +190,8 @@ enum Kind {
     Upstream {
         inner: Incoming,
         pool: Option<PoolReturn>,
+        /// An upstream that stops sending mid-body is cut off after `proxy.idle_timeout`.
+        stall: Stall,
     },
     Local(Option<Bytes>),
 }
@@ -205,9 +208,14 @@ impl ResponseBody {
         inner: Incoming,
         pool: Option<PoolReturn>,
         exchange: Arc<Exchange>,
+        idle: Duration,
     ) -> ResponseBody {
         ResponseBody {
-            kind: Kind::Upstream { inner, pool },
+            kind: Kind::Upstream {
+                inner,
+                pool,
+                stall: Stall::new(idle),
+            },
             exchange: Some(exchange),
         }
     }
@@ -246,13 +254,30 @@ impl Body for ResponseBody {
         let this = &mut *self;
         match &mut this.kind {
             Kind::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream { inner, .. } => match Pin::new(inner).poll_frame(cx) {
+            Kind::Upstream {
+                inner, stall, pool, ..
+            } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Pending if stall.expired(cx) => {
+                    let detail = format!(
+                        "the upstream sent no body bytes for {:?} (proxy.idle_timeout)",
+                        stall.limit()
+                    );
+                    tracing::warn!(error = %detail, "upstream response stalled");
+                    if let Some(ex) = &this.exchange {
+                        ex.set_error(Reason::UpstreamTimeout);
+                        ex.set_detail(detail.clone());
+                    }
+                    // Half a response is still owed on that connection: it is never pooled.
+                    pool.take();
+                    Poll::Ready(Some(Err(detail.into())))
+                }
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(None) => {
                     this.finish();
                     Poll::Ready(None)
                 }
                 Poll::Ready(Some(Ok(f))) => {
+                    stall.progressed();
                     if let (Some(d), Some(ex)) = (f.data_ref(), &this.exchange) {
                         ex.bytes_out.fetch_add(d.len() as u64, Ordering::Relaxed);
                     }
@@ -291,7 +316,7 @@ impl Body for ResponseBody {
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         // An empty body (HEAD, 204, 304) may be dropped without being polled to its end.
-        if let Kind::Upstream { inner, pool } = &mut self.kind
+        if let Kind::Upstream { inner, pool, .. } = &mut self.kind
             && pool.is_some()
             && inner.is_end_stream()
         {

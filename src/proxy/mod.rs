@@ -7,6 +7,7 @@ pub mod reload;
 pub mod respond;
 pub mod server;
 pub mod snapshot;
+pub mod stall;
 pub mod upstream;
 
 use crate::audit::keys::KeyError;

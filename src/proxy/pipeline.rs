@@ -493,7 +493,10 @@ async fn forward(
         rparts.headers.insert(DECISION_HEADER, v);
     }
     let back = PoolReturn { sender, pool };
-    Response::from_parts(rparts, ResponseBody::upstream(rbody, Some(back), exchange))
+    Response::from_parts(
+        rparts,
+        ResponseBody::upstream(rbody, Some(back), exchange, policy.proxy.idle_timeout),
+    )
 }
 
 /// Resolves once the upstream has had `timeout` to answer, counted from when it has the

@@ -5,6 +5,7 @@
 use super::Shared;
 use super::body::Exchange;
 use super::pipeline::{ConnInfo, handle};
+use super::stall::WriteStall;
 use crate::audit::id::new_id;
 use crate::audit::record::{self, Record, RequestContext};
 use crate::policy::decision::{Reason, Verdict, status_of};
@@ -74,6 +75,7 @@ pub async fn accept_loop(
         let shared = shared.clone();
         let tls = tls.clone();
         let handshake_timeout = limits.handshake_timeout;
+        let write_stall = limits.idle_timeout;
         let span = tracing::debug_span!("connection", client.addr = %peer, tls = tls.is_some());
         while tasks.try_join_next().is_some() {}
         tasks.spawn(
@@ -101,7 +103,7 @@ pub async fn accept_loop(
                         };
                         serve(
                             &builder,
-                            TokioIo::new(stream),
+                            TokioIo::new(WriteStall::new(stream, write_stall)),
                             info,
                             shared.clone(),
                             watcher,
@@ -118,7 +120,7 @@ pub async fn accept_loop(
                             };
                             serve(
                                 &builder,
-                                TokioIo::new(ok.stream),
+                                TokioIo::new(WriteStall::new(ok.stream, write_stall)),
                                 info,
                                 shared.clone(),
                                 watcher,

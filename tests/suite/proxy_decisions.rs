@@ -649,6 +649,116 @@ async fn an_upstream_that_answers_too_late_is_a_504() {
     assert_eq!(out["error"], "upstream_timeout");
 }
 
+/// An upstream that sends its response head and then nothing more is cut off once
+/// `idle_timeout` passes without a body byte; the exchange ends with `upstream_timeout`
+/// instead of holding both connections open for as long as the store likes. A slow upstream
+/// that keeps sending is never cut off, however long the whole body takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stops_sending_mid_body_is_cut_off() {
+    let stalled = Serve::Trickle {
+        chunks: 2,
+        size: 100,
+        every: Duration::from_secs(6),
+    };
+    let w = World::start_with(stalled, |s| s.proxy("idle_timeout = '1s'")).await;
+    let resp = client::Conn::open(APP, w.proxy.addr)
+        .await
+        .response(
+            request("GET", "/payments/u1/2026-01.json")
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let id = resp.headers()["x-residency-decision"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body = resp.into_body().collect().await;
+    assert!(body.is_err(), "the stalled body ended normally");
+    let out = w.proxy.log.outcome(&id).await;
+    assert_eq!(out["error"], "upstream_timeout", "{out}");
+    assert_eq!(out["complete"], false, "{out}");
+    assert_eq!(out["bytes_out"], 0, "{out}");
+    assert!(
+        out["detail"].as_str().unwrap().contains("idle_timeout"),
+        "{out}"
+    );
+
+    let slow = Serve::Trickle {
+        chunks: 6,
+        size: 100,
+        every: Duration::from_millis(300),
+    };
+    let w = World::start_with(slow, |s| s.proxy("idle_timeout = '1s'")).await;
+    let r = w.get(APP, "/payments/u1/2026-01.json", &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), 600, "the slow body was cut short");
+    let out = w.proxy.log.outcome(&r.decision_id()).await;
+    assert_eq!(out["error"], Value::Null, "{out}");
+    assert_eq!(out["complete"], true, "{out}");
+}
+
+/// A client that asks for a large object and stops reading is cut off once it has accepted
+/// nothing for `idle_timeout`: its exchange ends (incomplete, in the outcome record) and the
+/// connection is closed, instead of holding a connection slot and the upstream forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const LEN: u64 = 256 << 20;
+    let big = Serve::Stream {
+        len: LEN,
+        chunk: 64 << 10,
+    };
+    let w = World::start_with(big, |s| s.proxy("idle_timeout = '1s'")).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{APP}:0").parse().unwrap()).unwrap();
+    let mut tcp = socket.connect(w.proxy.addr).await.unwrap();
+    tcp.write_all(
+        format!(
+            "GET /payments/u1/2026-01.json HTTP/1.1\r\nHost: {}\r\n\r\n",
+            client::HOST
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // Read the head (and whatever body came with it), then stop reading.
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the proxy closed before the head");
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-residency-decision: "))
+        .expect("a decision id")
+        .trim()
+        .to_uppercase();
+
+    let out = w.proxy.log.outcome(&id).await;
+    assert_eq!(out["complete"], false, "{out}");
+    let sent = out["bytes_out"].as_u64().unwrap();
+    assert!(sent < LEN, "{out}");
+    // The proxy closed the connection: what is left is what was buffered, then the end.
+    let mut rest = 0u64;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => rest += n as u64,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection stayed open");
+    assert!(rest < LEN, "the whole object arrived after all");
+}
+
 /// Regression: the upstream timeout ran from the first byte sent, so an upload that took
 /// longer than `upstream_timeout` to send was cut off with a 504 although the store answered
 /// at once. The timeout is how long the store may take to answer once it has the request.

@@ -1,0 +1,155 @@
+//! Bounds on how long a response may make no progress (`proxy.idle_timeout`): an upstream
+//! that sends a response head and then nothing more, or a client that stops reading what it
+//! asked for, would otherwise hold the exchange, its connections and its memory forever.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// Times one direction of a stream: the clock starts when the other side first makes us
+/// wait, restarts after any progress, and never runs while nobody is waiting (a response
+/// body is not blamed for the time a slow client left it unpolled).
+pub struct Stall {
+    limit: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    moved: bool,
+}
+
+impl Stall {
+    pub fn new(limit: Duration) -> Stall {
+        Stall {
+            limit,
+            timer: None,
+            moved: false,
+        }
+    }
+
+    pub fn limit(&self) -> Duration {
+        self.limit
+    }
+
+    /// Something moved: the next wait starts a fresh clock.
+    pub fn progressed(&mut self) {
+        self.moved = true;
+    }
+
+    /// Called when the stream has made us wait; true once `limit` has passed since the wait
+    /// began without progress. Registers `cx` to be woken at the deadline.
+    pub fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let timer = match &mut self.timer {
+            Some(t) => {
+                if self.moved {
+                    t.as_mut().reset(Instant::now() + self.limit);
+                }
+                t
+            }
+            None => self.timer.insert(Box::pin(tokio::time::sleep(self.limit))),
+        };
+        self.moved = false;
+        timer.as_mut().poll(cx).is_ready()
+    }
+}
+
+/// A client connection whose writes fail with `TimedOut` once the client has accepted no
+/// byte for the stall limit: a reader that stops reading is cut off, its exchange ends
+/// incomplete and its connection slot is freed. Reads are untouched (hyper's own timers bound
+/// a client that sends nothing).
+pub struct WriteStall<S> {
+    inner: S,
+    stall: Stall,
+}
+
+impl<S> WriteStall<S> {
+    pub fn new(inner: S, limit: Duration) -> WriteStall<S> {
+        WriteStall {
+            inner,
+            stall: Stall::new(limit),
+        }
+    }
+
+    fn check<T>(&mut self, r: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        match r {
+            Poll::Pending if self.stall.expired(cx) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the client accepted no response bytes for {:?} (proxy.idle_timeout)",
+                    self.stall.limit()
+                ),
+            ))),
+            Poll::Pending => Poll::Pending,
+            r => {
+                self.stall.progressed();
+                r
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteStall<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteStall<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.check(r, cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.check(r, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.check(r, cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.check(r, cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_clock_runs_only_while_waiting_and_restarts_after_progress() {
+        let mut s = Stall::new(Duration::from_secs(10));
+        assert!(!poll_fn(|cx| Poll::Ready(s.expired(cx))).await);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(!poll_fn(|cx| Poll::Ready(s.expired(cx))).await);
+        // Progress just before the limit: a fresh ten seconds.
+        s.progressed();
+        assert!(!poll_fn(|cx| Poll::Ready(s.expired(cx))).await);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(!poll_fn(|cx| Poll::Ready(s.expired(cx))).await);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(poll_fn(|cx| Poll::Ready(s.expired(cx))).await);
+    }
+}
