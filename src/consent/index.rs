@@ -173,12 +173,17 @@ impl ConsentIndex {
 
     /// Inserts a consent, or replaces the one with the same id (a revocation is an update).
     ///
-    /// A record that fails [`ConsentRecord::validate`] is refused and changes nothing.
+    /// A record that fails [`ConsentRecord::validate`] is refused, and the consent with its
+    /// id is withdrawn: the latest word on a consent, if unreadable, grants nothing (as
+    /// `replace_all` and the file store treat it).
     /// Ids are matched within the record's subject: a store must not move a consent id from
     /// one subject to another with `upsert` (the old subject would keep it); `replace_all`
     /// does not have this limit.
     pub fn upsert(&self, record: &ConsentRecord) -> Result<(), FieldError> {
-        record.validate()?;
+        if let Err(e) = record.validate() {
+            self.remove(&record.subject, &record.id);
+            return Err(e);
+        }
         let mut interner = self.lock_writer();
         let mut consent = Some(interner.consent(record));
         let map = self.map.pin();
@@ -196,6 +201,25 @@ impl ConsentIndex {
         }
         map.insert(record.subject.as_str().into(), Held::of(new));
         Ok(())
+    }
+
+    /// Withdraws the consent `id` of `subject`, if the index holds it.
+    fn remove(&self, subject: &str, id: &str) {
+        let _writer = self.lock_writer();
+        let map = self.map.pin();
+        let Some(old) = map.get(subject).map(Held::as_slice) else {
+            return;
+        };
+        if !old.iter().any(|c| c.id == id) {
+            return;
+        }
+        let kept: Vec<Consent> = old.iter().filter(|c| c.id != id).cloned().collect();
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        if kept.is_empty() {
+            map.remove(subject);
+        } else {
+            map.insert(subject.into(), Held::of(kept));
+        }
     }
 
     /// Replaces the whole content; readers see each subject either before or after.
@@ -320,17 +344,34 @@ mod tests {
     }
 
     #[test]
-    fn upsert_refuses_an_invalid_record() {
+    fn an_invalid_update_is_refused_and_withdraws_the_consent() {
         let index = ConsentIndex::new();
         index.upsert(&record("c1", "u1", "scoring")).unwrap();
+        index.upsert(&record("c2", "u1", "scoring")).unwrap();
         let mut bad = record("c1", "u1", "scoring");
         bad.recipient = "*".into();
         assert_eq!(index.upsert(&bad).unwrap_err().field, "recipient");
-        assert_eq!(
-            &*index.get("u1").unwrap()[0].scope.recipient,
-            "credit-bureau-us"
-        );
+        // Keeping the earlier state would let an update the proxy cannot read (a revocation
+        // among them) go unapplied while the old terms keep granting.
+        assert_eq!(ids(&index, "u1"), ["c2"]);
         assert_eq!(index.len(), 1);
+        index.upsert(&record("c3", "u2", "scoring")).unwrap();
+        let mut bad = record("c3", "u2", "scoring");
+        bad.purposes.clear();
+        assert!(index.upsert(&bad).is_err());
+        assert!(index.get("u2").is_none());
+        assert_eq!((index.len(), index.subjects()), (1, 1));
+    }
+
+    #[test]
+    fn a_revocation_dated_before_the_grant_is_applied() {
+        let index = ConsentIndex::new();
+        let mut future = record("c1", "u1", "scoring");
+        future.granted_at = "2026-12-01T00:00:00Z".parse().unwrap();
+        index.upsert(&future).unwrap();
+        future.revoked_at = Some("2026-11-28T00:00:00Z".parse().unwrap());
+        index.upsert(&future).unwrap();
+        assert!(index.get("u1").unwrap()[0].revoked_at.is_some());
     }
 
     #[test]

@@ -126,11 +126,8 @@ impl ConsentRecord {
         if self.expires_at <= self.granted_at {
             return Err(field("expires_at", "must be after granted_at"));
         }
-        if let Some(r) = self.revoked_at
-            && r < self.granted_at
-        {
-            return Err(field("revoked_at", "must not be before granted_at"));
-        }
+        // A revocation dated before the grant is allowed: the consent never came into force
+        // (withdrawn before its start, or a clock a little behind the granting host's).
         Ok(())
     }
 }

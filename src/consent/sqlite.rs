@@ -267,15 +267,14 @@ fn states(conn: &Connection, sel: &Selection<'_>) -> rusqlite::Result<Vec<Consen
     while let Some(row) = rows.next()? {
         let id: String = row.get(0)?;
         let at: String = row.get(1)?;
-        match at.parse::<Timestamp>() {
-            Ok(t) => {
-                let e = revoked.entry(id).or_insert(t);
-                *e = (*e).min(t);
-            }
-            Err(e) => {
-                tracing::warn!(consent.id = %id, error = %e, "revocation with an unreadable revoked_at ignored")
-            }
-        }
+        // A revocation whose time cannot be read still revokes (from the start): the row
+        // says the person withdrew, and only its date is in doubt.
+        let t = revocation_time(&at).unwrap_or_else(|| {
+            tracing::warn!(consent.id = %id, revoked_at = %at, "revocation with an unreadable revoked_at: revoked from the grant on");
+            Timestamp::MIN
+        });
+        let e = revoked.entry(id).or_insert(t);
+        *e = (*e).min(t);
     }
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {GRANT_COLUMNS} FROM consents c WHERE {cond} ORDER BY c.rowid"
@@ -285,13 +284,23 @@ fn states(conn: &Connection, sel: &Selection<'_>) -> rusqlite::Result<Vec<Consen
     while let Some(row) = rows.next()? {
         match grant_from_row(row)? {
             Ok(mut r) => {
-                r.revoked_at = revoked.get(&r.id).copied();
+                r.revoked_at = revoked.get(&r.id).map(|t| (*t).max(r.granted_at));
                 out.push(r);
             }
             Err(why) => tracing::warn!(reason = %why, "unreadable consent row ignored"),
         }
     }
     Ok(out)
+}
+
+/// A revocation time as the proxy writes it (RFC 3339), or as SQLite's own `datetime('now')`
+/// and `CURRENT_TIMESTAMP` write it (`2026-11-28 09:30:00`, UTC): an operator revoking from
+/// the `sqlite3` shell is taken at their word.
+fn revocation_time(text: &str) -> Option<Timestamp> {
+    text.parse::<Timestamp>().ok().or_else(|| {
+        let civil: jiff::civil::DateTime = text.parse().ok()?;
+        jiff::tz::TimeZone::UTC.to_timestamp(civil).ok()
+    })
 }
 
 fn history(conn: &Connection, filter: Filter<'_>) -> rusqlite::Result<Vec<Event>> {
@@ -324,9 +333,7 @@ fn history(conn: &Connection, filter: Filter<'_>) -> rusqlite::Result<Vec<Event>
     ))?;
     let mut rows = stmt.query(rusqlite::params_from_iter(param))?;
     while let Some(row) = rows.next()? {
-        let Ok(at) = row.get::<_, String>(2)?.parse::<Timestamp>() else {
-            continue;
-        };
+        let at = revocation_time(&row.get::<_, String>(2)?).unwrap_or(Timestamp::UNIX_EPOCH);
         events.push(Event {
             event: "revoke",
             consent: row.get(0)?,
@@ -473,6 +480,13 @@ impl Feed {
             source,
         };
         let started = std::time::Instant::now();
+        // The version is read before the content: a commit landing while the content is
+        // read and indexed then moves it again and the next poll looks for changes. Read
+        // after, it would already count that commit and the change would wait for the next
+        // unrelated write.
+        let data_version = conn
+            .pragma_query_value(None, "data_version", |r| r.get(0))
+            .map_err(query)?;
         // One read transaction: the sequence number and the content agree.
         let (seq, records) = (|| {
             let tx = conn.transaction()?;
@@ -488,9 +502,6 @@ impl Feed {
         .map_err(query)?;
         let read = started.elapsed();
         let rejected = self.index.replace_all(&records);
-        let data_version = conn
-            .pragma_query_value(None, "data_version", |r| r.get(0))
-            .map_err(query)?;
         tracing::info!(
             consent.store = %format!("sqlite:{}", self.path.display()),
             consents = records.len() - rejected,

@@ -120,6 +120,51 @@ async fn a_grant_by_the_consent_command_takes_effect_while_the_proxy_runs() {
         "the grant is kept"
     );
 
+    // A revocation typed into the sqlite3 shell the way SQLite writes times
+    // (`datetime('now')`: UTC without an offset) revokes too; so does one whose time cannot
+    // be read at all: the row says the person withdrew.
+    for (n, revoked_at) in [(1, "datetime('now')"), (2, "'last tuesday'")] {
+        let (subject, id) = (format!("u9{n}"), format!("c-sql-{n}"));
+        let mut args = vec![
+            "consent",
+            "grant",
+            "--store",
+            &store,
+            "--subject",
+            &subject,
+            "--id",
+            &id,
+        ];
+        args.extend(GRANT);
+        cli_ok(&args).await;
+        time_until(
+            "the proxy to notice the grant",
+            Duration::from_secs(10),
+            || holds(&proxy, &subject, &id, false),
+        )
+        .await;
+        let sql = rusqlite::Connection::open(db.path().join("data/consent.db")).unwrap();
+        sql.execute(
+            &format!(
+                "INSERT INTO consent_revocations (consent_id, revoked_at) VALUES (?1, {revoked_at})"
+            ),
+            [&id],
+        )
+        .unwrap();
+        drop(sql);
+        time_until(
+            "the proxy to notice the revocation written in SQL",
+            Duration::from_secs(10),
+            || holds(&proxy, &subject, &id, true),
+        )
+        .await;
+        assert_eq!(
+            bureau_reads(&proxy, &subject).await,
+            "451 consent_revoked",
+            "{revoked_at}"
+        );
+    }
+
     // An invalid grant names the flag at fault and records nothing.
     let mut args = vec!["consent", "grant", "--store", &store, "--subject", "u8"];
     args.extend(GRANT);
