@@ -10,6 +10,7 @@ use crate::policy::decide::{ConsentLookup, Env, Request};
 use crate::policy::decision::Location;
 use crate::policy::model::Upstream;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
@@ -77,6 +78,8 @@ pub struct Hypothetical {
     pub client_ip: IpAddr,
     /// A verified mTLS identity (certificate SAN).
     pub identity: Option<String>,
+    /// What a copy request copies, from its headers.
+    pub copy_source: Option<String>,
 }
 
 impl Hypothetical {
@@ -93,7 +96,9 @@ impl Hypothetical {
         host: Option<&str>,
         identity: Option<&str>,
     ) -> Result<Hypothetical, HypotheticalError> {
-        let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+        // As received: `serve` refuses a standard method spelled in lower case, and so must a
+        // rehearsal of it.
+        let method = Method::from_bytes(method.as_bytes())
             .map_err(|_| HypotheticalError::Method(method.into()))?;
         let (path, query) = match target.split_once('?') {
             Some((p, q)) => (p.to_string(), Some(q.to_string())),
@@ -114,6 +119,7 @@ impl Hypothetical {
         if let Some(h) = host {
             map.insert(http::header::HOST, value(h)?);
         }
+        let copy_source = crate::policy::decide::copy_source(&map).map(Cow::into_owned);
         Ok(Hypothetical {
             method,
             path,
@@ -121,6 +127,7 @@ impl Hypothetical {
             headers: map,
             client_ip,
             identity: identity.map(str::to_string),
+            copy_source,
         })
     }
 
@@ -148,6 +155,7 @@ impl Hypothetical {
             peer: self.client_ip,
             identity: self.identity.as_deref(),
             pick: 0,
+            copy_source: self.copy_source.as_deref(),
         }
     }
 }

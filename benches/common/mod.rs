@@ -74,5 +74,6 @@ pub fn request<'a>(
         peer,
         identity: None,
         pick: 0,
+        copy_source: None,
     }
 }

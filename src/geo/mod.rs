@@ -33,12 +33,12 @@ const PROBE_RECORDS: usize = 1024;
 /// allocates nothing. Every other field of the record is skipped by the decoder.
 #[derive(Deserialize)]
 struct CountryRecord<'a> {
-    /// MaxMind GeoIP2/GeoLite2 Country and City: where the address is used.
+    /// MaxMind GeoIP2/GeoLite2 Country and City: where the address is used. (MaxMind's
+    /// `registered_country`, where the network is registered, is deliberately not read: an
+    /// address the database cannot place, such as an anycast range, must stay unlocated and
+    /// meet `unknown_location`, not count as its registrant's country.)
     #[serde(borrow)]
     country: Option<IsoCode<'a>>,
-    /// MaxMind: where the network is registered, the fallback when `country` is absent.
-    #[serde(borrow)]
-    registered_country: Option<IsoCode<'a>>,
     /// DB-IP Lite country files: a top-level code.
     #[serde(borrow)]
     country_code: Option<&'a str>,
@@ -56,14 +56,10 @@ impl<'a> CountryRecord<'a> {
         fn nested<'a>(n: &Option<IsoCode<'a>>) -> Option<&'a str> {
             n.as_ref().and_then(|n| n.iso_code)
         }
-        [
-            nested(&self.country),
-            nested(&self.registered_country),
-            self.country_code,
-        ]
-        .into_iter()
-        .flatten()
-        .find_map(Country::parse_shape)
+        [nested(&self.country), self.country_code]
+            .into_iter()
+            .flatten()
+            .find_map(Country::parse_shape)
     }
 }
 
@@ -165,7 +161,7 @@ fn check_carries_country(reader: &maxminddb::Reader<Vec<u8>>) -> Result<(), Stri
     } else {
         format!(
             "none of its first {seen} records carries a country code \
-             (country.iso_code, registered_country.iso_code or country_code); \
+             (country.iso_code or country_code); \
              is it a Country or City database?"
         )
     })
@@ -278,11 +274,12 @@ mod tests {
     }
 
     #[test]
-    fn maxmind_layout_with_registered_country_fallback() {
+    fn maxmind_layout_and_no_registered_country_fallback() {
         let db = maxmind();
         assert_eq!(db.country(ip("8.8.8.8")), c("US"));
         assert_eq!(db.country(ip("1.1.1.1")), c("AU"));
-        assert_eq!(db.country(ip("9.9.9.9")), c("CH"));
+        // Where the range is registered says nothing about where the address is.
+        assert_eq!(db.country(ip("9.9.9.9")), None);
         assert_eq!(db.country(ip("4.4.4.4")), None);
         assert_eq!(db.country(ip("5.5.5.5")), None, "not in the database");
     }
@@ -321,7 +318,7 @@ mod tests {
     }
 
     #[test]
-    fn malformed_country_falls_back_and_never_panics() {
+    fn a_malformed_country_is_not_located_and_never_panics() {
         let mut w = writer("GeoLite2-Country");
         insert(
             &mut w,
@@ -334,8 +331,10 @@ mod tests {
             "8.8.4.0/24",
             Value::map([("country", Value::map([("iso_code", Value::from(7u32))]))]),
         );
+        insert(&mut w, "1.1.1.0/24", Value::map([("country", iso("AU"))]));
         let db = db_of(w);
-        assert_eq!(db.country(ip("8.8.8.8")), c("US"));
+        assert_eq!(db.country(ip("1.1.1.1")), c("AU"));
+        assert_eq!(db.country(ip("8.8.8.8")), None);
         assert_eq!(db.country(ip("8.8.4.4")), None);
     }
 

@@ -1345,6 +1345,22 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
         if (cross_border == Rule::Consent || third_party == Rule::Consent) && d.subject.is_none() {
             cx.err(o.file, &item("datasets", o, None), r("subject").to_string(), "required when cross_border or third_party is \"consent\": consent is given by a data subject");
         }
+        if d.egress_methods.as_ref().is_some_and(Vec::is_empty) {
+            cx.err(
+                o.file,
+                &at("egress_methods"),
+                r("egress_methods").to_string(),
+                "must name at least one method: with none, every request would skip the transfer rules",
+            );
+        }
+        if d.matcher.methods.as_ref().is_some_and(Vec::is_empty) {
+            cx.err(
+                o.file,
+                &at("match.methods"),
+                r("match").to_string(),
+                "must name at least one method (leave it out to match every method): with none, the dataset matches nothing",
+            );
+        }
         let egress_methods = match &d.egress_methods {
             None => vec![Method::GET, Method::HEAD],
             Some(ms) => ms
@@ -1470,8 +1486,17 @@ fn build_index(datasets: &[Dataset]) -> DatasetIndex {
         by_prefix.entry(d.path_prefix.clone()).or_default().push(i);
     }
     for list in by_prefix.values_mut() {
-        // Most specific first: a host constraint, then a method constraint; ties keep file order.
-        list.sort_by_key(|&i| (datasets[i].host.is_none(), datasets[i].methods.is_none(), i));
+        // Most specific first: an exact host, then a wildcard host (a longer suffix first),
+        // then none; then a method constraint; ties keep file order.
+        let host_rank = |d: &Dataset| match d.host.as_deref() {
+            Some(h) if !h.starts_with("*.") => (0, 0),
+            Some(h) => (1, usize::MAX - h.len()),
+            None => (2, 0),
+        };
+        list.sort_by_key(|&i| {
+            let d = &datasets[i];
+            (host_rank(d), d.methods.is_none(), i)
+        });
     }
     let mut lengths: Vec<usize> = by_prefix
         .keys()
@@ -1684,6 +1709,59 @@ mod tests {
         assert_eq!(d.len(), 1, "{d:?}");
         assert_eq!(d[0].rule, "upstreams.s.client_key");
         assert_eq!(d[0].line, Some(9));
+    }
+
+    const DATASET_BASE: &str = "[[upstreams]]\nname = 's'\nurl = 'http://127.0.0.2:9000'\n[[networks]]\ncidr = '127.0.0.0/8'\ncountry = 'CN'\n";
+
+    fn dataset(name: &str, fields: &str) -> String {
+        format!(
+            "[[datasets]]\nname = '{name}'\nupstream = 's'\ncategory = 'system.operations'\ncross_border = 'allow'\nthird_party = 'allow'\n{fields}\n"
+        )
+    }
+
+    #[test]
+    fn empty_method_lists_are_errors_not_silent_switches() {
+        let d = diags(&format!(
+            "{DATASET_BASE}{}{}",
+            dataset("a", "match = { path_prefix = '/a/' }\negress_methods = []"),
+            dataset("b", "match = { path_prefix = '/b/', methods = [] }"),
+        ));
+        let rules: Vec<&str> = d.iter().map(|d| d.rule.as_str()).collect();
+        assert_eq!(
+            rules,
+            ["datasets.a.egress_methods", "datasets.b.match"],
+            "{d:?}"
+        );
+        assert!(d[0].message.contains("at least one"), "{}", d[0]);
+    }
+
+    #[test]
+    fn an_exact_host_outranks_a_wildcard_whatever_the_file_order() {
+        let p = from_str(
+            "p.toml",
+            &format!(
+                "{BASE}{DATASET_BASE}{}{}{}{}",
+                dataset("any", "match = { path_prefix = '/' }"),
+                dataset("wide", "match = { host = '*.example', path_prefix = '/' }"),
+                dataset(
+                    "narrow",
+                    "match = { host = '*.s3.example', path_prefix = '/' }"
+                ),
+                dataset(
+                    "exact",
+                    "match = { host = 'pay.s3.example', path_prefix = '/' }"
+                ),
+            ),
+        )
+        .unwrap();
+        let name = |host: &str| {
+            crate::policy::decide::match_dataset(&p, Some(host), &Method::GET, "/u1/x")
+                .map(|i| p.datasets[i].name.to_string())
+        };
+        assert_eq!(name("pay.s3.example").as_deref(), Some("exact"));
+        assert_eq!(name("other.s3.example").as_deref(), Some("narrow"));
+        assert_eq!(name("x.example").as_deref(), Some("wide"));
+        assert_eq!(name("elsewhere.test").as_deref(), Some("any"));
     }
 
     #[test]

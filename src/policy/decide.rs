@@ -39,6 +39,36 @@ pub struct Request<'a> {
     pub identity: Option<&'a str>,
     /// Rotates the choice among equally valid upstream addresses.
     pub pick: usize,
+    /// The object a server-side copy reads (`x-amz-copy-source` and its kin), as a path:
+    /// see [`copy_source`].
+    pub copy_source: Option<&'a str>,
+}
+
+/// Headers with which a request asks an object store to copy another object into the target:
+/// S3's, and the same operation on Alibaba OSS and Google Cloud Storage's XML API.
+pub const COPY_SOURCE_HEADERS: [&str; 3] = [
+    "x-amz-copy-source",
+    "x-oss-copy-source",
+    "x-goog-copy-source",
+];
+
+/// The object a copy request reads, as a request path: `bucket/key` and `/bucket/key` both
+/// become `/bucket/key`, and a `?versionId=…` is dropped (the version does not change which
+/// dataset the object belongs to). `None` without a copy header, or when the first one is
+/// not text; `decide` refuses such requests.
+pub fn copy_source(headers: &HeaderMap) -> Option<Cow<'_, str>> {
+    let v = COPY_SOURCE_HEADERS
+        .iter()
+        .find_map(|h| headers.get(*h))?
+        .to_str()
+        .ok()?
+        .trim();
+    let v = v.split_once('?').map_or(v, |(p, _)| p);
+    Some(if v.starts_with('/') {
+        Cow::Borrowed(v)
+    } else {
+        Cow::Owned(format!("/{v}"))
+    })
 }
 
 /// A consent lookup: the registry may be out of reach.
@@ -183,7 +213,57 @@ fn request_ambiguity(req: &Request<'_>) -> Option<&'static str> {
     {
         return Some("the request has more than one Host header");
     }
+    let host_header = req.headers.get(http::header::HOST).map(|h| h.as_bytes());
+    if host_header.is_some_and(|h| !plain_host(h))
+        || req.host.is_some_and(|h| !plain_host(h.as_bytes()))
+    {
+        return Some(
+            "the host is not a plain host[:port] (user information, a port that is not a number, characters outside a host name)",
+        );
+    }
     None
+}
+
+/// `name`, `a.b.c`, `10.0.0.1` or `[::1]`, with an optional numeric port: the only forms that
+/// every upstream splits into the same host. (`payments.s3.local:x` is not matched to
+/// `payments.s3.local` by the proxy, but nginx or Go would route it there.)
+fn plain_host(h: &[u8]) -> bool {
+    let (name, port) = match h.strip_prefix(b"[") {
+        Some(rest) => match rest.iter().position(|&b| b == b']') {
+            Some(end) => {
+                let inside = &rest[..end];
+                if inside.is_empty()
+                    || !inside
+                        .iter()
+                        .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+                {
+                    return false;
+                }
+                match &rest[end + 1..] {
+                    [] => return true,
+                    [b':', port @ ..] => (&b""[..], Some(port)),
+                    _ => return false,
+                }
+            }
+            None => return false,
+        },
+        None => match h.iter().rposition(|&b| b == b':') {
+            Some(i) => (&h[..i], Some(&h[i + 1..])),
+            None => (h, None),
+        },
+    };
+    let name_ok = (name.is_empty() && h.starts_with(b"["))
+        || (!name.is_empty()
+            && name
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')));
+    let port_ok = port.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 5
+            && p.iter().all(u8::is_ascii_digit)
+            && std::str::from_utf8(p).is_ok_and(|p| p.parse::<u16>().is_ok())
+    });
+    name_ok && port_ok
 }
 
 /// The value of a header that must appear at most once: `Err` when it appears twice.
@@ -221,6 +301,75 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Result<Option<&'a str>
 
 /// Decides one request. Never fails: every outcome is a `Decision`.
 pub fn decide<'a, E: Env, T: Tracer>(
+    policy: &'a Policy,
+    env: &E,
+    req: &Request<'a>,
+    trace: &mut T,
+) -> Decision<'a> {
+    let d = decide_target(policy, env, req, trace);
+    if d.verdict != Verdict::Allow
+        || !COPY_SOURCE_HEADERS
+            .iter()
+            .any(|h| req.headers.contains_key(*h))
+    {
+        return d;
+    }
+    copied_from(policy, env, req, d, trace)
+}
+
+/// A server-side copy reads one object and writes another inside the store: the write was
+/// allowed, and the read is decided as a `GET` of the source by the same client, so that
+/// nothing the client may not read can be copied where it may. Either refusal refuses the
+/// copy; the decision then carries the source's reason and rule.
+fn copied_from<'a, E: Env, T: Tracer>(
+    policy: &'a Policy,
+    env: &E,
+    req: &Request<'a>,
+    mut d: Decision<'a>,
+    trace: &mut T,
+) -> Decision<'a> {
+    let named = COPY_SOURCE_HEADERS
+        .iter()
+        .map(|h| req.headers.get_all(*h).iter().count())
+        .sum::<usize>();
+    let Some(source) = req.copy_source.filter(|_| named == 1) else {
+        let why = "the copy-source header appears more than once, or is not a path";
+        step!(trace, "request.copy_source", "{why}");
+        let path = d.path.take().unwrap_or(Cow::Borrowed(req.path));
+        return bad_request(d, "request.copy_source", why, path);
+    };
+    step!(
+        trace,
+        "request.copy_source",
+        "copies {source}: decided as a GET of it"
+    );
+    let read = Request {
+        method: &Method::GET,
+        path: source,
+        query: None,
+        copy_source: None,
+        ..*req
+    };
+    let s = decide_target(policy, env, &read, trace);
+    if s.verdict == Verdict::Allow {
+        return d;
+    }
+    if s.verdict == Verdict::Deny && !s.enforced {
+        // An audit-mode source: the copy is logged as one that would have been refused.
+        d.enforced = false;
+    }
+    d.verdict = s.verdict;
+    d.reason = s.reason;
+    d.rule = s.rule;
+    d.detail = s.detail;
+    d.destinations = s.destinations;
+    d.outside_home = s.outside_home;
+    d.consent = s.consent;
+    d.copied_from = Some(s.dataset);
+    d
+}
+
+fn decide_target<'a, E: Env, T: Tracer>(
     policy: &'a Policy,
     env: &E,
     req: &Request<'a>,
@@ -919,4 +1068,54 @@ fn check(
         return Some((Reason::ConsentExpired, "expired".into()));
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_hosts_pass() {
+        for ok in [
+            "storage.test",
+            "storage.test:9000",
+            "10.0.0.1:80",
+            "[::1]",
+            "[::1]:8080",
+            "my_bucket.s3.local",
+        ] {
+            assert!(plain_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            "storage.test:",
+            "storage.test:x",
+            "storage.test:65536",
+            "u@storage.test",
+            "a:1:2",
+            "[::1",
+            "[::1]x",
+            "[]",
+            "st\u{f6}rage.test",
+            "storage test",
+        ] {
+            assert!(!plain_host(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_copy_source_reads_as_a_path() {
+        let mut h = HeaderMap::new();
+        assert_eq!(copy_source(&h), None);
+        h.insert(
+            "x-amz-copy-source",
+            "bucket/a%20b.json?versionId=3".parse().unwrap(),
+        );
+        assert_eq!(copy_source(&h).as_deref(), Some("/bucket/a%20b.json"));
+        h.insert("x-amz-copy-source", "/bucket/k".parse().unwrap());
+        assert!(matches!(copy_source(&h), Some(Cow::Borrowed("/bucket/k"))));
+        let mut h = HeaderMap::new();
+        h.insert("x-goog-copy-source", "b/k".parse().unwrap());
+        assert_eq!(copy_source(&h).as_deref(), Some("/b/k"));
+    }
 }

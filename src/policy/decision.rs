@@ -177,6 +177,9 @@ pub struct Decision<'a> {
     pub destinations: [Option<Country>; 2],
     pub outside_home: bool,
     pub consent: Option<ConsentUse>,
+    /// Set when a server-side copy was refused because of what it copies: the dataset of the
+    /// source object (`None` when it matches none).
+    pub copied_from: Option<Option<usize>>,
 }
 
 impl<'a> Decision<'a> {
@@ -198,6 +201,7 @@ impl<'a> Decision<'a> {
             destinations: [None, None],
             outside_home: false,
             consent: None,
+            copied_from: None,
         }
     }
 
@@ -228,10 +232,21 @@ impl<'a> Decision<'a> {
 
     /// One human sentence explaining the decision.
     pub fn message(&self, policy: &Policy) -> String {
-        let ds = self
-            .dataset
-            .map(|i| &*policy.datasets[i].name)
-            .unwrap_or("-");
+        let name = |i: Option<usize>| i.map(|i| &*policy.datasets[i].name).unwrap_or("-");
+        match self.copied_from {
+            None => self.reason_message(policy, self.dataset),
+            Some(source) => format!(
+                "{} The request copies an object of dataset \"{}\" into dataset \"{}\".",
+                self.reason_message(policy, source),
+                name(source),
+                name(self.dataset)
+            ),
+        }
+    }
+
+    /// The sentence for the reason, about `dataset`.
+    fn reason_message(&self, policy: &Policy, dataset: Option<usize>) -> String {
+        let ds = dataset.map(|i| &*policy.datasets[i].name).unwrap_or("-");
         let who = match &self.recipient {
             Some(RecipientFacts { id: Some(id), .. }) => format!("recipient \"{id}\""),
             _ => "an anonymous caller".to_string(),
@@ -251,7 +266,7 @@ impl<'a> Decision<'a> {
             Reason::UnmatchedAllowed => "No dataset matches; the policy lets unmatched requests through.".into(),
             Reason::UpstreamOutsideJurisdiction => format!(
                 "Dataset \"{ds}\" must stay in {}, and no address of its upstream is located there.",
-                policy.datasets.get(self.dataset.unwrap_or(usize::MAX)).map(|d| &*d.home.name).unwrap_or("its home")
+                policy.datasets.get(dataset.unwrap_or(usize::MAX)).map(|d| &*d.home.name).unwrap_or("its home")
             ),
             Reason::LocationUnknown => "The client's location cannot be determined, and the policy refuses unknown locations.".into(),
             Reason::CrossBorderDenied => format!("Dataset \"{ds}\" may not leave its home jurisdiction (destination {dest})."),

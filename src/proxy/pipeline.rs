@@ -156,6 +156,7 @@ async fn handle_inner(
         }
         None => {
             let env = snap.env(ts.as_microsecond());
+            let copy_source = decide::copy_source(&parts.headers);
             let request = decide::Request {
                 method: &parts.method,
                 host,
@@ -165,6 +166,7 @@ async fn handle_inner(
                 peer: conn.peer.ip(),
                 identity: conn.identity.as_deref(),
                 pick: fastrand::usize(..),
+                copy_source: copy_source.as_deref(),
             };
             let d = decide::decide(policy, &env, &request, &mut ());
             shared.metrics.decision_time.observe(started.elapsed());

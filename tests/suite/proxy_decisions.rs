@@ -603,6 +603,66 @@ async fn audit_mode_logs_the_would_be_denial_and_forwards() {
     assert_eq!(w.abroad.requests(), 0);
 }
 
+/// A server-side copy (`PUT` with `x-amz-copy-source`) reads an object inside the store: the
+/// read is decided as a `GET` of the source by the same client, so a domestic third party
+/// cannot copy a dataset it may not read (`profiles`: third_party deny) into one it may
+/// (`catalog`) and read it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_is_refused_unless_the_client_may_read_what_it_copies() {
+    let w = World::start().await;
+    let put_copy = |from: &'static str, headers: &[(&str, &str)]| {
+        let mut b = request("PUT", "/catalog/x.json");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        client::send(from, w.proxy.addr, b.body(empty()).unwrap())
+    };
+    for source in [
+        "/profiles/u1/card.json",
+        "profiles/u1/card.json?versionId=3",
+    ] {
+        let r = put_copy(PARTNER, &[("x-amz-copy-source", source)]).await;
+        let rec = w
+            .refused(&r, 451, "third_party_denied", Some("catalog"))
+            .await;
+        assert_eq!(rec["rule"], "datasets.profiles.third_party", "{rec}");
+        assert!(
+            r.json()["message"].as_str().unwrap().contains("profiles"),
+            "{}",
+            r.text()
+        );
+    }
+    // The same operation on Alibaba OSS.
+    let r = put_copy(PARTNER, &[("x-oss-copy-source", "/profiles/u1/card.json")]).await;
+    w.refused(&r, 451, "third_party_denied", Some("catalog"))
+        .await;
+    // Two sources: which one the store reads is anybody's guess.
+    let r = put_copy(
+        PARTNER,
+        &[
+            ("x-amz-copy-source", "/catalog/a.json"),
+            ("x-oss-copy-source", "/profiles/u1/card.json"),
+        ],
+    )
+    .await;
+    w.refused(&r, 400, "bad_request", Some("catalog")).await;
+    // A source outside the home jurisdiction is not read either.
+    let r = put_copy(APP, &[("x-amz-copy-source", "/backup/u1/r.json")]).await;
+    w.refused(&r, 451, "upstream_outside_jurisdiction", Some("catalog"))
+        .await;
+
+    // What the client may read, it may copy.
+    let r = put_copy(PARTNER, &[("x-amz-copy-source", "/catalog/a.json")]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = put_copy(APP, &[("x-amz-copy-source", "/profiles/u1/card.json")]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(w.home.requests(), 2);
+    assert_eq!(
+        w.home.last().headers["x-amz-copy-source"],
+        "/profiles/u1/card.json"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_refuses_connections_is_a_502() {
     let w = World::start().await;
@@ -975,6 +1035,15 @@ subject = { query = 'uid' }
         )
         .await;
     w.refused(&r, 400, "bad_request", None).await;
+    // A Host that upstreams could split otherwise than the proxy (nginx and Go cut at the
+    // colon and route `storage.test:x` to `storage.test`).
+    for host in ["storage.test:x", "u@storage.test", "storage.test:99999"] {
+        let mut req = request("GET", "/catalog/x.json").body(empty()).unwrap();
+        req.headers_mut()
+            .insert("host", http::HeaderValue::from_static(host));
+        let r = client::send(BUREAU, w.proxy.addr, req).await;
+        w.refused(&r, 400, "bad_request", None).await;
+    }
     // Methods: a standard one spelled in lower case is refused; an unknown one is egress.
     let req = request("get", "/payments/u-none/x.json")
         .header("x-purpose", "credit_scoring")
