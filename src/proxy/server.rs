@@ -5,7 +5,7 @@
 use super::Shared;
 use super::body::Exchange;
 use super::pipeline::{ConnInfo, handle};
-use super::stall::WriteStall;
+use super::stall::{Activity, WriteStall};
 use crate::audit::id::new_id;
 use crate::audit::record::{self, Record, RequestContext};
 use crate::policy::decision::{Reason, Verdict, status_of};
@@ -101,12 +101,16 @@ pub async fn accept_loop(
                             peer,
                             identity: None,
                         };
+                        let activity = Activity::new();
+                        let io = WriteStall::new(stream, write_stall, activity.clone());
+                        let idle = (activity, write_stall);
                         serve(
                             &builder,
-                            TokioIo::new(WriteStall::new(stream, write_stall)),
+                            TokioIo::new(io),
                             info,
                             shared.clone(),
                             watcher,
+                            idle,
                         )
                         .await;
                     }
@@ -118,12 +122,16 @@ pub async fn accept_loop(
                                 peer,
                                 identity: ok.identity,
                             };
+                            let activity = Activity::new();
+                            let io = WriteStall::new(ok.stream, write_stall, activity.clone());
+                            let idle = (activity, write_stall);
                             serve(
                                 &builder,
-                                TokioIo::new(WriteStall::new(ok.stream, write_stall)),
+                                TokioIo::new(io),
                                 info,
                                 shared.clone(),
                                 watcher,
+                                idle,
                             )
                             .await;
                         }
@@ -148,13 +156,17 @@ pub async fn accept_loop(
     }
 }
 
-/// Serves HTTP/1.1 or HTTP/2 on one connection until it closes or the drain ends it.
+/// Serves HTTP/1.1 or HTTP/2 on one connection until it closes, the drain ends it, or no
+/// byte has moved on it for `idle.1` (`proxy.idle_timeout`): hyper bounds an idle HTTP/1.1
+/// connection, but neither an HTTP/2 connection without requests nor a client that sends
+/// part of the HTTP/2 preface and stops.
 async fn serve<I>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     info: ConnInfo,
     shared: Arc<Shared>,
     watcher: Watcher,
+    idle: (Arc<Activity>, Duration),
 ) where
     I: Read + Write + Unpin + Send + 'static,
 {
@@ -162,9 +174,15 @@ async fn serve<I>(
     let log_to = shared.clone();
     let svc = service_fn(move |req| handle(shared.clone(), info.clone(), req));
     let conn = builder.serve_connection(io, svc);
-    if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(error = %e, "connection ended with an error");
-        log_refused_head(&log_to, peer, &*e);
+    let (activity, limit) = idle;
+    tokio::select! {
+        r = watcher.watch(conn) => if let Err(e) = r {
+            tracing::debug!(error = %e, "connection ended with an error");
+            log_refused_head(&log_to, peer, &*e);
+        },
+        () = activity.idle(limit) => {
+            tracing::debug!(idle_timeout = ?limit, "nothing moved on the connection; closed");
+        }
     }
 }
 

@@ -1,10 +1,14 @@
-//! Bounds on how long a response may make no progress (`proxy.idle_timeout`): an upstream
-//! that sends a response head and then nothing more, or a client that stops reading what it
-//! asked for, would otherwise hold the exchange, its connections and its memory forever.
+//! Bounds on how long nothing may move (`proxy.idle_timeout`): an upstream that sends a
+//! response head and then nothing more, a client that stops reading what it asked for, or a
+//! client connection on which no byte moves at all (an HTTP/2 connection left open without
+//! requests, a preface sent in part) would otherwise hold exchanges, connection slots and
+//! memory forever.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -54,20 +58,54 @@ impl Stall {
     }
 }
 
+/// When a byte last moved on a connection, either way.
+pub struct Activity {
+    base: Instant,
+    /// Milliseconds after `base`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    pub fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            base: Instant::now(),
+            last: AtomicU64::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let ms = self.base.elapsed().as_millis() as u64;
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once no byte has moved for `limit`.
+    pub async fn idle(&self, limit: Duration) {
+        loop {
+            let last = self.base + Duration::from_millis(self.last.load(Ordering::Relaxed));
+            if last.elapsed() >= limit {
+                return;
+            }
+            tokio::time::sleep_until(last + limit).await;
+        }
+    }
+}
+
 /// A client connection whose writes fail with `TimedOut` once the client has accepted no
 /// byte for the stall limit: a reader that stops reading is cut off, its exchange ends
-/// incomplete and its connection slot is freed. Reads are untouched (hyper's own timers bound
-/// a client that sends nothing).
+/// incomplete and its connection slot is freed. Every byte moved either way is noted in its
+/// [`Activity`], which bounds connections on which nothing moves at all.
 pub struct WriteStall<S> {
     inner: S,
     stall: Stall,
+    activity: Arc<Activity>,
 }
 
 impl<S> WriteStall<S> {
-    pub fn new(inner: S, limit: Duration) -> WriteStall<S> {
+    pub fn new(inner: S, limit: Duration, activity: Arc<Activity>) -> WriteStall<S> {
         WriteStall {
             inner,
             stall: Stall::new(limit),
+            activity,
         }
     }
 
@@ -83,6 +121,7 @@ impl<S> WriteStall<S> {
             Poll::Pending => Poll::Pending,
             r => {
                 self.stall.progressed();
+                self.activity.touch();
                 r
             }
         }
@@ -95,7 +134,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for WriteStall<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
     }
 }
 

@@ -819,6 +819,34 @@ async fn a_client_that_stops_reading_is_cut_off() {
     assert!(rest < LEN, "the whole object arrived after all");
 }
 
+/// A client connection on which nothing moves for `idle_timeout` is closed, freeing its slot:
+/// one that sends part of the HTTP/2 preface and stops, and an HTTP/2 connection left open
+/// without requests (HTTP/1.1 keep-alive waits are bounded by `header_read_timeout`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_on_which_nothing_moves_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::start_with(Serve::Ok, |s| s.proxy("idle_timeout = '1s'")).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{APP}:0").parse().unwrap()).unwrap();
+    let mut tcp = socket.connect(w.proxy.addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(8), tcp.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "a half-sent preface kept its connection: {closed:?}"
+    );
+
+    let mut h2 = client::Conn::open_h2c(APP, w.proxy.addr).await;
+    let get = || request("GET", "/catalog/a.json").body(empty()).unwrap();
+    assert_eq!(h2.send(get()).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        h2.try_send(get()).await.is_err(),
+        "an idle HTTP/2 connection stayed open"
+    );
+}
+
 /// Regression: the upstream timeout ran from the first byte sent, so an upload that took
 /// longer than `upstream_timeout` to send was cut off with a 504 although the store answered
 /// at once. The timeout is how long the store may take to answer once it has the request.
