@@ -221,6 +221,35 @@ impl LogWriter {
         }
     }
 
+    /// Queues `record` now and returns the wait for the writer's answer. Unlike
+    /// [`LogWriter::append`], the record is in the queue when this returns, so a caller that
+    /// gives up on the answer (a deadline, a client that went away) does not take the record
+    /// with it. When the queue is full, a task waits for room instead of the caller.
+    pub fn append_queued(
+        &self,
+        record: Record,
+    ) -> impl Future<Output = Result<(), LogFailed>> + use<> {
+        let (ack, done) = oneshot::channel();
+        let request = Request::Append {
+            record,
+            ack: Some(ack),
+        };
+        let queued = match self.tx.try_send(request) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(request)) => {
+                // Dropped unsent (writer closed), the request drops its ack: `done` says so.
+                let tx = self.tx.clone();
+                tokio::spawn(async move { tx.send(request).await });
+                Ok(())
+            }
+            Err(TrySendError::Closed(_)) => Err(stopped()),
+        };
+        async move {
+            queued?;
+            done.await.unwrap_or_else(|_| Err(stopped()))
+        }
+    }
+
     /// Closes the active file with a checkpoint, renames it to its rotated name, and goes on
     /// in a new active file. Returns the rotated file's new path, or `None` when there was
     /// nothing to rotate (an empty file, or standard output).

@@ -8,6 +8,7 @@ use super::snapshot::Snapshot;
 use super::upstream::{self, AddrPool, PoolReturn, UpstreamError};
 use crate::audit::id::new_id;
 use crate::audit::record::{self, Record, RequestContext};
+use crate::audit::writer::LogFailed;
 use crate::metrics::UpstreamError as UpstreamErrorKind;
 use crate::policy::decide::{self, upstream_allowed};
 use crate::policy::decision::{Decision, Reason, UpstreamChoice, Verdict, status_of};
@@ -213,7 +214,15 @@ async fn handle_inner(
     // outcome record (queued after the decision).
     let exchange = Exchange::new(id.clone(), started, shared.clone());
     let appending = Instant::now();
-    let logged = shared.log.append(Record::Decision(Box::new(record))).await;
+    let queued = shared.log.append_queued(Record::Decision(Box::new(record)));
+    // A log that hangs instead of failing (a stuck disk, a pipe nobody reads) must not hang
+    // every request with it: past the deadline it counts as failing, and `on_failure` decides.
+    let logged = match tokio::time::timeout(LOG_DEADLINE, queued).await {
+        Ok(r) => r,
+        Err(_) => Err(LogFailed(format!(
+            "the decision record was not written within {LOG_DEADLINE:?}"
+        ))),
+    };
     shared.metrics.log_append_time.observe(appending.elapsed());
     if let Err(e) = logged {
         let forwarding = matches!(plan, Plan::Forward { .. });
@@ -270,6 +279,11 @@ async fn handle_inner(
         }
     }
 }
+
+/// How long a request waits for its decision record to be written before the log counts as
+/// failing for it (`log.on_failure` then decides). Far above any healthy write, fsync
+/// included.
+const LOG_DEADLINE: Duration = Duration::from_secs(5);
 
 const HOP_BY_HOP: [&str; 9] = [
     "connection",

@@ -200,3 +200,71 @@ async fn a_silent_plain_client_is_cut_off_after_the_handshake_timeout() {
     let r = client::get(APP, proxy.addr, "/payments/u1/a.json", &[]).await;
     assert_eq!(r.status, 200);
 }
+
+/// A decision log that hangs instead of failing (standard output piped to a reader that
+/// stopped reading) must not hang the requests: past the log deadline they are refused with
+/// `503 log_unavailable` (`on_failure = "deny"`), and once the reader drains the pipe the
+/// proxy serves again, by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_log_refuses_requests_instead_of_hanging_them() {
+    use crate::support::binary::Served;
+    let home = Upstream::start(HOME_IP, Serve::Ok).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (policy, _) = PolicySpec::new()
+        .with_parties()
+        .log_path(std::path::Path::new("-"))
+        .upstream("cn-store", &home.url())
+        .toml(&payments_dataset("cn-store", "consent", "consent"))
+        .write_files(dir.path());
+    let (served, stdout) = Served::start_with_stdout(&policy, dir.path());
+    let addr = served.addr("residency-proxy serving", "listen").await;
+    // Nobody reads the pipe: once its buffer is full, the writer's next write blocks.
+    let mut answers = Vec::new();
+    for _ in 0..400 {
+        let r = tokio::time::timeout(
+            Duration::from_secs(20),
+            client::get(APP, addr, "/payments/u1/a.json", &[]),
+        )
+        .await
+        .expect("the request hung on the stuck log");
+        answers.push(r.status);
+        if r.status != 200 {
+            assert_eq!(r.status, 503, "{}", r.text());
+            assert_eq!(r.json()["error"], "log_unavailable");
+            break;
+        }
+    }
+    assert_eq!(
+        answers.last(),
+        Some(&503),
+        "the pipe never filled: {answers:?}"
+    );
+    assert_eq!(
+        home.requests() as usize,
+        answers.len() - 1,
+        "the refused request was forwarded"
+    );
+    // The reader comes back: the records waiting are written, and requests flow again.
+    let reader = std::thread::spawn(move || {
+        let mut stdout = stdout;
+        std::io::copy(&mut stdout, &mut std::io::sink()).unwrap()
+    });
+    let mut recovered = false;
+    for _ in 0..50 {
+        if client::get(APP, addr, "/payments/u1/a.json", &[])
+            .await
+            .status
+            == 200
+        {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        recovered,
+        "the proxy did not serve again once the log drained"
+    );
+    drop(served);
+    let _ = reader.join();
+}

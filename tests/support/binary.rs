@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,13 +21,25 @@ pub struct Served {
 impl Served {
     /// Starts `residency-proxy --log-format json serve --policy POLICY` in `cwd`.
     pub fn start(policy: &Path, cwd: &Path) -> Served {
+        Served::spawn(policy, cwd, Stdio::null())
+    }
+
+    /// As [`Served::start`], with standard output (where `log.path = "-"` writes) a pipe the
+    /// caller reads, or does not.
+    pub fn start_with_stdout(policy: &Path, cwd: &Path) -> (Served, ChildStdout) {
+        let mut served = Served::spawn(policy, cwd, Stdio::piped());
+        let out = served.child.stdout.take().unwrap();
+        (served, out)
+    }
+
+    fn spawn(policy: &Path, cwd: &Path, stdout: Stdio) -> Served {
         let mut child = Command::new(env!("CARGO_BIN_EXE_residency-proxy"))
             .args(["--log-format", "json", "serve", "--policy"])
             .arg(policy)
             .current_dir(cwd)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()
             .expect("start residency-proxy serve");
