@@ -1655,7 +1655,7 @@ fn check_prefix(p: &str) -> Result<(), String> {
     match normal {
         Ok(n) if n == p => Ok(()),
         _ => Err(format!(
-            "path_prefix \"{p}\" is not a normalised path (no \"//\", \".\", \"..\" or percent-encoding): requests are matched after normalisation, so it could never match"
+            "path_prefix \"{p}\" is not a normalised path (no \"//\", \".\" or \"..\"; characters written as themselves, only %, ?, #, space and control characters percent-encoded, in upper case): requests are matched after normalisation, so it could never match"
         )),
     }
 }
@@ -1762,6 +1762,35 @@ mod tests {
         assert_eq!(name("other.s3.example").as_deref(), Some("narrow"));
         assert_eq!(name("x.example").as_deref(), Some("wide"));
         assert_eq!(name("elsewhere.test").as_deref(), Some("any"));
+    }
+
+    #[test]
+    fn raw_and_escaped_spellings_of_a_prefix_match_the_same_dataset() {
+        let p = from_str(
+            "p.toml",
+            &format!(
+                "{BASE}{DATASET_BASE}{}{}",
+                dataset("all", "match = { path_prefix = '/' }"),
+                dataset("health", "match = { path_prefix = '/santé/v1:export/' }"),
+            ),
+        )
+        .unwrap();
+        for raw in [
+            "/santé/v1:export/u1",
+            "/sant%C3%A9/v1%3Aexport/u1",
+            "/sant%c3%a9/v1:export/u1",
+        ] {
+            let n = crate::policy::path::normalize(raw).unwrap();
+            let i = crate::policy::decide::match_dataset(&p, None, &Method::GET, &n);
+            assert_eq!(i.map(|i| &*p.datasets[i].name), Some("health"), "{raw}");
+        }
+        // A prefix has one spelling, the normal one.
+        let d = diags(&format!(
+            "{DATASET_BASE}{}",
+            dataset("health", "match = { path_prefix = '/sant%C3%A9/' }")
+        ));
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].message.contains("not a normalised path"), "{}", d[0]);
     }
 
     #[test]

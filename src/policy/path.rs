@@ -60,8 +60,13 @@ fn segment_ok(seg: &[u8]) -> bool {
     !seg.is_empty() && seg != b"." && seg != b".."
 }
 
-fn unreserved(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+/// Whether an escaped byte is decoded in the normal form. Stores decode every escape of a
+/// key, so `/santé/`, `/sant%C3%A9/`, `users:export` and `users%3Aexport` name the same
+/// object and must match the same dataset: everything is decoded except what would change
+/// how the path reads (`%`, `?`, `#`), space and control characters, which stay escaped.
+/// (`/`, `\\` and NUL are refused before this is asked.)
+fn decodes(b: u8) -> bool {
+    b >= 0x80 || (b > 0x20 && b < 0x7F && !matches!(b, b'%' | b'?' | b'#'))
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -73,8 +78,8 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
-/// Normalises the path part of a request target (no query): decodes percent-escapes of
-/// unreserved characters, upper-cases the others, resolves `.` and `..`, collapses `//`.
+/// Normalises the path part of a request target (no query): decodes percent-escapes (all but
+/// those [`decodes`] keeps, which are upper-cased), resolves `.` and `..`, collapses `//`.
 /// Borrows the input when it is already normal.
 pub fn normalize(raw: &str) -> Result<Cow<'_, str>, Ambiguity> {
     let b = raw.as_bytes();
@@ -125,8 +130,8 @@ pub fn normalize(raw: &str) -> Result<Cow<'_, str>, Ambiguity> {
     }
 }
 
-/// Splits a path into segments (after the leading `/`) with escapes of unreserved characters
-/// decoded and the others upper-cased, refusing what is ambiguous in any single segment.
+/// Splits a path into segments (after the leading `/`) with escapes decoded as [`decodes`]
+/// says and the others upper-cased, refusing what is ambiguous in any single segment.
 fn decode_segments(raw: &str) -> Result<Vec<String>, Ambiguity> {
     let mut decoded_segments: Vec<String> = Vec::new();
     for seg in raw[1..].split('/') {
@@ -154,7 +159,7 @@ fn decode_segments(raw: &str) -> Result<Vec<String>, Ambiguity> {
                         _ => {}
                     }
                     had_escape = true;
-                    if unreserved(v) {
+                    if decodes(v) {
                         s.push(v);
                     } else {
                         s.push(b'%');
@@ -255,11 +260,15 @@ mod tests {
     }
 
     #[test]
-    fn unreserved_escapes_decode_and_others_are_uppercased() {
+    fn escapes_decode_to_the_spelling_a_store_reads_and_delimiters_stay_uppercased() {
         assert_eq!(ok("/p%61yments/u1"), "/payments/u1");
         assert_eq!(ok("/a/%7euser/x%2ejson"), "/a/~user/x.json");
-        assert_eq!(ok("/a/b%3ac"), "/a/b%3Ac");
-        assert_eq!(ok("/a/%c3%a9"), "/a/%C3%A9");
+        // One spelling per object: escaped and raw name the same key to a store.
+        assert_eq!(ok("/a/b%3ac"), "/a/b:c");
+        assert_eq!(ok("/sant%c3%a9/u1"), "/santé/u1");
+        assert_eq!(ok("/sant%C3%A9/u1"), ok("/santé/u1"));
+        assert_eq!(ok("/a/b%20c%25d%3fe%23f%7f"), "/a/b%20c%25d%3Fe%23f%7F");
+        assert_eq!(normalize("/a/%c3"), Err(Ambiguity::InvalidUtf8));
     }
 
     #[test]
