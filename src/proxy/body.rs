@@ -39,6 +39,7 @@ pub struct Exchange {
 
 impl Exchange {
     pub fn new(id: String, started: Instant, shared: Arc<Shared>) -> Arc<Exchange> {
+        shared.exchanges.fetch_add(1, Ordering::AcqRel);
         Arc::new(Exchange {
             id,
             started,
@@ -112,6 +113,7 @@ impl Drop for Exchange {
             v: VERSION,
         };
         self.shared.log.append_later(Record::Outcome(record));
+        self.shared.exchanges.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

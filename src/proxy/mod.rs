@@ -34,6 +34,9 @@ use tokio::task::JoinHandle;
 /// changes.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How long shutdown waits for the outcome records of exchanges still ending.
+const OUTCOME_GRACE: Duration = Duration::from_secs(2);
+
 /// Why the proxy could not start (or a reload was rejected).
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -88,6 +91,8 @@ pub struct Shared {
     pub last_reload: ArcSwapOption<ReloadStatus>,
     /// The consent registry (`sqlite:`/`postgres://` stores), for the admin API.
     pub registry: Option<Registry>,
+    /// Exchanges whose outcome record is still to be written.
+    pub exchanges: std::sync::atomic::AtomicUsize,
 }
 
 /// What `serve` needs to start.
@@ -129,6 +134,15 @@ impl RunningProxy {
         }
         for b in &self.background {
             b.abort();
+        }
+        // An exchange can outlive its client connection: an upstream connection still sending
+        // an upload holds it, and so does an HTTP/2 stream task. Its outcome record is waited
+        // for (briefly) before the log is closed.
+        let deadline = tokio::time::Instant::now() + OUTCOME_GRACE;
+        while self.shared.exchanges.load(std::sync::atomic::Ordering::Acquire) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.shared.log.close().await;
     }
@@ -237,6 +251,7 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
         metrics,
         last_reload: ArcSwapOption::empty(),
         registry,
+        exchanges: Default::default(),
     });
     let admin_state = Arc::new(crate::admin::AdminState {
         shared: shared.clone(),

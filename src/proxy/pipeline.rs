@@ -285,12 +285,13 @@ async fn handle_inner(
 /// included.
 const LOG_DEADLINE: Duration = Duration::from_secs(5);
 
-const HOP_BY_HOP: [&str; 9] = [
+/// (`Trailer` is not among them: it declares the trailer fields, and without it hyper drops
+/// them.)
+const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-connection",
     "te",
-    "trailer",
     "transfer-encoding",
     "upgrade",
     "proxy-authorization",
@@ -429,7 +430,10 @@ async fn forward(
     let mut attempt = 0;
     let response = loop {
         attempt += 1;
-        let (mut sender, reused) = match pool.take() {
+        // The retry after a stale pooled connection goes to a fresh one: the next pooled one
+        // may be just as stale.
+        let pooled = if attempt == 1 { pool.take() } else { None };
+        let (mut sender, reused) = match pooled {
             Some(s) => (s, true),
             None => {
                 let tls = up.tls();

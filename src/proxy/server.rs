@@ -45,7 +45,9 @@ pub async fn accept_loop(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size((limits.max_header_bytes * 2) as u32)
+        // Above the pipeline's own limit, so that an oversized HTTP/2 head reaches the
+        // pipeline, which answers 431 and logs it (h2 would answer 431 itself, unlogged).
+        .max_header_list_size((limits.max_header_bytes * 4) as u32)
         .max_concurrent_streams(limits.max_concurrent_streams);
     let builder = Arc::new(builder);
     let mut tasks = tokio::task::JoinSet::new();

@@ -437,8 +437,16 @@ pub async fn connect(
     if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
         return http1_over(stream, addr).await;
     }
+    // One HTTP/2 connection carries every request to this address: a connection window of
+    // many stream windows, so that a few slow readers do not stall the others, and pings, so
+    // that a peer gone silent (a dropped NAT entry) is noticed in seconds, not minutes.
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_STREAM_WINDOW * 8)
+        .keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|source| UpstreamError::Handshake { addr, source })?;
@@ -449,6 +457,9 @@ pub async fn connect(
     });
     Ok(Sender::H2(sender))
 }
+
+/// The flow-control window of one upstream HTTP/2 stream.
+const H2_STREAM_WINDOW: u32 = 1 << 20;
 
 async fn http1_over<S>(stream: S, addr: SocketAddr) -> Result<Sender, UpstreamError>
 where

@@ -872,6 +872,17 @@ async fn oversized_headers_are_a_431() {
         .await;
     let rec = w.refused(&r, 431, "headers_too_large", None).await;
     assert_eq!(rec["rule"], "proxy.max_header_bytes");
+
+    // Over HTTP/2 too: a head the HTTP/2 layer would have refused on its own, unlogged.
+    let big = "x".repeat(10_000);
+    let mut h2 = client::Conn::open_h2c(APP, w.proxy.addr).await;
+    let req = request("GET", "/payments/u1/2026-01.json")
+        .header("x-padding", &big)
+        .body(empty())
+        .unwrap();
+    let r = h2.send(req).await;
+    let rec = w.refused(&r, 431, "headers_too_large", None).await;
+    assert_eq!(rec["rule"], "proxy.max_header_bytes");
 }
 
 /// Regression: heads that hyper itself refuses (more headers than `max_headers`, larger than
