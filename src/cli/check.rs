@@ -28,6 +28,8 @@ pub struct CheckArgs {
 
 pub fn run(args: CheckArgs) -> CliResult {
     let mut failed = false;
+    // An unreadable file does not stop the others being checked; it makes the run exit 2.
+    let mut unreadable: Option<PolicyError> = None;
     for f in &args.files {
         match load_policy(f) {
             Ok(p) => println!(
@@ -46,8 +48,15 @@ pub fn run(args: CheckArgs) -> CliResult {
                 }
                 eprintln!("{}: {} error(s)", f.display(), diags.len());
             }
-            Err(e @ PolicyError::Read { .. }) => return Err(e.into()),
+            Err(e @ PolicyError::Read { .. }) => {
+                if let Some(earlier) = unreadable.replace(e) {
+                    eprintln!("error: {earlier}");
+                }
+            }
         }
+    }
+    if let Some(e) = unreadable {
+        return Err(e.into());
     }
     Ok(if failed { Exit::Failed } else { Exit::Ok })
 }

@@ -60,6 +60,8 @@ impl<'a> CountryRecord<'a> {
             .into_iter()
             .flatten()
             .find_map(Country::parse_shape)
+            // Placeholders some databases use for "somewhere, not known where": unlocated.
+            .filter(|c| !matches!(c.as_str(), "ZZ" | "XX" | "EU" | "AP"))
     }
 }
 
@@ -307,8 +309,18 @@ mod tests {
             "1.1.1.0/24",
             Value::map([("country_code", Value::from("au"))]),
         );
+        insert(
+            &mut w,
+            "2.2.2.0/24",
+            Value::map([("country_code", Value::from("ZZ"))]),
+        );
         let db = db_of(w);
         assert_eq!(db.country(ip("1.1.1.7")), c("AU"));
+        assert_eq!(
+            db.country(ip("2.2.2.2")),
+            None,
+            "ZZ: unknown, not a country"
+        );
         assert_eq!(&**db.label(), "DBIP-Country-Lite 2026-11-25");
     }
 

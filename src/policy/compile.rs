@@ -1447,6 +1447,14 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
         }
         (None, Unmatched::Deny) => None,
     };
+    if p.unmatched_upstream.is_some() && unmatched == Unmatched::Deny {
+        cx.err(
+            pfile,
+            &pat("unmatched_upstream"),
+            "policy.unmatched_upstream",
+            "has no effect while unmatched = \"deny\": set unmatched = \"allow\" or remove it",
+        );
+    }
     let dataset_index = build_index(&datasets);
     let sources_paths = sources.iter().map(|s| s.path.clone()).collect();
     let home = home.unwrap_or(Jurisdiction {
@@ -1589,7 +1597,14 @@ fn parse_header(cx: &mut Cx<'_>, file: usize, at: &[Seg], rule: &str, v: &str) -
 
 fn parse_net(s: &str) -> Result<IpNet, String> {
     if let Ok(n) = s.parse::<IpNet>() {
-        return Ok(n.trunc());
+        // `10.20.5.0/16` written for `/24` would silently cover 256 times the addresses.
+        if n.trunc() != n {
+            return Err(format!(
+                "\"{s}\" has bits set past its prefix length: write the network \"{}\", or a longer prefix",
+                n.trunc()
+            ));
+        }
+        return Ok(n);
     }
     s.parse::<std::net::IpAddr>().map(IpNet::from).map_err(|_| {
         format!("\"{s}\" is not a network (CIDR such as \"10.0.0.0/8\") or an address")
@@ -1791,6 +1806,28 @@ mod tests {
         ));
         assert_eq!(d.len(), 1, "{d:?}");
         assert!(d[0].message.contains("not a normalised path"), "{}", d[0]);
+    }
+
+    #[test]
+    fn an_unmatched_upstream_that_can_never_be_used_is_an_error() {
+        let text = BASE.replace(
+            "home = 'CN'\n",
+            "home = 'CN'\nunmatched = 'deny'\nunmatched_upstream = 's'\n",
+        );
+        let d = match from_str("p.toml", &format!("{text}{DATASET_BASE}")) {
+            Err(PolicyError::Invalid(d)) => d,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].rule, "policy.unmatched_upstream");
+        assert!(d[0].message.contains("no effect"), "{}", d[0]);
+    }
+
+    #[test]
+    fn a_network_with_host_bits_set_is_an_error_naming_the_network() {
+        let d = diags("[[networks]]\ncidr = '10.20.5.0/16'\ncountry = 'CN'\n");
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].message.contains("\"10.20.0.0/16\""), "{}", d[0]);
     }
 
     #[test]

@@ -139,7 +139,11 @@ impl RunningProxy {
         // an upload holds it, and so does an HTTP/2 stream task. Its outcome record is waited
         // for (briefly) before the log is closed.
         let deadline = tokio::time::Instant::now() + OUTCOME_GRACE;
-        while self.shared.exchanges.load(std::sync::atomic::Ordering::Acquire) > 0
+        while self
+            .shared
+            .exchanges
+            .load(std::sync::atomic::Ordering::Acquire)
+            > 0
             && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -358,6 +358,20 @@ fn an_unreadable_file_exits_2_naming_it() {
     let out = check(dir.path(), &["p.toml"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("gone.toml"), "{}", stderr(&out));
+    // The files after an unreadable one are still checked, and every unreadable one named.
+    write(dir.path(), "good.toml", MINIMAL);
+    let out = check(dir.path(), &["missing.toml", "good.toml", "other.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("missing.toml") && err.contains("other.toml"),
+        "{err}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("good.toml: ok"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
