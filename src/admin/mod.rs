@@ -180,6 +180,9 @@ async fn route(
     if path == "/v1/consents" || path.starts_with("/v1/consents/") {
         return Ok(crate::consent::api::handle(&state, req).await);
     }
+    if path == "/v1/log/rotate" {
+        return Ok(rotate_log(&state, &req).await);
+    }
     let resp = match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
         (&Method::GET, "/readyz") => {
@@ -215,6 +218,42 @@ async fn route(
         ),
     };
     Ok(resp)
+}
+
+/// `POST /v1/log/rotate` (token required): closes the active decision-log file with a signed
+/// checkpoint and renames it, as `SIGUSR1` does, and answers where it went.
+async fn rotate_log(state: &AdminState, req: &Request<Incoming>) -> AdminResponse {
+    if !state.authorized(req) {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this endpoint needs the bearer token of [admin].token_file",
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    if req.method() != Method::POST {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "rotate with POST",
+        );
+    }
+    match state.shared.log.rotate().await {
+        Ok(to) => {
+            tracing::info!(log.rotated = ?to, "decision log rotated on an admin call");
+            json(
+                StatusCode::OK,
+                &serde_json::json!({ "rotated": to.map(|p| p.display().to_string()) }),
+            )
+        }
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "log_unavailable",
+            e.to_string(),
+        ),
+    }
 }
 
 /// A running admin listener.

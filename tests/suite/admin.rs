@@ -53,3 +53,39 @@ async fn health_readiness_and_policy_are_served_on_the_admin_address_only() {
     assert_eq!(r.json()["error"], "no_route");
     proxy.shutdown().await;
 }
+
+/// `POST /v1/log/rotate` rotates the decision log as SIGUSR1 does, behind the admin token; the
+/// chain goes on in the new file and the whole log verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_rotates_on_an_admin_call_with_the_token() {
+    use crate::support::registry::{TOKEN, admin};
+    let home = Upstream::start(HOME_IP, Serve::Ok).await;
+    let mut proxy = PolicySpec::new()
+        .with_parties()
+        .admin_token(TOKEN)
+        .upstream("cn-store", &home.url())
+        .toml(&payments_dataset("cn-store", "consent", "consent"))
+        .start()
+        .await;
+    let before = client::get(APP, proxy.addr, "/payments/u1/a.json", &[]).await;
+    assert_eq!(before.status, 200);
+
+    let r = admin(&proxy, "POST", "/v1/log/rotate", None, None).await;
+    assert_eq!(r.status, 401);
+    let r = admin(&proxy, "POST", "/v1/log/rotate", Some("wrong"), None).await;
+    assert_eq!(r.status, 401);
+    let r = admin(&proxy, "POST", "/v1/log/rotate", Some(TOKEN), None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let rotated = std::path::PathBuf::from(r.json()["rotated"].as_str().unwrap());
+    let first = std::fs::read_to_string(&rotated).unwrap();
+    assert!(first.contains(&before.decision_id()), "{first}");
+
+    let after = client::get(APP, proxy.addr, "/payments/u1/b.json", &[]).await;
+    assert_eq!(after.status, 200);
+    proxy.log.outcome(&after.decision_id()).await;
+    assert!(!first.contains(&after.decision_id()));
+    proxy.shutdown().await;
+    let report =
+        residency_proxy::audit::verify::verify(&proxy.log.path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(report.files >= 2, "{report:?}");
+}
