@@ -128,6 +128,7 @@ impl Reloader {
             geo.db = next.geo_label.as_deref().unwrap_or("none"),
             "policy reloaded"
         );
+        next.activate();
         self.shared.snapshot.store(Arc::new(next));
         self.shared.metrics.reloaded(ReloadResult::Ok);
         self.record(trigger, "ok", Vec::new());

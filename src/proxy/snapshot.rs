@@ -53,6 +53,10 @@ pub struct Snapshot {
     pub loaded_at: jiff::Timestamp,
     /// The counters this snapshot's requests update, indexed like `policy`.
     pub metrics: SnapshotMetrics,
+    /// New TLS settings for upstream runtimes kept from the previous snapshot, applied by
+    /// [`Snapshot::activate`] when this snapshot is swapped in: a reload that is rejected
+    /// after building must leave the running upstreams as they were.
+    pending_tls: std::sync::Mutex<Vec<(Arc<UpstreamRuntime>, Option<UpstreamTls>)>>,
 }
 
 /// Reads a policy from disk and applies the command-line overrides.
@@ -100,6 +104,7 @@ impl Snapshot {
         let idle = policy.proxy.idle_timeout;
         let cap = policy.proxy.upstream_idle_per_address;
         let mut upstreams = Vec::with_capacity(policy.upstreams.len());
+        let mut pending_tls = Vec::new();
         for up in &policy.upstreams {
             let tls = match up.scheme {
                 Scheme::Http => None,
@@ -115,11 +120,17 @@ impl Snapshot {
                     })?)
                 }
             };
-            let reuse =
-                previous.and_then(|s| s.upstreams.iter().find(|r| r.same_target(up)).cloned());
+            // Kept only for the same upstream (name and target): two upstreams on one address
+            // may present different client certificates.
+            let reuse = previous.and_then(|s| {
+                s.upstreams
+                    .iter()
+                    .find(|r| r.name == up.name && r.same_target(up))
+                    .cloned()
+            });
             let rt = match reuse {
                 Some(r) => {
-                    r.set_tls(tls);
+                    pending_tls.push((r.clone(), tls));
                     r
                 }
                 None => {
@@ -145,7 +156,18 @@ impl Snapshot {
             consents,
             signing_key,
             loaded_at: jiff::Timestamp::now(),
+            pending_tls: std::sync::Mutex::new(pending_tls),
         })
+    }
+
+    /// Applies what must wait until this snapshot serves: the new TLS settings of the
+    /// upstreams it kept (their new connections use them; open ones keep theirs).
+    pub fn activate(&self) {
+        let pending =
+            std::mem::take(&mut *self.pending_tls.lock().unwrap_or_else(|e| e.into_inner()));
+        for (rt, tls) in pending {
+            rt.set_tls(tls);
+        }
     }
 
     pub fn env(&self, now: i64) -> ProxyEnv<'_> {

@@ -239,3 +239,44 @@ async fn the_connect_time_location_check_refuses_before_any_tls_byte_is_sent() {
     assert!(matches!(r, Err(UpstreamError::OutsideHome { .. })));
     assert_eq!(received.await.unwrap(), 0, "no ClientHello was sent");
 }
+
+/// Regression: a reload that was rejected had already handed the running upstream its new TLS
+/// settings, so a broken edit (here, the wrong CA next to an unreadable one) still cut the
+/// store off. Rejected means nothing changed; accepted, the new CA applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_reload_leaves_the_upstream_tls_as_it_was() {
+    let pki = Pki::new();
+    let other = Pki::new();
+    let tls = pki.upstream_config("store", &[HOME_IP], H1_ONLY, false);
+    let store = Upstream::start_tls(HOME_IP, Serve::Ok, tls).await;
+    // No pooling: every request opens a connection with the upstream's current settings.
+    let proxy = PolicySpec::new()
+        .with_parties()
+        .proxy("upstream_idle_per_address = 0")
+        .toml(&format!(
+            "[[upstreams]]\nname = 'cn-store'\nurl = '{}'\n{}\n",
+            store.https_url(),
+            ca_line(&pki)
+        ))
+        .toml(&payments_dataset("cn-store", "consent", "consent"))
+        .start()
+        .await;
+    assert_eq!(get(&proxy, "/payments/u1/a.json").await.status, 200);
+
+    let good = std::fs::read_to_string(&proxy.policy_path).unwrap();
+    let wrong_ca = good.replace(&ca_line(&pki), &ca_line(&other));
+    // The second upstream's CA file does not exist: the reload fails while building, after
+    // the first upstream's new settings were made.
+    let broken = format!(
+        "{wrong_ca}\n[[upstreams]]\nname = 'b-store'\nurl = 'https://{HOME_IP}:1'\nca = 'missing-ca.pem'\n"
+    );
+    std::fs::write(&proxy.policy_path, &broken).unwrap();
+    let e = proxy.running().reload().await.unwrap_err().to_string();
+    assert!(e.contains("b-store"), "{e}");
+    let r = get(&proxy, "/payments/u1/b.json").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    std::fs::write(&proxy.policy_path, &wrong_ca).unwrap();
+    proxy.running().reload().await.unwrap();
+    assert_eq!(get(&proxy, "/payments/u1/c.json").await.status, 502);
+}
