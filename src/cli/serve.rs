@@ -60,39 +60,63 @@ pub fn run(args: ServeArgs) -> CliResult {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        // Installed before start-up, which can take seconds (a database, resolving upstreams):
+        // a SIGHUP meanwhile must not kill the process, and a SIGTERM must still end with the
+        // log closed. Both are acted on once serving.
+        let signals =
+            Signals::install().map_err(|e| fail(format!("cannot install signal handlers: {e}")))?;
         let running = proxy::start(ServeConfig {
             policy_path: args.policy.clone(),
             overrides,
         })
         .await?;
-        wait_for_signals(&running)
-            .await
-            .map_err(|e| fail(format!("cannot install signal handlers: {e}")))?;
+        signals.wait(&running).await;
         tracing::info!("shutting down: draining connections and flushing the decision log");
         running.shutdown().await;
         Ok(Exit::Ok)
     })
 }
 
-async fn wait_for_signals(running: &proxy::RunningProxy) -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut usr1 = signal(SignalKind::user_defined1())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            // A rejection is logged, counted and shown in /v1/policy by the reloader.
-            _ = hup.recv() => {
-                let _ = running.reload().await;
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
+        })
+    }
+
+    /// Serves signals until SIGTERM or SIGINT.
+    async fn wait(self, running: &proxy::RunningProxy) {
+        let Signals {
+            mut term,
+            mut int,
+            mut hup,
+            mut usr1,
+        } = self;
+        loop {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = int.recv() => return,
+                // A rejection is logged, counted and shown in /v1/policy by the reloader.
+                _ = hup.recv() => {
+                    let _ = running.reload().await;
+                }
+                _ = usr1.recv() => match running.shared.log.rotate().await {
+                    Ok(Some(to)) => tracing::info!(log.rotated = %to.display(), "decision log rotated on SIGUSR1"),
+                    Ok(None) => tracing::info!("SIGUSR1: nothing to rotate (the decision log file is empty, or standard output)"),
+                    Err(e) => tracing::error!(error = %e, "decision log rotation on SIGUSR1 failed"),
+                },
             }
-            _ = usr1.recv() => match running.shared.log.rotate().await {
-                Ok(Some(to)) => tracing::info!(log.rotated = %to.display(), "decision log rotated on SIGUSR1"),
-                Ok(None) => tracing::info!("SIGUSR1: nothing to rotate (the decision log file is empty, or standard output)"),
-                Err(e) => tracing::error!(error = %e, "decision log rotation on SIGUSR1 failed"),
-            },
         }
     }
 }
