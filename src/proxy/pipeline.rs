@@ -280,6 +280,23 @@ async fn handle_inner(
     }
 }
 
+/// HTTP/2 clients may send one `cookie` field per cookie; HTTP/1.1 servers expect them in
+/// one field, joined with "; " (RFC 9113 section 8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut all = headers.get_all(header::COOKIE).iter();
+    if all.nth(1).is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
 /// How long a request waits for its decision record to be written before the log counts as
 /// failing for it (`log.on_failure` then decides). Far above any healthy write, fsync
 /// included.
@@ -368,6 +385,9 @@ async fn forward(
     }
     strip_hop_by_hop(&mut parts.headers);
     append_forwarded_for(&mut parts.headers, peer);
+    if parts.version == Version::HTTP_2 {
+        join_cookies(&mut parts.headers);
+    }
     parts.uri = parts
         .uri
         .path_and_query()

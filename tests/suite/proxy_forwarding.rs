@@ -370,3 +370,20 @@ third_party = 'allow'
     assert_eq!(rec["request"]["headers"].get("x-forwarded-for"), None);
     assert_eq!(HOST, rec["request"]["host"]);
 }
+
+/// An HTTP/2 client may split `Cookie` into one field per cookie; the HTTP/1.1 store gets
+/// them joined in one field, as RFC 9113 asks (some servers read only the first line).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookies_split_by_an_http2_client_reach_an_http11_store_joined() {
+    let (home, proxy) = home_only().await;
+    let mut h2 = Conn::open_h2c(APP, proxy.addr).await;
+    let req = request("GET", "/payments/u1/a.json")
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .body(empty())
+        .unwrap();
+    assert_eq!(h2.send(req).await.status, 200);
+    let seen = home.last();
+    let cookies: Vec<_> = seen.headers.get_all("cookie").iter().collect();
+    assert_eq!(cookies, ["a=1; b=2"]);
+}
