@@ -71,7 +71,9 @@ fn rotated_stem<'n>(name: &'n str, ext: &str) -> Option<&'n str> {
     if base.len() <= tail {
         return None;
     }
-    let (stem, rest) = base.split_at(base.len() - tail);
+    // The tail is ASCII, so a cut inside a character (`€€€…€.jsonl`) is not one of ours;
+    // `split_at` would panic there, on any file someone drops beside the log.
+    let (stem, rest) = base.split_at_checked(base.len() - tail)?;
     let rest = rest.as_bytes();
     let ok = rest[0] == b'-'
         && rest[1..=SEQ_DIGITS].iter().all(u8::is_ascii_digit)
@@ -250,6 +252,27 @@ mod tests {
             Some("decisions")
         );
         assert_eq!(rotated_stem("decisions-old.jsonl", ".jsonl"), None);
+    }
+
+    /// Found by review: a name whose rotated-name tail would start inside a multi-byte
+    /// character made `audit verify|query|report` panic, and the proxy fail to start.
+    #[test]
+    fn regression_a_non_ascii_file_name_beside_the_log_panicked() {
+        let dir = tempfile::tempdir().unwrap();
+        // 13 × 3 bytes: the 38-byte tail would start at byte 1, inside the first `€`.
+        let odd = "€".repeat(13);
+        std::fs::write(dir.path().join(format!("{odd}.jsonl")), "").unwrap();
+        assert_eq!(rotated_stem(&format!("{odd}.jsonl"), ".jsonl"), None);
+        let active = dir.path().join("decisions.jsonl");
+        std::fs::write(&active, "").unwrap();
+        assert_eq!(log_files(&active).unwrap(), vec![active.clone()]);
+        // In a folder it is a log of its own, as any other `*.jsonl` name would be.
+        let err = log_files(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("several logs"), "{err}");
+        // A multi-byte stem with a real rotated tail is still recognised.
+        let rotated = rotated_name(&dir.path().join("é.jsonl"), 1, jiff::Timestamp::UNIX_EPOCH);
+        let name = rotated.file_name().unwrap().to_str().unwrap();
+        assert_eq!(rotated_stem(name, ".jsonl"), Some("é"));
     }
 
     #[test]
