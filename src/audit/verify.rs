@@ -20,7 +20,7 @@
 
 use super::chain::{GENESIS, link};
 use super::checkpoint;
-use super::files::{LineReader, LogFilesError, log_files, unreadable};
+use super::files::{LineReader, LogFilesError, log_files, oversized_why, unreadable};
 use super::keys;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -167,7 +167,9 @@ impl Chain<'_> {
         let mut last_line = 0;
         while let Some(line) = reader.next_line().map_err(unreadable(path))? {
             last_line = line.number;
-            let checked = if line.complete {
+            let checked = if line.oversized {
+                Err(oversized_why())
+            } else if line.complete {
                 self.record(line.bytes)
             } else {
                 Err(
@@ -677,6 +679,19 @@ mod tests {
         // Cut at a line boundary, before the final checkpoint.
         let path = write(dir.path(), "early.jsonl", &lines[..5]);
         broken_at(&path, 5, "open or truncated: the log ends at seq 5");
+    }
+
+    /// Found by review: a damaged file with no newline (say, NUL bytes after a crash) was
+    /// read whole into memory before verify could say anything.
+    #[test]
+    fn regression_an_endless_line_is_broken_without_being_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines = written_log(dir.path());
+        let path = dir.path().join("d.jsonl");
+        let mut bytes = lines[..3].concat().into_bytes();
+        bytes.resize(bytes.len() + crate::audit::files::MAX_LINE + 1, 0);
+        std::fs::write(&path, bytes).unwrap();
+        broken_at(&path, 4, "line longer than 16 MiB: not a record");
     }
 
     #[test]
