@@ -12,7 +12,9 @@
 //! Without, each signature is checked against the public key its checkpoint carries (whose
 //! fingerprint it names), which catches any edit of a signed checkpoint but not a forger who
 //! re-signs the whole log with a key of their own: the report then lists the fingerprints
-//! that signed, for the reader to compare with the one they expect.
+//! that signed, for the reader to compare with the one they expect. Nor may a signature
+//! simply go: once a checkpoint is signed, every later one must be, or whoever edited the
+//! records after it could rewrite the chain and drop the signatures they cannot make.
 //!
 //! Coverage: a checkpoint signs the chain head, which commits to every record before it, so
 //! the whole log is covered when it ends in a checkpoint; it must end in a *final* one (a
@@ -59,7 +61,8 @@ pub struct VerifyReport {
     pub last_seq: u64,
     /// Checkpoints whose signature verified.
     pub signed: u64,
-    /// Checkpoints without a signature (a log written without a signing key).
+    /// Checkpoints without a signature: all of them before the first signed one (a log
+    /// written, at first or throughout, without a signing key).
     pub unsigned_checkpoints: u64,
     /// Fingerprints of the keys that signed, in order of first use.
     pub signers: Vec<String>,
@@ -121,6 +124,7 @@ pub fn verify_log(path: &Path, opts: &VerifyOptions) -> Result<VerifyReport, Ver
         signed: Vec::new(),
         scratch: Vec::new(),
         unsigned: 0,
+        last_signed: None,
         last: None,
         report: VerifyReport {
             files: files.len(),
@@ -157,6 +161,8 @@ struct Chain<'o> {
     scratch: Vec<u8>,
     /// Records since the last checkpoint.
     unsigned: u64,
+    /// `seq` of the last signed checkpoint: every checkpoint after it must be signed too.
+    last_signed: Option<u64>,
     last: Option<Last>,
     report: VerifyReport,
 }
@@ -365,6 +371,18 @@ impl Chain<'_> {
                         "checkpoint is not signed, but a key was given to check signatures".into(),
                     );
                 }
+                if let Some(at) = self.last_signed {
+                    return Err(format!(
+                        "signature removed: the checkpoint is not signed, but the one at seq {at} was (the writer never drops its key, unless the proxy was restarted without it)"
+                    ));
+                }
+                // The writer names a key only in checkpoints it signs.
+                if fields.get("key").is_some_and(|k| !k.is_null()) {
+                    return Err(
+                        "signature removed: the checkpoint names a signing key but carries no signature"
+                            .into(),
+                    );
+                }
                 self.report.unsigned_checkpoints += 1;
                 return Ok(final_);
             }
@@ -408,6 +426,7 @@ impl Chain<'_> {
             return Err("signature does not verify: the checkpoint was forged or altered".into());
         }
         self.report.signed += 1;
+        self.last_signed = Some(self.seq + 1);
         if !self.report.signers.contains(&key) {
             self.report.signers.push(key);
         }
@@ -758,6 +777,65 @@ mod tests {
         });
         let path = write(dir.path(), "fp.jsonl", &lines);
         broken_at(&path, 13, "field key is not the fingerprint");
+    }
+
+    /// Found by review: without `--key`, a record edited, the chain rewritten after it and
+    /// the signatures it broke removed still verified, as "written without a signing key".
+    #[test]
+    fn regression_a_removed_signature_was_taken_for_an_unsigned_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = test_key();
+        // Checkpoints at lines 5 and 10, the final one at 13.
+        let mut lines = signed_log(dir.path(), &key);
+        rehash(&mut lines, 6, |v| v["decision"] = "allow".into());
+        for i in 7..lines.len() {
+            let prev: Value = serde_json::from_str(&lines[i - 1]).unwrap();
+            rehash(&mut lines, i, |v| {
+                v["prev"] = prev["hash"].clone();
+                if v["kind"] == "checkpoint" {
+                    v.as_object_mut().unwrap().remove("sig");
+                }
+            });
+        }
+        let path = write(dir.path(), "d.jsonl", &lines);
+        broken_at(
+            &path,
+            10,
+            "signature removed: the checkpoint is not signed, but the one at seq 5 was",
+        );
+        // The key fields taken out too: still not a log written without a key.
+        for i in 7..lines.len() {
+            let prev: Value = serde_json::from_str(&lines[i - 1]).unwrap();
+            rehash(&mut lines, i, |v| {
+                v["prev"] = prev["hash"].clone();
+                if v["kind"] == "checkpoint" {
+                    v["key"] = Value::Null;
+                    v["public_key"] = Value::Null;
+                }
+            });
+        }
+        let path = write(dir.path(), "nokey.jsonl", &lines);
+        broken_at(&path, 10, "signature removed");
+        // Every signature stripped, with the key still named: not what the writer writes.
+        let mut lines = signed_log(dir.path(), &key);
+        for i in 0..lines.len() {
+            let prev = match i {
+                0 => Value::from(GENESIS),
+                _ => serde_json::from_str::<Value>(&lines[i - 1]).unwrap()["hash"].clone(),
+            };
+            rehash(&mut lines, i, |v| {
+                v["prev"] = prev;
+                if v["kind"] == "checkpoint" {
+                    v.as_object_mut().unwrap().remove("sig");
+                }
+            });
+        }
+        let path = write(dir.path(), "all.jsonl", &lines);
+        broken_at(
+            &path,
+            5,
+            "signature removed: the checkpoint names a signing key but carries no signature",
+        );
     }
 
     #[test]

@@ -27,7 +27,8 @@ pub enum AuditCommand {
 #[derive(clap::Args, Debug)]
 #[command(
     after_help = "Without --key, each signature is checked against the public key its \
-checkpoint carries, and the report names that key's fingerprint: compare it with yours. With \
+checkpoint carries, and the report names that key's fingerprint: compare it with yours; a \
+checkpoint left unsigned after a signed one fails (its signature was removed). With \
 --key, every checkpoint must be signed by that key (repeat --key for a log signed by several \
 keys over time). A log that does not end in a final checkpoint (written on a clean shutdown) \
 fails as open or truncated, unless --open."
@@ -176,9 +177,15 @@ pub fn describe(r: &VerifyReport) -> Vec<String> {
             )
         });
     }
-    if r.unsigned_checkpoints > 0 {
+    // Verify fails an unsigned checkpoint after a signed one, so unsigned ones come first.
+    if r.unsigned_checkpoints > 0 && r.signed == 0 {
         out.push(format!(
-            "unsigned: {} checkpoints carry no signature (the log was written without a signing key)",
+            "NOT SIGNED: none of the {} checkpoints carries a signature, so nothing shows who wrote this log (written without [log] signing_key, or its signatures were all removed); pass --key to require them",
+            r.unsigned_checkpoints
+        ));
+    } else if r.unsigned_checkpoints > 0 {
+        out.push(format!(
+            "unsigned: the first {} checkpoints carry no signature (written before a signing key was configured); the signed ones after them cover those records",
             r.unsigned_checkpoints
         ));
     }

@@ -509,6 +509,106 @@ async fn every_tampering_of_a_real_log_is_caught_and_the_untouched_log_passes() 
         missed.join("\n")
     );
 
+    // Without --key, signatures are checked against the key the log carries: a forger who
+    // cannot sign edits a record, rewrites the chain after it, and removes the signatures
+    // that no longer verify (found by review: this passed as a log written without a key).
+    let mut unkeyed = Vec::new();
+    let strip = |l: &mut [String], from: usize, key_fields: bool| {
+        for i in cps.iter().copied().filter(|&c| c >= from) {
+            let mut v = parse(&l[i]);
+            let o = v.as_object_mut().unwrap();
+            o.remove("sig");
+            if key_fields {
+                o.insert("key".into(), Value::Null);
+                o.insert("public_key".into(), Value::Null);
+            }
+            l[i] = line(&v);
+        }
+    };
+    let last_signed = *cps.iter().rfind(|&&c| c < d).unwrap();
+    for (name, key_fields) in [
+        (
+            "edit a record, rewrite the chain and strip the signatures after it",
+            false,
+        ),
+        (
+            "edit a record, rewrite the chain and strip the signatures and keys after it",
+            true,
+        ),
+    ] {
+        let mut l = lines.clone();
+        let mut v = parse(&l[d]);
+        v["decision"] = "allow".into();
+        l[d] = line(&v);
+        strip(&mut l, d, key_fields);
+        rechain(&mut l, d, None);
+        unkeyed.push(case(
+            name,
+            &l,
+            next_cp + 1,
+            format!(
+                "signature removed: the checkpoint is not signed, but the one at seq {} was",
+                seq_of(last_signed)
+            ),
+        ));
+    }
+    {
+        let mut l = lines.clone();
+        strip(&mut l, 0, false);
+        rechain(&mut l, 0, None);
+        unkeyed.push(case(
+            "strip every signature, keep the key, and rewrite the chain",
+            &l,
+            cps[0] + 1,
+            "signature removed: the checkpoint names a signing key but carries no signature",
+        ));
+    }
+    for (i, c) in unkeyed.iter().enumerate() {
+        let dir = proxy.dir.path().join(format!("unkeyed-{i}"));
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("decisions.jsonl");
+        std::fs::write(&path, &c.bytes).unwrap();
+        let out = verify(&path, None);
+        let err = text(&out.stderr);
+        let want = format!("{}:{}: ", path.display(), c.line);
+        if out.status.code() != Some(1) || !err.starts_with(&want) || !err.contains(&c.why) {
+            missed.push(format!(
+                "{} (without --key): exit {:?}, expected {want}…{}…, got stdout {:?} stderr {err:?}",
+                c.name,
+                out.status.code(),
+                c.why,
+                text(&out.stdout)
+            ));
+        }
+    }
+    assert!(
+        missed.is_empty(),
+        "tamperings without --key not caught as expected:\n{}",
+        missed.join("\n")
+    );
+    // Every signature and key stripped is indistinguishable from a log written without a
+    // key: it verifies, but says loudly that nothing shows who wrote it.
+    let stripped = cases
+        .iter()
+        .position(|c| c.name == "strip every signature and rewrite the chain")
+        .unwrap();
+    let out = verify(
+        &proxy
+            .dir
+            .path()
+            .join(format!("case-{stripped}/decisions.jsonl")),
+        None,
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        stdout.contains(&format!(
+            "NOT SIGNED: none of the {} checkpoints carries a signature",
+            cps.len()
+        )),
+        "{stdout}"
+    );
+
     // Without --key, a log re-signed by a forger's key verifies against the key it carries,
     // and the report names that key: this is what --key is for.
     let forged = cases
