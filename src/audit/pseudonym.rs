@@ -99,22 +99,21 @@ impl Pseudonymizer {
     /// The query of a request whose subject is not known: every value pseudonymised,
     /// credentials masked.
     pub fn opaque_query(&self, query: &str, masked: &[HeaderName]) -> String {
-        query
-            .split('&')
-            .map(|pair| {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                let lk = k.to_ascii_lowercase();
-                if SECRET_PARAMS.contains(&lk.as_str()) || masked.iter().any(|h| h.as_str() == lk) {
-                    format!("{k}=[masked]")
-                } else if v.is_empty() || matches!(self, Pseudonymizer::Off) {
-                    pair.to_string()
-                } else {
-                    let decoded = crate::policy::path::percent_decode(v);
-                    format!("{k}={}", self.pseudonym(decoded.as_deref().unwrap_or(v)))
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("&")
+        map_pairs(query, masked, |pair, k, v| self.value(pair, k, v))
+    }
+
+    /// The query of a request whose subject parameter `name` is there but could not be read
+    /// (named twice, or not valid UTF-8 once decoded): every value of that parameter (its
+    /// key compared decoded, as the decision compares it) pseudonymised, since any of them
+    /// may be the raw subject; credentials masked.
+    pub fn query_hiding(&self, query: &str, name: &str, masked: &[HeaderName]) -> String {
+        map_pairs(query, masked, |pair, k, v| {
+            if crate::policy::path::percent_decode(k).as_deref() == Some(name) {
+                self.value(pair, k, v)
+            } else {
+                pair.to_string()
+            }
+        })
     }
 
     /// The query with values naming the subject pseudonymised and credentials masked.
@@ -125,28 +124,49 @@ impl Pseudonymizer {
         pseudonym: Option<&str>,
         masked: &[HeaderName],
     ) -> String {
-        query
-            .split('&')
-            .map(|pair| {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                let lk = k.to_ascii_lowercase();
-                if SECRET_PARAMS.contains(&lk.as_str()) || masked.iter().any(|h| h.as_str() == lk) {
-                    return format!("{k}=[masked]");
-                }
-                match (subject, pseudonym) {
-                    (Some(s), Some(p)) if !matches!(self, Pseudonymizer::Off) && !s.is_empty() => {
-                        match crate::policy::path::percent_decode(v) {
-                            Some(d) if d == s => format!("{k}={p}"),
-                            Some(d) if d.contains(s) => format!("{k}={}", d.replace(s, p)),
-                            _ => pair.to_string(),
-                        }
-                    }
+        map_pairs(query, masked, |pair, k, v| match (subject, pseudonym) {
+            (Some(s), Some(p)) if !matches!(self, Pseudonymizer::Off) && !s.is_empty() => {
+                match crate::policy::path::percent_decode(v) {
+                    Some(d) if d == s => format!("{k}={p}"),
+                    Some(d) if d.contains(s) => format!("{k}={}", d.replace(s, p)),
                     _ => pair.to_string(),
                 }
-            })
-            .collect::<Vec<_>>()
-            .join("&")
+            }
+            _ => pair.to_string(),
+        })
     }
+
+    /// `pair` with its value `v` pseudonymised (decoded first, when it decodes, so that
+    /// `audit query --subject` finds it).
+    fn value(&self, pair: &str, k: &str, v: &str) -> String {
+        if v.is_empty() || matches!(self, Pseudonymizer::Off) {
+            return pair.to_string();
+        }
+        let decoded = crate::policy::path::percent_decode(v);
+        format!("{k}={}", self.pseudonym(decoded.as_deref().unwrap_or(v)))
+    }
+}
+
+/// Rebuilds `query` pair by pair: credentials (built-in names and `masked`) become
+/// `[masked]`, every other pair is what `shown(pair, key, value)` makes of it.
+fn map_pairs(
+    query: &str,
+    masked: &[HeaderName],
+    mut shown: impl FnMut(&str, &str, &str) -> String,
+) -> String {
+    query
+        .split('&')
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let lk = k.to_ascii_lowercase();
+            if SECRET_PARAMS.contains(&lk.as_str()) || masked.iter().any(|h| h.as_str() == lk) {
+                format!("{k}=[masked]")
+            } else {
+                shown(pair, k, v)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 #[cfg(test)]
@@ -200,6 +220,22 @@ mod tests {
         );
         let oq = p.opaque_query("uid=dave&X-Amz-Signature=s", &[]);
         assert_eq!(oq, format!("uid={ps}&X-Amz-Signature=[masked]"));
+    }
+
+    #[test]
+    fn a_subject_parameter_that_could_not_be_read_is_hidden_in_every_value() {
+        let p = Pseudonymizer::new(&[7; 32]);
+        let ps = p.pseudonym("alice");
+        let q = p.query_hiding("uid=alice&x=1&u%69d=alice&uid=bob%FF&uid=", "uid", &[]);
+        assert_eq!(
+            q,
+            format!("uid={ps}&x=1&u%69d={ps}&uid={}&uid=", p.pseudonym("bob%FF"))
+        );
+        // Pseudonymisation off: the operator chose raw subjects.
+        assert_eq!(
+            Pseudonymizer::Off.query_hiding("uid=alice&uid=bob", "uid", &[]),
+            "uid=alice&uid=bob"
+        );
     }
 
     #[test]
