@@ -132,6 +132,16 @@ pub struct View<'a> {
     pub torn_bytes: Option<u64>,
     #[serde(borrow, default)]
     pub file: Field<'a>,
+    /// Recovery records of a running writer: the head it expected its file to end with.
+    #[serde(default)]
+    pub expected: Option<ExpectedView>,
+}
+
+/// The `expected` head of a recovery record.
+#[derive(Debug, Default, Deserialize)]
+pub struct ExpectedView {
+    #[serde(default)]
+    pub seq: Option<u64>,
 }
 
 fn text<'v>(f: &'v Field<'_>) -> Option<&'v str> {
@@ -531,12 +541,16 @@ fn table_row(v: &View<'_>, s: &mut String) {
             }
         }
         None if kind == "recovery" => {
-            s.push_str(&format!(
-                "restart after a crash: {} ended at seq {}, {} torn bytes cut",
-                text(&v.file).unwrap_or("?"),
-                v.last_seq.unwrap_or(0),
-                v.torn_bytes.unwrap_or(0)
-            ));
+            let (file, last) = (text(&v.file).unwrap_or("?"), v.last_seq.unwrap_or(0));
+            let torn = v.torn_bytes.unwrap_or(0);
+            s.push_str(&match v.expected.as_ref().and_then(|e| e.seq) {
+                None => {
+                    format!("restart after a crash: {file} ended at seq {last}, {torn} torn bytes cut")
+                }
+                Some(e) => format!(
+                    "file changed while running: {file} ended at seq {last}, the writer expected {e}, {torn} torn bytes cut"
+                ),
+            });
         }
         None => {}
     }

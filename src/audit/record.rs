@@ -139,9 +139,14 @@ pub struct CheckpointRecord {
 }
 
 /// Written first after a start that found the log not closed cleanly (a crash, kill -9, a
-/// power cut): says what was found, then the chain continues.
+/// power cut), or by a running writer that, reopening its file after a failed write, found
+/// it does not end where the writer left it: says what was found, then the chain continues.
 #[derive(Clone, Debug, Serialize)]
 pub struct RecoveryRecord {
+    /// The head the running writer held when it found its file changed: what the file should
+    /// have ended with. Absent after a start, which has no such memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected: Option<ExpectedHead>,
     /// Name of the file the previous run's last record is in.
     pub file: String,
     pub kind: &'static str,
@@ -155,6 +160,13 @@ pub struct RecoveryRecord {
     pub torn_bytes: u64,
     pub ts: String,
     pub v: u8,
+}
+
+/// `seq` and `hash` of the last record a writer wrote.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExpectedHead {
+    pub hash: String,
+    pub seq: u64,
 }
 
 /// A record on its way to the log; the writer fills `seq` and `prev`.
@@ -505,6 +517,10 @@ mod tests {
             v: 1,
         };
         let recovery = RecoveryRecord {
+            expected: Some(ExpectedHead {
+                hash: "h".into(),
+                seq: 9,
+            }),
             file: "decisions.jsonl".into(),
             kind: "recovery",
             last_kind: Some("decision".into()),

@@ -38,7 +38,8 @@ pub struct VerifyOptions {
     pub open: bool,
 }
 
-/// A crash the log records: where its recovery record is and what it found.
+/// A crash the log records, or a file that changed under the running writer: where its
+/// recovery record is and what it found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecoveryFound {
     pub file: PathBuf,
@@ -47,6 +48,10 @@ pub struct RecoveryFound {
     /// The last record written before the crash.
     pub last_seq: u64,
     pub torn_bytes: u64,
+    /// Set when the running writer found its file changed: the last record it had written.
+    /// Only ever below `last_seq` in a log that verified (the file held more than the
+    /// writer wrote); above it, records were lost, which fails.
+    pub expected_seq: Option<u64>,
 }
 
 /// A log that verified.
@@ -191,6 +196,7 @@ impl Chain<'_> {
             if let Kind::Recovery {
                 last_seq,
                 torn_bytes,
+                expected_seq,
             } = kind
             {
                 self.report.recoveries.push(RecoveryFound {
@@ -199,6 +205,7 @@ impl Chain<'_> {
                     seq: self.seq,
                     last_seq,
                     torn_bytes,
+                    expected_seq,
                 });
             }
             self.last = Some(Last {
@@ -324,20 +331,7 @@ impl Chain<'_> {
             Some("checkpoint") => Kind::Checkpoint {
                 final_: self.checkpoint(&mut value)?,
             },
-            Some("recovery") => {
-                let field = |k: &str| value.get(k).and_then(Value::as_u64).unwrap_or(0);
-                let (last_seq, torn_bytes) = (field("last_seq"), field("torn_bytes"));
-                if last_seq + 1 != seq {
-                    return Err(format!(
-                        "recovery record says the log ended at seq {last_seq}, but it follows seq {}",
-                        self.seq
-                    ));
-                }
-                Kind::Recovery {
-                    last_seq,
-                    torn_bytes,
-                }
-            }
+            Some("recovery") => self.recovery(&value, seq)?,
             _ => Kind::Record,
         };
         self.seq = seq;
@@ -351,6 +345,48 @@ impl Chain<'_> {
             self.unsigned += 1;
         }
         Ok(kind)
+    }
+
+    /// Checks a recovery record at `seq` against the chain before it. One written by a
+    /// running writer names the head it had written (`expected`): a file that ended before
+    /// that head, or at it with another record, lost records while the proxy ran.
+    fn recovery(&self, value: &Value, seq: u64) -> Result<Kind, String> {
+        let field = |k: &str| value.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let (last_seq, torn_bytes) = (field("last_seq"), field("torn_bytes"));
+        if last_seq + 1 != seq {
+            return Err(format!(
+                "recovery record says the log ended at seq {last_seq}, but it follows seq {}",
+                self.seq
+            ));
+        }
+        let expected = match value.get("expected") {
+            None => None,
+            Some(e) => Some(
+                e.get("seq")
+                    .and_then(Value::as_u64)
+                    .zip(e.get("hash").and_then(Value::as_str))
+                    .ok_or("field expected is not an object with seq and hash")?,
+            ),
+        };
+        match expected {
+            Some((exp, _)) if exp > last_seq => {
+                return Err(format!(
+                    "records removed while the proxy ran: the writer had written up to seq {exp}, but its file, reopened after a failed write, ended at seq {last_seq} ({} records gone)",
+                    exp - last_seq
+                ));
+            }
+            Some((exp, hash)) if exp == last_seq && hash != self.hash => {
+                return Err(format!(
+                    "records replaced while the proxy ran: the writer's record seq {exp} is not the one its file, reopened after a failed write, ended with"
+                ));
+            }
+            _ => {}
+        }
+        Ok(Kind::Recovery {
+            last_seq,
+            torn_bytes,
+            expected_seq: expected.map(|(exp, _)| exp),
+        })
     }
 
     /// Checks a checkpoint's signature (see [`super::checkpoint`]); returns whether it is
@@ -437,8 +473,14 @@ impl Chain<'_> {
 /// What a verified line was.
 enum Kind {
     Record,
-    Checkpoint { final_: bool },
-    Recovery { last_seq: u64, torn_bytes: u64 },
+    Checkpoint {
+        final_: bool,
+    },
+    Recovery {
+        last_seq: u64,
+        torn_bytes: u64,
+        expected_seq: Option<u64>,
+    },
 }
 
 /// Whether `line` is `canonical` with `"hash"` added as its last field, as the writer
@@ -553,7 +595,7 @@ mod tests {
     fn trusting(key: &SigningKey) -> VerifyOptions {
         VerifyOptions {
             keys: vec![key.public_key().to_vec()],
-            open: false,
+            ..VerifyOptions::default()
         }
     }
 

@@ -199,17 +199,23 @@ pub fn describe(r: &VerifyReport) -> Vec<String> {
         ));
     }
     for rec in &r.recoveries {
-        out.push(format!(
-            "recovered: {}:{} after a crash: the log ended at seq {}{}",
-            rec.file.display(),
-            rec.line,
-            rec.last_seq,
-            if rec.torn_bytes > 0 {
-                format!(", {} bytes of a torn record cut off", rec.torn_bytes)
-            } else {
-                String::new()
-            }
-        ));
+        let torn = if rec.torn_bytes > 0 {
+            format!(", {} bytes of a torn record cut off", rec.torn_bytes)
+        } else {
+            String::new()
+        };
+        let (file, line) = (rec.file.display(), rec.line);
+        out.push(match rec.expected_seq {
+            None => format!(
+                "recovered: {file}:{line} after a crash: the log ended at seq {}{torn}",
+                rec.last_seq
+            ),
+            // Verify fails the other cases (records lost or replaced).
+            Some(e) => format!(
+                "recovered: {file}:{line} while running: the file, reopened after a failed write, held {} records past seq {e}, the last the writer had written (a failed batch it could not cut off, or records added by someone else){torn}",
+                rec.last_seq - e
+            ),
+        });
     }
     if r.files > 1 {
         out.push(format!("files: {}", r.files));
