@@ -36,6 +36,36 @@ pub struct VerifyOptions {
     /// The log is still being written: a missing final checkpoint is not an error, and
     /// records after the last checkpoint are reported as unsigned.
     pub open: bool,
+    /// Heads recorded outside the log (the writer's `decision log checkpoint` events): the
+    /// chain must reach each, with that hash. Neither a signature nor the chain can show
+    /// that a log was cut back to an earlier final checkpoint, or cut and then continued by
+    /// a restart; a head kept elsewhere can.
+    pub heads: Vec<KnownHead>,
+}
+
+/// `seq` and `hash` of a record, as known from outside the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KnownHead {
+    pub seq: u64,
+    pub hash: String,
+}
+
+impl std::str::FromStr for KnownHead {
+    type Err = String;
+
+    /// `SEQ:HASH`, the hash as 64 hex digits.
+    fn from_str(s: &str) -> Result<KnownHead, String> {
+        let bad = || format!("\"{s}\" is not SEQ:HASH (a sequence number and 64 hex digits)");
+        let (seq, hash) = s.split_once(':').ok_or_else(bad)?;
+        let seq = seq.parse().map_err(|_| bad())?;
+        if hash.len() != GENESIS.len() || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        Ok(KnownHead {
+            seq,
+            hash: hash.to_ascii_lowercase(),
+        })
+    }
 }
 
 /// A crash the log records, or a file that changed under the running writer: where its
@@ -78,6 +108,8 @@ pub struct VerifyReport {
     /// `seq` of the last checkpoint.
     pub last_checkpoint: Option<u64>,
     pub recoveries: Vec<RecoveryFound>,
+    /// Heads given in [`VerifyOptions::heads`] that the chain reached, with their hash.
+    pub heads: usize,
 }
 
 /// The first place where a log is broken.
@@ -231,9 +263,32 @@ impl Chain<'_> {
         Ok(())
     }
 
-    /// After the last file: the log must end in a final checkpoint, unless it is open.
+    /// After the last file: the log must reach every head given, and end in a final
+    /// checkpoint, unless it is open.
     fn finish(mut self, end: &Path) -> Result<VerifyReport, VerifyError> {
         self.report.last_seq = self.seq;
+        if let Some(beyond) = self
+            .opts
+            .heads
+            .iter()
+            .map(|h| h.seq)
+            .filter(|&s| s > self.seq)
+            .max()
+        {
+            let (file, line) = match &self.last {
+                Some(l) => (l.file.clone(), l.line),
+                None => (end.into(), 0),
+            };
+            return Err(Broken {
+                file,
+                line,
+                why: format!(
+                    "the log ends at seq {}, before seq {beyond}, a head recorded outside the log: the records after seq {} were cut off",
+                    self.seq, self.seq
+                ),
+            }
+            .into());
+        }
         match &self.last {
             Some(l) if l.final_ => Ok(self.report),
             _ if self.opts.open => {
@@ -316,6 +371,15 @@ impl Chain<'_> {
         canonical_json(&value, &mut self.canonical);
         if link(&self.hash, &self.canonical) != hash {
             return Err("hash mismatch: record was edited".into());
+        }
+        if let Some(h) = self.opts.heads.iter().find(|h| h.seq == seq) {
+            if h.hash != hash {
+                return Err(format!(
+                    "record seq {seq} is not the head recorded outside the log (hash {}): the log was rewritten up to here (cut back, then continued)",
+                    h.hash
+                ));
+            }
+            self.report.heads += 1;
         }
         // The hash covers the record's values, and JSON spells some values two ways (`0.0`
         // and `0e0`, `\u001f` and `\u001F`): only the bytes the writer emits are accepted,
@@ -877,6 +941,72 @@ mod tests {
             &path,
             5,
             "signature removed: the checkpoint names a signing key but carries no signature",
+        );
+    }
+
+    /// A log cut back and then continued by a restart verifies, signatures and all (the
+    /// restart's recovery record and checkpoint sign the shortened chain); a head kept
+    /// outside the log shows that records are missing, or were rewritten.
+    #[test]
+    fn a_head_recorded_elsewhere_must_be_reached_with_its_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = test_key();
+        let lines = signed_log(dir.path(), &key);
+        let head = |i: usize| {
+            let v: Value = serde_json::from_str(&lines[i]).unwrap();
+            format!("{}:{}", v["seq"], v["hash"].as_str().unwrap())
+                .parse::<KnownHead>()
+                .unwrap()
+        };
+        let with = |heads: Vec<KnownHead>| VerifyOptions {
+            heads,
+            ..trusting(&key)
+        };
+        let path = write(dir.path(), "d.jsonl", &lines);
+        let report = verify_with(&path, &with(vec![head(4), head(12)])).unwrap();
+        assert_eq!(report.heads, 2);
+
+        // Cut after the checkpoint at seq 10: the final checkpoint (seq 13) is missing.
+        let cut = write(dir.path(), "cut.jsonl", &lines[..10]);
+        let open = VerifyOptions {
+            open: true,
+            ..with(vec![head(12)])
+        };
+        verify_with(
+            &cut,
+            &VerifyOptions {
+                open: true,
+                ..trusting(&key)
+            },
+        )
+        .unwrap();
+        broken_with(
+            &cut,
+            &open,
+            10,
+            "the log ends at seq 10, before seq 13, a head recorded outside the log: the records after seq 10 were cut off",
+        );
+        // ... and a restart carries on from the cut: seq 13 is now another record.
+        block_on(write_log_with(&cut, 20..22, Some(key.clone()), |_| {}));
+        let report = verify_with(&cut, &trusting(&key)).unwrap();
+        assert_eq!(report.recoveries.len(), 1);
+        broken_with(
+            &cut,
+            &with(vec![head(12)]),
+            13,
+            "record seq 13 is not the head recorded outside the log",
+        );
+
+        assert!("13:abc".parse::<KnownHead>().is_err());
+        assert!("x:".parse::<KnownHead>().is_err());
+        assert_eq!(
+            format!("7:{}", "AB".repeat(32))
+                .parse::<KnownHead>()
+                .unwrap(),
+            KnownHead {
+                seq: 7,
+                hash: "ab".repeat(32)
+            }
         );
     }
 

@@ -17,6 +17,10 @@
 //! or a failed batch that could not be cut off), the chain goes on from the file's last
 //! record after a `recovery` record naming both, which `audit verify` judges.
 //!
+//! Every batch that holds a checkpoint is followed by an info event with that checkpoint's
+//! `seq` and `hash`: kept outside the log volume (the proxy's own logs, shipped elsewhere),
+//! these heads let `audit verify --head` prove that the log was not cut back since.
+//!
 //! At open, a log that does not end in a final checkpoint was not closed cleanly (a crash,
 //! kill -9, a power cut): the torn tail of a half-written record is cut, and the first lines
 //! written are a `recovery` record saying what was found and a checkpoint that signs it.
@@ -437,6 +441,8 @@ struct Committer {
     unsigned: u64,
     /// Written (with a checkpoint) before anything else, until a write succeeds.
     recovery: Option<RecoveryRecord>,
+    /// `seq`, `hash` and finality of the last checkpoint in the batch being written.
+    checkpoint_head: Option<(u64, String, bool)>,
     counters: Arc<Counters>,
 }
 
@@ -464,6 +470,7 @@ impl Committer {
             rotate_bytes: settings.rotate_bytes,
             unsigned: 0,
             recovery: start.recovery,
+            checkpoint_head: None,
             counters: Arc::new(Counters::default()),
         })
     }
@@ -472,6 +479,7 @@ impl Committer {
         tracing::info!(
             log.target = %self.sink.name(),
             log.seq = self.seq,
+            log.hash = %self.prev,
             log.key = self.key_fields.as_ref().map(|k| k.fingerprint.as_str()).unwrap_or("none"),
             "decision log open"
         );
@@ -636,6 +644,16 @@ impl Committer {
         if recovered {
             self.recovery = None;
         }
+        if let Some((seq, hash, final_)) = self.checkpoint_head.take() {
+            tracing::info!(
+                log.target = %self.sink.name(),
+                log.seq = seq,
+                log.hash = %hash,
+                log.final_checkpoint = final_,
+                log.signed = self.key.is_some(),
+                "decision log checkpoint"
+            );
+        }
         for (_, ack) in batch.drain(..) {
             if let Some(ack) = ack {
                 let _ = ack.send(Ok(()));
@@ -675,6 +693,7 @@ impl Committer {
     /// what `end` asks for. Returns the checkpoints added and whether the recovery record is.
     fn chain(&mut self, batch: &mut [(Record, Option<Ack>)], end: End) -> (u64, bool) {
         self.buf.clear();
+        self.checkpoint_head = None;
         let mut checkpoints = 0;
         let recovered = match self.recovery.clone() {
             Some(r) => {
@@ -738,6 +757,7 @@ impl Committer {
         }
         self.push(&mut Record::Checkpoint(cp));
         self.unsigned = 0;
+        self.checkpoint_head = Some((self.seq, self.prev.clone(), final_));
     }
 
     fn rotate_if_full(&mut self) {

@@ -5,7 +5,7 @@ use crate::audit::Pseudonymizer;
 use crate::audit::keys::{self, SigningKey};
 use crate::audit::query::{self, Filter, Format, QueryError, Scanned, parse_time};
 use crate::audit::report;
-use crate::audit::verify::{VerifyError, VerifyOptions, VerifyReport, verify_log};
+use crate::audit::verify::{KnownHead, VerifyError, VerifyOptions, VerifyReport, verify_log};
 use crate::policy::Reason;
 use clap::Subcommand;
 use std::io::Write;
@@ -31,7 +31,9 @@ checkpoint carries, and the report names that key's fingerprint: compare it with
 checkpoint left unsigned after a signed one fails (its signature was removed). With \
 --key, every checkpoint must be signed by that key (repeat --key for a log signed by several \
 keys over time). A log that does not end in a final checkpoint (written on a clean shutdown) \
-fails as open or truncated, unless --open."
+fails as open or truncated, unless --open. No signature catches a log cut back to an earlier final \
+checkpoint, or cut and then continued by a restart: give --head SEQ:HASH from the proxy's own \
+logs (event \"decision log checkpoint\"), kept elsewhere, and the log must still reach it."
 )]
 pub struct VerifyArgs {
     /// The active log file (its rotated files beside it are read first), one rotated file, or
@@ -45,6 +47,11 @@ pub struct VerifyArgs {
     /// after the last checkpoint as unsigned.
     #[arg(long)]
     pub open: bool,
+    /// A head recorded outside the log (`log.seq` and `log.hash` of a `decision log
+    /// checkpoint` event in the proxy's own logs): the log must still reach that record with
+    /// that hash. Catches a log cut back, which signatures cannot. Repeatable.
+    #[arg(long, value_name = "SEQ:HASH")]
+    pub head: Vec<KnownHead>,
 }
 
 /// Filters of `audit query`; repeat a flag, or separate values with commas, for "any of".
@@ -141,6 +148,7 @@ fn verify(args: VerifyArgs) -> CliResult {
     let mut opts = VerifyOptions {
         keys: Vec::new(),
         open: args.open,
+        heads: args.head,
     };
     for k in &args.key {
         opts.keys.push(keys::load_public_key(k)?);
@@ -216,6 +224,12 @@ pub fn describe(r: &VerifyReport) -> Vec<String> {
                 rec.last_seq - e
             ),
         });
+    }
+    if r.heads > 0 {
+        out.push(format!(
+            "heads: {} recorded outside the log, each reached with its hash",
+            r.heads
+        ));
     }
     if r.files > 1 {
         out.push(format!("files: {}", r.files));

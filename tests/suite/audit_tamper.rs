@@ -3,6 +3,7 @@
 //! first broken record by file and line; the untouched log passes. Then the same for a log
 //! rotated into several files.
 
+use crate::support::binary::Served;
 use crate::support::client::{self, full, request};
 use crate::support::proxy::{APP, BUREAU, HOME_IP, PolicySpec, TestProxy, payments_spec};
 use crate::support::upstream::{Reply as Serve, Upstream};
@@ -13,6 +14,7 @@ use residency_proxy::audit::verify::canonical_json;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 async fn start(home: &Upstream, tweak: impl FnOnce(PolicySpec) -> PolicySpec) -> TestProxy {
     tweak(payments_spec(&home.url())).start().await
@@ -708,4 +710,114 @@ async fn a_rotated_log_verifies_as_one_chain_and_every_file_is_accounted_for() {
     let last = dir.join(name(&rotated[2]));
     let n = std::fs::read_to_string(&last).unwrap().lines().count();
     expect(&dir, &last, n, "open or truncated");
+}
+
+/// Runs the real binary on `policy` in `dir`, sends three domestic reads, stops it with
+/// SIGTERM, and returns the head of the last checkpoint it announced in its own logs.
+async fn run_and_stop(policy: &Path, dir: &Path) -> (u64, String) {
+    let mut served = Served::start(policy, dir);
+    let addr = served.addr("residency-proxy serving", "listen").await;
+    for i in 0..3 {
+        let r = client::get(APP, addr, &format!("/payments/u{i}/a.json"), &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    served.signal("TERM");
+    let status = served.exit(Duration::from_secs(10)).await.expect("exit");
+    assert!(status.success(), "exit {status}");
+    let events = served.events();
+    let last = events
+        .iter()
+        .rfind(|e| e["fields"]["message"] == "decision log checkpoint")
+        .expect("a checkpoint event");
+    let f = &last["fields"];
+    assert_eq!(f["log.final_checkpoint"], true, "{last}");
+    (
+        f["log.seq"].as_u64().unwrap(),
+        f["log.hash"].as_str().unwrap().to_string(),
+    )
+}
+
+/// Found by review: every clean stop leaves a final checkpoint inside the log, and a log
+/// cut back to one verifies, signatures and all; so does a log cut anywhere and then
+/// continued by a restart. A head from the proxy's own logs, kept elsewhere, catches both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_cut_back_verifies_but_not_against_a_head_from_the_proxy_logs() {
+    let home = Upstream::start(HOME_IP, Serve::Ok).await;
+    let dir = tempfile::tempdir().unwrap();
+    // No timed checkpoints: each run writes the same number of records.
+    let (policy, _) = payments_spec(&home.url())
+        .log("checkpoint_interval = '1h'")
+        .write_files(dir.path());
+    let log = dir.path().join("decisions.jsonl");
+    let pubkey = {
+        let key = SigningKey::load(&dir.path().join("log-signing.key")).unwrap();
+        let path = dir.path().join("log-signing.pub");
+        std::fs::write(&path, key.public_pem()).unwrap();
+        path
+    };
+    let verify_head = |head: &(u64, String)| {
+        Command::new(env!("CARGO_BIN_EXE_residency-proxy"))
+            .args(["audit", "verify", "--key"])
+            .arg(&pubkey)
+            .arg("--head")
+            .arg(format!("{}:{}", head.0, head.1))
+            .arg(&log)
+            .output()
+            .unwrap()
+    };
+
+    let first = run_and_stop(&policy, dir.path()).await;
+    let second = run_and_stop(&policy, dir.path()).await;
+    // The event names the log's last record: the final checkpoint of the second run.
+    let text0 = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text0.split_inclusive('\n').collect();
+    let last = parse(lines.last().unwrap());
+    assert_eq!(
+        (
+            last["seq"].as_u64().unwrap(),
+            last["hash"].as_str().unwrap()
+        ),
+        (second.0, second.1.as_str())
+    );
+    let out = verify_head(&second);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("heads: 1 recorded outside the log"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // Cut back to the first run's final checkpoint: the chain and signatures still hold.
+    let cut = first.0 as usize;
+    assert_eq!(parse(lines[cut - 1])["hash"], first.1.as_str());
+    std::fs::write(&log, lines[..cut].concat()).unwrap();
+    let out = verify(&log, Some(&pubkey));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = verify_head(&second);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).starts_with(&format!(
+            "{}:{cut}: the log ends at seq {}, before seq {}, a head recorded outside the log",
+            log.display(),
+            first.0,
+            second.0
+        )),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A restart carries on from the cut, and signs it: only the head tells.
+    run_and_stop(&policy, dir.path()).await;
+    let out = verify(&log, Some(&pubkey));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = verify_head(&second);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "record seq {} is not the head recorded outside the log",
+            second.0
+        )),
+        "{}",
+        text(&out.stderr)
+    );
 }
