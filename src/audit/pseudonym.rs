@@ -21,8 +21,15 @@ impl std::fmt::Debug for Pseudonymizer {
     }
 }
 
-/// Query parameters that carry credentials in pre-signed S3 URLs.
-const SECRET_PARAMS: [&str; 2] = ["x-amz-signature", "x-amz-credential"];
+/// Query parameters that carry credentials in pre-signed S3 URLs (lower case): SigV4, and
+/// SigV2, which MinIO and Ceph still accept, and the session token of either.
+const SECRET_PARAMS: [&str; 5] = [
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-security-token",
+    "signature",
+    "awsaccesskeyid",
+];
 
 impl Pseudonymizer {
     pub fn new(key: &[u8; 32]) -> Pseudonymizer {
@@ -236,6 +243,20 @@ mod tests {
             Pseudonymizer::Off.query_hiding("uid=alice&uid=bob", "uid", &[]),
             "uid=alice&uid=bob"
         );
+    }
+
+    /// Found by review: a SigV2 pre-signed URL (`AWSAccessKeyId`, `Signature`) was logged
+    /// whole, a bearer URL anyone reading the log could replay until it expired.
+    #[test]
+    fn regression_sigv2_presigned_credentials_reached_the_log() {
+        let p = Pseudonymizer::new(&[7; 32]);
+        let url = "AWSAccessKeyId=AKIAEXAMPLE&Expires=1700000000&Signature=abc%2Bdef&X-Amz-Security-Token=tok";
+        let want = "AWSAccessKeyId=[masked]&Expires=1700000000&Signature=[masked]&X-Amz-Security-Token=[masked]";
+        assert_eq!(p.query(url, None, None, &[]), want);
+        let opaque = p.opaque_query(url, &[]);
+        for secret in ["AKIAEXAMPLE", "abc%2Bdef", "tok"] {
+            assert!(!opaque.contains(secret), "{opaque}");
+        }
     }
 
     #[test]
