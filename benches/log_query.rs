@@ -156,7 +156,7 @@ fn main() {
     timed("verify --key (chain and signatures)", &path, || {
         let opts = VerifyOptions {
             keys: vec![key.public_key().to_vec()],
-            open: false,
+            ..Default::default()
         };
         let r = verify_with(&path, &opts).unwrap();
         let found = format!("{} records, {} checkpoints", r.records, r.checkpoints);

@@ -8,7 +8,7 @@
 //! Readers do not rely on that last point: they always put the active file last.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader};
+use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 /// Digits of the sequence number in a rotated file name (`u64::MAX` has 20).
@@ -71,7 +71,9 @@ fn rotated_stem<'n>(name: &'n str, ext: &str) -> Option<&'n str> {
     if base.len() <= tail {
         return None;
     }
-    let (stem, rest) = base.split_at(base.len() - tail);
+    // The tail is ASCII, so a cut inside a character (`€€€…€.jsonl`) is not one of ours;
+    // `split_at` would panic there, on any file someone drops beside the log.
+    let (stem, rest) = base.split_at_checked(base.len() - tail)?;
     let rest = rest.as_bytes();
     let ok = rest[0] == b'-'
         && rest[1..=SEQ_DIGITS].iter().all(u8::is_ascii_digit)
@@ -170,7 +172,15 @@ pub fn log_files(path: &Path) -> Result<Vec<PathBuf>, LogFilesError> {
     })
 }
 
-/// Reads a log file line by line without holding more than one line.
+/// The longest line the readers hold in memory. Records are a few hundred bytes, and even a
+/// request at the largest header block the proxy accepts by default, its subject
+/// pseudonymised in every segment, stays far below this; a longer line (a damaged file full
+/// of NUL bytes, a hostile one with no newline) is skipped unread and reported as not a
+/// record, so that memory stays flat whatever the file holds.
+pub const MAX_LINE: usize = 16 * 1024 * 1024;
+
+/// Reads a log file line by line without holding more than one line, of at most
+/// [`MAX_LINE`] bytes.
 pub struct LineReader {
     reader: BufReader<File>,
     line: Vec<u8>,
@@ -181,10 +191,12 @@ pub struct LineReader {
 pub struct Line<'a> {
     /// 1-based.
     pub number: usize,
-    /// Without its `\n`.
+    /// Without its `\n`; empty when `oversized`.
     pub bytes: &'a [u8],
     /// False for a last line without `\n`: cut short, or still being written.
     pub complete: bool,
+    /// Longer than [`MAX_LINE`]: skipped without being read into memory, so not a record.
+    pub oversized: bool,
 }
 
 impl LineReader {
@@ -200,20 +212,63 @@ impl LineReader {
     /// The next line, or `None` at the end of the file.
     pub fn next_line(&mut self) -> io::Result<Option<Line<'_>>> {
         self.line.clear();
-        if self.reader.read_until(b'\n', &mut self.line)? == 0 {
+        // One byte more than the limit (its `\n`, for a line of exactly `MAX_LINE`).
+        let read = (&mut self.reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut self.line)?;
+        if read == 0 {
             return Ok(None);
         }
         self.number += 1;
-        let complete = self.line.last() == Some(&b'\n');
-        if complete {
+        let mut complete = self.line.last() == Some(&b'\n');
+        let oversized = !complete && self.line.len() > MAX_LINE;
+        if oversized {
+            self.line.clear();
+            self.line.shrink_to(4096);
+            complete = self.skip_line()?;
+        } else if complete {
             self.line.pop();
         }
         Ok(Some(Line {
             number: self.number,
             bytes: &self.line,
             complete,
+            oversized,
         }))
     }
+
+    /// Consumes the rest of the current line without keeping it; returns whether a `\n`
+    /// ended it (rather than the end of the file).
+    fn skip_line(&mut self) -> io::Result<bool> {
+        loop {
+            let buf = match self.reader.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if buf.is_empty() {
+                return Ok(false);
+            }
+            match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    self.reader.consume(i + 1);
+                    return Ok(true);
+                }
+                None => {
+                    let n = buf.len();
+                    self.reader.consume(n);
+                }
+            }
+        }
+    }
+}
+
+/// Why an oversized line is not a record, as verify, query and report say it.
+pub fn oversized_why() -> String {
+    format!(
+        "line longer than {} MiB: not a record (skipped unread)",
+        MAX_LINE / (1024 * 1024)
+    )
 }
 
 #[cfg(test)]
@@ -250,6 +305,60 @@ mod tests {
             Some("decisions")
         );
         assert_eq!(rotated_stem("decisions-old.jsonl", ".jsonl"), None);
+    }
+
+    /// Found by review: a line without a newline was read whole into memory, however
+    /// long (a damaged file full of NUL bytes could take the machine's memory).
+    #[test]
+    fn regression_a_line_longer_than_the_limit_is_skipped_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        let mut bytes = b"{\"seq\":1}\n".to_vec();
+        bytes.resize(bytes.len() + MAX_LINE + 1, 0);
+        bytes.extend_from_slice(b"\n{\"seq\":3}\n");
+        // A line of exactly the limit is still read.
+        bytes.extend(std::iter::repeat_n(b'x', MAX_LINE));
+        bytes.extend_from_slice(b"\n");
+        // And a last one over the limit, without its `\n`.
+        bytes.resize(bytes.len() + MAX_LINE + 10, b' ');
+        std::fs::write(&path, &bytes).unwrap();
+
+        let mut reader = LineReader::open(&path).unwrap();
+        let mut seen = Vec::new();
+        while let Some(l) = reader.next_line().unwrap() {
+            seen.push((l.number, l.bytes.len(), l.complete, l.oversized));
+        }
+        assert_eq!(
+            seen,
+            [
+                (1, 9, true, false),
+                (2, 0, true, true),
+                (3, 9, true, false),
+                (4, MAX_LINE, true, false),
+                (5, 0, false, true),
+            ]
+        );
+    }
+
+    /// Found by review: a name whose rotated-name tail would start inside a multi-byte
+    /// character made `audit verify|query|report` panic, and the proxy fail to start.
+    #[test]
+    fn regression_a_non_ascii_file_name_beside_the_log_panicked() {
+        let dir = tempfile::tempdir().unwrap();
+        // 13 × 3 bytes: the 38-byte tail would start at byte 1, inside the first `€`.
+        let odd = "€".repeat(13);
+        std::fs::write(dir.path().join(format!("{odd}.jsonl")), "").unwrap();
+        assert_eq!(rotated_stem(&format!("{odd}.jsonl"), ".jsonl"), None);
+        let active = dir.path().join("decisions.jsonl");
+        std::fs::write(&active, "").unwrap();
+        assert_eq!(log_files(&active).unwrap(), vec![active.clone()]);
+        // In a folder it is a log of its own, as any other `*.jsonl` name would be.
+        let err = log_files(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("several logs"), "{err}");
+        // A multi-byte stem with a real rotated tail is still recognised.
+        let rotated = rotated_name(&dir.path().join("é.jsonl"), 1, jiff::Timestamp::UNIX_EPOCH);
+        let name = rotated.file_name().unwrap().to_str().unwrap();
+        assert_eq!(rotated_stem(name, ".jsonl"), Some("é"));
     }
 
     #[test]

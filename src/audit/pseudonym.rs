@@ -21,8 +21,15 @@ impl std::fmt::Debug for Pseudonymizer {
     }
 }
 
-/// Query parameters that carry credentials in pre-signed S3 URLs.
-const SECRET_PARAMS: [&str; 2] = ["x-amz-signature", "x-amz-credential"];
+/// Query parameters that carry credentials in pre-signed S3 URLs (lower case): SigV4, and
+/// SigV2, which MinIO and Ceph still accept, and the session token of either.
+const SECRET_PARAMS: [&str; 5] = [
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-security-token",
+    "signature",
+    "awsaccesskeyid",
+];
 
 impl Pseudonymizer {
     pub fn new(key: &[u8; 32]) -> Pseudonymizer {
@@ -99,22 +106,21 @@ impl Pseudonymizer {
     /// The query of a request whose subject is not known: every value pseudonymised,
     /// credentials masked.
     pub fn opaque_query(&self, query: &str, masked: &[HeaderName]) -> String {
-        query
-            .split('&')
-            .map(|pair| {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                let lk = k.to_ascii_lowercase();
-                if SECRET_PARAMS.contains(&lk.as_str()) || masked.iter().any(|h| h.as_str() == lk) {
-                    format!("{k}=[masked]")
-                } else if v.is_empty() || matches!(self, Pseudonymizer::Off) {
-                    pair.to_string()
-                } else {
-                    let decoded = crate::policy::path::percent_decode(v);
-                    format!("{k}={}", self.pseudonym(decoded.as_deref().unwrap_or(v)))
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("&")
+        map_pairs(query, masked, |pair, k, v| self.value(pair, k, v))
+    }
+
+    /// The query of a request whose subject parameter `name` is there but could not be read
+    /// (named twice, or not valid UTF-8 once decoded): every value of that parameter (its
+    /// key compared decoded, as the decision compares it) pseudonymised, since any of them
+    /// may be the raw subject; credentials masked.
+    pub fn query_hiding(&self, query: &str, name: &str, masked: &[HeaderName]) -> String {
+        map_pairs(query, masked, |pair, k, v| {
+            if crate::policy::path::percent_decode(k).as_deref() == Some(name) {
+                self.value(pair, k, v)
+            } else {
+                pair.to_string()
+            }
+        })
     }
 
     /// The query with values naming the subject pseudonymised and credentials masked.
@@ -125,28 +131,49 @@ impl Pseudonymizer {
         pseudonym: Option<&str>,
         masked: &[HeaderName],
     ) -> String {
-        query
-            .split('&')
-            .map(|pair| {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                let lk = k.to_ascii_lowercase();
-                if SECRET_PARAMS.contains(&lk.as_str()) || masked.iter().any(|h| h.as_str() == lk) {
-                    return format!("{k}=[masked]");
-                }
-                match (subject, pseudonym) {
-                    (Some(s), Some(p)) if !matches!(self, Pseudonymizer::Off) && !s.is_empty() => {
-                        match crate::policy::path::percent_decode(v) {
-                            Some(d) if d == s => format!("{k}={p}"),
-                            Some(d) if d.contains(s) => format!("{k}={}", d.replace(s, p)),
-                            _ => pair.to_string(),
-                        }
-                    }
+        map_pairs(query, masked, |pair, k, v| match (subject, pseudonym) {
+            (Some(s), Some(p)) if !matches!(self, Pseudonymizer::Off) && !s.is_empty() => {
+                match crate::policy::path::percent_decode(v) {
+                    Some(d) if d == s => format!("{k}={p}"),
+                    Some(d) if d.contains(s) => format!("{k}={}", d.replace(s, p)),
                     _ => pair.to_string(),
                 }
-            })
-            .collect::<Vec<_>>()
-            .join("&")
+            }
+            _ => pair.to_string(),
+        })
     }
+
+    /// `pair` with its value `v` pseudonymised (decoded first, when it decodes, so that
+    /// `audit query --subject` finds it).
+    fn value(&self, pair: &str, k: &str, v: &str) -> String {
+        if v.is_empty() || matches!(self, Pseudonymizer::Off) {
+            return pair.to_string();
+        }
+        let decoded = crate::policy::path::percent_decode(v);
+        format!("{k}={}", self.pseudonym(decoded.as_deref().unwrap_or(v)))
+    }
+}
+
+/// Rebuilds `query` pair by pair: credentials (built-in names and `masked`) become
+/// `[masked]`, every other pair is what `shown(pair, key, value)` makes of it.
+fn map_pairs(
+    query: &str,
+    masked: &[HeaderName],
+    mut shown: impl FnMut(&str, &str, &str) -> String,
+) -> String {
+    query
+        .split('&')
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let lk = k.to_ascii_lowercase();
+            if SECRET_PARAMS.contains(&lk.as_str()) || masked.iter().any(|h| h.as_str() == lk) {
+                format!("{k}=[masked]")
+            } else {
+                shown(pair, k, v)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 #[cfg(test)]
@@ -200,6 +227,36 @@ mod tests {
         );
         let oq = p.opaque_query("uid=dave&X-Amz-Signature=s", &[]);
         assert_eq!(oq, format!("uid={ps}&X-Amz-Signature=[masked]"));
+    }
+
+    #[test]
+    fn a_subject_parameter_that_could_not_be_read_is_hidden_in_every_value() {
+        let p = Pseudonymizer::new(&[7; 32]);
+        let ps = p.pseudonym("alice");
+        let q = p.query_hiding("uid=alice&x=1&u%69d=alice&uid=bob%FF&uid=", "uid", &[]);
+        assert_eq!(
+            q,
+            format!("uid={ps}&x=1&u%69d={ps}&uid={}&uid=", p.pseudonym("bob%FF"))
+        );
+        // Pseudonymisation off: the operator chose raw subjects.
+        assert_eq!(
+            Pseudonymizer::Off.query_hiding("uid=alice&uid=bob", "uid", &[]),
+            "uid=alice&uid=bob"
+        );
+    }
+
+    /// Found by review: a SigV2 pre-signed URL (`AWSAccessKeyId`, `Signature`) was logged
+    /// whole, a bearer URL anyone reading the log could replay until it expired.
+    #[test]
+    fn regression_sigv2_presigned_credentials_reached_the_log() {
+        let p = Pseudonymizer::new(&[7; 32]);
+        let url = "AWSAccessKeyId=AKIAEXAMPLE&Expires=1700000000&Signature=abc%2Bdef&X-Amz-Security-Token=tok";
+        let want = "AWSAccessKeyId=[masked]&Expires=1700000000&Signature=[masked]&X-Amz-Security-Token=[masked]";
+        assert_eq!(p.query(url, None, None, &[]), want);
+        let opaque = p.opaque_query(url, &[]);
+        for secret in ["AKIAEXAMPLE", "abc%2Bdef", "tok"] {
+            assert!(!opaque.contains(secret), "{opaque}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! `YYYY-MM-DDTHH:MM:SS.ffffffZ`, so string order is time order, and the bounds are brought
 //! into the same form.
 
-use super::files::{LineReader, LogFilesError, log_files, unreadable};
+use super::files::{LineReader, LogFilesError, log_files, oversized_why, unreadable};
 use super::record::timestamp;
 use serde::{Deserialize, Deserializer};
 use std::borrow::Cow;
@@ -132,6 +132,16 @@ pub struct View<'a> {
     pub torn_bytes: Option<u64>,
     #[serde(borrow, default)]
     pub file: Field<'a>,
+    /// Recovery records of a running writer: the head it expected its file to end with.
+    #[serde(default)]
+    pub expected: Option<ExpectedView>,
+}
+
+/// The `expected` head of a recovery record.
+#[derive(Debug, Default, Deserialize)]
+pub struct ExpectedView {
+    #[serde(default)]
+    pub seq: Option<u64>,
 }
 
 fn text<'v>(f: &'v Field<'_>) -> Option<&'v str> {
@@ -356,6 +366,13 @@ pub fn scan(
     for file in &files {
         let mut reader = LineReader::open(file)?;
         while let Some(line) = reader.next_line().map_err(unreadable(file))? {
+            if line.oversized {
+                out.bad += 1;
+                if out.first_bad.is_none() {
+                    out.first_bad = Some((file.clone(), line.number, oversized_why()));
+                }
+                continue;
+            }
             if !line.complete {
                 out.incomplete += 1;
                 continue;
@@ -524,12 +541,16 @@ fn table_row(v: &View<'_>, s: &mut String) {
             }
         }
         None if kind == "recovery" => {
-            s.push_str(&format!(
-                "restart after a crash: {} ended at seq {}, {} torn bytes cut",
-                text(&v.file).unwrap_or("?"),
-                v.last_seq.unwrap_or(0),
-                v.torn_bytes.unwrap_or(0)
-            ));
+            let (file, last) = (text(&v.file).unwrap_or("?"), v.last_seq.unwrap_or(0));
+            let torn = v.torn_bytes.unwrap_or(0);
+            s.push_str(&match v.expected.as_ref().and_then(|e| e.seq) {
+                None => {
+                    format!("restart after a crash: {file} ended at seq {last}, {torn} torn bytes cut")
+                }
+                Some(e) => format!(
+                    "file changed while running: {file} ended at seq {last}, the writer expected {e}, {torn} torn bytes cut"
+                ),
+            });
         }
         None => {}
     }
@@ -545,6 +566,29 @@ mod tests {
 
     fn view(line: &str) -> View<'_> {
         serde_json::from_str(line).unwrap()
+    }
+
+    /// Found by review: a line without a newline was read whole, however long; it is now
+    /// skipped as not a record, and the records after it are still found.
+    #[test]
+    fn regression_an_endless_line_is_skipped_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        let mut bytes = format!("{DECISION}\n").into_bytes();
+        bytes.resize(bytes.len() + crate::audit::files::MAX_LINE + 1, 0);
+        bytes.push(b'\n');
+        bytes.extend_from_slice(format!("{DECISION}\n").as_bytes());
+        std::fs::write(&path, bytes).unwrap();
+        let mut found = 0;
+        let scanned = scan(&path, &Filter::default(), |_, _| {
+            found += 1;
+            Ok(ControlFlow::Continue(()))
+        })
+        .unwrap();
+        assert_eq!((found, scanned.bad, scanned.incomplete), (2, 1, 0));
+        let (file, line, why) = scanned.first_bad.unwrap();
+        assert_eq!((file, line), (path, 2));
+        assert!(why.contains("longer than 16 MiB"), "{why}");
     }
 
     #[test]

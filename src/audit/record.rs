@@ -5,7 +5,7 @@
 use super::pseudonym::Pseudonymizer;
 use crate::policy::country::Country;
 use crate::policy::decision::{Decision, Reason, Verdict, status_of};
-use crate::policy::model::{Policy, Relation};
+use crate::policy::model::{Policy, Relation, SubjectSource};
 use http::HeaderMap;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -139,9 +139,14 @@ pub struct CheckpointRecord {
 }
 
 /// Written first after a start that found the log not closed cleanly (a crash, kill -9, a
-/// power cut): says what was found, then the chain continues.
+/// power cut), or by a running writer that, reopening its file after a failed write, found
+/// it does not end where the writer left it: says what was found, then the chain continues.
 #[derive(Clone, Debug, Serialize)]
 pub struct RecoveryRecord {
+    /// The head the running writer held when it found its file changed: what the file should
+    /// have ended with. Absent after a start, which has no such memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected: Option<ExpectedHead>,
     /// Name of the file the previous run's last record is in.
     pub file: String,
     pub kind: &'static str,
@@ -155,6 +160,13 @@ pub struct RecoveryRecord {
     pub torn_bytes: u64,
     pub ts: String,
     pub v: u8,
+}
+
+/// `seq` and `hash` of the last record a writer wrote.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExpectedHead {
+    pub hash: String,
+    pub seq: u64,
 }
 
 /// A record on its way to the log; the writer fills `seq` and `prev`.
@@ -237,19 +249,33 @@ pub fn decision_record(
         Some(p) => pseudo.opaque_path(p),
         None => pseudo.opaque_path(cx.raw_path),
     };
+    // Where the dataset says the subject is, when no subject was read from there (named
+    // twice, not UTF-8): what is there may still be the raw subject.
+    let unread = dataset
+        .and_then(|d| d.subject.as_ref())
+        .filter(|_| subject.is_none());
     let query = cx.query.map(|q| {
+        let masked = &policy.log.mask_headers;
         if opaque {
-            pseudo.opaque_query(q, &policy.log.mask_headers)
+            pseudo.opaque_query(q, masked)
+        } else if let Some(SubjectSource::Query(name)) = unread {
+            pseudo.query_hiding(q, name, masked)
         } else {
-            pseudo.query(q, subject, pseudonym.as_deref(), &policy.log.mask_headers)
+            pseudo.query(q, subject, pseudonym.as_deref(), masked)
         }
     });
+    let unread_header = match unread {
+        Some(SubjectSource::Header(h)) => Some(h),
+        _ => None,
+    };
     let mut headers = BTreeMap::new();
     let mut note = |name: &http::HeaderName| {
         if let Some(v) = cx.headers.get(name) {
             let v = String::from_utf8_lossy(v.as_bytes());
             let shown = if policy.log.mask_headers.contains(name) {
                 "[masked]".to_string()
+            } else if unread_header == Some(name) && !v.trim().is_empty() {
+                pseudo.pseudonym(v.trim())
             } else {
                 match (subject, pseudonym.as_deref()) {
                     (Some(s), Some(p)) if v.contains(s) => v.replace(s, p),
@@ -260,9 +286,7 @@ pub fn decision_record(
         }
     };
     note(&policy.consent.purpose_header);
-    if let Some(crate::policy::model::SubjectSource::Header(h)) =
-        dataset.and_then(|d| d.subject.as_ref())
-    {
+    if let Some(SubjectSource::Header(h)) = dataset.and_then(|d| d.subject.as_ref()) {
         note(h);
     }
     if decision
@@ -493,6 +517,10 @@ mod tests {
             v: 1,
         };
         let recovery = RecoveryRecord {
+            expected: Some(ExpectedHead {
+                hash: "h".into(),
+                seq: 9,
+            }),
             file: "decisions.jsonl".into(),
             kind: "recovery",
             last_kind: Some("decision".into()),

@@ -12,7 +12,9 @@
 //! Without, each signature is checked against the public key its checkpoint carries (whose
 //! fingerprint it names), which catches any edit of a signed checkpoint but not a forger who
 //! re-signs the whole log with a key of their own: the report then lists the fingerprints
-//! that signed, for the reader to compare with the one they expect.
+//! that signed, for the reader to compare with the one they expect. Nor may a signature
+//! simply go: once a checkpoint is signed, every later one must be, or whoever edited the
+//! records after it could rewrite the chain and drop the signatures they cannot make.
 //!
 //! Coverage: a checkpoint signs the chain head, which commits to every record before it, so
 //! the whole log is covered when it ends in a checkpoint; it must end in a *final* one (a
@@ -20,7 +22,7 @@
 
 use super::chain::{GENESIS, link};
 use super::checkpoint;
-use super::files::{LineReader, LogFilesError, log_files, unreadable};
+use super::files::{LineReader, LogFilesError, log_files, oversized_why, unreadable};
 use super::keys;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -34,9 +36,40 @@ pub struct VerifyOptions {
     /// The log is still being written: a missing final checkpoint is not an error, and
     /// records after the last checkpoint are reported as unsigned.
     pub open: bool,
+    /// Heads recorded outside the log (the writer's `decision log checkpoint` events): the
+    /// chain must reach each, with that hash. Neither a signature nor the chain can show
+    /// that a log was cut back to an earlier final checkpoint, or cut and then continued by
+    /// a restart; a head kept elsewhere can.
+    pub heads: Vec<KnownHead>,
 }
 
-/// A crash the log records: where its recovery record is and what it found.
+/// `seq` and `hash` of a record, as known from outside the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KnownHead {
+    pub seq: u64,
+    pub hash: String,
+}
+
+impl std::str::FromStr for KnownHead {
+    type Err = String;
+
+    /// `SEQ:HASH`, the hash as 64 hex digits.
+    fn from_str(s: &str) -> Result<KnownHead, String> {
+        let bad = || format!("\"{s}\" is not SEQ:HASH (a sequence number and 64 hex digits)");
+        let (seq, hash) = s.split_once(':').ok_or_else(bad)?;
+        let seq = seq.parse().map_err(|_| bad())?;
+        if hash.len() != GENESIS.len() || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        Ok(KnownHead {
+            seq,
+            hash: hash.to_ascii_lowercase(),
+        })
+    }
+}
+
+/// A crash the log records, or a file that changed under the running writer: where its
+/// recovery record is and what it found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecoveryFound {
     pub file: PathBuf,
@@ -45,6 +78,10 @@ pub struct RecoveryFound {
     /// The last record written before the crash.
     pub last_seq: u64,
     pub torn_bytes: u64,
+    /// Set when the running writer found its file changed: the last record it had written.
+    /// Only ever below `last_seq` in a log that verified (the file held more than the
+    /// writer wrote); above it, records were lost, which fails.
+    pub expected_seq: Option<u64>,
 }
 
 /// A log that verified.
@@ -59,7 +96,8 @@ pub struct VerifyReport {
     pub last_seq: u64,
     /// Checkpoints whose signature verified.
     pub signed: u64,
-    /// Checkpoints without a signature (a log written without a signing key).
+    /// Checkpoints without a signature: all of them before the first signed one (a log
+    /// written, at first or throughout, without a signing key).
     pub unsigned_checkpoints: u64,
     /// Fingerprints of the keys that signed, in order of first use.
     pub signers: Vec<String>,
@@ -70,6 +108,8 @@ pub struct VerifyReport {
     /// `seq` of the last checkpoint.
     pub last_checkpoint: Option<u64>,
     pub recoveries: Vec<RecoveryFound>,
+    /// Heads given in [`VerifyOptions::heads`] that the chain reached, with their hash.
+    pub heads: usize,
 }
 
 /// The first place where a log is broken.
@@ -121,6 +161,7 @@ pub fn verify_log(path: &Path, opts: &VerifyOptions) -> Result<VerifyReport, Ver
         signed: Vec::new(),
         scratch: Vec::new(),
         unsigned: 0,
+        last_signed: None,
         last: None,
         report: VerifyReport {
             files: files.len(),
@@ -157,6 +198,8 @@ struct Chain<'o> {
     scratch: Vec<u8>,
     /// Records since the last checkpoint.
     unsigned: u64,
+    /// `seq` of the last signed checkpoint: every checkpoint after it must be signed too.
+    last_signed: Option<u64>,
     last: Option<Last>,
     report: VerifyReport,
 }
@@ -167,7 +210,9 @@ impl Chain<'_> {
         let mut last_line = 0;
         while let Some(line) = reader.next_line().map_err(unreadable(path))? {
             last_line = line.number;
-            let checked = if line.complete {
+            let checked = if line.oversized {
+                Err(oversized_why())
+            } else if line.complete {
                 self.record(line.bytes)
             } else {
                 Err(
@@ -183,6 +228,7 @@ impl Chain<'_> {
             if let Kind::Recovery {
                 last_seq,
                 torn_bytes,
+                expected_seq,
             } = kind
             {
                 self.report.recoveries.push(RecoveryFound {
@@ -191,6 +237,7 @@ impl Chain<'_> {
                     seq: self.seq,
                     last_seq,
                     torn_bytes,
+                    expected_seq,
                 });
             }
             self.last = Some(Last {
@@ -216,9 +263,32 @@ impl Chain<'_> {
         Ok(())
     }
 
-    /// After the last file: the log must end in a final checkpoint, unless it is open.
+    /// After the last file: the log must reach every head given, and end in a final
+    /// checkpoint, unless it is open.
     fn finish(mut self, end: &Path) -> Result<VerifyReport, VerifyError> {
         self.report.last_seq = self.seq;
+        if let Some(beyond) = self
+            .opts
+            .heads
+            .iter()
+            .map(|h| h.seq)
+            .filter(|&s| s > self.seq)
+            .max()
+        {
+            let (file, line) = match &self.last {
+                Some(l) => (l.file.clone(), l.line),
+                None => (end.into(), 0),
+            };
+            return Err(Broken {
+                file,
+                line,
+                why: format!(
+                    "the log ends at seq {}, before seq {beyond}, a head recorded outside the log: the records after seq {} were cut off",
+                    self.seq, self.seq
+                ),
+            }
+            .into());
+        }
         match &self.last {
             Some(l) if l.final_ => Ok(self.report),
             _ if self.opts.open => {
@@ -302,6 +372,15 @@ impl Chain<'_> {
         if link(&self.hash, &self.canonical) != hash {
             return Err("hash mismatch: record was edited".into());
         }
+        if let Some(h) = self.opts.heads.iter().find(|h| h.seq == seq) {
+            if h.hash != hash {
+                return Err(format!(
+                    "record seq {seq} is not the head recorded outside the log (hash {}): the log was rewritten up to here (cut back, then continued)",
+                    h.hash
+                ));
+            }
+            self.report.heads += 1;
+        }
         // The hash covers the record's values, and JSON spells some values two ways (`0.0`
         // and `0e0`, `\u001f` and `\u001F`): only the bytes the writer emits are accepted,
         // so that no byte of a line can change unnoticed.
@@ -316,20 +395,7 @@ impl Chain<'_> {
             Some("checkpoint") => Kind::Checkpoint {
                 final_: self.checkpoint(&mut value)?,
             },
-            Some("recovery") => {
-                let field = |k: &str| value.get(k).and_then(Value::as_u64).unwrap_or(0);
-                let (last_seq, torn_bytes) = (field("last_seq"), field("torn_bytes"));
-                if last_seq + 1 != seq {
-                    return Err(format!(
-                        "recovery record says the log ended at seq {last_seq}, but it follows seq {}",
-                        self.seq
-                    ));
-                }
-                Kind::Recovery {
-                    last_seq,
-                    torn_bytes,
-                }
-            }
+            Some("recovery") => self.recovery(&value, seq)?,
             _ => Kind::Record,
         };
         self.seq = seq;
@@ -343,6 +409,48 @@ impl Chain<'_> {
             self.unsigned += 1;
         }
         Ok(kind)
+    }
+
+    /// Checks a recovery record at `seq` against the chain before it. One written by a
+    /// running writer names the head it had written (`expected`): a file that ended before
+    /// that head, or at it with another record, lost records while the proxy ran.
+    fn recovery(&self, value: &Value, seq: u64) -> Result<Kind, String> {
+        let field = |k: &str| value.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let (last_seq, torn_bytes) = (field("last_seq"), field("torn_bytes"));
+        if last_seq + 1 != seq {
+            return Err(format!(
+                "recovery record says the log ended at seq {last_seq}, but it follows seq {}",
+                self.seq
+            ));
+        }
+        let expected = match value.get("expected") {
+            None => None,
+            Some(e) => Some(
+                e.get("seq")
+                    .and_then(Value::as_u64)
+                    .zip(e.get("hash").and_then(Value::as_str))
+                    .ok_or("field expected is not an object with seq and hash")?,
+            ),
+        };
+        match expected {
+            Some((exp, _)) if exp > last_seq => {
+                return Err(format!(
+                    "records removed while the proxy ran: the writer had written up to seq {exp}, but its file, reopened after a failed write, ended at seq {last_seq} ({} records gone)",
+                    exp - last_seq
+                ));
+            }
+            Some((exp, hash)) if exp == last_seq && hash != self.hash => {
+                return Err(format!(
+                    "records replaced while the proxy ran: the writer's record seq {exp} is not the one its file, reopened after a failed write, ended with"
+                ));
+            }
+            _ => {}
+        }
+        Ok(Kind::Recovery {
+            last_seq,
+            torn_bytes,
+            expected_seq: expected.map(|(exp, _)| exp),
+        })
     }
 
     /// Checks a checkpoint's signature (see [`super::checkpoint`]); returns whether it is
@@ -361,6 +469,18 @@ impl Chain<'_> {
                 if !self.opts.keys.is_empty() {
                     return Err(
                         "checkpoint is not signed, but a key was given to check signatures".into(),
+                    );
+                }
+                if let Some(at) = self.last_signed {
+                    return Err(format!(
+                        "signature removed: the checkpoint is not signed, but the one at seq {at} was (the writer never drops its key, unless the proxy was restarted without it)"
+                    ));
+                }
+                // The writer names a key only in checkpoints it signs.
+                if fields.get("key").is_some_and(|k| !k.is_null()) {
+                    return Err(
+                        "signature removed: the checkpoint names a signing key but carries no signature"
+                            .into(),
                     );
                 }
                 self.report.unsigned_checkpoints += 1;
@@ -406,6 +526,7 @@ impl Chain<'_> {
             return Err("signature does not verify: the checkpoint was forged or altered".into());
         }
         self.report.signed += 1;
+        self.last_signed = Some(self.seq + 1);
         if !self.report.signers.contains(&key) {
             self.report.signers.push(key);
         }
@@ -416,8 +537,14 @@ impl Chain<'_> {
 /// What a verified line was.
 enum Kind {
     Record,
-    Checkpoint { final_: bool },
-    Recovery { last_seq: u64, torn_bytes: u64 },
+    Checkpoint {
+        final_: bool,
+    },
+    Recovery {
+        last_seq: u64,
+        torn_bytes: u64,
+        expected_seq: Option<u64>,
+    },
 }
 
 /// Whether `line` is `canonical` with `"hash"` added as its last field, as the writer
@@ -532,7 +659,7 @@ mod tests {
     fn trusting(key: &SigningKey) -> VerifyOptions {
         VerifyOptions {
             keys: vec![key.public_key().to_vec()],
-            open: false,
+            ..VerifyOptions::default()
         }
     }
 
@@ -679,6 +806,19 @@ mod tests {
         broken_at(&path, 5, "open or truncated: the log ends at seq 5");
     }
 
+    /// Found by review: a damaged file with no newline (say, NUL bytes after a crash) was
+    /// read whole into memory before verify could say anything.
+    #[test]
+    fn regression_an_endless_line_is_broken_without_being_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines = written_log(dir.path());
+        let path = dir.path().join("d.jsonl");
+        let mut bytes = lines[..3].concat().into_bytes();
+        bytes.resize(bytes.len() + crate::audit::files::MAX_LINE + 1, 0);
+        std::fs::write(&path, bytes).unwrap();
+        broken_at(&path, 4, "line longer than 16 MiB: not a record");
+    }
+
     #[test]
     fn a_missing_field_is_named() {
         let dir = tempfile::tempdir().unwrap();
@@ -743,6 +883,131 @@ mod tests {
         });
         let path = write(dir.path(), "fp.jsonl", &lines);
         broken_at(&path, 13, "field key is not the fingerprint");
+    }
+
+    /// Found by review: without `--key`, a record edited, the chain rewritten after it and
+    /// the signatures it broke removed still verified, as "written without a signing key".
+    #[test]
+    fn regression_a_removed_signature_was_taken_for_an_unsigned_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = test_key();
+        // Checkpoints at lines 5 and 10, the final one at 13.
+        let mut lines = signed_log(dir.path(), &key);
+        rehash(&mut lines, 6, |v| v["decision"] = "allow".into());
+        for i in 7..lines.len() {
+            let prev: Value = serde_json::from_str(&lines[i - 1]).unwrap();
+            rehash(&mut lines, i, |v| {
+                v["prev"] = prev["hash"].clone();
+                if v["kind"] == "checkpoint" {
+                    v.as_object_mut().unwrap().remove("sig");
+                }
+            });
+        }
+        let path = write(dir.path(), "d.jsonl", &lines);
+        broken_at(
+            &path,
+            10,
+            "signature removed: the checkpoint is not signed, but the one at seq 5 was",
+        );
+        // The key fields taken out too: still not a log written without a key.
+        for i in 7..lines.len() {
+            let prev: Value = serde_json::from_str(&lines[i - 1]).unwrap();
+            rehash(&mut lines, i, |v| {
+                v["prev"] = prev["hash"].clone();
+                if v["kind"] == "checkpoint" {
+                    v["key"] = Value::Null;
+                    v["public_key"] = Value::Null;
+                }
+            });
+        }
+        let path = write(dir.path(), "nokey.jsonl", &lines);
+        broken_at(&path, 10, "signature removed");
+        // Every signature stripped, with the key still named: not what the writer writes.
+        let mut lines = signed_log(dir.path(), &key);
+        for i in 0..lines.len() {
+            let prev = match i {
+                0 => Value::from(GENESIS),
+                _ => serde_json::from_str::<Value>(&lines[i - 1]).unwrap()["hash"].clone(),
+            };
+            rehash(&mut lines, i, |v| {
+                v["prev"] = prev;
+                if v["kind"] == "checkpoint" {
+                    v.as_object_mut().unwrap().remove("sig");
+                }
+            });
+        }
+        let path = write(dir.path(), "all.jsonl", &lines);
+        broken_at(
+            &path,
+            5,
+            "signature removed: the checkpoint names a signing key but carries no signature",
+        );
+    }
+
+    /// A log cut back and then continued by a restart verifies, signatures and all (the
+    /// restart's recovery record and checkpoint sign the shortened chain); a head kept
+    /// outside the log shows that records are missing, or were rewritten.
+    #[test]
+    fn a_head_recorded_elsewhere_must_be_reached_with_its_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = test_key();
+        let lines = signed_log(dir.path(), &key);
+        let head = |i: usize| {
+            let v: Value = serde_json::from_str(&lines[i]).unwrap();
+            format!("{}:{}", v["seq"], v["hash"].as_str().unwrap())
+                .parse::<KnownHead>()
+                .unwrap()
+        };
+        let with = |heads: Vec<KnownHead>| VerifyOptions {
+            heads,
+            ..trusting(&key)
+        };
+        let path = write(dir.path(), "d.jsonl", &lines);
+        let report = verify_with(&path, &with(vec![head(4), head(12)])).unwrap();
+        assert_eq!(report.heads, 2);
+
+        // Cut after the checkpoint at seq 10: the final checkpoint (seq 13) is missing.
+        let cut = write(dir.path(), "cut.jsonl", &lines[..10]);
+        let open = VerifyOptions {
+            open: true,
+            ..with(vec![head(12)])
+        };
+        verify_with(
+            &cut,
+            &VerifyOptions {
+                open: true,
+                ..trusting(&key)
+            },
+        )
+        .unwrap();
+        broken_with(
+            &cut,
+            &open,
+            10,
+            "the log ends at seq 10, before seq 13, a head recorded outside the log: the records after seq 10 were cut off",
+        );
+        // ... and a restart carries on from the cut: seq 13 is now another record.
+        block_on(write_log_with(&cut, 20..22, Some(key.clone()), |_| {}));
+        let report = verify_with(&cut, &trusting(&key)).unwrap();
+        assert_eq!(report.recoveries.len(), 1);
+        broken_with(
+            &cut,
+            &with(vec![head(12)]),
+            13,
+            "record seq 13 is not the head recorded outside the log",
+        );
+
+        assert!("13:abc".parse::<KnownHead>().is_err());
+        assert!("x:".parse::<KnownHead>().is_err());
+        assert_eq!(
+            format!("7:{}", "AB".repeat(32))
+                .parse::<KnownHead>()
+                .unwrap(),
+            KnownHead {
+                seq: 7,
+                hash: "ab".repeat(32)
+            }
+        );
     }
 
     #[test]

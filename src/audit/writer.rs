@@ -13,6 +13,13 @@
 //! A write that fails answers every record of its batch with [`LogFailed`], leaves the chain
 //! head where it was, cuts the file back to its last complete record, and reopens the file by
 //! its path before the next batch, so the writer recovers by itself once writing works again.
+//! If the reopened file no longer ends with the head the writer holds (cut back, replaced,
+//! or a failed batch that could not be cut off), the chain goes on from the file's last
+//! record after a `recovery` record naming both, which `audit verify` judges.
+//!
+//! Every batch that holds a checkpoint is followed by an info event with that checkpoint's
+//! `seq` and `hash`: kept outside the log volume (the proxy's own logs, shipped elsewhere),
+//! these heads let `audit verify --head` prove that the log was not cut back since.
 //!
 //! At open, a log that does not end in a final checkpoint was not closed cleanly (a crash,
 //! kill -9, a power cut): the torn tail of a half-written record is cut, and the first lines
@@ -22,7 +29,7 @@ use super::chain::{GENESIS, link_into};
 use super::checkpoint::{self, KeyFields};
 use super::files::{self, LogFilesError};
 use super::keys::SigningKey;
-use super::record::{Record, RecoveryRecord, VERSION, timestamp};
+use super::record::{ExpectedHead, Record, RecoveryRecord, VERSION, timestamp};
 use crate::policy::model::{Durability, LogSettings, LogTarget};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -134,30 +141,8 @@ impl LogWriter {
         settings: &LogSettings,
         key: Option<Arc<SigningKey>>,
     ) -> Result<LogWriter, AuditError> {
-        let (sink, start) = match &settings.target {
-            LogTarget::Stdout => (Sink::Stdout(io::stdout()), Start::empty()),
-            LogTarget::File(path) => {
-                let (file, start) = open_log(path)?;
-                (Sink::File(file), start)
-            }
-        };
-        let counters = Arc::new(Counters::default());
-        let committer = Committer {
-            sink,
-            durability: settings.durability,
-            seq: start.head.seq,
-            prev: start.head.hash,
-            saved_prev: String::with_capacity(GENESIS.len()),
-            buf: Vec::new(),
-            scratch: Vec::new(),
-            key_fields: key.as_deref().map(KeyFields::of),
-            key,
-            checkpoint_every: settings.checkpoint_every.max(1),
-            rotate_bytes: settings.rotate_bytes,
-            unsigned: 0,
-            recovery: start.recovery,
-            counters: counters.clone(),
-        };
+        let committer = Committer::open(settings, key)?;
+        let counters = committer.counters.clone();
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         // In `write` mode a batch costs one write() into the page cache, cheaper than waking
         // a thread and being woken back: the committer then runs as a task of the proxy's
@@ -413,22 +398,34 @@ fn open_log(path: &Path) -> Result<(LogFile, Start), AuditError> {
         Some(t) => !t.closed || opened.torn > 0,
         None => opened.torn > 0,
     };
-    let recovery = unclean.then(|| RecoveryRecord {
-        file: tail_file
+    let recovery = unclean.then(|| recovery_record(&tail_file, tail.as_ref(), opened.torn, None));
+    let head = tail.map_or_else(Head::genesis, |t| t.head);
+    Ok((opened.file, Start { head, recovery }))
+}
+
+/// The recovery record for a chain that goes on from `tail` of `file` (after `torn` bytes of
+/// a half-written record were cut), where the writer expected `expected`, if it knew.
+fn recovery_record(
+    file: &Path,
+    tail: Option<&Tail>,
+    torn: u64,
+    expected: Option<ExpectedHead>,
+) -> RecoveryRecord {
+    RecoveryRecord {
+        expected,
+        file: file
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         kind: "recovery",
-        last_kind: tail.as_ref().and_then(|t| t.kind.clone()),
-        last_seq: tail.as_ref().map_or(0, |t| t.head.seq),
+        last_kind: tail.and_then(|t| t.kind.clone()),
+        last_seq: tail.map_or(0, |t| t.head.seq),
         prev: String::new(),
         seq: 0,
-        torn_bytes: opened.torn,
+        torn_bytes: torn,
         ts: timestamp(jiff::Timestamp::now()),
         v: VERSION,
-    });
-    let head = tail.map_or_else(Head::genesis, |t| t.head);
-    Ok((opened.file, Start { head, recovery }))
+    }
 }
 
 /// The tail of a rotated file, which the writer only reads: it must end in a whole record.
@@ -473,14 +470,45 @@ struct Committer {
     unsigned: u64,
     /// Written (with a checkpoint) before anything else, until a write succeeds.
     recovery: Option<RecoveryRecord>,
+    /// `seq`, `hash` and finality of the last checkpoint in the batch being written.
+    checkpoint_head: Option<(u64, String, bool)>,
     counters: Arc<Counters>,
 }
 
 impl Committer {
+    /// Opens the log `settings` name and finds where its chain stands.
+    fn open(settings: &LogSettings, key: Option<Arc<SigningKey>>) -> Result<Committer, AuditError> {
+        let (sink, start) = match &settings.target {
+            LogTarget::Stdout => (Sink::Stdout(io::stdout()), Start::empty()),
+            LogTarget::File(path) => {
+                let (file, start) = open_log(path)?;
+                (Sink::File(file), start)
+            }
+        };
+        Ok(Committer {
+            sink,
+            durability: settings.durability,
+            seq: start.head.seq,
+            prev: start.head.hash,
+            saved_prev: String::with_capacity(GENESIS.len()),
+            buf: Vec::new(),
+            scratch: Vec::new(),
+            key_fields: key.as_deref().map(KeyFields::of),
+            key,
+            checkpoint_every: settings.checkpoint_every.max(1),
+            rotate_bytes: settings.rotate_bytes,
+            unsigned: 0,
+            recovery: start.recovery,
+            checkpoint_head: None,
+            counters: Arc::new(Counters::default()),
+        })
+    }
+
     fn announce(&mut self) {
         tracing::info!(
             log.target = %self.sink.name(),
             log.seq = self.seq,
+            log.hash = %self.prev,
             log.key = self.key_fields.as_ref().map(|k| k.fingerprint.as_str()).unwrap_or("none"),
             "decision log open"
         );
@@ -615,8 +643,11 @@ impl Committer {
         end: End,
     ) -> Result<(), LogFailed> {
         let n = batch.len() as u64;
-        if let Err(e) = self.sink.prepare(&mut self.seq, &mut self.prev) {
-            return self.failed(batch, e);
+        match self.sink.prepare(&mut self.seq, &mut self.prev) {
+            Ok(None) => {}
+            // Replaces a recovery still pending: the chain now goes on from this file.
+            Ok(Some(changed)) => self.recovery = Some(changed),
+            Err(e) => return self.failed(batch, e),
         }
         let (first_seq, unsigned) = (self.seq, self.unsigned);
         self.saved_prev.clear();
@@ -641,6 +672,16 @@ impl Committer {
         }
         if recovered {
             self.recovery = None;
+        }
+        if let Some((seq, hash, final_)) = self.checkpoint_head.take() {
+            tracing::info!(
+                log.target = %self.sink.name(),
+                log.seq = seq,
+                log.hash = %hash,
+                log.final_checkpoint = final_,
+                log.signed = self.key.is_some(),
+                "decision log checkpoint"
+            );
         }
         for (_, ack) in batch.drain(..) {
             if let Some(ack) = ack {
@@ -681,6 +722,7 @@ impl Committer {
     /// what `end` asks for. Returns the checkpoints added and whether the recovery record is.
     fn chain(&mut self, batch: &mut [(Record, Option<Ack>)], end: End) -> (u64, bool) {
         self.buf.clear();
+        self.checkpoint_head = None;
         let mut checkpoints = 0;
         let recovered = match self.recovery.clone() {
             Some(r) => {
@@ -744,6 +786,7 @@ impl Committer {
         }
         self.push(&mut Record::Checkpoint(cp));
         self.unsigned = 0;
+        self.checkpoint_head = Some((self.seq, self.prev.clone(), final_));
     }
 
     fn rotate_if_full(&mut self) {
@@ -804,25 +847,40 @@ impl Sink {
 
     /// Before a batch: after a failed write, reopen the file by its path (it may have been
     /// replaced, or its file system remounted) and continue from its last record, if any.
-    fn prepare(&mut self, seq: &mut u64, prev: &mut String) -> io::Result<()> {
-        let Sink::File(f) = self else { return Ok(()) };
+    /// When that record is not the head the writer holds, the file changed under it: returns
+    /// the recovery record to write first, so that the change is in the chain (and verify
+    /// can fail a log that lost records) rather than only in the proxy's own logs.
+    fn prepare(&mut self, seq: &mut u64, prev: &mut String) -> io::Result<Option<RecoveryRecord>> {
+        let Sink::File(f) = self else { return Ok(None) };
         if !f.stale {
-            return Ok(());
+            return Ok(None);
         }
         let opened = LogFile::open(&f.path).map_err(TailError::into_io)?;
+        let mut changed = None;
         if let Some(tail) = opened.tail
             && (tail.head.seq != *seq || tail.head.hash != *prev)
         {
             tracing::warn!(
                 log.path = %f.path.display(),
                 log.seq = tail.head.seq,
-                "decision log changed while it could not be written; continuing from its last record"
+                log.expected_seq = *seq,
+                "decision log changed while it could not be written; continuing from its last record after a recovery record"
             );
+            let expected = ExpectedHead {
+                hash: std::mem::take(prev),
+                seq: *seq,
+            };
+            changed = Some(recovery_record(
+                &f.path,
+                Some(&tail),
+                opened.torn,
+                Some(expected),
+            ));
             *seq = tail.head.seq;
             *prev = tail.head.hash;
         }
         *f = opened.file;
-        Ok(())
+        Ok(changed)
     }
 
     /// Writes a batch whose first record has `first_seq`.
@@ -1162,7 +1220,7 @@ pub(crate) mod tests {
     fn trusting(key: &SigningKey) -> VerifyOptions {
         VerifyOptions {
             keys: vec![key.public_key().to_vec()],
-            open: false,
+            ..VerifyOptions::default()
         }
     }
 
@@ -1490,6 +1548,100 @@ pub(crate) mod tests {
             // Nothing was cut from a file the writer refused.
             assert_eq!(std::fs::read(&path).unwrap(), text.as_bytes());
         }
+    }
+
+    /// Commits `records` as one batch on a committer driven by hand, ending as `end` says.
+    fn commit_all(c: &mut Committer, records: impl Iterator<Item = Record>, end: End) {
+        let mut batch: Vec<_> = records.map(|r| (r, None)).collect();
+        c.commit(&mut batch, end).unwrap();
+    }
+
+    /// Found by review: a file that changed while it could not be written (cut back,
+    /// replaced) was adopted with only a warning in the proxy's own logs, and the next
+    /// checkpoint signed the shortened chain. The chain now says so, and verify fails it.
+    #[test]
+    fn regression_a_file_cut_back_during_a_failed_write_was_adopted_silently() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        let key = test_key();
+        let p = policy();
+        let mut s = settings(&p, &path, Durability::Write);
+        s.checkpoint_every = 4;
+        let mut c = Committer::open(&s, Some(key.clone())).unwrap();
+        // Records 1-4, a checkpoint (seq 5), records 6-9, a checkpoint (seq 10).
+        commit_all(&mut c, (0..8).map(|n| record(&p, n)), End::Nothing);
+        let written = std::fs::read_to_string(&path).unwrap();
+        let kept: Vec<&str> = written.split_inclusive('\n').take(5).collect();
+        // A write fails (the file is then reopened before the next batch), and meanwhile
+        // someone cuts the file back to its first checkpoint.
+        let Sink::File(f) = &mut c.sink else {
+            unreachable!()
+        };
+        f.stale = true;
+        std::fs::write(&path, kept.concat()).unwrap();
+        commit_all(&mut c, (8..10).map(|n| record(&p, n)), End::Final);
+
+        let all = lines(&path);
+        let recovery = &all[5];
+        assert_eq!(recovery["kind"], "recovery", "{recovery}");
+        assert_eq!(recovery["last_seq"], 5);
+        assert_eq!(recovery["expected"]["seq"], 10);
+        assert_eq!(all[6]["kind"], "checkpoint");
+        let b = verify_with(&path, &trusting(&key)).unwrap_err();
+        assert_eq!(b.line, 6, "{b}");
+        assert!(
+            b.why.contains(
+                "records removed while the proxy ran: the writer had written up to seq 10, but its file, reopened after a failed write, ended at seq 5 (5 records gone)"
+            ),
+            "{b}"
+        );
+
+        // A file replaced by another chain of the same length is caught the same way.
+        let path = dir.path().join("replaced.jsonl");
+        let other = dir.path().join("other.jsonl");
+        let mut o =
+            Committer::open(&settings(&p, &other, Durability::Write), Some(key.clone())).unwrap();
+        commit_all(&mut o, (100..104).map(|n| record(&p, n)), End::Final);
+        let s = settings(&p, &path, Durability::Write);
+        let mut c = Committer::open(&s, Some(key.clone())).unwrap();
+        // Four records and a checkpoint: seq 5, as long as the other log.
+        commit_all(&mut c, (0..4).map(|n| record(&p, n)), End::Checkpoint);
+        let Sink::File(f) = &mut c.sink else {
+            unreachable!()
+        };
+        f.stale = true;
+        std::fs::copy(&other, &path).unwrap();
+        commit_all(&mut c, (4..5).map(|n| record(&p, n)), End::Final);
+        let b = verify_with(&path, &trusting(&key)).unwrap_err();
+        assert!(
+            b.why.contains("records replaced while the proxy ran"),
+            "{b}"
+        );
+    }
+
+    /// A failed batch the writer could not cut off stays in the file: the chain goes on
+    /// after it with a recovery record saying the file held more than the writer wrote.
+    #[test]
+    fn a_file_that_grew_during_a_failed_write_is_named_in_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        let key = test_key();
+        let p = policy();
+        let s = settings(&p, &path, Durability::Write);
+        let mut c = Committer::open(&s, Some(key.clone())).unwrap();
+        commit_all(&mut c, (0..2).map(|n| record(&p, n)), End::Checkpoint);
+        // The lines of a batch whose write was reported failed, left in the file.
+        let (seq, prev) = (c.seq, c.prev.clone());
+        commit_all(&mut c, (2..4).map(|n| record(&p, n)), End::Nothing);
+        let Sink::File(f) = &mut c.sink else {
+            unreachable!()
+        };
+        f.stale = true;
+        (c.seq, c.prev) = (seq, prev);
+        commit_all(&mut c, (4..5).map(|n| record(&p, n)), End::Final);
+        let report = verify_with(&path, &trusting(&key)).unwrap();
+        let r = &report.recoveries[0];
+        assert_eq!((r.last_seq, r.expected_seq), (5, Some(3)));
     }
 
     #[tokio::test]

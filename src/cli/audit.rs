@@ -5,7 +5,7 @@ use crate::audit::Pseudonymizer;
 use crate::audit::keys::{self, SigningKey};
 use crate::audit::query::{self, Filter, Format, QueryError, Scanned, parse_time};
 use crate::audit::report;
-use crate::audit::verify::{VerifyError, VerifyOptions, VerifyReport, verify_log};
+use crate::audit::verify::{KnownHead, VerifyError, VerifyOptions, VerifyReport, verify_log};
 use crate::policy::Reason;
 use clap::Subcommand;
 use std::io::Write;
@@ -27,10 +27,13 @@ pub enum AuditCommand {
 #[derive(clap::Args, Debug)]
 #[command(
     after_help = "Without --key, each signature is checked against the public key its \
-checkpoint carries, and the report names that key's fingerprint: compare it with yours. With \
+checkpoint carries, and the report names that key's fingerprint: compare it with yours; a \
+checkpoint left unsigned after a signed one fails (its signature was removed). With \
 --key, every checkpoint must be signed by that key (repeat --key for a log signed by several \
 keys over time). A log that does not end in a final checkpoint (written on a clean shutdown) \
-fails as open or truncated, unless --open."
+fails as open or truncated, unless --open. No signature catches a log cut back to an earlier final \
+checkpoint, or cut and then continued by a restart: give --head SEQ:HASH from the proxy's own \
+logs (event \"decision log checkpoint\"), kept elsewhere, and the log must still reach it."
 )]
 pub struct VerifyArgs {
     /// The active log file (its rotated files beside it are read first), one rotated file, or
@@ -44,6 +47,11 @@ pub struct VerifyArgs {
     /// after the last checkpoint as unsigned.
     #[arg(long)]
     pub open: bool,
+    /// A head recorded outside the log (`log.seq` and `log.hash` of a `decision log
+    /// checkpoint` event in the proxy's own logs): the log must still reach that record with
+    /// that hash. Catches a log cut back, which signatures cannot. Repeatable.
+    #[arg(long, value_name = "SEQ:HASH")]
+    pub head: Vec<KnownHead>,
 }
 
 /// Filters of `audit query`; repeat a flag, or separate values with commas, for "any of".
@@ -140,6 +148,7 @@ fn verify(args: VerifyArgs) -> CliResult {
     let mut opts = VerifyOptions {
         keys: Vec::new(),
         open: args.open,
+        heads: args.head,
     };
     for k in &args.key {
         opts.keys.push(keys::load_public_key(k)?);
@@ -176,9 +185,15 @@ pub fn describe(r: &VerifyReport) -> Vec<String> {
             )
         });
     }
-    if r.unsigned_checkpoints > 0 {
+    // Verify fails an unsigned checkpoint after a signed one, so unsigned ones come first.
+    if r.unsigned_checkpoints > 0 && r.signed == 0 {
         out.push(format!(
-            "unsigned: {} checkpoints carry no signature (the log was written without a signing key)",
+            "NOT SIGNED: none of the {} checkpoints carries a signature, so nothing shows who wrote this log (written without [log] signing_key, or its signatures were all removed); pass --key to require them",
+            r.unsigned_checkpoints
+        ));
+    } else if r.unsigned_checkpoints > 0 {
+        out.push(format!(
+            "unsigned: the first {} checkpoints carry no signature (written before a signing key was configured); the signed ones after them cover those records",
             r.unsigned_checkpoints
         ));
     }
@@ -192,16 +207,28 @@ pub fn describe(r: &VerifyReport) -> Vec<String> {
         ));
     }
     for rec in &r.recoveries {
+        let torn = if rec.torn_bytes > 0 {
+            format!(", {} bytes of a torn record cut off", rec.torn_bytes)
+        } else {
+            String::new()
+        };
+        let (file, line) = (rec.file.display(), rec.line);
+        out.push(match rec.expected_seq {
+            None => format!(
+                "recovered: {file}:{line} after a crash: the log ended at seq {}{torn}",
+                rec.last_seq
+            ),
+            // Verify fails the other cases (records lost or replaced).
+            Some(e) => format!(
+                "recovered: {file}:{line} while running: the file, reopened after a failed write, held {} records past seq {e}, the last the writer had written (a failed batch it could not cut off, or records added by someone else){torn}",
+                rec.last_seq - e
+            ),
+        });
+    }
+    if r.heads > 0 {
         out.push(format!(
-            "recovered: {}:{} after a crash: the log ended at seq {}{}",
-            rec.file.display(),
-            rec.line,
-            rec.last_seq,
-            if rec.torn_bytes > 0 {
-                format!(", {} bytes of a torn record cut off", rec.torn_bytes)
-            } else {
-                String::new()
-            }
+            "heads: {} recorded outside the log, each reached with its hash",
+            r.heads
         ));
     }
     if r.files > 1 {

@@ -63,8 +63,9 @@ async fn an_untouched_log_verifies() {
     write_log(&path, 4).await;
     let out = verify(&path);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    // Written without a signing key: its final checkpoint is unsigned, and says so.
-    let want = "ok: 4 records, 1 checkpoints\nunsigned: 1 checkpoints carry no signature (the log was written without a signing key)\n";
+    // Written without a signing key: its final checkpoint is unsigned, and it says so
+    // without claiming to know why.
+    let want = "ok: 4 records, 1 checkpoints\nNOT SIGNED: none of the 1 checkpoints carries a signature, so nothing shows who wrote this log (written without [log] signing_key, or its signatures were all removed); pass --key to require them\n";
     assert_eq!(text(&out.stdout), want);
     // The folder holding it verifies the same.
     let out = verify(dir.path());

@@ -366,7 +366,7 @@ async fn a_full_disk_refuses_with_503_forwards_nothing_and_recovers() {
     let key = SigningKey::load(&proxy.dir.path().join("log-signing.key")).unwrap();
     let opts = residency_proxy::audit::verify::VerifyOptions {
         keys: vec![key.public_key().to_vec()],
-        open: false,
+        ..Default::default()
     };
     residency_proxy::audit::verify::verify_with(&log, &opts)
         .unwrap_or_else(|e| panic!("the log does not verify: {e}"));

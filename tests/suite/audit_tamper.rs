@@ -3,6 +3,7 @@
 //! first broken record by file and line; the untouched log passes. Then the same for a log
 //! rotated into several files.
 
+use crate::support::binary::Served;
 use crate::support::client::{self, full, request};
 use crate::support::proxy::{APP, BUREAU, HOME_IP, PolicySpec, TestProxy, payments_spec};
 use crate::support::upstream::{Reply as Serve, Upstream};
@@ -13,6 +14,7 @@ use residency_proxy::audit::verify::canonical_json;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 async fn start(home: &Upstream, tweak: impl FnOnce(PolicySpec) -> PolicySpec) -> TestProxy {
     tweak(payments_spec(&home.url())).start().await
@@ -509,6 +511,106 @@ async fn every_tampering_of_a_real_log_is_caught_and_the_untouched_log_passes() 
         missed.join("\n")
     );
 
+    // Without --key, signatures are checked against the key the log carries: a forger who
+    // cannot sign edits a record, rewrites the chain after it, and removes the signatures
+    // that no longer verify (found by review: this passed as a log written without a key).
+    let mut unkeyed = Vec::new();
+    let strip = |l: &mut [String], from: usize, key_fields: bool| {
+        for i in cps.iter().copied().filter(|&c| c >= from) {
+            let mut v = parse(&l[i]);
+            let o = v.as_object_mut().unwrap();
+            o.remove("sig");
+            if key_fields {
+                o.insert("key".into(), Value::Null);
+                o.insert("public_key".into(), Value::Null);
+            }
+            l[i] = line(&v);
+        }
+    };
+    let last_signed = *cps.iter().rfind(|&&c| c < d).unwrap();
+    for (name, key_fields) in [
+        (
+            "edit a record, rewrite the chain and strip the signatures after it",
+            false,
+        ),
+        (
+            "edit a record, rewrite the chain and strip the signatures and keys after it",
+            true,
+        ),
+    ] {
+        let mut l = lines.clone();
+        let mut v = parse(&l[d]);
+        v["decision"] = "allow".into();
+        l[d] = line(&v);
+        strip(&mut l, d, key_fields);
+        rechain(&mut l, d, None);
+        unkeyed.push(case(
+            name,
+            &l,
+            next_cp + 1,
+            format!(
+                "signature removed: the checkpoint is not signed, but the one at seq {} was",
+                seq_of(last_signed)
+            ),
+        ));
+    }
+    {
+        let mut l = lines.clone();
+        strip(&mut l, 0, false);
+        rechain(&mut l, 0, None);
+        unkeyed.push(case(
+            "strip every signature, keep the key, and rewrite the chain",
+            &l,
+            cps[0] + 1,
+            "signature removed: the checkpoint names a signing key but carries no signature",
+        ));
+    }
+    for (i, c) in unkeyed.iter().enumerate() {
+        let dir = proxy.dir.path().join(format!("unkeyed-{i}"));
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("decisions.jsonl");
+        std::fs::write(&path, &c.bytes).unwrap();
+        let out = verify(&path, None);
+        let err = text(&out.stderr);
+        let want = format!("{}:{}: ", path.display(), c.line);
+        if out.status.code() != Some(1) || !err.starts_with(&want) || !err.contains(&c.why) {
+            missed.push(format!(
+                "{} (without --key): exit {:?}, expected {want}…{}…, got stdout {:?} stderr {err:?}",
+                c.name,
+                out.status.code(),
+                c.why,
+                text(&out.stdout)
+            ));
+        }
+    }
+    assert!(
+        missed.is_empty(),
+        "tamperings without --key not caught as expected:\n{}",
+        missed.join("\n")
+    );
+    // Every signature and key stripped is indistinguishable from a log written without a
+    // key: it verifies, but says loudly that nothing shows who wrote it.
+    let stripped = cases
+        .iter()
+        .position(|c| c.name == "strip every signature and rewrite the chain")
+        .unwrap();
+    let out = verify(
+        &proxy
+            .dir
+            .path()
+            .join(format!("case-{stripped}/decisions.jsonl")),
+        None,
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        stdout.contains(&format!(
+            "NOT SIGNED: none of the {} checkpoints carries a signature",
+            cps.len()
+        )),
+        "{stdout}"
+    );
+
     // Without --key, a log re-signed by a forger's key verifies against the key it carries,
     // and the report names that key: this is what --key is for.
     let forged = cases
@@ -608,4 +710,114 @@ async fn a_rotated_log_verifies_as_one_chain_and_every_file_is_accounted_for() {
     let last = dir.join(name(&rotated[2]));
     let n = std::fs::read_to_string(&last).unwrap().lines().count();
     expect(&dir, &last, n, "open or truncated");
+}
+
+/// Runs the real binary on `policy` in `dir`, sends three domestic reads, stops it with
+/// SIGTERM, and returns the head of the last checkpoint it announced in its own logs.
+async fn run_and_stop(policy: &Path, dir: &Path) -> (u64, String) {
+    let mut served = Served::start(policy, dir);
+    let addr = served.addr("residency-proxy serving", "listen").await;
+    for i in 0..3 {
+        let r = client::get(APP, addr, &format!("/payments/u{i}/a.json"), &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    served.signal("TERM");
+    let status = served.exit(Duration::from_secs(10)).await.expect("exit");
+    assert!(status.success(), "exit {status}");
+    let events = served.events();
+    let last = events
+        .iter()
+        .rfind(|e| e["fields"]["message"] == "decision log checkpoint")
+        .expect("a checkpoint event");
+    let f = &last["fields"];
+    assert_eq!(f["log.final_checkpoint"], true, "{last}");
+    (
+        f["log.seq"].as_u64().unwrap(),
+        f["log.hash"].as_str().unwrap().to_string(),
+    )
+}
+
+/// Found by review: every clean stop leaves a final checkpoint inside the log, and a log
+/// cut back to one verifies, signatures and all; so does a log cut anywhere and then
+/// continued by a restart. A head from the proxy's own logs, kept elsewhere, catches both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_cut_back_verifies_but_not_against_a_head_from_the_proxy_logs() {
+    let home = Upstream::start(HOME_IP, Serve::Ok).await;
+    let dir = tempfile::tempdir().unwrap();
+    // No timed checkpoints: each run writes the same number of records.
+    let (policy, _) = payments_spec(&home.url())
+        .log("checkpoint_interval = '1h'")
+        .write_files(dir.path());
+    let log = dir.path().join("decisions.jsonl");
+    let pubkey = {
+        let key = SigningKey::load(&dir.path().join("log-signing.key")).unwrap();
+        let path = dir.path().join("log-signing.pub");
+        std::fs::write(&path, key.public_pem()).unwrap();
+        path
+    };
+    let verify_head = |head: &(u64, String)| {
+        Command::new(env!("CARGO_BIN_EXE_residency-proxy"))
+            .args(["audit", "verify", "--key"])
+            .arg(&pubkey)
+            .arg("--head")
+            .arg(format!("{}:{}", head.0, head.1))
+            .arg(&log)
+            .output()
+            .unwrap()
+    };
+
+    let first = run_and_stop(&policy, dir.path()).await;
+    let second = run_and_stop(&policy, dir.path()).await;
+    // The event names the log's last record: the final checkpoint of the second run.
+    let text0 = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text0.split_inclusive('\n').collect();
+    let last = parse(lines.last().unwrap());
+    assert_eq!(
+        (
+            last["seq"].as_u64().unwrap(),
+            last["hash"].as_str().unwrap()
+        ),
+        (second.0, second.1.as_str())
+    );
+    let out = verify_head(&second);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("heads: 1 recorded outside the log"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // Cut back to the first run's final checkpoint: the chain and signatures still hold.
+    let cut = first.0 as usize;
+    assert_eq!(parse(lines[cut - 1])["hash"], first.1.as_str());
+    std::fs::write(&log, lines[..cut].concat()).unwrap();
+    let out = verify(&log, Some(&pubkey));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = verify_head(&second);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).starts_with(&format!(
+            "{}:{cut}: the log ends at seq {}, before seq {}, a head recorded outside the log",
+            log.display(),
+            first.0,
+            second.0
+        )),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A restart carries on from the cut, and signs it: only the head tells.
+    run_and_stop(&policy, dir.path()).await;
+    let out = verify(&log, Some(&pubkey));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = verify_head(&second);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "record seq {} is not the head recorded outside the log",
+            second.0
+        )),
+        "{}",
+        text(&out.stderr)
+    );
 }

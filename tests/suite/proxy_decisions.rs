@@ -1013,23 +1013,21 @@ async fn an_oversized_chunked_body_is_a_413_too() {
     assert_eq!(w.home.last().body_len, 60_000);
 }
 
-/// What the upstream could read differently from the proxy is refused or decided as the
-/// upstream will see it (found by review: each of these was once forwarded).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn regression_requests_the_upstream_could_read_otherwise_were_forwarded() {
-    let w = World::start_with(Serve::Ok, |s| {
-        s.consents(registry()).toml(
-            r#"
+/// A dataset whose subject is a query parameter.
+const SEARCH: &str = r#"
 [[datasets]]
 name = 'search'
 match = { path_prefix = '/search/' }
 upstream = 'cn-store'
 category = 'user.financial'
 subject = { query = 'uid' }
-"#,
-        )
-    })
-    .await;
+"#;
+
+/// What the upstream could read differently from the proxy is refused or decided as the
+/// upstream will see it (found by review: each of these was once forwarded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_requests_the_upstream_could_read_otherwise_were_forwarded() {
+    let w = World::start_with(Serve::Ok, |s| s.consents(registry()).toml(SEARCH)).await;
     let subject = ("X-Data-Subject", "u-ok");
     // The subject named twice, in a header or in the query (keys compare decoded).
     let r = w
@@ -1101,4 +1099,84 @@ subject = { query = 'uid' }
     let r = w.get(BUREAU, "/payments", &[PURPOSE]).await;
     w.refused(&r, 451, "subject_unidentified", Some("payments"))
         .await;
+}
+
+/// Found by review: a subject named where the dataset says, but in a way the proxy refuses
+/// to read (twice, or not UTF-8), reached the log raw, since the decision had no subject to
+/// pseudonymise. Every such value is now pseudonymised; none reaches the log file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_subject_the_proxy_could_not_read_reached_the_log_raw() {
+    let w = World::start_with(Serve::Ok, |s| s.toml(SEARCH)).await;
+    let key =
+        residency_proxy::audit::keys::SigningKey::load(&w.proxy.dir.path().join("log-signing.key"))
+            .unwrap();
+    let pseudo = residency_proxy::audit::Pseudonymizer::new(&key.pseudonym_key());
+    let hidden = |raw: &str| pseudo.pseudonym(raw);
+
+    // The query parameter twice, once with its key spelled encoded.
+    let r = w
+        .get(
+            BUREAU,
+            "/search/q?uid=alice-raw&x=1&u%69d=alice-raw",
+            &[PURPOSE],
+        )
+        .await;
+    let rec = w.refused(&r, 400, "bad_request", Some("search")).await;
+    let ps = hidden("alice-raw");
+    assert_eq!(
+        rec["request"]["query"],
+        format!("uid={ps}&x=1&u%69d={ps}").as_str(),
+        "{rec}"
+    );
+    // A value that is not UTF-8 once decoded.
+    let r = w.get(BUREAU, "/search/q?uid=dave-raw%FF", &[PURPOSE]).await;
+    let rec = w
+        .refused(&r, 451, "subject_unidentified", Some("search"))
+        .await;
+    assert_eq!(
+        rec["request"]["query"],
+        format!("uid={}", hidden("dave-raw%FF")).as_str(),
+        "{rec}"
+    );
+    // The subject header twice.
+    let r = w
+        .get(
+            BUREAU,
+            "/reports/x.json",
+            &[
+                PURPOSE,
+                ("X-Data-Subject", "bob-raw"),
+                ("X-Data-Subject", "bob-raw"),
+            ],
+        )
+        .await;
+    let rec = w.refused(&r, 400, "bad_request", Some("reports")).await;
+    assert_eq!(
+        rec["request"]["headers"]["x-data-subject"],
+        hidden("bob-raw").as_str(),
+        "{rec}"
+    );
+    // A subject header that is not visible ASCII.
+    let req = request("GET", "/reports/x.json")
+        .header("x-purpose", "credit_scoring")
+        .header(
+            "x-data-subject",
+            http::HeaderValue::from_bytes(b"carol-raw\xe9").unwrap(),
+        )
+        .body(empty())
+        .unwrap();
+    let r = client::send(BUREAU, w.proxy.addr, req).await;
+    let rec = w
+        .refused(&r, 451, "subject_unidentified", Some("reports"))
+        .await;
+    assert_eq!(
+        rec["request"]["headers"]["x-data-subject"],
+        hidden("carol-raw\u{fffd}").as_str(),
+        "{rec}"
+    );
+
+    let log = std::fs::read_to_string(&w.proxy.log.path).unwrap();
+    for raw in ["alice-raw", "dave-raw", "bob-raw", "carol-raw"] {
+        assert!(!log.contains(raw), "{raw} reached the log:\n{log}");
+    }
 }
