@@ -109,6 +109,14 @@ impl<S> WriteStall<S> {
         }
     }
 
+    /// Bytes written count as activity; a flush does not (HTTP/2 flushes whenever its task
+    /// wakes, bytes or not).
+    fn wrote(&self, r: &Poll<io::Result<usize>>) {
+        if matches!(r, Poll::Ready(Ok(n)) if *n > 0) {
+            self.activity.touch();
+        }
+    }
+
     fn check<T>(&mut self, r: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
         match r {
             Poll::Pending if self.stall.expired(cx) => Poll::Ready(Err(io::Error::new(
@@ -121,7 +129,6 @@ impl<S> WriteStall<S> {
             Poll::Pending => Poll::Pending,
             r => {
                 self.stall.progressed();
-                self.activity.touch();
                 r
             }
         }
@@ -150,6 +157,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteStall<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.wrote(&r);
         self.check(r, cx)
     }
 
@@ -159,6 +167,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteStall<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.wrote(&r);
         self.check(r, cx)
     }
 
