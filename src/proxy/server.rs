@@ -5,7 +5,7 @@
 use super::Shared;
 use super::body::Exchange;
 use super::pipeline::{ConnInfo, handle};
-use super::stall::{Activity, WriteStall};
+use super::stall::{Activity, Tracked, WriteStall};
 use crate::audit::id::new_id;
 use crate::audit::record::{self, Record, RequestContext};
 use crate::policy::decision::{Reason, Verdict, status_of};
@@ -15,6 +15,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -158,8 +159,9 @@ pub async fn accept_loop(
     }
 }
 
-/// Serves HTTP/1.1 or HTTP/2 on one connection until it closes, the drain ends it, or no
-/// byte has moved on it for `idle.1` (`proxy.idle_timeout`): hyper bounds an idle HTTP/1.1
+/// Serves HTTP/1.1 or HTTP/2 on one connection until it closes, the drain ends it, or it has
+/// had no request in progress and no byte moved for `idle.1` (`proxy.idle_timeout`): hyper
+/// bounds an idle HTTP/1.1
 /// connection, but neither an HTTP/2 connection without requests nor a client that sends
 /// part of the HTTP/2 preface and stops.
 async fn serve<I>(
@@ -174,9 +176,14 @@ async fn serve<I>(
 {
     let peer = info.peer;
     let log_to = shared.clone();
-    let svc = service_fn(move |req| handle(shared.clone(), info.clone(), req));
-    let conn = builder.serve_connection(io, svc);
     let (activity, limit) = idle;
+    let counted = activity.clone();
+    let svc = service_fn(move |req| {
+        let in_flight = counted.begin();
+        let answer = handle(shared.clone(), info.clone(), req);
+        async move { Ok::<_, Infallible>(answer.await?.map(|b| Tracked::new(b, in_flight))) }
+    });
+    let conn = builder.serve_connection(io, svc);
     tokio::select! {
         r = watcher.watch(conn) => if let Err(e) = r {
             tracing::debug!(error = %e, "connection ended with an error");

@@ -4,11 +4,12 @@
 //! requests, a preface sent in part) would otherwise hold exchanges, connection slots and
 //! memory forever.
 
+use http_body::{Body, Frame, SizeHint};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -58,11 +59,13 @@ impl Stall {
     }
 }
 
-/// When a byte last moved on a connection, either way.
+/// When a byte last moved on a connection, either way, and how many of its requests are in
+/// progress.
 pub struct Activity {
     base: Instant,
     /// Milliseconds after `base`.
     last: AtomicU64,
+    in_flight: AtomicUsize,
 }
 
 impl Activity {
@@ -70,6 +73,7 @@ impl Activity {
         Arc::new(Activity {
             base: Instant::now(),
             last: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
         })
     }
 
@@ -78,15 +82,69 @@ impl Activity {
         self.last.store(ms, Ordering::Relaxed);
     }
 
-    /// Resolves once no byte has moved for `limit`.
+    /// Counts a request in progress until the returned guard (held by its response body)
+    /// is dropped.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// Resolves once no request is in progress and no byte has moved for `limit`. A request
+    /// in progress has its own bounds (`upstream_timeout`, a stalled body, a stalled reader).
     pub async fn idle(&self, limit: Duration) {
         loop {
             let last = self.base + Duration::from_millis(self.last.load(Ordering::Relaxed));
-            if last.elapsed() >= limit {
+            if last.elapsed() >= limit && self.in_flight.load(Ordering::Acquire) == 0 {
                 return;
             }
-            tokio::time::sleep_until(last + limit).await;
+            tokio::time::sleep_until((last + limit).max(Instant::now() + limit / 4)).await;
         }
+    }
+}
+
+/// A request in progress on a connection (see [`Activity::begin`]).
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // The idle clock starts when the last request ends.
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request counted as in progress until it is done.
+pub struct Tracked<B> {
+    inner: B,
+    _in_flight: InFlight,
+}
+
+impl<B> Tracked<B> {
+    pub fn new(inner: B, in_flight: InFlight) -> Tracked<B> {
+        Tracked {
+            inner,
+            _in_flight: in_flight,
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
