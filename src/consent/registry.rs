@@ -270,6 +270,8 @@ pub struct ImportReport {
     pub granted: usize,
     pub revoked: usize,
     pub unchanged: usize,
+    /// Lines of valid records that a later line of the same id replaced or withdrew.
+    pub superseded: usize,
     /// Lines refused (1-based line number, why); the rest of the import went ahead.
     pub refused: Vec<(usize, String)>,
 }
@@ -280,10 +282,11 @@ impl ImportReport {
         self.granted += other.granted;
         self.revoked += other.revoked;
         self.unchanged += other.unchanged;
+        self.superseded += other.superseded;
         self.refused.extend(other.refused);
     }
 
-    fn count(&mut self, line: usize, result: Result<Written, RegistryError>) {
+    fn count(&mut self, line: usize, change: &Change, result: Result<Written, RegistryError>) {
         match result.map(|w| w.outcome) {
             Ok(Outcome::Granted) => self.granted += 1,
             Ok(Outcome::Revoked) => self.revoked += 1,
@@ -292,6 +295,9 @@ impl ImportReport {
                 self.revoked += 1;
             }
             Ok(Outcome::Unchanged) => self.unchanged += 1,
+            // The withdrawal of a consent the registry does not hold: nothing to withdraw
+            // (the line that withdraws it is refused already).
+            Err(RegistryError::NotFound { .. }) if matches!(change, Change::Revoke(_)) => {}
             Err(e) => self.refused.push((line, e.to_string())),
         }
     }
@@ -376,21 +382,20 @@ impl Registry {
             .expect("one result per change")
     }
 
-    /// Imports records (as the file store writes them, with their line numbers), in batches.
+    /// Imports the changes of a file (each with the number of its line), in batches: a
+    /// record (a grant, revoked when `revoked_at` is set) or the withdrawal of an id (a
+    /// revocation, which changes nothing if the registry does not hold the id).
     pub async fn import(
         &self,
-        records: Vec<(usize, ConsentRecord)>,
+        changes: Vec<(usize, Change)>,
         by: &str,
     ) -> Result<ImportReport, RegistryError> {
         let mut report = ImportReport::default();
-        for chunk in records.chunks(IMPORT_BATCH) {
-            let changes = chunk
-                .iter()
-                .map(|(_, r)| Change::Record(r.clone()))
-                .collect();
-            let results = self.write(changes, by).await?;
-            for ((line, _), result) in chunk.iter().zip(results) {
-                report.count(*line, result);
+        for chunk in changes.chunks(IMPORT_BATCH) {
+            let batch = chunk.iter().map(|(_, c)| c.clone()).collect();
+            let results = self.write(batch, by).await?;
+            for ((line, change), result) in chunk.iter().zip(results) {
+                report.count(*line, change, result);
             }
         }
         Ok(report)
