@@ -64,7 +64,8 @@ pub struct GrantArgs {
     /// How the consent was collected: explicit, pre_ticked, implied, bundled, opt_out.
     #[arg(long)]
     pub method: String,
-    /// When the consent was given (RFC 3339; default: now).
+    /// When the consent was given (RFC 3339; default: now, or the recorded time if --id is
+    /// already recorded).
     #[arg(long, value_name = "TIME")]
     pub granted_at: Option<Timestamp>,
     /// When it lapses (RFC 3339).
@@ -187,7 +188,13 @@ async fn grant(a: GrantArgs) -> CliResult {
         };
         fail(format!("--{flag}: {}", e.message))
     })?;
-    let w = registry.grant(record, &author(&a.author)).await?;
+    // Without --granted-at, the time of an id already recorded stands: running the same
+    // command again finds the first run's grant.
+    let grant = match a.granted_at {
+        Some(_) => Change::Record(record),
+        None => Change::Undated(record),
+    };
+    let w = registry.grant(grant, &author(&a.author)).await?;
     if w.outcome == Outcome::Unchanged {
         eprintln!("consent {} was already recorded exactly so", w.record.id);
     }

@@ -289,6 +289,68 @@ async fn a_grant_takes_effect_and_a_revocation_keeps_the_record_and_its_history(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_retried_without_its_time_answers_200_and_changes_nothing() {
+    let db = tempfile::tempdir().unwrap();
+    let home = home_store().await;
+    let mut proxy = registry_policy(&sqlite_store(&db), &home).start().await;
+    // The docs' example: an id, and no granted_at (now).
+    let mut body = consent_body("c-retry", "u1");
+    body.as_object_mut().unwrap().remove("granted_at");
+    let first = admin(
+        &proxy,
+        "POST",
+        "/v1/consents",
+        Some(TOKEN),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(first.status, 201, "{}", first.text());
+    // A client that timed out sends it again.
+    let retry = admin(
+        &proxy,
+        "POST",
+        "/v1/consents",
+        Some(TOKEN),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(retry.status, 200, "{}", retry.text());
+    assert_eq!(retry.json(), first.json(), "the grant as first recorded");
+    assert_eq!(bureau_reads(&proxy, "u1").await, "200");
+
+    // Other terms are still refused, and so is another time given explicitly.
+    let mut other = body.clone();
+    other["purposes"] = json!(["marketing"]);
+    let r = admin(&proxy, "POST", "/v1/consents", Some(TOKEN), Some(other)).await;
+    assert_eq!(
+        (r.status, r.json()["field"].clone()),
+        (409, json!("purposes"))
+    );
+    let mut dated = body;
+    dated["granted_at"] = "2026-01-01T00:00:00Z".into();
+    let r = admin(&proxy, "POST", "/v1/consents", Some(TOKEN), Some(dated)).await;
+    assert_eq!(
+        (r.status, r.json()["field"].clone()),
+        (409, json!("granted_at"))
+    );
+    let r = admin(
+        &proxy,
+        "GET",
+        "/v1/consents?subject=u1&history=true",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(
+        r.json()["events"].as_array().unwrap().len(),
+        1,
+        "{}",
+        r.text()
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_store_has_no_consent_api() {
     let home = home_store().await;
     let mut proxy = PolicySpec::new()

@@ -59,6 +59,16 @@ async fn a_grant_by_the_consent_command_takes_effect_while_the_proxy_runs() {
     assert!(took < Duration::from_secs(1), "noticed after {took:?}");
     assert_eq!(bureau_reads(&proxy, "u7").await, "200");
 
+    // The same command again (without --granted-at) finds the first run's grant.
+    let out = cli(&args).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("already recorded"), "{stderr}");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),
+        printed
+    );
+
     let out = cli(&[
         "consent",
         "revoke",
