@@ -48,20 +48,50 @@ pub enum AdminError {
 pub struct AdminState {
     pub shared: Arc<Shared>,
     /// The bearer token for mutating endpoints; `None` refuses them all.
-    pub token: Option<Vec<u8>>,
+    pub token: Option<AdminToken>,
+}
+
+/// The admin bearer token, kept as its SHA-256 digest. A request's token is hashed and the
+/// two digests compared in constant time: comparing the tokens themselves would end early
+/// on a length mismatch, telling a caller how long the token is.
+pub struct AdminToken([u8; 32]);
+
+impl AdminToken {
+    pub fn new(token: &[u8]) -> AdminToken {
+        AdminToken(sha256(token))
+    }
+
+    /// Whether `given` is the token.
+    pub fn matches(&self, given: &[u8]) -> bool {
+        aws_lc_rs::constant_time::verify_slices_are_equal(&sha256(given), &self.0).is_ok()
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    d.as_ref().try_into().expect("SHA-256 digests are 32 bytes")
+}
+
+/// The credentials of an `Authorization` header of the `Bearer` scheme. Schemes are
+/// case-insensitive (RFC 9110 section 11.1): `bearer …` is the same scheme.
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, credentials) = value.split_at(value.iter().position(|b| *b == b' ')?);
+    scheme
+        .eq_ignore_ascii_case(b"bearer")
+        .then(|| credentials.trim_ascii())
 }
 
 /// Reads the bearer token (surrounding white space ignored).
-pub fn read_token(path: &Path) -> Result<Vec<u8>, AdminError> {
+pub fn read_token(path: &Path) -> Result<AdminToken, AdminError> {
     let raw = std::fs::read(path).map_err(|source| AdminError::Token {
         path: path.into(),
         source,
     })?;
-    let token = raw.trim_ascii().to_vec();
+    let token = raw.trim_ascii();
     if token.is_empty() {
         return Err(AdminError::EmptyToken { path: path.into() });
     }
-    Ok(token)
+    Ok(AdminToken::new(token))
 }
 
 /// A JSON response.
@@ -94,19 +124,15 @@ pub fn text(status: StatusCode, content_type: &'static str, body: String) -> Adm
 }
 
 impl AdminState {
-    /// Whether the request carries the bearer token, compared in constant time.
+    /// Whether the request carries the bearer token (see [`AdminToken`]).
     pub fn authorized(&self, req: &Request<Incoming>) -> bool {
         let Some(token) = &self.token else {
             return false;
         };
-        let Some(given) = req
-            .headers()
+        req.headers()
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-        else {
-            return false;
-        };
-        aws_lc_rs::constant_time::verify_slices_are_equal(given.trim_ascii(), token).is_ok()
+            .and_then(|v| bearer(v.as_bytes()))
+            .is_some_and(|given| token.matches(given))
     }
 }
 
@@ -341,4 +367,34 @@ fn serve_on(listener: TcpListener, addr: SocketAddr, state: Arc<AdminState>) -> 
         }
     });
     RunningAdmin { addr, stop, task }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_matched_whatever_its_case() {
+        for header in ["Bearer s3cret", "bearer s3cret", "BEARER  s3cret "] {
+            assert_eq!(bearer(header.as_bytes()), Some(&b"s3cret"[..]), "{header}");
+        }
+        for header in ["Basic s3cret", "Bearers3cret", "Bearer", "Token s3cret"] {
+            assert_eq!(bearer(header.as_bytes()), None, "{header}");
+        }
+    }
+
+    #[test]
+    fn only_the_token_itself_matches() {
+        let token = AdminToken::new(b"s3cret-token");
+        assert!(token.matches(b"s3cret-token"));
+        for other in [
+            "",
+            "s3cret",
+            "s3cret-token-and-more",
+            "S3CRET-TOKEN",
+            "s3cret-tokeN",
+        ] {
+            assert!(!token.matches(other.as_bytes()), "{other:?}");
+        }
+    }
 }

@@ -59,6 +59,17 @@ async fn the_consent_api_needs_the_bearer_token_for_reads_and_writes() {
     assert_eq!(r.status, 200, "{}", r.text());
     let r = admin(&proxy, "POST", "/v1/consents/c-1/revoke", Some(TOKEN), None).await;
     assert_eq!(r.status, 200, "{}", r.text());
+    // The scheme's name is case-insensitive (RFC 9110).
+    let r = client::send(
+        "127.0.0.1",
+        proxy.running().admin_addr,
+        client::request("GET", "/v1/consents/c-1")
+            .header("authorization", format!("bearer {TOKEN}"))
+            .body(client::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
 
     // The data listener never serves the admin API, token or not.
     let r = client::send(
