@@ -1,6 +1,7 @@
 //! The admin listener (SPEC section 6), on its own address, never on the data listener:
 //! health, readiness, metrics, the loaded policy, and the routes other modules plug in (the
-//! consent API). Mutating routes need the bearer token from `[admin].token_file`.
+//! consent API). The consent API, reads included, needs the bearer token from
+//! `[admin].token_file`, which every reload reads again.
 //!
 //! It opens before the proxy has loaded what the policy names ([`bind`]): meanwhile
 //! `/healthz` says alive and `/readyz` says not ready, so an orchestrator can tell a slow
@@ -44,11 +45,9 @@ pub enum AdminError {
     EmptyToken { path: PathBuf },
 }
 
-/// What the admin listener serves from.
+/// What the admin listener serves from; the bearer token is `shared.admin_token`.
 pub struct AdminState {
     pub shared: Arc<Shared>,
-    /// The bearer token for mutating endpoints; `None` refuses them all.
-    pub token: Option<AdminToken>,
 }
 
 /// The admin bearer token, kept as its SHA-256 digest. A request's token is hashed and the
@@ -126,13 +125,20 @@ pub fn text(status: StatusCode, content_type: &'static str, body: String) -> Adm
 impl AdminState {
     /// Whether the request carries the bearer token (see [`AdminToken`]).
     pub fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let Some(token) = &self.token else {
+        let token = self.shared.admin_token.load();
+        let Some(token) = token.as_deref() else {
             return false;
         };
         req.headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| bearer(v.as_bytes()))
             .is_some_and(|given| token.matches(given))
+    }
+
+    /// Whether `[admin].token_file` is set (without it, the routes that need the token are
+    /// closed).
+    pub fn has_token(&self) -> bool {
+        self.shared.admin_token.load().is_some()
     }
 }
 

@@ -122,7 +122,7 @@ impl From<RegistryError> for Refusal {
 /// Serves a request under `/v1/consents`.
 pub async fn handle(state: &AdminState, req: Request<Incoming>) -> AdminResponse {
     if !state.authorized(&req) {
-        return unauthorized(state.token.is_some());
+        return unauthorized(state.has_token());
     }
     let method = req.method().clone();
     let path = req.uri().path().to_owned();

@@ -88,6 +88,9 @@ pub struct Shared {
     pub last_reload: ArcSwapOption<ReloadStatus>,
     /// The consent registry (`sqlite:`/`postgres://` stores), for the admin API.
     pub registry: Option<Registry>,
+    /// The admin bearer token (`[admin].token_file`), read again by every reload so that a
+    /// rotated token replaces the old one without a restart.
+    pub admin_token: ArcSwapOption<crate::admin::AdminToken>,
 }
 
 /// What `serve` needs to start.
@@ -237,10 +240,10 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
         metrics,
         last_reload: ArcSwapOption::empty(),
         registry,
+        admin_token: ArcSwapOption::new(token.map(Arc::new)),
     });
     let admin_state = Arc::new(crate::admin::AdminState {
         shared: shared.clone(),
-        token,
     });
     let admin = admin.serve(admin_state).await;
     let admin_addr = admin.addr;

@@ -362,6 +362,59 @@ async fn a_grant_retried_without_its_time_answers_200_and_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_admin_token_replaces_the_old_one_on_reload() {
+    let db = tempfile::tempdir().unwrap();
+    let home = home_store().await;
+    let mut proxy = registry_policy(&sqlite_store(&db), &home).start().await;
+    let token_file = proxy.dir.path().join("admin.token");
+    let status = |token: &'static str| {
+        let proxy = &proxy;
+        async move {
+            admin(proxy, "GET", "/v1/consents?subject=u1", Some(token), None)
+                .await
+                .status
+        }
+    };
+    assert_eq!(status(TOKEN).await, 200);
+
+    // After a leak: the Secret is rotated and the proxy told to reload.
+    std::fs::write(&token_file, "rotated-token-1\n").unwrap();
+    proxy.running().reload().await.unwrap();
+    assert_eq!(status(TOKEN).await, 401, "the old token stops working");
+    assert_eq!(status("rotated-token-1").await, 200);
+
+    // A token file that cannot be used rejects the reload; the token in force stays.
+    std::fs::write(&token_file, "\n").unwrap();
+    let e = proxy.running().reload().await.unwrap_err();
+    assert!(e.to_string().contains("admin.token"), "{e}");
+    assert_eq!(status("rotated-token-1").await, 200);
+
+    // Without a signal too: the token file is watched like the policy.
+    std::fs::write(&token_file, "rotated-token-2\n").unwrap();
+    time_until_status(&proxy, "rotated-token-2", 200).await;
+    assert_eq!(status("rotated-token-1").await, 401);
+    proxy.shutdown().await;
+}
+
+/// Waits (up to 10 s) until the consent API answers `token` with `want`.
+async fn time_until_status(proxy: &crate::support::proxy::TestProxy, token: &str, want: u16) {
+    let start = tokio::time::Instant::now();
+    loop {
+        let got = admin(proxy, "GET", "/v1/consents?subject=u1", Some(token), None)
+            .await
+            .status;
+        if got == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "still {got} with {token}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_store_has_no_consent_api() {
     let home = home_store().await;
     let mut proxy = PolicySpec::new()
