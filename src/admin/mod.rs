@@ -20,6 +20,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -28,6 +29,9 @@ pub type AdminResponse = Response<Full<Bytes>>;
 
 /// Largest request body the admin API reads.
 pub const MAX_BODY: usize = 1 << 20;
+
+/// Pause after a failed accept, as on the data listener.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -289,7 +293,7 @@ pub async fn bind(addr: SocketAddr) -> Result<Starting, AdminError> {
         let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
         loop {
             let (stream, _) = tokio::select! {
-                r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                c = next_connection(|| listener.accept()) => c,
                 r = &mut stop_rx => return r.ok().map(|()| listener),
             };
             let builder = builder.clone();
@@ -306,6 +310,23 @@ pub async fn bind(addr: SocketAddr) -> Result<Starting, AdminError> {
         stop: Some(stop),
         task,
     })
+}
+
+/// The next connection `accept` gives. A failure (EMFILE, when file descriptors run out) is
+/// logged and retried after [`ACCEPT_RETRY`]: retried at once, it would keep a runtime
+/// thread busy at full CPU while the probes this listener serves fail.
+async fn next_connection<T, F: Future<Output = std::io::Result<T>>>(
+    mut accept: impl FnMut() -> F,
+) -> T {
+    loop {
+        match accept().await {
+            Ok(c) => return c,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin listener: accept failed");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+            }
+        }
+    }
 }
 
 /// What the admin routes answer before the proxy has loaded its policy. Each answer closes
@@ -361,7 +382,7 @@ fn serve_on(listener: TcpListener, addr: SocketAddr, state: Arc<AdminState>) -> 
         let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
         loop {
             let (stream, _) = tokio::select! {
-                r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                c = next_connection(|| listener.accept()) => c,
                 _ = stop_rx.changed() => return,
             };
             let state = state.clone();
@@ -378,6 +399,29 @@ fn serve_on(listener: TcpListener, addr: SocketAddr, state: Arc<AdminState>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_accept_is_retried_after_a_pause_not_at_once() {
+        let started = tokio::time::Instant::now();
+        let mut attempts = 0;
+        let accepted = next_connection(|| {
+            attempts += 1;
+            let n = attempts;
+            async move {
+                match n {
+                    1..=3 => Err(std::io::Error::from_raw_os_error(24)), // EMFILE
+                    _ => Ok(n),
+                }
+            }
+        })
+        .await;
+        assert_eq!(accepted, 4);
+        assert!(
+            started.elapsed() >= ACCEPT_RETRY * 3,
+            "{:?}",
+            started.elapsed()
+        );
+    }
 
     #[test]
     fn the_bearer_scheme_is_matched_whatever_its_case() {
