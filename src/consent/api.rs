@@ -15,7 +15,9 @@
 use super::record::{ConsentRecord, FieldError};
 use super::registry::{Change, Filter, Outcome, Registry, RegistryError, Revocation, Written};
 use crate::admin::{AdminResponse, AdminState, error, json, read_body};
+use crate::policy::country::Country;
 use crate::policy::model::ConsentStore;
+use crate::policy::model::Policy;
 use http::{HeaderValue, Method, Request, StatusCode, header};
 use hyper::body::Incoming;
 use jiff::Timestamp;
@@ -297,6 +299,35 @@ fn new_grant(body: Value, now: Timestamp) -> Result<Change, Refusal> {
     })
 }
 
+/// Refuses a new consent whose recipient or destination the policy in force does not know:
+/// such a consent could never match a request, while the caller would believe consent was
+/// in place. Only new grants through the API are checked: records already in a store stay
+/// valid whatever a later policy says.
+fn known_to_policy(policy: &Policy, r: &ConsentRecord) -> Result<(), Refusal> {
+    if !policy.recipients.iter().any(|p| *p.id == r.recipient) {
+        let known: Vec<&str> = policy.recipients.iter().map(|p| &*p.id).collect();
+        return Err(Refusal::invalid(
+            "recipient",
+            format!(
+                "{:?} is not a recipient of the policy ({})",
+                r.recipient,
+                known.join(", ")
+            ),
+        ));
+    }
+    // As `decide` reads a destination: a named jurisdiction, else a country code.
+    let unknown = r.destinations.iter().find(|d| {
+        !policy.jurisdictions.named.contains_key(d.as_str()) && Country::parse_shape(d).is_none()
+    });
+    if let Some(d) = unknown {
+        return Err(Refusal::invalid(
+            "destinations",
+            format!("{d:?} is neither a country code nor a jurisdiction of the policy"),
+        ));
+    }
+    Ok(())
+}
+
 /// Applies a written consent to this proxy's index and answers with it.
 fn written(state: &AdminState, w: Written, created: StatusCode) -> AdminResponse {
     if let Err(e) = state.shared.consents.upsert(&w.record) {
@@ -330,6 +361,9 @@ async fn create(
         Err(r) => return Ok(r),
     };
     let grant = new_grant(parse_json(&body)?, Timestamp::now())?;
+    if let Change::Record(r) | Change::Undated(r) = &grant {
+        known_to_policy(&state.shared.snapshot.load().policy, r)?;
+    }
     let w = registry.grant(grant, ACTOR).await?;
     Ok(written(state, w, StatusCode::CREATED))
 }

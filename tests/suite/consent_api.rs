@@ -120,6 +120,12 @@ async fn each_invalid_record_is_refused_with_422_naming_the_field() {
         ("recipient", json!("*"), "never a wildcard"),
         ("recipient", json!("credit-*"), "never a wildcard"),
         (
+            "recipient",
+            json!("credit-bureau-usa"),
+            "not a recipient of the policy",
+        ),
+        ("destinations", json!(["USA"]), "neither a country code"),
+        (
             "expires_at",
             json!("2025-12-31T00:00:00Z"),
             "after granted_at",
