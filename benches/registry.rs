@@ -12,7 +12,7 @@ mod common;
 
 use common::{CONSENTS, DATASETS, consent, policy_text, request};
 use http::{HeaderMap, HeaderValue, Method};
-use residency_proxy::consent::registry::Registry;
+use residency_proxy::consent::registry::{Change, Registry};
 use residency_proxy::consent::{ConsentIndex, postgres, sqlite};
 use residency_proxy::policy::compile::from_str;
 use residency_proxy::policy::decide::decide;
@@ -196,7 +196,7 @@ async fn import(registry: &Registry, n: usize) {
     let batch = residency_proxy::consent::registry::IMPORT_BATCH;
     for start in (0..n).step_by(batch) {
         let records = (start..(start + batch).min(n))
-            .map(|i| (i + 1, consent(i)))
+            .map(|i| (i + 1, Change::Record(consent(i))))
             .collect();
         let report = registry.import(records, "bench").await.unwrap();
         assert!(report.refused.is_empty(), "{:?}", report.refused);

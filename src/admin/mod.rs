@@ -1,6 +1,7 @@
 //! The admin listener (SPEC section 6), on its own address, never on the data listener:
 //! health, readiness, metrics, the loaded policy, and the routes other modules plug in (the
-//! consent API). Mutating routes need the bearer token from `[admin].token_file`.
+//! consent API). The consent API, reads included, needs the bearer token from
+//! `[admin].token_file`, which every reload reads again.
 //!
 //! It opens before the proxy has loaded what the policy names ([`bind`]): meanwhile
 //! `/healthz` says alive and `/readyz` says not ready, so an orchestrator can tell a slow
@@ -19,6 +20,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -27,6 +29,9 @@ pub type AdminResponse = Response<Full<Bytes>>;
 
 /// Largest request body the admin API reads.
 pub const MAX_BODY: usize = 1 << 20;
+
+/// Pause after a failed accept, as on the data listener.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -44,24 +49,52 @@ pub enum AdminError {
     EmptyToken { path: PathBuf },
 }
 
-/// What the admin listener serves from.
+/// What the admin listener serves from; the bearer token is `shared.admin_token`.
 pub struct AdminState {
     pub shared: Arc<Shared>,
-    /// The bearer token for mutating endpoints; `None` refuses them all.
-    pub token: Option<Vec<u8>>,
+}
+
+/// The admin bearer token, kept as its SHA-256 digest. A request's token is hashed and the
+/// two digests compared in constant time: comparing the tokens themselves would end early
+/// on a length mismatch, telling a caller how long the token is.
+pub struct AdminToken([u8; 32]);
+
+impl AdminToken {
+    pub fn new(token: &[u8]) -> AdminToken {
+        AdminToken(sha256(token))
+    }
+
+    /// Whether `given` is the token.
+    pub fn matches(&self, given: &[u8]) -> bool {
+        aws_lc_rs::constant_time::verify_slices_are_equal(&sha256(given), &self.0).is_ok()
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    d.as_ref().try_into().expect("SHA-256 digests are 32 bytes")
+}
+
+/// The credentials of an `Authorization` header of the `Bearer` scheme. Schemes are
+/// case-insensitive (RFC 9110 section 11.1): `bearer …` is the same scheme.
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, credentials) = value.split_at(value.iter().position(|b| *b == b' ')?);
+    scheme
+        .eq_ignore_ascii_case(b"bearer")
+        .then(|| credentials.trim_ascii())
 }
 
 /// Reads the bearer token (surrounding white space ignored).
-pub fn read_token(path: &Path) -> Result<Vec<u8>, AdminError> {
+pub fn read_token(path: &Path) -> Result<AdminToken, AdminError> {
     let raw = std::fs::read(path).map_err(|source| AdminError::Token {
         path: path.into(),
         source,
     })?;
-    let token = raw.trim_ascii().to_vec();
+    let token = raw.trim_ascii();
     if token.is_empty() {
         return Err(AdminError::EmptyToken { path: path.into() });
     }
-    Ok(token)
+    Ok(AdminToken::new(token))
 }
 
 /// A JSON response.
@@ -94,19 +127,22 @@ pub fn text(status: StatusCode, content_type: &'static str, body: String) -> Adm
 }
 
 impl AdminState {
-    /// Whether the request carries the bearer token, compared in constant time.
+    /// Whether the request carries the bearer token (see [`AdminToken`]).
     pub fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let Some(token) = &self.token else {
+        let token = self.shared.admin_token.load();
+        let Some(token) = token.as_deref() else {
             return false;
         };
-        let Some(given) = req
-            .headers()
+        req.headers()
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-        else {
-            return false;
-        };
-        aws_lc_rs::constant_time::verify_slices_are_equal(given.trim_ascii(), token).is_ok()
+            .and_then(|v| bearer(v.as_bytes()))
+            .is_some_and(|given| token.matches(given))
+    }
+
+    /// Whether `[admin].token_file` is set (without it, the routes that need the token are
+    /// closed).
+    pub fn has_token(&self) -> bool {
+        self.shared.admin_token.load().is_some()
     }
 }
 
@@ -296,7 +332,7 @@ pub async fn bind(addr: SocketAddr) -> Result<Starting, AdminError> {
         let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
         loop {
             let (stream, _) = tokio::select! {
-                r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                c = next_connection(|| listener.accept()) => c,
                 r = &mut stop_rx => return r.ok().map(|()| listener),
             };
             let builder = builder.clone();
@@ -313,6 +349,23 @@ pub async fn bind(addr: SocketAddr) -> Result<Starting, AdminError> {
         stop: Some(stop),
         task,
     })
+}
+
+/// The next connection `accept` gives. A failure (EMFILE, when file descriptors run out) is
+/// logged and retried after [`ACCEPT_RETRY`]: retried at once, it would keep a runtime
+/// thread busy at full CPU while the probes this listener serves fail.
+async fn next_connection<T, F: Future<Output = std::io::Result<T>>>(
+    mut accept: impl FnMut() -> F,
+) -> T {
+    loop {
+        match accept().await {
+            Ok(c) => return c,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin listener: accept failed");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+            }
+        }
+    }
 }
 
 /// What the admin routes answer before the proxy has loaded its policy. Each answer closes
@@ -368,7 +421,7 @@ fn serve_on(listener: TcpListener, addr: SocketAddr, state: Arc<AdminState>) -> 
         let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
         loop {
             let (stream, _) = tokio::select! {
-                r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                c = next_connection(|| listener.accept()) => c,
                 _ = stop_rx.changed() => return,
             };
             let state = state.clone();
@@ -380,4 +433,57 @@ fn serve_on(listener: TcpListener, addr: SocketAddr, state: Arc<AdminState>) -> 
         }
     });
     RunningAdmin { addr, stop, task }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_accept_is_retried_after_a_pause_not_at_once() {
+        let started = tokio::time::Instant::now();
+        let mut attempts = 0;
+        let accepted = next_connection(|| {
+            attempts += 1;
+            let n = attempts;
+            async move {
+                match n {
+                    1..=3 => Err(std::io::Error::from_raw_os_error(24)), // EMFILE
+                    _ => Ok(n),
+                }
+            }
+        })
+        .await;
+        assert_eq!(accepted, 4);
+        assert!(
+            started.elapsed() >= ACCEPT_RETRY * 3,
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_whatever_its_case() {
+        for header in ["Bearer s3cret", "bearer s3cret", "BEARER  s3cret "] {
+            assert_eq!(bearer(header.as_bytes()), Some(&b"s3cret"[..]), "{header}");
+        }
+        for header in ["Basic s3cret", "Bearers3cret", "Bearer", "Token s3cret"] {
+            assert_eq!(bearer(header.as_bytes()), None, "{header}");
+        }
+    }
+
+    #[test]
+    fn only_the_token_itself_matches() {
+        let token = AdminToken::new(b"s3cret-token");
+        assert!(token.matches(b"s3cret-token"));
+        for other in [
+            "",
+            "s3cret",
+            "s3cret-token-and-more",
+            "S3CRET-TOKEN",
+            "s3cret-tokeN",
+        ] {
+            assert!(!token.matches(other.as_bytes()), "{other:?}");
+        }
+    }
 }

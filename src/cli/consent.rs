@@ -3,7 +3,8 @@
 
 use super::{CliResult, Exit, fail};
 use crate::consent::ConsentRecord;
-use crate::consent::registry::{Filter, ImportReport, Outcome, Registry, Revocation};
+use crate::consent::file::Latest;
+use crate::consent::registry::{Change, Filter, Outcome, Registry, Revocation};
 use crate::policy::compile::parse_store;
 use jiff::Timestamp;
 use std::io::{BufRead, BufReader, Write};
@@ -17,8 +18,8 @@ pub enum ConsentCommand {
     Revoke(RevokeArgs),
     /// Print consents as JSON lines: their current state, or every grant and revocation.
     List(ListArgs),
-    /// Record the consents of a JSON lines file (the file: store's format); running it again
-    /// changes nothing. Exits 1 if a line was refused.
+    /// Record the consents of a JSON lines file as the file: store reads it (each id's last
+    /// line is its state); running it again changes nothing. Exits 1 if a line was refused.
     Import(ImportArgs),
 }
 
@@ -63,7 +64,8 @@ pub struct GrantArgs {
     /// How the consent was collected: explicit, pre_ticked, implied, bundled, opt_out.
     #[arg(long)]
     pub method: String,
-    /// When the consent was given (RFC 3339; default: now).
+    /// When the consent was given (RFC 3339; default: now, or the recorded time if --id is
+    /// already recorded).
     #[arg(long, value_name = "TIME")]
     pub granted_at: Option<Timestamp>,
     /// When it lapses (RFC 3339).
@@ -112,8 +114,9 @@ pub struct ListArgs {
 pub struct ImportArgs {
     #[command(flatten)]
     pub store: Store,
-    /// JSON lines, one consent record each ("-": standard input). A later line with a
-    /// record's id and revoked_at set records its revocation.
+    /// JSON lines, one consent record each ("-": standard input). Each id's last line is its
+    /// state: a later line with revoked_at set records its revocation, and a malformed last
+    /// line withdraws the consent (revokes it if the registry holds it).
     pub file: PathBuf,
     #[command(flatten)]
     pub author: Author,
@@ -185,7 +188,13 @@ async fn grant(a: GrantArgs) -> CliResult {
         };
         fail(format!("--{flag}: {}", e.message))
     })?;
-    let w = registry.grant(record, &author(&a.author)).await?;
+    // Without --granted-at, the time of an id already recorded stands: running the same
+    // command again finds the first run's grant.
+    let grant = match a.granted_at {
+        Some(_) => Change::Record(record),
+        None => Change::Undated(record),
+    };
+    let w = registry.grant(grant, &author(&a.author)).await?;
     if w.outcome == Outcome::Unchanged {
         eprintln!("consent {} was already recorded exactly so", w.record.id);
     }
@@ -241,45 +250,44 @@ async fn import(a: ImportArgs) -> CliResult {
             std::fs::File::open(&a.file).map_err(|e| fail(format!("cannot read {name}: {e}")))?;
         Box::new(BufReader::new(f))
     };
-    // Lines are read on a blocking thread and written a batch at a time, so that a file of
-    // millions of consents never sits in memory whole.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(usize, Result<ConsentRecord, String>)>>(2);
-    let reading = tokio::task::spawn_blocking(move || {
-        let mut batch = Vec::with_capacity(crate::consent::registry::IMPORT_BATCH);
-        crate::consent::file::each_line(reader, |line, judged| {
-            batch.push((line, judged));
-            if batch.len() == crate::consent::registry::IMPORT_BATCH {
-                let _ = tx.blocking_send(std::mem::take(&mut batch));
-            }
-        })?;
-        let _ = tx.blocking_send(batch);
-        Ok::<_, std::io::Error>(())
-    });
-    let mut report = ImportReport::default();
-    while let Some(batch) = rx.recv().await {
-        let mut records = Vec::with_capacity(batch.len());
-        for (line, judged) in batch {
-            match judged {
-                Ok(r) => records.push((line, r)),
-                Err(why) => report.refused.push((line, why)),
-            }
-        }
-        let part = registry.import(records, &by).await?;
-        report.absorb(part);
-    }
-    reading
+    // The whole file is read first, as the file store reads it: the latest word on an id
+    // stands, whatever an earlier line said. Meanwhile one record per id is held in memory.
+    let (latest, lines) = tokio::task::spawn_blocking(move || crate::consent::file::latest(reader))
         .await
         .map_err(|e| fail(format!("reading {name} failed: {e}")))?
         .map_err(|e| fail(format!("cannot read {name}: {e}")))?;
+    let now = Timestamp::now();
+    let changes = latest
+        .into_iter()
+        .map(|(line, word)| {
+            let change = match word {
+                Latest::Record(r) => Change::Record(r),
+                Latest::Withdrawn(id) => Change::Revoke(Revocation {
+                    consent_id: id,
+                    revoked_at: now,
+                    evidence: Some(format!(
+                        "consent import: line {line} of {name}, the last for this consent, is unreadable"
+                    )),
+                }),
+            };
+            (line, change)
+        })
+        .collect();
+    let mut report = registry.import(changes, &by).await?;
+    report.superseded = lines.superseded.len();
+    report
+        .refused
+        .extend(lines.skipped.into_iter().map(|e| (e.line, e.message)));
     report.refused.sort_by_key(|(line, _)| *line);
     for (line, why) in &report.refused {
         eprintln!("{name}:{line}: refused: {why}");
     }
     println!(
-        "{name}: {} granted, {} revoked, {} unchanged, {} refused",
+        "{name}: {} granted, {} revoked, {} unchanged, {} superseded, {} refused",
         report.granted,
         report.revoked,
         report.unchanged,
+        report.superseded,
         report.refused.len()
     );
     Ok(if report.refused.is_empty() {

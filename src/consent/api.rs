@@ -4,7 +4,7 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `POST /v1/consents` | 201 and the record (200 if exactly this grant was already recorded); 422 naming the field at fault; 409 if the id holds another grant |
+//! | `POST /v1/consents` | 201 and the record (200 if exactly this grant was already recorded; an omitted `granted_at` means the recorded one, so a retry answers 200); 422 naming the field at fault; 409 if the id holds another grant |
 //! | `GET /v1/consents?subject=S[&history=true]` | 200 `{"subject", "consents": [...]}` (or `"events"`) |
 //! | `GET /v1/consents/{id}` | 200 and the record, 404 |
 //! | `POST /v1/consents/{id}/revoke` | 200 and the record with `revoked_at`; body optional: `{"revoked_at", "evidence"}` |
@@ -13,9 +13,11 @@
 //! through the store's change feed.
 
 use super::record::{ConsentRecord, FieldError};
-use super::registry::{Filter, Outcome, Registry, RegistryError, Revocation, Written};
+use super::registry::{Change, Filter, Outcome, Registry, RegistryError, Revocation, Written};
 use crate::admin::{AdminResponse, AdminState, error, json, read_body};
+use crate::policy::country::Country;
 use crate::policy::model::ConsentStore;
+use crate::policy::model::Policy;
 use http::{HeaderValue, Method, Request, StatusCode, header};
 use hyper::body::Incoming;
 use jiff::Timestamp;
@@ -122,7 +124,7 @@ impl From<RegistryError> for Refusal {
 /// Serves a request under `/v1/consents`.
 pub async fn handle(state: &AdminState, req: Request<Incoming>) -> AdminResponse {
     if !state.authorized(&req) {
-        return unauthorized(state.token.is_some());
+        return unauthorized(state.has_token());
     }
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
@@ -249,8 +251,9 @@ fn required<T>(v: Option<T>, name: &str) -> Result<T, Refusal> {
     v.ok_or_else(|| Refusal::invalid(name, "is required"))
 }
 
-/// A new consent from a request body: `id` defaults to a fresh one and `granted_at` to now.
-fn new_record(body: Value, now: Timestamp) -> Result<ConsentRecord, Refusal> {
+/// A new consent from a request body: `id` defaults to a fresh one and `granted_at` to now
+/// ([`Change::Undated`]: the recorded time if the id is recorded).
+fn new_grant(body: Value, now: Timestamp) -> Result<Change, Refusal> {
     let Value::Object(mut m) = body else {
         return Err(Refusal::invalid(
             "body",
@@ -273,6 +276,7 @@ fn new_record(body: Value, now: Timestamp) -> Result<ConsentRecord, Refusal> {
     let list = "a list of strings";
     let time = "an RFC 3339 time such as \"2027-01-01T00:00:00Z\"";
     let id: Option<String> = take(&mut m, "id", text)?;
+    let granted_at: Option<Timestamp> = take(&mut m, "granted_at", time)?;
     let record = ConsentRecord {
         id: id.unwrap_or_else(|| format!("c-{}", crate::audit::id::new_id(now))),
         subject: required(take(&mut m, "subject", text)?, "subject")?,
@@ -281,7 +285,7 @@ fn new_record(body: Value, now: Timestamp) -> Result<ConsentRecord, Refusal> {
         categories: required(take(&mut m, "categories", list)?, "categories")?,
         destinations: required(take(&mut m, "destinations", list)?, "destinations")?,
         method: required(take(&mut m, "method", text)?, "method")?,
-        granted_at: take(&mut m, "granted_at", time)?.unwrap_or(now),
+        granted_at: granted_at.unwrap_or(now),
         expires_at: required(take(&mut m, "expires_at", time)?, "expires_at")?,
         revoked_at: None,
         evidence: take(&mut m, "evidence", text)?,
@@ -289,7 +293,39 @@ fn new_record(body: Value, now: Timestamp) -> Result<ConsentRecord, Refusal> {
     record
         .validate()
         .map_err(|FieldError { field, message }| Refusal::invalid(field, message))?;
-    Ok(record)
+    Ok(match granted_at {
+        Some(_) => Change::Record(record),
+        None => Change::Undated(record),
+    })
+}
+
+/// Refuses a new consent whose recipient or destination the policy in force does not know:
+/// such a consent could never match a request, while the caller would believe consent was
+/// in place. Only new grants through the API are checked: records already in a store stay
+/// valid whatever a later policy says.
+fn known_to_policy(policy: &Policy, r: &ConsentRecord) -> Result<(), Refusal> {
+    if !policy.recipients.iter().any(|p| *p.id == r.recipient) {
+        let known: Vec<&str> = policy.recipients.iter().map(|p| &*p.id).collect();
+        return Err(Refusal::invalid(
+            "recipient",
+            format!(
+                "{:?} is not a recipient of the policy ({})",
+                r.recipient,
+                known.join(", ")
+            ),
+        ));
+    }
+    // As `decide` reads a destination: a named jurisdiction, else a country code.
+    let unknown = r.destinations.iter().find(|d| {
+        !policy.jurisdictions.named.contains_key(d.as_str()) && Country::parse_shape(d).is_none()
+    });
+    if let Some(d) = unknown {
+        return Err(Refusal::invalid(
+            "destinations",
+            format!("{d:?} is neither a country code nor a jurisdiction of the policy"),
+        ));
+    }
+    Ok(())
 }
 
 /// Applies a written consent to this proxy's index and answers with it.
@@ -324,8 +360,11 @@ async fn create(
         Ok(b) => b,
         Err(r) => return Ok(r),
     };
-    let record = new_record(parse_json(&body)?, Timestamp::now())?;
-    let w = registry.grant(record, ACTOR).await?;
+    let grant = new_grant(parse_json(&body)?, Timestamp::now())?;
+    if let Change::Record(r) | Change::Undated(r) = &grant {
+        known_to_policy(&state.shared.snapshot.load().policy, r)?;
+    }
+    let w = registry.grant(grant, ACTOR).await?;
     Ok(written(state, w, StatusCode::CREATED))
 }
 
@@ -417,9 +456,14 @@ mod tests {
     #[test]
     fn defaults_fill_the_id_and_the_grant_time() {
         let now: Timestamp = "2026-05-01T00:00:00Z".parse().unwrap();
-        let r = new_record(body(), now).unwrap();
+        let Change::Undated(r) = new_grant(body(), now).unwrap() else {
+            panic!("a grant without granted_at is undated");
+        };
         assert!(r.id.starts_with("c-") && r.id.len() > 20, "{}", r.id);
         assert_eq!(r.granted_at, now);
+        let mut b = body();
+        b["granted_at"] = "2026-04-01T00:00:00Z".into();
+        assert!(matches!(new_grant(b, now).unwrap(), Change::Record(_)));
     }
 
     #[test]
@@ -435,7 +479,7 @@ mod tests {
         for (field, value) in cases {
             let mut b = body();
             b.as_object_mut().unwrap().insert(field.into(), value);
-            let r = new_record(b, now)
+            let r = new_grant(b, now)
                 .err()
                 .unwrap_or_else(|| panic!("{field} accepted"));
             assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);

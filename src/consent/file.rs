@@ -124,45 +124,16 @@ fn load_versioned(
 }
 
 /// The records that stand after the last line, in the order of their last line.
-fn parse(
-    path: &Path,
-    mut reader: impl BufRead,
-) -> std::io::Result<(Vec<ConsentRecord>, LoadReport)> {
-    let mut report = LoadReport::default();
-    // Each line's verdict on its id, in file order; `None` for a withdrawn consent.
-    let mut entries: Vec<(usize, Option<ConsentRecord>)> = Vec::new();
-    let mut latest: HashMap<String, usize, RandomState> = HashMap::default();
-    judged_lines(&mut reader, |number, judged| {
-        let (id, verdict) = match judged {
-            Ok(record) => (record.id.clone(), Some(record)),
-            Err((id, message)) => {
-                if report.skipped.len() < WARN_LINES {
-                    tracing::warn!(
-                        file = %path.display(),
-                        line = number,
-                        reason = %message,
-                        "consent line skipped"
-                    );
-                }
-                report.skipped.push(LineError {
-                    line: number,
-                    message,
-                });
-                match id {
-                    Some(id) => (id, None),
-                    None => return,
-                }
-            }
-        };
-        if let Some(&earlier) = latest.get(&id) {
-            let (earlier_line, earlier_record) = &mut entries[earlier];
-            if earlier_record.take().is_some() {
-                report.superseded.push(*earlier_line);
-            }
-        }
-        latest.insert(id, entries.len());
-        entries.push((number, verdict));
-    })?;
+fn parse(path: &Path, reader: impl BufRead) -> std::io::Result<(Vec<ConsentRecord>, LoadReport)> {
+    let (latest, report) = latest(reader)?;
+    for e in report.skipped.iter().take(WARN_LINES) {
+        tracing::warn!(
+            file = %path.display(),
+            line = e.line,
+            reason = %e.message,
+            "consent line skipped"
+        );
+    }
     if report.skipped.len() > WARN_LINES {
         tracing::warn!(
             file = %path.display(),
@@ -170,20 +141,63 @@ fn parse(
             "more consent lines skipped than were logged one by one"
         );
     }
-    let records = entries.into_iter().filter_map(|(_, r)| r).collect();
+    let records = latest
+        .into_iter()
+        .filter_map(|(_, word)| match word {
+            Latest::Record(r) => Some(r),
+            Latest::Withdrawn(_) => None,
+        })
+        .collect();
     Ok((records, report))
 }
 
-/// Calls `each` with every record line of `reader` in order (1-based line number, the record
-/// or why the line is refused), skipping blank and `#` lines. Unlike a load, every line
-/// counts: an import records each line's fact (a grant, then its revocation).
-pub fn each_line(
-    mut reader: impl BufRead,
-    mut each: impl FnMut(usize, Result<ConsentRecord, String>),
-) -> std::io::Result<()> {
+/// The latest word of a file on one consent id: the record on its last line, or its
+/// withdrawal when that line is malformed but still names the id.
+// Nearly every word is a record: boxing it would cost an allocation per consent.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq)]
+pub enum Latest {
+    Record(ConsentRecord),
+    Withdrawn(String),
+}
+
+/// Each id's latest word with the number of the line that says it, in the order of those
+/// lines, and the malformed and superseded lines (`loaded` is left 0). The file store loads
+/// the records; `consent import` records the same words, so that a registry imported from a
+/// file grants what the file store would.
+pub fn latest(mut reader: impl BufRead) -> std::io::Result<(Vec<(usize, Latest)>, LoadReport)> {
+    let mut report = LoadReport::default();
+    // Each line's word on its id, in file order; `None` once a later line superseded it.
+    let mut entries: Vec<(usize, Option<Latest>)> = Vec::new();
+    let mut last: HashMap<String, usize, RandomState> = HashMap::default();
     judged_lines(&mut reader, |number, judged| {
-        each(number, judged.map_err(|(_, message)| message))
-    })
+        let (id, word) = match judged {
+            Ok(record) => (record.id.clone(), Latest::Record(record)),
+            Err((id, message)) => {
+                report.skipped.push(LineError {
+                    line: number,
+                    message,
+                });
+                match id {
+                    Some(id) => (id.clone(), Latest::Withdrawn(id)),
+                    None => return,
+                }
+            }
+        };
+        if let Some(&earlier) = last.get(&id) {
+            let (earlier_line, earlier_word) = &mut entries[earlier];
+            if let Some(Latest::Record(_)) = earlier_word.take() {
+                report.superseded.push(*earlier_line);
+            }
+        }
+        last.insert(id, entries.len());
+        entries.push((number, Some(word)));
+    })?;
+    let latest = entries
+        .into_iter()
+        .filter_map(|(line, word)| Some((line, word?)))
+        .collect();
+    Ok((latest, report))
 }
 
 /// The record lines of `reader`, each judged, with their 1-based numbers.
@@ -451,6 +465,23 @@ mod tests {
             "the unreadable last word on c2 grants nothing"
         );
         assert_eq!(report.loaded, 1);
+
+        // What an import records: the same latest words, the withdrawal included.
+        let text = std::fs::read(&path).unwrap();
+        let (words, report) = latest(&text[..]).unwrap();
+        let words: Vec<(usize, String)> = words
+            .into_iter()
+            .map(|(line, word)| match word {
+                Latest::Record(r) => (line, format!("{} revoked {}", r.id, r.revoked_at.is_some())),
+                Latest::Withdrawn(id) => (line, format!("{id} withdrawn")),
+            })
+            .collect();
+        assert_eq!(
+            words,
+            [(3, "c1 revoked true".into()), (4, "c2 withdrawn".into())]
+        );
+        assert_eq!(report.superseded, [1, 2]);
+        assert_eq!(skipped_lines(&report), [4]);
     }
 
     #[test]

@@ -203,8 +203,9 @@ impl ConsentIndex {
         Ok(())
     }
 
-    /// Withdraws the consent `id` of `subject`, if the index holds it.
-    fn remove(&self, subject: &str, id: &str) {
+    /// Withdraws the consent `id` of `subject`, if the index holds it: a store does when the
+    /// latest word on a consent cannot be read.
+    pub fn remove(&self, subject: &str, id: &str) {
         let _writer = self.lock_writer();
         let map = self.map.pin();
         let Some(old) = map.get(subject).map(Held::as_slice) else {

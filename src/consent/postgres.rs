@@ -22,7 +22,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::{AsyncMessage, Client, Config, GenericClient, NoTls, Row};
 
 /// The NOTIFY channel.
@@ -68,6 +68,12 @@ pub enum PgError {
 }
 
 /// Schema migrations, in order; `residency_consent_schema.version` counts those applied.
+///
+/// A build refuses a database migrated past what it knows ([`PgError::TooNew`]) when it next
+/// connects, so each migration takes a fleet's not-yet-upgraded sidecars off the registry at
+/// their next reconnection. That is why rows the schema lets through but a consent cannot
+/// hold (an `'infinity'` time, a NULL in a list) are not refused by a CHECK constraint: they
+/// are read one by one, and one that cannot be read grants nothing.
 const MIGRATIONS: &[&str] = &[r#"
 CREATE TABLE consents (
     id           text PRIMARY KEY,
@@ -118,30 +124,107 @@ CREATE TRIGGER consent_revocations_kept_whole BEFORE TRUNCATE ON consent_revocat
     FOR EACH STATEMENT EXECUTE FUNCTION residency_consent_fact_kept();
 "#];
 
-/// The columns of a current state, in the order [`state_from_row`] reads them; times as
-/// Unix microseconds.
+/// The columns of a current state, in the order [`state_from_row`] reads them. Times are read
+/// as `timestamptz` and converted here ([`Time`]), not in SQL: an `::int8` cast of
+/// `'infinity'` fails the whole query, and with it every full load.
 const STATE_COLUMNS: &str = "c.id, c.subject, c.recipient, c.purposes, c.categories, c.destinations, c.method, \
-     (extract(epoch FROM c.granted_at) * 1000000)::int8, (extract(epoch FROM c.expires_at) * 1000000)::int8, c.evidence, \
-     (SELECT (extract(epoch FROM min(r.revoked_at)) * 1000000)::int8 FROM consent_revocations r WHERE r.consent_id = c.id)";
+     c.granted_at, c.expires_at, c.evidence, \
+     (SELECT min(r.revoked_at) FROM consent_revocations r WHERE r.consent_id = c.id)";
 
-fn micros(us: i64) -> Timestamp {
-    Timestamp::from_microsecond(us).unwrap_or(Timestamp::MAX)
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 UTC).
+const PG_EPOCH_US: i64 = 946_684_800_000_000;
+
+/// A `timestamptz` as PostgreSQL sends it: `None` for `'infinity'` and `'-infinity'`, and
+/// for times outside what a consent record holds (years -9999 to 9999).
+struct Time(Option<Timestamp>);
+
+impl<'a> FromSql<'a> for Time {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Time, Box<dyn std::error::Error + Sync + Send>> {
+        let us = i64::from_be_bytes(raw.try_into()?);
+        // The infinities travel as the extreme values.
+        if us == i64::MAX || us == i64::MIN {
+            return Ok(Time(None));
+        }
+        Ok(Time(
+            us.checked_add(PG_EPOCH_US)
+                .and_then(|us| Timestamp::from_microsecond(us).ok()),
+        ))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TIMESTAMPTZ
+    }
 }
 
-fn state_from_row(row: &Row) -> Result<ConsentRecord, tokio_postgres::Error> {
-    Ok(ConsentRecord {
-        id: row.try_get(0)?,
-        subject: row.try_get(1)?,
-        recipient: row.try_get(2)?,
-        purposes: row.try_get(3)?,
-        categories: row.try_get(4)?,
-        destinations: row.try_get(5)?,
-        method: row.try_get(6)?,
-        granted_at: micros(row.try_get(7)?),
-        expires_at: micros(row.try_get(8)?),
-        evidence: row.try_get(9)?,
-        revoked_at: row.try_get::<_, Option<i64>>(10)?.map(micros),
+/// A time for history, where an event is listed whatever its time: one that cannot be held
+/// shows as the Unix epoch (as the SQLite registry shows an unreadable one).
+fn listed(t: Time) -> Timestamp {
+    t.0.unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+/// A consent row the proxy cannot read: a NULL in a list, or a time that is infinite or
+/// out of range. The schema lets straight SQL write such rows; each grants nothing, and the
+/// rows around it load as usual.
+#[derive(Debug)]
+struct Unreadable {
+    id: String,
+    subject: String,
+    why: String,
+}
+
+/// Column `i` of `row`, or why it cannot be read, naming the column.
+fn column<'a, T: FromSql<'a>>(row: &'a Row, i: usize) -> Result<T, String> {
+    row.try_get(i).map_err(|e| {
+        let why = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+        format!("{}: {why}", row.columns()[i].name())
     })
+}
+
+/// A finite time in column `i`.
+fn time(row: &Row, i: usize) -> Result<Timestamp, String> {
+    column::<Time>(row, i)?.0.ok_or_else(|| {
+        format!(
+            "{}: not a time a consent can hold (infinity, or beyond the years -9999 to 9999)",
+            row.columns()[i].name()
+        )
+    })
+}
+
+fn state_from_row(row: &Row) -> Result<ConsentRecord, Unreadable> {
+    let read = || -> Result<ConsentRecord, String> {
+        let granted_at = time(row, 7)?;
+        Ok(ConsentRecord {
+            id: column(row, 0)?,
+            subject: column(row, 1)?,
+            recipient: column(row, 2)?,
+            purposes: column(row, 3)?,
+            categories: column(row, 4)?,
+            destinations: column(row, 5)?,
+            method: column(row, 6)?,
+            granted_at,
+            expires_at: time(row, 8)?,
+            evidence: column(row, 9)?,
+            // A revocation whose time cannot be held still revokes, from the grant on: the
+            // row says the person withdrew, and only its date is in doubt.
+            revoked_at: column::<Option<Time>>(row, 10)?.map(|t| t.0.unwrap_or(granted_at)),
+        })
+    };
+    read().map_err(|why| Unreadable {
+        id: row.try_get(0).unwrap_or_default(),
+        subject: row.try_get(1).unwrap_or_default(),
+        why,
+    })
+}
+
+/// The rows that can be read; the others are logged and skipped.
+fn readable(rows: &[Row]) -> Vec<ConsentRecord> {
+    rows.iter()
+        .filter_map(|row| state_from_row(row).map_err(warn_unreadable).ok())
+        .collect()
+}
+
+fn warn_unreadable(u: Unreadable) {
+    tracing::warn!(consent.id = %u.id, subject = %u.subject, reason = %u.why, "unreadable consent row ignored; it grants nothing");
 }
 
 /// Parses a store URL, with defaults suited to a sidecar.
@@ -265,28 +348,18 @@ async fn states(
     let sql = format!("SELECT {STATE_COLUMNS} FROM consents c WHERE {cond} ORDER BY c.id");
     let params = params(&param);
     let rows = bounded(target, client.query(&sql, &params)).await?;
-    rows_to_states(&rows, target)
+    Ok(readable(&rows))
 }
 
-fn rows_to_states(rows: &[Row], target: &str) -> Result<Vec<ConsentRecord>, PgError> {
-    rows.iter()
-        .map(|r| {
-            state_from_row(r).map_err(|source| PgError::Query {
-                target: target.into(),
-                source,
-            })
-        })
-        .collect()
-}
-
+/// The states of consents `ids`, each read on its own.
 async fn states_of(
     client: &impl GenericClient,
     target: &str,
     ids: &[&str],
-) -> Result<Vec<ConsentRecord>, PgError> {
+) -> Result<Vec<Result<ConsentRecord, Unreadable>>, PgError> {
     let sql = format!("SELECT {STATE_COLUMNS} FROM consents c WHERE c.id = ANY($1)");
     let rows = bounded(target, client.query(&sql, &[&ids])).await?;
-    rows_to_states(&rows, target)
+    Ok(rows.iter().map(state_from_row).collect())
 }
 
 /// Every consent, a page at a time (memory stays bounded by the page, not the table).
@@ -297,12 +370,15 @@ async fn load_all(client: &Client, target: &str) -> Result<Vec<ConsentRecord>, P
     let mut after = String::new();
     loop {
         let rows = bounded(target, client.query(&sql, &[&after, &PAGE])).await?;
-        let page = rows_to_states(&rows, target)?;
-        let done = (page.len() as i64) < PAGE;
-        if let Some(last) = page.last() {
-            after = last.id.clone();
+        let done = (rows.len() as i64) < PAGE;
+        // The next page starts after the last row, read or not.
+        if let Some(last) = rows.last() {
+            after = last.try_get(0).map_err(|source| PgError::Query {
+                target: target.into(),
+                source,
+            })?;
         }
-        out.extend(page);
+        out.extend(readable(&rows));
         if done {
             return Ok(out);
         }
@@ -332,7 +408,7 @@ fn params<'a>(p: &'a Param<'a>) -> Vec<&'a (dyn ToSql + Sync)> {
 async fn history(client: &Client, target: &str, filter: Filter<'_>) -> Result<Vec<Event>, PgError> {
     let (cond, param) = condition(filter);
     let params = params(&param);
-    let recorded = "(extract(epoch FROM {t}.recorded_at) * 1000000)::int8, {t}.recorded_by";
+    let recorded = "{t}.recorded_at, {t}.recorded_by";
     let grants = format!(
         "SELECT {STATE_COLUMNS}, {} FROM consents c WHERE {cond}",
         recorded.replace("{t}", "c")
@@ -343,21 +419,27 @@ async fn history(client: &Client, target: &str, filter: Filter<'_>) -> Result<Ve
     };
     let mut events = Vec::new();
     for row in bounded(target, client.query(&grants, &params)).await? {
-        let mut r = state_from_row(&row).map_err(query)?;
+        let mut r = match state_from_row(&row) {
+            Ok(r) => r,
+            Err(u) => {
+                warn_unreadable(u);
+                continue;
+            }
+        };
         r.revoked_at = None;
         events.push(Event {
             event: "grant",
             consent: r.id.clone(),
             subject: r.subject.clone(),
             at: r.granted_at,
-            recorded_at: micros(row.try_get(11).map_err(query)?),
+            recorded_at: listed(row.try_get(11).map_err(query)?),
             recorded_by: row.try_get(12).map_err(query)?,
             evidence: r.evidence.clone(),
             record: Some(r),
         });
     }
     let revocations = format!(
-        "SELECT r.consent_id, c.subject, (extract(epoch FROM r.revoked_at) * 1000000)::int8, {}, r.evidence \
+        "SELECT r.consent_id, c.subject, r.revoked_at, {}, r.evidence \
          FROM consent_revocations r JOIN consents c ON c.id = r.consent_id WHERE {cond}",
         recorded.replace("{t}", "r")
     );
@@ -366,8 +448,8 @@ async fn history(client: &Client, target: &str, filter: Filter<'_>) -> Result<Ve
             event: "revoke",
             consent: row.try_get(0).map_err(query)?,
             subject: row.try_get(1).map_err(query)?,
-            at: micros(row.try_get(2).map_err(query)?),
-            recorded_at: micros(row.try_get(3).map_err(query)?),
+            at: listed(row.try_get(2).map_err(query)?),
+            recorded_at: listed(row.try_get(3).map_err(query)?),
             recorded_by: row.try_get(4).map_err(query)?,
             evidence: row.try_get(5).map_err(query)?,
             record: None,
@@ -400,6 +482,7 @@ async fn write(
     let held = states_of(&tx, target, &ids)
         .await?
         .into_iter()
+        .filter_map(Result::ok)
         .map(|r| (r.id.clone(), r))
         .collect();
     let (batch, results) = plan(held, changes);
@@ -647,13 +730,24 @@ impl Feed {
         ids.sort_unstable();
         ids.dedup();
         let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let records = states_of(client, &self.target, &refs).await?;
-        for r in &records {
-            if let Err(e) = self.index.upsert(r) {
-                tracing::warn!(consent.id = %r.id, error = %e, "invalid consent in the registry ignored");
+        let states = states_of(client, &self.target, &refs).await?;
+        let applied = states.len();
+        for state in states {
+            match state {
+                Ok(r) => {
+                    if let Err(e) = self.index.upsert(&r) {
+                        tracing::warn!(consent.id = %r.id, error = %e, "invalid consent in the registry ignored");
+                    }
+                }
+                // Withdrawn, as an update the index refuses is: the latest word on a
+                // consent, if unreadable, grants nothing.
+                Err(u) => {
+                    self.index.remove(&u.subject, &u.id);
+                    warn_unreadable(u);
+                }
             }
         }
-        tracing::debug!(consents = records.len(), "consent changes applied");
+        tracing::debug!(consents = applied, "consent changes applied");
         Ok(())
     }
 
@@ -768,6 +862,21 @@ mod tests {
         }
         let late = b.next();
         assert!(late >= Duration::from_secs(5) && late <= Duration::from_millis(6250));
+    }
+
+    #[test]
+    fn infinite_and_out_of_range_times_are_not_times() {
+        let time = |us: i64| {
+            Time::from_sql(&Type::TIMESTAMPTZ, &us.to_be_bytes())
+                .unwrap()
+                .0
+        };
+        assert_eq!(time(0), Some("2000-01-01T00:00:00Z".parse().unwrap()));
+        assert_eq!(time(-PG_EPOCH_US), Some(Timestamp::UNIX_EPOCH));
+        assert_eq!(time(i64::MAX), None, "infinity");
+        assert_eq!(time(i64::MIN), None, "-infinity");
+        // 200000-01-01, which PostgreSQL holds.
+        assert_eq!(time(6_248_916_864_000_000_000), None);
     }
 
     #[test]

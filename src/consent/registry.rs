@@ -75,13 +75,17 @@ pub struct Revocation {
 pub enum Change {
     /// A record as the file store writes it: a grant, with `revoked_at` when it was revoked.
     Record(ConsentRecord),
+    /// A grant whose sender left `granted_at` out (the record holds the time it arrived).
+    /// For an id already recorded it means the recorded time, so that a request retried
+    /// after a timeout finds its first attempt instead of a conflict.
+    Undated(ConsentRecord),
     Revoke(Revocation),
 }
 
 impl Change {
     pub fn id(&self) -> &str {
         match self {
-            Change::Record(r) => &r.id,
+            Change::Record(r) | Change::Undated(r) => &r.id,
             Change::Revoke(r) => &r.consent_id,
         }
     }
@@ -134,7 +138,7 @@ pub fn plan(
             if matches!(w.outcome, Outcome::Revoked | Outcome::GrantedRevoked) {
                 let evidence = match change {
                     Change::Revoke(r) => r.evidence.clone(),
-                    Change::Record(_) => None,
+                    Change::Record(_) | Change::Undated(_) => None,
                 };
                 batch.revocations.push(Revocation {
                     consent_id: w.record.id.clone(),
@@ -150,62 +154,80 @@ pub fn plan(
 }
 
 fn step(held: Option<&ConsentRecord>, change: &Change) -> Result<Written, RegistryError> {
+    match (change, held) {
+        (Change::Record(r), _) | (Change::Undated(r), None) => grant(held, r),
+        // The time left out is the recorded one.
+        (Change::Undated(r), Some(h)) => grant(
+            held,
+            &ConsentRecord {
+                granted_at: h.granted_at,
+                ..r.clone()
+            },
+        ),
+        (Change::Revoke(r), _) => revoke(held, r),
+    }
+}
+
+fn grant(held: Option<&ConsentRecord>, r: &ConsentRecord) -> Result<Written, RegistryError> {
     let written = |record: ConsentRecord, outcome| Ok(Written { record, outcome });
-    if let Change::Record(r) = change
-        && let Err(source) = r.validate()
-    {
+    if let Err(source) = r.validate() {
         return Err(RegistryError::Invalid {
             id: r.id.clone(),
             source,
         });
     }
-    match (held, change) {
-        (None, Change::Record(r)) => {
-            let outcome = match r.revoked_at {
-                Some(_) => Outcome::GrantedRevoked,
-                None => Outcome::Granted,
-            };
-            written(r.clone(), outcome)
-        }
-        (Some(h), Change::Record(r)) => {
-            if let Some(field) = first_difference(h, r) {
-                return Err(RegistryError::Conflict {
-                    id: r.id.clone(),
-                    field,
-                });
-            }
-            match (h.revoked_at, r.revoked_at) {
-                (None, Some(at)) => written(
-                    ConsentRecord {
-                        revoked_at: Some(at),
-                        ..h.clone()
-                    },
-                    Outcome::Revoked,
-                ),
-                // A revoked consent stays revoked: a record without `revoked_at` is an
-                // earlier state of it (a file lists the grant, then its revocation).
-                _ => written(h.clone(), Outcome::Unchanged),
-            }
-        }
-        (None, Change::Revoke(r)) => Err(RegistryError::NotFound {
-            id: r.consent_id.clone(),
-        }),
-        (Some(h), Change::Revoke(_)) if h.revoked_at.is_some() => {
-            written(h.clone(), Outcome::Unchanged)
-        }
-        (Some(h), Change::Revoke(r)) => {
-            let after = ConsentRecord {
-                revoked_at: Some(r.revoked_at),
+    let Some(h) = held else {
+        let outcome = match r.revoked_at {
+            Some(_) => Outcome::GrantedRevoked,
+            None => Outcome::Granted,
+        };
+        return written(r.clone(), outcome);
+    };
+    if let Some(field) = first_difference(h, r) {
+        return Err(RegistryError::Conflict {
+            id: r.id.clone(),
+            field,
+        });
+    }
+    match (h.revoked_at, r.revoked_at) {
+        (None, Some(at)) => written(
+            ConsentRecord {
+                revoked_at: Some(at),
                 ..h.clone()
-            };
-            match after.validate() {
-                Ok(()) => written(after, Outcome::Revoked),
-                Err(source) => Err(RegistryError::Invalid {
-                    id: h.id.clone(),
-                    source,
-                }),
-            }
-        }
+            },
+            Outcome::Revoked,
+        ),
+        // A revoked consent stays revoked: a record without `revoked_at` is an earlier
+        // state of it (a file lists the grant, then its revocation).
+        _ => written(h.clone(), Outcome::Unchanged),
+    }
+}
+
+fn revoke(held: Option<&ConsentRecord>, r: &Revocation) -> Result<Written, RegistryError> {
+    let Some(h) = held else {
+        return Err(RegistryError::NotFound {
+            id: r.consent_id.clone(),
+        });
+    };
+    if h.revoked_at.is_some() {
+        return Ok(Written {
+            record: h.clone(),
+            outcome: Outcome::Unchanged,
+        });
+    }
+    let after = ConsentRecord {
+        revoked_at: Some(r.revoked_at),
+        ..h.clone()
+    };
+    match after.validate() {
+        Ok(()) => Ok(Written {
+            record: after,
+            outcome: Outcome::Revoked,
+        }),
+        Err(source) => Err(RegistryError::Invalid {
+            id: h.id.clone(),
+            source,
+        }),
     }
 }
 
@@ -270,6 +292,8 @@ pub struct ImportReport {
     pub granted: usize,
     pub revoked: usize,
     pub unchanged: usize,
+    /// Lines of valid records that a later line of the same id replaced or withdrew.
+    pub superseded: usize,
     /// Lines refused (1-based line number, why); the rest of the import went ahead.
     pub refused: Vec<(usize, String)>,
 }
@@ -280,10 +304,11 @@ impl ImportReport {
         self.granted += other.granted;
         self.revoked += other.revoked;
         self.unchanged += other.unchanged;
+        self.superseded += other.superseded;
         self.refused.extend(other.refused);
     }
 
-    fn count(&mut self, line: usize, result: Result<Written, RegistryError>) {
+    fn count(&mut self, line: usize, change: &Change, result: Result<Written, RegistryError>) {
         match result.map(|w| w.outcome) {
             Ok(Outcome::Granted) => self.granted += 1,
             Ok(Outcome::Revoked) => self.revoked += 1,
@@ -292,6 +317,9 @@ impl ImportReport {
                 self.revoked += 1;
             }
             Ok(Outcome::Unchanged) => self.unchanged += 1,
+            // The withdrawal of a consent the registry does not hold: nothing to withdraw
+            // (the line that withdraws it is refused already).
+            Err(RegistryError::NotFound { .. }) if matches!(change, Change::Revoke(_)) => {}
             Err(e) => self.refused.push((line, e.to_string())),
         }
     }
@@ -359,9 +387,10 @@ impl Registry {
         }
     }
 
-    /// Records a grant. Granting exactly what is already recorded changes nothing.
-    pub async fn grant(&self, record: ConsentRecord, by: &str) -> Result<Written, RegistryError> {
-        self.write_one(Change::Record(record), by).await
+    /// Records a grant, [`Change::Record`] or [`Change::Undated`]. Granting exactly what is
+    /// already recorded changes nothing.
+    pub async fn grant(&self, grant: Change, by: &str) -> Result<Written, RegistryError> {
+        self.write_one(grant, by).await
     }
 
     /// Records a revocation; revoking a revoked consent changes nothing.
@@ -376,21 +405,20 @@ impl Registry {
             .expect("one result per change")
     }
 
-    /// Imports records (as the file store writes them, with their line numbers), in batches.
+    /// Imports the changes of a file (each with the number of its line), in batches: a
+    /// record (a grant, revoked when `revoked_at` is set) or the withdrawal of an id (a
+    /// revocation, which changes nothing if the registry does not hold the id).
     pub async fn import(
         &self,
-        records: Vec<(usize, ConsentRecord)>,
+        changes: Vec<(usize, Change)>,
         by: &str,
     ) -> Result<ImportReport, RegistryError> {
         let mut report = ImportReport::default();
-        for chunk in records.chunks(IMPORT_BATCH) {
-            let changes = chunk
-                .iter()
-                .map(|(_, r)| Change::Record(r.clone()))
-                .collect();
-            let results = self.write(changes, by).await?;
-            for ((line, _), result) in chunk.iter().zip(results) {
-                report.count(*line, result);
+        for chunk in changes.chunks(IMPORT_BATCH) {
+            let batch = chunk.iter().map(|(_, c)| c.clone()).collect();
+            let results = self.write(batch, by).await?;
+            for ((line, change), result) in chunk.iter().zip(results) {
+                report.count(*line, change, result);
             }
         }
         Ok(report)
@@ -548,6 +576,37 @@ mod tests {
         let (batch, results) = plan(held, &[revoke("c1", too_early)]);
         assert_eq!(outcomes(&results), ["Revoked"]);
         assert_eq!(batch.revocations.len(), 1);
+    }
+
+    #[test]
+    fn a_grant_without_its_time_repeated_is_the_recorded_one() {
+        let held: HashMap<_, _, RandomState> =
+            [("c1".to_string(), record("c1"))].into_iter().collect();
+        let retried = ConsentRecord {
+            granted_at: "2026-05-01T00:00:00Z".parse().unwrap(),
+            ..record("c1")
+        };
+        let other = ConsentRecord {
+            purposes: vec!["marketing".into()],
+            ..retried.clone()
+        };
+        let (batch, results) = plan(
+            held,
+            &[
+                Change::Undated(retried.clone()),
+                Change::Undated(other),
+                Change::Record(retried),
+                Change::Undated(record("c2")),
+            ],
+        );
+        let out = outcomes(&results);
+        assert_eq!(out[0], "Unchanged");
+        assert_eq!(results[0].as_ref().unwrap().record, record("c1"));
+        // Other terms are still another consent, and a time given is the caller's word.
+        assert!(out[1].contains("different purposes"), "{}", out[1]);
+        assert!(out[2].contains("different granted_at"), "{}", out[2]);
+        assert_eq!(out[3], "Granted");
+        assert_eq!(batch.grants, [record("c2")]);
     }
 
     #[test]

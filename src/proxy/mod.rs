@@ -93,6 +93,9 @@ pub struct Shared {
     pub registry: Option<Registry>,
     /// Exchanges whose outcome record is still to be written.
     pub exchanges: std::sync::atomic::AtomicUsize,
+    /// The admin bearer token (`[admin].token_file`), read again by every reload so that a
+    /// rotated token replaces the old one without a restart.
+    pub admin_token: ArcSwapOption<crate::admin::AdminToken>,
 }
 
 /// What `serve` needs to start.
@@ -256,10 +259,10 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
         last_reload: ArcSwapOption::empty(),
         registry,
         exchanges: Default::default(),
+        admin_token: ArcSwapOption::new(token.map(Arc::new)),
     });
     let admin_state = Arc::new(crate::admin::AdminState {
         shared: shared.clone(),
-        token,
     });
     let admin = admin.serve(admin_state).await;
     let admin_addr = admin.addr;

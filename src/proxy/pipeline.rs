@@ -133,11 +133,10 @@ async fn handle_inner(
     } else {
         None
     };
-    let (record, plan) = match limit {
+    // What `residency_decisions_total` counts, once the log has had its say.
+    let (record, plan, counted) = match limit {
         Some((reason, rule)) => {
-            snap.metrics
-                .dataset(None)
-                .record(reason, Verdict::Error, true);
+            let counted = (None, reason, Verdict::Error, true);
             let mut rec = record::failure_record(policy, &cx, reason, rule);
             rec.request.path = snap.pseudo.opaque_path(&rec.request.path);
             let mut failure = Decision::new_failure(reason, rule);
@@ -153,6 +152,7 @@ async fn handle_inner(
                     dataset: None,
                     message,
                 },
+                counted,
             )
         }
         None => {
@@ -171,9 +171,7 @@ async fn handle_inner(
             };
             let d = decide::decide(policy, &env, &request, &mut ());
             shared.metrics.decision_time.observe(started.elapsed());
-            snap.metrics
-                .dataset(d.dataset)
-                .record(d.reason, d.verdict, d.enforced);
+            let counted = (d.dataset, d.reason, d.verdict, d.enforced);
             if d.reason == Reason::UpstreamUnreachable && d.upstream.is_none() {
                 // Decided unreachable: the upstream's host resolved to no address.
                 let up = d
@@ -205,7 +203,7 @@ async fn handle_inner(
                     message: d.message(policy),
                 },
             };
-            (rec, plan)
+            (rec, plan, counted)
         }
     };
 
@@ -224,12 +222,17 @@ async fn handle_inner(
         ))),
     };
     shared.metrics.log_append_time.observe(appending.elapsed());
+    let (dataset, reason, verdict, enforced) = counted;
     if let Err(e) = logged {
         let forwarding = matches!(plan, Plan::Forward { .. });
         // "allow" forwards past a failing log, never past a closed one (shutdown).
         if policy.log.on_failure == OnFailure::Deny || !forwarding || shared.log.is_closed() {
             tracing::error!(error = %e, "decision log unavailable: refusing the request");
             let reason = Reason::LogUnavailable;
+            // Counted as answered: the decision was not logged, and not carried out.
+            snap.metrics
+                .dataset(dataset)
+                .record(reason, Verdict::Error, true);
             let message = Decision::new_failure(reason, "log.on_failure").message(policy);
             exchange.set_error(reason);
             return respond::local(
@@ -246,6 +249,9 @@ async fn handle_inner(
         }
         tracing::error!(error = %e, "decision log unavailable: forwarding anyway (log.on_failure = \"allow\")");
     }
+    snap.metrics
+        .dataset(dataset)
+        .record(reason, verdict, enforced);
 
     match plan {
         Plan::Refuse {

@@ -1,5 +1,5 @@
 //! Policy reloads: on request (SIGHUP) and when a watched file changes. The policy file and
-//! its includes, the geolocation database and the TLS files are polled (metadata only: device,
+//! its includes, the geolocation database, the admin token and the TLS files are polled (metadata only: device,
 //! inode, size, modification time) every second; a change is acted on once it has held still
 //! for one poll, so that an editor's or a downloader's successive writes make one reload.
 //!
@@ -10,6 +10,7 @@
 
 use super::snapshot::{Snapshot, read_policy};
 use super::{ServeConfig, ServeError, Shared};
+use crate::admin::{AdminToken, read_token};
 use crate::metrics::ReloadResult;
 use crate::policy::{Policy, PolicyError};
 use serde::Serialize;
@@ -98,7 +99,7 @@ impl Reloader {
     ) -> Result<Reloaded, ServeError> {
         let _guard = self.lock.lock().await;
         let result = self.build().await;
-        let next = match result {
+        let (next, token) = match result {
             Ok(next) if !unchanged().await => {
                 drop(next);
                 tracing::debug!(
@@ -130,18 +131,30 @@ impl Reloader {
         );
         next.activate();
         self.shared.snapshot.store(Arc::new(next));
+        self.shared.admin_token.store(token.map(Arc::new));
         self.shared.metrics.reloaded(ReloadResult::Ok);
         self.record(trigger, "ok", Vec::new());
         Ok(Reloaded::Swapped)
     }
 
-    async fn build(&self) -> Result<Snapshot, ServeError> {
+    /// The next snapshot, and the admin token it names (read again: rotating the token
+    /// takes a reload, not a restart; an unreadable or empty one rejects the reload).
+    async fn build(&self) -> Result<(Snapshot, Option<AdminToken>), ServeError> {
         let path = self.config.policy_path.clone();
         let overrides = self.config.overrides.clone();
         // Reading and compiling the files is blocking work: off the runtime threads.
-        let policy = tokio::task::spawn_blocking(move || read_policy(&path, &overrides))
-            .await
-            .expect("the policy loader does not panic")?;
+        let (policy, token) = tokio::task::spawn_blocking(move || {
+            let policy = read_policy(&path, &overrides)?;
+            let token = policy
+                .admin
+                .token_file
+                .as_deref()
+                .map(read_token)
+                .transpose()?;
+            Ok::<_, ServeError>((policy, token))
+        })
+        .await
+        .expect("the policy loader does not panic")?;
         let current = self.shared.snapshot.load_full();
         if policy.log.target != current.policy.log.target {
             return Err(ServeError::NeedsRestart { what: "log.path" });
@@ -186,7 +199,7 @@ impl Reloader {
                 .await
                 .map_err(|e| ServeError::Task(e.to_string()))??;
         }
-        Ok(next)
+        Ok((next, token))
     }
 
     fn record(&self, trigger: Trigger, result: &'static str, errors: Vec<String>) {
@@ -227,10 +240,11 @@ pub struct Watched {
 }
 
 /// The files `p` was built from: the policy and its includes, the geolocation database, the
-/// TLS files.
+/// admin token (a rotated Secret takes effect without a signal), the TLS files.
 fn watched_paths(p: &Policy) -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = p.sources.clone();
     paths.extend(p.geo_database.iter().cloned());
+    paths.extend(p.admin.token_file.iter().cloned());
     // Certificate files are watched by the TLS module itself (`ServerTls::watch`).
     paths
 }

@@ -59,6 +59,17 @@ async fn the_consent_api_needs_the_bearer_token_for_reads_and_writes() {
     assert_eq!(r.status, 200, "{}", r.text());
     let r = admin(&proxy, "POST", "/v1/consents/c-1/revoke", Some(TOKEN), None).await;
     assert_eq!(r.status, 200, "{}", r.text());
+    // The scheme's name is case-insensitive (RFC 9110).
+    let r = client::send(
+        "127.0.0.1",
+        proxy.running().admin_addr,
+        client::request("GET", "/v1/consents/c-1")
+            .header("authorization", format!("bearer {TOKEN}"))
+            .body(client::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
 
     // The data listener never serves the admin API, token or not.
     let r = client::send(
@@ -108,6 +119,12 @@ async fn each_invalid_record_is_refused_with_422_naming_the_field() {
         ("purposes", json!([]), "at least one purpose"),
         ("recipient", json!("*"), "never a wildcard"),
         ("recipient", json!("credit-*"), "never a wildcard"),
+        (
+            "recipient",
+            json!("credit-bureau-usa"),
+            "not a recipient of the policy",
+        ),
+        ("destinations", json!(["USA"]), "neither a country code"),
         (
             "expires_at",
             json!("2025-12-31T00:00:00Z"),
@@ -286,6 +303,121 @@ async fn a_grant_takes_effect_and_a_revocation_keeps_the_record_and_its_history(
         (400, json!("subject_required"))
     );
     proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_retried_without_its_time_answers_200_and_changes_nothing() {
+    let db = tempfile::tempdir().unwrap();
+    let home = home_store().await;
+    let mut proxy = registry_policy(&sqlite_store(&db), &home).start().await;
+    // The docs' example: an id, and no granted_at (now).
+    let mut body = consent_body("c-retry", "u1");
+    body.as_object_mut().unwrap().remove("granted_at");
+    let first = admin(
+        &proxy,
+        "POST",
+        "/v1/consents",
+        Some(TOKEN),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(first.status, 201, "{}", first.text());
+    // A client that timed out sends it again.
+    let retry = admin(
+        &proxy,
+        "POST",
+        "/v1/consents",
+        Some(TOKEN),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(retry.status, 200, "{}", retry.text());
+    assert_eq!(retry.json(), first.json(), "the grant as first recorded");
+    assert_eq!(bureau_reads(&proxy, "u1").await, "200");
+
+    // Other terms are still refused, and so is another time given explicitly.
+    let mut other = body.clone();
+    other["purposes"] = json!(["marketing"]);
+    let r = admin(&proxy, "POST", "/v1/consents", Some(TOKEN), Some(other)).await;
+    assert_eq!(
+        (r.status, r.json()["field"].clone()),
+        (409, json!("purposes"))
+    );
+    let mut dated = body;
+    dated["granted_at"] = "2026-01-01T00:00:00Z".into();
+    let r = admin(&proxy, "POST", "/v1/consents", Some(TOKEN), Some(dated)).await;
+    assert_eq!(
+        (r.status, r.json()["field"].clone()),
+        (409, json!("granted_at"))
+    );
+    let r = admin(
+        &proxy,
+        "GET",
+        "/v1/consents?subject=u1&history=true",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(
+        r.json()["events"].as_array().unwrap().len(),
+        1,
+        "{}",
+        r.text()
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_admin_token_replaces_the_old_one_on_reload() {
+    let db = tempfile::tempdir().unwrap();
+    let home = home_store().await;
+    let mut proxy = registry_policy(&sqlite_store(&db), &home).start().await;
+    let token_file = proxy.dir.path().join("admin.token");
+    let status = |token: &'static str| {
+        let proxy = &proxy;
+        async move {
+            admin(proxy, "GET", "/v1/consents?subject=u1", Some(token), None)
+                .await
+                .status
+        }
+    };
+    assert_eq!(status(TOKEN).await, 200);
+
+    // After a leak: the Secret is rotated and the proxy told to reload.
+    std::fs::write(&token_file, "rotated-token-1\n").unwrap();
+    proxy.running().reload().await.unwrap();
+    assert_eq!(status(TOKEN).await, 401, "the old token stops working");
+    assert_eq!(status("rotated-token-1").await, 200);
+
+    // A token file that cannot be used rejects the reload; the token in force stays.
+    std::fs::write(&token_file, "\n").unwrap();
+    let e = proxy.running().reload().await.unwrap_err();
+    assert!(e.to_string().contains("admin.token"), "{e}");
+    assert_eq!(status("rotated-token-1").await, 200);
+
+    // Without a signal too: the token file is watched like the policy.
+    std::fs::write(&token_file, "rotated-token-2\n").unwrap();
+    time_until_status(&proxy, "rotated-token-2", 200).await;
+    assert_eq!(status("rotated-token-1").await, 401);
+    proxy.shutdown().await;
+}
+
+/// Waits (up to 10 s) until the consent API answers `token` with `want`.
+async fn time_until_status(proxy: &crate::support::proxy::TestProxy, token: &str, want: u16) {
+    let start = tokio::time::Instant::now();
+    loop {
+        let got = admin(proxy, "GET", "/v1/consents?subject=u1", Some(token), None)
+            .await
+            .status;
+        if got == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "still {got} with {token}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

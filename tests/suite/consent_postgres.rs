@@ -191,3 +191,123 @@ async fn the_database_lost_mid_run_refuses_consent_after_the_bound_and_recovers(
     assert_eq!(r.status, 200, "{}", r.text());
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_the_proxy_cannot_read_grants_nothing_and_the_others_still_load() {
+    let Some(server) = postgres_url("a_row_the_proxy_cannot_read_grants_nothing") else {
+        return;
+    };
+    let url = fresh_database(&server).await;
+    let home = home_store().await;
+    // Any use of the registry creates the schema.
+    cli_ok(&["consent", "list", "--store", &url]).await;
+    let db = pg_connect(&url).await;
+    let insert = |id: &str, subject: &str, purposes: &str, granted: &str, expires: &str| {
+        format!(
+            "INSERT INTO consents (id, subject, recipient, purposes, categories, destinations, method, granted_at, expires_at) \
+             VALUES ('{id}', '{subject}', 'credit-bureau-us', '{purposes}', '{{user.financial}}', '{{US}}', 'explicit', {granted}, {expires});"
+        )
+    };
+    let good = |id: &str, subject: &str| {
+        insert(
+            id,
+            subject,
+            "{credit_scoring}",
+            "now() - interval '1 hour'",
+            "now() + interval '1 year'",
+        )
+    };
+    // Rows the schema accepts and a consent cannot hold, written the way an operator
+    // writes "no expiry" or a list by hand, between readable ones.
+    db.batch_execute(
+        &[
+            good("c-a", "u1"),
+            insert("c-b", "u2", "{credit_scoring}", "now()", "'infinity'"),
+            insert(
+                "c-c",
+                "u3",
+                "{credit_scoring}",
+                "'-infinity'",
+                "'2099-01-01'",
+            ),
+            insert(
+                "c-d",
+                "u4",
+                "{credit_scoring,NULL}",
+                "now()",
+                "'2099-01-01'",
+            ),
+            insert("c-e", "u5", "{credit_scoring}", "now()", "'200000-01-01'"),
+            good("c-f", "u6"),
+            "INSERT INTO consent_revocations (consent_id, revoked_at) VALUES ('c-f', '-infinity');"
+                .into(),
+            good("c-g", "u7"),
+        ]
+        .concat(),
+    )
+    .await
+    .unwrap();
+
+    let mut proxy = registry_policy(&url, &home).start().await;
+    assert_eq!(bureau_reads(&proxy, "u1").await, "200");
+    assert_eq!(bureau_reads(&proxy, "u7").await, "200");
+    for subject in ["u2", "u3", "u4", "u5"] {
+        assert_eq!(
+            bureau_reads(&proxy, subject).await,
+            "451 consent_missing",
+            "{subject}"
+        );
+    }
+    // A revocation with an unreadable time still revokes.
+    assert_eq!(bureau_reads(&proxy, "u6").await, "451 consent_revoked");
+    let r = admin(&proxy, "GET", "/readyz", None, None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // The same while running: the change feed skips the row and stays current.
+    db.batch_execute(
+        &[
+            insert("c-h", "u8", "{credit_scoring}", "now()", "'infinity'"),
+            good("c-i", "u9"),
+        ]
+        .concat(),
+    )
+    .await
+    .unwrap();
+    time_until(
+        "the grant after the bad row",
+        Duration::from_secs(10),
+        || holds(&proxy, "u9", "c-i", false),
+    )
+    .await;
+    assert_eq!(bureau_reads(&proxy, "u9").await, "200");
+    assert_eq!(bureau_reads(&proxy, "u8").await, "451 consent_missing");
+    db.batch_execute(
+        "INSERT INTO consent_revocations (consent_id, revoked_at) VALUES ('c-g', 'infinity')",
+    )
+    .await
+    .unwrap();
+    until_bureau_reads(&proxy, "u7", "451 consent_revoked", Duration::from_secs(10)).await;
+    let r = admin(&proxy, "GET", "/readyz", None, None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // The admin API lists what it can read, and the history keeps every revocation.
+    let r = admin(&proxy, "GET", "/v1/consents?subject=u2", Some(TOKEN), None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["consents"], serde_json::json!([]));
+    let r = admin(
+        &proxy,
+        "GET",
+        "/v1/consents?subject=u6&history=true",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["events"].as_array().unwrap().len(),
+        2,
+        "{}",
+        r.text()
+    );
+    proxy.shutdown().await;
+}

@@ -59,6 +59,16 @@ async fn a_grant_by_the_consent_command_takes_effect_while_the_proxy_runs() {
     assert!(took < Duration::from_secs(1), "noticed after {took:?}");
     assert_eq!(bureau_reads(&proxy, "u7").await, "200");
 
+    // The same command again (without --granted-at) finds the first run's grant.
+    let out = cli(&args).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("already recorded"), "{stderr}");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),
+        printed
+    );
+
     let out = cli(&[
         "consent",
         "revoke",
@@ -212,7 +222,7 @@ async fn an_import_is_idempotent_and_records_revocations_as_facts() {
         "a refused line fails the import: {stderr}"
     );
     assert!(
-        stdout.contains("2 granted, 1 revoked, 0 unchanged, 2 refused"),
+        stdout.contains("2 granted, 1 revoked, 0 unchanged, 1 superseded, 2 refused"),
         "{stdout}"
     );
     assert!(stderr.contains(":5: refused"), "{stderr}");
@@ -224,7 +234,7 @@ async fn an_import_is_idempotent_and_records_revocations_as_facts() {
     let out = cli(&["consent", "import", "--store", &store, &file]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("0 granted, 0 revoked, 3 unchanged, 2 refused"),
+        stdout.contains("0 granted, 0 revoked, 2 unchanged, 1 superseded, 2 refused"),
         "{stdout}"
     );
 
@@ -251,6 +261,74 @@ async fn an_import_is_idempotent_and_records_revocations_as_facts() {
         r.text()
     );
     proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_grants_what_the_file_store_would_from_each_consents_last_line() {
+    let db = tempfile::tempdir().unwrap();
+    let store = format!("sqlite:{}", db.path().join("consent.db").display());
+    let line = |id: &str, subject: &str| crate::support::registry::consent_body(id, subject);
+    let import = |lines: Vec<String>| {
+        let file = db
+            .path()
+            .join(format!("import-{}.jsonl", fastrand::u32(..)));
+        std::fs::write(&file, lines.join("\n")).unwrap();
+        let store = store.clone();
+        async move {
+            cli(&[
+                "consent",
+                "import",
+                "--store",
+                &store,
+                &file.display().to_string(),
+            ])
+            .await
+        }
+    };
+    import(vec![line("c-held", "u3").to_string()]).await;
+
+    let mut broad = line("c-scope", "u1");
+    broad["purposes"] = serde_json::json!(["credit_scoring", "marketing"]);
+    let mut narrowed = line("c-scope", "u1");
+    narrowed["expires_at"] = "2030-01-01T00:00:00Z".into();
+    let mut typo = line("c-typo", "u2");
+    typo["revoked_at"] = "2026-11-20".into();
+    let mut unreadable = line("c-held", "u3");
+    unreadable["method"] = "telepathy".into();
+    let out = import(vec![
+        broad.to_string(),
+        narrowed.to_string(),
+        line("c-typo", "u2").to_string(),
+        typo.to_string(),
+        unreadable.to_string(),
+    ])
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("1 granted, 1 revoked, 0 unchanged, 2 superseded, 2 refused"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(":4: refused") && stderr.contains(":5: refused"),
+        "{stderr}"
+    );
+
+    let listed = cli_ok(&["consent", "list", "--store", &store]).await;
+    let states: Vec<serde_json::Value> = listed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids: Vec<&str> = states.iter().map(|s| s["id"].as_str().unwrap()).collect();
+    // The earlier grant of c-typo, whose last line is unreadable, is not imported.
+    assert_eq!(ids, ["c-held", "c-scope"], "{listed}");
+    assert!(
+        !states[0]["revoked_at"].is_null(),
+        "c-held is withdrawn: {listed}"
+    );
+    assert_eq!(states[1]["purposes"], serde_json::json!(["credit_scoring"]));
+    assert_eq!(states[1]["expires_at"], "2030-01-01T00:00:00Z");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

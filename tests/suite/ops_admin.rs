@@ -217,6 +217,20 @@ async fn readyz_is_unready_while_the_decision_log_cannot_be_written() {
     assert_eq!(m.value("residency_log_writable", &[]), Some(0.0));
     assert!(m.value("residency_log_write_failures_total", &[]).unwrap() >= 1.0);
     assert_eq!(home.requests(), 0);
+    // Counted as answered (refused), not as decided (allowed).
+    let decisions = |decision: &str, reason: &str| {
+        m.value(
+            "residency_decisions_total",
+            &[
+                ("dataset", "payments"),
+                ("decision", decision),
+                ("enforced", "true"),
+                ("reason", reason),
+            ],
+        )
+    };
+    assert_eq!(decisions("error", "log_unavailable"), Some(1.0));
+    assert_eq!(decisions("allow", "domestic"), None);
 
     // Space is back: the path leads to a regular file, and the next write succeeds.
     std::fs::remove_file(&log).unwrap();
