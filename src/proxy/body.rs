@@ -2,7 +2,7 @@
 //! share: when both halves of an exchange are gone, its outcome record is written.
 
 use super::Shared;
-use super::stall::Stall;
+use super::stall::{Activity, InFlight, Stall};
 use super::upstream::PoolReturn;
 use crate::audit::record::{OutcomeRecord, Record, VERSION, timestamp};
 use crate::policy::decision::Reason;
@@ -35,6 +35,8 @@ pub struct Exchange {
     complete: AtomicBool,
     upstream: OnceLock<SocketAddr>,
     detail: OnceLock<String>,
+    /// Keeps the client connection from being closed as idle while the exchange lasts.
+    in_flight: OnceLock<InFlight>,
 }
 
 impl Exchange {
@@ -51,6 +53,7 @@ impl Exchange {
             complete: AtomicBool::new(false),
             upstream: OnceLock::new(),
             detail: OnceLock::new(),
+            in_flight: OnceLock::new(),
         })
     }
 
@@ -78,6 +81,11 @@ impl Exchange {
     /// outcome record; the first one set stays.
     pub fn set_detail(&self, detail: String) {
         let _ = self.detail.set(detail);
+    }
+
+    /// Counts the exchange as a request in progress on the client connection `activity`.
+    pub fn in_flight_on(&self, activity: &Arc<Activity>) {
+        let _ = self.in_flight.set(activity.begin());
     }
 
     pub fn set_upstream(&self, addr: SocketAddr) {

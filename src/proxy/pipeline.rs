@@ -29,6 +29,8 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// The verified SAN of an mTLS client certificate.
     pub identity: Option<Arc<str>>,
+    /// The connection's activity: each exchange counts as a request in progress on it.
+    pub activity: Option<Arc<super::stall::Activity>>,
 }
 
 /// What to do once the decision record is written.
@@ -211,6 +213,9 @@ async fn handle_inner(
     // first, so that a client going away while the record is written still leaves an
     // outcome record (queued after the decision).
     let exchange = Exchange::new(id.clone(), started, shared.clone());
+    if let Some(a) = &conn.activity {
+        exchange.in_flight_on(a);
+    }
     let appending = Instant::now();
     let queued = shared.log.append_queued(Record::Decision(Box::new(record)));
     // A log that hangs instead of failing (a stuck disk, a pipe nobody reads) must not hang

@@ -5,7 +5,7 @@
 use super::Shared;
 use super::body::Exchange;
 use super::pipeline::{ConnInfo, handle};
-use super::stall::{Activity, Tracked, WriteStall};
+use super::stall::{Activity, WriteStall};
 use crate::audit::id::new_id;
 use crate::audit::record::{self, Record, RequestContext};
 use crate::policy::decision::{Reason, Verdict, status_of};
@@ -15,7 +15,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -100,11 +99,12 @@ pub async fn accept_loop(
                             drop(permit);
                             return;
                         }
+                        let activity = Activity::new();
                         let info = ConnInfo {
                             peer,
                             identity: None,
+                            activity: Some(activity.clone()),
                         };
-                        let activity = Activity::new();
                         let io = WriteStall::new(stream, write_stall, activity.clone());
                         let idle = (activity, write_stall);
                         serve(
@@ -121,11 +121,12 @@ pub async fn accept_loop(
                         // A refused handshake is counted and logged by `accept`; no request
                         // was made, so there is nothing to decide.
                         if let Some(ok) = tls.accept(stream, peer, handshake_timeout).await {
+                            let activity = Activity::new();
                             let info = ConnInfo {
                                 peer,
                                 identity: ok.identity,
+                                activity: Some(activity.clone()),
                             };
-                            let activity = Activity::new();
                             let io = WriteStall::new(ok.stream, write_stall, activity.clone());
                             let idle = (activity, write_stall);
                             serve(
@@ -177,12 +178,7 @@ async fn serve<I>(
     let peer = info.peer;
     let log_to = shared.clone();
     let (activity, limit) = idle;
-    let counted = activity.clone();
-    let svc = service_fn(move |req| {
-        let in_flight = counted.begin();
-        let answer = handle(shared.clone(), info.clone(), req);
-        async move { Ok::<_, Infallible>(answer.await?.map(|b| Tracked::new(b, in_flight))) }
-    });
+    let svc = service_fn(move |req| handle(shared.clone(), info.clone(), req));
     let conn = builder.serve_connection(io, svc);
     tokio::select! {
         r = watcher.watch(conn) => if let Err(e) = r {

@@ -4,7 +4,6 @@
 //! requests, a preface sent in part) would otherwise hold exchanges, connection slots and
 //! memory forever.
 
-use http_body::{Body, Frame, SizeHint};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -61,6 +60,7 @@ impl Stall {
 
 /// When a byte last moved on a connection, either way, and how many of its requests are in
 /// progress.
+#[derive(Debug)]
 pub struct Activity {
     base: Instant,
     /// Milliseconds after `base`.
@@ -82,8 +82,8 @@ impl Activity {
         self.last.store(ms, Ordering::Relaxed);
     }
 
-    /// Counts a request in progress until the returned guard (held by its response body)
-    /// is dropped.
+    /// Counts a request in progress until the returned guard (held by its exchange) is
+    /// dropped.
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
@@ -110,41 +110,6 @@ impl Drop for InFlight {
         // The idle clock starts when the last request ends.
         self.0.touch();
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A response body that keeps its request counted as in progress until it is done.
-pub struct Tracked<B> {
-    inner: B,
-    _in_flight: InFlight,
-}
-
-impl<B> Tracked<B> {
-    pub fn new(inner: B, in_flight: InFlight) -> Tracked<B> {
-        Tracked {
-            inner,
-            _in_flight: in_flight,
-        }
-    }
-}
-
-impl<B: Body + Unpin> Body for Tracked<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
