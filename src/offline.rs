@@ -6,11 +6,11 @@ use crate::consent::ConsentIndex;
 use crate::consent::record::Consent;
 use crate::geo::Locator;
 use crate::policy::Policy;
+use crate::policy::decide::Copied;
 use crate::policy::decide::{ConsentLookup, Env, Request};
 use crate::policy::decision::Location;
 use crate::policy::model::Upstream;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
-use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
@@ -79,7 +79,7 @@ pub struct Hypothetical {
     /// A verified mTLS identity (certificate SAN).
     pub identity: Option<String>,
     /// What a copy request copies, from its headers.
-    pub copy_source: Option<String>,
+    pub copy_source: Copied<String>,
 }
 
 impl Hypothetical {
@@ -119,7 +119,11 @@ impl Hypothetical {
         if let Some(h) = host {
             map.insert(http::header::HOST, value(h)?);
         }
-        let copy_source = crate::policy::decide::copy_source(&map).map(Cow::into_owned);
+        let copy_source = match crate::policy::decide::copy_source(&map) {
+            Copied::Nothing => Copied::Nothing,
+            Copied::From(p) => Copied::From(p.into_owned()),
+            Copied::Unreadable => Copied::Unreadable,
+        };
         Ok(Hypothetical {
             method,
             path,

@@ -74,6 +74,6 @@ pub fn request<'a>(
         peer,
         identity: None,
         pick: 0,
-        copy_source: None,
+        copy_source: residency_proxy::policy::decide::Copied::Nothing,
     }
 }

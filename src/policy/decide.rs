@@ -41,30 +41,58 @@ pub struct Request<'a> {
     pub pick: usize,
     /// The object a server-side copy reads (`x-amz-copy-source` and its kin), as a path:
     /// see [`copy_source`].
-    pub copy_source: Option<&'a str>,
+    pub copy_source: Copied<&'a str>,
 }
 
 /// Headers with which a request asks an object store to copy another object into the target:
 /// S3's, and the same operation on Alibaba OSS and Google Cloud Storage's XML API.
-pub const COPY_SOURCE_HEADERS: [&str; 3] = [
-    "x-amz-copy-source",
-    "x-oss-copy-source",
-    "x-goog-copy-source",
+pub static COPY_SOURCE_HEADERS: [http::HeaderName; 3] = [
+    http::HeaderName::from_static("x-amz-copy-source"),
+    http::HeaderName::from_static("x-oss-copy-source"),
+    http::HeaderName::from_static("x-goog-copy-source"),
 ];
+
+/// What a request copies, as [`copy_source`] reads it from the headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Copied<T> {
+    /// Not a copy.
+    Nothing,
+    /// A copy of the object at this path.
+    From(T),
+    /// A copy header that is not text, or more than one: which object the store would read
+    /// is anybody's guess. `decide` refuses it.
+    Unreadable,
+}
+
+impl<T: Deref<Target = str>> Copied<T> {
+    pub fn as_deref(&self) -> Copied<&str> {
+        match self {
+            Copied::Nothing => Copied::Nothing,
+            Copied::From(p) => Copied::From(p),
+            Copied::Unreadable => Copied::Unreadable,
+        }
+    }
+}
 
 /// The object a copy request reads, as a request path: `bucket/key` and `/bucket/key` both
 /// become `/bucket/key`, and a `?versionId=…` is dropped (the version does not change which
-/// dataset the object belongs to). `None` without a copy header, or when the first one is
-/// not text; `decide` refuses such requests.
-pub fn copy_source(headers: &HeaderMap) -> Option<Cow<'_, str>> {
-    let v = COPY_SOURCE_HEADERS
-        .iter()
-        .find_map(|h| headers.get(*h))?
-        .to_str()
-        .ok()?
-        .trim();
+/// dataset the object belongs to).
+pub fn copy_source(headers: &HeaderMap) -> Copied<Cow<'_, str>> {
+    let mut named = 0;
+    let mut first = None;
+    for name in &COPY_SOURCE_HEADERS {
+        for v in headers.get_all(name) {
+            named += 1;
+            first.get_or_insert(v);
+        }
+    }
+    let v = match (named, first.map(|v| v.to_str())) {
+        (0, _) => return Copied::Nothing,
+        (1, Some(Ok(v))) => v.trim(),
+        _ => return Copied::Unreadable,
+    };
     let v = v.split_once('?').map_or(v, |(p, _)| p);
-    Some(if v.starts_with('/') {
+    Copied::From(if v.starts_with('/') {
         Cow::Borrowed(v)
     } else {
         Cow::Owned(format!("/{v}"))
@@ -214,9 +242,12 @@ fn request_ambiguity(req: &Request<'_>) -> Option<&'static str> {
         return Some("the request has more than one Host header");
     }
     let host_header = req.headers.get(http::header::HOST).map(|h| h.as_bytes());
-    if host_header.is_some_and(|h| !plain_host(h))
-        || req.host.is_some_and(|h| !plain_host(h.as_bytes()))
-    {
+    // `req.host` is usually the Host header itself: checked once then.
+    let other = req
+        .host
+        .map(str::as_bytes)
+        .filter(|h| host_header.is_none_or(|hh| !std::ptr::eq(*h, hh)));
+    if host_header.is_some_and(|h| !plain_host(h)) || other.is_some_and(|h| !plain_host(h)) {
         return Some(
             "the host is not a plain host[:port] (user information, a port that is not a number, characters outside a host name)",
         );
@@ -307,11 +338,7 @@ pub fn decide<'a, E: Env, T: Tracer>(
     trace: &mut T,
 ) -> Decision<'a> {
     let d = decide_target(policy, env, req, trace);
-    if d.verdict != Verdict::Allow
-        || !COPY_SOURCE_HEADERS
-            .iter()
-            .any(|h| req.headers.contains_key(*h))
-    {
+    if d.verdict != Verdict::Allow || req.copy_source == Copied::Nothing {
         return d;
     }
     copied_from(policy, env, req, d, trace)
@@ -328,11 +355,7 @@ fn copied_from<'a, E: Env, T: Tracer>(
     mut d: Decision<'a>,
     trace: &mut T,
 ) -> Decision<'a> {
-    let named = COPY_SOURCE_HEADERS
-        .iter()
-        .map(|h| req.headers.get_all(*h).iter().count())
-        .sum::<usize>();
-    let Some(source) = req.copy_source.filter(|_| named == 1) else {
+    let Copied::From(source) = req.copy_source else {
         let why = "the copy-source header appears more than once, or is not a path";
         step!(trace, "request.copy_source", "{why}");
         let path = d.path.take().unwrap_or(Cow::Borrowed(req.path));
@@ -347,7 +370,7 @@ fn copied_from<'a, E: Env, T: Tracer>(
         method: &Method::GET,
         path: source,
         query: None,
-        copy_source: None,
+        copy_source: Copied::Nothing,
         ..*req
     };
     let s = decide_target(policy, env, &read, trace);
@@ -1106,16 +1129,29 @@ mod tests {
     #[test]
     fn a_copy_source_reads_as_a_path() {
         let mut h = HeaderMap::new();
-        assert_eq!(copy_source(&h), None);
+        assert_eq!(copy_source(&h), Copied::Nothing);
         h.insert(
             "x-amz-copy-source",
             "bucket/a%20b.json?versionId=3".parse().unwrap(),
         );
-        assert_eq!(copy_source(&h).as_deref(), Some("/bucket/a%20b.json"));
+        assert_eq!(
+            copy_source(&h).as_deref(),
+            Copied::From("/bucket/a%20b.json")
+        );
         h.insert("x-amz-copy-source", "/bucket/k".parse().unwrap());
-        assert!(matches!(copy_source(&h), Some(Cow::Borrowed("/bucket/k"))));
+        assert!(matches!(
+            copy_source(&h),
+            Copied::From(Cow::Borrowed("/bucket/k"))
+        ));
+        h.append("x-oss-copy-source", "/bucket/other".parse().unwrap());
+        assert_eq!(copy_source(&h), Copied::Unreadable);
         let mut h = HeaderMap::new();
         h.insert("x-goog-copy-source", "b/k".parse().unwrap());
-        assert_eq!(copy_source(&h).as_deref(), Some("/b/k"));
+        assert_eq!(copy_source(&h).as_deref(), Copied::From("/b/k"));
+        h.insert(
+            "x-goog-copy-source",
+            http::HeaderValue::from_bytes(b"b/\xff").unwrap(),
+        );
+        assert_eq!(copy_source(&h), Copied::Unreadable);
     }
 }
