@@ -37,33 +37,10 @@ head -c "$SIZE" /dev/urandom > "$W/www/payments/u1/$PAYLOAD.bin"
 # Two nginx processes, as in ../shared/perf: the backend, and nginx as a plain reverse proxy.
 # Kept apart so that nginx-the-proxy pays for talking to its backend across processes exactly
 # as residency-proxy does.
-nginx_conf() {  # name, server block
-  cat <<CONF
-pid $W/run/$1.pid;
-error_log $W/logs/$1.error.log warn;
-worker_processes 1;
-worker_rlimit_nofile 16384;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    sendfile on; tcp_nodelay on;
-    keepalive_timeout 65s; keepalive_requests 1000000;
-    client_body_temp_path $W/run/$1-body; proxy_temp_path $W/run/$1-proxy;
-    fastcgi_temp_path $W/run/$1-fcgi; uwsgi_temp_path $W/run/$1-uwsgi; scgi_temp_path $W/run/$1-scgi;
-    default_type application/octet-stream;
-    $2
-}
-CONF
-}
+source "$ROOT/benches/lib.sh"
 nginx_conf backend "server { listen 127.0.0.2:18080 backlog=4096; root $W/www; location / { } }" > "$W/backend.conf"
 nginx_conf proxy "upstream store { server 127.0.0.2:18080; keepalive 256; keepalive_requests 1000000; }
-    server {
-        listen 127.0.0.1:18081 backlog=4096;
-        location / {
-            proxy_pass http://store; proxy_http_version 1.1; proxy_set_header Connection \"\";
-            proxy_set_header Host \$host; proxy_buffering on; proxy_request_buffering off;
-        }
-    }" > "$W/proxy.conf"
+    server { listen 127.0.0.1:18081 backlog=4096; $NGINX_PROXY_LOCATION }" > "$W/proxy.conf"
 
 # RP_BIN=/path/to/residency-proxy measures a given build (to compare two side by side).
 if [ -z "${RP_BIN:-}" ]; then
@@ -72,47 +49,8 @@ fi
 BIN=${RP_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/residency-proxy}
 "$BIN" certs init "$W" >/dev/null
 
-cat > "$W/consents.jsonl" <<JSON
-{"id":"c-bench-1","subject":"u1","recipient":"bureau","purposes":["credit_scoring"],"categories":["user.financial"],"destinations":["US"],"method":"explicit","granted_at":"2026-01-01T00:00:00Z","expires_at":"2036-01-01T00:00:00Z"}
-JSON
-cat > "$W/policy.toml" <<TOML
-[policy]
-name = "load-bench"
-home = "CN"
-[proxy]
-listen = "127.0.0.1:18090"
-upstream_idle_per_address = 512
-[[networks]]
-cidr = "127.0.0.2/32"
-country = "CN"
-name = "store"
-[[networks]]
-cidr = "127.0.0.1/32"
-country = "US"
-name = "bureau"
-[[upstreams]]
-name = "store"
-url = "http://127.0.0.2:18080"
-[[recipients]]
-id = "bureau"
-relation = "third_party"
-country = "US"
-networks = ["127.0.0.1/32"]
-[[datasets]]
-name = "payments"
-match = { path_prefix = "/payments/" }
-upstream = "store"
-category = "user.financial"
-subject = { path_segment = 2 }
-cross_border = "consent"
-third_party = "consent"
-[consent]
-store = "file:$W/consents.jsonl"
-[log]
-path = "$W/logs/decisions.jsonl"
-durability = "$DURABILITY"
-signing_key = "$W/log-signing.key"
-TOML
+bench_policy load-bench 18090 18080 "$W/logs/decisions.jsonl" "upstream_idle_per_address = 512" \
+  "durability = \"$DURABILITY\"" > "$W/policy.toml"
 "$BIN" check "$W/policy.toml" >/dev/null
 
 PIDS=()

@@ -24,33 +24,10 @@ ulimit -n 65536 2>/dev/null || ulimit -n 16384
 truncate -s "${SIZE_MB}M" "$W/www/payments/u1/big.bin"
 echo "small" > "$W/www/payments/u1/small.txt"
 
-nginx_conf() {  # name, server block
-  cat <<CONF
-pid $W/run/$1.pid;
-error_log $W/logs/$1.error.log warn;
-worker_processes 1;
-worker_rlimit_nofile 16384;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    sendfile on; tcp_nodelay on;
-    keepalive_timeout 65s; keepalive_requests 1000000;
-    client_body_temp_path $W/run/$1-body; proxy_temp_path $W/run/$1-proxy;
-    fastcgi_temp_path $W/run/$1-fcgi; uwsgi_temp_path $W/run/$1-uwsgi; scgi_temp_path $W/run/$1-scgi;
-    default_type application/octet-stream;
-    $2
-}
-CONF
-}
+source "$ROOT/benches/lib.sh"
 nginx_conf backend "server { listen 127.0.0.2:18180 backlog=4096; root $W/www; location / { } }" > "$W/backend.conf"
 nginx_conf proxy "upstream store { server 127.0.0.2:18180; keepalive 256; }
-    server {
-        listen 127.0.0.1:18181 backlog=4096;
-        location / {
-            proxy_pass http://store; proxy_http_version 1.1; proxy_set_header Connection \"\";
-            proxy_set_header Host \$host; proxy_buffering on; proxy_request_buffering off;
-        }
-    }" > "$W/proxy.conf"
+    server { listen 127.0.0.1:18181 backlog=4096; $NGINX_PROXY_LOCATION }" > "$W/proxy.conf"
 
 if [ -z "${RP_BIN:-}" ]; then
   cargo build --release --quiet
@@ -58,45 +35,9 @@ fi
 BIN=${RP_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/residency-proxy}
 "$BIN" certs init "$W" >/dev/null
 
-cat > "$W/consents.jsonl" <<JSON
-{"id":"c-bench-1","subject":"u1","recipient":"bureau","purposes":["credit_scoring"],"categories":["user.financial"],"destinations":["US"],"method":"explicit","granted_at":"2026-01-01T00:00:00Z","expires_at":"2036-01-01T00:00:00Z"}
-JSON
-cat > "$W/policy.toml" <<TOML
-[policy]
-name = "memory-bench"
-home = "CN"
-[proxy]
-listen = "127.0.0.1:18190"
-header_read_timeout = "300s"
-max_connections = 20000
-[[networks]]
-cidr = "127.0.0.2/32"
-country = "CN"
-[[networks]]
-cidr = "127.0.0.1/32"
-country = "US"
-[[upstreams]]
-name = "store"
-url = "http://127.0.0.2:18180"
-[[recipients]]
-id = "bureau"
-relation = "third_party"
-country = "US"
-networks = ["127.0.0.1/32"]
-[[datasets]]
-name = "payments"
-match = { path_prefix = "/payments/" }
-upstream = "store"
-category = "user.financial"
-subject = { path_segment = 2 }
-cross_border = "consent"
-third_party = "consent"
-[consent]
-store = "file:$W/consents.jsonl"
-[log]
-path = "$W/logs/decisions.jsonl"
-signing_key = "$W/log-signing.key"
-TOML
+bench_policy memory-bench 18190 18180 "$W/logs/decisions.jsonl" \
+  "header_read_timeout = \"300s\"
+max_connections = 20000" > "$W/policy.toml"
 "$BIN" check "$W/policy.toml" >/dev/null
 
 PIDS=()

@@ -65,46 +65,10 @@ cargo build --release --quiet
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/residency-proxy
 "$BIN" certs init "$W" >/dev/null
 
-cat > "$W/consents.jsonl" <<JSON
-{"id":"c-bench-1","subject":"u1","recipient":"bureau","purposes":["credit_scoring"],"categories":["user.financial"],"destinations":["US"],"method":"explicit","granted_at":"2026-01-01T00:00:00Z","expires_at":"2036-01-01T00:00:00Z"}
-JSON
+source "$ROOT/benches/lib.sh"
 policy() { # NAME PORT EXTRA
-  cat <<TOML
-[policy]
-name = "tls-bench-$1"
-home = "CN"
-[proxy]
-listen = "127.0.0.1:$2"
-upstream_idle_per_address = 512
-[[networks]]
-cidr = "127.0.0.2/32"
-country = "CN"
-[[networks]]
-cidr = "127.0.0.1/32"
-country = "US"
-[[upstreams]]
-name = "store"
-url = "http://127.0.0.2:18280"
-[[recipients]]
-id = "bureau"
-relation = "third_party"
-country = "US"
-networks = ["127.0.0.1/32"]
-[[datasets]]
-name = "payments"
-match = { path_prefix = "/payments/" }
-upstream = "store"
-category = "user.financial"
-subject = { path_segment = 2 }
-cross_border = "consent"
-third_party = "consent"
-[consent]
-store = "file:$W/consents.jsonl"
-[log]
-path = "$W/logs/decisions-$1.jsonl"
-signing_key = "$W/log-signing.key"
-$3
-TOML
+  bench_policy "tls-bench-$1" "$2" 18280 "$W/logs/decisions-$1.jsonl" \
+    "upstream_idle_per_address = 512" "$3"
 }
 policy plain 18290 "" > "$W/plain.toml"
 policy tls 18291 "[tls]
