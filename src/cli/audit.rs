@@ -36,8 +36,9 @@ checkpoint, or cut and then continued by a restart: give --head SEQ:HASH from th
 logs (event \"decision log checkpoint\"), kept elsewhere, and the log must still reach it."
 )]
 pub struct VerifyArgs {
-    /// The active log file (its rotated files beside it are read first), one rotated file, or
-    /// a folder holding one log.
+    /// The active log file (its rotated files beside it are read first) or a folder holding
+    /// one log. The chain is checked from the log's first record: a rotated file on its own
+    /// fails as missing its predecessors.
     pub path: PathBuf,
     /// Public key (PEM, e.g. log-signing.pub from `certs init`) that must have signed the
     /// checkpoints.
