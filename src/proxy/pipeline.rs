@@ -385,7 +385,7 @@ async fn forward(
     exchange.set_upstream(choice.addr);
 
     // The upstream receives the original target bytes, the original Host, and one more
-    // X-Forwarded-For hop.
+    // X-Forwarded-For hop. (Hop-by-hop headers were removed before deciding.)
     if !parts.headers.contains_key(header::HOST)
         && let Some(v) = parts
             .uri
@@ -394,7 +394,6 @@ async fn forward(
     {
         parts.headers.insert(header::HOST, v);
     }
-    strip_hop_by_hop(&mut parts.headers);
     append_forwarded_for(&mut parts.headers, peer);
     if parts.version == Version::HTTP_2 {
         join_cookies(&mut parts.headers);
