@@ -840,7 +840,8 @@ async fn a_connection_on_which_nothing_moves_is_closed() {
     let mut h2 = client::Conn::open_h2c(APP, w.proxy.addr).await;
     let get = || request("GET", "/catalog/a.json").body(empty()).unwrap();
     assert_eq!(h2.send(get()).await.status, 200);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Closed by the proxy once idle for a second (bounded at 10 s), and unusable after.
+    crate::support::wait_until("the idle HTTP/2 connection to be closed", || h2.is_closed()).await;
     assert!(
         h2.try_send(get()).await.is_err(),
         "an idle HTTP/2 connection stayed open"

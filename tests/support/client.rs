@@ -175,6 +175,14 @@ impl Conn {
         Ok(Conn { sender, peer_cert })
     }
 
+    /// Whether the connection has closed (the server hung up, or it failed).
+    pub fn is_closed(&self) -> bool {
+        match &self.sender {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
     /// Sends `req`; an error is the connection's.
     pub async fn try_response(
         &mut self,
