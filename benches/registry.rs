@@ -90,7 +90,7 @@ fn main() {
     let now = jiff::Timestamp::from_second(1_795_000_000)
         .unwrap()
         .as_microsecond();
-    let env = snap.env(now);
+    let env = snap.env(now, false);
     let mut headers = HeaderMap::new();
     headers.insert("x-purpose", HeaderValue::from_static("credit_scoring"));
     let get = Method::GET;
@@ -222,7 +222,7 @@ async fn postgres_load(server: &str, n: usize) {
     let imported = started.elapsed();
     let index = Arc::new(ConsentIndex::new());
     let started = Instant::now();
-    let feed = postgres::start_feed(&url, index.clone(), Duration::from_secs(30))
+    let feed = postgres::start_feed(&url, index.clone(), Duration::from_secs(30), None)
         .await
         .unwrap();
     let loaded = started.elapsed();

@@ -348,6 +348,20 @@ pub struct Scrape<'a> {
     pub log_healthy: bool,
     pub consents: usize,
     pub consent_subjects: usize,
+    /// The consent cache, when the store is a database read through one.
+    pub consent_cache: Option<CacheScrape<'a>>,
+}
+
+/// The consent cache's figures (SPEC section 4.1), read when the metrics are rendered.
+pub struct CacheScrape<'a> {
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    pub invalidations: u64,
+    pub bytes: u64,
+    pub max_bytes: u64,
+    pub feed_lag: Duration,
+    pub miss_time: &'a Histogram,
 }
 
 /// Every metric of one proxy.
@@ -621,6 +635,9 @@ impl Metrics {
             header(&mut out, name, help, "gauge");
             let _ = writeln!(out, "{name} {v}");
         }
+        if let Some(c) = &s.consent_cache {
+            render_cache(&mut out, c);
+        }
         header(
             &mut out,
             "residency_connections_accepted_total",
@@ -634,6 +651,67 @@ impl Metrics {
         );
         out
     }
+}
+
+fn render_cache(out: &mut String, c: &CacheScrape<'_>) {
+    let counters: [(&str, &str, u64); 4] = [
+        (
+            "residency_consent_cache_hits_total",
+            "Consent lookups answered from the cache (a subject's consents, or that it has none).",
+            c.hits,
+        ),
+        (
+            "residency_consent_cache_misses_total",
+            "Consent lookups of a subject the cache did not hold.",
+            c.misses,
+        ),
+        (
+            "residency_consent_cache_evictions_total",
+            "Subjects dropped from the consent cache to stay within consent.cache_max_bytes.",
+            c.evictions,
+        ),
+        (
+            "residency_consent_cache_invalidations_total",
+            "Changes notified by the consent store's feed that invalidated cached subjects.",
+            c.invalidations,
+        ),
+    ];
+    for (name, help, v) in counters {
+        header(out, name, help, "counter");
+        let _ = writeln!(out, "{name} {v}");
+    }
+    let gauges: [(&str, &str, u64); 2] = [
+        (
+            "residency_consent_cache_bytes",
+            "Bytes the consent cache holds, as it counts them against its budget.",
+            c.bytes,
+        ),
+        (
+            "residency_consent_cache_max_bytes",
+            "The consent cache's budget (consent.cache_max_bytes).",
+            c.max_bytes,
+        ),
+    ];
+    for (name, help, v) in gauges {
+        header(out, name, help, "gauge");
+        let _ = writeln!(out, "{name} {v}");
+    }
+    header(
+        out,
+        "residency_consent_feed_lag_seconds",
+        "Age of the newest consent change when the feed read it (PostgreSQL).",
+        "gauge",
+    );
+    let _ = writeln!(
+        out,
+        "residency_consent_feed_lag_seconds {}",
+        c.feed_lag.as_secs_f64()
+    );
+    c.miss_time.render(
+        out,
+        "residency_consent_lookup_duration_seconds",
+        "Time a consent cache miss took to be answered by the store.",
+    );
 }
 
 fn header(out: &mut String, name: &str, help: &str, kind: &str) {
@@ -683,6 +761,7 @@ mod tests {
             log_healthy: true,
             consents: 0,
             consent_subjects: 0,
+            consent_cache: None,
         }
     }
 

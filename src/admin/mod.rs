@@ -186,9 +186,18 @@ pub fn readiness(shared: &Shared) -> Readiness {
 
 /// Whether the consent registry can answer. The `file:` store is read whole at start-up
 /// (start-up fails if it cannot be) and keeps its last content when a re-read fails, so it
-/// is always reachable once serving; database stores report their connection here.
-fn consent_store_ready(_shared: &Shared) -> Result<(), String> {
-    Ok(())
+/// is always reachable once serving. A database store read through the cache is not ready
+/// while its lookups fail (the latest failure, within the last 10 s, with no success since);
+/// its change feed is judged by the staleness check.
+fn consent_store_ready(shared: &Shared) -> Result<(), String> {
+    match shared
+        .consent_loader
+        .as_ref()
+        .and_then(|l| l.failing(std::time::Duration::from_secs(10)))
+    {
+        Some(why) => Err(format!("cache-miss lookups failing ({why})")),
+        None => Ok(()),
+    }
 }
 
 /// The metrics exposition (Prometheus text format).
@@ -204,6 +213,20 @@ pub fn metrics(shared: &Shared) -> AdminResponse {
         log_healthy: shared.log.healthy(),
         consents: shared.consents.len(),
         consent_subjects: shared.consents.subjects(),
+        consent_cache: shared.consent_loader.as_ref().map(|l| {
+            let st = l.index().stats();
+            let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            crate::metrics::CacheScrape {
+                hits: n(&st.hits),
+                misses: n(&st.misses),
+                evictions: n(&st.evictions),
+                invalidations: n(&st.invalidations),
+                bytes: st.bytes.load(std::sync::atomic::Ordering::Relaxed) as u64,
+                max_bytes: snap.policy.consent.cache_max_bytes as u64,
+                feed_lag: std::time::Duration::from_micros(n(&st.feed_lag_micros)),
+                miss_time: &l.miss_time,
+            }
+        }),
     });
     text(StatusCode::OK, crate::metrics::CONTENT_TYPE, body)
 }

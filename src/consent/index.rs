@@ -16,30 +16,46 @@
 //!
 //! The index also carries its [`Freshness`]: the store that feeds it says when it last
 //! confirmed the content, and the proxy refuses to grant on an index gone stale.
+//!
+//! Two modes. *Complete* (`file:` stores, and `[consent] preload = true`): the index holds the
+//! whole registry, and a subject it does not hold has no consent. *Cache* (database stores by
+//! default, SPEC section 4.1): the index holds the subjects looked up lately, with their
+//! consents or the fact that they have none, within a byte budget; a subject it does not
+//! hold is a miss, which [`super::cache::Loader`] fills from the store. A fill is announced
+//! by a pending entry, so that concurrent misses of one subject share one query, and a change
+//! notified while the query runs marks it dirty: its answer, possibly older than the change,
+//! is then not kept. Eviction is CLOCK: entries sit in a ring in the order they were filled,
+//! a lookup sets the entry's `used` bit (a relaxed store, only when it was clear), and the
+//! hand gives a used entry a second round and evicts an unused one.
 
 use super::freshness::Freshness;
 use super::record::{Consent, ConsentRecord, FieldError, Scope, micros};
 use compact_str::CompactString;
 use foldhash::fast::RandomState;
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use tokio::sync::watch;
 
 /// A subject's consents as the map holds them. Most subjects have one: it sits in the map
 /// entry itself, next to the (inline) subject key, so a lookup touches one entry and no other
 /// allocation.
 #[derive(Clone, Debug)]
 enum Held {
+    /// Cache mode: the store holds no consent of this subject (a negative entry).
+    None,
     One(Consent),
     Many(Arc<[Consent]>),
+    /// Cache mode: a query for this subject is under way.
+    Pending(Arc<Pending>),
 }
 
 impl Held {
     fn of(mut consents: Vec<Consent>) -> Held {
-        if consents.len() == 1 {
-            Held::One(consents.pop().expect("one consent"))
-        } else {
-            Held::Many(consents.into())
+        match consents.len() {
+            0 => Held::None,
+            1 => Held::One(consents.pop().expect("one consent")),
+            _ => Held::Many(consents.into()),
         }
     }
 
@@ -47,18 +63,124 @@ impl Held {
         match self {
             Held::One(c) => std::slice::from_ref(c),
             Held::Many(cs) => cs,
+            Held::None | Held::Pending(_) => &[],
+        }
+    }
+
+    /// Bytes this entry costs, for the cache's budget: the map's slot and entry, the ring's
+    /// copy of the key, key bytes past what `CompactString` holds inline, the consents and
+    /// their ids. Interned terms are shared by many entries and not counted.
+    fn bytes(&self, subject: &str) -> usize {
+        /// The map's table slot, its boxed entry and allocator rounding, measured as a whole.
+        const ENTRY: usize =
+            64 + std::mem::size_of::<Entry>() + 2 * std::mem::size_of::<CompactString>();
+        let key = if subject.len() > 24 {
+            2 * subject.len()
+        } else {
+            0
+        };
+        let ids = |cs: &[Consent]| {
+            cs.iter()
+                .map(|c| if c.id.len() > 24 { c.id.len() } else { 0 })
+                .sum::<usize>()
+        };
+        ENTRY
+            + key
+            + match self {
+                Held::Many(cs) => 16 + cs.len() * std::mem::size_of::<Consent>() + ids(cs),
+                Held::One(c) => ids(std::slice::from_ref(c)),
+                Held::None | Held::Pending(_) => 0,
+            }
+    }
+}
+
+/// A map entry: what is held, and (cache mode) whether a lookup used it since the clock
+/// hand last passed.
+#[derive(Debug)]
+struct Entry {
+    held: Held,
+    used: AtomicBool,
+}
+
+impl Entry {
+    fn new(held: Held) -> Entry {
+        Entry {
+            held,
+            used: AtomicBool::new(false),
         }
     }
 }
 
+/// A fill under way: the query's answer is announced on `done`; a change to the subject
+/// notified meanwhile sets `dirty`, and the answer is then not kept.
+#[derive(Debug)]
+pub struct Pending {
+    dirty: AtomicBool,
+    done: watch::Sender<Option<Result<(), String>>>,
+}
+
+impl Pending {
+    fn new() -> Arc<Pending> {
+        Arc::new(Pending {
+            dirty: AtomicBool::new(false),
+            done: watch::Sender::new(None),
+        })
+    }
+
+    /// Waits for the query's end: `Ok` when it answered (the subject is then cached, unless a
+    /// change made the answer doubtful: look again), or the store's failure.
+    pub async fn wait(&self) -> Result<(), String> {
+        let mut rx = self.done.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(r) => r.clone().expect("waited for an answer"),
+            Err(_) => Err("the consent lookup was abandoned".into()),
+        }
+    }
+}
+
+/// What a lookup found.
+#[derive(Debug)]
+pub enum Lookup<'a> {
+    /// The subject's consents.
+    Found(&'a [Consent]),
+    /// The subject has no consent.
+    NotFound,
+    /// Cache mode: the subject is not cached (or its fill is under way).
+    Miss,
+}
+
+/// What a miss should do: the subject may have been filled meanwhile, another request's
+/// query may be under way (join it), or this caller starts the query.
+pub enum Fill {
+    Cached,
+    Join(Arc<Pending>),
+    Lead(Arc<Pending>),
+}
+
+/// The cache's counters, read by the metrics.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub evictions: AtomicU64,
+    pub invalidations: AtomicU64,
+    /// Bytes held, by [`Held::bytes`].
+    pub bytes: AtomicUsize,
+    /// How old the newest change was when the feed read it (PostgreSQL), microseconds.
+    pub feed_lag_micros: AtomicU64,
+}
+
 /// Subject -> consents, safe to read from every request while a store updates it.
 pub struct ConsentIndex {
-    map: papaya::HashMap<CompactString, Held, RandomState>,
+    map: papaya::HashMap<CompactString, Entry, RandomState>,
     /// Held by writers only, for the whole of an update.
     writer: Mutex<Interner>,
     /// Consents held; changed only under `writer`.
     count: AtomicUsize,
     freshness: Freshness,
+    /// Cache mode: the byte budget. `None`: the index is complete.
+    budget: Option<usize>,
+    stats: CacheStats,
 }
 
 /// One `Arc<str>` per distinct shared string, one `Arc<[Arc<str>]>` per distinct list, one
@@ -70,6 +192,11 @@ struct Interner {
     scopes: HashSet<Arc<Scope>, RandomState>,
     /// Scratch space for building a list key without allocating per lookup.
     scratch: Vec<Arc<str>>,
+    /// Cache mode: subjects in the order they were filled, the CLOCK ring. A key may be
+    /// stale (evicted or invalidated since); the hand skips those.
+    ring: VecDeque<CompactString>,
+    /// Cache mode: evictions since the interner was last pruned.
+    evicted: usize,
 }
 
 impl Interner {
@@ -139,6 +266,7 @@ impl Interner {
 }
 
 impl ConsentIndex {
+    /// A complete index: it holds the whole registry.
     pub fn new() -> ConsentIndex {
         ConsentIndex {
             // Blocking resizes: writers (stores, off the request path) finish a resize before going
@@ -150,7 +278,27 @@ impl ConsentIndex {
             writer: Mutex::new(Interner::default()),
             count: AtomicUsize::new(0),
             freshness: Freshness::default(),
+            budget: None,
+            stats: CacheStats::default(),
         }
+    }
+
+    /// A cache of the subjects looked up, within `max_bytes` (see the module doc).
+    pub fn cache(max_bytes: usize) -> ConsentIndex {
+        ConsentIndex {
+            budget: Some(max_bytes),
+            ..ConsentIndex::new()
+        }
+    }
+
+    /// Whether this index is a cache (a subject it does not hold is a miss).
+    pub fn is_cache(&self) -> bool {
+        self.budget.is_some()
+    }
+
+    /// The cache's counters (all zero for a complete index).
+    pub fn stats(&self) -> &CacheStats {
+        &self.stats
     }
 
     /// How current the content is; untracked (never stale) unless a store tracks it.
@@ -158,17 +306,219 @@ impl ConsentIndex {
         &self.freshness
     }
 
-    /// The consents of `subject`, if any.
-    /// Calls `f` with the consents of `subject` read in place: the hot path's lookup, which
-    /// touches no reference count.
-    pub fn with<R>(&self, subject: &str, f: impl FnOnce(Option<&[Consent]>) -> R) -> R {
+    /// Calls `f` with what the index holds of `subject`, read in place: the hot path's
+    /// lookup, which touches no reference count and allocates nothing.
+    pub fn lookup<R>(&self, subject: &str, f: impl FnOnce(Lookup<'_>) -> R) -> R {
         let map = self.map.pin();
-        f(map.get(subject).map(Held::as_slice))
+        let entry = map.get(subject);
+        if self.budget.is_none() {
+            return f(match entry {
+                Some(e) => Lookup::Found(e.held.as_slice()),
+                None => Lookup::NotFound,
+            });
+        }
+        let found = match entry {
+            Some(e) if !matches!(e.held, Held::Pending(_)) => {
+                // Only a clear bit is written: a hot entry's cache line stays shared.
+                if !e.used.load(Ordering::Relaxed) {
+                    e.used.store(true, Ordering::Relaxed);
+                }
+                match &e.held {
+                    Held::None => Lookup::NotFound,
+                    held => Lookup::Found(held.as_slice()),
+                }
+            }
+            _ => Lookup::Miss,
+        };
+        let counter = match found {
+            Lookup::Miss => &self.stats.misses,
+            _ => &self.stats.hits,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        f(found)
     }
 
-    /// A copy of the consents of `subject` (tools and tests; the hot path uses `with`).
+    /// Calls `f` with the consents of `subject`, if held (a miss reads as `None`).
+    pub fn with<R>(&self, subject: &str, f: impl FnOnce(Option<&[Consent]>) -> R) -> R {
+        let map = self.map.pin();
+        f(map.get(subject).and_then(|e| match e.held {
+            Held::One(_) | Held::Many(_) => Some(e.held.as_slice()),
+            Held::None | Held::Pending(_) => None,
+        }))
+    }
+
+    /// A copy of the consents of `subject` (tools and tests; the hot path uses `lookup`).
     pub fn get(&self, subject: &str) -> Option<Arc<[Consent]>> {
-        self.map.pin().get(subject).map(|h| h.as_slice().into())
+        self.with(subject, |found| found.map(Into::into))
+    }
+
+    /// Whether the cache holds an answer for `subject` (its consents, or that it has none).
+    pub fn is_cached(&self, subject: &str) -> bool {
+        self.map
+            .pin()
+            .get(subject)
+            .is_some_and(|e| !matches!(e.held, Held::Pending(_)))
+    }
+
+    /// Cache mode: what a miss of `subject` should do (see [`Fill`]). A `Lead` caller must
+    /// end the fill with [`finish_fill`](Self::finish_fill), whatever happens.
+    pub fn begin_fill(&self, subject: &str) -> Fill {
+        let _writer = self.lock_writer();
+        let map = self.map.pin();
+        match map.get(subject).map(|e| &e.held) {
+            Some(Held::Pending(p)) => Fill::Join(p.clone()),
+            Some(_) => Fill::Cached,
+            None => {
+                let p = Pending::new();
+                map.insert(subject.into(), Entry::new(Held::Pending(p.clone())));
+                Fill::Lead(p)
+            }
+        }
+    }
+
+    /// Ends the fill `pending` of `subject` with the store's answer (its consents' current
+    /// states) or its failure. The answer is kept unless a change to the subject was notified
+    /// while the query ran; records that fail validation grant nothing and are left out.
+    pub fn finish_fill(
+        &self,
+        subject: &str,
+        pending: &Arc<Pending>,
+        answer: Result<Vec<ConsentRecord>, String>,
+    ) {
+        let mut interner = self.lock_writer();
+        let map = self.map.pin();
+        let ours = matches!(map.get(subject).map(|e| &e.held), Some(Held::Pending(p)) if Arc::ptr_eq(p, pending));
+        let outcome = match answer {
+            Ok(records) if ours && !pending.dirty.load(Ordering::Acquire) => {
+                let consents: Vec<Consent> = records
+                    .iter()
+                    .filter(|r| match r.validate() {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::warn!(consent.id = %r.id, error = %e, "invalid consent in the registry ignored; it grants nothing");
+                            false
+                        }
+                    })
+                    .map(|r| interner.consent(r))
+                    .collect();
+                let n = consents.len();
+                let held = Held::of(consents);
+                self.stats
+                    .bytes
+                    .fetch_add(held.bytes(subject), Ordering::Relaxed);
+                map.insert(subject.into(), Entry::new(held));
+                self.count.fetch_add(n, Ordering::Relaxed);
+                interner.ring.push_back(subject.into());
+                self.evict(&mut interner, &map);
+                Ok(())
+            }
+            Ok(_) => {
+                if ours {
+                    map.remove(subject);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if ours {
+                    map.remove(subject);
+                }
+                Err(e)
+            }
+        };
+        pending.done.send_replace(Some(outcome));
+    }
+
+    /// Cache mode: forgets what is cached of `subject` (a change to it was notified). A fill
+    /// under way is marked dirty. Returns whether anything was held.
+    pub fn invalidate(&self, subject: &str) -> bool {
+        let mut interner = self.lock_writer();
+        self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+        let map = self.map.pin();
+        self.drop_entry(&mut interner, &map, subject, true)
+    }
+
+    /// Cache mode: forgets every cached subject and marks every fill under way dirty (the
+    /// feed cannot tell what changed).
+    pub fn invalidate_all(&self) {
+        let mut interner = self.lock_writer();
+        self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+        let map = self.map.pin();
+        let keys: Vec<CompactString> = map.keys().cloned().collect();
+        for k in &keys {
+            self.drop_entry(&mut interner, &map, k, true);
+        }
+        interner.ring.clear();
+        interner.prune();
+    }
+
+    /// Removes the cached answer for `subject`; a pending fill is marked dirty when `dirty`.
+    fn drop_entry(
+        &self,
+        _writer: &mut Interner,
+        map: &papaya::HashMapRef<'_, CompactString, Entry, RandomState, impl papaya::Guard>,
+        subject: &str,
+        dirty: bool,
+    ) -> bool {
+        match map.get(subject).map(|e| &e.held) {
+            None => false,
+            Some(Held::Pending(p)) => {
+                if dirty {
+                    p.dirty.store(true, Ordering::Release);
+                }
+                false
+            }
+            Some(held) => {
+                let n = held.as_slice().len();
+                self.stats
+                    .bytes
+                    .fetch_sub(held.bytes(subject), Ordering::Relaxed);
+                self.count.fetch_sub(n, Ordering::Relaxed);
+                map.remove(subject);
+                true
+            }
+        }
+    }
+
+    /// Runs the CLOCK hand until the cache is within its budget.
+    fn evict(
+        &self,
+        interner: &mut Interner,
+        map: &papaya::HashMapRef<'_, CompactString, Entry, RandomState, impl papaya::Guard>,
+    ) {
+        let Some(budget) = self.budget else { return };
+        // Each key is looked at at most twice per call: once to clear its bit, once to evict.
+        let mut steps = 2 * interner.ring.len();
+        while self.stats.bytes.load(Ordering::Relaxed) > budget && steps > 0 {
+            steps -= 1;
+            let Some(key) = interner.ring.pop_front() else {
+                break;
+            };
+            let Some(entry) = map.get(key.as_str()) else {
+                continue;
+            };
+            if matches!(entry.held, Held::Pending(_)) {
+                continue;
+            }
+            if entry.used.swap(false, Ordering::Relaxed) {
+                interner.ring.push_back(key);
+                continue;
+            }
+            self.drop_entry(interner, map, &key, false);
+            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+            interner.evicted += 1;
+        }
+        // Stale keys (invalidated, then filled again) would make the ring outgrow the map.
+        if interner.ring.len() > 2 * map.len() + 1024 {
+            let mut seen = HashSet::with_capacity_and_hasher(map.len(), RandomState::default());
+            interner
+                .ring
+                .retain(|k| map.get(k.as_str()).is_some() && seen.insert(k.clone()));
+        }
+        // Terms only evicted entries used would otherwise stay interned for ever.
+        if interner.evicted > 4096 && interner.evicted > map.len() / 4 {
+            interner.prune();
+            interner.evicted = 0;
+        }
     }
 
     /// Inserts a consent, or replaces the one with the same id (a revocation is an update).
@@ -179,7 +529,13 @@ impl ConsentIndex {
     /// Ids are matched within the record's subject: a store must not move a consent id from
     /// one subject to another with `upsert` (the old subject would keep it); `replace_all`
     /// does not have this limit.
+    ///
+    /// In cache mode the subject is invalidated instead: its next lookup reads the store.
     pub fn upsert(&self, record: &ConsentRecord) -> Result<(), FieldError> {
+        if self.is_cache() {
+            self.invalidate(&record.subject);
+            return record.validate();
+        }
         if let Err(e) = record.validate() {
             self.remove(&record.subject, &record.id);
             return Err(e);
@@ -187,7 +543,9 @@ impl ConsentIndex {
         let mut interner = self.lock_writer();
         let mut consent = Some(interner.consent(record));
         let map = self.map.pin();
-        let old: &[Consent] = map.get(record.subject.as_str()).map_or(&[], Held::as_slice);
+        let old: &[Consent] = map
+            .get(record.subject.as_str())
+            .map_or(&[], |e| e.held.as_slice());
         let mut new: Vec<Consent> = Vec::with_capacity(old.len() + 1);
         for c in old {
             match consent.take_if(|n| n.id == c.id) {
@@ -199,16 +557,20 @@ impl ConsentIndex {
             new.push(added);
             self.count.fetch_add(1, Ordering::Relaxed);
         }
-        map.insert(record.subject.as_str().into(), Held::of(new));
+        map.insert(record.subject.as_str().into(), Entry::new(Held::of(new)));
         Ok(())
     }
 
     /// Withdraws the consent `id` of `subject`, if the index holds it: a store does when the
     /// latest word on a consent cannot be read.
     pub fn remove(&self, subject: &str, id: &str) {
+        if self.is_cache() {
+            self.invalidate(subject);
+            return;
+        }
         let _writer = self.lock_writer();
         let map = self.map.pin();
-        let Some(old) = map.get(subject).map(Held::as_slice) else {
+        let Some(old) = map.get(subject).map(|e| e.held.as_slice()) else {
             return;
         };
         if !old.iter().any(|c| c.id == id) {
@@ -219,7 +581,7 @@ impl ConsentIndex {
         if kept.is_empty() {
             map.remove(subject);
         } else {
-            map.insert(subject.into(), Held::of(kept));
+            map.insert(subject.into(), Entry::new(Held::of(kept)));
         }
     }
 
@@ -227,8 +589,10 @@ impl ConsentIndex {
     ///
     /// Subjects absent from `records` disappear; a subject present before and after is never
     /// missing in between. When several records share an id, the last one wins. Records that
-    /// fail [`ConsentRecord::validate`] are left out; their number is returned.
+    /// fail [`ConsentRecord::validate`] are left out; their number is returned. Complete
+    /// mode only: a cache is never loaded whole.
     pub fn replace_all(&self, records: &[ConsentRecord]) -> usize {
+        debug_assert!(!self.is_cache(), "a cache is never loaded whole");
         let mut interner = self.lock_writer();
 
         // The winner of each id is its last valid record.
@@ -256,7 +620,10 @@ impl ConsentIndex {
         for run in order.chunk_by(|&a, &b| records[a].subject == records[b].subject) {
             let held: Vec<Consent> = run.iter().map(|&i| interner.consent(&records[i])).collect();
             total += held.len();
-            map.insert(records[run[0]].subject.as_str().into(), Held::of(held));
+            map.insert(
+                records[run[0]].subject.as_str().into(),
+                Entry::new(Held::of(held)),
+            );
         }
         map.retain(|subject, _| {
             order

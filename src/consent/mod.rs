@@ -2,6 +2,7 @@
 //! reads, the stores that feed it (`file:`, `sqlite:`, `postgres://`), and the admin API.
 
 pub mod api;
+pub mod cache;
 pub mod file;
 pub mod freshness;
 pub mod index;

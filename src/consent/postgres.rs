@@ -74,7 +74,8 @@ pub enum PgError {
 /// their next reconnection. That is why rows the schema lets through but a consent cannot
 /// hold (an `'infinity'` time, a NULL in a list) are not refused by a CHECK constraint: they
 /// are read one by one, and one that cannot be read grants nothing.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE consents (
     id           text PRIMARY KEY,
     subject      text NOT NULL,
@@ -122,7 +123,58 @@ CREATE TRIGGER consent_revocations_kept BEFORE UPDATE OR DELETE ON consent_revoc
     FOR EACH ROW EXECUTE FUNCTION residency_consent_fact_kept();
 CREATE TRIGGER consent_revocations_kept_whole BEFORE TRUNCATE ON consent_revocations
     FOR EACH STATEMENT EXECUTE FUNCTION residency_consent_fact_kept();
-"#];
+"#,
+    r#"
+CREATE TABLE consent_changes (
+    seq         bigserial PRIMARY KEY,
+    subject     text NOT NULL,
+    consent_id  text NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now()
+);
+
+DROP TRIGGER consents_notify ON consents;
+DROP TRIGGER consent_revocations_notify ON consent_revocations;
+DROP FUNCTION residency_consent_notify();
+
+-- One call per statement, however many rows it wrote (an import's COPY included). The
+-- writers' advisory lock, taken before a change is numbered and held to commit, makes
+-- sequence numbers follow commit order: a feed that has read the changes up to N has seen
+-- every change numbered N or less, whoever wrote it and however.
+CREATE FUNCTION residency_consent_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint;
+    s text;
+BEGIN
+    PERFORM pg_advisory_xact_lock(8246200247960956532);
+    IF TG_TABLE_NAME = 'consents' THEN
+        INSERT INTO consent_changes (subject, consent_id)
+            SELECT subject, id FROM new_rows ORDER BY id;
+    ELSE
+        INSERT INTO consent_changes (subject, consent_id)
+            SELECT c.subject, r.consent_id FROM new_rows r JOIN consents c ON c.id = r.consent_id
+            ORDER BY r.consent_id;
+    END IF;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    -- The subject travels in the notification of a small change; a large one (an import)
+    -- sends one empty notification, and the feeds read the change table.
+    IF n > 64 THEN
+        PERFORM pg_notify('residency_consents', '');
+    ELSIF n > 0 THEN
+        FOR s IN SELECT DISTINCT x.subject FROM consent_changes x
+                 WHERE x.seq > currval('consent_changes_seq_seq') - n LOOP
+            PERFORM pg_notify('residency_consents', CASE WHEN octet_length(s) <= 1000 THEN s ELSE '' END);
+        END LOOP;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER consents_changed AFTER INSERT ON consents
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION residency_consent_changed();
+CREATE TRIGGER consent_revocations_changed AFTER INSERT ON consent_revocations
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION residency_consent_changed();
+"#,
+];
 
 /// The columns of a current state, in the order [`state_from_row`] reads them. Times are read
 /// as `timestamptz` and converted here ([`Time`]), not in SQL: an `::int8` cast of
@@ -191,27 +243,32 @@ fn time(row: &Row, i: usize) -> Result<Timestamp, String> {
 }
 
 fn state_from_row(row: &Row) -> Result<ConsentRecord, Unreadable> {
+    state_from_row_at(row, 0)
+}
+
+/// A current state whose [`STATE_COLUMNS`] start at column `at`.
+fn state_from_row_at(row: &Row, at: usize) -> Result<ConsentRecord, Unreadable> {
     let read = || -> Result<ConsentRecord, String> {
-        let granted_at = time(row, 7)?;
+        let granted_at = time(row, at + 7)?;
         Ok(ConsentRecord {
-            id: column(row, 0)?,
-            subject: column(row, 1)?,
-            recipient: column(row, 2)?,
-            purposes: column(row, 3)?,
-            categories: column(row, 4)?,
-            destinations: column(row, 5)?,
-            method: column(row, 6)?,
+            id: column(row, at)?,
+            subject: column(row, at + 1)?,
+            recipient: column(row, at + 2)?,
+            purposes: column(row, at + 3)?,
+            categories: column(row, at + 4)?,
+            destinations: column(row, at + 5)?,
+            method: column(row, at + 6)?,
             granted_at,
-            expires_at: time(row, 8)?,
-            evidence: column(row, 9)?,
+            expires_at: time(row, at + 8)?,
+            evidence: column(row, at + 9)?,
             // A revocation whose time cannot be held still revokes, from the grant on: the
             // row says the person withdrew, and only its date is in doubt.
-            revoked_at: column::<Option<Time>>(row, 10)?.map(|t| t.0.unwrap_or(granted_at)),
+            revoked_at: column::<Option<Time>>(row, at + 10)?.map(|t| t.0.unwrap_or(granted_at)),
         })
     };
     read().map_err(|why| Unreadable {
-        id: row.try_get(0).unwrap_or_default(),
-        subject: row.try_get(1).unwrap_or_default(),
+        id: row.try_get(at).unwrap_or_default(),
+        subject: row.try_get(at + 1).unwrap_or_default(),
         why,
     })
 }
@@ -523,6 +580,15 @@ async fn write(
         )
         .await?;
     }
+    // The change table keeps the latest changes only (feeds further behind start over).
+    bounded(
+        target,
+        tx.execute(
+            "DELETE FROM consent_changes WHERE seq <= (SELECT max(seq) FROM consent_changes) - $1",
+            &[&CHANGES_KEPT],
+        ),
+    )
+    .await?;
     bounded(target, tx.commit()).await?;
     Ok(results)
 }
@@ -631,27 +697,55 @@ impl PgRegistry {
     }
 }
 
-/// One connection of the feed: LISTENing, loaded, with its notifications.
+/// How many of the latest changes the change table keeps: a feed that falls further behind
+/// (a sidecar cut off for that long) forgets its whole cache, or reloads its whole index.
+pub const CHANGES_KEPT: i64 = 1_000_000;
+/// Most changes read from the change table at once.
+const CHANGES_PAGE: i64 = 10_000;
+
+/// One connection of the feed: LISTENing, with its notifications.
 struct Session {
     client: Client,
     notes: mpsc::UnboundedReceiver<String>,
 }
 
-/// The proxy's change feed: keeps `index` equal to the database (see the module doc).
+/// What the feed does with a change: apply it to a complete index (`preload = true`), or
+/// forget the subject in a cache.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Mode {
+    Preload,
+    Invalidate,
+}
+
+/// One change read from the change table.
+struct ChangeRow {
+    seq: i64,
+    subject: String,
+    consent_id: String,
+}
+
+/// The proxy's change feed: keeps `index` equal to the database, or a cache of it (see the
+/// module doc).
 struct Feed {
     config: Config,
     target: String,
     index: Arc<ConsentIndex>,
     heartbeat: Duration,
+    mode: Mode,
+    /// The last change applied; `None` until the first connection.
+    last_seq: Option<i64>,
+    /// Subjects changed lately, for reads from a replica (see [`Recent`]).
+    recent: Option<Arc<Recent>>,
 }
 
-/// Most notified ids fetched in one query.
+/// Most notified subjects gathered before the change table is read.
 const FETCH_MAX: usize = 5000;
 
 impl Feed {
-    /// Connects, LISTENs, then loads everything: a change committed after the load began is
-    /// notified and applied after it, so none falls between.
-    async fn open(&self) -> Result<Session, PgError> {
+    /// Connects and LISTENs; then a complete index is loaded whole (a change committed after
+    /// the load began is in the change table and applied after it), and a cache catches up
+    /// with the changes since its last connection.
+    async fn open(&mut self) -> Result<Session, PgError> {
         let (tx, notes) = mpsc::unbounded_channel();
         let mut client = connect(&self.config, &self.target, Some(tx)).await?;
         migrate(&mut client, &self.target).await?;
@@ -660,12 +754,23 @@ impl Feed {
             client.batch_execute(&format!("LISTEN {CHANNEL}")),
         )
         .await?;
-        self.resync(&client).await?;
+        match (self.mode, self.last_seq) {
+            (Mode::Preload, _) => self.resync(&client).await?,
+            (Mode::Invalidate, None) => {
+                let seq = max_seq(&client, &self.target).await?;
+                tracing::info!(consent.store = %self.target, change_seq = seq, "consent store connected (cache mode: nothing loaded)");
+                self.last_seq = Some(seq);
+            }
+            (Mode::Invalidate, Some(_)) => self.catch_up(&client).await?,
+        }
         Ok(Session { client, notes })
     }
 
-    async fn resync(&self, client: &Client) -> Result<(), PgError> {
+    /// Loads the whole registry into a complete index.
+    async fn resync(&mut self, client: &Client) -> Result<(), PgError> {
         let started = std::time::Instant::now();
+        // Read first: changes committed during the load are applied after it.
+        let seq = max_seq(client, &self.target).await?;
         let records = load_all(client, &self.target).await?;
         let read = started.elapsed();
         let index = self.index.clone();
@@ -675,6 +780,7 @@ impl Feed {
         })
         .await
         .expect("replace_all does not panic");
+        self.last_seq = Some(seq);
         self.index.freshness().confirm();
         tracing::info!(
             consent.store = %self.target,
@@ -687,8 +793,124 @@ impl Feed {
         Ok(())
     }
 
+    /// Applies the changes numbered after the last one applied. A feed that fell behind what
+    /// the table keeps, or (cache) by more than a page, starts over: a cache forgets
+    /// everything, a complete index reloads.
+    async fn catch_up(&mut self, client: &Client) -> Result<(), PgError> {
+        let Some(mut last) = self.last_seq else {
+            return Ok(());
+        };
+        let oldest: Option<i64> = bounded(
+            &self.target,
+            client.query_one("SELECT min(seq) FROM consent_changes", &[]),
+        )
+        .await?
+        .get(0);
+        if oldest.is_some_and(|o| o > last + 1) {
+            tracing::warn!(consent.store = %self.target, last_applied = last, oldest_kept = oldest, "the change table no longer holds every change since the last one applied: starting over");
+            return self.start_over(client).await;
+        }
+        loop {
+            let rows = bounded(
+                &self.target,
+                client.query(
+                    "SELECT seq, subject, consent_id, \
+                            extract(epoch FROM clock_timestamp() - recorded_at)::float8 \
+                     FROM consent_changes WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    &[&last, &CHANGES_PAGE],
+                ),
+            )
+            .await?;
+            let full = rows.len() as i64 == CHANGES_PAGE;
+            if self.mode == Mode::Invalidate && full {
+                tracing::info!(consent.store = %self.target, "over {CHANGES_PAGE} consent changes at once: the whole cache is forgotten");
+                return self.start_over(client).await;
+            }
+            let mut changes = Vec::with_capacity(rows.len());
+            let mut lag = 0f64;
+            for row in &rows {
+                let q = |source| PgError::Query {
+                    target: self.target.clone(),
+                    source,
+                };
+                changes.push(ChangeRow {
+                    seq: row.try_get(0).map_err(q)?,
+                    subject: row.try_get(1).map_err(q)?,
+                    consent_id: row.try_get(2).map_err(q)?,
+                });
+                lag = lag.max(row.try_get::<_, f64>(3).unwrap_or(0.0));
+            }
+            if let Some(c) = changes.last() {
+                last = c.seq;
+                self.index
+                    .stats()
+                    .feed_lag_micros
+                    .store((lag * 1e6) as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            self.apply(client, &changes).await?;
+            self.last_seq = Some(last);
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Forgets the cache, or reloads the complete index, and follows from the table's end.
+    async fn start_over(&mut self, client: &Client) -> Result<(), PgError> {
+        match self.mode {
+            Mode::Preload => self.resync(client).await,
+            Mode::Invalidate => {
+                let seq = max_seq(client, &self.target).await?;
+                self.index.invalidate_all();
+                if let Some(r) = &self.recent {
+                    r.forget_upto(seq);
+                }
+                self.last_seq = Some(seq);
+                Ok(())
+            }
+        }
+    }
+
+    async fn apply(&self, client: &Client, changes: &[ChangeRow]) -> Result<(), PgError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        match self.mode {
+            Mode::Invalidate => {
+                for c in changes {
+                    if let Some(r) = &self.recent {
+                        r.note(&c.subject, c.seq);
+                    }
+                    self.index.invalidate(&c.subject);
+                }
+            }
+            Mode::Preload => {
+                let mut ids: Vec<&str> = changes.iter().map(|c| c.consent_id.as_str()).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                for state in states_of(client, &self.target, &ids).await? {
+                    match state {
+                        Ok(r) => {
+                            if let Err(e) = self.index.upsert(&r) {
+                                tracing::warn!(consent.id = %r.id, error = %e, "invalid consent in the registry ignored");
+                            }
+                        }
+                        // Withdrawn, as an update the index refuses is: the latest word on a
+                        // consent, if unreadable, grants nothing.
+                        Err(u) => {
+                            self.index.remove(&u.subject, &u.id);
+                            warn_unreadable(u);
+                        }
+                    }
+                }
+            }
+        }
+        tracing::debug!(changes = changes.len(), "consent changes applied");
+        Ok(())
+    }
+
     /// Serves one session until its connection fails.
-    async fn follow(&self, mut session: Session) -> PgError {
+    async fn follow(&mut self, mut session: Session) -> PgError {
         let mut heartbeat = tokio::time::interval(self.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut resync = tokio::time::interval(RESYNC_EVERY);
@@ -696,28 +918,38 @@ impl Feed {
         resync.tick().await;
         loop {
             let step = tokio::select! {
-                id = session.notes.recv() => match id {
-                    Some(id) => {
-                        let mut ids = vec![id];
-                        while ids.len() < FETCH_MAX {
+                note = session.notes.recv() => match note {
+                    Some(subject) => {
+                        // The subjects named are forgotten at once; the change table then
+                        // says everything that changed, named or not.
+                        let mut notes = vec![subject];
+                        while notes.len() < FETCH_MAX {
                             match session.notes.try_recv() {
-                                Ok(more) => ids.push(more),
+                                Ok(more) => notes.push(more),
                                 Err(_) => break,
                             }
                         }
-                        self.apply(&session.client, ids).await
+                        if self.mode == Mode::Invalidate {
+                            for s in notes.iter().filter(|s| !s.is_empty()) {
+                                self.index.invalidate(s);
+                            }
+                        }
+                        self.catch_up(&session.client).await
                     }
                     None => Err(PgError::Closed { target: self.target.clone() }),
                 },
+                // The heartbeat reads the change table: it proves the database reachable and
+                // picks up any change whose notification did not arrive.
                 _ = heartbeat.tick() => {
-                    let ping = tokio::time::timeout(self.heartbeat.max(Duration::from_secs(1)), session.client.simple_query("SELECT 1")).await;
-                    match ping {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err(source)) => Err(PgError::Query { target: self.target.clone(), source }),
-                        Err(_) => Err(PgError::Timeout { target: self.target.clone(), timeout: self.heartbeat }),
+                    let limit = self.heartbeat.max(Duration::from_secs(1));
+                    let client = &session.client;
+                    let target = self.target.clone();
+                    match tokio::time::timeout(limit, self.catch_up(client)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(PgError::Timeout { target, timeout: limit }),
                     }
                 }
-                _ = resync.tick() => self.resync(&session.client).await,
+                _ = resync.tick(), if self.mode == Mode::Preload => self.resync(&session.client).await,
             };
             match step {
                 Ok(()) => self.index.freshness().confirm(),
@@ -726,32 +958,7 @@ impl Feed {
         }
     }
 
-    async fn apply(&self, client: &Client, mut ids: Vec<String>) -> Result<(), PgError> {
-        ids.sort_unstable();
-        ids.dedup();
-        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let states = states_of(client, &self.target, &refs).await?;
-        let applied = states.len();
-        for state in states {
-            match state {
-                Ok(r) => {
-                    if let Err(e) = self.index.upsert(&r) {
-                        tracing::warn!(consent.id = %r.id, error = %e, "invalid consent in the registry ignored");
-                    }
-                }
-                // Withdrawn, as an update the index refuses is: the latest word on a
-                // consent, if unreadable, grants nothing.
-                Err(u) => {
-                    self.index.remove(&u.subject, &u.id);
-                    warn_unreadable(u);
-                }
-            }
-        }
-        tracing::debug!(consents = applied, "consent changes applied");
-        Ok(())
-    }
-
-    async fn run(self, mut session: Option<Session>) {
+    async fn run(mut self, mut session: Option<Session>) {
         let mut backoff = Backoff::default();
         loop {
             let s = match session.take() {
@@ -762,6 +969,7 @@ impl Feed {
                             tracing::info!(consent.store = %self.target, "consent database reachable again");
                         }
                         backoff = Backoff::default();
+                        self.index.freshness().confirm();
                         s
                     }
                     Err(e) => {
@@ -772,10 +980,187 @@ impl Feed {
                 },
             };
             let e = self.follow(s).await;
-            tracing::error!(error = %e, "consent database connection lost; the consents loaded stay in force until consent.max_staleness");
+            tracing::error!(error = %e, "consent database connection lost; what is held stays in force until consent.max_staleness");
             self.index.freshness().fail(e.to_string());
             backoff.next();
         }
+    }
+}
+
+/// The highest change number, 0 for none.
+async fn max_seq(client: &Client, target: &str) -> Result<i64, PgError> {
+    Ok(bounded(
+        target,
+        client.query_one("SELECT coalesce(max(seq), 0) FROM consent_changes", &[]),
+    )
+    .await?
+    .get(0))
+}
+
+/// Subjects changed lately, with the number of their latest change: a read from a replica
+/// that has not replayed that change yet is done again on the primary. The map is bounded:
+/// past [`RECENT_MAX`] subjects it is emptied, and any replica read older than what was
+/// emptied goes to the primary.
+#[derive(Default)]
+pub struct Recent {
+    inner: std::sync::Mutex<RecentInner>,
+}
+
+#[derive(Default)]
+struct RecentInner {
+    subjects: std::collections::HashMap<String, i64, foldhash::fast::RandomState>,
+    /// Every change numbered up to here has left the map.
+    forgotten: i64,
+}
+
+const RECENT_MAX: usize = 65_536;
+
+impl Recent {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RecentInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn note(&self, subject: &str, seq: i64) {
+        let mut r = self.lock();
+        if r.subjects.len() >= RECENT_MAX {
+            let top = r.subjects.values().copied().max().unwrap_or(0);
+            r.forgotten = r.forgotten.max(top);
+            r.subjects.clear();
+        }
+        r.subjects.insert(subject.to_string(), seq);
+    }
+
+    fn forget_upto(&self, seq: i64) {
+        let mut r = self.lock();
+        r.forgotten = r.forgotten.max(seq);
+        r.subjects.clear();
+    }
+
+    /// The change a read of `subject` must reflect.
+    fn required(&self, subject: &str) -> i64 {
+        let r = self.lock();
+        r.subjects
+            .get(subject)
+            .copied()
+            .unwrap_or(0)
+            .max(r.forgotten)
+    }
+}
+
+/// A connection of the reader, with its prepared lookup.
+struct ReadConn {
+    client: Client,
+    lookup: tokio_postgres::Statement,
+}
+
+/// A pool of connections to one database for cache misses: each connection runs its
+/// queries pipelined; a failed one is opened again on next use.
+struct ReadPool {
+    config: Config,
+    target: String,
+    slots: Vec<tokio::sync::Mutex<Option<Arc<ReadConn>>>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+/// The point query of a miss: the subject's consents (by the subject index) and the change
+/// number the database has reached, in one statement and so one snapshot.
+fn lookup_sql() -> String {
+    format!(
+        "SELECT (SELECT coalesce(max(seq), 0) FROM consent_changes), x.* FROM (SELECT 1) AS one \
+         LEFT JOIN LATERAL (SELECT {STATE_COLUMNS} FROM consents c WHERE c.subject = $1) AS x ON TRUE"
+    )
+}
+
+impl ReadPool {
+    fn new(url: &str) -> Result<ReadPool, PgError> {
+        let (config, target) = config(url)?;
+        Ok(ReadPool {
+            config,
+            target,
+            slots: (0..super::cache::POOL_SIZE)
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+            next: Default::default(),
+        })
+    }
+
+    async fn conn(&self) -> Result<Arc<ReadConn>, PgError> {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.slots.len();
+        let mut slot = self.slots[i].lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.client.is_closed()) {
+            return Ok(c.clone());
+        }
+        *slot = None;
+        let client = connect(&self.config, &self.target, None).await?;
+        let lookup = bounded(&self.target, client.prepare(&lookup_sql())).await?;
+        let c = Arc::new(ReadConn { client, lookup });
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// The subject's consents and the change number they reflect.
+    async fn subject(&self, subject: &str) -> Result<(Vec<ConsentRecord>, i64), PgError> {
+        let c = self.conn().await?;
+        let rows = bounded(&self.target, c.client.query(&c.lookup, &[&subject])).await?;
+        let seq: i64 = rows.first().map_or(0, |r| r.get(0));
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            // The left join's one row of nothing: no consent.
+            if row.try_get::<_, Option<String>>(1).ok().flatten().is_none() {
+                continue;
+            }
+            match state_from_row_at(row, 1) {
+                Ok(r) => out.push(r),
+                Err(u) => warn_unreadable(u),
+            }
+        }
+        Ok((out, seq))
+    }
+}
+
+/// Reads one subject's consents for the cache (SPEC section 4.1): from the replica when
+/// `[consent] read_url` names one, else from the primary; a replica that has not yet
+/// replayed the subject's latest change known to the feed is passed over for the primary.
+pub struct PgReader {
+    primary: ReadPool,
+    replica: Option<ReadPool>,
+    recent: Arc<Recent>,
+}
+
+impl PgReader {
+    pub fn new(url: &str, read_url: Option<&str>) -> Result<PgReader, PgError> {
+        Ok(PgReader {
+            primary: ReadPool::new(url)?,
+            replica: read_url.map(ReadPool::new).transpose()?,
+            recent: Arc::default(),
+        })
+    }
+
+    /// What the feed shares with this reader.
+    pub fn recent(&self) -> Option<Arc<Recent>> {
+        self.replica.as_ref().map(|_| self.recent.clone())
+    }
+
+    pub async fn subject(&self, subject: &str) -> Result<Vec<ConsentRecord>, PgError> {
+        if let Some(replica) = &self.replica {
+            let required = self.recent.required(subject);
+            match replica.subject(subject).await {
+                Ok((records, seq)) if seq >= required => return Ok(records),
+                Ok((_, seq)) => {
+                    tracing::debug!(
+                        replica_seq = seq,
+                        required,
+                        "consent replica behind: read from the primary"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "consent replica failed: read from the primary");
+                }
+            }
+        }
+        Ok(self.primary.subject(subject).await?.0)
     }
 }
 
@@ -805,24 +1190,38 @@ fn heartbeat_for(max_staleness: Duration) -> Duration {
     (max_staleness / 4).clamp(Duration::from_millis(250), Duration::from_secs(5))
 }
 
-/// Connects to the database at `url`, loads it into `index`, and starts the task that keeps
-/// the index current. An unreachable database does not stop start-up: the index stays stale
-/// (consent-needing requests are refused) until the feed reaches it. A malformed URL does.
+/// Connects to the database at `url`, loads it into `index` (unless the index is a cache),
+/// and starts the task that keeps the index current. `recent` is the replica reader's (see
+/// [`PgReader::recent`]). An unreachable database does not stop start-up: the index stays
+/// stale (consent-needing requests are refused) until the feed reaches it. A malformed URL
+/// does.
 pub async fn start_feed(
     url: &str,
     index: Arc<ConsentIndex>,
     max_staleness: Duration,
+    recent: Option<Arc<Recent>>,
 ) -> Result<tokio::task::JoinHandle<()>, PgError> {
     let (config, target) = config(url)?;
     index.freshness().track();
-    let feed = Feed {
+    let mode = if index.is_cache() {
+        Mode::Invalidate
+    } else {
+        Mode::Preload
+    };
+    let mut feed = Feed {
         config,
         target,
         index,
         heartbeat: heartbeat_for(max_staleness),
+        mode,
+        last_seq: None,
+        recent,
     };
     let first = match feed.open().await {
-        Ok(s) => Some(s),
+        Ok(s) => {
+            feed.index.freshness().confirm();
+            Some(s)
+        }
         Err(e) => {
             tracing::error!(error = %e, "consent database unreachable at start-up; consent-needing requests are refused until it is reached");
             feed.index.freshness().fail(e.to_string());

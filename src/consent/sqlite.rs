@@ -458,6 +458,64 @@ impl SqliteRegistry {
     }
 }
 
+/// Reads one subject's consents for the cache, on a few connections of its own (each used
+/// by one query at a time, off the runtime threads). A connection to a file no longer at the
+/// path (replaced, or moved away) is not reused.
+pub struct SqliteReader {
+    path: PathBuf,
+    idle: Arc<Mutex<Vec<(Connection, FileId)>>>,
+}
+
+impl SqliteReader {
+    pub fn new(path: PathBuf) -> SqliteReader {
+        SqliteReader {
+            path,
+            idle: Arc::default(),
+        }
+    }
+
+    /// The current states of `subject`'s consents, read in one transaction.
+    pub async fn subject(&self, subject: &str) -> Result<Vec<ConsentRecord>, SqliteError> {
+        let (path, idle, subject) = (self.path.clone(), self.idle.clone(), subject.to_string());
+        tokio::task::spawn_blocking(move || {
+            let now = file_id(&path)?;
+            let held = idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
+            let (mut conn, id) = match held {
+                Some((c, id)) if id == now => (c, id),
+                _ => connect(&path, false)?,
+            };
+            let read = (|| {
+                let tx = conn.transaction()?;
+                let records = states(&tx, &Selection::Filter(Filter::Subject(&subject)))?;
+                tx.commit()?;
+                Ok(records)
+            })()
+            .map_err(|source| SqliteError::Query {
+                path: path.clone(),
+                source,
+            })?;
+            let mut pool = idle.lock().unwrap_or_else(PoisonError::into_inner);
+            if pool.len() < super::cache::POOL_SIZE {
+                pool.push((conn, id));
+            }
+            Ok(read)
+        })
+        .await
+        .map_err(|e| SqliteError::Gone {
+            path: self.path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+    }
+}
+
+/// What the feed does with a change: apply it to a complete index, or invalidate the
+/// subject in a cache.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Mode {
+    Preload,
+    Invalidate,
+}
+
 /// The proxy's change feed: keeps `index` equal to the registry (see the module doc).
 struct Feed {
     path: PathBuf,
@@ -468,6 +526,7 @@ struct Feed {
     /// The last `consent_changes.seq` applied.
     last_seq: i64,
     failing: bool,
+    mode: Mode,
 }
 
 impl Feed {
@@ -487,14 +546,28 @@ impl Feed {
         let data_version = conn
             .pragma_query_value(None, "data_version", |r| r.get(0))
             .map_err(query)?;
+        let last_seq = |c: &Connection| {
+            c.query_row(
+                "SELECT coalesce(max(seq), 0) FROM consent_changes",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+        };
+        if self.mode == Mode::Invalidate {
+            // A cache loads nothing: it forgets what it held of the file it had, and follows
+            // the changes from here.
+            let seq = last_seq(&conn).map_err(query)?;
+            self.index.invalidate_all();
+            tracing::info!(consent.store = %format!("sqlite:{}", self.path.display()), change_seq = seq, "consent store connected (cache mode: nothing loaded)");
+            self.last_seq = seq;
+            self.data_version = data_version;
+            self.held = Some((conn, id));
+            return Ok(());
+        }
         // One read transaction: the sequence number and the content agree.
         let (seq, records) = (|| {
             let tx = conn.transaction()?;
-            let seq: i64 = tx.query_row(
-                "SELECT coalesce(max(seq), 0) FROM consent_changes",
-                [],
-                |r| r.get(0),
-            )?;
+            let seq = last_seq(&tx)?;
             let records = states(&tx, &Selection::Filter(Filter::All))?;
             tx.commit()?;
             Ok((seq, records))
@@ -535,20 +608,41 @@ impl Feed {
         }
         let changed = (|| {
             let mut stmt = conn.prepare_cached(
-                "SELECT seq, consent_id FROM consent_changes WHERE seq > ?1 ORDER BY seq",
+                "SELECT ch.seq, ch.consent_id, c.subject FROM consent_changes ch \
+                 LEFT JOIN consents c ON c.id = ch.consent_id WHERE ch.seq > ?1 ORDER BY ch.seq",
             )?;
             let rows = stmt.query_map([self.last_seq], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                ))
             })?;
             rows.collect::<rusqlite::Result<Vec<_>>>()
         })()
         .map_err(query)?;
-        if let Some((seq, _)) = changed.last() {
-            let ids: Vec<&str> = changed.iter().map(|(_, id)| id.as_str()).collect();
-            let records = states(conn, &Selection::Ids(json_list(&ids))).map_err(query)?;
-            for r in &records {
-                if let Err(e) = self.index.upsert(r) {
-                    tracing::warn!(consent.id = %r.id, error = %e, "invalid consent in the registry ignored");
+        if let Some((seq, _, _)) = changed.last() {
+            match self.mode {
+                Mode::Invalidate => {
+                    for (_, _, subject) in &changed {
+                        match subject {
+                            Some(s) => {
+                                self.index.invalidate(s);
+                            }
+                            // A change of a consent the table no longer holds (edited by
+                            // hand): what it affected is unknown.
+                            None => self.index.invalidate_all(),
+                        }
+                    }
+                }
+                Mode::Preload => {
+                    let ids: Vec<&str> = changed.iter().map(|(_, id, _)| id.as_str()).collect();
+                    let records = states(conn, &Selection::Ids(json_list(&ids))).map_err(query)?;
+                    for r in &records {
+                        if let Err(e) = self.index.upsert(r) {
+                            tracing::warn!(consent.id = %r.id, error = %e, "invalid consent in the registry ignored");
+                        }
+                    }
                 }
             }
             tracing::debug!(changes = changed.len(), "consent changes applied");
@@ -576,14 +670,19 @@ impl Feed {
     }
 }
 
-/// Opens (creating it if needed) the database at `path`, loads it into `index`, and starts
-/// the task that keeps the index current, polling every `every`.
+/// Opens (creating it if needed) the database at `path`, loads it into `index` (unless the
+/// index is a cache), and starts the task that keeps the index current, polling every `every`.
 pub async fn start_feed(
     path: PathBuf,
     index: Arc<ConsentIndex>,
     every: Duration,
 ) -> Result<tokio::task::JoinHandle<()>, SqliteError> {
     index.freshness().track();
+    let mode = if index.is_cache() {
+        Mode::Invalidate
+    } else {
+        Mode::Preload
+    };
     let mut feed = Feed {
         path,
         index,
@@ -591,6 +690,7 @@ pub async fn start_feed(
         data_version: 0,
         last_seq: 0,
         failing: false,
+        mode,
     };
     let feed = tokio::task::spawn_blocking(move || {
         feed.reload(true)?;

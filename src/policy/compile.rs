@@ -1053,11 +1053,73 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
             Duration::from_secs(30)
         }
     };
+    let lookup_timeout = match c.lookup_timeout.as_deref().map(parse_duration) {
+        None => Duration::from_millis(200),
+        Some(Ok(d)) if !d.is_zero() && d <= Duration::from_secs(30) => d,
+        Some(Ok(_)) => {
+            cx.err(
+                cfile,
+                &cat("lookup_timeout"),
+                "consent.lookup_timeout",
+                "must be more than 0 and at most 30s (a request waits this long on a cache miss)",
+            );
+            Duration::from_millis(200)
+        }
+        Some(Err(e)) => {
+            cx.err(cfile, &cat("lookup_timeout"), "consent.lookup_timeout", e);
+            Duration::from_millis(200)
+        }
+    };
+    const MIN_CACHE: u64 = 1024 * 1024;
+    let cache_max_bytes = match c.cache_max_bytes {
+        None => 64 * 1024 * 1024,
+        Some(n) if n >= MIN_CACHE => usize::try_from(n).unwrap_or(usize::MAX),
+        Some(n) => {
+            cx.err(
+                cfile,
+                &cat("cache_max_bytes"),
+                "consent.cache_max_bytes",
+                format!("{n} is too small: at least {MIN_CACHE} (1 MiB; the default is 67108864, 64 MiB)"),
+            );
+            64 * 1024 * 1024
+        }
+    };
+    let preload = c.preload.unwrap_or(false);
+    let read_url = match (c.read_url, &store) {
+        (None, _) => None,
+        (Some(u), ConsentStore::Postgres(_))
+            if u.starts_with("postgres://") || u.starts_with("postgresql://") =>
+        {
+            Some(u)
+        }
+        (Some(_), ConsentStore::Postgres(_)) => {
+            cx.err(
+                cfile,
+                &cat("read_url"),
+                "consent.read_url",
+                "must be a postgres:// URL of a read replica of consent.store",
+            );
+            None
+        }
+        (Some(_), _) => {
+            cx.err(
+                cfile,
+                &cat("read_url"),
+                "consent.read_url",
+                "a read replica is for a postgres:// consent.store only",
+            );
+            None
+        }
+    };
     let consent = ConsentSettings {
         store,
         accept_methods,
         purpose_header,
         max_staleness,
+        cache_max_bytes,
+        lookup_timeout,
+        preload,
+        read_url,
     };
 
     // [log]

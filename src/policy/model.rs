@@ -235,6 +235,14 @@ pub struct ConsentSettings {
     pub accept_methods: Vec<String>,
     pub purpose_header: HeaderName,
     pub max_staleness: Duration,
+    /// Database stores: the byte budget of the sidecar's cache of subjects (SPEC 4.1).
+    pub cache_max_bytes: usize,
+    /// Database stores: how long a request waits for a cache miss to be answered.
+    pub lookup_timeout: Duration,
+    /// Database stores: hold the whole registry in memory instead of a cache.
+    pub preload: bool,
+    /// PostgreSQL: a read replica for cache misses (writes and the change feed use `store`).
+    pub read_url: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -127,6 +127,10 @@ pub struct RawConsent {
     pub accept_methods: Option<Vec<String>>,
     pub purpose_header: Option<String>,
     pub max_staleness: Option<String>,
+    pub cache_max_bytes: Option<u64>,
+    pub lookup_timeout: Option<String>,
+    pub preload: Option<bool>,
+    pub read_url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

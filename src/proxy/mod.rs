@@ -12,7 +12,10 @@ pub mod upstream;
 
 use crate::audit::keys::KeyError;
 use crate::audit::writer::{AuditError, LogWriter};
+use crate::consent::cache::{Loader, Reader};
 use crate::consent::file::FileStoreError;
+use crate::consent::postgres::PgReader;
+use crate::consent::sqlite::SqliteReader;
 use crate::consent::{ConsentIndex, Registry, RegistryError};
 use crate::geo::GeoError;
 use crate::metrics::Metrics;
@@ -86,6 +89,8 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub log: LogWriter,
     pub consents: Arc<ConsentIndex>,
+    /// Fills the consent cache on a miss (database stores without `preload`).
+    pub consent_loader: Option<Arc<Loader>>,
     pub metrics: Metrics,
     /// The last reload attempt, if any (`/v1/policy`).
     pub last_reload: ArcSwapOption<ReloadStatus>,
@@ -170,9 +175,21 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
         .transpose()?;
     let admin = crate::admin::bind(policy.admin.listen).await?;
     tracing::info!(admin.listen = %admin.addr, "admin listener serving (starting)");
-    let consents = Arc::new(ConsentIndex::new());
+    // Database stores keep a bounded cache of the subjects seen, filled on a miss, unless
+    // `preload` asks for the whole registry (SPEC section 4.1).
+    let settings = &policy.consent;
+    let cached = matches!(
+        settings.store,
+        ConsentStore::Sqlite(_) | ConsentStore::Postgres(_)
+    ) && !settings.preload;
+    let consents = Arc::new(if cached {
+        ConsentIndex::cache(settings.cache_max_bytes)
+    } else {
+        ConsentIndex::new()
+    });
     let mut background = Vec::new();
-    match &policy.consent.store {
+    let mut consent_loader = None;
+    match &settings.store {
         ConsentStore::None => {
             tracing::warn!(
                 "no consent.store configured: no consent exists, so every transfer that needs consent is refused"
@@ -193,17 +210,35 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
                     .await
                     .map_err(RegistryError::from)?,
             );
+            if cached {
+                let reader = Reader::Sqlite(SqliteReader::new(path.clone()));
+                consent_loader = Some(Arc::new(Loader::new(
+                    consents.clone(),
+                    reader,
+                    settings.lookup_timeout,
+                )));
+            }
         }
         ConsentStore::Postgres(url) => {
+            let reader =
+                PgReader::new(url, settings.read_url.as_deref()).map_err(RegistryError::from)?;
             background.push(
                 crate::consent::postgres::start_feed(
                     url,
                     consents.clone(),
-                    policy.consent.max_staleness,
+                    settings.max_staleness,
+                    reader.recent(),
                 )
                 .await
                 .map_err(RegistryError::from)?,
             );
+            if cached {
+                consent_loader = Some(Arc::new(Loader::new(
+                    consents.clone(),
+                    Reader::Postgres(Box::new(reader)),
+                    settings.lookup_timeout,
+                )));
+            }
         }
     }
     // The feed has created the SQLite file; the API's writer must not create another if it
@@ -255,6 +290,7 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
         snapshot: ArcSwap::from_pointee(snapshot),
         log,
         consents,
+        consent_loader,
         metrics,
         last_reload: ArcSwapOption::empty(),
         registry,

@@ -158,7 +158,6 @@ async fn handle_inner(
             )
         }
         None => {
-            let env = snap.env(ts.as_microsecond());
             let copy_source = decide::copy_source(&parts.headers);
             let request = decide::Request {
                 method: &parts.method,
@@ -171,7 +170,25 @@ async fn handle_inner(
                 pick: fastrand::usize(..),
                 copy_source: copy_source.as_deref(),
             };
-            let d = decide::decide(policy, &env, &request, &mut ());
+            let (first, missed) = {
+                let env = snap.env(ts.as_microsecond(), shared.consent_loader.is_some());
+                let d = decide::decide(policy, &env, &request, &mut ());
+                let missed = env.missed();
+                (d, missed)
+            };
+            // A subject the consent cache does not hold: one query fills it (shared with
+            // other requests missing it), then the request is decided again. A store that
+            // does not answer in time leaves it a miss: consent_store_unavailable.
+            let d = match (&shared.consent_loader, first.subject.as_deref()) {
+                (Some(loader), Some(subject)) if missed => {
+                    if let Err(e) = loader.fill(subject).await {
+                        tracing::warn!(error = %e, "consent lookup failed");
+                    }
+                    let env = snap.env(ts.as_microsecond(), false);
+                    decide::decide(policy, &env, &request, &mut ())
+                }
+                _ => first,
+            };
             shared.metrics.decision_time.observe(started.elapsed());
             let counted = (d.dataset, d.reason, d.verdict, d.enforced);
             if d.reason == Reason::UpstreamUnreachable && d.upstream.is_none() {

@@ -166,9 +166,15 @@ impl Reloader {
                 what: "log.signing_key and log.pseudonymize",
             });
         }
-        if policy.consent.store != current.policy.consent.store {
+        let (new, old) = (&policy.consent, &current.policy.consent);
+        if new.store != old.store
+            || new.read_url != old.read_url
+            || new.preload != old.preload
+            || new.cache_max_bytes != old.cache_max_bytes
+            || new.lookup_timeout != old.lookup_timeout
+        {
             return Err(ServeError::NeedsRestart {
-                what: "consent.store",
+                what: "consent.store, read_url, preload, cache_max_bytes and lookup_timeout",
             });
         }
         if policy.proxy.listen != current.policy.proxy.listen {

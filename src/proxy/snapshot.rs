@@ -6,6 +6,7 @@ use super::upstream::UpstreamRuntime;
 use crate::audit::Pseudonymizer;
 use crate::audit::keys::SigningKey;
 use crate::consent::ConsentIndex;
+use crate::consent::index::Lookup;
 use crate::consent::record::Consent;
 use crate::geo::{GeoDb, Locator};
 use crate::metrics::{Metrics, SnapshotMetrics};
@@ -170,8 +171,16 @@ impl Snapshot {
         }
     }
 
-    pub fn env(&self, now: i64) -> ProxyEnv<'_> {
-        ProxyEnv { snap: self, now }
+    /// The world for a decision at `now`. With `fill`, a consent cache miss is noted
+    /// ([`ProxyEnv::missed`]) for the caller to fill and decide again; without, a miss reads
+    /// as an unavailable store.
+    pub fn env(&self, now: i64, fill: bool) -> ProxyEnv<'_> {
+        ProxyEnv {
+            snap: self,
+            now,
+            fill,
+            missed: std::cell::Cell::new(false),
+        }
     }
 }
 
@@ -179,6 +188,16 @@ impl Snapshot {
 pub struct ProxyEnv<'s> {
     snap: &'s Snapshot,
     now: i64,
+    fill: bool,
+    missed: std::cell::Cell<bool>,
+}
+
+impl ProxyEnv<'_> {
+    /// Whether the decision needed a subject the consent cache does not hold: it was
+    /// decided as if the store were unavailable, and must be decided again once filled.
+    pub fn missed(&self) -> bool {
+        self.missed.get()
+    }
 }
 
 /// Resolved addresses of one upstream, held for the length of a decision.
@@ -215,9 +234,13 @@ impl Env for ProxyEnv<'_> {
         {
             return f(ConsentLookup::Unavailable);
         }
-        index.with(subject, |found| match found {
-            Some(c) => f(ConsentLookup::Found(c)),
-            None => f(ConsentLookup::NotFound),
+        index.lookup(subject, |found| match found {
+            Lookup::Found(c) => f(ConsentLookup::Found(c)),
+            Lookup::NotFound => f(ConsentLookup::NotFound),
+            Lookup::Miss => {
+                self.missed.set(self.fill);
+                f(ConsentLookup::Unavailable)
+            }
         })
     }
 

@@ -5,8 +5,8 @@
 
 use crate::support::registry::{
     Relay, TOKEN, address_of, admin, bureau_reads, cli_ok, expect_store_unavailable,
-    fresh_database, grant_via_api, holds, home_store, pg_connect, postgres_url, registry_policy,
-    time_until, until_bureau_reads, with_address,
+    fresh_database, grant_via_api, home_store, pg_connect, postgres_url, registry_policy,
+    until_bureau_reads, with_address,
 };
 use std::time::Duration;
 
@@ -19,29 +19,42 @@ async fn a_revocation_through_one_proxy_is_refused_by_another_within_a_second() 
     let home = home_store().await;
     let mut first = registry_policy(&url, &home).start().await;
     let mut second = registry_policy(&url, &home).start().await;
+    // A third holds the whole registry instead of a cache: the same feed keeps it current.
+    let mut third = registry_policy(&url, &home)
+        .consent("preload = true")
+        .start()
+        .await;
     assert_eq!(bureau_reads(&second, "u1").await, "451 consent_missing");
+    assert_eq!(bureau_reads(&third, "u1").await, "451 consent_missing");
 
     grant_via_api(&first, "c-1", "u1").await;
-    let took = time_until(
-        "the grant to reach the second proxy",
-        Duration::from_secs(10),
-        || holds(&second, "u1", "c-1", false),
-    )
-    .await;
+    let took = until_bureau_reads(&second, "u1", "200", Duration::from_secs(10)).await;
     assert!(took < Duration::from_secs(1), "granted after {took:?}");
     assert_eq!(bureau_reads(&second, "u1").await, "200");
+    let took = until_bureau_reads(&third, "u1", "200", Duration::from_secs(10)).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "granted (preloaded) after {took:?}"
+    );
 
     let r = admin(&first, "POST", "/v1/consents/c-1/revoke", Some(TOKEN), None).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let took = time_until(
-        "the revocation to reach the second proxy",
+    let took = until_bureau_reads(
+        &second,
+        "u1",
+        "451 consent_revoked",
         Duration::from_secs(10),
-        || holds(&second, "u1", "c-1", true),
     )
     .await;
     assert!(took < Duration::from_secs(1), "revoked after {took:?}");
     assert_eq!(bureau_reads(&second, "u1").await, "451 consent_revoked");
     assert_eq!(bureau_reads(&first, "u1").await, "451 consent_revoked");
+    let took =
+        until_bureau_reads(&third, "u1", "451 consent_revoked", Duration::from_secs(10)).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "revoked (preloaded) after {took:?}"
+    );
 
     // The second proxy's API sees the history written through the first.
     let r = admin(
@@ -61,6 +74,7 @@ async fn a_revocation_through_one_proxy_is_refused_by_another_within_a_second() 
     assert_eq!(kinds, ["grant", "revoke"]);
     first.shutdown().await;
     second.shutdown().await;
+    third.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,10 +109,7 @@ async fn grants_by_the_consent_command_and_by_straight_sql_take_effect_while_run
         "2099-01-01T00:00:00Z",
     ])
     .await;
-    let took = time_until("the CLI grant", Duration::from_secs(10), || {
-        holds(&proxy, "u2", "c-cli", false)
-    })
-    .await;
+    let took = until_bureau_reads(&proxy, "u2", "200", Duration::from_secs(10)).await;
     assert!(took < Duration::from_secs(1), "granted after {took:?}");
     assert_eq!(bureau_reads(&proxy, "u2").await, "200");
 
@@ -110,20 +121,14 @@ async fn grants_by_the_consent_command_and_by_straight_sql_take_effect_while_run
     )
     .await
     .unwrap();
-    time_until("the SQL grant", Duration::from_secs(10), || {
-        holds(&proxy, "u3", "c-sql", false)
-    })
-    .await;
+    until_bureau_reads(&proxy, "u3", "200", Duration::from_secs(10)).await;
     assert_eq!(bureau_reads(&proxy, "u3").await, "200");
     db.batch_execute(
         "INSERT INTO consent_revocations (consent_id, revoked_at) VALUES ('c-sql', now())",
     )
     .await
     .unwrap();
-    time_until("the SQL revocation", Duration::from_secs(10), || {
-        holds(&proxy, "u3", "c-sql", true)
-    })
-    .await;
+    until_bureau_reads(&proxy, "u3", "451 consent_revoked", Duration::from_secs(10)).await;
     assert_eq!(bureau_reads(&proxy, "u3").await, "451 consent_revoked");
 
     // Facts stay facts, even for straight SQL.
@@ -273,12 +278,7 @@ async fn a_row_the_proxy_cannot_read_grants_nothing_and_the_others_still_load() 
     )
     .await
     .unwrap();
-    time_until(
-        "the grant after the bad row",
-        Duration::from_secs(10),
-        || holds(&proxy, "u9", "c-i", false),
-    )
-    .await;
+    until_bureau_reads(&proxy, "u9", "200", Duration::from_secs(10)).await;
     assert_eq!(bureau_reads(&proxy, "u9").await, "200");
     assert_eq!(bureau_reads(&proxy, "u8").await, "451 consent_missing");
     db.batch_execute(

@@ -183,33 +183,6 @@ pub async fn cli_ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Polls `cond` every 10 ms until it holds; returns how long that took, or panics after
-/// `limit` naming `what`.
-pub async fn time_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = tokio::time::Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    start.elapsed()
-}
-
-/// Whether the proxy's index holds a consent `id` of `subject`, revoked or not as `revoked`.
-pub fn holds(proxy: &TestProxy, subject: &str, id: &str, revoked: bool) -> bool {
-    proxy
-        .running()
-        .shared
-        .consents
-        .get(subject)
-        .is_some_and(|s| {
-            s.iter()
-                .any(|c| &*c.id == id && c.revoked_at.is_some() == revoked)
-        })
-}
-
 /// The PostgreSQL server the tests may use (`RESIDENCY_TEST_POSTGRES`, set by
 /// `.ci/postgres.sh`), or `None` after saying the test is skipped.
 pub fn postgres_url(test: &str) -> Option<String> {
