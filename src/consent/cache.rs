@@ -101,7 +101,11 @@ impl Loader {
                 }
             };
             match tokio::time::timeout_at(deadline, pending.wait()).await {
-                Err(_) => return Err(LookupError::Timeout(self.timeout)),
+                Err(_) => {
+                    let e = LookupError::Timeout(self.timeout);
+                    self.note_failure(e.to_string());
+                    return Err(e);
+                }
                 Ok(Err(e)) => return Err(LookupError::Store(e)),
                 Ok(Ok(())) => {}
             }
@@ -124,20 +128,16 @@ impl Loader {
                 Err(_) => Err(format!("no answer within {} s", QUERY_LIMIT.as_secs())),
             };
             hist.observe(started.elapsed());
-            {
-                let mut f = failure.lock().unwrap_or_else(PoisonError::into_inner);
-                match &answer {
-                    Ok(_) => *f = None,
-                    Err(e) => {
-                        if f.is_none() {
-                            tracing::error!(error = %e, "consent lookup failed: consent-needing requests of uncached subjects are refused consent_store_unavailable");
-                        }
-                        *f = Some((Instant::now(), e.clone()));
-                    }
-                }
+            match &answer {
+                Ok(_) => *failure.lock().unwrap_or_else(PoisonError::into_inner) = None,
+                Err(e) => note(&failure, e.clone()),
             }
             index.finish_fill(&subject, &pending, answer);
         });
+    }
+
+    fn note_failure(&self, why: String) {
+        note(&self.failure, why);
     }
 
     /// The last lookup failure, if no lookup has answered since and it is recent (within
@@ -149,4 +149,13 @@ impl Loader {
             _ => None,
         }
     }
+}
+
+/// Records a lookup failure for readiness; the first of a run is logged.
+fn note(failure: &Mutex<Option<(Instant, String)>>, why: String) {
+    let mut f = failure.lock().unwrap_or_else(PoisonError::into_inner);
+    if f.is_none() {
+        tracing::error!(error = %why, "consent lookup failed: consent-needing requests of uncached subjects are refused consent_store_unavailable");
+    }
+    *f = Some((Instant::now(), why));
 }

@@ -695,6 +695,121 @@ mod tests {
             .unwrap_or_default()
     }
 
+    fn lead(index: &ConsentIndex, subject: &str) -> Arc<Pending> {
+        match index.begin_fill(subject) {
+            Fill::Lead(p) => p,
+            _ => panic!("{subject}: expected to lead the fill"),
+        }
+    }
+
+    fn looked_up(index: &ConsentIndex, subject: &str) -> String {
+        index.lookup(subject, |l| match l {
+            Lookup::Found(cs) => cs
+                .iter()
+                .map(|c| c.id.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            Lookup::NotFound => "none".into(),
+            Lookup::Miss => "miss".into(),
+        })
+    }
+
+    #[test]
+    fn a_cache_answers_a_miss_once_filled_and_remembers_a_subject_without_consent() {
+        let index = ConsentIndex::cache(1 << 20);
+        assert_eq!(looked_up(&index, "u1"), "miss");
+        let p = lead(&index, "u1");
+        // Concurrent misses join the query under way, and still miss until it answers.
+        assert!(matches!(index.begin_fill("u1"), Fill::Join(q) if Arc::ptr_eq(&p, &q)));
+        assert_eq!(looked_up(&index, "u1"), "miss");
+        index.finish_fill("u1", &p, Ok(vec![record("c1", "u1", "scoring")]));
+        assert_eq!(looked_up(&index, "u1"), "c1");
+        assert!(matches!(index.begin_fill("u1"), Fill::Cached));
+
+        let p = lead(&index, "u2");
+        index.finish_fill("u2", &p, Ok(vec![]));
+        assert_eq!(looked_up(&index, "u2"), "none");
+        let stats = index.stats();
+        assert_eq!(stats.misses.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.hits.load(Ordering::Relaxed), 2);
+        assert!(stats.bytes.load(Ordering::Relaxed) > 0);
+
+        // A failed query caches nothing: the next lookup misses again.
+        let p = lead(&index, "u3");
+        index.finish_fill("u3", &p, Err("connection refused".into()));
+        assert_eq!(looked_up(&index, "u3"), "miss");
+        assert!(matches!(index.begin_fill("u3"), Fill::Lead(_)));
+    }
+
+    #[test]
+    fn a_change_notified_during_a_fill_keeps_its_answer_out_of_the_cache() {
+        let index = ConsentIndex::cache(1 << 20);
+        let p = lead(&index, "u1");
+        // The query may have read the consent before its revocation committed.
+        assert!(!index.invalidate("u1"));
+        index.finish_fill("u1", &p, Ok(vec![record("c1", "u1", "scoring")]));
+        assert_eq!(looked_up(&index, "u1"), "miss");
+
+        let p = lead(&index, "u1");
+        index.finish_fill("u1", &p, Ok(vec![record("c1", "u1", "scoring")]));
+        assert!(index.invalidate("u1"));
+        assert_eq!(looked_up(&index, "u1"), "miss");
+        assert_eq!(index.stats().bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(index.len(), 0);
+
+        let p = lead(&index, "u2");
+        index.finish_fill("u2", &p, Ok(vec![]));
+        let q = lead(&index, "u3");
+        index.invalidate_all();
+        index.finish_fill("u3", &q, Ok(vec![]));
+        assert_eq!(looked_up(&index, "u2"), "miss");
+        assert_eq!(looked_up(&index, "u3"), "miss");
+    }
+
+    #[test]
+    fn a_cache_stays_within_its_budget_and_keeps_what_is_used() {
+        let one = {
+            let index = ConsentIndex::cache(usize::MAX);
+            let p = lead(&index, "s0");
+            index.finish_fill("s0", &p, Ok(vec![record("c0", "s0", "scoring")]));
+            index.stats().bytes.load(Ordering::Relaxed)
+        };
+        let index = ConsentIndex::cache(100 * one);
+        let fill = |i: usize| {
+            let s = format!("s{i}");
+            let p = lead(&index, &s);
+            index.finish_fill(&s, &p, Ok(vec![record(&format!("c{i}"), &s, "scoring")]));
+        };
+        for i in 0..100 {
+            fill(i);
+        }
+        assert_eq!(index.subjects(), 100);
+        // s7 is in use; the next fills evict others, not it.
+        for _ in 0..3 {
+            assert_eq!(looked_up(&index, "s7"), "c7");
+        }
+        for i in 100..150 {
+            fill(i);
+            looked_up(&index, "s7");
+        }
+        let bytes = index.stats().bytes.load(Ordering::Relaxed);
+        assert!(bytes <= 100 * one, "{bytes} over the budget");
+        assert_eq!(looked_up(&index, "s7"), "c7");
+        assert_eq!(looked_up(&index, "s149"), "c149");
+        assert_eq!(looked_up(&index, "s0"), "miss");
+        assert!(index.stats().evictions.load(Ordering::Relaxed) >= 50);
+        assert_eq!(index.len(), index.subjects());
+    }
+
+    #[test]
+    fn in_a_cache_an_update_invalidates_the_subject() {
+        let index = ConsentIndex::cache(1 << 20);
+        let p = lead(&index, "u1");
+        index.finish_fill("u1", &p, Ok(vec![record("c1", "u1", "scoring")]));
+        index.upsert(&record("c2", "u1", "scoring")).unwrap();
+        assert_eq!(looked_up(&index, "u1"), "miss");
+    }
+
     #[test]
     fn upsert_replaces_the_consent_with_the_same_id() {
         let index = ConsentIndex::new();

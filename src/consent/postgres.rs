@@ -25,6 +25,11 @@ use tokio::sync::mpsc;
 use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::{AsyncMessage, Client, Config, GenericClient, NoTls, Row};
 
+/// The `application_name` of the proxy's connections, unless the URL sets one.
+const APPLICATION: &str = "residency-proxy";
+/// The `application_name` of the change feed's connection, unless the URL sets one.
+pub const FEED_APPLICATION: &str = "residency-proxy-feed";
+
 /// The NOTIFY channel.
 pub const CHANNEL: &str = "residency_consents";
 /// How often the feed reloads everything even when notifications flow.
@@ -295,7 +300,7 @@ fn config(url: &str) -> Result<(Config, String), PgError> {
         config.connect_timeout(Duration::from_secs(5));
     }
     if config.get_application_name().is_none() {
-        config.application_name("residency-proxy");
+        config.application_name(APPLICATION);
     }
     config.keepalives(true);
     Ok((config, target))
@@ -1201,7 +1206,12 @@ pub async fn start_feed(
     max_staleness: Duration,
     recent: Option<Arc<Recent>>,
 ) -> Result<tokio::task::JoinHandle<()>, PgError> {
-    let (config, target) = config(url)?;
+    let (mut config, target) = config(url)?;
+    // Told apart from the other connections in pg_stat_activity (an operator can see, or
+    // end, the one that LISTENs).
+    if config.get_application_name() == Some(APPLICATION) {
+        config.application_name(FEED_APPLICATION);
+    }
     index.freshness().track();
     let mode = if index.is_cache() {
         Mode::Invalidate

@@ -13,6 +13,7 @@ mod audit_tamper;
 mod check_cli;
 mod cli;
 mod consent_api;
+mod consent_cache;
 mod consent_postgres;
 mod consent_sqlite;
 mod deploy;
