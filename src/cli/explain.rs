@@ -89,16 +89,6 @@ pub fn run(a: ExplainArgs) -> CliResult {
         for s in &report.skipped {
             eprintln!("{}:{}: skipped: {}", f.display(), s.line, s.message);
         }
-    } else if let ConsentStore::Sqlite(_) | ConsentStore::Postgres(_) = &policy.consent.store {
-        // The registry the proxy would read, read once (never created here).
-        let records = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(async {
-                let registry = Registry::open(&policy.consent.store, false).await?;
-                registry.list(Filter::All).await
-            })?;
-        consents.replace_all(&records);
     }
     let db = policy
         .geo_database
@@ -107,8 +97,33 @@ pub fn run(a: ExplainArgs) -> CliResult {
         .transpose()?
         .map(Arc::new);
     let geo_label = db.as_ref().map(|d| d.label().clone());
-    let locator = Locator::new(&policy, db);
     let now = a.now.unwrap_or_else(jiff::Timestamp::now);
+    if consent_file.is_none()
+        && let ConsentStore::Sqlite(_) | ConsentStore::Postgres(_) = &policy.consent.store
+    {
+        // Only the subject the request names is read from the registry, as the proxy reads
+        // it on a cache miss (never the whole registry, never created here).
+        let probe = OfflineEnv::new(
+            &policy,
+            Locator::new(&policy, db.clone()),
+            consents.clone(),
+            now.as_microsecond(),
+        );
+        let subject = decide(&policy, &probe, &hypo.request(), &mut ())
+            .subject
+            .map(|s| s.into_owned());
+        if let Some(subject) = subject {
+            let records = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    let registry = Registry::open(&policy.consent.store, false).await?;
+                    registry.list(Filter::Subject(&subject)).await
+                })?;
+            consents.replace_all(&records);
+        }
+    }
+    let locator = Locator::new(&policy, db);
     let env = OfflineEnv::new(&policy, locator, consents, now.as_microsecond());
     let pseudo = match (&policy.log.signing_key, policy.log.pseudonymize) {
         (Some(k), true) => Pseudonymizer::new(&SigningKey::load(k)?.pseudonym_key()),

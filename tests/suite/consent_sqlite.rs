@@ -344,3 +344,48 @@ async fn a_database_gone_away_refuses_consent_after_the_staleness_bound_and_reco
     assert_eq!(r.status, 200, "{}", r.text());
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_reads_the_subject_the_request_names_from_the_registry() {
+    let db = tempfile::tempdir().unwrap();
+    let store = format!("sqlite:{}", db.path().join("consent.db").display());
+    let mut args = vec![
+        "consent",
+        "grant",
+        "--store",
+        &store,
+        "--subject",
+        "u7",
+        "--id",
+        "c-7",
+    ];
+    args.extend(GRANT);
+    cli_ok(&args).await;
+    let home = home_store().await;
+    let (policy, _) = registry_policy(&store, &home).write_files(db.path());
+    let policy = policy.display().to_string();
+    let explain = |subject: &str| {
+        let path = format!("/payments/{subject}/2026-01.json");
+        let policy = policy.clone();
+        async move {
+            cli_ok(&[
+                "explain",
+                "--policy",
+                &policy,
+                "--method",
+                "GET",
+                "--path",
+                &path,
+                "--client-ip",
+                crate::support::proxy::BUREAU,
+                "--purpose",
+                "credit_scoring",
+            ])
+            .await
+        }
+    };
+    let out = explain("u7").await;
+    assert!(out.contains("consented") && out.contains("c-7"), "{out}");
+    let out = explain("u8").await;
+    assert!(out.contains("consent_missing"), "{out}");
+}
