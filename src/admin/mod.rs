@@ -3,11 +3,13 @@
 //! consent API). The consent API, reads included, needs the bearer token from
 //! `[admin].token_file`, which every reload reads again.
 //!
-//! It opens before the proxy has loaded what the policy names ([`bind`]): meanwhile
-//! `/healthz` says alive and `/readyz` says not ready, so an orchestrator can tell a slow
-//! start from a dead process.
+//! It opens before the proxy has loaded what the policy names ([`start`], [`bind`]):
+//! meanwhile `/healthz` says alive and `/readyz` says not ready, so an orchestrator can tell a
+//! slow start from a dead process. The admin layer sits above the proxy: it starts it, and
+//! serves from its shared state; the proxy knows nothing of it.
 
-use crate::proxy::Shared;
+use crate::proxy::snapshot::read_policy;
+use crate::proxy::{RunningProxy, ServeConfig, ServeError, Shared};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
@@ -18,7 +20,6 @@ use hyper_util::server::conn::auto;
 use serde::Serialize;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -40,39 +41,62 @@ pub enum AdminError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot read admin token file {}: {source}", path.display())]
-    Token {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("admin token file {} is empty", path.display())]
-    EmptyToken { path: PathBuf },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// A proxy with its admin listener: what `serve` runs. It reads as the proxy it holds.
+pub struct Sidecar {
+    pub proxy: RunningProxy,
+    /// Where the admin listener is bound.
+    pub admin_addr: SocketAddr,
+    admin: RunningAdmin,
+}
+
+impl std::ops::Deref for Sidecar {
+    type Target = RunningProxy;
+    fn deref(&self) -> &RunningProxy {
+        &self.proxy
+    }
+}
+
+impl Sidecar {
+    /// Stops the proxy (draining connections, flushing the log), then the admin listener.
+    pub async fn shutdown(self) {
+        self.proxy.shutdown().await;
+        self.admin.shutdown().await;
+    }
+}
+
+/// Opens the admin listener (answering "starting" meanwhile), starts the proxy, then serves
+/// the admin routes from it.
+pub async fn start(config: ServeConfig) -> Result<Sidecar, StartError> {
+    let policy = read_policy(&config.policy_path, &config.overrides)?;
+    let starting = bind(policy.admin.listen).await?;
+    tracing::info!(admin.listen = %starting.addr, "admin listener serving (starting)");
+    let proxy = crate::proxy::start_with(config, policy).await?;
+    let admin = starting
+        .serve(Arc::new(AdminState {
+            shared: proxy.shared.clone(),
+        }))
+        .await;
+    tracing::info!(admin.listen = %admin.addr, "admin listener serving");
+    Ok(Sidecar {
+        admin_addr: admin.addr,
+        proxy,
+        admin,
+    })
 }
 
 /// What the admin listener serves from; the bearer token is `shared.admin_token`.
 pub struct AdminState {
     pub shared: Arc<Shared>,
-}
-
-/// The admin bearer token, kept as its SHA-256 digest. A request's token is hashed and the
-/// two digests compared in constant time: comparing the tokens themselves would end early
-/// on a length mismatch, telling a caller how long the token is.
-pub struct AdminToken([u8; 32]);
-
-impl AdminToken {
-    pub fn new(token: &[u8]) -> AdminToken {
-        AdminToken(sha256(token))
-    }
-
-    /// Whether `given` is the token.
-    pub fn matches(&self, given: &[u8]) -> bool {
-        aws_lc_rs::constant_time::verify_slices_are_equal(&sha256(given), &self.0).is_ok()
-    }
-}
-
-fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
-    d.as_ref().try_into().expect("SHA-256 digests are 32 bytes")
 }
 
 /// The credentials of an `Authorization` header of the `Bearer` scheme. Schemes are
@@ -82,19 +106,6 @@ fn bearer(value: &[u8]) -> Option<&[u8]> {
     scheme
         .eq_ignore_ascii_case(b"bearer")
         .then(|| credentials.trim_ascii())
-}
-
-/// Reads the bearer token (surrounding white space ignored).
-pub fn read_token(path: &Path) -> Result<AdminToken, AdminError> {
-    let raw = std::fs::read(path).map_err(|source| AdminError::Token {
-        path: path.into(),
-        source,
-    })?;
-    let token = raw.trim_ascii();
-    if token.is_empty() {
-        return Err(AdminError::EmptyToken { path: path.into() });
-    }
-    Ok(AdminToken::new(token))
 }
 
 /// A JSON response.
@@ -127,7 +138,7 @@ pub fn text(status: StatusCode, content_type: &'static str, body: String) -> Adm
 }
 
 impl AdminState {
-    /// Whether the request carries the bearer token (see [`AdminToken`]).
+    /// Whether the request carries the bearer token (see [`crate::proxy::token::AdminToken`]).
     pub fn authorized(&self, req: &Request<Incoming>) -> bool {
         let token = self.shared.admin_token.load();
         let Some(token) = token.as_deref() else {
@@ -329,11 +340,6 @@ impl RunningAdmin {
     }
 }
 
-/// Binds `addr` and serves the admin routes until shut down.
-pub async fn start(addr: SocketAddr, state: Arc<AdminState>) -> Result<RunningAdmin, AdminError> {
-    Ok(bind(addr).await?.serve(state).await)
-}
-
 /// The admin listener while the proxy starts: `/healthz` answers alive, `/readyz` and every
 /// other route answer 503. Dropping it closes the listener.
 pub struct Starting {
@@ -461,6 +467,7 @@ fn serve_on(listener: TcpListener, addr: SocketAddr, state: Arc<AdminState>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::token::AdminToken;
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_accept_is_retried_after_a_pause_not_at_once() {

@@ -7,7 +7,7 @@ use crate::audit::keys::SigningKey;
 use crate::consent::ConsentRecord;
 use crate::policy::model::{LogTarget, Policy};
 use crate::proxy::snapshot::Overrides;
-use crate::proxy::{self, RunningProxy, ServeConfig};
+use crate::proxy::{RunningProxy, ServeConfig};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -320,7 +320,7 @@ async fn demo(args: DemoArgs) -> CliResult {
 
     let cn = start_store(upstream_addr(&policy, "cn-store")?, "cn-store").await?;
     let us = start_store(upstream_addr(&policy, "us-store")?, "us-store").await?;
-    let running = proxy::start(ServeConfig {
+    let running = crate::admin::start(ServeConfig {
         policy_path: args.policy.clone(),
         overrides: Overrides {
             listen: args.listen,

@@ -65,7 +65,7 @@ pub fn run(args: ServeArgs) -> CliResult {
         // log closed. Both are acted on once serving.
         let signals =
             Signals::install().map_err(|e| fail(format!("cannot install signal handlers: {e}")))?;
-        let running = proxy::start(ServeConfig {
+        let running = crate::admin::start(ServeConfig {
             policy_path: args.policy.clone(),
             overrides,
         })
@@ -96,7 +96,7 @@ impl Signals {
     }
 
     /// Serves signals until SIGTERM or SIGINT.
-    async fn wait(self, running: &proxy::RunningProxy) {
+    async fn wait(self, running: &crate::admin::Sidecar) {
         let Signals {
             mut term,
             mut int,

@@ -8,6 +8,7 @@ pub mod respond;
 pub mod server;
 pub mod snapshot;
 pub mod stall;
+pub mod token;
 pub mod upstream;
 
 use crate::audit::keys::KeyError;
@@ -19,8 +20,8 @@ use crate::consent::sqlite::SqliteReader;
 use crate::consent::{ConsentIndex, Registry, RegistryError};
 use crate::geo::GeoError;
 use crate::metrics::Metrics;
-use crate::policy::PolicyError;
 use crate::policy::model::ConsentStore;
+use crate::policy::{Policy, PolicyError};
 use crate::tls::ServerTls;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use reload::{ReloadStatus, Reloader, Trigger};
@@ -61,7 +62,7 @@ pub enum ServeError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Admin(#[from] crate::admin::AdminError),
+    Token(#[from] token::TokenError),
     #[error("a loader task failed: {0}")]
     Task(String),
     #[error(transparent)]
@@ -100,7 +101,7 @@ pub struct Shared {
     pub exchanges: std::sync::atomic::AtomicUsize,
     /// The admin bearer token (`[admin].token_file`), read again by every reload so that a
     /// rotated token replaces the old one without a restart.
-    pub admin_token: ArcSwapOption<crate::admin::AdminToken>,
+    pub admin_token: ArcSwapOption<token::AdminToken>,
 }
 
 /// What `serve` needs to start.
@@ -113,9 +114,6 @@ pub struct ServeConfig {
 /// A proxy started in this process.
 pub struct RunningProxy {
     pub addr: SocketAddr,
-    /// Where the admin listener is bound.
-    pub admin_addr: SocketAddr,
-    admin: Option<crate::admin::RunningAdmin>,
     pub shared: Arc<Shared>,
     /// The data listener's TLS, when `[tls]` is set: its configuration and counters.
     pub tls: Option<Arc<ServerTls>>,
@@ -134,12 +132,9 @@ impl RunningProxy {
 
     /// Stops accepting, drains open connections (bounded by `drain_timeout`), flushes the
     /// decision log and returns.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.server.await;
-        if let Some(a) = self.admin.take() {
-            a.shutdown().await;
-        }
         for b in &self.background {
             b.abort();
         }
@@ -162,19 +157,22 @@ impl RunningProxy {
 
 /// Starts the proxy: everything is checked before the data listener opens, so that a bad
 /// policy, key, database or log path fails start-up with a clear error. The admin listener
-/// opens first, so that `/healthz` answers and `/readyz` says what is still loading while the
-/// database, consents and upstreams load.
+/// is the caller's (`crate::admin::start` opens it first and serves it from the proxy's
+/// shared state).
 pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
     let policy = read_policy(&config.policy_path, &config.overrides)?;
+    start_with(config, policy).await
+}
+
+/// [`start`] with the policy already read from `config.policy_path`.
+pub async fn start_with(config: ServeConfig, policy: Policy) -> Result<RunningProxy, ServeError> {
     let watched = reload::baseline(&policy).await;
     let token = policy
         .admin
         .token_file
         .as_deref()
-        .map(crate::admin::read_token)
+        .map(token::read_token)
         .transpose()?;
-    let admin = crate::admin::bind(policy.admin.listen).await?;
-    tracing::info!(admin.listen = %admin.addr, "admin listener serving (starting)");
     // Database stores keep a bounded cache of the subjects seen, filled on a miss, unless
     // `preload` asks for the whole registry (SPEC section 4.1).
     let settings = &policy.consent;
@@ -297,12 +295,6 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
         exchanges: Default::default(),
         admin_token: ArcSwapOption::new(token.map(Arc::new)),
     });
-    let admin_state = Arc::new(crate::admin::AdminState {
-        shared: shared.clone(),
-    });
-    let admin = admin.serve(admin_state).await;
-    let admin_addr = admin.addr;
-    tracing::info!(admin.listen = %admin_addr, "admin listener serving");
     let (stop, stop_rx) = watch::channel(false);
     background.push(tokio::spawn(resolver(shared.clone(), resolve_every)));
     let reloader = Arc::new(Reloader::new(shared.clone(), config, tls.clone()));
@@ -323,8 +315,6 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
     ));
     Ok(RunningProxy {
         addr,
-        admin_addr,
-        admin: Some(admin),
         shared,
         tls,
         stop,

@@ -9,8 +9,8 @@
 //! keeps serving.
 
 use super::snapshot::{Snapshot, read_policy};
+use super::token::{AdminToken, read_token};
 use super::{ServeConfig, ServeError, Shared};
-use crate::admin::{AdminToken, read_token};
 use crate::metrics::ReloadResult;
 use crate::policy::{Policy, PolicyError};
 use serde::Serialize;

@@ -5,10 +5,11 @@
 #![allow(dead_code)]
 
 use super::log::DecisionLog;
+use residency_proxy::admin::Sidecar;
 use residency_proxy::audit::keys::SigningKey;
 use residency_proxy::consent::ConsentRecord;
+use residency_proxy::proxy::ServeConfig;
 use residency_proxy::proxy::snapshot::Overrides;
-use residency_proxy::proxy::{self, RunningProxy, ServeConfig};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -213,7 +214,7 @@ impl PolicySpec {
     /// [`PolicySpec::start`] in a temp dir the caller prepared.
     pub async fn start_in(self, dir: tempfile::TempDir) -> TestProxy {
         let (policy_path, text) = self.write_files(dir.path());
-        let running = proxy::start(ServeConfig {
+        let running = residency_proxy::admin::start(ServeConfig {
             policy_path: policy_path.clone(),
             overrides: Overrides::default(),
         })
@@ -236,12 +237,12 @@ pub struct TestProxy {
     pub log: DecisionLog,
     pub policy_path: PathBuf,
     pub consents_path: PathBuf,
-    running: Option<RunningProxy>,
+    running: Option<Sidecar>,
     pub dir: tempfile::TempDir,
 }
 
 impl TestProxy {
-    pub fn running(&self) -> &RunningProxy {
+    pub fn running(&self) -> &Sidecar {
         self.running.as_ref().expect("the proxy is running")
     }
 
