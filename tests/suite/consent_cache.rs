@@ -249,3 +249,52 @@ async fn a_store_that_does_not_answer_refuses_uncached_subjects_within_the_looku
     assert_eq!(r.status, 200, "{}", r.text());
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misses_read_the_replica_unless_it_has_not_replayed_the_subjects_latest_change() {
+    let Some(server) = postgres_url("misses_read_the_replica") else {
+        return;
+    };
+    // Two databases stand for a primary and its replica: what each holds tells which one
+    // answered a miss.
+    let primary = fresh_database(&server).await;
+    let replica = fresh_database(&server).await;
+    let home = home_store().await;
+    crate::support::registry::cli_ok(&["consent", "list", "--store", &replica]).await;
+    let r = pg_connect(&replica).await;
+    // Only the replica holds u1's consent, and an unrevoked c-2 (one change behind).
+    r.batch_execute(
+        "INSERT INTO consents (id, subject, recipient, purposes, categories, destinations, method, granted_at, expires_at) VALUES \
+         ('c-1', 'u1', 'credit-bureau-us', '{credit_scoring}', '{user.financial}', '{US}', 'explicit', now() - interval '1 hour', now() + interval '1 year'), \
+         ('c-2', 'u2', 'credit-bureau-us', '{credit_scoring}', '{user.financial}', '{US}', 'explicit', now() - interval '1 hour', now() + interval '1 year')",
+    )
+    .await
+    .unwrap();
+    let mut proxy = registry_policy(&primary, &home)
+        .consent(&format!("read_url = '{replica}'"))
+        .start()
+        .await;
+    assert_eq!(
+        bureau_reads(&proxy, "u1").await,
+        "200",
+        "read from the replica"
+    );
+
+    // On the primary, c-2 is granted and revoked after the sidecar started, after other
+    // changes the replica has not replayed either (its change numbers stop at 2): the feed
+    // knows u2's latest change, numbered beyond what the replica answers with.
+    grant_via_api(&proxy, "c-8", "u8").await;
+    grant_via_api(&proxy, "c-9", "u9").await;
+    grant_via_api(&proxy, "c-2", "u2").await;
+    let p = pg_connect(&primary).await;
+    p.batch_execute(
+        "INSERT INTO consent_revocations (consent_id, revoked_at) VALUES ('c-2', now())",
+    )
+    .await
+    .unwrap();
+    until_bureau_reads(&proxy, "u2", "451 consent_revoked", Duration::from_secs(5)).await;
+    for _ in 0..5 {
+        assert_eq!(bureau_reads(&proxy, "u2").await, "451 consent_revoked");
+    }
+    proxy.shutdown().await;
+}
