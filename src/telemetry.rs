@@ -1,8 +1,14 @@
 //! The proxy's own logs (not the decision log): `tracing` to stderr, text or JSON, filtered
 //! by `RUST_LOG` (default `info`).
 
-use crate::cli::LogFormat;
 use tracing_subscriber::EnvFilter;
+
+/// How the proxy's own logs are written (`--log-format`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));

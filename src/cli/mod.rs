@@ -11,6 +11,7 @@ pub mod geo;
 pub mod serve;
 pub mod test;
 
+pub use crate::telemetry::LogFormat;
 use clap::{Parser, Subcommand};
 
 /// How a command ended when it did not fail outright.
@@ -63,12 +64,6 @@ pub struct Cli {
     pub log_format: LogFormat,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the proxy.
@@ -110,9 +105,4 @@ pub fn run(cli: Cli) -> CliResult {
     }
 }
 
-/// Reads and compiles a policy from disk.
-pub fn load_policy(
-    path: &std::path::Path,
-) -> Result<crate::policy::Policy, crate::policy::PolicyError> {
-    crate::policy::load(path, |p| std::fs::read_to_string(p))
-}
+pub use crate::proxy::snapshot::load_policy;

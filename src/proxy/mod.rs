@@ -157,7 +157,7 @@ impl RunningProxy {
 
 /// Starts the proxy: everything is checked before the data listener opens, so that a bad
 /// policy, key, database or log path fails start-up with a clear error. The admin listener
-/// is the caller's (`crate::admin::start` opens it first and serves it from the proxy's
+/// is the caller's (the admin layer, `admin::start`, opens it first and serves it from the proxy's
 /// shared state).
 pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
     let policy = read_policy(&config.policy_path, &config.overrides)?;

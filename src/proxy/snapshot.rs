@@ -60,9 +60,14 @@ pub struct Snapshot {
     pending_tls: std::sync::Mutex<Vec<(Arc<UpstreamRuntime>, Option<UpstreamTls>)>>,
 }
 
+/// Reads and compiles a policy from disk.
+pub fn load_policy(path: &Path) -> Result<Policy, crate::policy::PolicyError> {
+    crate::policy::load(path, |p| std::fs::read_to_string(p))
+}
+
 /// Reads a policy from disk and applies the command-line overrides.
 pub fn read_policy(path: &Path, overrides: &Overrides) -> Result<Policy, ServeError> {
-    let mut p = crate::cli::load_policy(path)?;
+    let mut p = load_policy(path)?;
     overrides.apply(&mut p);
     Ok(p)
 }
