@@ -4,6 +4,7 @@
 pub mod api;
 pub mod file;
 pub mod freshness;
+pub mod import;
 pub mod index;
 pub mod postgres;
 pub mod record;

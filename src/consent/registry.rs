@@ -10,6 +10,7 @@
 //! (nothing to do: imports are idempotent by id) or a conflict (an id reused for different
 //! content is refused, never overwritten).
 
+use super::import::{self, ImportCounts, Input, OnRefused, Settle};
 use super::postgres::{PgError, PgRegistry};
 use super::record::{ConsentRecord, FieldError};
 use super::sqlite::{SqliteError, SqliteRegistry};
@@ -46,6 +47,8 @@ pub enum RegistryError {
     Sqlite(#[from] SqliteError),
     #[error(transparent)]
     Postgres(#[from] PgError),
+    #[error("cannot read the import: {0}")]
+    Input(std::io::Error),
     #[error("the registry task stopped: {0}")]
     Task(String),
 }
@@ -308,7 +311,12 @@ impl ImportReport {
         self.refused.extend(other.refused);
     }
 
-    fn count(&mut self, line: usize, change: &Change, result: Result<Written, RegistryError>) {
+    pub(crate) fn count(
+        &mut self,
+        line: usize,
+        change: &Change,
+        result: Result<Written, RegistryError>,
+    ) {
         match result.map(|w| w.outcome) {
             Ok(Outcome::Granted) => self.granted += 1,
             Ok(Outcome::Revoked) => self.revoked += 1,
@@ -422,6 +430,42 @@ impl Registry {
             }
         }
         Ok(report)
+    }
+
+    /// Imports a JSON lines file in bulk, as the file store reads it (see [`super::import`]):
+    /// the latest word on each id, streamed to the store in chunks and written in one
+    /// transaction. `refused` hears each refused line, in line order.
+    pub async fn import_file(
+        &self,
+        input: Arc<Input>,
+        by: &str,
+        refused: OnRefused,
+    ) -> Result<ImportCounts, RegistryError> {
+        let (mut chunks, reader) = import::start(input, Timestamp::now());
+        let mut settle = Settle::new(refused);
+        let unread = match self {
+            Registry::Sqlite(s) => {
+                let (s, by) = (s.clone(), by.to_string());
+                let (unread, back) = blocking(move || {
+                    let unread = s.import(&mut chunks, &by, &mut settle)?;
+                    Ok((unread, settle))
+                })
+                .await?;
+                settle = back;
+                unread
+            }
+            Registry::Postgres(p) => p.import(&mut chunks, by, &mut settle).await?,
+        };
+        if let Some(e) = unread {
+            return Err(RegistryError::Input(e));
+        }
+        let superseded = tokio::task::spawn_blocking(move || reader.join())
+            .await
+            .map_err(|e| RegistryError::Task(e.to_string()))?
+            .map_err(|_| RegistryError::Task("the import reader panicked".into()))?
+            .map_err(RegistryError::Input)?;
+        settle.counts.superseded = superseded;
+        Ok(settle.counts)
     }
 
     /// Current states of the consents `filter` selects.
