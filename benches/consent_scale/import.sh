@@ -47,14 +47,27 @@ for i in range(n):
 PY
 echo "input: $N consents, $(du -m "$W/consents.jsonl" | cut -f1) MiB"
 
-# Runs the command, printing its wall time (s) and peak RSS (MiB) on stdout.
+# CPU seconds (user + system) that the PostgreSQL server's ended sessions used, when this
+# script started the server (its postmaster counts the time of the children it reaped).
+server_cpu() {
+  local pid
+  if [ -n "$STARTED_PG" ] && pid=$(head -n 1 "$POSTGRES_DIR/data/postmaster.pid" 2>/dev/null); then
+    awk -v hz="$(getconf CLK_TCK)" '{ print ($16 + $17) / hz }' "/proc/$pid/stat"
+  else
+    echo 0
+  fi
+}
+
+# Runs the command, printing its wall time (s), peak RSS (MiB) and CPU time (s, or - when
+# unknown) on stdout.
 measure() {
-  local start end rss
+  local start end rss cpu=-
   if [ -x /usr/bin/time ]; then
     start=$(date +%s.%N)
     /usr/bin/time -v -o "$W/time.txt" "$@" > "$W/out.txt" 2> "$W/err.txt"
     end=$(date +%s.%N)
     rss=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$W/time.txt")
+    cpu=$(awk -F': ' '/(User|System) time/ { t += $2 } END { print t }' "$W/time.txt")
   else
     start=$(date +%s.%N)
     "$@" > "$W/out.txt" 2> "$W/err.txt" &
@@ -68,20 +81,19 @@ measure() {
     end=$(date +%s.%N)
     rss=$peak
   fi
-  echo "$(awk "BEGIN { print $end - $start }") $((rss / 1024))"
-}
-
-report() {  # store label, seconds and MiB
-  local secs=$2 mib=$3
-  printf '%-34s %8.2f s %10.0f consents/s %6d MiB peak RSS   %s\n' \
-    "$1" "$secs" "$(awk "BEGIN { print $N / $secs }")" "$mib" "$(tail -n 1 "$W/out.txt")"
+  echo "$(awk "BEGIN { print $end - $start }") $((rss / 1024)) $cpu"
 }
 
 run_import() {  # label, store URL
-  local m
-  m=$(measure "$BIN" consent import --store "$2" --by bench "$W/consents.jsonl")
-  report "$1" $m
+  local secs mib cpu server0 server
+  server0=$(server_cpu)
+  read -r secs mib cpu < <(measure "$BIN" consent import --store "$2" --by bench "$W/consents.jsonl")
+  server=$(awk "BEGIN { print $(server_cpu) - $server0 }")
+  printf '%-38s %7.2f s %8.0f consents/s %5d MiB peak RSS  CPU: %s s import, %s s server\n    %s\n' \
+    "$1" "$secs" "$(awk "BEGIN { print $N / $secs }")" "$mib" "$cpu" "$server" "$(tail -n 1 "$W/out.txt")"
 }
+
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs (the rates are wall-clock)"
 
 run_import "sqlite (new file)" "sqlite:$W/consent.db"
 run_import "sqlite (again: unchanged)" "sqlite:$W/consent.db"

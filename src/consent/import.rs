@@ -16,7 +16,7 @@
 //! never all held.
 
 use super::file::{id_of, judge, record_lines};
-use super::registry::{Change, ImportReport, RegistryError, Revocation, Written};
+use super::registry::{Change, ImportReport, Outcome, RegistryError, Revocation};
 use foldhash::fast::{FixedState, RandomState};
 use jiff::Timestamp;
 use serde::Serialize;
@@ -42,6 +42,44 @@ pub struct Chunk {
     pub changes: Vec<Change>,
     /// Malformed lines (number, why).
     pub refused: Vec<(usize, String)>,
+}
+
+/// A chunk whose changes the store took (see [`Chunk::take`]).
+pub struct Taken {
+    lines: Vec<usize>,
+    /// Which changes were withdrawals ([`Change::Revoke`]).
+    withdrawals: Vec<bool>,
+    refused: Vec<(usize, String)>,
+}
+
+impl Chunk {
+    fn with_capacity() -> Chunk {
+        Chunk {
+            lines: Vec::with_capacity(CHUNK),
+            changes: Vec::with_capacity(CHUNK),
+            refused: Vec::new(),
+        }
+    }
+
+    /// The changes, to plan by value, and what [`Settle::chunk`] needs to count their outcomes.
+    pub fn take(self) -> (Vec<Change>, Taken) {
+        let withdrawals = self
+            .changes
+            .iter()
+            .map(|c| matches!(c, Change::Revoke(_)))
+            .collect();
+        let taken = Taken {
+            lines: self.lines,
+            withdrawals,
+            refused: self.refused,
+        };
+        (self.changes, taken)
+    }
+
+    /// The ids of the changes.
+    pub fn ids(&self) -> Vec<&str> {
+        self.changes.iter().map(Change::id).collect()
+    }
 }
 
 /// What the store gets: chunks, then the end of the file, or the failure that stopped the
@@ -76,11 +114,11 @@ impl Settle {
         }
     }
 
-    /// Takes the store's result for each change of `chunk`.
-    pub fn chunk(&mut self, chunk: Chunk, results: Vec<Result<Written, RegistryError>>) {
+    /// Takes the store's outcome for each change of a chunk.
+    pub fn chunk(&mut self, chunk: Taken, results: Vec<Result<Outcome, RegistryError>>) {
         let mut part = ImportReport::default();
-        for ((line, change), result) in chunk.lines.iter().zip(&chunk.changes).zip(results) {
-            part.count(*line, change, result);
+        for ((line, withdrawal), result) in chunk.lines.iter().zip(chunk.withdrawals).zip(results) {
+            part.count_outcome(*line, withdrawal, result);
         }
         self.counts.granted += part.granted;
         self.counts.revoked += part.revoked;
@@ -195,7 +233,7 @@ pub fn read(
 ) -> std::io::Result<usize> {
     let last = last_lines(input)?;
     let mut superseded = 0;
-    let mut chunk = Chunk::default();
+    let mut chunk = Chunk::with_capacity();
     let mut stopped = false;
     record_lines(&mut input.read()?, |number, line| {
         if stopped {

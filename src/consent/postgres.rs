@@ -16,7 +16,7 @@
 use super::import::{Chunks, Settle};
 use super::index::ConsentIndex;
 use super::record::ConsentRecord;
-use super::registry::{Change, Event, Filter, RegistryError, Written, plan, redact};
+use super::registry::{Change, Event, Filter, RegistryError, Written, plan, plan_distinct, redact};
 use jiff::Timestamp;
 use serde::Serialize;
 use std::str::FromStr;
@@ -599,14 +599,14 @@ async fn import(
             // Dropping the transaction rolls it back.
             Err(e) => return Ok(Some(e)),
         };
-        let ids: Vec<&str> = chunk.changes.iter().map(Change::id).collect();
-        let rows = bounded(target, tx.query(&held_stmt, &[&ids])).await?;
+        let rows = bounded(target, tx.query(&held_stmt, &[&chunk.ids()])).await?;
         let held = rows
             .iter()
             .filter_map(|row| state_from_row(row).ok())
             .map(|r| (r.id.clone(), r))
             .collect();
-        let (batch, results) = plan(held, &chunk.changes);
+        let (changes, chunk) = chunk.take();
+        let (batch, results) = plan_distinct(held, changes);
         if !batch.grants.is_empty() {
             let sink = tx.copy_in(&grants).await.map_err(query)?;
             let mut rows = std::pin::pin!(BinaryCopyInWriter::new(sink, &COPY_GRANT_TYPES));

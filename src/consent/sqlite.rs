@@ -15,7 +15,7 @@
 use super::import::{Chunks, Settle};
 use super::index::ConsentIndex;
 use super::record::ConsentRecord;
-use super::registry::{Batch, Change, Event, Filter, RegistryError, Written, plan};
+use super::registry::{Batch, Change, Event, Filter, RegistryError, Written, plan, plan_distinct};
 use foldhash::fast::RandomState;
 use jiff::Timestamp;
 use rusqlite::{Connection, OpenFlags, Row, TransactionBehavior, params};
@@ -353,6 +353,47 @@ fn json_list<S: serde::Serialize>(v: &[S]) -> String {
     serde_json::to_string(v).expect("strings serialise")
 }
 
+/// The current states of consents `ids` (a JSON array) that the registry holds, as [`states`]
+/// reads them, in one query driven by the ids (an index lookup each, where an `IN` would
+/// first build a temporary index of them).
+fn held(
+    conn: &Connection,
+    ids: &str,
+) -> rusqlite::Result<HashMap<String, ConsentRecord, RandomState>> {
+    // CROSS JOIN keeps the ids as the outer loop.
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {GRANT_COLUMNS}, r.revoked_at FROM json_each(?1) AS j CROSS JOIN consents c ON c.id = j.value \
+         LEFT JOIN consent_revocations r ON r.consent_id = c.id"
+    ))?;
+    let mut rows = stmt.query([ids])?;
+    let mut out: HashMap<String, ConsentRecord, RandomState> = HashMap::default();
+    while let Some(row) = rows.next()? {
+        let revoked = row.get::<_, Option<String>>(10)?.map(|at| {
+            revocation_time(&at).unwrap_or_else(|| {
+                tracing::warn!(revoked_at = %at, "revocation with an unreadable revoked_at: revoked from the grant on");
+                Timestamp::MIN
+            })
+        });
+        let id: String = row.get(0)?;
+        if let Some(r) = out.get_mut(&id) {
+            // Another revocation of the same consent: the earliest counts.
+            if let Some(at) = revoked {
+                let at = at.max(r.granted_at);
+                r.revoked_at = Some(r.revoked_at.map_or(at, |t| t.min(at)));
+            }
+            continue;
+        }
+        match grant_from_row(row)? {
+            Ok(mut r) => {
+                r.revoked_at = revoked.map(|t| t.max(r.granted_at));
+                out.insert(id, r);
+            }
+            Err(why) => tracing::warn!(reason = %why, "unreadable consent row ignored"),
+        }
+    }
+    Ok(out)
+}
+
 /// Page cache of an import's connection (negative: KiB), 64 MiB.
 const IMPORT_CACHE_KIB: i64 = -65536;
 
@@ -479,12 +520,9 @@ impl SqliteRegistry {
                         // Dropping the transaction rolls it back.
                         Err(e) => return Ok(Some(e)),
                     };
-                    let ids: Vec<&str> = chunk.changes.iter().map(Change::id).collect();
-                    let held = states(&tx, &Selection::Ids(json_list(&ids)))?
-                        .into_iter()
-                        .map(|r| (r.id.clone(), r))
-                        .collect();
-                    let (batch, results) = plan(held, &chunk.changes);
+                    let held = held(&tx, &json_list(&chunk.ids()))?;
+                    let (changes, chunk) = chunk.take();
+                    let (batch, results) = plan_distinct(held, changes);
                     insert(&tx, &batch, by)?;
                     settle.chunk(chunk, results);
                 }
