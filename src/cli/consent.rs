@@ -3,12 +3,13 @@
 
 use super::{CliResult, Exit, fail};
 use crate::consent::ConsentRecord;
-use crate::consent::file::Latest;
-use crate::consent::registry::{Change, Filter, Outcome, Registry, Revocation};
+use crate::consent::import::Input;
+use crate::consent::registry::{Change, Filter, Outcome, Registry, RegistryError, Revocation};
 use crate::policy::compile::parse_store;
 use jiff::Timestamp;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum ConsentCommand {
@@ -242,55 +243,30 @@ async fn list(a: ListArgs) -> CliResult {
 async fn import(a: ImportArgs) -> CliResult {
     let registry = open(&a.store, true).await?;
     let by = author(&a.author);
-    let name = a.file.display().to_string();
-    let reader: Box<dyn BufRead + Send> = if name == "-" {
-        Box::new(BufReader::new(std::io::stdin()))
-    } else {
-        let f =
-            std::fs::File::open(&a.file).map_err(|e| fail(format!("cannot read {name}: {e}")))?;
-        Box::new(BufReader::new(f))
-    };
-    // The whole file is read first, as the file store reads it: the latest word on an id
-    // stands, whatever an earlier line said. Meanwhile one record per id is held in memory.
-    let (latest, lines) = tokio::task::spawn_blocking(move || crate::consent::file::latest(reader))
+    let file = a.file.clone();
+    let name = file.display().to_string();
+    // The file is read as the file store reads it (the latest word on an id stands, whatever
+    // an earlier line said) and streamed to the registry: memory does not grow with it.
+    let input = tokio::task::spawn_blocking(move || Input::open(&file))
         .await
         .map_err(|e| fail(format!("reading {name} failed: {e}")))?
         .map_err(|e| fail(format!("cannot read {name}: {e}")))?;
-    let now = Timestamp::now();
-    let changes = latest
-        .into_iter()
-        .map(|(line, word)| {
-            let change = match word {
-                Latest::Record(r) => Change::Record(r),
-                Latest::Withdrawn(id) => Change::Revoke(Revocation {
-                    consent_id: id,
-                    revoked_at: now,
-                    evidence: Some(format!(
-                        "consent import: line {line} of {name}, the last for this consent, is unreadable"
-                    )),
-                }),
-            };
-            (line, change)
-        })
-        .collect();
-    let mut report = registry.import(changes, &by).await?;
-    report.superseded = lines.superseded.len();
-    report
-        .refused
-        .extend(lines.skipped.into_iter().map(|e| (e.line, e.message)));
-    report.refused.sort_by_key(|(line, _)| *line);
-    for (line, why) in &report.refused {
-        eprintln!("{name}:{line}: refused: {why}");
-    }
+    let shown = name.clone();
+    let refused = Box::new(move |line: usize, why: &str| {
+        eprintln!("{shown}:{line}: refused: {why}");
+    });
+    let counts = registry
+        .import_file(Arc::new(input), &by, refused)
+        .await
+        .map_err(|e| match e {
+            RegistryError::Input(e) => fail(format!("cannot read {name}: {e}")),
+            e => e.into(),
+        })?;
     println!(
         "{name}: {} granted, {} revoked, {} unchanged, {} superseded, {} refused",
-        report.granted,
-        report.revoked,
-        report.unchanged,
-        report.superseded,
-        report.refused.len()
+        counts.granted, counts.revoked, counts.unchanged, counts.superseded, counts.refused
     );
-    Ok(if report.refused.is_empty() {
+    Ok(if counts.refused == 0 {
         Exit::Ok
     } else {
         Exit::Failed

@@ -109,7 +109,10 @@ impl From<RegistryError> for Refusal {
             RegistryError::NotARegistry { .. } => {
                 Refusal::new(StatusCode::NOT_IMPLEMENTED, "no_registry", e.to_string())
             }
-            RegistryError::Sqlite(_) | RegistryError::Postgres(_) | RegistryError::Task(_) => {
+            RegistryError::Sqlite(_)
+            | RegistryError::Postgres(_)
+            | RegistryError::Task(_)
+            | RegistryError::Input(_) => {
                 tracing::error!(error = %e, "consent API: the registry failed");
                 Refusal::new(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -205,6 +205,15 @@ fn judged_lines(
     reader: &mut impl BufRead,
     mut each: impl FnMut(usize, Result<ConsentRecord, (Option<String>, String)>),
 ) -> std::io::Result<()> {
+    record_lines(reader, |number, line| each(number, judge(line)))
+}
+
+/// The record lines of `reader` (not blank, not a `#` comment), trimmed, with their 1-based
+/// numbers.
+pub(super) fn record_lines(
+    reader: &mut impl BufRead,
+    mut each: impl FnMut(usize, &[u8]),
+) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let mut number = 0;
     loop {
@@ -217,12 +226,12 @@ fn judged_lines(
         if line.is_empty() || line.starts_with(b"#") {
             continue;
         }
-        each(number, judge(line));
+        each(number, line);
     }
 }
 
 /// One line's record, or why it is refused (with its id, when the line still names one).
-fn judge(line: &[u8]) -> Result<ConsentRecord, (Option<String>, String)> {
+pub(super) fn judge(line: &[u8]) -> Result<ConsentRecord, (Option<String>, String)> {
     match serde_json::from_slice::<ConsentRecord>(line) {
         Ok(record) => match record.validate() {
             Ok(()) => Ok(record),
@@ -231,15 +240,17 @@ fn judge(line: &[u8]) -> Result<ConsentRecord, (Option<String>, String)> {
                 format!("consent \"{}\" is invalid: {e}", record.id),
             )),
         },
-        Err(e) => {
-            #[derive(serde::Deserialize)]
-            struct IdOnly {
-                id: String,
-            }
-            let id = serde_json::from_slice::<IdOnly>(line).ok().map(|r| r.id);
-            Err((id, json_message(&e)))
-        }
+        Err(e) => Err((id_of(line), json_message(&e))),
     }
+}
+
+/// The id a line names, whether or not it is a valid record: the id [`judge`] reports for it.
+pub(super) fn id_of(line: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        id: String,
+    }
+    serde_json::from_slice::<IdOnly>(line).ok().map(|r| r.id)
 }
 
 /// serde_json's message without its "at line 1 column N" suffix, which would misstate the

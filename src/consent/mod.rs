@@ -5,6 +5,7 @@ pub mod api;
 pub mod cache;
 pub mod file;
 pub mod freshness;
+pub mod import;
 pub mod index;
 pub mod postgres;
 pub mod record;

@@ -13,16 +13,18 @@
 //! versioned in `residency_consent_schema` and migrated under an advisory lock, so sidecars
 //! starting together migrate once.
 
+use super::import::{Chunks, Settle};
 use super::index::ConsentIndex;
 use super::record::ConsentRecord;
-use super::registry::{Change, Event, Filter, RegistryError, Written, plan, redact};
+use super::registry::{Change, Event, Filter, RegistryError, Written, plan, plan_distinct, redact};
 use jiff::Timestamp;
 use serde::Serialize;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio_postgres::types::{FromSql, ToSql, Type};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{AsyncMessage, Client, Config, GenericClient, NoTls, Row};
 
 /// The `application_name` of the proxy's connections, unless the URL sets one.
@@ -585,7 +587,133 @@ async fn write(
         )
         .await?;
     }
-    // The change table keeps the latest changes only (feeds further behind start over).
+    prune_changes(&tx, target).await?;
+    bounded(target, tx.commit()).await?;
+    Ok(results)
+}
+
+/// A time as a binary COPY sends a `timestamptz`: microseconds from PostgreSQL's epoch.
+#[derive(Debug)]
+struct CopyTime(Timestamp);
+
+impl ToSql for CopyTime {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        bytes::BufMut::put_i64(out, self.0.as_microsecond() - PG_EPOCH_US);
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TIMESTAMPTZ
+    }
+
+    to_sql_checked!();
+}
+
+const COPY_GRANTS: &str = "COPY consents (id, subject, recipient, purposes, categories, destinations, method, granted_at, expires_at, evidence, recorded_by) FROM STDIN (FORMAT binary)";
+const COPY_GRANT_TYPES: [Type; 11] = [
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT,
+    Type::TIMESTAMPTZ,
+    Type::TIMESTAMPTZ,
+    Type::TEXT,
+    Type::TEXT,
+];
+const COPY_REVOCATIONS: &str = "COPY consent_revocations (consent_id, revoked_at, evidence, recorded_by) FROM STDIN (FORMAT binary)";
+const COPY_REVOCATION_TYPES: [Type; 4] = [Type::TEXT, Type::TIMESTAMPTZ, Type::TEXT, Type::TEXT];
+
+/// Writes the chunks of an import (see [`super::import`]) in one transaction holding the
+/// writers' lock: for each chunk, one query reads what the registry holds for its ids, the
+/// plan decides, and the new facts go in by binary `COPY`. Returns the read failure that
+/// stopped it, if any: then nothing is written. The COPYs and the commit are not bounded by
+/// [`QUERY_TIMEOUT`]: their time grows with the import.
+async fn import(
+    client: &mut Client,
+    target: &str,
+    chunks: &mut Chunks,
+    by: &str,
+    settle: &mut Settle,
+) -> Result<Option<std::io::Error>, PgError> {
+    let query = |source| PgError::Query {
+        target: target.into(),
+        source,
+    };
+    let tx = bounded(target, client.transaction()).await?;
+    bounded(
+        target,
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY]),
+    )
+    .await?;
+    let held_sql = format!("SELECT {STATE_COLUMNS} FROM consents c WHERE c.id = ANY($1)");
+    let held_stmt = bounded(target, tx.prepare(&held_sql)).await?;
+    let grants = bounded(target, tx.prepare(COPY_GRANTS)).await?;
+    let revocations = bounded(target, tx.prepare(COPY_REVOCATIONS)).await?;
+    while let Some(chunk) = chunks.recv().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            // Dropping the transaction rolls it back.
+            Err(e) => return Ok(Some(e)),
+        };
+        let rows = bounded(target, tx.query(&held_stmt, &[&chunk.ids()])).await?;
+        let held = rows
+            .iter()
+            .filter_map(|row| state_from_row(row).ok())
+            .map(|r| (r.id.clone(), r))
+            .collect();
+        let (changes, chunk) = chunk.take();
+        let (batch, results) = plan_distinct(held, changes);
+        if !batch.grants.is_empty() {
+            let sink = tx.copy_in(&grants).await.map_err(query)?;
+            let mut rows = std::pin::pin!(BinaryCopyInWriter::new(sink, &COPY_GRANT_TYPES));
+            for r in &batch.grants {
+                rows.as_mut()
+                    .write(&[
+                        &r.id,
+                        &r.subject,
+                        &r.recipient,
+                        &r.purposes,
+                        &r.categories,
+                        &r.destinations,
+                        &r.method,
+                        &CopyTime(r.granted_at),
+                        &CopyTime(r.expires_at),
+                        &r.evidence,
+                        &by,
+                    ])
+                    .await
+                    .map_err(query)?;
+            }
+            rows.finish().await.map_err(query)?;
+        }
+        if !batch.revocations.is_empty() {
+            let sink = tx.copy_in(&revocations).await.map_err(query)?;
+            let mut rows = std::pin::pin!(BinaryCopyInWriter::new(sink, &COPY_REVOCATION_TYPES));
+            for r in &batch.revocations {
+                rows.as_mut()
+                    .write(&[&r.consent_id, &CopyTime(r.revoked_at), &r.evidence, &by])
+                    .await
+                    .map_err(query)?;
+            }
+            rows.finish().await.map_err(query)?;
+        }
+        settle.chunk(chunk, results);
+    }
+    prune_changes(&tx, target).await?;
+    tx.commit().await.map_err(query)?;
+    Ok(None)
+}
+
+/// The change table keeps the latest [`CHANGES_KEPT`] changes only: every writer deletes
+/// older ones in its transaction (feeds further behind start over).
+async fn prune_changes(tx: &tokio_postgres::Transaction<'_>, target: &str) -> Result<(), PgError> {
     bounded(
         target,
         tx.execute(
@@ -594,8 +722,7 @@ async fn write(
         ),
     )
     .await?;
-    bounded(target, tx.commit()).await?;
-    Ok(results)
+    Ok(())
 }
 
 /// Connects, driving the connection on its own task. Notifications go to `notes` when given.
@@ -684,6 +811,19 @@ impl PgRegistry {
         let mut guard = self.session().await?;
         let client = guard.as_mut().expect("connected");
         let result = write(client, &self.target, changes, by).await;
+        Self::settle(&mut guard, result)
+    }
+
+    /// See [`super::Registry::import_file`].
+    pub async fn import(
+        &self,
+        chunks: &mut Chunks,
+        by: &str,
+        settle: &mut Settle,
+    ) -> Result<Option<std::io::Error>, PgError> {
+        let mut guard = self.session().await?;
+        let client = guard.as_mut().expect("connected");
+        let result = import(client, &self.target, chunks, by, settle).await;
         Self::settle(&mut guard, result)
     }
 

@@ -10,6 +10,7 @@
 //! (nothing to do: imports are idempotent by id) or a conflict (an id reused for different
 //! content is refused, never overwritten).
 
+use super::import::{self, ImportCounts, Input, OnRefused, Settle};
 use super::postgres::{PgError, PgRegistry};
 use super::record::{ConsentRecord, FieldError};
 use super::sqlite::{SqliteError, SqliteRegistry};
@@ -46,6 +47,8 @@ pub enum RegistryError {
     Sqlite(#[from] SqliteError),
     #[error(transparent)]
     Postgres(#[from] PgError),
+    #[error("cannot read the import: {0}")]
+    Input(std::io::Error),
     #[error("the registry task stopped: {0}")]
     Task(String),
 }
@@ -129,25 +132,76 @@ pub fn plan(
         let held = existing.get(change.id());
         let result = step(held, change);
         if let Ok(w) = &result {
-            if matches!(w.outcome, Outcome::Granted | Outcome::GrantedRevoked) {
-                batch.grants.push(ConsentRecord {
-                    revoked_at: None,
-                    ..w.record.clone()
-                });
-            }
-            if matches!(w.outcome, Outcome::Revoked | Outcome::GrantedRevoked) {
-                let evidence = match change {
-                    Change::Revoke(r) => r.evidence.clone(),
-                    Change::Record(_) | Change::Undated(_) => None,
-                };
-                batch.revocations.push(Revocation {
-                    consent_id: w.record.id.clone(),
-                    revoked_at: w.record.revoked_at.expect("a revoked state"),
-                    evidence,
-                });
-            }
+            add_facts(&mut batch, change, w);
             existing.insert(w.record.id.clone(), w.record.clone());
         }
+        results.push(result);
+    }
+    (batch, results)
+}
+
+/// The facts a change's result adds to the batch.
+fn add_facts(batch: &mut Batch, change: &Change, w: &Written) {
+    if matches!(w.outcome, Outcome::Granted | Outcome::GrantedRevoked) {
+        batch.grants.push(ConsentRecord {
+            revoked_at: None,
+            ..w.record.clone()
+        });
+    }
+    if matches!(w.outcome, Outcome::Revoked | Outcome::GrantedRevoked) {
+        let evidence = match change {
+            Change::Revoke(r) => r.evidence.clone(),
+            Change::Record(_) | Change::Undated(_) => None,
+        };
+        batch.revocations.push(Revocation {
+            consent_id: w.record.id.clone(),
+            revoked_at: w.record.revoked_at.expect("a revoked state"),
+            evidence,
+        });
+    }
+}
+
+/// [`plan`] for changes of distinct ids (an import's latest words), taken by value: a record
+/// of an id the registry does not hold (the bulk of a first import) moves into the batch
+/// instead of being copied. Returns each change's outcome.
+pub fn plan_distinct(
+    mut existing: HashMap<String, ConsentRecord, RandomState>,
+    changes: Vec<Change>,
+) -> (Batch, Vec<Result<Outcome, RegistryError>>) {
+    let mut batch = Batch::default();
+    let mut results = Vec::with_capacity(changes.len());
+    for change in changes {
+        let held = existing.remove(change.id());
+        let result = match (change, held) {
+            (Change::Record(r), None) => match r.validate() {
+                Err(source) => Err(RegistryError::Invalid { id: r.id, source }),
+                Ok(()) => {
+                    let outcome = match r.revoked_at {
+                        Some(at) => {
+                            batch.revocations.push(Revocation {
+                                consent_id: r.id.clone(),
+                                revoked_at: at,
+                                evidence: None,
+                            });
+                            Outcome::GrantedRevoked
+                        }
+                        None => Outcome::Granted,
+                    };
+                    batch.grants.push(ConsentRecord {
+                        revoked_at: None,
+                        ..r
+                    });
+                    Ok(outcome)
+                }
+            },
+            (change, held) => {
+                let result = step(held.as_ref(), &change);
+                if let Ok(w) = &result {
+                    add_facts(&mut batch, &change, w);
+                }
+                result.map(|w| w.outcome)
+            }
+        };
         results.push(result);
     }
     (batch, results)
@@ -309,7 +363,19 @@ impl ImportReport {
     }
 
     fn count(&mut self, line: usize, change: &Change, result: Result<Written, RegistryError>) {
-        match result.map(|w| w.outcome) {
+        let withdrawal = matches!(change, Change::Revoke(_));
+        self.count_outcome(line, withdrawal, result.map(|w| w.outcome))
+    }
+
+    /// Counts the outcome of a change (a withdrawal: a [`Change::Revoke`]); a refusal with its
+    /// line.
+    pub(crate) fn count_outcome(
+        &mut self,
+        line: usize,
+        withdrawal: bool,
+        result: Result<Outcome, RegistryError>,
+    ) {
+        match result {
             Ok(Outcome::Granted) => self.granted += 1,
             Ok(Outcome::Revoked) => self.revoked += 1,
             Ok(Outcome::GrantedRevoked) => {
@@ -319,7 +385,7 @@ impl ImportReport {
             Ok(Outcome::Unchanged) => self.unchanged += 1,
             // The withdrawal of a consent the registry does not hold: nothing to withdraw
             // (the line that withdraws it is refused already).
-            Err(RegistryError::NotFound { .. }) if matches!(change, Change::Revoke(_)) => {}
+            Err(RegistryError::NotFound { .. }) if withdrawal => {}
             Err(e) => self.refused.push((line, e.to_string())),
         }
     }
@@ -424,6 +490,42 @@ impl Registry {
         Ok(report)
     }
 
+    /// Imports a JSON lines file in bulk, as the file store reads it (see [`super::import`]):
+    /// the latest word on each id, streamed to the store in chunks and written in one
+    /// transaction. `refused` hears each refused line, in line order.
+    pub async fn import_file(
+        &self,
+        input: Arc<Input>,
+        by: &str,
+        refused: OnRefused,
+    ) -> Result<ImportCounts, RegistryError> {
+        let (mut chunks, reader) = import::start(input, Timestamp::now());
+        let mut settle = Settle::new(refused);
+        let unread = match self {
+            Registry::Sqlite(s) => {
+                let (s, by) = (s.clone(), by.to_string());
+                let (unread, back) = blocking(move || {
+                    let unread = s.import(&mut chunks, &by, &mut settle)?;
+                    Ok((unread, settle))
+                })
+                .await?;
+                settle = back;
+                unread
+            }
+            Registry::Postgres(p) => p.import(&mut chunks, by, &mut settle).await?,
+        };
+        if let Some(e) = unread {
+            return Err(RegistryError::Input(e));
+        }
+        let superseded = tokio::task::spawn_blocking(move || reader.join())
+            .await
+            .map_err(|e| RegistryError::Task(e.to_string()))?
+            .map_err(|_| RegistryError::Task("the import reader panicked".into()))?
+            .map_err(RegistryError::Input)?;
+        settle.counts.superseded = superseded;
+        Ok(settle.counts)
+    }
+
     /// Current states of the consents `filter` selects.
     pub async fn list(&self, filter: Filter<'_>) -> Result<Vec<ConsentRecord>, RegistryError> {
         match self {
@@ -496,6 +598,10 @@ mod tests {
 
     fn record(id: &str) -> ConsentRecord {
         crate::consent::record::sample(id, "u1")
+    }
+
+    fn outcomes_of(results: &[Result<Written, RegistryError>]) -> Vec<String> {
+        outcomes(results)
     }
 
     fn outcomes(results: &[Result<Written, RegistryError>]) -> Vec<String> {
@@ -607,6 +713,63 @@ mod tests {
         assert!(out[2].contains("different granted_at"), "{}", out[2]);
         assert_eq!(out[3], "Granted");
         assert_eq!(batch.grants, [record("c2")]);
+    }
+
+    #[test]
+    fn planning_distinct_ids_by_value_plans_what_plan_does() {
+        let at: Timestamp = "2026-03-01T00:00:00Z".parse().unwrap();
+        let revoked = |id: &str| ConsentRecord {
+            revoked_at: Some(at),
+            ..record(id)
+        };
+        let held: HashMap<_, _, RandomState> = ["held", "held-revoked", "conflict", "withdrawn"]
+            .into_iter()
+            .map(|id| {
+                let r = if id == "held-revoked" {
+                    revoked(id)
+                } else {
+                    record(id)
+                };
+                (id.to_string(), r)
+            })
+            .collect();
+        let changes = vec![
+            Change::Record(record("new")),
+            Change::Record(revoked("new-revoked")),
+            Change::Record(ConsentRecord {
+                recipient: "*".into(),
+                ..record("invalid")
+            }),
+            Change::Record(record("held")),
+            Change::Record(revoked("held-revoked")),
+            Change::Record(ConsentRecord {
+                purposes: vec!["marketing".into()],
+                ..record("conflict")
+            }),
+            Change::Revoke(Revocation {
+                consent_id: "withdrawn".into(),
+                revoked_at: at,
+                evidence: Some("unreadable".into()),
+            }),
+            Change::Revoke(Revocation {
+                consent_id: "never-held".into(),
+                revoked_at: at,
+                evidence: None,
+            }),
+        ];
+        let (expected, results) = plan(held.clone(), &changes);
+        let (batch, outcomes) = plan_distinct(held, changes);
+        assert_eq!(batch.grants, expected.grants);
+        assert_eq!(batch.revocations, expected.revocations);
+        let expected: Vec<String> = outcomes_of(&results);
+        let got: Vec<String> = outcomes
+            .iter()
+            .map(|r| match r {
+                Ok(o) => format!("{o:?}"),
+                Err(e) => format!("error: {e}"),
+            })
+            .collect();
+        assert_eq!(got, expected);
     }
 
     #[test]

@@ -12,9 +12,10 @@
 //! unreachable (the index keeps what it holds until `consent.max_staleness` runs out); a file
 //! replaced by another (a new inode at the path) is reopened and read in full.
 
+use super::import::{Chunks, Settle};
 use super::index::ConsentIndex;
 use super::record::ConsentRecord;
-use super::registry::{Change, Event, Filter, RegistryError, Written, plan};
+use super::registry::{Batch, Change, Event, Filter, RegistryError, Written, plan, plan_distinct};
 use foldhash::fast::RandomState;
 use jiff::Timestamp;
 use rusqlite::{Connection, OpenFlags, Row, TransactionBehavior, params};
@@ -352,6 +353,85 @@ fn json_list<S: serde::Serialize>(v: &[S]) -> String {
     serde_json::to_string(v).expect("strings serialise")
 }
 
+/// The current states of consents `ids` (a JSON array) that the registry holds, as [`states`]
+/// reads them, in one query driven by the ids (an index lookup each, where an `IN` would
+/// first build a temporary index of them).
+fn held(
+    conn: &Connection,
+    ids: &str,
+) -> rusqlite::Result<HashMap<String, ConsentRecord, RandomState>> {
+    // CROSS JOIN keeps the ids as the outer loop.
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {GRANT_COLUMNS}, r.revoked_at FROM json_each(?1) AS j CROSS JOIN consents c ON c.id = j.value \
+         LEFT JOIN consent_revocations r ON r.consent_id = c.id"
+    ))?;
+    let mut rows = stmt.query([ids])?;
+    let mut out: HashMap<String, ConsentRecord, RandomState> = HashMap::default();
+    while let Some(row) = rows.next()? {
+        let revoked = row.get::<_, Option<String>>(10)?.map(|at| {
+            revocation_time(&at).unwrap_or_else(|| {
+                tracing::warn!(revoked_at = %at, "revocation with an unreadable revoked_at: revoked from the grant on");
+                Timestamp::MIN
+            })
+        });
+        let id: String = row.get(0)?;
+        if let Some(r) = out.get_mut(&id) {
+            // Another revocation of the same consent: the earliest counts.
+            if let Some(at) = revoked {
+                let at = at.max(r.granted_at);
+                r.revoked_at = Some(r.revoked_at.map_or(at, |t| t.min(at)));
+            }
+            continue;
+        }
+        match grant_from_row(row)? {
+            Ok(mut r) => {
+                r.revoked_at = revoked.map(|t| t.max(r.granted_at));
+                out.insert(id, r);
+            }
+            Err(why) => tracing::warn!(reason = %why, "unreadable consent row ignored"),
+        }
+    }
+    Ok(out)
+}
+
+/// Page cache of an import's connection (negative: KiB), 64 MiB.
+const IMPORT_CACHE_KIB: i64 = -65536;
+
+/// Inserts the facts of a planned batch.
+fn insert(tx: &Connection, batch: &Batch, by: &str) -> rusqlite::Result<()> {
+    let mut grant = tx.prepare_cached(
+        "INSERT INTO consents (id, subject, recipient, purposes, categories, destinations, method, granted_at, expires_at, evidence, recorded_by) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?;
+    for r in &batch.grants {
+        grant.execute(params![
+            r.id,
+            r.subject,
+            r.recipient,
+            json_list(&r.purposes),
+            json_list(&r.categories),
+            json_list(&r.destinations),
+            r.method,
+            r.granted_at.to_string(),
+            r.expires_at.to_string(),
+            r.evidence,
+            by,
+        ])?;
+    }
+    let mut revoke = tx.prepare_cached(
+        "INSERT INTO consent_revocations (consent_id, revoked_at, evidence, recorded_by) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for r in &batch.revocations {
+        revoke.execute(params![
+            r.consent_id,
+            r.revoked_at.to_string(),
+            r.evidence,
+            by
+        ])?;
+    }
+    Ok(())
+}
+
 /// The registry's writer and reader for the admin API and the `consent` command.
 pub struct SqliteRegistry {
     path: PathBuf,
@@ -412,40 +492,45 @@ impl SqliteRegistry {
                 .map(|r| (r.id.clone(), r))
                 .collect();
             let (batch, results) = plan(held, changes);
-            {
-                let mut grant = tx.prepare_cached(
-                    "INSERT INTO consents (id, subject, recipient, purposes, categories, destinations, method, granted_at, expires_at, evidence, recorded_by) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                )?;
-                for r in &batch.grants {
-                    grant.execute(params![
-                        r.id,
-                        r.subject,
-                        r.recipient,
-                        json_list(&r.purposes),
-                        json_list(&r.categories),
-                        json_list(&r.destinations),
-                        r.method,
-                        r.granted_at.to_string(),
-                        r.expires_at.to_string(),
-                        r.evidence,
-                        by,
-                    ])?;
-                }
-                let mut revoke = tx.prepare_cached(
-                    "INSERT INTO consent_revocations (consent_id, revoked_at, evidence, recorded_by) VALUES (?1, ?2, ?3, ?4)",
-                )?;
-                for r in &batch.revocations {
-                    revoke.execute(params![
-                        r.consent_id,
-                        r.revoked_at.to_string(),
-                        r.evidence,
-                        by
-                    ])?;
-                }
-            }
+            insert(&tx, &batch, by)?;
             tx.commit()?;
             Ok(results)
+        })
+    }
+
+    /// Writes the chunks of an import (see [`super::import`]) in one transaction, reading
+    /// what the registry holds for each chunk's ids in one go. Returns the read failure that
+    /// stopped it, if any: then nothing is written.
+    pub fn import(
+        &self,
+        chunks: &mut Chunks,
+        by: &str,
+        settle: &mut Settle,
+    ) -> Result<Option<std::io::Error>, SqliteError> {
+        self.with(|conn| {
+            // The pages an import touches stay in memory (a bounded cache) instead of
+            // going to and from the WAL file at the default 2 MiB.
+            let cache: i64 = conn.pragma_query_value(None, "cache_size", |r| r.get(0))?;
+            conn.pragma_update(None, "cache_size", IMPORT_CACHE_KIB)?;
+            let result = (|| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                while let Some(chunk) = chunks.blocking_recv() {
+                    let chunk = match chunk {
+                        Ok(chunk) => chunk,
+                        // Dropping the transaction rolls it back.
+                        Err(e) => return Ok(Some(e)),
+                    };
+                    let held = held(&tx, &json_list(&chunk.ids()))?;
+                    let (changes, chunk) = chunk.take();
+                    let (batch, results) = plan_distinct(held, changes);
+                    insert(&tx, &batch, by)?;
+                    settle.chunk(chunk, results);
+                }
+                tx.commit()?;
+                Ok(None)
+            })();
+            conn.pragma_update(None, "cache_size", cache)?;
+            result
         })
     }
 

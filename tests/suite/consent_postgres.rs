@@ -4,9 +4,9 @@
 //! the database lost mid-run. Each test uses a database of its own.
 
 use crate::support::registry::{
-    Relay, TOKEN, address_of, admin, bureau_reads, cli_ok, expect_store_unavailable,
-    fresh_database, grant_via_api, home_store, pg_connect, postgres_url, registry_policy,
-    until_bureau_reads, with_address,
+    Relay, TOKEN, address_of, admin, bulk_import_matches_the_file_store, bureau_reads, cli_ok,
+    expect_store_unavailable, fresh_database, grant_via_api, home_store, pg_connect, postgres_url,
+    registry_policy, until_bureau_reads, with_address,
 };
 use std::time::Duration;
 
@@ -310,4 +310,14 @@ async fn a_row_the_proxy_cannot_read_grants_nothing_and_the_others_still_load() 
         r.text()
     );
     proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_import_holds_what_the_file_store_would_and_repeats_as_unchanged() {
+    let Some(server) = postgres_url("a_bulk_import_holds_what_the_file_store_would") else {
+        return;
+    };
+    let url = fresh_database(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    bulk_import_matches_the_file_store(&url, dir.path()).await;
 }

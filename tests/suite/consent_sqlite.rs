@@ -2,8 +2,8 @@
 //! another process, imports that are idempotent, and a database that goes away.
 
 use crate::support::registry::{
-    TOKEN, admin, bureau_reads, cli, cli_ok, expect_store_unavailable, grant_via_api, home_store,
-    registry_policy, until_bureau_reads,
+    TOKEN, admin, bulk_import_matches_the_file_store, bureau_reads, cli, cli_ok,
+    expect_store_unavailable, grant_via_api, home_store, registry_policy, until_bureau_reads,
 };
 use std::time::Duration;
 
@@ -312,6 +312,13 @@ async fn an_import_grants_what_the_file_store_would_from_each_consents_last_line
     );
     assert_eq!(states[1]["purposes"], serde_json::json!(["credit_scoring"]));
     assert_eq!(states[1]["expires_at"], "2030-01-01T00:00:00Z");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_import_holds_what_the_file_store_would_and_repeats_as_unchanged() {
+    let db = tempfile::tempdir().unwrap();
+    let store = format!("sqlite:{}", db.path().join("consent.db").display());
+    bulk_import_matches_the_file_store(&store, db.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

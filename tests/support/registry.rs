@@ -302,3 +302,134 @@ impl Drop for Relay {
         self.task.abort();
     }
 }
+
+/// Imports 20,000 lines into `store` (repeated ids whose last line changes the terms or
+/// revokes, malformed last lines, lines without an id) and checks that the registry then
+/// holds what the `file:` store would serve from the same file, with the counts that says;
+/// then imports the file again and checks that nothing changed. `dir` holds the files.
+pub async fn bulk_import_matches_the_file_store(store: &str, dir: &std::path::Path) {
+    use residency_proxy::consent::file::{Latest, latest};
+    // Consents the registry holds before: the file's malformed last line withdraws c-held-3.
+    let held: Vec<String> = (0..10)
+        .map(|i| consent_body(&format!("c-held-{i}"), "uh").to_string())
+        .collect();
+    let first = dir.join("held.jsonl");
+    std::fs::write(&first, held.join("\n")).unwrap();
+    cli_ok(&[
+        "consent",
+        "import",
+        "--store",
+        store,
+        &first.display().to_string(),
+    ])
+    .await;
+
+    let mut lines = Vec::new();
+    for i in 0..20_000usize {
+        let id = format!("c-{}", i % 15_000);
+        let mut v = consent_body(&id, &format!("u{}", i % 997));
+        if i >= 15_000 {
+            // The second line of an id corrects its terms, or revokes it.
+            v["expires_at"] = "2030-01-01T00:00:00Z".into();
+        }
+        if i % 50 == 0 {
+            v["revoked_at"] = "2026-02-01T00:00:00Z".into();
+        }
+        let line = match i {
+            _ if i % 1_333 == 0 => v.to_string().replace("explicit", "telepathy"),
+            _ if i % 4_001 == 0 => r#"{"subject": "no id""#.to_string(),
+            _ => v.to_string(),
+        };
+        lines.push(line);
+        if i == 10_000 {
+            lines.push(
+                consent_body("c-held-3", "uh")
+                    .to_string()
+                    .replace("US", "U S"),
+            );
+        }
+    }
+    let text = lines.join("\n");
+    let file = dir.join("bulk.jsonl");
+    std::fs::write(&file, &text).unwrap();
+    let file = file.display().to_string();
+
+    let (words, report) = latest(text.as_bytes()).unwrap();
+    let mut expected = std::collections::BTreeMap::new();
+    let mut withdrawn = Vec::new();
+    for (_, word) in words {
+        match word {
+            Latest::Record(r) => {
+                expected.insert(r.id.clone(), serde_json::to_value(&r).unwrap());
+            }
+            Latest::Withdrawn(id) => withdrawn.push(id),
+        }
+    }
+    assert!(withdrawn.contains(&"c-held-3".to_string()));
+    let granted = expected.len();
+    let revoked = expected
+        .values()
+        .filter(|v| !v["revoked_at"].is_null())
+        .count()
+        + 1;
+    let (superseded, refused) = (report.superseded.len(), report.skipped.len());
+    assert!(superseded > 4_000 && refused > 10, "{superseded} {refused}");
+
+    let out = cli(&["consent", "import", "--store", store, &file]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "{granted} granted, {revoked} revoked, 0 unchanged, {superseded} superseded, {refused} refused"
+        )),
+        "{stdout}"
+    );
+    let numbers: Vec<usize> = stderr
+        .lines()
+        .map(|l| l.split(':').nth(1).unwrap().parse().unwrap())
+        .collect();
+    let skipped: Vec<usize> = report.skipped.iter().map(|e| e.line).collect();
+    assert_eq!(numbers, skipped, "refused lines, in order");
+
+    let listed = cli_ok(&["consent", "list", "--store", store]).await;
+    let mut states: std::collections::BTreeMap<String, serde_json::Value> = listed
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["id"].as_str().unwrap().to_string(), v)
+        })
+        .collect();
+    let held_now: Vec<serde_json::Value> = (0..10)
+        .map(|i| states.remove(&format!("c-held-{i}")).unwrap())
+        .collect();
+    assert!(
+        !held_now[3]["revoked_at"].is_null(),
+        "c-held-3 is withdrawn"
+    );
+    assert!(held_now[4]["revoked_at"].is_null());
+    assert!(states == expected, "the registry holds what the file says");
+
+    let out = cli(&["consent", "import", "--store", store, &file]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "0 granted, 0 revoked, {} unchanged, {superseded} superseded, {refused} refused",
+            granted + 1
+        )),
+        "{stdout}"
+    );
+    let history = cli_ok(&["consent", "list", "--store", store, "--history"]).await;
+    let events: Vec<serde_json::Value> = history
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 10 + granted + revoked, "one fact each");
+    assert!(
+        events
+            .iter()
+            .filter(|e| e["consent"] == "c-held-3")
+            .any(|e| e["event"] == "revoke"
+                && e["recorded_by"].as_str().unwrap().starts_with("cli:"))
+    );
+}

@@ -1,0 +1,375 @@
+//! `consent import` in bulk: a JSON lines file read as the file store reads it (each id's
+//! last line is its state, see [`super::file`]), streamed to a registry in chunks without
+//! holding the records in memory.
+//!
+//! The file is read three times. The first pass hashes the id of every line and sorts the
+//! hashes; lines whose hash no other line shares are the last (and only) word on their id.
+//! The second pass reads the exact ids of the few lines that do share a hash and keeps the
+//! number of the last line of each. The third pass judges every line and sends the latest
+//! words (grants, or withdrawals when a last line is malformed) to the store, chunk by chunk,
+//! from a thread of its own while the store writes the previous chunk.
+//!
+//! Memory: 16 bytes per record line during the first pass (an id hash and a line number),
+//! then, for the rest of the import, one map entry (the id and a line number, about
+//! 40 bytes plus the id) per line whose id hash another line shares — the ids that occur more
+//! than once, and hash collisions — plus the chunks in flight. The records themselves are
+//! never all held.
+
+use super::file::{id_of, judge, record_lines};
+use super::registry::{Change, ImportReport, Outcome, RegistryError, Revocation};
+use foldhash::fast::{FixedState, RandomState};
+use jiff::Timestamp;
+use serde::Serialize;
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::io::{BufReader, Seek};
+use std::path::{Path, PathBuf};
+use tokio::sync::mpsc;
+
+/// Latest words sent to the store at a time.
+pub const CHUNK: usize = 5000;
+/// Chunks read ahead of the store.
+const AHEAD: usize = 4;
+const READ_BUFFER: usize = 1 << 20;
+
+/// A part of the file, in line order: the latest words on their ids, and the lines refused
+/// while reading it.
+#[derive(Debug, Default)]
+pub struct Chunk {
+    /// The number of the line of each change.
+    pub lines: Vec<usize>,
+    pub changes: Vec<Change>,
+    /// Malformed lines (number, why).
+    pub refused: Vec<(usize, String)>,
+}
+
+/// A chunk whose changes the store took (see [`Chunk::take`]).
+pub struct Taken {
+    lines: Vec<usize>,
+    /// Which changes were withdrawals ([`Change::Revoke`]).
+    withdrawals: Vec<bool>,
+    refused: Vec<(usize, String)>,
+}
+
+impl Chunk {
+    fn with_capacity() -> Chunk {
+        Chunk {
+            lines: Vec::with_capacity(CHUNK),
+            changes: Vec::with_capacity(CHUNK),
+            refused: Vec::new(),
+        }
+    }
+
+    /// The changes, to plan by value, and what [`Settle::chunk`] needs to count their outcomes.
+    pub fn take(self) -> (Vec<Change>, Taken) {
+        let withdrawals = self
+            .changes
+            .iter()
+            .map(|c| matches!(c, Change::Revoke(_)))
+            .collect();
+        let taken = Taken {
+            lines: self.lines,
+            withdrawals,
+            refused: self.refused,
+        };
+        (self.changes, taken)
+    }
+
+    /// The ids of the changes.
+    pub fn ids(&self) -> Vec<&str> {
+        self.changes.iter().map(Change::id).collect()
+    }
+}
+
+/// What the store gets: chunks, then the end of the file, or the failure that stopped the
+/// reading (the store then writes nothing).
+pub type Chunks = mpsc::Receiver<std::io::Result<Chunk>>;
+
+/// What an import did, in numbers (the refused lines are passed on as they are found).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ImportCounts {
+    pub granted: usize,
+    pub revoked: usize,
+    pub unchanged: usize,
+    /// Lines of valid records that a later line of the same id replaced or withdrew.
+    pub superseded: usize,
+    pub refused: usize,
+}
+
+/// Hears each refused line (number, why), in line order.
+pub type OnRefused = Box<dyn FnMut(usize, &str) + Send>;
+
+/// Counts what the store did with a chunk and passes its refused lines on, in line order.
+pub struct Settle {
+    pub counts: ImportCounts,
+    refused: OnRefused,
+}
+
+impl Settle {
+    pub fn new(refused: OnRefused) -> Settle {
+        Settle {
+            counts: ImportCounts::default(),
+            refused,
+        }
+    }
+
+    /// Takes the store's outcome for each change of a chunk.
+    pub fn chunk(&mut self, chunk: Taken, results: Vec<Result<Outcome, RegistryError>>) {
+        let mut part = ImportReport::default();
+        for ((line, withdrawal), result) in chunk.lines.iter().zip(chunk.withdrawals).zip(results) {
+            part.count_outcome(*line, withdrawal, result);
+        }
+        self.counts.granted += part.granted;
+        self.counts.revoked += part.revoked;
+        self.counts.unchanged += part.unchanged;
+        let mut refused = chunk.refused;
+        refused.append(&mut part.refused);
+        refused.sort_by_key(|(line, _)| *line);
+        self.counts.refused += refused.len();
+        for (line, why) in &refused {
+            (self.refused)(*line, why);
+        }
+    }
+}
+
+/// The input of an import: a file, or standard input spooled to a temporary file (it is read
+/// more than once).
+pub struct Input {
+    path: PathBuf,
+    /// What messages call it.
+    name: String,
+    _spool: Option<tempfile::NamedTempFile>,
+}
+
+impl Input {
+    /// `-` is standard input.
+    pub fn open(path: &Path) -> std::io::Result<Input> {
+        let name = path.display().to_string();
+        if name != "-" {
+            std::fs::File::open(path)?;
+            return Ok(Input {
+                path: path.into(),
+                name,
+                _spool: None,
+            });
+        }
+        let mut spool = tempfile::NamedTempFile::new()?;
+        std::io::copy(&mut std::io::stdin().lock(), spool.as_file_mut())?;
+        spool.as_file_mut().rewind()?;
+        Ok(Input {
+            path: spool.path().into(),
+            name,
+            _spool: Some(spool),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn read(&self) -> std::io::Result<BufReader<std::fs::File>> {
+        Ok(BufReader::with_capacity(
+            READ_BUFFER,
+            std::fs::File::open(&self.path)?,
+        ))
+    }
+}
+
+/// The hash of the id a line names, as [`id_of`] reads it (without copying it).
+fn id_hash(line: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly<'a> {
+        #[serde(borrow)]
+        id: Cow<'a, str>,
+    }
+    let r = serde_json::from_slice::<IdOnly<'_>>(line).ok()?;
+    Some(hash(&r.id))
+}
+
+fn hash(id: &str) -> u64 {
+    FixedState::with_seed(0x7270_636f_6e73_6e74).hash_one(id)
+}
+
+/// The number of the last line of each id that occurs on more than one line (and of each id
+/// whose hash another id shares); any other id's one line is its last.
+fn last_lines(input: &Input) -> std::io::Result<HashMap<String, usize, RandomState>> {
+    let mut hashes: Vec<(u64, usize)> = Vec::new();
+    record_lines(&mut input.read()?, |number, line| {
+        if let Some(h) = id_hash(line) {
+            hashes.push((h, number));
+        }
+    })?;
+    hashes.sort_unstable();
+    let mut shared: Vec<usize> = Vec::new();
+    for group in hashes.chunk_by(|a, b| a.0 == b.0) {
+        if group.len() > 1 {
+            shared.extend(group.iter().map(|(_, line)| *line));
+        }
+    }
+    drop(hashes);
+    shared.sort_unstable();
+    let mut last = HashMap::default();
+    if shared.is_empty() {
+        return Ok(last);
+    }
+    let mut next = shared.iter().peekable();
+    record_lines(&mut input.read()?, |number, line| {
+        if next.next_if(|&&n| n == number).is_some() {
+            if let Some(id) = id_of(line) {
+                last.insert(id, number);
+            }
+        }
+    })?;
+    Ok(last)
+}
+
+/// Reads `input` and sends its latest words to `chunks`; returns the number of superseded
+/// lines. Runs on a thread of its own (it blocks). A withdrawal is dated `now`.
+pub fn read(
+    input: &Input,
+    now: Timestamp,
+    chunks: &mpsc::Sender<std::io::Result<Chunk>>,
+) -> std::io::Result<usize> {
+    let last = last_lines(input)?;
+    let mut superseded = 0;
+    let mut chunk = Chunk::with_capacity();
+    let mut stopped = false;
+    record_lines(&mut input.read()?, |number, line| {
+        if stopped {
+            return;
+        }
+        let judged = judge(line);
+        let id = match &judged {
+            Ok(r) => Some(r.id.as_str()),
+            Err((id, _)) => id.as_deref(),
+        };
+        let latest = id.is_none_or(|id| last.get(id).is_none_or(|&l| l == number));
+        let change = match judged {
+            Ok(r) if latest => Some(Change::Record(r)),
+            Ok(_) => {
+                superseded += 1;
+                None
+            }
+            Err((id, why)) => {
+                chunk.refused.push((number, why));
+                match id {
+                    Some(id) if latest => Some(Change::Revoke(Revocation {
+                        consent_id: id,
+                        revoked_at: now,
+                        evidence: Some(format!(
+                            "consent import: line {number} of {}, the last for this consent, is unreadable",
+                            input.name
+                        )),
+                    })),
+                    _ => None,
+                }
+            }
+        };
+        if let Some(change) = change {
+            chunk.lines.push(number);
+            chunk.changes.push(change);
+        }
+        if chunk.changes.len() >= CHUNK || chunk.refused.len() >= CHUNK {
+            // The store stopped (it failed): nothing more to read.
+            stopped = chunks
+                .blocking_send(Ok(std::mem::take(&mut chunk)))
+                .is_err();
+        }
+    })?;
+    if !stopped && (!chunk.changes.is_empty() || !chunk.refused.is_empty()) {
+        let _ = chunks.blocking_send(Ok(chunk));
+    }
+    Ok(superseded)
+}
+
+/// Starts reading `input` on a thread of its own; the store receives from the channel.
+pub fn start(
+    input: std::sync::Arc<Input>,
+    now: Timestamp,
+) -> (Chunks, std::thread::JoinHandle<std::io::Result<usize>>) {
+    let (tx, rx) = mpsc::channel(AHEAD);
+    let reader = std::thread::spawn(move || {
+        let result = read(&input, now, &tx);
+        if let Err(e) = &result {
+            // The store must not commit a partial file.
+            let _ = tx.blocking_send(Err(std::io::Error::new(e.kind(), e.to_string())));
+        }
+        result
+    });
+    (rx, reader)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consent::file::{Latest, latest};
+
+    fn line(id: &str, purpose: &str) -> String {
+        let mut r = crate::consent::record::sample(id, "u1");
+        r.purposes = vec![purpose.into()];
+        serde_json::to_string(&r).unwrap()
+    }
+
+    /// The latest words `read` sends, as (line, id, withdrawn), and the superseded count.
+    fn streamed(text: &str) -> (Vec<(usize, String, bool)>, Vec<usize>, usize) {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+        let input = Input::open(f.path()).unwrap();
+        let (tx, mut rx) = mpsc::channel(1000);
+        let superseded = read(&input, Timestamp::now(), &tx).unwrap();
+        drop(tx);
+        let (mut words, mut refused) = (Vec::new(), Vec::new());
+        while let Some(chunk) = rx.blocking_recv() {
+            let chunk = chunk.unwrap();
+            for (line, change) in chunk.lines.iter().zip(&chunk.changes) {
+                let withdrawn = matches!(change, Change::Revoke(_));
+                words.push((*line, change.id().to_string(), withdrawn));
+            }
+            refused.extend(chunk.refused.iter().map(|(l, _)| *l));
+        }
+        (words, refused, superseded)
+    }
+
+    #[test]
+    fn the_stream_holds_the_same_latest_words_as_the_file_store() {
+        let mut lines = Vec::new();
+        for i in 0..(3 * CHUNK) {
+            lines.push(line(&format!("c{}", i % 4000), "p"));
+            if i % 7 == 0 {
+                lines.push(format!(r#"{{"id": "c{}", "purposes": 1}}"#, i % 5000));
+            }
+            if i % 11 == 0 {
+                lines.push(line(&format!("c{}", i % 3000), "other"));
+                lines.push("# comment".into());
+                lines.push(String::new());
+                lines.push(r#"{"id": "#.into());
+            }
+        }
+        let text = lines.join("\n");
+        let (expected, report) = latest(text.as_bytes()).unwrap();
+        let expected: Vec<(usize, String, bool)> = expected
+            .into_iter()
+            .map(|(line, word)| match word {
+                Latest::Record(r) => (line, r.id, false),
+                Latest::Withdrawn(id) => (line, id, true),
+            })
+            .collect();
+        let (words, refused, superseded) = streamed(&text);
+        assert_eq!(words, expected);
+        assert_eq!(superseded, report.superseded.len());
+        let skipped: Vec<usize> = report.skipped.iter().map(|e| e.line).collect();
+        assert_eq!(refused, skipped);
+    }
+
+    #[test]
+    fn a_repeated_id_is_written_once_at_its_last_line() {
+        let text = [line("a", "p"), line("b", "p"), line("a", "q")].join("\n");
+        let (words, _, superseded) = streamed(&text);
+        assert_eq!(
+            words,
+            [(2, "b".to_string(), false), (3, "a".to_string(), false)]
+        );
+        assert_eq!(superseded, 1);
+    }
+}
