@@ -5,8 +5,6 @@
 #
 #   benches/consent_scale/import.sh                 # 1,000,000 consents
 #   N=200000 benches/consent_scale/import.sh
-#   NOTIFY=off benches/consent_scale/import.sh      # PostgreSQL without the per-row NOTIFY
-#                                                   # triggers (disabled in the scratch database)
 #
 # PostgreSQL: RESIDENCY_TEST_POSTGRES if set (a database may be created from it), else a
 # throwaway cluster from .ci/postgres.sh, stopped on exit. Uses a release build
@@ -16,7 +14,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 N=${N:-1000000}
-NOTIFY=${NOTIFY:-on}
 W=${W:-${CARGO_TARGET_DIR:-$ROOT/target}/consent_scale/$$}
 mkdir -p "$W"
 STARTED_PG=
@@ -108,13 +105,6 @@ PSQL=$(command -v psql || ls /usr/lib/postgresql/*/bin/psql | sort -V | tail -n 
 DB=rp_import_$$
 "$PSQL" -q -d "$RESIDENCY_TEST_POSTGRES" -c "CREATE DATABASE $DB"
 URL="${RESIDENCY_TEST_POSTGRES%/*}/$DB"
-if [ "$NOTIFY" = off ]; then
-  # Creates the schema (an import of nothing), then disables the per-row NOTIFY triggers.
-  : > "$W/empty.jsonl"
-  "$BIN" consent import --store "$URL" "$W/empty.jsonl" > /dev/null
-  "$PSQL" -q -d "$URL" -c "ALTER TABLE consents DISABLE TRIGGER consents_notify" \
-    -c "ALTER TABLE consent_revocations DISABLE TRIGGER consent_revocations_notify"
-fi
-run_import "postgres (new database, NOTIFY $NOTIFY)" "$URL"
+run_import "postgres (new database)" "$URL"
 run_import "postgres (again: unchanged)" "$URL"
 "$PSQL" -q -d "$RESIDENCY_TEST_POSTGRES" -c "DROP DATABASE $DB"
