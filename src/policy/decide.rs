@@ -152,8 +152,12 @@ pub fn match_dataset(
     {
         return Some(i);
     }
-    for &len in &idx.lengths {
+    for (k, &len) in idx.lengths.iter().enumerate() {
         if len > path.len() || !path.is_char_boundary(len) {
+            continue;
+        }
+        // An empty prefix has no last byte; the others need the path's byte to fit.
+        if len > 0 && !idx.may_end_with(k, path.as_bytes()[len - 1]) {
             continue;
         }
         let Some(list) = idx.by_prefix.get(&path[..len]) else {
@@ -232,16 +236,12 @@ fn request_ambiguity(req: &Request<'_>) -> Option<&'static str> {
     if m == Method::CONNECT {
         return Some("CONNECT is not supported: the proxy forwards requests, not tunnels");
     }
-    if req
-        .headers
-        .get_all(http::header::HOST)
-        .iter()
-        .nth(1)
-        .is_some()
-    {
+    // One lookup serves both questions: how many Host headers, and the first one.
+    let mut hosts = req.headers.get_all(http::header::HOST).iter();
+    let host_header = hosts.next().map(|h| h.as_bytes());
+    if hosts.next().is_some() {
         return Some("the request has more than one Host header");
     }
-    let host_header = req.headers.get(http::header::HOST).map(|h| h.as_bytes());
     // `req.host` is usually the Host header itself: checked once then.
     let other = req
         .host
@@ -634,7 +634,23 @@ fn decide_target<'a, E: Env, T: Tracer>(
         // this step.
         return deny(d, Reason::UpstreamOutsideJurisdiction, &ds.rules.upstream);
     }
-    let choice = nth_allowed(env, ds, &addrs, req.pick % allowed);
+    let choice = if allowed == addrs.len() {
+        // Every address is allowed (the usual case): the pick is direct, and the first
+        // address is already located.
+        let i = req.pick % allowed;
+        let (addr, location) = if i == 0 {
+            first
+        } else {
+            (addrs[i], env.locate(addrs[i].ip()))
+        };
+        UpstreamChoice {
+            index: ds.upstream,
+            addr,
+            location,
+        }
+    } else {
+        nth_allowed(env, ds, &addrs, req.pick % allowed)
+    };
     step!(
         trace,
         &ds.rules.upstream,
@@ -779,9 +795,14 @@ fn find_subject<'a>(
     Ok(match &ds.subject {
         None => (None, None),
         Some(SubjectSource::PathSegment(n)) => {
-            let seg = path::segment(path, *n)
-                .and_then(path::percent_decode)
-                .map(|s| Cow::Owned(s.into_owned()));
+            // Borrowed from the request when normalising did not copy the path (and the
+            // segment has no escape): no allocation on the usual request.
+            let seg = match *path {
+                Cow::Borrowed(p) => path::segment(p, *n).and_then(path::percent_decode),
+                Cow::Owned(ref p) => path::segment(p, *n)
+                    .and_then(path::percent_decode)
+                    .map(|s| Cow::Owned(s.into_owned())),
+            };
             (seg, Some(*n))
         }
         Some(SubjectSource::Header(h)) => {
@@ -792,11 +813,7 @@ fn find_subject<'a>(
         Some(SubjectSource::Query(q)) => {
             let v = query_param(req.query, q)
                 .map_err(|()| "the subject query parameter appears more than once")?;
-            (
-                v.and_then(path::percent_decode)
-                    .map(|s| Cow::Owned(s.into_owned())),
-                None,
-            )
+            (v.and_then(path::percent_decode), None)
         }
     })
 }
