@@ -109,6 +109,17 @@ pub struct ListArgs {
     /// current states.
     #[arg(long)]
     pub history: bool,
+    /// Output format: JSON lines, one record (or event) per line, each of which `consent
+    /// import` and `POST /v1/consents` accept back as it is (a grant event's `record`).
+    #[arg(long, value_enum, default_value_t = ListFormat::Json)]
+    pub format: ListFormat,
+}
+
+/// How `consent list` prints.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListFormat {
+    /// JSON lines.
+    Json,
 }
 
 #[derive(clap::Args, Debug)]

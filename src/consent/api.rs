@@ -4,7 +4,7 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `POST /v1/consents` | 201 and the record (200 if exactly this grant was already recorded; an omitted `granted_at` means the recorded one, so a retry answers 200); 422 naming the field at fault; 409 if the id holds another grant |
+//! | `POST /v1/consents` | 201 and the record (200 if exactly this grant was already recorded; an omitted `granted_at` means the recorded one, so a retry answers 200; a record as this API returns it, `revoked_at` included, answers 200 when sent back); 422 naming the field at fault; 409 if the id holds another grant |
 //! | `GET /v1/consents?subject=S[&history=true]` | 200 `{"subject", "consents": [...]}` (or `"events"`) |
 //! | `GET /v1/consents/{id}` | 200 and the record, 404 |
 //! | `POST /v1/consents/{id}/revoke` | 200 and the record with `revoked_at`; body optional: `{"revoked_at", "evidence"}` |
@@ -36,8 +36,10 @@ const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANU
     .remove(b'_')
     .remove(b'~');
 
-/// The fields a new consent may carry; `id` and `granted_at` are optional.
-const FIELDS: [&str; 10] = [
+/// The fields a consent sent to `POST /v1/consents` may carry: those of a record as the API and
+/// `consent list` return it. `id`, `granted_at`, `revoked_at` and `evidence` are optional, and
+/// a field sent as `null` is absent.
+const FIELDS: [&str; 11] = [
     "id",
     "subject",
     "recipient",
@@ -47,6 +49,7 @@ const FIELDS: [&str; 10] = [
     "method",
     "granted_at",
     "expires_at",
+    "revoked_at",
     "evidence",
 ];
 
@@ -254,8 +257,11 @@ fn required<T>(v: Option<T>, name: &str) -> Result<T, Refusal> {
     v.ok_or_else(|| Refusal::invalid(name, "is required"))
 }
 
-/// A new consent from a request body: `id` defaults to a fresh one and `granted_at` to now
-/// ([`Change::Undated`]: the recorded time if the id is recorded).
+/// A consent from a request body: `id` defaults to a fresh one and `granted_at` to now
+/// ([`Change::Undated`]: the recorded time if the id is recorded). A record with `revoked_at`
+/// is accepted as `consent import` accepts it, so that whatever the API lists can be sent
+/// back: the grant and its revocation (only the revocation if the grant is recorded;
+/// nothing if both are).
 fn new_grant(body: Value, now: Timestamp) -> Result<Change, Refusal> {
     let Value::Object(mut m) = body else {
         return Err(Refusal::invalid(
@@ -263,12 +269,6 @@ fn new_grant(body: Value, now: Timestamp) -> Result<Change, Refusal> {
             "must be a JSON object (a consent record)",
         ));
     };
-    if m.contains_key("revoked_at") {
-        return Err(Refusal::invalid(
-            "revoked_at",
-            "a new consent is not revoked; revoke it with POST /v1/consents/{id}/revoke",
-        ));
-    }
     if let Some(unknown) = m.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(Refusal::invalid(
             unknown,
@@ -290,7 +290,7 @@ fn new_grant(body: Value, now: Timestamp) -> Result<Change, Refusal> {
         method: required(take(&mut m, "method", text)?, "method")?,
         granted_at: granted_at.unwrap_or(now),
         expires_at: required(take(&mut m, "expires_at", time)?, "expires_at")?,
-        revoked_at: None,
+        revoked_at: take(&mut m, "revoked_at", time)?,
         evidence: take(&mut m, "evidence", text)?,
     };
     record
@@ -364,8 +364,13 @@ async fn create(
         Err(r) => return Ok(r),
     };
     let grant = new_grant(parse_json(&body)?, Timestamp::now())?;
-    if let Change::Record(r) | Change::Undated(r) = &grant {
-        known_to_policy(&state.shared.snapshot.load().policy, r)?;
+    if let Change::Record(r) | Change::Undated(r) = &grant
+        && let Err(refusal) = known_to_policy(&state.shared.snapshot.load().policy, r)
+        // A consent already recorded stays valid whatever the policy now says, and sending
+        // back what the API returned is answered as such (or 409 if it differs).
+        && registry.get(&r.id).await?.is_none()
+    {
+        return Err(refusal);
     }
     let w = registry.grant(grant, ACTOR).await?;
     Ok(written(state, w, StatusCode::CREATED))
@@ -477,7 +482,7 @@ mod tests {
             ("expires_at", serde_json::json!("next year")),
             ("subject", Value::Null),
             ("scope", serde_json::json!("all")),
-            ("revoked_at", serde_json::json!("2026-01-01T00:00:00Z")),
+            ("revoked_at", serde_json::json!("yesterday")),
         ];
         for (field, value) in cases {
             let mut b = body();
@@ -487,6 +492,34 @@ mod tests {
                 .unwrap_or_else(|| panic!("{field} accepted"));
             assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
             assert_eq!(r.field.as_deref(), Some(field));
+        }
+    }
+
+    #[test]
+    fn a_field_sent_as_null_is_absent() {
+        let now: Timestamp = "2026-05-01T00:00:00Z".parse().unwrap();
+        let mut b = body();
+        for field in ["id", "granted_at", "revoked_at", "evidence"] {
+            b[field] = Value::Null;
+        }
+        let Change::Undated(r) = new_grant(b, now).unwrap() else {
+            panic!("a null granted_at is an undated grant");
+        };
+        assert_eq!((r.revoked_at, r.evidence), (None, None));
+        assert_eq!(r.granted_at, now);
+    }
+
+    #[test]
+    fn a_record_as_returned_is_accepted_back_revoked_or_not() {
+        let now = Timestamp::now();
+        let mut r = crate::consent::record::sample("c1", "u1");
+        for revoked in [None, Some("2026-06-01T00:00:00Z".parse().unwrap())] {
+            r.revoked_at = revoked;
+            let sent = serde_json::to_value(&r).unwrap();
+            let Change::Record(back) = new_grant(sent, now).unwrap() else {
+                panic!("a dated record");
+            };
+            assert_eq!(back, r);
         }
     }
 

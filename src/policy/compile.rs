@@ -1575,7 +1575,20 @@ fn build_index(datasets: &[Dataset]) -> DatasetIndex {
         .into_iter()
         .collect();
     lengths.sort_unstable_by(|a, b| b.cmp(a));
-    DatasetIndex { lengths, by_prefix }
+    let mut last_bytes = vec![[0u64; 4]; lengths.len()];
+    for p in by_prefix.keys() {
+        if let (Some(k), Some(&b)) = (
+            lengths.iter().position(|&l| l == p.len()),
+            p.as_bytes().last(),
+        ) {
+            last_bytes[k][usize::from(b / 64)] |= 1 << (b % 64);
+        }
+    }
+    DatasetIndex {
+        lengths,
+        last_bytes,
+        by_prefix,
+    }
 }
 
 /// One of a closed set of words, or the default when absent; anything else is an error

@@ -152,8 +152,12 @@ pub fn match_dataset(
     {
         return Some(i);
     }
-    for &len in &idx.lengths {
+    for (k, &len) in idx.lengths.iter().enumerate() {
         if len > path.len() || !path.is_char_boundary(len) {
+            continue;
+        }
+        // An empty prefix has no last byte; the others need the path's byte to fit.
+        if len > 0 && !idx.may_end_with(k, path.as_bytes()[len - 1]) {
             continue;
         }
         let Some(list) = idx.by_prefix.get(&path[..len]) else {
@@ -232,16 +236,12 @@ fn request_ambiguity(req: &Request<'_>) -> Option<&'static str> {
     if m == Method::CONNECT {
         return Some("CONNECT is not supported: the proxy forwards requests, not tunnels");
     }
-    if req
-        .headers
-        .get_all(http::header::HOST)
-        .iter()
-        .nth(1)
-        .is_some()
-    {
+    // One lookup serves both questions: how many Host headers, and the first one.
+    let mut hosts = req.headers.get_all(http::header::HOST).iter();
+    let host_header = hosts.next().map(|h| h.as_bytes());
+    if hosts.next().is_some() {
         return Some("the request has more than one Host header");
     }
-    let host_header = req.headers.get(http::header::HOST).map(|h| h.as_bytes());
     // `req.host` is usually the Host header itself: checked once then.
     let other = req
         .host
@@ -634,7 +634,23 @@ fn decide_target<'a, E: Env, T: Tracer>(
         // this step.
         return deny(d, Reason::UpstreamOutsideJurisdiction, &ds.rules.upstream);
     }
-    let choice = nth_allowed(env, ds, &addrs, req.pick % allowed);
+    let choice = if allowed == addrs.len() {
+        // Every address is allowed (the usual case): the pick is direct, and the first
+        // address is already located.
+        let i = req.pick % allowed;
+        let (addr, location) = if i == 0 {
+            first
+        } else {
+            (addrs[i], env.locate(addrs[i].ip()))
+        };
+        UpstreamChoice {
+            index: ds.upstream,
+            addr,
+            location,
+        }
+    } else {
+        nth_allowed(env, ds, &addrs, req.pick % allowed)
+    };
     step!(
         trace,
         &ds.rules.upstream,
@@ -779,9 +795,14 @@ fn find_subject<'a>(
     Ok(match &ds.subject {
         None => (None, None),
         Some(SubjectSource::PathSegment(n)) => {
-            let seg = path::segment(path, *n)
-                .and_then(path::percent_decode)
-                .map(|s| Cow::Owned(s.into_owned()));
+            // Borrowed from the request when normalising did not copy the path (and the
+            // segment has no escape): no allocation on the usual request.
+            let seg = match *path {
+                Cow::Borrowed(p) => path::segment(p, *n).and_then(path::percent_decode),
+                Cow::Owned(ref p) => path::segment(p, *n)
+                    .and_then(path::percent_decode)
+                    .map(|s| Cow::Owned(s.into_owned())),
+            };
             (seg, Some(*n))
         }
         Some(SubjectSource::Header(h)) => {
@@ -792,11 +813,7 @@ fn find_subject<'a>(
         Some(SubjectSource::Query(q)) => {
             let v = query_param(req.query, q)
                 .map_err(|()| "the subject query parameter appears more than once")?;
-            (
-                v.and_then(path::percent_decode)
-                    .map(|s| Cow::Owned(s.into_owned())),
-                None,
-            )
+            (v.and_then(path::percent_decode), None)
         }
     })
 }
@@ -936,15 +953,13 @@ fn consent<'a, E: Env, T: Tracer>(
         return deny(d, Reason::ConsentMissing, rule);
     };
     let now = env.now();
-    let mut dest_buf = [Country::parse_shape("ZZ").expect("two letters"); 2];
-    let mut n = 0;
-    for c in d.destinations.iter().flatten() {
-        dest_buf[n] = *c;
-        n += 1;
-    }
-    let dests = &dest_buf[..n];
+    let (dest_buf, n) = foreign_destinations(ds, &d.destinations);
+    // Outside home, yet no country outside it is known (an unlocated client treated as
+    // foreign): nothing can be checked against the consent's destinations.
+    let dests = (n > 0 || !d.outside_home).then_some(&dest_buf[..n]);
     // The consents are read in place (no copy, no reference count touched): the closure
-    // returns what the decision needs from them.
+    // returns what the decision needs from them. Why a consent fails is put in words only
+    // for a tracer or for the refusal.
     let found = env.with_consents(d.subject.as_deref().unwrap_or_default(), |lookup| {
         let consents = match lookup {
             ConsentLookup::Found(c) => c,
@@ -961,20 +976,26 @@ fn consent<'a, E: Env, T: Tracer>(
                 return Found::Unavailable;
             }
         };
-        let mut nearest: Option<(&Consent, Reason, String)> = None;
+        let mut nearest: Option<(&Consent, Miss<'_>)> = None;
         for c in consents.iter().filter(|c| &*c.scope.recipient == recipient) {
             match check(policy, ds, c, purpose, dests, now) {
                 None => {
                     step!(trace, rule, "consent {} is valid", c.id);
                     return Found::Valid(c.id.clone());
                 }
-                Some((reason, why)) => {
-                    step!(trace, rule, "consent {}: {} ({why})", c.id, reason.as_str());
+                Some(miss) => {
+                    step!(
+                        trace,
+                        rule,
+                        "consent {}: {} ({miss})",
+                        c.id,
+                        miss.reason().as_str()
+                    );
                     if nearest
                         .as_ref()
-                        .is_none_or(|(_, r, _)| rank(reason) > rank(*r))
+                        .is_none_or(|(_, m)| rank(miss.reason()) > rank(m.reason()))
                     {
-                        nearest = Some((c, reason, why));
+                        nearest = Some((c, miss));
                     }
                 }
             }
@@ -988,7 +1009,7 @@ fn consent<'a, E: Env, T: Tracer>(
                 );
                 Found::Nothing
             }
-            Some((c, reason, why)) => Found::Failed(c.id.clone(), reason, why),
+            Some((c, miss)) => Found::Failed(c.id.clone(), miss.reason(), miss.to_string()),
         }
     });
     match found {
@@ -1010,6 +1031,20 @@ fn consent<'a, E: Env, T: Tracer>(
     }
 }
 
+/// The destinations a consent must name: those outside the dataset's home (SPEC section 4:
+/// the home jurisdiction never needs a grant), with their number.
+fn foreign_destinations(ds: &Dataset, all: &[Option<Country>; 2]) -> ([Country; 2], usize) {
+    let mut buf = [Country::parse_shape("ZZ").expect("two letters"); 2];
+    let mut n = 0;
+    for c in all.iter().flatten() {
+        if !ds.home.countries.contains(*c) {
+            buf[n] = *c;
+            n += 1;
+        }
+    }
+    (buf, n)
+}
+
 /// What the consents of a subject say about one transfer.
 enum Found {
     Valid(compact_str::CompactString),
@@ -1019,6 +1054,49 @@ enum Found {
     Unavailable,
 }
 
+/// Why one consent does not allow a transfer: a value, put in words (`Display`) only when
+/// someone reads it, so that checking consents builds no string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Miss<'a> {
+    Purpose(&'a str),
+    Category(&'a str),
+    DestinationUnknown,
+    Destination(Country),
+    Method(&'a str),
+    Revoked,
+    NotYetInForce,
+    Expired,
+}
+
+impl Miss<'_> {
+    fn reason(self) -> Reason {
+        match self {
+            Miss::Purpose(_)
+            | Miss::Category(_)
+            | Miss::DestinationUnknown
+            | Miss::Destination(_) => Reason::ConsentScopeMismatch,
+            Miss::Method(_) => Reason::ConsentMethodInvalid,
+            Miss::Revoked => Reason::ConsentRevoked,
+            Miss::NotYetInForce | Miss::Expired => Reason::ConsentExpired,
+        }
+    }
+}
+
+impl std::fmt::Display for Miss<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Miss::Purpose(p) => write!(f, "purpose \"{p}\" not granted"),
+            Miss::Category(c) => write!(f, "category \"{c}\" not granted"),
+            Miss::DestinationUnknown => f.write_str("the destination country is unknown"),
+            Miss::Destination(c) => write!(f, "destination {c} not granted"),
+            Miss::Method(m) => write!(f, "collected as \"{m}\""),
+            Miss::Revoked => f.write_str("revoked"),
+            Miss::NotYetInForce => f.write_str("not yet in force"),
+            Miss::Expired => f.write_str("expired"),
+        }
+    }
+}
+
 fn covers_category(granted: &str, wanted: &str) -> bool {
     wanted == granted
         || (wanted.len() > granted.len()
@@ -1026,47 +1104,37 @@ fn covers_category(granted: &str, wanted: &str) -> bool {
             && wanted.as_bytes()[granted.len()] == b'.')
 }
 
-fn check(
+/// Whether consent `c` allows the transfer; `dests` are the destinations outside home that
+/// it must name (`None`: outside home, to a country unknown).
+fn check<'c>(
     policy: &Policy,
-    ds: &Dataset,
-    c: &Consent,
-    purpose: &str,
-    dests: &[Country],
+    ds: &'c Dataset,
+    c: &'c Consent,
+    purpose: &'c str,
+    dests: Option<&[Country]>,
     now: i64,
-) -> Option<(Reason, String)> {
+) -> Option<Miss<'c>> {
     let terms = &c.scope;
     if !terms.purposes.iter().any(|p| &**p == purpose) {
-        return Some((
-            Reason::ConsentScopeMismatch,
-            format!("purpose \"{purpose}\" not granted"),
-        ));
+        return Some(Miss::Purpose(purpose));
     }
     if !terms
         .categories
         .iter()
         .any(|g| covers_category(g, &ds.category))
     {
-        return Some((
-            Reason::ConsentScopeMismatch,
-            format!("category \"{}\" not granted", ds.category),
-        ));
+        return Some(Miss::Category(&ds.category));
     }
-    if dests.is_empty() {
-        return Some((
-            Reason::ConsentScopeMismatch,
-            "the destination country is unknown".into(),
-        ));
-    }
+    let Some(dests) = dests else {
+        return Some(Miss::DestinationUnknown);
+    };
     if let Some(miss) = dests.iter().find(|country| {
         !terms
             .destinations
             .iter()
             .any(|g| policy.jurisdictions.covers(g, **country))
     }) {
-        return Some((
-            Reason::ConsentScopeMismatch,
-            format!("destination {miss} not granted"),
-        ));
+        return Some(Miss::Destination(*miss));
     }
     if !policy
         .consent
@@ -1075,20 +1143,17 @@ fn check(
         .any(|m| **m == *terms.method)
         || super::compile::NEVER_CONSENT.contains(&&*terms.method)
     {
-        return Some((
-            Reason::ConsentMethodInvalid,
-            format!("collected as \"{}\"", terms.method),
-        ));
+        return Some(Miss::Method(&terms.method));
     }
     // A revocation counts from the moment it is known, even if its writer's clock is ahead.
     if c.revoked_at.is_some() {
-        return Some((Reason::ConsentRevoked, "revoked".into()));
+        return Some(Miss::Revoked);
     }
     if now < c.granted_at {
-        return Some((Reason::ConsentExpired, "not yet in force".into()));
+        return Some(Miss::NotYetInForce);
     }
     if now >= c.expires_at {
-        return Some((Reason::ConsentExpired, "expired".into()));
+        return Some(Miss::Expired);
     }
     None
 }
@@ -1096,6 +1161,150 @@ fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A policy at home in CN: `payments` needs consent abroad and for third parties; the
+    /// recipients are a US bureau with an office address at home (127.0.0.21, CN) and one
+    /// abroad (127.0.0.20, US), and a CN partner (127.0.0.30). 127.0.0.40 is located nowhere.
+    fn world(consent: crate::consent::ConsentRecord) -> (Policy, crate::offline::OfflineEnv) {
+        let text = "[policy]\nname = \"unit\"\nhome = \"CN\"\nunknown_location = \"foreign\"\n\
+            [log]\npseudonymize = false\n\
+            [consent]\npurpose_header = \"x-purpose\"\n\
+            [[networks]]\ncidr = \"127.0.0.2/32\"\ncountry = \"CN\"\n\
+            [[networks]]\ncidr = \"127.0.0.21/32\"\ncountry = \"CN\"\n\
+            [[networks]]\ncidr = \"127.0.0.20/32\"\ncountry = \"US\"\n\
+            [[networks]]\ncidr = \"127.0.0.30/32\"\ncountry = \"CN\"\n\
+            [[upstreams]]\nname = \"store\"\nurl = \"http://127.0.0.2:9000\"\n\
+            [[recipients]]\nid = \"bureau\"\nrelation = \"third_party\"\ncountry = \"US\"\n\
+            networks = [\"127.0.0.20/32\", \"127.0.0.21/32\"]\n\
+            [[recipients]]\nid = \"partner\"\nrelation = \"third_party\"\ncountry = \"CN\"\n\
+            networks = [\"127.0.0.30/32\", \"127.0.0.40/32\"]\n\
+            [[datasets]]\nname = \"payments\"\nmatch = { path_prefix = \"/payments/\" }\n\
+            upstream = \"store\"\ncategory = \"user.financial\"\nsubject = { path_segment = 2 }\n\
+            cross_border = \"consent\"\nthird_party = \"consent\"\n";
+        let policy = super::super::compile::from_str("unit.toml", text).expect("compiles");
+        let index = std::sync::Arc::new(crate::consent::ConsentIndex::new());
+        index.upsert(&consent).expect("a valid consent");
+        let locator = crate::geo::Locator::new(&policy, None);
+        let now = "2026-06-01T00:00:00Z"
+            .parse::<jiff::Timestamp>()
+            .unwrap()
+            .as_microsecond();
+        let env = crate::offline::OfflineEnv::new(&policy, locator, index, now);
+        (policy, env)
+    }
+
+    fn granted(recipient: &str, destinations: &[&str]) -> crate::consent::ConsentRecord {
+        crate::consent::ConsentRecord {
+            recipient: recipient.into(),
+            destinations: destinations.iter().map(|d| d.to_string()).collect(),
+            ..crate::consent::record::sample("c1", "u1")
+        }
+    }
+
+    fn decide_from(
+        policy: &Policy,
+        env: &crate::offline::OfflineEnv,
+        peer: &str,
+    ) -> Decision<'static> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-purpose",
+            http::HeaderValue::from_static("credit_scoring"),
+        );
+        let req = Request {
+            method: &Method::GET,
+            host: Some("storage.internal"),
+            path: "/payments/u1/2026-01.json",
+            query: None,
+            headers: &headers,
+            peer: peer.parse().unwrap(),
+            identity: None,
+            pick: 0,
+            copy_source: Copied::Nothing,
+        };
+        let d = decide(policy, env, &req, &mut ());
+        // Only what the assertions read outlives the request.
+        let mut out = Decision::new(d.reason, "-");
+        out.verdict = d.verdict;
+        out.detail = d.detail.map(|s| Cow::Owned(s.into_owned()));
+        out.destinations = d.destinations;
+        out.outside_home = d.outside_home;
+        out.consent = d.consent;
+        out
+    }
+
+    #[test]
+    fn a_foreign_recipient_at_a_home_address_needs_only_its_foreign_destinations() {
+        let (policy, env) = world(granted("bureau", &["US"]));
+        let d = decide_from(&policy, &env, "127.0.0.21");
+        assert_eq!(d.reason, Reason::Consented, "{:?}", d.detail);
+        let us = Country::parse("US").unwrap();
+        let cn = Country::parse("CN").unwrap();
+        // The decision still records both; only the foreign one had to be granted.
+        assert_eq!(d.destinations, [Some(us), Some(cn)]);
+        assert!(d.outside_home);
+
+        let (policy, env) = world(granted("bureau", &["DE"]));
+        let d = decide_from(&policy, &env, "127.0.0.21");
+        assert_eq!(d.reason, Reason::ConsentScopeMismatch);
+        assert_eq!(d.detail.as_deref(), Some("destination US not granted"));
+        assert_eq!(
+            d.consent.unwrap().failure,
+            Some(Reason::ConsentScopeMismatch)
+        );
+
+        // Abroad, the consent naming the US is enough as before.
+        let (policy, env) = world(granted("bureau", &["US"]));
+        assert_eq!(
+            decide_from(&policy, &env, "127.0.0.20").reason,
+            Reason::Consented
+        );
+    }
+
+    #[test]
+    fn a_home_seated_third_party_at_home_passes_the_destination_check() {
+        // The third-party rule needs consent; every destination is at home, so the consent's
+        // destinations are not consulted (it names only DE).
+        let (policy, env) = world(granted("partner", &["DE"]));
+        let d = decide_from(&policy, &env, "127.0.0.30");
+        assert!(!d.outside_home);
+        assert_eq!(d.reason, Reason::Consented, "{:?}", d.detail);
+    }
+
+    #[test]
+    fn an_unlocated_destination_outside_home_is_unknown_to_a_consent() {
+        // 127.0.0.40 is located nowhere and treated as foreign: the home seat of the
+        // recipient does not make the destination known.
+        let (policy, env) = world(granted("partner", &["US", "CN"]));
+        let d = decide_from(&policy, &env, "127.0.0.40");
+        assert!(d.outside_home);
+        assert_eq!(d.reason, Reason::ConsentScopeMismatch);
+        assert_eq!(
+            d.detail.as_deref(),
+            Some("the destination country is unknown")
+        );
+    }
+
+    #[test]
+    fn failures_are_put_in_the_words_the_log_carries() {
+        let us = Country::parse("US").unwrap();
+        let words = [
+            (Miss::Purpose("ads"), "purpose \"ads\" not granted"),
+            (Miss::Category("user.x"), "category \"user.x\" not granted"),
+            (
+                Miss::DestinationUnknown,
+                "the destination country is unknown",
+            ),
+            (Miss::Destination(us), "destination US not granted"),
+            (Miss::Method("pre_ticked"), "collected as \"pre_ticked\""),
+            (Miss::Revoked, "revoked"),
+            (Miss::NotYetInForce, "not yet in force"),
+            (Miss::Expired, "expired"),
+        ];
+        for (miss, said) in words {
+            assert_eq!(miss.to_string(), said);
+        }
+    }
 
     #[test]
     fn only_plain_hosts_pass() {

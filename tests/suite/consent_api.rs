@@ -141,7 +141,7 @@ async fn each_invalid_record_is_refused_with_422_naming_the_field() {
         ("purposes", json!("credit_scoring"), "a list of strings"),
         ("granted_at", json!("yesterday"), "RFC 3339"),
         ("scope", json!("everything"), "not a field"),
-        ("revoked_at", json!("2026-06-01T00:00:00Z"), "revoke"),
+        ("revoked_at", json!("2026-06-01"), "RFC 3339"),
     ];
     for (field, value, says) in cases {
         let mut body = consent_body("c-bad", "u-bad");
@@ -434,5 +434,121 @@ async fn a_file_store_has_no_consent_api() {
         (r.status, r.json()["error"].clone()),
         (501, json!("no_registry"))
     );
+    proxy.shutdown().await;
+}
+
+/// Regression: `"revoked_at": null` (or any optional field sent as `null`) was refused 422,
+/// and so was a revoked record as the API itself lists it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_record_the_api_returns_is_accepted_back_unchanged() {
+    let db = tempfile::tempdir().unwrap();
+    let home = home_store().await;
+    let mut proxy = registry_policy(&sqlite_store(&db), &home).start().await;
+
+    // `null` is absent: a grant, dated now, without evidence.
+    let mut body = consent_body("c-null", "u-null");
+    for field in ["revoked_at", "evidence", "granted_at"] {
+        body[field] = Value::Null;
+    }
+    let r = admin(&proxy, "POST", "/v1/consents", Some(TOKEN), Some(body)).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert!(r.json().get("revoked_at").is_none(), "{}", r.text());
+    assert!(r.json().get("evidence").is_none(), "{}", r.text());
+    assert!(r.json()["granted_at"].is_string(), "{}", r.text());
+
+    for (id, subject) in [("c-kept", "u-rt"), ("c-gone", "u-rt")] {
+        let r = admin(
+            &proxy,
+            "POST",
+            "/v1/consents",
+            Some(TOKEN),
+            Some(consent_body(id, subject)),
+        )
+        .await;
+        assert_eq!(r.status, 201, "{}", r.text());
+    }
+    let r = admin(
+        &proxy,
+        "POST",
+        "/v1/consents/c-gone/revoke",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // What a listing and a look-up return, sent back: 200, the record unchanged.
+    let listed = admin(
+        &proxy,
+        "GET",
+        "/v1/consents?subject=u-rt",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    let mut returned: Vec<Value> = listed.json()["consents"].as_array().unwrap().clone();
+    assert_eq!(returned.len(), 2, "{}", listed.text());
+    assert!(returned.iter().any(|r| r["revoked_at"].is_string()));
+    for id in ["c-null", "c-gone"] {
+        let r = admin(
+            &proxy,
+            "GET",
+            &format!("/v1/consents/{id}"),
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        returned.push(r.json());
+    }
+    let history = admin(
+        &proxy,
+        "GET",
+        "/v1/consents?subject=u-rt&history=true",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    for e in history.json()["events"].as_array().unwrap() {
+        if e["event"] == "grant" {
+            returned.push(e["record"].clone());
+        }
+    }
+    for record in returned {
+        let r = admin(
+            &proxy,
+            "POST",
+            "/v1/consents",
+            Some(TOKEN),
+            Some(record.clone()),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{record}: {}", r.text());
+        // The answer is the consent's current state: the record itself, except for the
+        // grant of a revoked consent as its history lists it.
+        let id = record["id"].as_str().unwrap();
+        let now = admin(
+            &proxy,
+            "GET",
+            &format!("/v1/consents/{id}"),
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!(r.json(), now.json(), "{record}");
+        if id != "c-gone" || record.get("revoked_at").is_some() {
+            assert_eq!(r.json(), record, "unchanged");
+        }
+    }
+    // Nothing was recorded twice.
+    let after = admin(
+        &proxy,
+        "GET",
+        "/v1/consents?subject=u-rt&history=true",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(after.json(), history.json());
     proxy.shutdown().await;
 }

@@ -396,3 +396,69 @@ async fn explain_reads_the_subject_the_request_names_from_the_registry() {
     let out = explain("u8").await;
     assert!(out.contains("consent_missing"), "{out}");
 }
+
+/// Regression: what `consent list` prints, a revoked consent and `null` fields included, is
+/// imported back as it is: nothing granted, revoked or refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_consent_list_prints_is_imported_back_unchanged() {
+    let db = tempfile::tempdir().unwrap();
+    let store = format!("sqlite:{}", db.path().join("consent.db").display());
+    for id in ["c-kept", "c-gone"] {
+        let mut args = vec![
+            "consent",
+            "grant",
+            "--store",
+            &store,
+            "--subject",
+            "u-rt",
+            "--id",
+            id,
+        ];
+        args.extend(GRANT);
+        cli_ok(&args).await;
+    }
+    cli_ok(&["consent", "revoke", "--store", &store, "c-gone"]).await;
+
+    let list = ["consent", "list", "--store", &store, "--format", "json"];
+    let listed = cli_ok(&list).await;
+    assert!(listed.contains("\"revoked_at\""), "{listed}");
+    let history = cli_ok(&[&list[..], &["--history"]].concat()).await;
+
+    // The current states; the grants of the history; a state with its absent fields as null.
+    let grants: Vec<String> = history
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["event"] == "grant")
+        .map(|e| e["record"].to_string())
+        .collect();
+    assert_eq!(grants.len(), 2, "{history}");
+    let kept = listed.lines().find(|l| l.contains("c-kept")).unwrap();
+    let mut nulls: serde_json::Value = serde_json::from_str(kept).unwrap();
+    nulls["revoked_at"] = serde_json::Value::Null;
+    let files = [
+        ("listed.jsonl", listed.clone()),
+        ("grants.jsonl", grants.join("\n")),
+        ("nulls.jsonl", nulls.to_string()),
+    ];
+    for (name, text) in files {
+        let file = db.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        let out = cli_ok(&[
+            "consent",
+            "import",
+            "--store",
+            &store,
+            &file.display().to_string(),
+        ])
+        .await;
+        let unchanged = if name == "nulls.jsonl" { 1 } else { 2 };
+        assert!(
+            out.contains(&format!(
+                "0 granted, 0 revoked, {unchanged} unchanged, 0 superseded, 0 refused"
+            )),
+            "{name}: {out}"
+        );
+    }
+    assert_eq!(cli_ok(&list).await, listed);
+    assert_eq!(cli_ok(&[&list[..], &["--history"]].concat()).await, history);
+}

@@ -1181,3 +1181,49 @@ async fn regression_a_subject_the_proxy_could_not_read_reached_the_log_raw() {
         assert!(!log.contains(raw), "{raw} reached the log:\n{log}");
     }
 }
+
+/// Regression: a third party seated in the US calling from an address at home was refused
+/// `consent_scope_mismatch` unless its consent also named home. Destinations name countries
+/// outside home (SPEC section 4): only the US is checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_recipient_at_a_home_address_is_decided_by_its_foreign_destinations() {
+    const OFFICE: &str = "127.0.0.70";
+    let office = "credit-bureau-us-office";
+    let w = World::start_with(Serve::Ok, |s| {
+        s.network("127.0.0.70/32", "CN")
+            .toml(&format!(
+                "[[recipients]]\nid = '{office}'\nrelation = 'third_party'\ncountry = 'US'\nnetworks = ['127.0.0.70/32']\n"
+            ))
+            .consents(
+                [
+                    registry(),
+                    vec![
+                        consent("c-office", "u-office", office),
+                        ConsentRecord {
+                            destinations: vec!["DE".into()],
+                            ..consent("c-office-de", "u-office-de", office)
+                        },
+                    ],
+                ]
+                .concat(),
+            )
+    })
+    .await;
+
+    let r = w
+        .get(OFFICE, "/payments/u-office-de/2026-01.json", &[PURPOSE])
+        .await;
+    let rec = w
+        .refused(&r, 451, "consent_scope_mismatch", Some("payments"))
+        .await;
+    assert_eq!(rec["consent"]["id"], "c-office-de", "{rec}");
+    assert_eq!(rec["consent"]["why"], "destination US not granted", "{rec}");
+
+    let r = w
+        .get(OFFICE, "/payments/u-office/2026-01.json", &[PURPOSE])
+        .await;
+    let rec = w.forwarded(&r, "consented", &w.home).await;
+    assert_eq!(rec["client"]["country"], "CN", "{rec}");
+    assert_eq!(rec["recipient"]["country"], "US", "{rec}");
+    assert_eq!(rec["consent"]["id"], "c-office", "{rec}");
+}
