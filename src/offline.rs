@@ -186,3 +186,135 @@ impl Env for OfflineEnv {
         self.now
     }
 }
+
+/// Decisions that need the consent index and the locator as the offline tools build them:
+/// where a consent's destinations are checked (SPEC section 4).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consent::{ConsentIndex, ConsentRecord};
+    use crate::policy::country::Country;
+    use crate::policy::decide::{Copied, Request};
+    use crate::policy::{Decision, Policy, Reason, decide};
+    use http::{HeaderMap, Method};
+    use std::borrow::Cow;
+
+    /// A policy at home in CN: `payments` needs consent abroad and for third parties; the
+    /// recipients are a US bureau with an office address at home (127.0.0.21, CN) and one
+    /// abroad (127.0.0.20, US), and a CN partner (127.0.0.30). 127.0.0.40 is located nowhere.
+    fn world(consent: ConsentRecord) -> (Policy, OfflineEnv) {
+        let text = "[policy]\nname = \"unit\"\nhome = \"CN\"\nunknown_location = \"foreign\"\n\
+            [log]\npseudonymize = false\n\
+            [consent]\npurpose_header = \"x-purpose\"\n\
+            [[networks]]\ncidr = \"127.0.0.2/32\"\ncountry = \"CN\"\n\
+            [[networks]]\ncidr = \"127.0.0.21/32\"\ncountry = \"CN\"\n\
+            [[networks]]\ncidr = \"127.0.0.20/32\"\ncountry = \"US\"\n\
+            [[networks]]\ncidr = \"127.0.0.30/32\"\ncountry = \"CN\"\n\
+            [[upstreams]]\nname = \"store\"\nurl = \"http://127.0.0.2:9000\"\n\
+            [[recipients]]\nid = \"bureau\"\nrelation = \"third_party\"\ncountry = \"US\"\n\
+            networks = [\"127.0.0.20/32\", \"127.0.0.21/32\"]\n\
+            [[recipients]]\nid = \"partner\"\nrelation = \"third_party\"\ncountry = \"CN\"\n\
+            networks = [\"127.0.0.30/32\", \"127.0.0.40/32\"]\n\
+            [[datasets]]\nname = \"payments\"\nmatch = { path_prefix = \"/payments/\" }\n\
+            upstream = \"store\"\ncategory = \"user.financial\"\nsubject = { path_segment = 2 }\n\
+            cross_border = \"consent\"\nthird_party = \"consent\"\n";
+        let policy = crate::policy::compile::from_str("unit.toml", text).expect("compiles");
+        let index = std::sync::Arc::new(ConsentIndex::new());
+        index.upsert(&consent).expect("a valid consent");
+        let locator = Locator::new(&policy, None);
+        let now = "2026-06-01T00:00:00Z"
+            .parse::<jiff::Timestamp>()
+            .unwrap()
+            .as_microsecond();
+        let env = OfflineEnv::new(&policy, locator, index, now);
+        (policy, env)
+    }
+
+    fn granted(recipient: &str, destinations: &[&str]) -> ConsentRecord {
+        ConsentRecord {
+            recipient: recipient.into(),
+            destinations: destinations.iter().map(|d| d.to_string()).collect(),
+            ..crate::consent::record::sample("c1", "u1")
+        }
+    }
+
+    fn decide_from(policy: &Policy, env: &OfflineEnv, peer: &str) -> Decision<'static> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-purpose",
+            http::HeaderValue::from_static("credit_scoring"),
+        );
+        let req = Request {
+            method: &Method::GET,
+            host: Some("storage.internal"),
+            path: "/payments/u1/2026-01.json",
+            query: None,
+            headers: &headers,
+            peer: peer.parse().unwrap(),
+            identity: None,
+            pick: 0,
+            copy_source: Copied::Nothing,
+        };
+        let d = decide(policy, env, &req, &mut ());
+        // Only what the assertions read outlives the request.
+        let mut out = Decision::new(d.reason, "-");
+        out.verdict = d.verdict;
+        out.detail = d.detail.map(|s| Cow::Owned(s.into_owned()));
+        out.destinations = d.destinations;
+        out.outside_home = d.outside_home;
+        out.consent = d.consent;
+        out
+    }
+
+    #[test]
+    fn a_foreign_recipient_at_a_home_address_needs_only_its_foreign_destinations() {
+        let (policy, env) = world(granted("bureau", &["US"]));
+        let d = decide_from(&policy, &env, "127.0.0.21");
+        assert_eq!(d.reason, Reason::Consented, "{:?}", d.detail);
+        let us = Country::parse("US").unwrap();
+        let cn = Country::parse("CN").unwrap();
+        // The decision still records both; only the foreign one had to be granted.
+        assert_eq!(d.destinations, [Some(us), Some(cn)]);
+        assert!(d.outside_home);
+
+        let (policy, env) = world(granted("bureau", &["DE"]));
+        let d = decide_from(&policy, &env, "127.0.0.21");
+        assert_eq!(d.reason, Reason::ConsentScopeMismatch);
+        assert_eq!(d.detail.as_deref(), Some("destination US not granted"));
+        assert_eq!(
+            d.consent.unwrap().failure,
+            Some(Reason::ConsentScopeMismatch)
+        );
+
+        // Abroad, the consent naming the US is enough as before.
+        let (policy, env) = world(granted("bureau", &["US"]));
+        assert_eq!(
+            decide_from(&policy, &env, "127.0.0.20").reason,
+            Reason::Consented
+        );
+    }
+
+    #[test]
+    fn a_home_seated_third_party_at_home_passes_the_destination_check() {
+        // The third-party rule needs consent; every destination is at home, so the consent's
+        // destinations are not consulted (it names only DE).
+        let (policy, env) = world(granted("partner", &["DE"]));
+        let d = decide_from(&policy, &env, "127.0.0.30");
+        assert!(!d.outside_home);
+        assert_eq!(d.reason, Reason::Consented, "{:?}", d.detail);
+    }
+
+    #[test]
+    fn an_unlocated_destination_outside_home_is_unknown_to_a_consent() {
+        // 127.0.0.40 is located nowhere and treated as foreign: the home seat of the
+        // recipient does not make the destination known.
+        let (policy, env) = world(granted("partner", &["US", "CN"]));
+        let d = decide_from(&policy, &env, "127.0.0.40");
+        assert!(d.outside_home);
+        assert_eq!(d.reason, Reason::ConsentScopeMismatch);
+        assert_eq!(
+            d.detail.as_deref(),
+            Some("the destination country is unknown")
+        );
+    }
+}

@@ -8,6 +8,8 @@
 //! slow start from a dead process. The admin layer sits above the proxy: it starts it, and
 //! serves from its shared state; the proxy knows nothing of it.
 
+pub mod consents;
+
 use crate::proxy::snapshot::read_policy;
 use crate::proxy::{RunningProxy, ServeConfig, ServeError, Shared};
 use bytes::Bytes;
@@ -248,7 +250,7 @@ async fn route(
 ) -> Result<AdminResponse, Infallible> {
     let path = req.uri().path().to_string();
     if path == "/v1/consents" || path.starts_with("/v1/consents/") {
-        return Ok(crate::consent::api::handle(&state, req).await);
+        return Ok(consents::handle(&state, req).await);
     }
     if path == "/v1/log/rotate" {
         return Ok(rotate_log(&state, &req).await);

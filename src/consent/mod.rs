@@ -1,7 +1,6 @@
 //! The consent registry: the record and its validity rules, the in-memory index the hot path
 //! reads, the stores that feed it (`file:`, `sqlite:`, `postgres://`), and the admin API.
 
-pub mod api;
 pub mod cache;
 pub mod file;
 pub mod freshness;

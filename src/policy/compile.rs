@@ -2,11 +2,11 @@
 //! file, line and rule path, before anything is returned. File reading is injected so that
 //! this module stays free of I/O.
 
+use super::consent::KNOWN_METHODS;
 use super::country::{Country, CountrySet};
 use super::model::*;
 use super::net::CidrTable;
 use super::raw::*;
-use crate::consent::record::KNOWN_METHODS;
 use http::{HeaderName, Method};
 use ipnet::IpNet;
 use std::collections::HashSet;

@@ -2,6 +2,7 @@
 //! `check`, `explain` and `test` share it and it can be fuzzed and benchmarked in isolation.
 
 pub mod compile;
+pub mod consent;
 pub mod country;
 pub mod decide;
 pub mod decision;

@@ -12,9 +12,11 @@
 //! A write is applied to this proxy's index at once; other proxies sharing the store get it
 //! through the store's change feed.
 
-use super::record::{ConsentRecord, FieldError};
-use super::registry::{Change, Filter, Outcome, Registry, RegistryError, Revocation, Written};
-use crate::admin::{AdminResponse, AdminState, error, json, read_body};
+use super::{AdminResponse, AdminState, error, json, read_body};
+use crate::consent::record::{ConsentRecord, FieldError};
+use crate::consent::registry::{
+    Change, Filter, Outcome, Registry, RegistryError, Revocation, Written,
+};
 use crate::policy::country::Country;
 use crate::policy::model::ConsentStore;
 use crate::policy::model::Policy;
