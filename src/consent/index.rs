@@ -308,7 +308,10 @@ impl ConsentIndex {
 
     /// Calls `f` with what the index holds of `subject`, read in place: the hot path's
     /// lookup, which touches no reference count and allocates nothing.
-    pub fn lookup<R>(&self, subject: &str, f: impl FnOnce(Lookup<'_>) -> R) -> R {
+    ///
+    /// `count`: whether the lookup counts as a hit or a miss in [`CacheStats`] (a request
+    /// decided again once its miss is filled is not counted twice).
+    pub fn lookup<R>(&self, subject: &str, count: bool, f: impl FnOnce(Lookup<'_>) -> R) -> R {
         let map = self.map.pin();
         let entry = map.get(subject);
         if self.budget.is_none() {
@@ -330,11 +333,13 @@ impl ConsentIndex {
             }
             _ => Lookup::Miss,
         };
-        let counter = match found {
-            Lookup::Miss => &self.stats.misses,
-            _ => &self.stats.hits,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        if count {
+            let counter = match found {
+                Lookup::Miss => &self.stats.misses,
+                _ => &self.stats.hits,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
         f(found)
     }
 
@@ -703,7 +708,7 @@ mod tests {
     }
 
     fn looked_up(index: &ConsentIndex, subject: &str) -> String {
-        index.lookup(subject, |l| match l {
+        index.lookup(subject, true, |l| match l {
             Lookup::Found(cs) => cs
                 .iter()
                 .map(|c| c.id.to_string())

@@ -150,6 +150,7 @@ DROP FUNCTION residency_consent_notify();
 CREATE FUNCTION residency_consent_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     n bigint;
+    first bigint;
     s text;
 BEGIN
     PERFORM pg_advisory_xact_lock(8246200247960956532);
@@ -167,8 +168,10 @@ BEGIN
     IF n > 64 THEN
         PERFORM pg_notify('residency_consents', '');
     ELSIF n > 0 THEN
-        FOR s IN SELECT DISTINCT x.subject FROM consent_changes x
-                 WHERE x.seq > currval('consent_changes_seq_seq') - n LOOP
+        -- Computed once: in the condition, the volatile currval() would be evaluated per
+        -- row and keep the primary key from being used.
+        first := currval('consent_changes_seq_seq') - n;
+        FOR s IN SELECT DISTINCT x.subject FROM consent_changes x WHERE x.seq > first LOOP
             PERFORM pg_notify('residency_consents', CASE WHEN octet_length(s) <= 1000 THEN s ELSE '' END);
         END LOOP;
     END IF;

@@ -1,6 +1,6 @@
 //! A consent as a decision reads it: the terms it grants and when it is in force, and the
 //! collection methods the registry knows. The registry's record, its validation and the
-//! in-memory index that holds these live in `crate::consent`; the policy only reads them.
+//! in-memory index that holds these live in the consent module; the policy only reads them.
 
 use std::sync::Arc;
 

@@ -239,7 +239,7 @@ impl Env for ProxyEnv<'_> {
         {
             return f(ConsentLookup::Unavailable);
         }
-        index.lookup(subject, |found| match found {
+        index.lookup(subject, self.fill, |found| match found {
             Lookup::Found(c) => f(ConsentLookup::Found(c)),
             Lookup::NotFound => f(ConsentLookup::NotFound),
             Lookup::Miss => {
