@@ -215,7 +215,7 @@ async fn generate(db: &Db, n: u64) {
         .get(0);
     if held as u64 == n {
         println!("database {}: {n} consents already there", db.name);
-        return;
+        return tidy(&client).await;
     }
     assert_eq!(held, 0, "database {} holds {held} consents, not {n}", db.name);
     let started = Instant::now();
@@ -242,19 +242,7 @@ async fn generate(db: &Db, n: u64) {
         );
         from = to + 1;
     }
-    // The change table keeps the latest changes only; the registry's writes trim it, and
-    // the first revocation would otherwise pay for trimming the whole generation.
-    client
-        .execute(
-            "DELETE FROM consent_changes WHERE seq <= (SELECT max(seq) FROM consent_changes) - $1",
-            &[&postgres::CHANGES_KEPT],
-        )
-        .await
-        .unwrap();
-    client
-        .batch_execute("VACUUM ANALYZE consents; VACUUM ANALYZE consent_changes")
-        .await
-        .unwrap();
+    tidy(&client).await;
     println!(
         "database {}: {n} consents generated in {:.1} s ({:.0} per second)",
         db.name,
@@ -263,11 +251,32 @@ async fn generate(db: &Db, n: u64) {
     );
 }
 
+/// The change table keeps the latest changes only; the registry's writes trim it, and the
+/// first revocation would otherwise pay for trimming the whole generation. Then statistics
+/// for the planner, as autovacuum would gather them in time.
+async fn tidy(client: &tokio_postgres::Client) {
+    client
+        .execute(
+            "DELETE FROM consent_changes WHERE seq <= (SELECT max(seq) FROM consent_changes) - $1",
+            &[&postgres::CHANGES_KEPT],
+        )
+        .await
+        .unwrap();
+    for table in ["consents", "consent_changes"] {
+        client
+            .batch_execute(&format!("VACUUM ANALYZE {table}"))
+            .await
+            .unwrap();
+    }
+}
+
 /// Rows of the report: (what, measured, target, met).
 type Rows = Vec<(String, String, String, Option<bool>)>;
 
 fn row(rows: &mut Rows, what: impl Into<String>, value: String, target: &str, met: Option<bool>) {
-    rows.push((what.into(), value, target.into(), met));
+    let what = what.into();
+    println!("  {what}: {value}");
+    rows.push((what, value, target.into(), met));
 }
 
 fn main() {
@@ -541,6 +550,7 @@ fn measure_cached(n: u64, rows: &mut Rows) {
             ))
             .expect("the snapshot builds");
         let p = &snap.policy;
+        index.freshness().confirm();
         for path in &paths {
             let env = snap.env(now, true);
             let d = decide(p, &env, &request(&get, &headers, path, bureau), &mut ());
