@@ -120,7 +120,7 @@ impl Dist {
         let one_minus_s = 1.0 - ZIPF_S;
         let h_max = ((n as f64 + 1.0).powf(one_minus_s) - 1.0) / one_minus_s;
         // An odd multiplier not divisible by 5, coprime to n for n = 10^k (and most others).
-        let spread: u64 = 2_654_435_761 % n.max(2) | 1;
+        let spread: u64 = (2_654_435_761 % n.max(2)) | 1;
         move || match self {
             Dist::Uniform => rng.u64(..n),
             Dist::Zipf => {
@@ -217,7 +217,11 @@ async fn generate(db: &Db, n: u64) {
         println!("database {}: {n} consents already there", db.name);
         return tidy(&client).await;
     }
-    assert_eq!(held, 0, "database {} holds {held} consents, not {n}", db.name);
+    assert_eq!(
+        held, 0,
+        "database {} holds {held} consents, not {n}",
+        db.name
+    );
     let started = Instant::now();
     let mut from = 0i64;
     while (from as u64) < n {
@@ -298,7 +302,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    println!("consent_scale: {n} consents in PostgreSQL, cache budget {} MiB", BUDGET >> 20);
+    println!(
+        "consent_scale: {n} consents in PostgreSQL, cache budget {} MiB",
+        BUDGET >> 20
+    );
     let db = rt.block_on(open_db(&server));
     rt.block_on(generate(&db, n));
     let mut rows = Rows::new();
@@ -309,7 +316,11 @@ fn main() {
     row(
         &mut rows,
         "bench process resident set at the end (peak)",
-        format!("{:.1} MiB ({:.1} MiB)", rss as f64 / 1024.0, hwm as f64 / 1024.0),
+        format!(
+            "{:.1} MiB ({:.1} MiB)",
+            rss as f64 / 1024.0,
+            hwm as f64 / 1024.0
+        ),
         "-",
         None,
     );
@@ -335,7 +346,11 @@ fn main() {
                 .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", db.name))
                 .await;
         });
-        println!("database {} dropped (server {})", db.name, redacted(&db.server));
+        println!(
+            "database {} dropped (server {})",
+            db.name,
+            redacted(&db.server)
+        );
     }
 }
 
@@ -459,7 +474,10 @@ fn miss_rows(rows: &mut Rows, what: &str, times: &mut [Duration], failed: usize)
     let p99 = at(times, 0.99);
     row(
         rows,
-        format!("{what}: p50 / p99 / max ({} fills, {failed} failed)", times.len()),
+        format!(
+            "{what}: p50 / p99 / max ({} fills, {failed} failed)",
+            times.len()
+        ),
         format!(
             "{:.3} / {:.3} / {:.3} ms",
             ms(at(times, 0.5)),
@@ -665,7 +683,9 @@ async fn measure_revocation(db: &Db, n: u64, rows: &mut Rows) {
     let max = *since_call.last().unwrap();
     row(
         rows,
-        format!("revocation refused by both caches, from the revoke call: median / max ({REVOCATIONS} revocations)"),
+        format!(
+            "revocation refused by both caches, from the revoke call: median / max ({REVOCATIONS} revocations)"
+        ),
         format!("{:.1} / {:.1} ms", ms(at(&since_call, 0.5)), ms(max)),
         "< 1 s",
         Some(max < Duration::from_secs(1)),
