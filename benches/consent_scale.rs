@@ -414,7 +414,11 @@ async fn measure_store(db: &Db, n: u64, rows: &mut Rows) {
             Err(_) => failed += 1,
         }
     }
-    let found = index.lookup("u3", |l| matches!(l, Lookup::Found(c) if c.len() == 1));
+    let found = index.lookup(
+        "u3",
+        true,
+        |l| matches!(l, Lookup::Found(c) if c.len() == 1),
+    );
     assert!(found, "a filled subject holds its consent");
     miss_rows(rows, "miss, 1 at a time", &mut seq, failed);
 
@@ -524,7 +528,7 @@ fn measure_cached(n: u64, rows: &mut Rows) {
         for _ in 0..requests {
             let i = next();
             let subject = format!("u{i}");
-            if index.lookup(&subject, |l| matches!(l, Lookup::Miss)) {
+            if index.lookup(&subject, true, |l| matches!(l, Lookup::Miss)) {
                 fill_locally(&index, i);
             }
         }
@@ -632,7 +636,7 @@ async fn measure_revocation(db: &Db, n: u64, rows: &mut Rows) {
         sidecars.push((index, loader, feed));
     }
     let refused = |index: &ConsentIndex, s: &str| {
-        index.lookup(s, |l| match l {
+        index.lookup(s, true, |l| match l {
             Lookup::Found(c) => c.iter().all(|c| c.revoked_at.is_some()),
             Lookup::NotFound | Lookup::Miss => true,
         })
