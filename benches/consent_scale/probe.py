@@ -25,7 +25,13 @@ def upstream(host, port):
         def log_message(self, *a):
             pass
 
-    s = http.server.ThreadingHTTPServer((host, port), H)
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            # A client (a sidecar's pooled connection) closing while a reply is written,
+            # as happens when the load stops: nothing to report.
+            pass
+
+    s = Server((host, port), H)
     s.daemon_threads = True
     s.request_queue_size = 1024
     s.serve_forever()

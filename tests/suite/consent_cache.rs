@@ -233,7 +233,7 @@ async fn a_store_that_does_not_answer_refuses_uncached_subjects_within_the_looku
     );
     let took = started.elapsed();
     assert!(
-        took >= Duration::from_millis(200) && took < Duration::from_secs(1),
+        took >= Duration::from_millis(200) && took < Duration::from_millis(1500),
         "answered after {took:?} (lookup_timeout is 200 ms)"
     );
     // A cached subject is decided from memory meanwhile.
