@@ -593,6 +593,9 @@ impl SqliteReader {
     }
 }
 
+/// Most changes a cache's feed applies one by one; past that it forgets the whole cache.
+const CHANGES_AT_ONCE: i64 = 10_000;
+
 /// What the feed does with a change: apply it to a complete index, or invalidate the
 /// subject in a cache.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -691,12 +694,17 @@ impl Feed {
         if version == self.data_version {
             return Ok(());
         }
+        // A cache forgets everything rather than read a large change (an import) row by row.
+        let limit = match self.mode {
+            Mode::Invalidate => CHANGES_AT_ONCE + 1,
+            Mode::Preload => i64::MAX,
+        };
         let changed = (|| {
             let mut stmt = conn.prepare_cached(
                 "SELECT ch.seq, ch.consent_id, c.subject FROM consent_changes ch \
-                 LEFT JOIN consents c ON c.id = ch.consent_id WHERE ch.seq > ?1 ORDER BY ch.seq",
+                 LEFT JOIN consents c ON c.id = ch.consent_id WHERE ch.seq > ?1 ORDER BY ch.seq LIMIT ?2",
             )?;
-            let rows = stmt.query_map([self.last_seq], |r| {
+            let rows = stmt.query_map([self.last_seq, limit], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, String>(1)?,
@@ -706,6 +714,20 @@ impl Feed {
             rows.collect::<rusqlite::Result<Vec<_>>>()
         })()
         .map_err(query)?;
+        if changed.len() as i64 > CHANGES_AT_ONCE {
+            let seq: i64 = conn
+                .query_row(
+                    "SELECT coalesce(max(seq), 0) FROM consent_changes",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(query)?;
+            tracing::info!(consent.store = %self.path.display(), "over {CHANGES_AT_ONCE} consent changes at once: the whole cache is forgotten");
+            self.index.invalidate_all();
+            self.last_seq = seq;
+            self.data_version = version;
+            return Ok(());
+        }
         if let Some((seq, _, _)) = changed.last() {
             match self.mode {
                 Mode::Invalidate => {

@@ -303,3 +303,40 @@ async fn misses_read_the_replica_unless_it_has_not_replayed_the_subjects_latest_
     }
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_import_forgets_the_cache_at_once_and_its_revocations_apply() {
+    let db = tempfile::tempdir().unwrap();
+    let store = format!("sqlite:{}", db.path().join("consent.db").display());
+    let home = home_store().await;
+    let mut proxy = registry_policy(&store, &home).start().await;
+    grant_via_api(&proxy, "c-1", "u1").await;
+    assert_eq!(bureau_reads(&proxy, "u1").await, "200");
+    let before = metric(&proxy, "residency_consent_cache_invalidations_total").await;
+
+    // 12,000 new consents and the revocation of c-1, in one import.
+    let mut lines = String::new();
+    for i in 0..12_000 {
+        let c = crate::support::registry::consent_body(&format!("bulk-{i}"), &format!("b{i}"));
+        lines.push_str(&format!("{c}\n"));
+    }
+    let mut revoked = crate::support::registry::consent_body("c-1", "u1");
+    revoked["revoked_at"] = "2026-06-01T00:00:00Z".into();
+    lines.push_str(&format!("{revoked}\n"));
+    let file = db.path().join("bulk.jsonl");
+    std::fs::write(&file, lines).unwrap();
+    crate::support::registry::cli_ok(&[
+        "consent",
+        "import",
+        "--store",
+        &store,
+        &file.display().to_string(),
+    ])
+    .await;
+    until_bureau_reads(&proxy, "u1", "451 consent_revoked", Duration::from_secs(5)).await;
+    assert_eq!(bureau_reads(&proxy, "b7").await, "200");
+    // Forgotten in one go, not one subject at a time.
+    let after = metric(&proxy, "residency_consent_cache_invalidations_total").await;
+    assert!(after - before <= 2.0, "{before} -> {after}");
+    proxy.shutdown().await;
+}
