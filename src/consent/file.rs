@@ -232,6 +232,11 @@ pub(super) fn record_lines(
 
 /// One line's record, or why it is refused (with its id, when the line still names one).
 pub(super) fn judge(line: &[u8]) -> Result<ConsentRecord, (Option<String>, String)> {
+    // A record is a JSON object: serde would also take one written as an array, whose id the
+    // passes that look for each id's last line (which read objects) could not see.
+    if line.first() != Some(&b'{') {
+        return Err((None, "a record must be a JSON object".into()));
+    }
     match serde_json::from_slice::<ConsentRecord>(line) {
         Ok(record) => match record.validate() {
             Ok(()) => Ok(record),

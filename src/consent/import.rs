@@ -23,8 +23,9 @@ use serde::Serialize;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
+use std::io::Read as _;
 use std::io::{BufReader, Seek};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tokio::sync::mpsc;
 
 /// Latest words sent to the store at a time.
@@ -133,34 +134,40 @@ impl Settle {
     }
 }
 
-/// The input of an import: a file, or standard input spooled to a temporary file (it is read
-/// more than once).
+/// The input of an import, read three times through one open file: a regular file as it was
+/// when opened (bytes appended later are not read; a file changed meanwhile fails the import
+/// before anything is committed), or anything else (standard input as `-`, a pipe, a
+/// FIFO) spooled first to an unnamed temporary file, which the system removes however the
+/// process ends.
 pub struct Input {
-    path: PathBuf,
+    file: std::fs::File,
+    /// The bytes read, and the file's modification time, when opened.
+    len: u64,
+    modified: Option<std::time::SystemTime>,
     /// What messages call it.
     name: String,
-    _spool: Option<tempfile::NamedTempFile>,
 }
 
 impl Input {
     /// `-` is standard input.
     pub fn open(path: &Path) -> std::io::Result<Input> {
         let name = path.display().to_string();
-        if name != "-" {
-            std::fs::File::open(path)?;
-            return Ok(Input {
-                path: path.into(),
-                name,
-                _spool: None,
-            });
-        }
-        let mut spool = tempfile::NamedTempFile::new()?;
-        std::io::copy(&mut std::io::stdin().lock(), spool.as_file_mut())?;
-        spool.as_file_mut().rewind()?;
+        let file = if name == "-" {
+            spool(&mut std::io::stdin().lock())?
+        } else {
+            let mut file = std::fs::File::open(path)?;
+            if file.metadata()?.is_file() {
+                file
+            } else {
+                spool(&mut file)?
+            }
+        };
+        let meta = file.metadata()?;
         Ok(Input {
-            path: spool.path().into(),
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            file,
             name,
-            _spool: Some(spool),
         })
     }
 
@@ -168,12 +175,33 @@ impl Input {
         &self.name
     }
 
-    fn read(&self) -> std::io::Result<BufReader<std::fs::File>> {
-        Ok(BufReader::with_capacity(
-            READ_BUFFER,
-            std::fs::File::open(&self.path)?,
-        ))
+    /// A pass over the input from its start, up to its length when opened.
+    fn read(&self) -> std::io::Result<BufReader<std::io::Take<std::fs::File>>> {
+        self.unchanged()?;
+        let mut file = self.file.try_clone()?;
+        file.rewind()?;
+        Ok(BufReader::with_capacity(READ_BUFFER, file.take(self.len)))
     }
+
+    /// Fails if the file was written since it was opened: its passes would disagree.
+    fn unchanged(&self) -> std::io::Result<()> {
+        let meta = self.file.metadata()?;
+        if meta.len() != self.len || meta.modified().ok() != self.modified {
+            return Err(std::io::Error::other(format!(
+                "{} changed while it was being imported; nothing was imported",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Copies `from` into an unnamed temporary file, rewound.
+fn spool(from: &mut impl std::io::Read) -> std::io::Result<std::fs::File> {
+    let mut spool = tempfile::tempfile()?;
+    std::io::copy(from, &mut spool)?;
+    spool.rewind()?;
+    Ok(spool)
 }
 
 /// The hash of the id a line names, as [`id_of`] reads it (without copying it).
@@ -277,6 +305,8 @@ pub fn read(
                 .is_err();
         }
     })?;
+    // The three passes read the same bytes, or the import is refused whole.
+    input.unchanged()?;
     if !stopped && (!chunk.changes.is_empty() || !chunk.refused.is_empty()) {
         let _ = chunks.blocking_send(Ok(chunk));
     }
@@ -290,7 +320,10 @@ pub fn start(
 ) -> (Chunks, std::thread::JoinHandle<std::io::Result<usize>>) {
     let (tx, rx) = mpsc::channel(AHEAD);
     let reader = std::thread::spawn(move || {
-        let result = read(&input, now, &tx);
+        // A panic must fail the import too: the channel closing alone would read as its end.
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read(&input, now, &tx)))
+                .unwrap_or_else(|_| Err(std::io::Error::other("the import reader panicked")));
         if let Err(e) = &result {
             // The store must not commit a partial file.
             let _ = tx.blocking_send(Err(std::io::Error::new(e.kind(), e.to_string())));
@@ -371,5 +404,21 @@ mod tests {
             [(2, "b".to_string(), false), (3, "a".to_string(), false)]
         );
         assert_eq!(superseded, 1);
+    }
+
+    #[test]
+    fn a_file_written_during_the_import_fails_it() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut f, format!("{}\n", line("c1", "scoring")).as_bytes())
+            .unwrap();
+        let input = Input::open(f.path()).unwrap();
+        assert!(input.read().is_ok());
+        std::io::Write::write_all(&mut f, format!("{}\n", line("c1", "other")).as_bytes()).unwrap();
+        let e = input.read().unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("changed while it was being imported"),
+            "{e}"
+        );
     }
 }

@@ -668,7 +668,7 @@ async fn import(
         let rows = bounded(target, tx.query(&held_stmt, &[&chunk.ids()])).await?;
         let held = rows
             .iter()
-            .filter_map(|row| state_from_row(row).ok())
+            .filter_map(|row| state_from_row(row).map_err(warn_unreadable).ok())
             .map(|r| (r.id.clone(), r))
             .collect();
         let (changes, chunk) = chunk.take();

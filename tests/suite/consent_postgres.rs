@@ -164,11 +164,22 @@ async fn the_database_lost_mid_run_refuses_consent_after_the_bound_and_recovers(
     let relay = Relay::start(address_of(&direct)).await;
     let via_relay = with_address(&direct, relay.addr);
     let home = home_store().await;
+    // Granted before the proxy starts: the notification of a grant made while it runs could
+    // reach its cache after the first read and forget u1 again, which would make the read
+    // after the cut a miss, refused at once instead of after the bound.
+    cli_ok(&["consent", "list", "--store", &direct]).await;
+    pg_connect(&direct)
+        .await
+        .batch_execute(
+            "INSERT INTO consents (id, subject, recipient, purposes, categories, destinations, method, granted_at, expires_at) \
+             VALUES ('c-1', 'u1', 'credit-bureau-us', '{credit_scoring}', '{user.financial}', '{US}', 'explicit', now() - interval '1 hour', now() + interval '1 year')",
+        )
+        .await
+        .unwrap();
     let mut proxy = registry_policy(&via_relay, &home)
         .consent("max_staleness = '2s'")
         .start()
         .await;
-    grant_via_api(&proxy, "c-1", "u1").await;
     assert_eq!(bureau_reads(&proxy, "u1").await, "200");
     let r = admin(&proxy, "GET", "/readyz", None, None).await;
     assert_eq!(r.status, 200, "{}", r.text());

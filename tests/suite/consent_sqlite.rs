@@ -3,7 +3,7 @@
 
 use crate::support::registry::{
     TOKEN, admin, bulk_import_matches_the_file_store, bureau_reads, cli, cli_ok,
-    expect_store_unavailable, grant_via_api, home_store, registry_policy, until_bureau_reads,
+    expect_store_unavailable, home_store, registry_policy, until_bureau_reads,
 };
 use std::time::Duration;
 
@@ -327,11 +327,25 @@ async fn a_database_gone_away_refuses_consent_after_the_staleness_bound_and_reco
     let path = db.path().join("consent.db");
     let store = format!("sqlite:{}", path.display());
     let home = home_store().await;
+    // Granted before the proxy starts: the feed noticing a grant made while it runs could
+    // forget u1 after its first read, and the read after the file goes would be a miss,
+    // refused at once instead of after the bound.
+    let mut args = vec![
+        "consent",
+        "grant",
+        "--store",
+        &store,
+        "--subject",
+        "u1",
+        "--id",
+        "c-1",
+    ];
+    args.extend(GRANT);
+    cli_ok(&args).await;
     let mut proxy = registry_policy(&store, &home)
         .consent("max_staleness = '2s'")
         .start()
         .await;
-    grant_via_api(&proxy, "c-1", "u1").await;
     assert_eq!(bureau_reads(&proxy, "u1").await, "200");
 
     let moved = db.path().join("consent.db.moved");
@@ -461,4 +475,46 @@ async fn what_consent_list_prints_is_imported_back_unchanged() {
     }
     assert_eq!(cli_ok(&list).await, listed);
     assert_eq!(cli_ok(&[&list[..], &["--history"]].concat()).await, history);
+}
+
+/// Regression: an import read from a pipe named by path (`<(zcat …)`, `/dev/stdin`) was read
+/// once for the ids and found empty on the next passes, importing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_from_a_pipe_imports_every_line() {
+    let db = tempfile::tempdir().unwrap();
+    let store = format!("sqlite:{}", db.path().join("consent.db").display());
+    let lines: String = (0..3)
+        .map(|i| {
+            format!(
+                "{}\n",
+                crate::support::registry::consent_body(&format!("p-{i}"), &format!("u{i}"))
+            )
+        })
+        .collect();
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_residency-proxy"))
+            .args(["consent", "import", "--store", &store, "/dev/stdin"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(lines.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("3 granted"), "{stdout}");
 }
