@@ -141,6 +141,38 @@ pub async fn grant_via_api(proxy: &TestProxy, id: &str, subject: &str) {
     assert_eq!(r.status, 201, "{}", r.text());
 }
 
+/// Grants [`consent_body`]`(id, subject)` with the `consent` command, straight into `store`.
+/// Tests that need a consent cached and then left alone grant it before the proxy starts: the
+/// change feed's word of a grant made while it runs may reach the cache after the first read
+/// and forget the subject again.
+pub async fn grant_with_cli(store: &str, id: &str, subject: &str) {
+    cli_ok(&[
+        "consent",
+        "grant",
+        "--store",
+        store,
+        "--id",
+        id,
+        "--subject",
+        subject,
+        "--recipient",
+        "credit-bureau-us",
+        "--purpose",
+        "credit_scoring",
+        "--category",
+        "user.financial",
+        "--destination",
+        "US",
+        "--method",
+        "explicit",
+        "--granted-at",
+        "2026-01-01T00:00:00Z",
+        "--expires-at",
+        "2099-01-01T00:00:00Z",
+    ])
+    .await;
+}
+
 /// A consent body for the API: `subject` lets `credit-bureau-us` score credit from the US.
 pub fn consent_body(id: &str, subject: &str) -> serde_json::Value {
     serde_json::json!({
