@@ -156,11 +156,10 @@ BEGIN
     PERFORM pg_advisory_xact_lock(8246200247960956532);
     IF TG_TABLE_NAME = 'consents' THEN
         INSERT INTO consent_changes (subject, consent_id)
-            SELECT subject, id FROM new_rows ORDER BY id;
+            SELECT subject, id FROM new_rows;
     ELSE
         INSERT INTO consent_changes (subject, consent_id)
-            SELECT c.subject, r.consent_id FROM new_rows r JOIN consents c ON c.id = r.consent_id
-            ORDER BY r.consent_id;
+            SELECT c.subject, r.consent_id FROM new_rows r JOIN consents c ON c.id = r.consent_id;
     END IF;
     GET DIAGNOSTICS n = ROW_COUNT;
     -- The subject travels in the notification of a small change; a large one (an import)
