@@ -672,7 +672,7 @@ fn render_cache(out: &mut String, c: &CacheScrape<'_>) {
         ),
         (
             "residency_consent_cache_invalidations_total",
-            "Changes notified by the consent store's feed that invalidated cached subjects.",
+            "Subjects the consent cache was told to forget (changes from the store's feed and this proxy's API; a large change forgets all at once and counts once).",
             c.invalidations,
         ),
     ];
