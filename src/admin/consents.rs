@@ -4,7 +4,7 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `POST /v1/consents` | 201 and the record (200 if exactly this grant was already recorded; an omitted `granted_at` means the recorded one, so a retry answers 200; a record as this API returns it, `revoked_at` included, answers 200 when sent back); 422 naming the field at fault; 409 if the id holds another grant |
+//! | `POST /v1/consents` | 201 and the record (200 if exactly this grant was already recorded; an omitted `granted_at` means the recorded one, so a retry answers 200; a record as this API returns it, `revoked_at` included, answers 200 when sent back, and revokes a recorded grant it sets `revoked_at` on, with 200); 422 naming the field at fault; 409 if the id holds another grant |
 //! | `GET /v1/consents?subject=S[&history=true]` | 200 `{"subject", "consents": [...]}` (or `"events"`) |
 //! | `GET /v1/consents/{id}` | 200 and the record, 404 |
 //! | `POST /v1/consents/{id}/revoke` | 200 and the record with `revoked_at`; body optional: `{"revoked_at", "evidence"}` |
@@ -338,10 +338,11 @@ fn written(state: &AdminState, w: Written, created: StatusCode) -> AdminResponse
     if let Err(e) = state.shared.consents.upsert(&w.record) {
         tracing::warn!(consent.id = %w.record.id, error = %e, "registry returned an invalid consent");
     }
-    let status = if w.outcome == Outcome::Unchanged {
-        StatusCode::OK
-    } else {
-        created
+    // Created only for a new consent: a revocation of one already recorded (a record sent
+    // back with `revoked_at` set) answers 200, as `/revoke` does.
+    let status = match w.outcome {
+        Outcome::Granted | Outcome::GrantedRevoked => created,
+        Outcome::Revoked | Outcome::Unchanged => StatusCode::OK,
     };
     let mut r = json(status, &w.record);
     if status == StatusCode::CREATED {

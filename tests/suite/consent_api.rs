@@ -552,3 +552,29 @@ async fn every_record_the_api_returns_is_accepted_back_unchanged() {
     assert_eq!(after.json(), history.json());
     proxy.shutdown().await;
 }
+
+/// A recorded grant sent back with `revoked_at` set is revoked, and answered 200 as
+/// `/revoke` is: nothing was created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_grant_sent_back_revoked_is_revoked_and_answered_200() {
+    let db = tempfile::tempdir().unwrap();
+    let home = home_store().await;
+    let mut proxy = registry_policy(&sqlite_store(&db), &home).start().await;
+    let r = admin(
+        &proxy,
+        "POST",
+        "/v1/consents",
+        Some(TOKEN),
+        Some(consent_body("c-1", "u1")),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let mut revoked = consent_body("c-1", "u1");
+    revoked["revoked_at"] = "2026-06-01T00:00:00Z".into();
+    let r = admin(&proxy, "POST", "/v1/consents", Some(TOKEN), Some(revoked)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.headers.get("location").is_none());
+    assert_eq!(r.json()["revoked_at"], "2026-06-01T00:00:00Z");
+    assert_eq!(bureau_reads(&proxy, "u1").await, "451 consent_revoked");
+    proxy.shutdown().await;
+}
