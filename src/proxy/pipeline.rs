@@ -181,9 +181,23 @@ async fn handle_inner(
             // does not answer in time leaves it a miss: consent_store_unavailable.
             let d = match (&shared.consent_loader, first.subject.as_deref()) {
                 (Some(loader), Some(subject)) if missed => {
+                    let provisional = record::decision_record(
+                        policy,
+                        snap.geo_label.clone(),
+                        &snap.pseudo,
+                        &cx,
+                        &first,
+                    );
+                    let abandoned = Abandoned {
+                        shared: &shared,
+                        id: &id,
+                        started,
+                        record: Some(provisional),
+                    };
                     if let Err(e) = loader.fill(subject).await {
                         tracing::warn!(error = %e, "consent lookup failed");
                     }
+                    abandoned.disarm();
                     let env = snap.env(ts.as_microsecond(), false);
                     decide::decide(policy, &env, &request, &mut ())
                 }
@@ -305,6 +319,40 @@ async fn handle_inner(
             )
             .await
         }
+    }
+}
+
+/// A request waiting for a consent lookup: if its client goes away meanwhile (the handler is
+/// dropped), its records are still written: the decision as it stood (the store had not
+/// answered: `consent_store_unavailable`) and an outcome saying why nothing was answered.
+struct Abandoned<'a> {
+    shared: &'a Arc<Shared>,
+    id: &'a str,
+    started: Instant,
+    record: Option<record::DecisionRecord>,
+}
+
+impl Abandoned<'_> {
+    /// The lookup ended: the request goes on to its decision record as usual.
+    fn disarm(mut self) {
+        self.record = None;
+    }
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        let Some(rec) = self.record.take() else {
+            return;
+        };
+        // Queued at once: the returned wait is not needed.
+        drop(
+            self.shared
+                .log
+                .append_queued(Record::Decision(Box::new(rec))),
+        );
+        let exchange = Exchange::new(self.id.to_string(), self.started, self.shared.clone());
+        exchange.set_error(Reason::ConsentStoreUnavailable);
+        exchange.set_detail("the client went away while the consent lookup ran".into());
     }
 }
 

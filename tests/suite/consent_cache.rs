@@ -238,6 +238,31 @@ async fn a_store_that_does_not_answer_refuses_uncached_subjects_within_the_looku
     );
     // A cached subject is decided from memory meanwhile.
     assert_eq!(bureau_reads(&proxy, "u1").await, "200");
+    // A client that gives up while its lookup runs still leaves its decision (as it stood)
+    // and an outcome saying what happened.
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), bureau_reads(&proxy, "u6")).await;
+    assert!(gave_up.is_err(), "answered within 50 ms: {gave_up:?}");
+    let mut abandoned = None;
+    crate::support::wait_until("the abandoned request's decision record", || {
+        abandoned = proxy
+            .log
+            .of_kind("decision")
+            .into_iter()
+            .filter(|d| d["reason"] == "consent_store_unavailable")
+            .nth(1);
+        abandoned.is_some()
+    })
+    .await;
+    let id = abandoned.unwrap()["id"].as_str().unwrap().to_string();
+    let outcome = proxy.log.outcome(&id).await;
+    assert_eq!(outcome["error"], "consent_store_unavailable", "{outcome}");
+    assert!(
+        outcome["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("went away"),
+        "{outcome}"
+    );
     let r = admin(&proxy, "GET", "/readyz", None, None).await;
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("lookups failing"), "{}", r.text());
