@@ -159,6 +159,14 @@ pub enum Fill {
     Lead(Arc<Pending>),
 }
 
+/// What a store's change feed does with a change: apply the consent's new state to a
+/// complete index, or forget the subject in a cache.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum FeedMode {
+    Preload,
+    Invalidate,
+}
+
 /// The cache's counters, read by the metrics.
 #[derive(Debug, Default)]
 pub struct CacheStats {
@@ -296,6 +304,14 @@ impl ConsentIndex {
     /// Whether this index is a cache (a subject it does not hold is a miss).
     pub fn is_cache(&self) -> bool {
         self.budget.is_some()
+    }
+
+    /// What the feed of this index's store does with a change.
+    pub fn feed_mode(&self) -> FeedMode {
+        match self.budget {
+            Some(_) => FeedMode::Invalidate,
+            None => FeedMode::Preload,
+        }
     }
 
     /// The cache's counters (all zero for a complete index).

@@ -1,20 +1,25 @@
-//! The `postgres://` store, for fleets: many sidecars share one database.
+//! The `postgres://` store, for fleets: many sidecars share one database. One file because
+//! it is one backend: its schema, writes, bulk import, change feed and cache-miss reads share
+//! the SQL of a consent's current state, the decoding of its rows and the connection helpers.
 //!
-//! Triggers on the two fact tables (`consents`, `consent_revocations`) send the consent id on
-//! the `residency_consents` channel (NOTIFY) when a grant or revocation commits, however it
-//! was written: through any sidecar's admin API, the `consent` command, or straight SQL.
-//! Each proxy's feed LISTENs on one connection, fetches the current state of each notified
-//! consent and applies it to the index, so a change reaches every sidecar within a second.
-//! A full resynchronisation runs on every (re)connection and every [`RESYNC_EVERY`] as a
-//! safety net; a heartbeat query proves the database reachable for the staleness bound, and a
-//! lost connection is re-established with capped, jittered exponential backoff.
+//! Every grant and revocation, however written (any sidecar's admin API, the `consent`
+//! command, straight SQL), is numbered in `consent_changes` by statement-level triggers,
+//! under the writers' advisory lock so that numbers follow commit order, and NOTIFYs its
+//! subject on the `residency_consents` channel (an empty notification for a large
+//! statement). Each proxy's feed LISTENs on one connection and reads the change table after
+//! every notification, heartbeat and reconnection: a cache forgets the changed subjects, a
+//! complete index (`preload`) applies their consents' new states and is also reloaded every
+//! [`RESYNC_EVERY`]. A feed that fell behind what the table keeps starts over. The heartbeat
+//! proves the database reachable for the staleness bound; a lost connection is re-established
+//! with capped, jittered exponential backoff. Cache misses are point queries over a small
+//! pool ([`PgReader`]), from a read replica when one is configured.
 //!
 //! Rows are facts: triggers refuse to update, delete or truncate them. The schema is
 //! versioned in `residency_consent_schema` and migrated under an advisory lock, so sidecars
 //! starting together migrate once.
 
 use super::import::{Chunks, Settle};
-use super::index::ConsentIndex;
+use super::index::{ConsentIndex, FeedMode as Mode};
 use super::record::ConsentRecord;
 use super::registry::{Change, Event, Filter, RegistryError, Written, plan, plan_distinct, redact};
 use jiff::Timestamp;
@@ -856,14 +861,6 @@ struct Session {
     notes: mpsc::UnboundedReceiver<String>,
 }
 
-/// What the feed does with a change: apply it to a complete index (`preload = true`), or
-/// forget the subject in a cache.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-enum Mode {
-    Preload,
-    Invalidate,
-}
-
 /// One change read from the change table.
 struct ChangeRow {
     seq: i64,
@@ -1355,11 +1352,7 @@ pub async fn start_feed(
         config.application_name(FEED_APPLICATION);
     }
     index.freshness().track();
-    let mode = if index.is_cache() {
-        Mode::Invalidate
-    } else {
-        Mode::Preload
-    };
+    let mode = index.feed_mode();
     let mut feed = Feed {
         config,
         target,

@@ -5,15 +5,16 @@
 //! `sqlite3` shell) can write while the proxy reads. Triggers append every grant and
 //! revocation to `consent_changes`; the proxy's feed polls `PRAGMA data_version` (a
 //! per-connection counter that moves when another connection commits) a few times a second,
-//! off the request path, and applies the changed consents to the index. Grants and
-//! revocations are immutable rows: triggers refuse to update or delete them.
+//! off the request path, and applies the changed consents to the index (a cache forgets
+//! their subjects). Grants and revocations are immutable rows: triggers refuse to update or
+//! delete them.
 //!
 //! The feed also watches the file itself: a file deleted or moved away makes the store
 //! unreachable (the index keeps what it holds until `consent.max_staleness` runs out); a file
 //! replaced by another (a new inode at the path) is reopened and read in full.
 
 use super::import::{Chunks, Settle};
-use super::index::ConsentIndex;
+use super::index::{ConsentIndex, FeedMode as Mode};
 use super::record::ConsentRecord;
 use super::registry::{Batch, Change, Event, Filter, RegistryError, Written, plan, plan_distinct};
 use foldhash::fast::RandomState;
@@ -596,14 +597,6 @@ impl SqliteReader {
 /// Most changes a cache's feed applies one by one; past that it forgets the whole cache.
 const CHANGES_AT_ONCE: i64 = 10_000;
 
-/// What the feed does with a change: apply it to a complete index, or invalidate the
-/// subject in a cache.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-enum Mode {
-    Preload,
-    Invalidate,
-}
-
 /// The proxy's change feed: keeps `index` equal to the registry (see the module doc).
 struct Feed {
     path: PathBuf,
@@ -785,11 +778,7 @@ pub async fn start_feed(
     every: Duration,
 ) -> Result<tokio::task::JoinHandle<()>, SqliteError> {
     index.freshness().track();
-    let mode = if index.is_cache() {
-        Mode::Invalidate
-    } else {
-        Mode::Preload
-    };
+    let mode = index.feed_mode();
     let mut feed = Feed {
         path,
         index,

@@ -112,7 +112,7 @@ async fn a_revocation_through_one_sidecar_is_refused_by_another_under_load_withi
             ]
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    crate::support::wait_until("the load to run", || sent.load(Ordering::Relaxed) >= 50).await;
     assert_eq!(
         bureau_reads(&second, "u1").await,
         "200",
