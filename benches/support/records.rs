@@ -4,13 +4,12 @@
 
 use residency_proxy::audit::Pseudonymizer;
 use residency_proxy::audit::record::{
-    ClientRec, ConsentRec, DecisionRecord, OutcomeRecord, RecipientRec, RequestRec, UpstreamRec,
-    VERSION, timestamp,
+    ClientRec, ConsentRec, DecisionRecord, Headers, Link, OutcomeRecord, RecipientRec, RequestRec,
+    Stamp, UpstreamRec, VERSION,
 };
 use residency_proxy::policy::Reason;
 use residency_proxy::policy::country::Country;
 use residency_proxy::policy::model::{Durability, LogSettings, LogTarget, Relation};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 const POLICY: &str = "sha256:5f0c6f1d1e2a9b7c3d4e5f60718293a4b5c6d7e8f90112233445566778899aabb";
@@ -79,9 +78,10 @@ pub fn decision(n: u64, pseudo: &Pseudonymizer, ts: jiff::Timestamp) -> Decision
         Some(d) => format!("/{d}/{subject}/2026-{:02}.json", n % 12 + 1),
         None => format!("/nowhere/{n}"),
     };
-    let mut headers = BTreeMap::new();
-    if recipient == Some("credit-bureau-us") {
-        headers.insert("x-purpose".to_string(), "credit_scoring".to_string());
+    let mut headers = Headers::default();
+    let purpose = (recipient == Some("credit-bureau-us")).then(|| "credit_scoring".to_string());
+    if let Some(p) = &purpose {
+        headers.insert(&http::HeaderName::from_static("x-purpose"), p.clone());
     }
     DecisionRecord {
         category: dataset.map(|_| Arc::from("user.financial")),
@@ -93,7 +93,7 @@ pub fn decision(n: u64, pseudo: &Pseudonymizer, ts: jiff::Timestamp) -> Decision
             via: None,
         },
         consent: (reason == "consented" || reason == "consent_missing").then(|| ConsentRec {
-            id: format!("c-{}", n % 100_000),
+            id: format!("c-{}", n % 100_000).into(),
             result: if reason == "consented" {
                 "valid"
             } else {
@@ -105,11 +105,11 @@ pub fn decision(n: u64, pseudo: &Pseudonymizer, ts: jiff::Timestamp) -> Decision
         decision,
         enforced,
         geo_db: Some(Arc::from("GeoLite2-Country 2026-11-25")),
-        id: residency_proxy::audit::id::new_id(ts),
+        id: residency_proxy::audit::id::DecisionId::new(ts),
         kind: "decision",
         policy: Arc::from(POLICY),
-        prev: String::new(),
-        purpose: headers.get("x-purpose").cloned(),
+        prev: Link::default(),
+        purpose,
         reason: Reason::parse(reason).unwrap(),
         recipient: RecipientRec {
             country: recipient.and(Country::parse(country)),
@@ -123,7 +123,7 @@ pub fn decision(n: u64, pseudo: &Pseudonymizer, ts: jiff::Timestamp) -> Decision
         request: RequestRec {
             headers,
             host: Some("storage.internal".into()),
-            method: "GET".into(),
+            method: http::Method::GET,
             path,
             query: None,
         },
@@ -134,7 +134,7 @@ pub fn decision(n: u64, pseudo: &Pseudonymizer, ts: jiff::Timestamp) -> Decision
         seq: 0,
         status,
         subject: dataset.map(|_| subject),
-        ts: timestamp(ts),
+        ts: Stamp(ts),
         upstream: status.is_none().then(|| UpstreamRec {
             addr: "10.20.0.5:9000".parse().unwrap(),
             country: Country::parse("CN"),
@@ -158,12 +158,12 @@ pub fn outcome(d: &DecisionRecord, n: u64) -> OutcomeRecord {
         detail: None,
         duration_ms: 0.5 + (n % 100) as f64 / 50.0,
         error: None,
-        id: d.id.clone(),
+        id: d.id,
         kind: "outcome",
-        prev: String::new(),
+        prev: Link::default(),
         seq: 0,
         status: d.status.unwrap_or(200),
-        ts: d.ts.clone(),
+        ts: d.ts,
         upstream: d.upstream.as_ref().map(|u| u.addr),
         v: VERSION,
     }

@@ -39,10 +39,15 @@ impl Pseudonymizer {
     pub fn pseudonym(&self, subject: &str) -> String {
         match self {
             Pseudonymizer::Off => subject.to_string(),
-            Pseudonymizer::On(k) => format!(
-                "hmac:{}",
-                hex::encode(hmac::sign(k, subject.as_bytes()).as_ref())
-            ),
+            Pseudonymizer::On(k) => {
+                let mut hexed = [0u8; 64];
+                hex::encode_to_slice(hmac::sign(k, subject.as_bytes()).as_ref(), &mut hexed)
+                    .expect("64 hex digits hold a SHA-256 MAC");
+                let mut out = String::with_capacity(5 + hexed.len());
+                out.push_str("hmac:");
+                out.push_str(std::str::from_utf8(&hexed).expect("hex is ASCII"));
+                out
+            }
         }
     }
 

@@ -2,13 +2,13 @@
 //! lexicographic order so that serde's compact output *is* the canonical form that the hash
 //! chain covers; `tests::canonical_order` guards this.
 
+use super::id::DecisionId;
 use super::pseudonym::Pseudonymizer;
 use crate::policy::country::Country;
 use crate::policy::decision::{Decision, Reason, Verdict, status_of};
 use crate::policy::model::{Policy, Relation, SubjectSource};
 use http::HeaderMap;
-use serde::Serialize;
-use std::collections::BTreeMap;
+use serde::{Serialize, Serializer};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -27,7 +27,7 @@ pub struct ClientRec {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ConsentRec {
-    pub id: String,
+    pub id: compact_str::CompactString,
     /// `valid`, or the reason the nearest consent failed.
     pub result: &'static str,
     /// Why the nearest consent failed (`collected as "pre_ticked"`, `purpose "x" not
@@ -47,9 +47,10 @@ pub struct RecipientRec {
 #[derive(Clone, Debug, Serialize)]
 pub struct RequestRec {
     /// Only the headers the decision read, masked where the policy says so.
-    pub headers: BTreeMap<String, String>,
+    pub headers: Headers,
     pub host: Option<String>,
-    pub method: String,
+    #[serde(serialize_with = "method_name")]
+    pub method: http::Method,
     /// The normalised path (or the raw one, when it could not be normalised), with the
     /// subject pseudonymised.
     pub path: String,
@@ -73,10 +74,10 @@ pub struct DecisionRecord {
     pub decision: &'static str,
     pub enforced: bool,
     pub geo_db: Option<Arc<str>>,
-    pub id: String,
+    pub id: DecisionId,
     pub kind: &'static str,
     pub policy: Arc<str>,
-    pub prev: String,
+    pub prev: Link,
     pub purpose: Option<String>,
     pub reason: Reason,
     pub recipient: RecipientRec,
@@ -85,7 +86,7 @@ pub struct DecisionRecord {
     pub seq: u64,
     pub status: Option<u16>,
     pub subject: Option<String>,
-    pub ts: String,
+    pub ts: Stamp,
     pub upstream: Option<UpstreamRec>,
     pub v: u8,
 }
@@ -103,13 +104,13 @@ pub struct OutcomeRecord {
     pub duration_ms: f64,
     /// Why the exchange failed after the decision, if it did.
     pub error: Option<Reason>,
-    pub id: String,
+    pub id: DecisionId,
     pub kind: &'static str,
-    pub prev: String,
+    pub prev: Link,
     pub seq: u64,
     /// The status the client received; 0 if the client went away before any.
     pub status: u16,
-    pub ts: String,
+    pub ts: Stamp,
     /// The upstream address actually used, if any.
     pub upstream: Option<SocketAddr>,
     pub v: u8,
@@ -181,21 +182,29 @@ pub enum Record {
 impl Record {
     pub fn set_chain(&mut self, seq: u64, prev: &str) {
         let (s, p) = match self {
-            Record::Decision(d) => (&mut d.seq, &mut d.prev),
-            Record::Outcome(o) => (&mut o.seq, &mut o.prev),
-            Record::Checkpoint(c) => (&mut c.seq, &mut c.prev),
-            Record::Recovery(r) => (&mut r.seq, &mut r.prev),
+            Record::Decision(d) => {
+                d.prev.set(prev);
+                (&mut d.seq, None)
+            }
+            Record::Outcome(o) => {
+                o.prev.set(prev);
+                (&mut o.seq, None)
+            }
+            Record::Checkpoint(c) => (&mut c.seq, Some(&mut c.prev)),
+            Record::Recovery(r) => (&mut r.seq, Some(&mut r.prev)),
         };
         *s = seq;
-        p.clear();
-        p.push_str(prev);
+        if let Some(p) = p {
+            p.clear();
+            p.push_str(prev);
+        }
     }
 
     /// The decision id; empty for checkpoints and recovery records.
     pub fn id(&self) -> &str {
         match self {
-            Record::Decision(d) => &d.id,
-            Record::Outcome(o) => &o.id,
+            Record::Decision(d) => d.id.as_str(),
+            Record::Outcome(o) => o.id.as_str(),
             Record::Checkpoint(_) | Record::Recovery(_) => "",
         }
     }
@@ -214,14 +223,158 @@ impl Record {
 
 /// RFC 3339 UTC with microseconds, as every record writes it.
 pub fn timestamp(t: jiff::Timestamp) -> String {
-    format!("{t:.6}")
+    let mut buf = [0u8; STAMP_LEN];
+    match rfc3339_micros(t, &mut buf) {
+        Some(s) => s.to_string(),
+        None => format!("{t:.6}"),
+    }
+}
+
+const STAMP_LEN: usize = "2026-11-28T04:31:53.123456Z".len();
+
+/// [`timestamp`] without jiff's general printer: the log writes two per request. `None`
+/// outside the years 0000 to 9999, which the general printer writes.
+fn rfc3339_micros(t: jiff::Timestamp, buf: &mut [u8; STAMP_LEN]) -> Option<&str> {
+    let micros = t.as_microsecond();
+    let (secs, us) = (micros.div_euclid(1_000_000), micros.rem_euclid(1_000_000));
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm, proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    if !(0..=9999).contains(&year) {
+        return None;
+    }
+    let mut put = |at: usize, width: usize, mut v: i64| {
+        for i in (at..at + width).rev() {
+            buf[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, month);
+    put(8, 2, day);
+    put(11, 2, sod / 3600);
+    put(14, 2, sod / 60 % 60);
+    put(17, 2, sod % 60);
+    put(20, 6, us);
+    for (at, c) in [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+        (26, b'Z'),
+    ] {
+        buf[at] = c;
+    }
+    std::str::from_utf8(buf).ok()
+}
+
+/// A record's `ts`, written as [`timestamp`] writes it, without a string of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp(pub jiff::Timestamp);
+
+impl Serialize for Stamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut buf = [0u8; STAMP_LEN];
+        match rfc3339_micros(self.0, &mut buf) {
+            Some(text) => s.serialize_str(text),
+            None => s.serialize_str(&timestamp(self.0)),
+        }
+    }
+}
+
+/// The `prev` of a decision or outcome record: a SHA-256 hex digest, held inline (the writer
+/// sets it on every record it chains).
+#[derive(Clone, Copy)]
+pub struct Link {
+    len: u8,
+    hex: [u8; 64],
+}
+
+impl Link {
+    pub fn set(&mut self, prev: &str) {
+        assert!(
+            prev.len() <= self.hex.len(),
+            "a chain link is a SHA-256 hex digest"
+        );
+        self.hex[..prev.len()].copy_from_slice(prev.as_bytes());
+        self.len = prev.len() as u8;
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.hex[..usize::from(self.len)]).expect("set from a str")
+    }
+}
+
+impl From<&str> for Link {
+    fn from(prev: &str) -> Link {
+        let mut link = Link::default();
+        link.set(prev);
+        link
+    }
+}
+
+impl Default for Link {
+    fn default() -> Link {
+        Link {
+            len: 0,
+            hex: [0; 64],
+        }
+    }
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl Serialize for Link {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+fn method_name<S: Serializer>(m: &http::Method, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(m.as_str())
+}
+
+/// The request headers a decision read, by name, in name order (as a JSON object).
+#[derive(Clone, Debug, Default)]
+pub struct Headers(Vec<(http::HeaderName, String)>);
+
+impl Headers {
+    pub fn insert(&mut self, name: &http::HeaderName, value: String) {
+        match self
+            .0
+            .binary_search_by(|(n, _)| n.as_str().cmp(name.as_str()))
+        {
+            Ok(i) => self.0[i].1 = value,
+            Err(i) => self.0.insert(i, (name.clone(), value)),
+        }
+    }
+}
+
+impl Serialize for Headers {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(n, v)| (n.as_str(), v)))
+    }
 }
 
 /// The request facts that a decision record needs besides the decision itself.
 pub struct RequestContext<'a> {
-    pub id: String,
+    pub id: DecisionId,
     pub ts: jiff::Timestamp,
-    pub method: &'a str,
+    pub method: &'a http::Method,
     pub host: Option<&'a str>,
     pub raw_path: &'a str,
     pub query: Option<&'a str>,
@@ -268,7 +421,7 @@ pub fn decision_record(
         Some(SubjectSource::Header(h)) => Some(h),
         _ => None,
     };
-    let mut headers = BTreeMap::new();
+    let mut headers = Headers::default();
     let mut note = |name: &http::HeaderName| {
         if let Some(v) = cx.headers.get(name) {
             let v = String::from_utf8_lossy(v.as_bytes());
@@ -282,7 +435,7 @@ pub fn decision_record(
                     _ => v.into_owned(),
                 }
             };
-            headers.insert(name.as_str().to_string(), shown);
+            headers.insert(name, shown);
         }
     };
     note(&policy.consent.purpose_header);
@@ -295,7 +448,7 @@ pub fn decision_record(
         .is_some_and(|c| c.addr.via.is_some())
     {
         note(&http::header::FORWARDED);
-        note(&http::HeaderName::from_static("x-forwarded-for"));
+        note(&X_FORWARDED_FOR);
     }
     let client = match &decision.client {
         Some(c) => ClientRec {
@@ -316,7 +469,7 @@ pub fn decision_record(
     let recipient = match &decision.recipient {
         Some(r) => RecipientRec {
             country: r.country,
-            id: r.id.map(Arc::from),
+            id: r.id.cloned(),
             relation: r.relation,
         },
         None => RecipientRec {
@@ -331,7 +484,7 @@ pub fn decision_record(
         name: policy.upstreams[u.index].name.clone(),
     });
     let consent = decision.consent.as_ref().map(|c| ConsentRec {
-        id: c.id.to_string(),
+        id: c.id.clone(),
         result: c.failure.map(Reason::as_str).unwrap_or("valid"),
         why: c.failure.and(decision.detail.as_deref()).map(str::to_owned),
     });
@@ -343,17 +496,17 @@ pub fn decision_record(
         decision: decision.verdict.as_str(),
         enforced: decision.enforced,
         geo_db,
-        id: cx.id.clone(),
+        id: cx.id,
         kind: "decision",
         policy: policy_hash(policy),
-        prev: String::new(),
+        prev: Link::default(),
         purpose: decision.purpose.map(str::to_string),
         reason: decision.reason,
         recipient,
         request: RequestRec {
             headers,
             host: cx.host.map(str::to_string),
-            method: cx.method.to_string(),
+            method: cx.method.clone(),
             path,
             query,
         },
@@ -361,15 +514,18 @@ pub fn decision_record(
         seq: 0,
         status: decision.status(),
         subject: pseudonym,
-        ts: timestamp(cx.ts),
+        ts: Stamp(cx.ts),
         upstream,
         v: VERSION,
     }
 }
 
 fn policy_hash(policy: &Policy) -> Arc<str> {
-    policy.hash.as_str().into()
+    policy.hash.clone()
 }
+
+/// `X-Forwarded-For`, named once.
+pub static X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
 
 /// A decision record for a request refused before it could be decided (oversized headers,
 /// a body too large, a log that cannot be written…).
@@ -393,10 +549,10 @@ pub fn failure_record(
         decision: Verdict::Error.as_str(),
         enforced: true,
         geo_db: None,
-        id: cx.id.clone(),
+        id: cx.id,
         kind: "decision",
         policy: policy_hash(policy),
-        prev: String::new(),
+        prev: Link::default(),
         purpose: None,
         reason,
         recipient: RecipientRec {
@@ -405,9 +561,9 @@ pub fn failure_record(
             relation: Relation::ThirdParty,
         },
         request: RequestRec {
-            headers: BTreeMap::new(),
+            headers: Headers::default(),
             host: cx.host.map(str::to_string),
-            method: cx.method.to_string(),
+            method: cx.method.clone(),
             path: crate::policy::path::normalize(cx.raw_path)
                 .map(|p| p.into_owned())
                 .unwrap_or_else(|_| cx.raw_path.to_string()),
@@ -417,7 +573,7 @@ pub fn failure_record(
         seq: 0,
         status: Some(status_of(reason)),
         subject: None,
-        ts: timestamp(cx.ts),
+        ts: Stamp(cx.ts),
         upstream: None,
         v: VERSION,
     }
@@ -456,7 +612,7 @@ mod tests {
         let cx = RequestContext {
             id: "01TEST".into(),
             ts: jiff::Timestamp::UNIX_EPOCH,
-            method: "GET",
+            method: &http::Method::GET,
             host: Some("h"),
             raw_path: "/x",
             query: None,
@@ -474,7 +630,9 @@ mod tests {
             country: Country::parse("CN"),
             name: "u".into(),
         });
-        r.request.headers.insert("x-purpose".into(), "p".into());
+        r.request
+            .headers
+            .insert(&http::HeaderName::from_static("x-purpose"), "p".into());
         r
     }
 
@@ -497,7 +655,7 @@ mod tests {
             prev: "p".into(),
             seq: 3,
             status: 504,
-            ts: timestamp(jiff::Timestamp::UNIX_EPOCH),
+            ts: Stamp(jiff::Timestamp::UNIX_EPOCH),
             upstream: None,
             v: 1,
         });
@@ -554,5 +712,41 @@ mod tests {
             timestamp(jiff::Timestamp::UNIX_EPOCH),
             "1970-01-01T00:00:00.000000Z"
         );
+    }
+
+    #[test]
+    fn timestamps_are_written_as_jiff_writes_them() {
+        // Leap days, century years, the ends of the four-digit years, before 1970, and
+        // random instants across the whole range.
+        let fixed = [
+            "2000-02-29T23:59:59.999999Z",
+            "1900-03-01T00:00:00Z",
+            "2100-02-28T12:00:00.5Z",
+            "0000-01-01T00:00:00Z",
+            "9999-12-30T21:59:59.999999Z",
+            "1969-12-31T23:59:59.000001Z",
+            "2024-12-31T00:00:00Z",
+        ];
+        let mut all: Vec<jiff::Timestamp> = fixed.iter().map(|t| t.parse().unwrap()).collect();
+        let (min, max) = (-62_167_219_200_000_000i64, 253_402_207_199_999_999i64);
+        all.extend(
+            (0..100_000)
+                .map(|_| jiff::Timestamp::from_microsecond(fastrand::i64(min..=max)).unwrap()),
+        );
+        for t in all {
+            let mut buf = [0u8; STAMP_LEN];
+            assert_eq!(
+                rfc3339_micros(t, &mut buf),
+                Some(format!("{t:.6}").as_str()),
+                "{t}"
+            );
+            assert_eq!(
+                serde_json::to_string(&Stamp(t)).unwrap(),
+                format!("\"{t:.6}\"")
+            );
+        }
+        // Outside four-digit years, jiff's own printer writes it.
+        let far: jiff::Timestamp = "-000100-01-01T00:00:00Z".parse().unwrap();
+        assert_eq!(timestamp(far), format!("{far:.6}"));
     }
 }

@@ -74,6 +74,9 @@ pub struct LogFailed(pub String);
 type Ack = oneshot::Sender<Result<(), LogFailed>>;
 type RotateAck = oneshot::Sender<Result<Option<PathBuf>, LogFailed>>;
 
+// Records travel by value: a slot of the queue costs what the largest record costs, and an
+// outcome record (queued for every request) is not boxed again.
+#[allow(clippy::large_enum_variant)]
 enum Request {
     /// `ack` is `None` for records nobody waits on ([`LogWriter::append_later`]).
     Append {
@@ -1229,9 +1232,9 @@ pub(crate) mod tests {
         let headers = http::HeaderMap::new();
         let path = format!("/payments/u{n}/2026-01.json");
         let cx = RequestContext {
-            id: format!("r{n}"),
+            id: format!("r{n}").as_str().into(),
             ts: jiff::Timestamp::UNIX_EPOCH,
-            method: "GET",
+            method: &http::Method::GET,
             host: Some("store.example"),
             raw_path: &path,
             query: None,

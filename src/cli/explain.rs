@@ -133,9 +133,9 @@ pub fn run(a: ExplainArgs) -> CliResult {
     let mut trace: Vec<TraceStep> = Vec::new();
     let d = decide(&policy, &env, &req, &mut trace);
     let cx = RequestContext {
-        id: "explain".into(),
+        id: crate::audit::id::DecisionId::named("explain"),
         ts: now,
-        method: hypo.method.as_str(),
+        method: &hypo.method,
         host: req.host,
         raw_path: &hypo.path,
         query: hypo.query.as_deref(),

@@ -1525,7 +1525,7 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
     });
     Some(Policy {
         name,
-        hash,
+        hash: hash.into(),
         sources: sources_paths,
         home,
         mode,

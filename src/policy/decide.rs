@@ -465,7 +465,7 @@ fn decide_target<'a, E: Env, T: Tracer>(
                     .unwrap_or_else(|| "undeclared".into())
             );
             RecipientFacts {
-                id: Some(&*r.id),
+                id: Some(&r.id),
                 relation: r.relation,
                 country: r.country,
             }
@@ -977,7 +977,10 @@ fn consent<'a, E: Env, T: Tracer>(
             }
         };
         let mut nearest: Option<(&Consent, Miss<'_>)> = None;
-        for c in consents.iter().filter(|c| &*c.scope.recipient == recipient) {
+        for c in consents
+            .iter()
+            .filter(|c| *c.scope.recipient == **recipient)
+        {
             match check(policy, ds, c, purpose, dests, now) {
                 None => {
                     step!(trace, rule, "consent {} is valid", c.id);

@@ -7,6 +7,7 @@ use super::model::{Policy, Relation};
 use std::borrow::Cow;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 /// The outcome class of a decision.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -130,7 +131,7 @@ pub struct ClientFacts<'a> {
 /// The recipient as found in step 2: a declared one, or an anonymous third party.
 #[derive(Clone, Debug)]
 pub struct RecipientFacts<'a> {
-    pub id: Option<&'a str>,
+    pub id: Option<&'a Arc<str>>,
     pub relation: Relation,
     pub country: Option<Country>,
 }

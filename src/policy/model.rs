@@ -338,7 +338,7 @@ impl DatasetIndex {
 pub struct Policy {
     pub name: String,
     /// `sha256:` over every source file, in load order.
-    pub hash: String,
+    pub hash: Arc<str>,
     pub sources: Vec<PathBuf>,
     pub home: Jurisdiction,
     pub mode: Mode,

@@ -4,7 +4,8 @@
 use super::Shared;
 use super::stall::{Activity, InFlight, Stall};
 use super::upstream::PoolReturn;
-use crate::audit::record::{OutcomeRecord, Record, VERSION, timestamp};
+use crate::audit::id::DecisionId;
+use crate::audit::record::{Link, OutcomeRecord, Record, Stamp, VERSION};
 use crate::policy::decision::Reason;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -25,7 +26,7 @@ const NO_ERROR: u8 = u8::MAX;
 /// response body sent to the client; dropping the last holder writes the outcome record
 /// and counts the exchange in the metrics.
 pub struct Exchange {
-    id: String,
+    id: DecisionId,
     started: Instant,
     shared: Arc<Shared>,
     bytes_in: AtomicU64,
@@ -40,7 +41,7 @@ pub struct Exchange {
 }
 
 impl Exchange {
-    pub fn new(id: String, started: Instant, shared: Arc<Shared>) -> Arc<Exchange> {
+    pub fn new(id: DecisionId, started: Instant, shared: Arc<Shared>) -> Arc<Exchange> {
         shared.exchanges.fetch_add(1, Ordering::AcqRel);
         Arc::new(Exchange {
             id,
@@ -111,12 +112,12 @@ impl Drop for Exchange {
             detail: self.detail.take(),
             duration_ms: (elapsed.as_micros() as f64) / 1000.0,
             error,
-            id: std::mem::take(&mut self.id),
+            id: self.id,
             kind: "outcome",
-            prev: String::new(),
+            prev: Link::default(),
             seq: 0,
             status,
-            ts: timestamp(jiff::Timestamp::now()),
+            ts: Stamp(jiff::Timestamp::now()),
             upstream: self.upstream.get().copied(),
             v: VERSION,
         };

@@ -6,8 +6,8 @@ use super::body::{Exchange, RequestBody, ResponseBody};
 use super::respond::{self, DECISION_HEADER, Local};
 use super::snapshot::Snapshot;
 use super::upstream::{self, AddrPool, PoolReturn, UpstreamError};
-use crate::audit::id::new_id;
-use crate::audit::record::{self, Record, RequestContext};
+use crate::audit::id::DecisionId;
+use crate::audit::record::{self, Record, RequestContext, X_FORWARDED_FOR};
 use crate::audit::writer::LogFailed;
 use crate::metrics::UpstreamError as UpstreamErrorKind;
 use crate::policy::decide::{self, upstream_allowed};
@@ -31,6 +31,24 @@ pub struct ConnInfo {
     pub identity: Option<Arc<str>>,
     /// The connection's activity: each exchange counts as a request in progress on it.
     pub activity: Option<Arc<super::stall::Activity>>,
+    /// The client's address as the `X-Forwarded-For` hop this proxy adds, rendered once for
+    /// the connection's requests.
+    pub forwarded_for: Option<HeaderValue>,
+}
+
+impl ConnInfo {
+    pub fn new(
+        peer: SocketAddr,
+        identity: Option<Arc<str>>,
+        activity: Option<Arc<super::stall::Activity>>,
+    ) -> ConnInfo {
+        ConnInfo {
+            peer,
+            identity,
+            activity,
+            forwarded_for: HeaderValue::from_str(&peer.ip().to_string()).ok(),
+        }
+    }
 }
 
 /// What to do once the decision record is written.
@@ -73,7 +91,7 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let started = Instant::now();
     let ts = jiff::Timestamp::now();
-    let id = new_id(ts);
+    let id = DecisionId::new(ts);
     // Dataset, decision and reason are filled in once decided; never the path or subject.
     let span = tracing::debug_span!(
         "request",
@@ -95,7 +113,7 @@ async fn handle_inner(
     req: Request<Incoming>,
     started: Instant,
     ts: jiff::Timestamp,
-    id: String,
+    id: DecisionId,
     span: &tracing::Span,
 ) -> Response<ResponseBody> {
     let snap = shared.snapshot.load_full();
@@ -109,9 +127,9 @@ async fn handle_inner(
         .and_then(|h| h.to_str().ok())
         .or_else(|| parts.uri.authority().map(|a| a.as_str()));
     let cx = RequestContext {
-        id: id.clone(),
+        id,
         ts,
-        method: parts.method.as_str(),
+        method: &parts.method,
         host,
         raw_path: parts.uri.path(),
         query: parts.uri.query(),
@@ -190,7 +208,7 @@ async fn handle_inner(
                     );
                     let abandoned = Abandoned {
                         shared: &shared,
-                        id: &id,
+                        id,
                         started,
                         record: Some(provisional),
                     };
@@ -243,7 +261,7 @@ async fn handle_inner(
     // The decision record is written before anything else happens. The exchange exists
     // first, so that a client going away while the record is written still leaves an
     // outcome record (queued after the decision).
-    let exchange = Exchange::new(id.clone(), started, shared.clone());
+    let exchange = Exchange::new(id, started, shared.clone());
     if let Some(a) = &conn.activity {
         exchange.in_flight_on(a);
     }
@@ -275,7 +293,7 @@ async fn handle_inner(
                 Local {
                     status: 503,
                     reason,
-                    decision_id: &id,
+                    decision_id: id.as_str(),
                     dataset: None,
                     message: &message,
                     policy_name: &policy.name,
@@ -299,7 +317,7 @@ async fn handle_inner(
             Local {
                 status,
                 reason,
-                decision_id: &id,
+                decision_id: id.as_str(),
                 dataset: dataset.as_deref(),
                 message: &message,
                 policy_name: &policy.name,
@@ -309,13 +327,13 @@ async fn handle_inner(
         Plan::Forward { choice, dataset } => {
             forward(
                 &snap,
-                conn.peer.ip(),
+                &conn,
                 parts,
                 body,
                 choice,
                 dataset,
                 exchange,
-                &id,
+                id.as_str(),
             )
             .await
         }
@@ -327,7 +345,7 @@ async fn handle_inner(
 /// answered: `consent_store_unavailable`) and an outcome saying why nothing was answered.
 struct Abandoned<'a> {
     shared: &'a Arc<Shared>,
-    id: &'a str,
+    id: DecisionId,
     started: Instant,
     record: Option<record::DecisionRecord>,
 }
@@ -350,7 +368,7 @@ impl Drop for Abandoned<'_> {
                 .log
                 .append_queued(Record::Decision(Box::new(rec))),
         );
-        let exchange = Exchange::new(self.id.to_string(), self.started, self.shared.clone());
+        let exchange = Exchange::new(self.id, self.started, self.shared.clone());
         exchange.set_error(Reason::ConsentStoreUnavailable);
         exchange.set_detail("the client went away while the consent lookup ran".into());
     }
@@ -418,9 +436,18 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     names_host
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
+fn append_forwarded_for(headers: &mut HeaderMap, conn: &ConnInfo) {
+    let peer = conn.peer.ip();
+    if !headers.contains_key(&X_FORWARDED_FOR) {
+        // The common case: this proxy is the first hop, named as rendered for the connection.
+        let value = conn.forwarded_for.clone();
+        if let Some(v) = value.or_else(|| HeaderValue::from_str(&peer.to_string()).ok()) {
+            headers.insert(X_FORWARDED_FOR.clone(), v);
+        }
+        return;
+    }
     let prior: Vec<String> = headers
-        .get_all("x-forwarded-for")
+        .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok().map(str::to_string))
         .collect();
@@ -430,14 +457,14 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
         format!("{}, {peer}", prior.join(", "))
     };
     if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR.clone(), v);
     }
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     snap: &Snapshot,
-    peer: IpAddr,
+    conn: &ConnInfo,
     mut parts: http::request::Parts,
     body: Incoming,
     choice: UpstreamChoice,
@@ -459,7 +486,7 @@ async fn forward(
     {
         parts.headers.insert(header::HOST, v);
     }
-    append_forwarded_for(&mut parts.headers, peer);
+    append_forwarded_for(&mut parts.headers, conn);
     if parts.version == Version::HTTP_2 {
         join_cookies(&mut parts.headers);
     }

@@ -6,7 +6,7 @@ use super::Shared;
 use super::body::Exchange;
 use super::pipeline::{ConnInfo, handle};
 use super::stall::{Activity, WriteStall};
-use crate::audit::id::new_id;
+use crate::audit::id::DecisionId;
 use crate::audit::record::{self, Record, RequestContext};
 use crate::policy::decision::{Reason, Verdict, status_of};
 use crate::tls::ServerTls;
@@ -100,11 +100,7 @@ pub async fn accept_loop(
                             return;
                         }
                         let activity = Activity::new();
-                        let info = ConnInfo {
-                            peer,
-                            identity: None,
-                            activity: Some(activity.clone()),
-                        };
+                        let info = ConnInfo::new(peer, None, Some(activity.clone()));
                         let io = WriteStall::new(stream, write_stall, activity.clone());
                         let idle = (activity, write_stall);
                         serve(
@@ -122,11 +118,7 @@ pub async fn accept_loop(
                         // was made, so there is nothing to decide.
                         if let Some(ok) = tls.accept(stream, peer, handshake_timeout).await {
                             let activity = Activity::new();
-                            let info = ConnInfo {
-                                peer,
-                                identity: ok.identity,
-                                activity: Some(activity.clone()),
-                            };
+                            let info = ConnInfo::new(peer, ok.identity, Some(activity.clone()));
                             let io = WriteStall::new(ok.stream, write_stall, activity.clone());
                             let idle = (activity, write_stall);
                             serve(
@@ -207,12 +199,12 @@ fn log_refused_head(shared: &Arc<Shared>, peer: SocketAddr, e: &(dyn std::error:
     };
     let snap = shared.snapshot.load();
     let ts = jiff::Timestamp::now();
-    let id = new_id(ts);
+    let id = DecisionId::new(ts);
     let headers = http::HeaderMap::new();
     let cx = RequestContext {
-        id: id.clone(),
+        id,
         ts,
-        method: "",
+        method: &http::Method::GET,
         host: None,
         raw_path: "",
         query: None,

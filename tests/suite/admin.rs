@@ -44,7 +44,7 @@ async fn health_readiness_and_policy_are_served_on_the_admin_address_only() {
     let v = r.json();
     assert_eq!(v["name"], "itest");
     let hash = proxy.running().shared.snapshot.load().policy.hash.clone();
-    assert_eq!(v["hash"], hash.as_str());
+    assert_eq!(v["hash"], &*hash);
     assert!(v["loaded_at"].as_str().unwrap().ends_with('Z'));
 
     // The data listener does not answer admin paths: they are ordinary requests there.

@@ -26,9 +26,9 @@ async fn write_log(path: &Path, n: usize) {
     let headers = http::HeaderMap::new();
     for i in 0..n {
         let cx = RequestContext {
-            id: format!("r{i}"),
+            id: format!("r{i}").as_str().into(),
             ts: jiff::Timestamp::UNIX_EPOCH,
-            method: "GET",
+            method: &http::Method::GET,
             host: None,
             raw_path: "/payments/u1/2026-01.json",
             query: None,

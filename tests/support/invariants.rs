@@ -255,9 +255,9 @@ pub fn write_log(path: &Path) -> u64 {
         let paths = ["/p/\"q\"/back\\slash/é/漢", "/ctl/\u{1}\u{1f}/tab\t"];
         for (i, path) in paths.iter().enumerate() {
             let cx = RequestContext {
-                id: format!("r{i}"),
+                id: format!("r{i}").as_str().into(),
                 ts: jiff::Timestamp::UNIX_EPOCH,
-                method: "GET",
+                method: &http::Method::GET,
                 host: Some("store.example"),
                 raw_path: path,
                 query: None,
@@ -279,12 +279,12 @@ pub fn write_log(path: &Path) -> u64 {
                 detail: None,
                 duration_ms,
                 error: None,
-                id: format!("r{i}"),
+                id: format!("r{i}").as_str().into(),
                 kind: "outcome",
-                prev: String::new(),
+                prev: Default::default(),
                 seq: 0,
                 status: 404,
-                ts: "1970-01-01T00:00:00.000000Z".into(),
+                ts: residency_proxy::audit::record::Stamp(jiff::Timestamp::UNIX_EPOCH),
                 upstream: None,
                 v: 1,
             };
