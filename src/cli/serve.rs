@@ -55,10 +55,16 @@ pub fn run(args: ServeArgs) -> CliResult {
         .workers
         .or(policy.proxy.workers)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers.max(1))
-        .enable_all()
-        .build()?;
+    let rt = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()?
+    };
     rt.block_on(async move {
         // Installed before start-up, which can take seconds (a database, resolving upstreams):
         // a SIGHUP meanwhile must not kill the process, and a SIGTERM must still end with the

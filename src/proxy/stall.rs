@@ -58,28 +58,26 @@ impl Stall {
     }
 }
 
-/// When a byte last moved on a connection, either way, and how many of its requests are in
-/// progress.
+/// Whether bytes move on a connection, either way, and how many of its requests are in
+/// progress. Moving bytes only bumps a counter (no clock is read per read or write): the idle
+/// watch looks at it a few times per `idle_timeout`.
 #[derive(Debug)]
 pub struct Activity {
-    base: Instant,
-    /// Milliseconds after `base`.
-    last: AtomicU64,
+    /// Reads, writes and request ends so far.
+    moves: AtomicU64,
     in_flight: AtomicUsize,
 }
 
 impl Activity {
     pub fn new() -> Arc<Activity> {
         Arc::new(Activity {
-            base: Instant::now(),
-            last: AtomicU64::new(0),
+            moves: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
         })
     }
 
     fn touch(&self) {
-        let ms = self.base.elapsed().as_millis() as u64;
-        self.last.store(ms, Ordering::Relaxed);
+        self.moves.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a request in progress until the returned guard (held by its exchange) is
@@ -89,15 +87,21 @@ impl Activity {
         InFlight(self.clone())
     }
 
-    /// Resolves once no request is in progress and no byte has moved for `limit`. A request
-    /// in progress has its own bounds (`upstream_timeout`, a stalled body, a stalled reader).
+    /// Resolves once no request is in progress and no byte has moved for `limit` (noticed
+    /// within a quarter of `limit` more). A request in progress has its own bounds
+    /// (`upstream_timeout`, a stalled body, a stalled reader).
     pub async fn idle(&self, limit: Duration) {
+        let mut seen = self.moves.load(Ordering::Relaxed);
+        let mut quiet_since = Instant::now();
         loop {
-            let last = self.base + Duration::from_millis(self.last.load(Ordering::Relaxed));
-            if last.elapsed() >= limit && self.in_flight.load(Ordering::Acquire) == 0 {
+            tokio::time::sleep(limit / 4).await;
+            let moves = self.moves.load(Ordering::Relaxed);
+            if moves != seen || self.in_flight.load(Ordering::Acquire) > 0 {
+                seen = moves;
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() >= limit {
                 return;
             }
-            tokio::time::sleep_until((last + limit).max(Instant::now() + limit / 4)).await;
         }
     }
 }
