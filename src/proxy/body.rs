@@ -142,8 +142,9 @@ pub struct RequestBody {
     limit: Option<u64>,
     seen: u64,
     /// Dropped with the body, which the HTTP client does once it has sent it whole (or
-    /// given up): the receiver learns that the upstream has the entire request.
-    _sent: oneshot::Sender<()>,
+    /// given up): the receiver learns that the upstream has the entire request. `None` for a
+    /// request that has no body, which nobody waits for.
+    _sent: Option<oneshot::Sender<()>>,
 }
 
 impl RequestBody {
@@ -151,7 +152,7 @@ impl RequestBody {
         inner: Incoming,
         exchange: Arc<Exchange>,
         limit: Option<u64>,
-        sent: oneshot::Sender<()>,
+        sent: Option<oneshot::Sender<()>>,
     ) -> RequestBody {
         RequestBody {
             inner,

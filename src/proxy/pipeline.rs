@@ -409,12 +409,25 @@ const HOP_BY_HOP: [&str; 8] = [
     "expect",
 ];
 
+/// Whether `name` is one of [`HOP_BY_HOP`]: the standard names compare as constants, without
+/// comparing strings.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHORIZATION
+        || name == header::EXPECT
+        || name == "keep-alive"
+        || name == "proxy-connection"
+}
+
 /// Removes hop-by-hop headers, including those the `Connection` header names; returns true
 /// when `Connection` names `Host`, which would leave the upstream another Host than the one
 /// decided on.
 fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     // Most messages carry none of them: one pass over the names finds that out.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(&k.as_str())) {
+    if !headers.keys().any(is_hop_by_hop) {
         return false;
     }
     let named: Vec<HeaderName> = headers
@@ -496,8 +509,14 @@ async fn forward(
         .map(|pq| Uri::from(pq.clone()))
         .unwrap_or_else(|| Uri::from_static("/"));
     parts.version = Version::HTTP_11;
-    let (body_sent, body_done) = oneshot::channel();
-    let mut body_done = Some(body_done);
+    // A request without a body (most reads) has nothing to wait for before the upstream's
+    // answer clock starts.
+    let (body_sent, mut body_done) = if http_body::Body::is_end_stream(&body) {
+        (None, None)
+    } else {
+        let (sent, done) = oneshot::channel();
+        (Some(sent), Some(done))
+    };
     let req = Request::from_parts(
         parts,
         RequestBody::new(
@@ -668,4 +687,31 @@ async fn answer_deadline(
         *body_done = None;
     }
     tokio::time::sleep(timeout).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_names_are_recognised_by_constant_and_by_name() {
+        for name in HOP_BY_HOP {
+            assert!(is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+        }
+        for name in [
+            "host",
+            "trailer",
+            "x-forwarded-for",
+            "x-purpose",
+            "keep-alive-x",
+        ] {
+            assert!(!is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        assert!(!strip_hop_by_hop(&mut headers));
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("x-kept"));
+    }
 }
