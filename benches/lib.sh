@@ -1,12 +1,13 @@
 # Shared by the shell benchmarks (load, memory, tls): nginx configurations and the policy
 # they all measure. Source it after setting W (the run's work directory).
 
-# An nginx configuration: one worker, no access log, sendfile; `$2` is the server block(s).
+# An nginx configuration: NGINX_WORKERS workers (default 1), no access log, sendfile; `$2`
+# is the server block(s).
 nginx_conf() {  # name, server block
   cat <<CONF
 pid $W/run/$1.pid;
 error_log $W/logs/$1.error.log warn;
-worker_processes 1;
+worker_processes ${NGINX_WORKERS:-1};
 worker_rlimit_nofile 16384;
 events { worker_connections 8192; }
 http {

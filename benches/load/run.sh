@@ -6,6 +6,8 @@
 #   benches/load/run.sh                     # defaults: 3 reps x 10 s, 64 connections, 1 KiB
 #   REPS=1 DUR=3 benches/load/run.sh        # quick look
 #   DURABILITY=fsync benches/load/run.sh    # decision log in fsync mode
+#   BASE_BIN=/tmp/rp-before benches/load/run.sh   # a baseline build side by side ("base")
+#   WORKERS=2 CONNS=256 benches/load/run.sh # two workers each, servers on both cores
 #
 # Needs wrk and nginx (Debian: apt-get install wrk nginx-light). Everything listens on
 # loopback; every process started here is stopped on exit. Results: target/load/<time>/.
@@ -15,7 +17,9 @@
 #   nginx    plain reverse proxy  127.0.0.1:18081
 #   ours     residency-proxy      127.0.0.1:18090
 #   wrk      from 127.0.0.1       (US: a foreign third party holding a valid consent)
-# Servers share CPU 0 (one nginx worker, one tokio worker); wrk runs on CPU 1.
+#   base     residency-proxy      127.0.0.1:18091  (BASE_BIN: another build, same policy)
+# Servers share CPU 0 (one nginx worker, one tokio worker); wrk runs on CPU 1. With WORKERS=2,
+# every server has two workers and all of them share both CPUs with wrk.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -25,6 +29,10 @@ CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
 PAYLOAD=${PAYLOAD:-1k}
 DURABILITY=${DURABILITY:-write}
+WORKERS=${WORKERS:-1}
+BASE_BIN=${BASE_BIN:-}
+export NGINX_WORKERS=$WORKERS
+SRV_CPUS=0; [ "$WORKERS" -gt 1 ] && SRV_CPUS=0,1
 OUT=${OUT:-$ROOT/target/load/$(date +%Y%m%d-%H%M%S)}
 W=$OUT/work
 mkdir -p "$W/www/payments/u1" "$W/logs" "$W/run"
@@ -56,18 +64,28 @@ bench_policy load-bench 18090 18080 "$W/logs/decisions.jsonl" "upstream_idle_per
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
-taskset -c 0 nginx -p "$W" -c "$W/backend.conf" -g "daemon off;" & BACKEND=$!; PIDS+=($BACKEND)
-taskset -c 0 nginx -p "$W" -c "$W/proxy.conf" -g "daemon off;" & NGINX=$!; PIDS+=($NGINX)
-taskset -c 0 "$BIN" serve --policy "$W/policy.toml" --workers 1 2> "$W/logs/proxy.log" & OURS=$!; PIDS+=($OURS)
+taskset -c $SRV_CPUS nginx -p "$W" -c "$W/backend.conf" -g "daemon off;" & BACKEND=$!; PIDS+=($BACKEND)
+taskset -c $SRV_CPUS nginx -p "$W" -c "$W/proxy.conf" -g "daemon off;" & NGINX=$!; PIDS+=($NGINX)
+taskset -c $SRV_CPUS "$BIN" serve --policy "$W/policy.toml" --workers "$WORKERS" 2> "$W/logs/proxy.log" & OURS=$!; PIDS+=($OURS)
+URLS="http://127.0.0.2:18080 http://127.0.0.1:18081 http://127.0.0.1:18090"
+TARGETS="direct=http://127.0.0.2:18080 nginx=http://127.0.0.1:18081 ours=http://127.0.0.1:18090"
+BASE=$OURS
+if [ -n "$BASE_BIN" ]; then
+  mkdir -p "$W/base-logs"
+  sed -e 's/127.0.0.1:18090/127.0.0.1:18091/' -e "s#$W/logs/decisions.jsonl#$W/base-logs/decisions.jsonl#" \
+    "$W/policy.toml" > "$W/base-policy.toml"
+  taskset -c $SRV_CPUS "$BASE_BIN" serve --policy "$W/base-policy.toml" --workers "$WORKERS" 2> "$W/base-logs/proxy.log" & BASE=$!; PIDS+=($BASE)
+  URLS="$URLS http://127.0.0.1:18091"
+  TARGETS="$TARGETS base=http://127.0.0.1:18091"
+fi
 URL_PATH=/payments/u1/$PAYLOAD.bin
-for u in http://127.0.0.2:18080 http://127.0.0.1:18081 http://127.0.0.1:18090; do
+for u in $URLS; do
   for _ in $(seq 1 100); do curl -sf -o /dev/null -H 'X-Purpose: credit_scoring' "$u$URL_PATH" && break; sleep 0.1; done
   code=$(curl -s -o /dev/null -w '%{http_code}' -H 'X-Purpose: credit_scoring' "$u$URL_PATH")
   [ "$code" = 200 ] || { echo "$u$URL_PATH answered $code" >&2; cat "$W/logs/proxy.log" >&2; exit 1; }
 done
 
-TARGETS="direct=http://127.0.0.2:18080 nginx=http://127.0.0.1:18081 ours=http://127.0.0.1:18090"
-printf 'target\trep\trps\tp50_ms\tp99_ms\trequests\terrors\tbackend_ticks\tnginx_ticks\tours_ticks\n' > "$OUT/runs.tsv"
+printf 'target\trep\trps\tp50_ms\tp99_ms\trequests\terrors\tbackend_ticks\tnginx_ticks\tours_ticks\tbase_ticks\n' > "$OUT/runs.tsv"
 # CPU ticks (1/100 s, user + system) of a process and its children (nginx's worker).
 ticks() {
   local total=0 q
@@ -82,35 +100,40 @@ for rep in $(seq 1 "$REPS"); do
   for t in $TARGETS; do
     name=${t%%=*}
     raw=$OUT/wrk_${name}_r$rep.txt
-    b0=$(ticks $BACKEND); n0=$(ticks $NGINX); o0=$(ticks $OURS)
+    b0=$(ticks $BACKEND); n0=$(ticks $NGINX); o0=$(ticks $OURS); s0=$(ticks $BASE)
     taskset -c 1 wrk -t"$THREADS" -c"$CONNS" -d"${DUR}s" --latency -H 'X-Purpose: credit_scoring' "${t#*=}$URL_PATH" > "$raw"
-    b1=$(ticks $BACKEND); n1=$(ticks $NGINX); o1=$(ticks $OURS)
+    b1=$(ticks $BACKEND); n1=$(ticks $NGINX); o1=$(ticks $OURS); s1=$(ticks $BASE)
     rps=$(awk '/^Requests\/sec/{print $2}' "$raw")
     p50=$(to_ms "$(awk '$1=="50%"{print $2}' "$raw")")
     p99=$(to_ms "$(awk '$1=="99%"{print $2}' "$raw")")
     reqs=$(awk '/requests in/{print $1}' "$raw")
     errs=$(awk '/Non-2xx/{print $NF} /Socket errors/{gsub(/,/,""); print $4+$6+$8+$10}' "$raw" | paste -sd+ | bc 2>/dev/null || echo 0)
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rep" "$rps" "$p50" "$p99" "$reqs" "${errs:-0}" $((b1 - b0)) $((n1 - n0)) $((o1 - o0)) >> "$OUT/runs.tsv"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rep" "$rps" "$p50" "$p99" "$reqs" "${errs:-0}" $((b1 - b0)) $((n1 - n0)) $((o1 - o0)) $((s1 - s0)) >> "$OUT/runs.tsv"
     printf '  rep %s %-7s %10s rps  p50 %6s ms  p99 %6s ms\n' "$rep" "$name" "$rps" "$p50" "$p99"
   done
 done
 RSS_KB=$(awk '/^VmRSS/{print $2}' /proc/$OURS/status)
 kill -TERM "$OURS"; wait "$OURS" || true
+[ -n "$BASE_BIN" ] && { kill -TERM "$BASE"; wait "$BASE" || true; }
 "$BIN" audit verify "$W/logs/decisions.jsonl" > "$OUT/verify.txt" 2>&1 || true
 python3 - "$OUT" "$W/logs/decisions.jsonl" "$RSS_KB" "$DURABILITY" <<'PY' | tee "$OUT/summary.md"
 import csv, json, statistics, sys
 out, log, rss, dur = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 rows = list(csv.DictReader(open(out + '/runs.tsv'), delimiter='\t'))
 med = lambda t, k: statistics.median(float(r[k]) for r in rows if r['target'] == t)
-d = {t: {k: med(t, k) for k in ('rps', 'p50_ms', 'p99_ms')} for t in ('direct', 'nginx', 'ours')}
-print('| target | rps | ratio to direct | p50 ms | p99 ms | added p50 | added p99 |')
-print('|---|---|---|---|---|---|---|')
-for t in ('direct', 'nginx', 'ours'):
-    x = d[t]
-    print('| %s | %.0f | %.2f | %.3f | %.3f | %.3f | %.3f |' % (t, x['rps'], x['rps'] / d['direct']['rps'], x['p50_ms'], x['p99_ms'],
-          x['p50_ms'] - d['direct']['p50_ms'], x['p99_ms'] - d['direct']['p99_ms']))
+targets = [t for t in ('direct', 'nginx', 'ours', 'base') if any(r['target'] == t for r in rows)]
+d = {t: {k: med(t, k) for k in ('rps', 'p50_ms', 'p99_ms')} for t in targets}
 # CPU per request of each process, from its own ticks.
 cpu = lambda t, k: statistics.median(int(r[k]) * 10000.0 / max(int(r['requests']), 1) for r in rows if r['target'] == t)
+ticks_of = {'direct': 'backend_ticks', 'nginx': 'nginx_ticks', 'ours': 'ours_ticks', 'base': 'base_ticks'}
+print('| target | rps | vs nginx | p50 ms | p99 ms | added p50 | added p99 | CPU µs/req | rps spread |')
+print('|---|---|---|---|---|---|---|---|---|')
+for t in targets:
+    x = d[t]
+    all_rps = [float(r['rps']) for r in rows if r['target'] == t]
+    print('| %s | %.0f | %.2f | %.3f | %.3f | %.3f | %.3f | %.1f | %.0f%% |' % (t, x['rps'], x['rps'] / d['nginx']['rps'], x['p50_ms'], x['p99_ms'],
+          x['p50_ms'] - d['direct']['p50_ms'], x['p99_ms'] - d['direct']['p99_ms'], cpu(t, ticks_of[t]),
+          100.0 * (max(all_rps) - min(all_rps)) / statistics.median(all_rps)))
 print()
 print('CPU per request (µs): backend %.1f (direct); nginx as proxy %.1f; residency-proxy %.1f'
       % (cpu('direct', 'backend_ticks'), cpu('nginx', 'nginx_ticks'), cpu('ours', 'ours_ticks')))

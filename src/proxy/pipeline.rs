@@ -651,7 +651,7 @@ async fn forward(
     exchange.set_status(rparts.status.as_u16());
     strip_hop_by_hop(&mut rparts.headers);
     if let Ok(v) = HeaderValue::from_str(id) {
-        rparts.headers.insert(DECISION_HEADER, v);
+        rparts.headers.insert(DECISION_HEADER.clone(), v);
     }
     let back = PoolReturn { sender, pool };
     Response::from_parts(

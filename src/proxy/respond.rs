@@ -8,7 +8,10 @@ use http::{HeaderValue, Response, StatusCode, header};
 use serde::Serialize;
 use std::sync::Arc;
 
-pub const DECISION_HEADER: &str = "x-residency-decision";
+/// Names the decision on every response; named once (a custom name given as a string would
+/// be copied for every response).
+pub static DECISION_HEADER: http::HeaderName =
+    http::HeaderName::from_static("x-residency-decision");
 
 #[derive(Serialize)]
 struct ErrorBody<'a> {
@@ -29,15 +32,15 @@ pub struct Local<'a> {
 }
 
 fn unreserved(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 pub fn local(l: Local<'_>, exchange: Option<Arc<Exchange>>) -> Response<ResponseBody> {
@@ -61,7 +64,7 @@ pub fn local(l: Local<'_>, exchange: Option<Arc<Exchange>>) -> Response<Response
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Ok(v) = HeaderValue::from_str(l.decision_id) {
-        h.insert(DECISION_HEADER, v);
+        h.insert(DECISION_HEADER.clone(), v);
     }
     if l.status == 451
         && let Ok(v) = HeaderValue::from_str(&format!(
@@ -72,4 +75,15 @@ pub fn local(l: Local<'_>, exchange: Option<Arc<Exchange>>) -> Response<Response
         h.insert(header::LINK, v);
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_names_are_percent_encoded_in_the_link_urn() {
+        assert_eq!(unreserved("payments-cn_v2.1~x"), "payments-cn_v2.1~x");
+        assert_eq!(unreserved("a b/é"), "a%20b%2F%C3%A9");
+    }
 }
