@@ -212,7 +212,8 @@ async fn handle_inner(
                         started,
                         record: Some(provisional),
                     };
-                    if let Err(e) = loader.fill(subject).await {
+                    // Boxed, as the upstream connection is: only a cache miss waits here.
+                    if let Err(e) = Box::pin(loader.fill(subject)).await {
                         tracing::warn!(error = %e, "consent lookup failed");
                     }
                     abandoned.disarm();
@@ -578,12 +579,15 @@ async fn forward(
             Some(s) => (s, true),
             None => {
                 let tls = up.tls();
-                match upstream::connect(
+                // Boxed: a connection is made once for many requests, and its future (TCP,
+                // TLS, the HTTP handshake) would otherwise make every request's state, which
+                // is moved about per request, several kilobytes larger.
+                match Box::pin(upstream::connect(
                     choice.addr,
                     policy.proxy.connect_timeout,
                     allowed,
                     tls.as_deref(),
-                )
+                ))
                 .await
                 {
                     Ok(s) => {
