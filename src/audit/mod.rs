@@ -5,6 +5,7 @@ pub mod chain;
 pub mod checkpoint;
 pub mod files;
 pub mod id;
+mod json;
 pub mod keys;
 pub mod pseudonym;
 pub mod query;

@@ -209,11 +209,18 @@ impl Record {
         }
     }
 
-    /// Serialises the record, without `hash`, in canonical form.
+    /// Serialises the record, without `hash`, in canonical form. The two records of every
+    /// request are written by hand ([`super::json`]), the rare ones through serde.
     pub fn write_canonical(&self, out: &mut Vec<u8>) {
         let r = match self {
-            Record::Decision(d) => serde_json::to_writer(&mut *out, d),
-            Record::Outcome(o) => serde_json::to_writer(&mut *out, o),
+            Record::Decision(d) => {
+                d.write_json(out);
+                Ok(())
+            }
+            Record::Outcome(o) => {
+                o.write_json(out);
+                Ok(())
+            }
             Record::Checkpoint(c) => serde_json::to_writer(&mut *out, c),
             Record::Recovery(r) => serde_json::to_writer(&mut *out, r),
         };
@@ -361,6 +368,12 @@ impl Headers {
             Ok(i) => self.0[i].1 = value,
             Err(i) => self.0.insert(i, (name.clone(), value)),
         }
+    }
+}
+
+impl Headers {
+    pub fn iter(&self) -> impl Iterator<Item = &(http::HeaderName, String)> {
+        self.0.iter()
     }
 }
 
