@@ -34,7 +34,9 @@ impl Served {
 
     fn spawn(policy: &Path, cwd: &Path, stdout: Stdio) -> Served {
         let mut child = Command::new(env!("CARGO_BIN_EXE_residency-proxy"))
-            .args(["--log-format", "json", "serve", "--policy"])
+            // One worker: the single-threaded runtime the benchmarks measure (the durability
+            // tests run two).
+            .args(["--log-format", "json", "serve", "--workers", "1", "--policy"])
             .arg(policy)
             .current_dir(cwd)
             .env("RUST_LOG", "info")
