@@ -7,6 +7,8 @@
 #   REPS=1 DUR=3 benches/load/run.sh        # quick look
 #   DURABILITY=fsync benches/load/run.sh    # decision log in fsync mode
 #   BASE_BIN=/tmp/rp-before benches/load/run.sh   # a baseline build side by side ("base")
+#   BASE_BIN=target/release/residency-proxy BASE_DURABILITY=fsync benches/load/run.sh
+#                                           # the same build, fsync beside write
 #   WORKERS=2 CONNS=256 benches/load/run.sh # two workers each, servers on both cores
 #
 # Needs wrk and nginx (Debian: apt-get install wrk nginx-light). Everything listens on
@@ -31,6 +33,7 @@ PAYLOAD=${PAYLOAD:-1k}
 DURABILITY=${DURABILITY:-write}
 WORKERS=${WORKERS:-1}
 BASE_BIN=${BASE_BIN:-}
+BASE_DURABILITY=${BASE_DURABILITY:-$DURABILITY}
 export NGINX_WORKERS=$WORKERS
 SRV_CPUS=0; [ "$WORKERS" -gt 1 ] && SRV_CPUS=0,1
 OUT=${OUT:-$ROOT/target/load/$(date +%Y%m%d-%H%M%S)}
@@ -73,7 +76,7 @@ BASE=$OURS
 if [ -n "$BASE_BIN" ]; then
   mkdir -p "$W/base-logs"
   sed -e 's/127.0.0.1:18090/127.0.0.1:18091/' -e "s#$W/logs/decisions.jsonl#$W/base-logs/decisions.jsonl#" \
-    "$W/policy.toml" > "$W/base-policy.toml"
+    -e "s/^durability = .*/durability = \"$BASE_DURABILITY\"/" "$W/policy.toml" > "$W/base-policy.toml"
   taskset -c $SRV_CPUS "$BASE_BIN" serve --policy "$W/base-policy.toml" --workers "$WORKERS" 2> "$W/base-logs/proxy.log" & BASE=$!; PIDS+=($BASE)
   URLS="$URLS http://127.0.0.1:18091"
   TARGETS="$TARGETS base=http://127.0.0.1:18091"

@@ -36,7 +36,14 @@ impl Served {
         let mut child = Command::new(env!("CARGO_BIN_EXE_residency-proxy"))
             // One worker: the single-threaded runtime the benchmarks measure (the durability
             // tests run two).
-            .args(["--log-format", "json", "serve", "--workers", "1", "--policy"])
+            .args([
+                "--log-format",
+                "json",
+                "serve",
+                "--workers",
+                "1",
+                "--policy",
+            ])
             .arg(policy)
             .current_dir(cwd)
             .env("RUST_LOG", "info")
