@@ -1,6 +1,7 @@
 //! The records of the decision log (SPEC section 5). Struct fields are declared in
 //! lexicographic order so that serde's compact output *is* the canonical form that the hash
-//! chain covers; `tests::canonical_order` guards this.
+//! chain covers; `tests::canonical_order` guards this. The decision and outcome records,
+//! written for every request, are serialised by hand ([`super::json`]) to the same bytes.
 
 use super::id::DecisionId;
 use super::pseudonym::Pseudonymizer;

@@ -55,6 +55,8 @@ pub fn run(args: ServeArgs) -> CliResult {
         .workers
         .or(policy.proxy.workers)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // One worker is one thread, as an nginx worker is: the single-threaded runtime spares
+    // every wake-up the work-stealing scheduler's bookkeeping (docs/performance.md).
     let rt = if workers <= 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
