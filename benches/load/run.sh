@@ -10,6 +10,11 @@
 #   BASE_BIN=target/release/residency-proxy BASE_DURABILITY=fsync benches/load/run.sh
 #                                           # the same build, fsync beside write
 #   WORKERS=2 CONNS=256 benches/load/run.sh # two workers each, servers on both cores
+#   H2=1 benches/load/run.sh                # HTTP/2 clients in the clear (h2c, prior knowledge)
+#                                           # through h2load, 10 streams per connection; the
+#                                           # upstream side stays HTTP/1.1 (apt-get install
+#                                           # nghttp2-client). h2load reports a mean latency,
+#                                           # no percentiles: "p50" is the mean, "p99" is empty.
 #
 # Needs wrk and nginx (Debian: apt-get install wrk nginx-light). Everything listens on
 # loopback; every process started here is stopped on exit. Results: target/load/<time>/.
@@ -39,7 +44,12 @@ SRV_CPUS=0; [ "$WORKERS" -gt 1 ] && SRV_CPUS=0,1
 OUT=${OUT:-$ROOT/target/load/$(date +%Y%m%d-%H%M%S)}
 W=$OUT/work
 mkdir -p "$W/www/payments/u1" "$W/logs" "$W/run"
-command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install wrk)" >&2; exit 2; }
+H2=${H2:-}
+if [ -n "$H2" ]; then
+  command -v h2load >/dev/null || { echo "h2load is not installed (apt-get install nghttp2-client)" >&2; exit 2; }
+else
+  command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install wrk)" >&2; exit 2; }
+fi
 command -v nginx >/dev/null || { echo "nginx is not installed (apt-get install nginx-light)" >&2; exit 2; }
 
 case $PAYLOAD in 1k) SIZE=1024;; 64k) SIZE=65536;; 1m) SIZE=1048576;; *) echo "PAYLOAD is 1k, 64k or 1m" >&2; exit 2;; esac
@@ -49,9 +59,13 @@ head -c "$SIZE" /dev/urandom > "$W/www/payments/u1/$PAYLOAD.bin"
 # Kept apart so that nginx-the-proxy pays for talking to its backend across processes exactly
 # as residency-proxy does.
 source "$ROOT/benches/lib.sh"
-nginx_conf backend "server { listen 127.0.0.2:18080 backlog=4096; root $W/www; location / { } }" > "$W/backend.conf"
+# With H2, clients speak HTTP/2 in the clear: the backend also listens for it on 18083 (the
+# direct target), and nginx-the-proxy takes it on 18081; both proxies reach the backend
+# over HTTP/1.1 on 18080.
+H2_LISTEN=""; [ -n "$H2" ] && H2_LISTEN=" http2"
+nginx_conf backend "server { listen 127.0.0.2:18080 backlog=4096; ${H2:+listen 127.0.0.2:18083 backlog=4096 http2;} root $W/www; location / { } }" > "$W/backend.conf"
 nginx_conf proxy "upstream store { server 127.0.0.2:18080; keepalive 256; keepalive_requests 1000000; }
-    server { listen 127.0.0.1:18081 backlog=4096; $NGINX_PROXY_LOCATION }" > "$W/proxy.conf"
+    server { listen 127.0.0.1:18081 backlog=4096$H2_LISTEN; $NGINX_PROXY_LOCATION }" > "$W/proxy.conf"
 
 # RP_BIN=/path/to/residency-proxy measures a given build (to compare two side by side).
 if [ -z "${RP_BIN:-}" ]; then
@@ -70,8 +84,9 @@ trap cleanup EXIT INT TERM
 taskset -c $SRV_CPUS nginx -p "$W" -c "$W/backend.conf" -g "daemon off;" & BACKEND=$!; PIDS+=($BACKEND)
 taskset -c $SRV_CPUS nginx -p "$W" -c "$W/proxy.conf" -g "daemon off;" & NGINX=$!; PIDS+=($NGINX)
 taskset -c $SRV_CPUS "$BIN" serve --policy "$W/policy.toml" --workers "$WORKERS" 2> "$W/logs/proxy.log" & OURS=$!; PIDS+=($OURS)
-URLS="http://127.0.0.2:18080 http://127.0.0.1:18081 http://127.0.0.1:18090"
-TARGETS="direct=http://127.0.0.2:18080 nginx=http://127.0.0.1:18081 ours=http://127.0.0.1:18090"
+DIRECT=http://127.0.0.2:18080; [ -n "$H2" ] && DIRECT=http://127.0.0.2:18083
+URLS="$DIRECT http://127.0.0.1:18081 http://127.0.0.1:18090"
+TARGETS="direct=$DIRECT nginx=http://127.0.0.1:18081 ours=http://127.0.0.1:18090"
 BASE=$OURS
 if [ -n "$BASE_BIN" ]; then
   mkdir -p "$W/base-logs"
@@ -82,9 +97,10 @@ if [ -n "$BASE_BIN" ]; then
   TARGETS="$TARGETS base=http://127.0.0.1:18091"
 fi
 URL_PATH=/payments/u1/$PAYLOAD.bin
+CURL_H2=(); [ -n "$H2" ] && CURL_H2=(--http2-prior-knowledge)
 for u in $URLS; do
-  for _ in $(seq 1 100); do curl -sf -o /dev/null -H 'X-Purpose: credit_scoring' "$u$URL_PATH" && break; sleep 0.1; done
-  code=$(curl -s -o /dev/null -w '%{http_code}' -H 'X-Purpose: credit_scoring' "$u$URL_PATH")
+  for _ in $(seq 1 100); do curl -sf "${CURL_H2[@]}" -o /dev/null -H 'X-Purpose: credit_scoring' "$u$URL_PATH" && break; sleep 0.1; done
+  code=$(curl -s "${CURL_H2[@]}" -o /dev/null -w '%{http_code}' -H 'X-Purpose: credit_scoring' "$u$URL_PATH")
   [ "$code" = 200 ] || { echo "$u$URL_PATH answered $code" >&2; cat "$W/logs/proxy.log" >&2; exit 1; }
 done
 
@@ -98,19 +114,35 @@ ticks() {
   echo $total
 }
 to_ms() { awk -v v="$1" 'BEGIN{ if (v ~ /us$/) {sub(/us/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v); print v+0} else {sub(/s/,"",v); print v*1000} }'; }
-for t in $TARGETS; do taskset -c 1 wrk -t"$THREADS" -c"$CONNS" -d2s -H 'X-Purpose: credit_scoring' "${t#*=}$URL_PATH" >/dev/null; done
+# One load run: wrk (HTTP/1.1) or h2load (H2), pinned to CPU 1.
+load() {  # seconds, url
+  if [ -n "$H2" ]; then
+    taskset -c 1 h2load -t"$THREADS" -c"$CONNS" -m10 -D"$1" -H 'X-Purpose: credit_scoring' "$2"
+  else
+    taskset -c 1 wrk -t"$THREADS" -c"$CONNS" -d"$1s" --latency -H 'X-Purpose: credit_scoring' "$2"
+  fi
+}
+for t in $TARGETS; do load 2 "${t#*=}$URL_PATH" >/dev/null; done
 for rep in $(seq 1 "$REPS"); do
   for t in $TARGETS; do
     name=${t%%=*}
     raw=$OUT/wrk_${name}_r$rep.txt
     b0=$(ticks $BACKEND); n0=$(ticks $NGINX); o0=$(ticks $OURS); s0=$(ticks $BASE)
-    taskset -c 1 wrk -t"$THREADS" -c"$CONNS" -d"${DUR}s" --latency -H 'X-Purpose: credit_scoring' "${t#*=}$URL_PATH" > "$raw"
+    load "$DUR" "${t#*=}$URL_PATH" > "$raw"
     b1=$(ticks $BACKEND); n1=$(ticks $NGINX); o1=$(ticks $OURS); s1=$(ticks $BASE)
-    rps=$(awk '/^Requests\/sec/{print $2}' "$raw")
-    p50=$(to_ms "$(awk '$1=="50%"{print $2}' "$raw")")
-    p99=$(to_ms "$(awk '$1=="99%"{print $2}' "$raw")")
-    reqs=$(awk '/requests in/{print $1}' "$raw")
-    errs=$(awk '/Non-2xx/{print $NF} /Socket errors/{gsub(/,/,""); print $4+$6+$8+$10}' "$raw" | paste -sd+ | bc 2>/dev/null || echo 0)
+    if [ -n "$H2" ]; then
+      rps=$(awk '/^finished in/{print $4}' "$raw")
+      p50=$(to_ms "$(awk '/^time for request:/{print $6}' "$raw")")
+      p99=nan
+      reqs=$(awk '/^requests:/{print $2}' "$raw")
+      errs=$(awk '/^requests:/{print $10 + $12 + $14} /^status codes:/{print $7 + $9}' "$raw" | paste -sd+ | bc 2>/dev/null || echo 0)
+    else
+      rps=$(awk '/^Requests\/sec/{print $2}' "$raw")
+      p50=$(to_ms "$(awk '$1=="50%"{print $2}' "$raw")")
+      p99=$(to_ms "$(awk '$1=="99%"{print $2}' "$raw")")
+      reqs=$(awk '/requests in/{print $1}' "$raw")
+      errs=$(awk '/Non-2xx/{print $NF} /Socket errors/{gsub(/,/,""); print $4+$6+$8+$10}' "$raw" | paste -sd+ | bc 2>/dev/null || echo 0)
+    fi
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rep" "$rps" "$p50" "$p99" "$reqs" "${errs:-0}" $((b1 - b0)) $((n1 - n0)) $((o1 - o0)) $((s1 - s0)) >> "$OUT/runs.tsv"
     printf '  rep %s %-7s %10s rps  p50 %6s ms  p99 %6s ms\n' "$rep" "$name" "$rps" "$p50" "$p99"
   done
