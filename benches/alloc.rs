@@ -8,7 +8,10 @@
 //! is measured too. The client and the upstream run on threads of their own, which are not
 //! counted; the proxy, its log writer and its blocking pool are.
 //!
-//! `cargo bench --bench alloc` prints allocations and bytes per request.
+//! `cargo bench --bench alloc` prints allocations and bytes per request. `CASE=forwarded`
+//! (or `refused`) runs one case, `REQUESTS=N` changes the count (benches/instructions.sh
+//! runs this under valgrind with fewer), and `ALLOC_TRACE=1` prints where a few requests'
+//! allocations are made.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
@@ -72,8 +75,10 @@ fn record_site() {
         .or_default() += 1;
 }
 
-// SAFETY: every call is passed on to the system allocator unchanged; counting only reads a
-// thread-local flag (const-initialised, no destructor) and bumps two atomics.
+// SAFETY: every call is passed on to the system allocator unchanged. Counting reads a
+// thread-local flag (const-initialised, no destructor) and bumps two atomics; with
+// ALLOC_TRACE it also records a backtrace, which allocates through this same allocator and is
+// kept from recursing by a second thread-local flag.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         note(layout.size());
