@@ -6,7 +6,7 @@
 //! the reference; `tests::matches_serde_json` holds the two together), since `audit verify`
 //! hashes the form serde_json writes.
 
-use super::record::{DecisionRecord, OutcomeRecord};
+use super::record::{DecisionRecord, OutcomeRecord, STAMP_LEN, Stamp, rfc3339_micros};
 use crate::policy::country::Country;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -21,7 +21,8 @@ impl Out<'_> {
     }
 
     /// A string that needs no escaping (ASCII letters, digits and punctuation other than `"`
-    /// and `\`), quoted.
+    /// and `\`), quoted: the names the code itself gives (verdicts, reasons, kinds, country
+    /// codes) and timestamps.
     fn plain(&mut self, s: &str) {
         debug_assert!(!needs_escape(s.as_bytes()), "{s:?}");
         self.0.reserve(s.len() + 2);
@@ -48,7 +49,7 @@ impl Out<'_> {
 
     fn country(&mut self, c: Option<Country>) {
         match c {
-            Some(c) => self.str(c.as_str()),
+            Some(c) => self.plain(c.as_str()),
             None => self.raw("null"),
         }
     }
@@ -109,6 +110,15 @@ impl Out<'_> {
         }
     }
 
+    /// A record's timestamp, without a pass through serde.
+    fn stamp(&mut self, ts: Stamp) {
+        let mut buf = [0u8; STAMP_LEN];
+        match rfc3339_micros(ts.0, &mut buf) {
+            Some(text) => self.plain(text),
+            None => self.serde(&ts),
+        }
+    }
+
     /// A value through serde_json itself (numbers with a fraction, the rare types).
     fn serde<T: serde::Serialize + ?Sized>(&mut self, value: &T) {
         serde_json::to_writer(&mut *self.0, value).expect("records serialise to JSON");
@@ -142,7 +152,7 @@ impl DecisionRecord {
         o.raw(",\"ip\":");
         o.opt_ip(c.ip);
         o.raw(",\"source\":");
-        o.str(c.source);
+        o.plain(c.source);
         o.raw(",\"via\":");
         o.opt_ip(c.via);
         o.raw("},\"consent\":");
@@ -152,7 +162,7 @@ impl DecisionRecord {
                 o.raw("{\"id\":");
                 o.str(&consent.id);
                 o.raw(",\"result\":");
-                o.str(consent.result);
+                o.plain(consent.result);
                 if let Some(why) = &consent.why {
                     o.raw(",\"why\":");
                     o.str(why);
@@ -163,7 +173,7 @@ impl DecisionRecord {
         o.raw(",\"dataset\":");
         o.opt_str(self.dataset.as_deref());
         o.raw(",\"decision\":");
-        o.str(self.decision);
+        o.plain(self.decision);
         o.raw(",\"enforced\":");
         o.bool(self.enforced);
         o.raw(",\"geo_db\":");
@@ -171,7 +181,7 @@ impl DecisionRecord {
         o.raw(",\"id\":");
         o.str(self.id.as_str());
         o.raw(",\"kind\":");
-        o.str(self.kind);
+        o.plain(self.kind);
         o.raw(",\"policy\":");
         o.str(&self.policy);
         o.raw(",\"prev\":");
@@ -179,14 +189,14 @@ impl DecisionRecord {
         o.raw(",\"purpose\":");
         o.opt_str(self.purpose.as_deref());
         o.raw(",\"reason\":");
-        o.str(self.reason.as_str());
+        o.plain(self.reason.as_str());
         let r = &self.recipient;
         o.raw(",\"recipient\":{\"country\":");
         o.country(r.country);
         o.raw(",\"id\":");
         o.opt_str(r.id.as_deref());
         o.raw(",\"relation\":");
-        o.str(r.relation.as_str());
+        o.plain(r.relation.as_str());
         let q = &self.request;
         o.raw("},\"request\":{\"headers\":{");
         for (i, (name, value)) in q.headers.iter().enumerate() {
@@ -217,7 +227,7 @@ impl DecisionRecord {
         o.raw(",\"subject\":");
         o.opt_str(self.subject.as_deref());
         o.raw(",\"ts\":");
-        o.serde(&self.ts);
+        o.stamp(self.ts);
         o.raw(",\"upstream\":");
         match &self.upstream {
             None => o.raw("null"),
@@ -254,11 +264,14 @@ impl OutcomeRecord {
         o.raw(",\"duration_ms\":");
         o.serde(&self.duration_ms);
         o.raw(",\"error\":");
-        o.opt_str(self.error.map(|e| e.as_str()));
+        match self.error {
+            Some(e) => o.plain(e.as_str()),
+            None => o.raw("null"),
+        }
         o.raw(",\"id\":");
         o.str(self.id.as_str());
         o.raw(",\"kind\":");
-        o.str(self.kind);
+        o.plain(self.kind);
         o.raw(",\"prev\":");
         o.str(self.prev.as_str());
         o.raw(",\"seq\":");
@@ -266,7 +279,7 @@ impl OutcomeRecord {
         o.raw(",\"status\":");
         o.u64(u64::from(self.status));
         o.raw(",\"ts\":");
-        o.serde(&self.ts);
+        o.stamp(self.ts);
         o.raw(",\"upstream\":");
         match self.upstream {
             Some(addr) => o.socket(addr),

@@ -238,11 +238,11 @@ pub fn timestamp(t: jiff::Timestamp) -> String {
     }
 }
 
-const STAMP_LEN: usize = "2026-11-28T04:31:53.123456Z".len();
+pub(super) const STAMP_LEN: usize = "2026-11-28T04:31:53.123456Z".len();
 
 /// [`timestamp`] without jiff's general printer: the log writes two per request. `None`
 /// outside the years 0000 to 9999, which the general printer writes.
-fn rfc3339_micros(t: jiff::Timestamp, buf: &mut [u8; STAMP_LEN]) -> Option<&str> {
+pub(super) fn rfc3339_micros(t: jiff::Timestamp, buf: &mut [u8; STAMP_LEN]) -> Option<&str> {
     let micros = t.as_microsecond();
     let (secs, us) = (micros.div_euclid(1_000_000), micros.rem_euclid(1_000_000));
     let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
