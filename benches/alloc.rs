@@ -13,6 +13,8 @@
 //! runs this under valgrind with fewer), and `ALLOC_TRACE=1` prints where a few requests'
 //! allocations are made.
 
+mod common;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
@@ -275,48 +277,17 @@ fn write_setup(dir: &std::path::Path, upstream: SocketAddr) -> std::path::PathBu
     )
     .unwrap();
     let policy = dir.join("policy.toml");
+    let extra = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n\
+         [consent]\nstore = \"file:{}\"\npurpose_header = \"X-Purpose\"\n\
+         [log]\npath = \"{}\"\nsigning_key = \"{}\"\ndurability = \"write\"\n",
+        consents.display(),
+        dir.join("logs/decisions.jsonl").display(),
+        key.display()
+    );
     std::fs::write(
         &policy,
-        format!(
-            r#"[policy]
-name = "alloc-bench"
-home = "CN"
-[proxy]
-listen = "127.0.0.1:0"
-[[networks]]
-cidr = "127.0.0.2/32"
-country = "CN"
-[[networks]]
-cidr = "127.0.0.1/32"
-country = "US"
-[[upstreams]]
-name = "store"
-url = "http://{upstream}"
-[[recipients]]
-id = "bureau"
-relation = "third_party"
-country = "US"
-networks = ["127.0.0.1/32"]
-[[datasets]]
-name = "payments"
-match = {{ path_prefix = "/payments/" }}
-upstream = "store"
-category = "user.financial"
-subject = {{ path_segment = 2 }}
-cross_border = "consent"
-third_party = "consent"
-[consent]
-store = "file:{}"
-purpose_header = "X-Purpose"
-[log]
-path = "{}"
-signing_key = "{}"
-durability = "write"
-"#,
-            consents.display(),
-            dir.join("logs/decisions.jsonl").display(),
-            key.display()
-        ),
+        common::load_policy("alloc-bench", &upstream.to_string(), &extra),
     )
     .unwrap();
     policy

@@ -47,38 +47,6 @@ const MISSES: usize = 20_000;
 /// Revocations timed.
 const REVOCATIONS: usize = 20;
 
-/// The bench's policy: the shape of `benches/lib.sh` (the bureau, a US third party at
-/// 127.0.0.1, reads the CN store's `payments` under a consent).
-const POLICY: &str = r#"
-[policy]
-name = "consent-scale"
-home = "CN"
-[log]
-pseudonymize = false
-[[networks]]
-cidr = "127.0.0.2/32"
-country = "CN"
-[[networks]]
-cidr = "127.0.0.1/32"
-country = "US"
-[[upstreams]]
-name = "store"
-url = "http://127.0.0.2:9000"
-[[recipients]]
-id = "bureau"
-relation = "third_party"
-country = "US"
-networks = ["127.0.0.1/32"]
-[[datasets]]
-name = "payments"
-match = { path_prefix = "/payments/" }
-upstream = "store"
-category = "user.financial"
-subject = { path_segment = 2 }
-cross_border = "consent"
-third_party = "consent"
-"#;
-
 fn rss_kib(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("Linux /proc");
     status
@@ -565,7 +533,15 @@ fn measure_cached(n: u64, rows: &mut Rows) {
         };
         let snap = rt
             .block_on(Snapshot::build(
-                from_str("consent-scale.toml", POLICY).expect("the bench policy compiles"),
+                from_str(
+                    "consent-scale.toml",
+                    &common::load_policy(
+                        "consent-scale",
+                        "127.0.0.2:9000",
+                        "[log]\npseudonymize = false\n",
+                    ),
+                )
+                .expect("the bench policy compiles"),
                 None,
                 index.clone(),
                 &residency_proxy::metrics::Metrics::new(),

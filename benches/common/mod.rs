@@ -1,5 +1,5 @@
-//! What the benchmarks share: the policy with 10,000 datasets, a million consents, and a
-//! request as the proxy hands it to `decide`.
+//! What the benchmarks share: the policy with 10,000 datasets, a million consents, a request
+//! as the proxy hands it to `decide`, and the load benchmarks' policy.
 
 #![allow(dead_code)]
 
@@ -28,6 +28,40 @@ pub fn policy_text() -> String {
         ));
     }
     s
+}
+
+/// The load benchmarks' case (the shape of `benches/lib.sh`): the bureau, a US third party at
+/// 127.0.0.1, reads the CN store's `payments` (at `store`, 127.0.0.2) under a consent.
+/// `extra` holds the tables the benchmark adds (`[proxy]`, `[consent]`, `[log]`).
+pub fn load_policy(name: &str, store: &str, extra: &str) -> String {
+    format!(
+        r#"[policy]
+name = "{name}"
+home = "CN"
+[[networks]]
+cidr = "127.0.0.2/32"
+country = "CN"
+[[networks]]
+cidr = "127.0.0.1/32"
+country = "US"
+[[upstreams]]
+name = "store"
+url = "http://{store}"
+[[recipients]]
+id = "bureau"
+relation = "third_party"
+country = "US"
+networks = ["127.0.0.1/32"]
+[[datasets]]
+name = "payments"
+match = {{ path_prefix = "/payments/" }}
+upstream = "store"
+category = "user.financial"
+subject = {{ path_segment = 2 }}
+cross_border = "consent"
+third_party = "consent"
+{extra}"#
+    )
 }
 
 /// Consent `i`: subject `u{i}`; even ones name `bureau`, odd ones another recipient.
