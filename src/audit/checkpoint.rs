@@ -13,7 +13,7 @@
 //! `sig`, so the next record's `prev` commits to the signature too.
 
 use super::keys::{self, SigningKey};
-use super::record::{CheckpointRecord, VERSION};
+use super::record::{CheckpointRecord, Link, VERSION};
 
 /// Prefixed to the signed bytes so that a checkpoint signature can never be mistaken for a
 /// signature over anything else made with the same key.
@@ -41,7 +41,7 @@ pub fn unsigned(key: Option<&KeyFields>, final_: bool, ts: String) -> Checkpoint
         final_,
         key: key.map(|k| k.fingerprint.clone()),
         kind: "checkpoint",
-        prev: String::new(),
+        prev: Link::default(),
         public_key: key.map(|k| k.public_key.clone()),
         seq: 0,
         sig: None,
@@ -84,7 +84,7 @@ mod tests {
         let fields = KeyFields::of(&key);
         let mut cp = unsigned(Some(&fields), true, "2026-01-01T00:00:00.000000Z".into());
         cp.seq = 7;
-        cp.prev = "ab".repeat(32);
+        cp.prev = "ab".repeat(32).as_str().into();
         let mut scratch = Vec::new();
         sign(&mut cp, &key, &mut scratch);
         let sig = hex::decode(cp.sig.clone().unwrap()).unwrap();
@@ -92,7 +92,7 @@ mod tests {
         let canonical = serde_json::to_vec(&cp).unwrap();
         assert!(verify(key.public_key(), &canonical, &sig, &mut scratch));
         // Another chain head under the same signature does not verify.
-        cp.prev = "cd".repeat(32);
+        cp.prev = "cd".repeat(32).as_str().into();
         let other = serde_json::to_vec(&cp).unwrap();
         assert!(!verify(key.public_key(), &other, &sig, &mut scratch));
         assert_eq!(

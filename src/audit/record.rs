@@ -129,7 +129,7 @@ pub struct CheckpointRecord {
     pub key: Option<String>,
     pub kind: &'static str,
     /// The chain head the signature covers: the hash of the record before.
-    pub prev: String,
+    pub prev: Link,
     /// The raw Ed25519 public key, hex; null when unsigned.
     pub public_key: Option<String>,
     pub seq: u64,
@@ -156,7 +156,7 @@ pub struct RecoveryRecord {
     pub last_kind: Option<String>,
     /// `seq` of the last complete record found (0: none).
     pub last_seq: u64,
-    pub prev: String,
+    pub prev: Link,
     pub seq: u64,
     /// Bytes of a torn (half-written) record cut off the end of `file`.
     pub torn_bytes: u64,
@@ -183,22 +183,13 @@ pub enum Record {
 impl Record {
     pub fn set_chain(&mut self, seq: u64, prev: &str) {
         let (s, p) = match self {
-            Record::Decision(d) => {
-                d.prev.set(prev);
-                (&mut d.seq, None)
-            }
-            Record::Outcome(o) => {
-                o.prev.set(prev);
-                (&mut o.seq, None)
-            }
-            Record::Checkpoint(c) => (&mut c.seq, Some(&mut c.prev)),
-            Record::Recovery(r) => (&mut r.seq, Some(&mut r.prev)),
+            Record::Decision(d) => (&mut d.seq, &mut d.prev),
+            Record::Outcome(o) => (&mut o.seq, &mut o.prev),
+            Record::Checkpoint(c) => (&mut c.seq, &mut c.prev),
+            Record::Recovery(r) => (&mut r.seq, &mut r.prev),
         };
         *s = seq;
-        if let Some(p) = p {
-            p.clear();
-            p.push_str(prev);
-        }
+        p.set(prev);
     }
 
     /// The decision id; empty for checkpoints and recovery records.
@@ -300,8 +291,8 @@ impl Serialize for Stamp {
     }
 }
 
-/// The `prev` of a decision or outcome record: a SHA-256 hex digest, held inline (the writer
-/// sets it on every record it chains).
+/// A record's `prev`: a SHA-256 hex digest, held inline (the writer sets it on every record
+/// it chains).
 #[derive(Clone, Copy)]
 pub struct Link {
     len: u8,

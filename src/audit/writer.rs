@@ -29,7 +29,7 @@ use super::chain::{GENESIS, link_into};
 use super::checkpoint::{self, KeyFields};
 use super::files::{self, LogFilesError};
 use super::keys::SigningKey;
-use super::record::{ExpectedHead, Record, RecoveryRecord, VERSION, timestamp};
+use super::record::{ExpectedHead, Link, Record, RecoveryRecord, VERSION, timestamp};
 use crate::policy::model::{Durability, LogSettings, LogTarget};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -423,7 +423,7 @@ fn recovery_record(
         kind: "recovery",
         last_kind: tail.and_then(|t| t.kind.clone()),
         last_seq: tail.map_or(0, |t| t.head.seq),
-        prev: String::new(),
+        prev: Link::default(),
         seq: 0,
         torn_bytes: torn,
         ts: timestamp(jiff::Timestamp::now()),
@@ -783,7 +783,7 @@ impl Committer {
             timestamp(jiff::Timestamp::now()),
         );
         cp.seq = self.seq + 1;
-        cp.prev.push_str(&self.prev);
+        cp.prev.set(&self.prev);
         if let Some(key) = &self.key {
             checkpoint::sign(&mut cp, key, &mut self.scratch);
         }

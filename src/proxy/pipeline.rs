@@ -33,7 +33,7 @@ pub struct ConnInfo {
     pub activity: Option<Arc<super::stall::Activity>>,
     /// The client's address as the `X-Forwarded-For` hop this proxy adds, rendered once for
     /// the connection's requests.
-    pub forwarded_for: Option<HeaderValue>,
+    pub forwarded_for: HeaderValue,
 }
 
 impl ConnInfo {
@@ -46,7 +46,8 @@ impl ConnInfo {
             peer,
             identity,
             activity,
-            forwarded_for: HeaderValue::from_str(&peer.ip().to_string()).ok(),
+            forwarded_for: HeaderValue::from_str(&peer.ip().to_string())
+                .expect("an IP address is a valid header value"),
         }
     }
 }
@@ -454,10 +455,7 @@ fn append_forwarded_for(headers: &mut HeaderMap, conn: &ConnInfo) {
     let peer = conn.peer.ip();
     if !headers.contains_key(&X_FORWARDED_FOR) {
         // The common case: this proxy is the first hop, named as rendered for the connection.
-        let value = conn.forwarded_for.clone();
-        if let Some(v) = value.or_else(|| HeaderValue::from_str(&peer.to_string()).ok()) {
-            headers.insert(X_FORWARDED_FOR.clone(), v);
-        }
+        headers.insert(X_FORWARDED_FOR.clone(), conn.forwarded_for.clone());
         return;
     }
     let prior: Vec<String> = headers
