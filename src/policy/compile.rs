@@ -1,6 +1,11 @@
 //! Load (files and includes) and compile a policy: every error is collected, each with its
 //! file, line and rule path, before anything is returned. File reading is injected so that
 //! this module stays free of I/O.
+//!
+//! One file for one idea, raw policy to checked model: every section's checks share the error
+//! collector, the line lookup and the cross-references between sections (datasets name
+//! upstreams and jurisdictions, recipients name networks). About 1,750 of its lines are
+//! code, the rest its tests.
 
 use super::consent::KNOWN_METHODS;
 use super::country::{Country, CountrySet};
