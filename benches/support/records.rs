@@ -84,6 +84,7 @@ pub fn decision(n: u64, pseudo: &Pseudonymizer, ts: jiff::Timestamp) -> Decision
         headers.insert(&http::HeaderName::from_static("x-purpose"), p.clone());
     }
     DecisionRecord {
+        instance: None,
         category: dataset.map(|_| Arc::from("user.financial")),
         client: ClientRec {
             country: Country::parse(country),
@@ -148,6 +149,7 @@ pub fn decision(n: u64, pseudo: &Pseudonymizer, ts: jiff::Timestamp) -> Decision
 #[allow(dead_code)] // used by one of the two benchmarks that include this file
 pub fn outcome(d: &DecisionRecord, n: u64) -> OutcomeRecord {
     OutcomeRecord {
+        instance: None,
         bytes_in: 0,
         bytes_out: if d.status.is_none() {
             1024 + n % 4096

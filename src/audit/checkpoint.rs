@@ -38,6 +38,7 @@ impl KeyFields {
 /// A checkpoint to be chained; the writer fills `seq` and `prev`, then [`sign`] fills `sig`.
 pub fn unsigned(key: Option<&KeyFields>, final_: bool, ts: String) -> CheckpointRecord {
     CheckpointRecord {
+        instance: None,
         final_,
         key: key.map(|k| k.fingerprint.clone()),
         kind: "checkpoint",

@@ -180,6 +180,10 @@ impl DecisionRecord {
         o.opt_str(self.geo_db.as_deref());
         o.raw(",\"id\":");
         o.str(self.id.as_str());
+        if let Some(instance) = &self.instance {
+            o.raw(",\"instance\":");
+            o.str(instance);
+        }
         o.raw(",\"kind\":");
         o.plain(self.kind);
         o.raw(",\"policy\":");
@@ -270,6 +274,10 @@ impl OutcomeRecord {
         }
         o.raw(",\"id\":");
         o.str(self.id.as_str());
+        if let Some(instance) = &self.instance {
+            o.raw(",\"instance\":");
+            o.str(instance);
+        }
         o.raw(",\"kind\":");
         o.plain(self.kind);
         o.raw(",\"prev\":");
@@ -345,6 +353,7 @@ mod tests {
             );
         }
         DecisionRecord {
+            instance: (i % 2 == 0).then(|| Arc::from(nasty(i + 7).as_str())),
             category: opt(2).map(Arc::from),
             client: ClientRec {
                 country: Country::parse(["CN", "US", "DE"][i % 3]),
@@ -400,6 +409,7 @@ mod tests {
 
     fn outcome(i: usize) -> OutcomeRecord {
         OutcomeRecord {
+            instance: (i % 3 == 0).then(|| Arc::from(nasty(i + 3).as_str())),
             bytes_in: i as u64 * 1_000_003,
             bytes_out: u64::MAX - i as u64,
             complete: i % 2 == 0,

@@ -76,6 +76,9 @@ pub struct DecisionRecord {
     pub enforced: bool,
     pub geo_db: Option<Arc<str>>,
     pub id: DecisionId,
+    /// The chain's name (`[log] instance`), set by the writer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<Arc<str>>,
     pub kind: &'static str,
     pub policy: Arc<str>,
     pub prev: Link,
@@ -106,6 +109,8 @@ pub struct OutcomeRecord {
     /// Why the exchange failed after the decision, if it did.
     pub error: Option<Reason>,
     pub id: DecisionId,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<Arc<str>>,
     pub kind: &'static str,
     pub prev: Link,
     pub seq: u64,
@@ -125,6 +130,9 @@ pub struct CheckpointRecord {
     /// Written when the log was closed cleanly: nothing follows until the next start.
     #[serde(rename = "final")]
     pub final_: bool,
+    /// The chain's name: the signature covers it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<Arc<str>>,
     /// `sha256:` fingerprint of the signing key's raw public key; null when unsigned.
     pub key: Option<String>,
     pub kind: &'static str,
@@ -151,6 +159,8 @@ pub struct RecoveryRecord {
     pub expected: Option<ExpectedHead>,
     /// Name of the file the previous run's last record is in.
     pub file: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<Arc<str>>,
     pub kind: &'static str,
     /// Kind of the last complete record found (null: the log held none).
     pub last_kind: Option<String>,
@@ -181,15 +191,17 @@ pub enum Record {
 }
 
 impl Record {
-    pub fn set_chain(&mut self, seq: u64, prev: &str) {
-        let (s, p) = match self {
-            Record::Decision(d) => (&mut d.seq, &mut d.prev),
-            Record::Outcome(o) => (&mut o.seq, &mut o.prev),
-            Record::Checkpoint(c) => (&mut c.seq, &mut c.prev),
-            Record::Recovery(r) => (&mut r.seq, &mut r.prev),
+    /// Places the record in a chain: its `seq`, its `prev`, and the chain's name.
+    pub fn set_chain(&mut self, seq: u64, prev: &str, instance: Option<&Arc<str>>) {
+        let (s, p, i) = match self {
+            Record::Decision(d) => (&mut d.seq, &mut d.prev, &mut d.instance),
+            Record::Outcome(o) => (&mut o.seq, &mut o.prev, &mut o.instance),
+            Record::Checkpoint(c) => (&mut c.seq, &mut c.prev, &mut c.instance),
+            Record::Recovery(r) => (&mut r.seq, &mut r.prev, &mut r.instance),
         };
         *s = seq;
         p.set(prev);
+        *i = instance.cloned();
     }
 
     /// The decision id; empty for checkpoints and recovery records.
@@ -494,6 +506,7 @@ pub fn decision_record(
         why: c.failure.and(decision.detail.as_deref()).map(str::to_owned),
     });
     DecisionRecord {
+        instance: None,
         category: dataset.map(|d| d.category.clone()),
         client,
         consent,
@@ -541,6 +554,7 @@ pub fn failure_record(
     rule: &str,
 ) -> DecisionRecord {
     DecisionRecord {
+        instance: None,
         category: None,
         client: ClientRec {
             country: None,
@@ -649,6 +663,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), sorted(&v));
         let o = Record::Outcome(OutcomeRecord {
+            instance: None,
             bytes_in: 1,
             bytes_out: 2,
             complete: true,
@@ -669,6 +684,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), sorted(&v));
         let mut cp = CheckpointRecord {
+            instance: None,
             final_: true,
             key: Some("sha256:00".into()),
             kind: "checkpoint",
@@ -680,6 +696,7 @@ mod tests {
             v: 1,
         };
         let recovery = RecoveryRecord {
+            instance: None,
             expected: Some(ExpectedHead {
                 hash: "h".into(),
                 seq: 9,

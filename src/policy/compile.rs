@@ -1214,7 +1214,49 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
             mask_headers.push(hn);
         }
     }
+    let instance = match l.instance.as_deref() {
+        None => default_instance(),
+        Some(name) => {
+            if let Err(why) = check_instance(name) {
+                cx.err(lfile, &lat("instance"), "log.instance", why);
+            }
+            Arc::from(name)
+        }
+    };
+    let ship = l.ship.map(|raw| {
+        let ship = compile_ship(cx, lfile, raw);
+        if matches!(target, LogTarget::Stdout) {
+            cx.err(
+                lfile,
+                &[k("log"), k("ship")],
+                "log.ship",
+                "needs log.path to be a file: only sealed files ship, and standard output is never sealed",
+            );
+        }
+        ship
+    });
+    // Shipping seals files on a schedule by default, so that a quiet sidecar ships too.
+    let rotate_interval = match l.rotate_interval.as_deref().map(parse_duration) {
+        None => ship.as_ref().map(|_| Duration::from_secs(300)),
+        Some(Ok(d)) if d >= Duration::from_secs(1) => Some(d),
+        Some(Ok(_)) => {
+            cx.err(
+                lfile,
+                &lat("rotate_interval"),
+                "log.rotate_interval",
+                "must be at least 1s",
+            );
+            None
+        }
+        Some(Err(e)) => {
+            cx.err(lfile, &lat("rotate_interval"), "log.rotate_interval", e);
+            None
+        }
+    };
     let log = LogSettings {
+        instance,
+        rotate_interval,
+        ship: ship.flatten(),
         target,
         durability,
         on_failure,
@@ -1594,6 +1636,167 @@ fn build_index(datasets: &[Dataset]) -> DatasetIndex {
         last_bytes,
         by_prefix,
     }
+}
+
+/// The host name, as a chain name: `[log] instance` when not given.
+fn default_instance() -> Arc<str> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let name: String = host
+        .trim()
+        .chars()
+        .map(|c| if instance_char(c) { c } else { '-' })
+        .take(INSTANCE_MAX)
+        .collect();
+    if name.is_empty() {
+        Arc::from("residency-proxy")
+    } else {
+        Arc::from(name)
+    }
+}
+
+const INSTANCE_MAX: usize = 128;
+
+fn instance_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+/// An instance names a folder of object storage and appears in every record: letters,
+/// digits, `-`, `_` and `.`, not starting with a dot.
+fn check_instance(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > INSTANCE_MAX {
+        return Err(format!("must be 1 to {INSTANCE_MAX} characters"));
+    }
+    if name.starts_with('.') || !name.chars().all(instance_char) {
+        return Err(format!(
+            "\"{name}\" may hold only letters, digits, '-', '_' and '.', and not start with '.' (it names a folder in object storage)"
+        ));
+    }
+    Ok(())
+}
+
+/// `[log.ship]`; `None` (after reporting why) when it cannot be used.
+fn compile_ship(cx: &mut Cx<'_>, file: usize, raw: RawShip) -> Option<ShipSettings> {
+    let at = |f: &str| vec![k("log"), k("ship"), k(f)];
+    let before = cx.diags.len();
+    let url = match raw.url.as_deref() {
+        None => {
+            cx.err(
+                file,
+                &[k("log"), k("ship")],
+                "log.ship.url",
+                "is required: where sealed files go, e.g. \"s3://decision-logs/shanghai/\"",
+            );
+            None
+        }
+        Some(text) => match url::Url::parse(text) {
+            Ok(u) if matches!(u.scheme(), "s3" | "gs" | "az" | "file") => Some(u),
+            Ok(u) => {
+                cx.err(
+                    file,
+                    &at("url"),
+                    "log.ship.url",
+                    format!(
+                        "\"{text}\": scheme {}: is not one of s3://, gs://, az://, file://",
+                        u.scheme()
+                    ),
+                );
+                None
+            }
+            Err(e) => {
+                cx.err(
+                    file,
+                    &at("url"),
+                    "log.ship.url",
+                    format!("\"{text}\" is not a URL: {e}"),
+                );
+                None
+            }
+        },
+    };
+    let endpoint = raw
+        .endpoint
+        .as_deref()
+        .and_then(|text| match url::Url::parse(text) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => Some(u),
+            _ => {
+                cx.err(
+                    file,
+                    &at("endpoint"),
+                    "log.ship.endpoint",
+                    format!("\"{text}\" is not an http:// or https:// URL with a host"),
+                );
+                None
+            }
+        });
+    let credentials = match raw.credentials.as_deref() {
+        None | Some("env") => ShipCredentials::Env,
+        Some("") => {
+            cx.err(
+                file,
+                &at("credentials"),
+                "log.ship.credentials",
+                "must be \"env\" or the path of a credentials file",
+            );
+            ShipCredentials::Env
+        }
+        Some(path) => ShipCredentials::File(PathBuf::from(path)),
+    };
+    let spool_max_bytes = match raw.spool_max_bytes {
+        None => 2 << 30,
+        Some(RawSize::Bytes(n)) => n,
+        Some(RawSize::Text(t)) => parse_size(&t).unwrap_or_else(|why| {
+            cx.err(
+                file,
+                &at("spool_max_bytes"),
+                "log.ship.spool_max_bytes",
+                why,
+            );
+            0
+        }),
+    };
+    if spool_max_bytes == 0 && cx.diags.len() == before {
+        cx.err(
+            file,
+            &at("spool_max_bytes"),
+            "log.ship.spool_max_bytes",
+            "must be more than 0",
+        );
+    }
+    if cx.diags.len() > before {
+        return None;
+    }
+    Some(ShipSettings {
+        url: url?,
+        endpoint,
+        region: raw.region,
+        credentials,
+        spool_max_bytes,
+    })
+}
+
+/// Parses sizes written as `1048576`, `512KiB`, `500MB`, `2GiB` (binary and decimal units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || format!("\"{s}\" is not a size (write e.g. \"512MiB\", \"2GiB\", \"500MB\")");
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(scale).ok_or_else(bad)
 }
 
 /// One of a closed set of words, or the default when absent; anything else is an error

@@ -274,6 +274,33 @@ pub struct LogSettings {
     pub rotate_bytes: u64,
     pub pseudonymize: bool,
     pub mask_headers: Vec<HeaderName>,
+    /// The chain's name (`[log] instance`, default the host name): every record carries it,
+    /// and shipped files are kept under it.
+    pub instance: Arc<str>,
+    /// Seal (rotate) the active file at least this often, so that it ships at low traffic.
+    pub rotate_interval: Option<Duration>,
+    pub ship: Option<ShipSettings>,
+}
+
+/// `[log.ship]`: sealed files go to object storage (SPEC section 5.1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShipSettings {
+    /// `s3://bucket/prefix/`, `gs://…`, `az://…` or `file:///dir/`.
+    pub url: url::Url,
+    /// An S3-compatible store's own endpoint (`http://10.20.0.9:9000`).
+    pub endpoint: Option<url::Url>,
+    pub region: Option<String>,
+    pub credentials: ShipCredentials,
+    /// Sealed files kept locally until their upload is confirmed; beyond, the log fails.
+    pub spool_max_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShipCredentials {
+    /// The store's standard environment variables (`AWS_ACCESS_KEY_ID`, …).
+    Env,
+    /// An AWS-style credentials file (`[default]`, `aws_access_key_id = …`).
+    File(PathBuf),
 }
 
 #[derive(Clone, Debug)]

@@ -144,6 +144,27 @@ pub struct RawLog {
     pub rotate_bytes: Option<u64>,
     pub pseudonymize: Option<bool>,
     pub mask_headers: Option<Vec<String>>,
+    pub instance: Option<String>,
+    pub rotate_interval: Option<String>,
+    pub ship: Option<RawShip>,
+}
+
+/// `[log.ship]`: where sealed log files go.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawShip {
+    pub url: Option<String>,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub credentials: Option<String>,
+    pub spool_max_bytes: Option<RawSize>,
+}
+
+/// A size in bytes, as a number or with a unit (`"2GiB"`, `"500MB"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawSize {
+    Bytes(u64),
+    Text(String),
 }
 
 #[derive(Debug, Default, Deserialize)]

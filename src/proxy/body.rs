@@ -106,6 +106,7 @@ impl Drop for Exchange {
         let status = self.status.load(Ordering::Relaxed);
         self.shared.metrics.exchange_ended(status, elapsed);
         let record = OutcomeRecord {
+            instance: None,
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
             complete: self.complete.load(Ordering::Relaxed),

@@ -273,6 +273,7 @@ pub fn write_log(path: &Path) -> u64 {
         }
         for (i, duration_ms) in [0.0, 12.0, 1e-7].into_iter().enumerate() {
             let outcome = OutcomeRecord {
+                instance: None,
                 bytes_in: i as u64,
                 bytes_out: u64::MAX - i as u64,
                 complete: i % 2 == 0,
