@@ -350,6 +350,8 @@ pub struct Scrape<'a> {
     pub consent_subjects: usize,
     /// The consent cache, when the store is a database read through one.
     pub consent_cache: Option<CacheScrape<'a>>,
+    /// Log shipping, when the log ships.
+    pub ship: Option<crate::audit::ship::ShipStats>,
 }
 
 /// The consent cache's figures (SPEC section 4.1), read when the metrics are rendered.
@@ -638,6 +640,9 @@ impl Metrics {
         if let Some(c) = &s.consent_cache {
             render_cache(&mut out, c);
         }
+        if let Some(ship) = &s.ship {
+            render_ship(&mut out, ship);
+        }
         header(
             &mut out,
             "residency_connections_accepted_total",
@@ -650,6 +655,57 @@ impl Metrics {
             self.connections_accepted.get()
         );
         out
+    }
+}
+
+fn render_ship(out: &mut String, s: &crate::audit::ship::ShipStats) {
+    let series: [(&str, &str, &str, u64); 7] = [
+        (
+            "residency_log_ship_files_total",
+            "Sealed decision-log files whose upload to object storage was confirmed.",
+            "counter",
+            s.shipped_files,
+        ),
+        (
+            "residency_log_ship_bytes_total",
+            "Compressed bytes of decision log uploaded to object storage.",
+            "counter",
+            s.shipped_bytes,
+        ),
+        (
+            "residency_log_ship_failures_total",
+            "Failed shipping attempts (each retried with back-off).",
+            "counter",
+            s.failures,
+        ),
+        (
+            "residency_log_spool_files",
+            "Sealed decision-log files waiting to ship.",
+            "gauge",
+            s.spool_files,
+        ),
+        (
+            "residency_log_spool_bytes",
+            "Bytes of sealed decision-log files waiting to ship.",
+            "gauge",
+            s.spool_bytes,
+        ),
+        (
+            "residency_log_spool_max_bytes",
+            "log.ship.spool_max_bytes: once the spool holds this much, the log refuses records.",
+            "gauge",
+            s.spool_max_bytes,
+        ),
+        (
+            "residency_log_ship_oldest_unshipped_seconds",
+            "Age of the oldest sealed file still waiting to ship; 0 when none waits.",
+            "gauge",
+            s.oldest_age_secs,
+        ),
+    ];
+    for (name, help, kind, v) in series {
+        header(out, name, help, kind);
+        let _ = writeln!(out, "{name} {v}");
     }
 }
 
@@ -762,6 +818,7 @@ mod tests {
             consents: 0,
             consent_subjects: 0,
             consent_cache: None,
+            ship: None,
         }
     }
 

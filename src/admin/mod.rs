@@ -189,6 +189,9 @@ pub fn readiness(shared: &Shared) -> Readiness {
     if !shared.log.healthy() {
         failing.push("decision log: the last write failed".to_string());
     }
+    if let Some(why) = shared.spool.as_ref().and_then(|s| s.full()) {
+        failing.push(format!("decision log shipping: {why}"));
+    }
     let max_staleness = shared.snapshot.load().policy.consent.max_staleness;
     failing.extend(shared.consents.freshness().stale_reason(max_staleness));
     Readiness {
@@ -240,6 +243,7 @@ pub fn metrics(shared: &Shared) -> AdminResponse {
                 miss_time: &l.miss_time,
             }
         }),
+        ship: shared.spool.as_ref().map(|s| s.stats()),
     });
     text(StatusCode::OK, crate::metrics::CONTENT_TYPE, body)
 }

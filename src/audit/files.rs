@@ -30,6 +30,9 @@ pub enum LogFilesError {
         names: String,
         example: PathBuf,
     },
+    /// A shipped file in object storage could not be listed or fetched.
+    #[error("{0}")]
+    Store(String),
 }
 
 pub(crate) fn unreadable(path: &Path) -> impl FnOnce(io::Error) -> LogFilesError + '_ {
@@ -172,6 +175,29 @@ pub fn log_files(path: &Path) -> Result<Vec<PathBuf>, LogFilesError> {
     })
 }
 
+/// The files of a log, or of many instances' logs in object storage, in the order they are
+/// read: each with the name messages give it and a reader of its lines.
+pub struct Segments {
+    /// How many there are.
+    pub count: usize,
+    pub iter: Box<dyn Iterator<Item = Result<(PathBuf, LineReader), LogFilesError>>>,
+}
+
+impl Segments {
+    /// The files of the local log at `path` (see [`log_files`]).
+    pub fn local(path: &Path) -> Result<Segments, LogFilesError> {
+        let files = log_files(path)?;
+        Ok(Segments {
+            count: files.len(),
+            iter: Box::new(
+                files
+                    .into_iter()
+                    .map(|f| LineReader::open(&f).map(|r| (f, r))),
+            ),
+        })
+    }
+}
+
 /// The longest line the readers hold in memory. Records are a few hundred bytes, and even a
 /// request at the largest header block the proxy accepts by default, its subject
 /// pseudonymised in every segment, stays far below this; a longer line (a damaged file full
@@ -179,10 +205,10 @@ pub fn log_files(path: &Path) -> Result<Vec<PathBuf>, LogFilesError> {
 /// record, so that memory stays flat whatever the file holds.
 pub const MAX_LINE: usize = 16 * 1024 * 1024;
 
-/// Reads a log file line by line without holding more than one line, of at most
-/// [`MAX_LINE`] bytes.
+/// Reads a log file (local, or fetched from object storage) line by line without holding
+/// more than one line, of at most [`MAX_LINE`] bytes.
 pub struct LineReader {
-    reader: BufReader<File>,
+    reader: Box<dyn BufRead + Send>,
     line: Vec<u8>,
     number: usize,
 }
@@ -202,11 +228,18 @@ pub struct Line<'a> {
 impl LineReader {
     pub fn open(path: &Path) -> Result<LineReader, LogFilesError> {
         let file = File::open(path).map_err(unreadable(path))?;
-        Ok(LineReader {
-            reader: BufReader::with_capacity(256 * 1024, file),
+        Ok(LineReader::new(Box::new(BufReader::with_capacity(
+            256 * 1024,
+            file,
+        ))))
+    }
+
+    pub fn new(reader: Box<dyn BufRead + Send>) -> LineReader {
+        LineReader {
+            reader,
             line: Vec::with_capacity(4096),
             number: 0,
-        })
+        }
     }
 
     /// The next line, or `None` at the end of the file.

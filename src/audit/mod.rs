@@ -4,6 +4,7 @@
 pub mod chain;
 pub mod checkpoint;
 pub mod files;
+pub mod fleet;
 pub mod id;
 mod json;
 pub mod keys;
@@ -11,6 +12,8 @@ pub mod pseudonym;
 pub mod query;
 pub mod record;
 pub mod report;
+pub mod ship;
+pub mod store;
 pub mod verify;
 pub mod writer;
 

@@ -7,7 +7,7 @@
 //! `YYYY-MM-DDTHH:MM:SS.ffffffZ`, so string order is time order, and the bounds are brought
 //! into the same form.
 
-use super::files::{LineReader, LogFilesError, log_files, oversized_why, unreadable};
+use super::files::{LogFilesError, Segments, oversized_why, unreadable};
 use super::record::timestamp;
 use serde::{Deserialize, Deserializer};
 use std::borrow::Cow;
@@ -355,16 +355,25 @@ pub struct Scanned {
 pub fn scan(
     path: &Path,
     filter: &Filter,
+    each: impl FnMut(&[u8], &View<'_>) -> io::Result<ControlFlow<()>>,
+) -> Result<Scanned, QueryError> {
+    scan_segments(Segments::local(path)?, filter, each)
+}
+
+/// [`scan`] over the files of `segments` (a local log, or shipped files in object storage).
+pub fn scan_segments(
+    segments: Segments,
+    filter: &Filter,
     mut each: impl FnMut(&[u8], &View<'_>) -> io::Result<ControlFlow<()>>,
 ) -> Result<Scanned, QueryError> {
-    let files = log_files(path)?;
     let mut out = Scanned {
-        files: files.len(),
+        files: segments.count,
         ..Scanned::default()
     };
     let pre = Prefilter::new(filter);
-    for file in &files {
-        let mut reader = LineReader::open(file)?;
+    for segment in segments.iter {
+        let (file, mut reader) = segment?;
+        let file = &file;
         while let Some(line) = reader.next_line().map_err(unreadable(file))? {
             if line.oversized {
                 out.bad += 1;
@@ -422,12 +431,23 @@ pub fn query(
     limit: Option<u64>,
     out: &mut impl Write,
 ) -> Result<Scanned, QueryError> {
+    query_segments(Segments::local(path)?, filter, format, limit, out)
+}
+
+/// [`query`] over the files of `segments`.
+pub fn query_segments(
+    segments: Segments,
+    filter: &Filter,
+    format: Format,
+    limit: Option<u64>,
+    out: &mut impl Write,
+) -> Result<Scanned, QueryError> {
     if format == Format::Table {
         writeln!(out, "{}", table_header()).map_err(QueryError::Output)?;
     }
     let mut printed = 0u64;
     let mut row = String::new();
-    scan(path, filter, |line, view| {
+    scan_segments(segments, filter, |line, view| {
         if limit.is_some_and(|l| printed >= l) {
             return Ok(ControlFlow::Break(()));
         }

@@ -3,7 +3,8 @@
 //! what would have been blocked. Streams the log like `audit query`; memory grows with the
 //! number of distinct values, not with the log.
 
-use super::query::{Filter, QueryError, Scanned, View, scan};
+use super::files::Segments;
+use super::query::{Filter, QueryError, Scanned, View, scan_segments};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -203,6 +204,15 @@ pub fn report(
     since: Option<String>,
     until: Option<String>,
 ) -> Result<(Report, Scanned), QueryError> {
+    report_segments(Segments::local(path)?, since, until)
+}
+
+/// [`report`] over the files of `segments` (a local log, or a fleet's shipped files).
+pub fn report_segments(
+    segments: Segments,
+    since: Option<String>,
+    until: Option<String>,
+) -> Result<(Report, Scanned), QueryError> {
     let filter = Filter {
         since: since.clone(),
         until: until.clone(),
@@ -213,7 +223,7 @@ pub fn report(
         until,
         ..Report::default()
     };
-    let scanned = scan(path, &filter, |_, v| {
+    let scanned = scan_segments(segments, &filter, |_, v| {
         report.add(v);
         Ok(ControlFlow::Continue(()))
     })?;

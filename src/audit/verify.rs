@@ -41,6 +41,9 @@ pub struct VerifyOptions {
     /// that a log was cut back to an earlier final checkpoint, or cut and then continued by
     /// a restart; a head kept elsewhere can.
     pub heads: Vec<KnownHead>,
+    /// Every record must name this instance (`instance`): set when verifying the files an
+    /// instance shipped, so that a record moved from another chain is caught.
+    pub instance: Option<String>,
 }
 
 /// `seq` and `hash` of a record, as known from outside the log.
@@ -110,6 +113,10 @@ pub struct VerifyReport {
     pub recoveries: Vec<RecoveryFound>,
     /// Heads given in [`VerifyOptions::heads`] that the chain reached, with their hash.
     pub heads: usize,
+    /// `ts` of the last record.
+    pub last_ts: Option<String>,
+    /// Whether the log ends in a final checkpoint (false only with `open`).
+    pub closed: bool,
 }
 
 /// The first place where a log is broken.
@@ -153,24 +160,9 @@ pub fn verify_with(path: &Path, opts: &VerifyOptions) -> Result<VerifyReport, Br
 /// (see [`super::files::log_files`]).
 pub fn verify_log(path: &Path, opts: &VerifyOptions) -> Result<VerifyReport, VerifyError> {
     let files = log_files(path)?;
-    let mut chain = Chain {
-        opts,
-        seq: 0,
-        hash: GENESIS.to_string(),
-        canonical: Vec::new(),
-        signed: Vec::new(),
-        scratch: Vec::new(),
-        unsigned: 0,
-        last_signed: None,
-        last: None,
-        report: VerifyReport {
-            files: files.len(),
-            trusted: !opts.keys.is_empty(),
-            ..VerifyReport::default()
-        },
-    };
+    let mut chain = Chain::new(opts, files.len());
     for (i, file) in files.iter().enumerate() {
-        chain.file(file, i + 1 == files.len())?;
+        chain.file(file, LineReader::open(file)?, i + 1 == files.len())?;
     }
     let end = files.last().map_or(path, PathBuf::as_path);
     chain.finish(end)
@@ -184,8 +176,9 @@ struct Last {
     final_: bool,
 }
 
-/// The chain as verified so far.
-struct Chain<'o> {
+/// The chain as verified so far, file by file (local files, or an instance's shipped files,
+/// see [`super::fleet`]).
+pub(crate) struct Chain<'o> {
     opts: &'o VerifyOptions,
     /// `seq` of the last good record; 0 before the first.
     seq: u64,
@@ -204,9 +197,39 @@ struct Chain<'o> {
     report: VerifyReport,
 }
 
-impl Chain<'_> {
-    fn file(&mut self, path: &Path, last_file: bool) -> Result<(), VerifyError> {
-        let mut reader = LineReader::open(path)?;
+impl<'o> Chain<'o> {
+    pub(crate) fn new(opts: &'o VerifyOptions, files: usize) -> Chain<'o> {
+        Chain {
+            opts,
+            seq: 0,
+            hash: GENESIS.to_string(),
+            canonical: Vec::new(),
+            signed: Vec::new(),
+            scratch: Vec::new(),
+            unsigned: 0,
+            last_signed: None,
+            last: None,
+            report: VerifyReport {
+                files,
+                trusted: !opts.keys.is_empty(),
+                ..VerifyReport::default()
+            },
+        }
+    }
+
+    /// `seq` of the last good record; 0 before the first.
+    pub(crate) fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Checks the lines of one file (named `path` in messages); every file but the last must
+    /// end in a checkpoint.
+    pub(crate) fn file(
+        &mut self,
+        path: &Path,
+        mut reader: LineReader,
+        last_file: bool,
+    ) -> Result<(), VerifyError> {
         let mut last_line = 0;
         while let Some(line) = reader.next_line().map_err(unreadable(path))? {
             last_line = line.number;
@@ -265,7 +288,7 @@ impl Chain<'_> {
 
     /// After the last file: the log must reach every head given, and end in a final
     /// checkpoint, unless it is open.
-    fn finish(mut self, end: &Path) -> Result<VerifyReport, VerifyError> {
+    pub(crate) fn finish(mut self, end: &Path) -> Result<VerifyReport, VerifyError> {
         self.report.last_seq = self.seq;
         if let Some(beyond) = self
             .opts
@@ -290,7 +313,10 @@ impl Chain<'_> {
             .into());
         }
         match &self.last {
-            Some(l) if l.final_ => Ok(self.report),
+            Some(l) if l.final_ => {
+                self.report.closed = true;
+                Ok(self.report)
+            }
             _ if self.opts.open => {
                 self.report.unsigned_tail = self.unsigned;
                 Ok(self.report)
@@ -350,6 +376,18 @@ impl Chain<'_> {
             .and_then(Value::as_str)
             .map(str::to_string);
 
+        // Judged once the hash holds, so that an edit is reported as one.
+        let misplaced = self.opts.instance.as_ref().and_then(|want| match fields.get("instance") {
+            Some(Value::String(got)) if got == want => None,
+            Some(Value::String(got)) => Some(format!(
+                "record of instance {got} among instance {want}'s files: it was moved from another chain"
+            )),
+            _ => Some(format!("record names no instance among instance {want}'s files")),
+        });
+        let ts = match fields.get("ts") {
+            Some(Value::String(ts)) => Some(ts.clone()),
+            _ => None,
+        };
         if seq != self.seq + 1 {
             return Err(if self.seq == 0 {
                 format!("seq {seq} at the start of the log: records before it are missing")
@@ -371,6 +409,12 @@ impl Chain<'_> {
         canonical_json(&value, &mut self.canonical);
         if link(&self.hash, &self.canonical) != hash {
             return Err("hash mismatch: record was edited".into());
+        }
+        if let Some(why) = misplaced {
+            return Err(why);
+        }
+        if let Some(ts) = ts {
+            self.report.last_ts = Some(ts);
         }
         if let Some(h) = self.opts.heads.iter().find(|h| h.seq == seq) {
             if h.hash != hash {

@@ -34,6 +34,7 @@ use super::checkpoint::{self, KeyFields};
 use super::files::{self, LogFilesError};
 use super::keys::SigningKey;
 use super::record::{ExpectedHead, Link, Record, RecoveryRecord, VERSION, timestamp};
+use super::ship::{self, Spool};
 use crate::policy::model::{Durability, LogSettings, LogTarget};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -148,7 +149,19 @@ impl LogWriter {
         settings: &LogSettings,
         key: Option<Arc<SigningKey>>,
     ) -> Result<LogWriter, AuditError> {
-        let committer = Committer::open(settings, key)?;
+        LogWriter::open_spooled(settings, key, None)
+    }
+
+    /// [`LogWriter::open`] for a log that ships: sealed files are counted in `spool`, whose
+    /// shipper is told of each, and records are refused while the spool is full. On close
+    /// the active file is sealed too, so that its final checkpoint ships.
+    pub fn open_spooled(
+        settings: &LogSettings,
+        key: Option<Arc<SigningKey>>,
+        spool: Option<Arc<Spool>>,
+    ) -> Result<LogWriter, AuditError> {
+        let mut committer = Committer::open(settings, key)?;
+        committer.spool = spool;
         let counters = committer.counters.clone();
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         // In `write` mode a batch costs one write() into the page cache, cheaper than waking
@@ -169,7 +182,7 @@ impl LogWriter {
                     .map_err(AuditError::Spawn)?;
             }
         }
-        start_timer(&tx, settings.checkpoint_interval);
+        start_timer(&tx, tick_period(settings));
         Ok(LogWriter { tx, counters })
     }
 
@@ -316,6 +329,17 @@ fn dropped(counters: &Counters, why: &'static str) {
     tracing::error!(why, "decision record dropped before reaching the log");
 }
 
+/// How often the writer looks at the clock: often enough to checkpoint every
+/// `checkpoint_interval` and to seal a file within a tenth of `rotate_interval` of its due time.
+fn tick_period(settings: &LogSettings) -> Duration {
+    match settings.rotate_interval {
+        Some(r) => settings
+            .checkpoint_interval
+            .min((r / 10).max(Duration::from_millis(100))),
+        None => settings.checkpoint_interval,
+    }
+}
+
 /// Sends the writer a `Tick` every `every`, for as long as a handle to it exists. It holds
 /// only a weak sender, so it never keeps the writer alive.
 fn start_timer(tx: &mpsc::Sender<Request>, every: Duration) {
@@ -397,7 +421,8 @@ fn open_log(path: &Path) -> Result<(LogFile, Start), AuditError> {
         Some(t) => (Some(t), path.to_path_buf()),
         None if opened.file.regular => match files::rotated_siblings(path)?.pop() {
             Some(last) => (read_rotated_tail(&last)?, last),
-            None => (None, path.to_path_buf()),
+            // Every sealed file has shipped: the chain goes on from the last one's head.
+            None => (shipped_tail(path)?, path.to_path_buf()),
         },
         None => (None, path.to_path_buf()),
     };
@@ -419,6 +444,7 @@ fn recovery_record(
     expected: Option<ExpectedHead>,
 ) -> RecoveryRecord {
     RecoveryRecord {
+        instance: None,
         expected,
         file: file
             .file_name()
@@ -433,6 +459,22 @@ fn recovery_record(
         ts: timestamp(jiff::Timestamp::now()),
         v: VERSION,
     }
+}
+
+/// The head the last shipped file ended with, saved beside the log by the shipper.
+fn shipped_tail(path: &Path) -> Result<Option<Tail>, AuditError> {
+    let head = ship::read_head(path).map_err(|source| AuditError::Open {
+        path: ship::head_path(path),
+        source,
+    })?;
+    Ok(head.map(|h| Tail {
+        closed: h.kind.as_deref() == Some("checkpoint") && h.final_,
+        kind: h.kind,
+        head: Head {
+            seq: h.seq,
+            hash: h.hash,
+        },
+    }))
 }
 
 /// The tail of a rotated file, which the writer only reads: it must end in a whole record.
@@ -472,7 +514,18 @@ struct Committer {
     key: Option<Arc<SigningKey>>,
     key_fields: Option<KeyFields>,
     checkpoint_every: u64,
+    checkpoint_interval: Duration,
+    /// When the last checkpoint was written (a tick adds one once this is
+    /// `checkpoint_interval` old and records are unsigned).
+    last_checkpoint: std::time::Instant,
     rotate_bytes: u64,
+    rotate_interval: Option<Duration>,
+    /// When the active file got its first record (it is sealed once `rotate_interval` old).
+    file_started: Option<std::time::Instant>,
+    /// The chain's name, written into every record.
+    instance: Arc<str>,
+    /// Sealed files waiting to ship, when the log ships.
+    spool: Option<Arc<Spool>>,
     /// Records written since the last checkpoint.
     unsigned: u64,
     /// Written (with a checkpoint) before anything else, until a write succeeds.
@@ -503,7 +556,13 @@ impl Committer {
             key_fields: key.as_deref().map(KeyFields::of),
             key,
             checkpoint_every: settings.checkpoint_every.max(1),
+            checkpoint_interval: settings.checkpoint_interval,
+            last_checkpoint: std::time::Instant::now(),
             rotate_bytes: settings.rotate_bytes,
+            rotate_interval: settings.rotate_interval,
+            file_started: None,
+            instance: settings.instance.clone(),
+            spool: None,
             unsigned: 0,
             recovery: start.recovery,
             checkpoint_head: None,
@@ -602,8 +661,15 @@ impl Committer {
         match control? {
             Request::Append { .. } => None,
             Request::Tick => {
-                if self.unsigned > 0 || self.recovery.is_some() {
+                let now = std::time::Instant::now();
+                let due = now.duration_since(self.last_checkpoint) >= self.checkpoint_interval;
+                if (due && self.unsigned > 0) || self.recovery.is_some() {
                     let _ = self.commit(&mut Vec::new(), End::Checkpoint);
+                }
+                if let (Some(every), Some(started)) = (self.rotate_interval, self.file_started)
+                    && now.duration_since(started) >= every
+                {
+                    let _ = self.rotate();
                 }
                 None
             }
@@ -620,6 +686,10 @@ impl Committer {
                     }
                 }
                 self.finish();
+                if self.spool.is_some() {
+                    // The final checkpoint ships with the rest.
+                    let _ = self.rotate();
+                }
                 Some(Some(ack))
             }
         }
@@ -656,6 +726,11 @@ impl Committer {
             Ok(Some(changed)) => self.recovery = Some(changed),
             Err(e) => return self.failed(batch, e),
         }
+        if !batch.is_empty()
+            && let Some(why) = self.spool.as_ref().and_then(|s| s.full())
+        {
+            return self.failed(batch, io::Error::other(why));
+        }
         let (first_seq, unsigned) = (self.seq, self.unsigned);
         self.saved_prev.clear();
         self.saved_prev.push_str(&self.prev);
@@ -669,6 +744,8 @@ impl Committer {
             std::mem::swap(&mut self.prev, &mut self.saved_prev);
             return self.failed(batch, e);
         }
+        self.file_started
+            .get_or_insert_with(std::time::Instant::now);
         let c = &self.counters;
         c.written.fetch_add(n, Ordering::Relaxed);
         c.batches.fetch_add(1, Ordering::Relaxed);
@@ -764,7 +841,7 @@ impl Committer {
     fn push(&mut self, record: &mut Record) {
         let mut hash = [0u8; 64];
         self.seq += 1;
-        record.set_chain(self.seq, &self.prev);
+        record.set_chain(self.seq, &self.prev, Some(&self.instance));
         let start = self.buf.len();
         record.write_canonical(&mut self.buf);
         link_into(&self.prev, &self.buf[start..], &mut hash);
@@ -788,11 +865,14 @@ impl Committer {
         );
         cp.seq = self.seq + 1;
         cp.prev.set(&self.prev);
+        // Signed with the chain's name: a checkpoint cannot be moved to another instance.
+        cp.instance = Some(self.instance.clone());
         if let Some(key) = &self.key {
             checkpoint::sign(&mut cp, key, &mut self.scratch);
         }
         self.push(&mut Record::Checkpoint(cp));
         self.unsigned = 0;
+        self.last_checkpoint = std::time::Instant::now();
         self.checkpoint_head = Some((self.seq, self.prev.clone(), final_));
     }
 
@@ -820,8 +900,13 @@ impl Committer {
         if f.len == 0 {
             return Ok(None);
         }
+        let len = f.len;
         match f.rotate(self.seq, self.durability) {
             Ok(to) => {
+                self.file_started = None;
+                if let Some(spool) = &self.spool {
+                    spool.sealed(len);
+                }
                 self.counters.rotations.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(log.path = %f.path.display(), log.rotated = %to.display(), log.seq = self.seq, "decision log rotated");
                 Ok(Some(to))

@@ -2,14 +2,19 @@
 
 use super::{CliError, CliResult, Exit, fail};
 use crate::audit::Pseudonymizer;
+use crate::audit::files::Segments;
+use crate::audit::fleet;
 use crate::audit::keys::{self, SigningKey};
 use crate::audit::query::{self, Filter, Format, QueryError, Scanned, parse_time};
 use crate::audit::report;
+use crate::audit::store::{self, Location, StoreOptions};
 use crate::audit::verify::{KnownHead, VerifyError, VerifyOptions, VerifyReport, verify_log};
 use crate::policy::Reason;
 use clap::Subcommand;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::runtime::Runtime;
 
 #[derive(Subcommand, Debug)]
 pub enum AuditCommand {
@@ -37,9 +42,13 @@ logs (event \"decision log checkpoint\"), kept elsewhere, and the log must still
 )]
 pub struct VerifyArgs {
     /// The active log file (its rotated files beside it are read first) or a folder holding
-    /// one log. The chain is checked from the log's first record: a rotated file on its own
-    /// fails as missing its predecessors.
+    /// one log; or a location in object storage (s3://BUCKET/PREFIX/, gs://, az://,
+    /// file://) holding the shipped files of many instances, each verified as its own chain.
+    /// The chain is checked from the log's first record: a rotated file on its own fails as
+    /// missing its predecessors.
     pub path: PathBuf,
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// Public key (PEM, e.g. log-signing.pub from `certs init`) that must have signed the
     /// checkpoints.
     #[arg(long, value_name = "PUBKEY")]
@@ -65,8 +74,11 @@ key, so it needs --signing-key or --policy. Times: 2026-11-28T04:00:00Z, 2026-11
 or a duration back from now (30m, 24h, 7d); --since is inclusive, --until exclusive."
 )]
 pub struct QueryArgs {
-    /// The active log file (with its rotated files), one rotated file, or a folder.
+    /// The active log file (with its rotated files), one rotated file, a folder, or a
+    /// location in object storage (s3://BUCKET/PREFIX/…): every instance's shipped files.
     pub path: PathBuf,
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// allow, deny or error.
     #[arg(long, value_delimiter = ',', value_parser = ["allow", "deny", "error"])]
     pub decision: Vec<String>,
@@ -110,6 +122,54 @@ pub struct QueryArgs {
     pub limit: Option<u64>,
 }
 
+/// How to reach object storage when PATH is a URL. Credentials come from the store's
+/// standard environment variables (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, …).
+#[derive(clap::Args, Debug, Default)]
+pub struct StoreArgs {
+    /// An S3-compatible store's endpoint (http://10.20.0.9:9000), for s3:// locations.
+    #[arg(long, value_name = "URL", env = "AWS_ENDPOINT_URL")]
+    pub endpoint: Option<String>,
+    /// The bucket's region (default: AWS_REGION, else us-east-1).
+    #[arg(long)]
+    pub region: Option<String>,
+}
+
+impl StoreArgs {
+    /// The location `path` names, if it is a URL, with a runtime to read it.
+    fn open(&self, path: &std::path::Path) -> Result<Option<(Arc<Runtime>, Location)>, CliError> {
+        if !fleet::is_url(path) {
+            return Ok(None);
+        }
+        let text = path.to_string_lossy();
+        let url = url::Url::parse(&text).map_err(|e| fail(format!("{text}: not a URL: {e}")))?;
+        let endpoint = self
+            .endpoint
+            .as_deref()
+            .map(|e| url::Url::parse(e).map_err(|err| fail(format!("--endpoint {e}: {err}"))))
+            .transpose()?;
+        let opts = StoreOptions {
+            endpoint,
+            region: self.region.clone(),
+            credentials_file: None,
+        };
+        let loc = store::open(&url, &opts).map_err(|e| fail(e.to_string()))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| fail(format!("cannot start a runtime: {e}")))?;
+        Ok(Some((Arc::new(rt), loc)))
+    }
+
+    /// The files to read for `path`: a local log, or every instance's shipped files.
+    pub fn segments(&self, path: &std::path::Path) -> Result<Segments, CliError> {
+        Ok(match self.open(path)? {
+            Some((rt, loc)) => fleet::segments(&rt, &loc).map_err(QueryError::from)?,
+            None => Segments::local(path).map_err(QueryError::from)?,
+        })
+    }
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OutputFormat {
     Json,
@@ -118,8 +178,11 @@ pub enum OutputFormat {
 
 #[derive(clap::Args, Debug)]
 pub struct ReportArgs {
-    /// The active log file (with its rotated files), one rotated file, or a folder.
+    /// The active log file (with its rotated files), one rotated file, a folder, or a
+    /// location in object storage (s3://BUCKET/PREFIX/…): every instance's shipped files.
     pub path: PathBuf,
+    #[command(flatten)]
+    pub store: StoreArgs,
     #[arg(long, value_name = "TIME")]
     pub since: Option<String>,
     #[arg(long, value_name = "TIME")]
@@ -150,9 +213,13 @@ fn verify(args: VerifyArgs) -> CliResult {
         keys: Vec::new(),
         open: args.open,
         heads: args.head,
+        instance: None,
     };
     for k in &args.key {
         opts.keys.push(keys::load_public_key(k)?);
+    }
+    if let Some((rt, loc)) = args.store.open(&args.path)? {
+        return verify_fleet(&rt, &loc, &opts);
     }
     match verify_log(&args.path, &opts) {
         Ok(report) => {
@@ -166,6 +233,61 @@ fn verify(args: VerifyArgs) -> CliResult {
             Ok(Exit::Failed)
         }
         Err(e @ VerifyError::Files(_)) => Err(e.into()),
+    }
+}
+
+/// `audit verify URL`: a line per instance, then what else the location holds.
+fn verify_fleet(rt: &Arc<Runtime>, loc: &Location, opts: &VerifyOptions) -> CliResult {
+    let report = fleet::verify(rt, loc, opts).map_err(QueryError::from)?;
+    if report.instances.is_empty() {
+        return Err(fail(format!(
+            "{}: holds no shipped log files (PREFIX/INSTANCE/FIRSTSEQ-LASTSEQ-TIME.jsonl.zst)",
+            loc.url
+        )));
+    }
+    for i in &report.instances {
+        match &i.result {
+            Ok(r) => println!(
+                "{}: {}, {} records, {} checkpoints, last seq {} at {}{}",
+                i.instance,
+                if r.closed { "ok" } else { "open" },
+                r.records,
+                r.checkpoints,
+                r.last_seq,
+                r.last_ts.as_deref().unwrap_or("-"),
+                signed_by(r)
+            ),
+            Err(why) => println!("{}: {why}", i.instance),
+        }
+    }
+    if let Some(first) = report.strangers.first() {
+        eprintln!(
+            "note: {} objects under the location are not shipped log files and were not read (e.g. {first})",
+            report.strangers.len()
+        );
+    }
+    let failed = report
+        .instances
+        .iter()
+        .filter(|i| i.result.is_err())
+        .count();
+    if failed > 0 {
+        eprintln!(
+            "audit verify: {failed} of {} instances failed",
+            report.instances.len()
+        );
+        return Ok(Exit::Failed);
+    }
+    Ok(Exit::Ok)
+}
+
+/// How an instance's checkpoints were signed, for its verify line.
+fn signed_by(r: &VerifyReport) -> String {
+    let signers = r.signers.join(", ");
+    match (r.signed, r.trusted) {
+        (0, _) => ", NOT SIGNED".into(),
+        (_, true) => format!(", signed with the given key ({signers})"),
+        (_, false) => format!(", signed by {signers} (the key the log carries; pass --key)"),
     }
 }
 
@@ -313,7 +435,8 @@ fn run_query(args: QueryArgs) -> CliResult {
     };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(256 * 1024, stdout.lock());
-    let scanned = match query::query(&args.path, &filter, format, args.limit, &mut out)
+    let segments = args.store.segments(&args.path)?;
+    let scanned = match query::query_segments(segments, &filter, format, args.limit, &mut out)
         .and_then(|s| out.flush().map(|()| s).map_err(QueryError::Output))
     {
         Ok(s) => s,
@@ -351,7 +474,8 @@ fn warn_unread(s: &Scanned) {
 
 fn run_report(args: ReportArgs) -> CliResult {
     let (since, until) = times(&args.since, &args.until)?;
-    let (report, scanned) = report::report(&args.path, since, until)?;
+    let segments = args.store.segments(&args.path)?;
+    let (report, scanned) = report::report_segments(segments, since, until)?;
     match args.format {
         ReportFormat::Text => print!("{}", report.text(args.top.max(1))),
         ReportFormat::Json => println!(

@@ -9,7 +9,8 @@ use std::path::PathBuf;
     // The subcommand's doc comment in `cli/mod.rs` sets `about` and `long_about`; the
     // details go after the options.
     after_long_help = "Validates policy files without starting anything, like `nginx -t` or \
-`opa check`. Each FILE is loaded with the files it includes (`include = [\"other.toml\"]`, \
+`opa check`. A policy whose decision log ships ([log.ship]) also has its store's host resolved \
+and located, as `serve` does at start-up: a store outside the home jurisdiction is an error. Each FILE is loaded with the files it includes (`include = [\"other.toml\"]`, \
 relative to the including file) and compiled exactly as `serve` would compile it; every error \
 is reported, not only the first.\n\n\
 Each error goes to standard error as\n\
@@ -26,12 +27,38 @@ pub struct CheckArgs {
     pub files: Vec<PathBuf>,
 }
 
+/// Where the log would ship must be inside home, as `serve` checks at start-up: the store's
+/// host is resolved and located with the policy's overrides and geolocation database.
+fn check_ship_store(policy: &crate::policy::Policy) -> Result<(), String> {
+    let Some(ship) = &policy.log.ship else {
+        return Ok(());
+    };
+    let db = match &policy.geo_database {
+        Some(path) => Some(std::sync::Arc::new(
+            crate::geo::GeoDb::open(path).map_err(|e| e.to_string())?,
+        )),
+        None => None,
+    };
+    let locator = crate::geo::Locator::new(policy, db);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(crate::proxy::shipping::locate_store(policy, ship, &locator))
+        .map(|_| ())
+}
+
 pub fn run(args: CheckArgs) -> CliResult {
     let mut failed = false;
     // An unreadable file does not stop the others being checked; it makes the run exit 2.
     let mut unreadable: Option<PolicyError> = None;
     for f in &args.files {
         match load_policy(f) {
+            Ok(p) if let Err(why) = check_ship_store(&p) => {
+                failed = true;
+                eprintln!("{}: log.ship: {why}", f.display());
+                eprintln!("{}: 1 error(s)", f.display());
+            }
             Ok(p) => println!(
                 "{}: ok: policy \"{}\" ({} datasets, {} upstreams, {} recipients) {}",
                 f.display(),

@@ -6,6 +6,7 @@ pub mod pipeline;
 pub mod reload;
 pub mod respond;
 pub mod server;
+pub mod shipping;
 pub mod snapshot;
 pub mod stall;
 pub mod token;
@@ -72,6 +73,8 @@ pub enum ServeError {
         upstream: String,
         source: Box<crate::tls::TlsError>,
     },
+    #[error(transparent)]
+    Ship(#[from] shipping::ShipStartError),
     #[error("{what} cannot change on reload (restart the proxy to change it)")]
     NeedsRestart { what: &'static str },
 }
@@ -102,6 +105,8 @@ pub struct Shared {
     /// The admin bearer token (`[admin].token_file`), read again by every reload so that a
     /// rotated token replaces the old one without a restart.
     pub admin_token: ArcSwapOption<token::AdminToken>,
+    /// Sealed log files waiting to ship, when the log ships.
+    pub spool: Option<Arc<crate::audit::ship::Spool>>,
 }
 
 /// What `serve` needs to start.
@@ -121,6 +126,7 @@ pub struct RunningProxy {
     server: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
     reloader: Arc<Reloader>,
+    shipper: Option<crate::audit::ship::ShipperHandle>,
 }
 
 impl RunningProxy {
@@ -152,6 +158,12 @@ impl RunningProxy {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.shared.log.close().await;
+        // The writer sealed the active file with its final checkpoint: ship it and anything
+        // still spooled, within `drain_timeout`.
+        if let Some(shipper) = self.shipper {
+            let drain = self.shared.snapshot.load().policy.proxy.drain_timeout;
+            shipper.drain(drain).await;
+        }
     }
 }
 
@@ -258,7 +270,14 @@ pub async fn start_with(config: ServeConfig, policy: Policy) -> Result<RunningPr
     };
     let metrics = Metrics::new();
     let snapshot = Snapshot::build(policy, None, consents.clone(), &metrics).await?;
-    let log = LogWriter::open(&snapshot.policy.log, snapshot.signing_key.clone())?;
+    let shipping = shipping::prepare(&snapshot.policy, &snapshot.locator).await?;
+    let spool = shipping.as_ref().map(|(s, _)| s.clone());
+    let log = LogWriter::open_spooled(
+        &snapshot.policy.log,
+        snapshot.signing_key.clone(),
+        spool.clone(),
+    )?;
+    let shipper = shipping.map(|(spool, loc)| shipping::start(&snapshot.policy, spool, loc));
     let listen = snapshot.policy.proxy.listen;
     let drain = snapshot.policy.proxy.drain_timeout;
     let resolve_every = snapshot.policy.proxy.resolve_interval;
@@ -294,6 +313,7 @@ pub async fn start_with(config: ServeConfig, policy: Policy) -> Result<RunningPr
         registry,
         exchanges: Default::default(),
         admin_token: ArcSwapOption::new(token.map(Arc::new)),
+        spool,
     });
     let (stop, stop_rx) = watch::channel(false);
     background.push(tokio::spawn(resolver(shared.clone(), resolve_every)));
@@ -321,6 +341,7 @@ pub async fn start_with(config: ServeConfig, policy: Policy) -> Result<RunningPr
         server,
         background,
         reloader,
+        shipper,
     })
 }
 

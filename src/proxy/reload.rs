@@ -159,6 +159,14 @@ impl Reloader {
         if policy.log.target != current.policy.log.target {
             return Err(ServeError::NeedsRestart { what: "log.path" });
         }
+        if policy.log.ship != current.policy.log.ship
+            || policy.log.instance != current.policy.log.instance
+            || policy.log.rotate_interval != current.policy.log.rotate_interval
+        {
+            return Err(ServeError::NeedsRestart {
+                what: "log.instance, log.rotate_interval and [log.ship]",
+            });
+        }
         if policy.log.signing_key != current.policy.log.signing_key
             || policy.log.pseudonymize != current.policy.log.pseudonymize
         {
