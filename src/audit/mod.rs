@@ -3,6 +3,7 @@
 
 pub mod chain;
 pub mod checkpoint;
+pub mod export;
 pub mod files;
 pub mod fleet;
 pub mod id;
