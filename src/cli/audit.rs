@@ -2,6 +2,7 @@
 
 use super::{CliError, CliResult, Exit, fail};
 use crate::audit::Pseudonymizer;
+use crate::audit::export::ParquetExport;
 use crate::audit::files::Segments;
 use crate::audit::fleet;
 use crate::audit::keys::{self, SigningKey};
@@ -27,6 +28,35 @@ pub enum AuditCommand {
     /// Count decisions by decision, reason, dataset, recipient and destination country; in
     /// audit mode, what would have been blocked.
     Report(ReportArgs),
+    /// Write every record of a log, or of a fleet's shipped files, as Parquet with typed
+    /// columns, for DuckDB, Trino, Athena, ClickHouse or Spark.
+    Export(ExportArgs),
+}
+
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "One row per record of every kind (decision, outcome, checkpoint, recovery), \
+fields flattened with `_` (request.method is request_method), ts as a UTC timestamp, \
+request headers and any field a later version adds as JSON text (request_headers, extra). \
+Records are read as they are, without checking the chain: run `audit verify` on the same \
+PATH|URL first. Example, with DuckDB:\n\n  \
+residency-proxy audit export s3://decision-logs/shanghai/ q3.parquet\n  \
+duckdb -c \"SELECT reason, count(*) FROM 'q3.parquet' WHERE kind = 'decision' GROUP BY reason\""
+)]
+pub struct ExportArgs {
+    /// A local log (file or folder) or a location in object storage (s3://BUCKET/PREFIX/…).
+    pub path: PathBuf,
+    /// The Parquet file to write (replaced once complete).
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value_t = ExportFormat::Parquet)]
+    pub format: ExportFormat,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    Parquet,
 }
 
 #[derive(clap::Args, Debug)]
@@ -205,7 +235,53 @@ pub fn run(cmd: AuditCommand) -> CliResult {
         AuditCommand::Verify(a) => verify(a),
         AuditCommand::Query(a) => run_query(*a),
         AuditCommand::Report(a) => run_report(a),
+        AuditCommand::Export(a) => run_export(a),
     }
+}
+
+fn run_export(args: ExportArgs) -> CliResult {
+    let segments = args.store.segments(&args.path)?;
+    // Written beside the target and renamed once complete: a failed export leaves no
+    // half-written file under the name asked for.
+    let mut tmp = args.out.clone().into_os_string();
+    tmp.push(".partial");
+    let tmp = PathBuf::from(tmp);
+    let mut export = ParquetExport::create(&tmp).map_err(|e| fail(e.to_string()))?;
+    let filter = Filter {
+        kinds: vec!["any".into()],
+        ..Filter::default()
+    };
+    let mut failed = None;
+    let scanned = query::scan_segments(segments, &filter, |line, _| {
+        // The scan has read the line as JSON already (lines that are not are skipped and
+        // counted): a failure here is the exporter's.
+        let pushed = serde_json::from_slice::<serde_json::Value>(line)
+            .map_err(|e| e.to_string())
+            .and_then(|v| export.push(&v).map_err(|e| e.to_string()));
+        match pushed {
+            Ok(()) => Ok(std::ops::ControlFlow::Continue(())),
+            Err(why) => {
+                failed = Some(why);
+                Ok(std::ops::ControlFlow::Break(()))
+            }
+        }
+    });
+    let scanned = match (scanned, failed) {
+        (Ok(s), None) => s,
+        (Err(e), _) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+        (Ok(_), Some(why)) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(fail(why));
+        }
+    };
+    let rows = export.finish().map_err(|e| fail(e.to_string()))?;
+    std::fs::rename(&tmp, &args.out).map_err(|e| fail(format!("{}: {e}", args.out.display())))?;
+    warn_unread(&scanned);
+    eprintln!("{}: {rows} records", args.out.display());
+    Ok(Exit::Ok)
 }
 
 fn verify(args: VerifyArgs) -> CliResult {
