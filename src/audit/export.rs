@@ -591,15 +591,14 @@ mod tests {
         (reader, rows)
     }
 
-    /// The record as the writer writes it (chained at `seq`), with its `hash` and the
-    /// `instance` every record will carry.
+    /// The record as the writer writes it (chained at `seq`, in instance `sh-1`), with its
+    /// `hash`.
     fn written(mut record: Record, seq: u64) -> Value {
-        record.set_chain(seq, &"ab".repeat(32));
+        record.set_chain(seq, &"ab".repeat(32), Some(&Arc::from("sh-1")));
         let mut out = Vec::new();
         record.write_canonical(&mut out);
         let mut v: Value = serde_json::from_slice(&out).unwrap();
         v["hash"] = json!("cd".repeat(32));
-        v["instance"] = json!("sh-1");
         v
     }
 
@@ -654,6 +653,7 @@ mod tests {
             name: "cn-store".into(),
         });
         let outcome = OutcomeRecord {
+            instance: None,
             bytes_in: 1_000_003,
             bytes_out: 2,
             complete: true,
@@ -670,6 +670,7 @@ mod tests {
             v: 1,
         };
         let checkpoint = CheckpointRecord {
+            instance: None,
             final_: true,
             key: Some("sha256:00".into()),
             kind: "checkpoint",
@@ -681,6 +682,7 @@ mod tests {
             v: 1,
         };
         let recovery = RecoveryRecord {
+            instance: None,
             expected: Some(ExpectedHead {
                 hash: "ee".repeat(32),
                 seq: 9,
