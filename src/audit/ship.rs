@@ -464,3 +464,77 @@ fn last_line(file: &mut std::fs::File) -> io::Result<Vec<u8>> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::store::StoreOptions;
+    use object_store::ObjectStoreExt;
+
+    async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+        for _ in 0..200 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    /// A conditional put never replaces what is there: an object of other content under the
+    /// name keeps the file in the spool (a failure, with why); the same content is an
+    /// earlier upload that landed, and the file goes.
+    #[tokio::test]
+    async fn an_object_already_there_is_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let active = dir.path().join("logs").join("decisions.jsonl");
+        std::fs::create_dir_all(active.parent().unwrap()).unwrap();
+        let t: jiff::Timestamp = "2026-11-28T04:31:53Z".parse().unwrap();
+        let sealed = files::rotated_name(&active, 7, t);
+        let content = "{\"kind\":\"decision\",\"seq\":7}\n{\"final\":false,\"hash\":\"ab\",\"kind\":\"checkpoint\",\"seq\":8}\n";
+        std::fs::write(&sealed, content).unwrap();
+        let url = url::Url::from_directory_path(dir.path().join("store")).unwrap();
+        let loc = store::open(&url, &StoreOptions::default()).unwrap();
+        let object = store::instance_prefix(&loc, "i-1").join(
+            SegmentName {
+                first: 7,
+                last: 8,
+                sealed: "20261128T043153Z".into(),
+            }
+            .to_string(),
+        );
+        let put = |bytes: &[u8]| zstd::encode_all(bytes, 1).unwrap();
+        loc.store
+            .put(&object, put(b"someone else's records\n").into())
+            .await
+            .unwrap();
+
+        let spool = Spool::scan(&active, 1 << 20).unwrap();
+        assert_eq!(
+            (spool.stats().spool_files, spool.stats().spool_bytes),
+            (1, content.len() as u64)
+        );
+        let shipper = start(spool.clone(), loc.clone(), Arc::from("i-1"));
+        eventually("a refused upload", || spool.stats().failures >= 1).await;
+        let why = spool.stats().last_error.unwrap();
+        assert!(why.contains("already exists with other content"), "{why}");
+        assert!(sealed.exists());
+        let there = store::fetch(&loc, &object).await.unwrap();
+        assert_eq!(there, b"someone else's records\n");
+
+        loc.store
+            .put(&object, put(content.as_bytes()).into())
+            .await
+            .unwrap();
+        spool.notify.notify_one();
+        eventually("the file to go", || !sealed.exists()).await;
+        assert_eq!(spool.stats().spool_files, 0);
+        let head = read_head(&active).unwrap().unwrap();
+        assert_eq!(
+            (head.seq, head.hash.as_str(), head.final_),
+            (8, "ab", false)
+        );
+        assert_eq!(head.object, object.to_string());
+        shipper.drain(Duration::from_secs(1)).await;
+    }
+}

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use url::Url;
 
 const SEQ_DIGITS: usize = 20;
@@ -92,7 +93,10 @@ pub fn open(url: &Url, opts: &StoreOptions) -> Result<Location, StoreError> {
     };
     let (store, prefix): (Arc<dyn ObjectStore>, &str) = match url.scheme() {
         "s3" => {
-            let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket()?);
+            let mut b = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name(bucket()?)
+                .with_retry(retry())
+                .with_client_options(client_options());
             if let Some(region) = &opts.region {
                 b = b.with_region(region);
             }
@@ -118,7 +122,9 @@ pub fn open(url: &Url, opts: &StoreOptions) -> Result<Location, StoreError> {
         }
         "gs" => {
             let b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                .with_bucket_name(bucket()?);
+                .with_bucket_name(bucket()?)
+                .with_retry(retry())
+                .with_client_options(client_options());
             (
                 Arc::new(b.build().map_err(|e| fail(e.to_string()))?),
                 url.path(),
@@ -126,7 +132,9 @@ pub fn open(url: &Url, opts: &StoreOptions) -> Result<Location, StoreError> {
         }
         "az" => {
             let b = object_store::azure::MicrosoftAzureBuilder::from_env()
-                .with_container_name(bucket()?);
+                .with_container_name(bucket()?)
+                .with_retry(retry())
+                .with_client_options(client_options());
             (
                 Arc::new(b.build().map_err(|e| fail(e.to_string()))?),
                 url.path(),
@@ -148,6 +156,23 @@ pub fn open(url: &Url, opts: &StoreOptions) -> Result<Location, StoreError> {
         prefix: ObjectPath::from(prefix.trim_matches('/')),
         url: url.to_string(),
     })
+}
+
+/// A few quick retries inside a request: the shipper retries whole uploads with its own
+/// back-off, and must learn within seconds that a store is down (the library's default keeps
+/// retrying for three minutes).
+fn retry() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        max_retries: 2,
+        retry_timeout: Duration::from_secs(10),
+        ..object_store::RetryConfig::default()
+    }
+}
+
+fn client_options() -> object_store::ClientOptions {
+    object_store::ClientOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(120))
 }
 
 struct Credentials {

@@ -18,6 +18,7 @@ mod consent_postgres;
 mod consent_sqlite;
 mod deploy;
 mod geo;
+mod log_ship;
 mod ops_admin;
 mod ops_drain;
 mod ops_reload;

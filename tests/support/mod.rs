@@ -6,7 +6,7 @@
 //! `mmdb` (generated MaxMind databases), `binary` (the real `serve` process), `prom`
 //! (a strict reader of the Prometheus text format), `tls` (certificates and TLS configurations),
 //! `registry` (the consent API, the `consent` command, PostgreSQL databases and a relay that
-//! cuts them off).
+//! cuts them off), `s3` (a real S3-compatible server for log shipping).
 
 pub mod binary;
 pub mod body;
@@ -16,6 +16,7 @@ pub mod mmdb;
 pub mod prom;
 pub mod proxy;
 pub mod registry;
+pub mod s3;
 pub mod tls;
 pub mod upstream;
 
