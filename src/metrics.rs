@@ -707,6 +707,14 @@ fn render_ship(out: &mut String, s: &crate::audit::ship::ShipStats) {
         header(out, name, help, kind);
         let _ = writeln!(out, "{name} {v}");
     }
+    let name = "residency_log_ship_cpu_seconds_total";
+    header(
+        out,
+        name,
+        "CPU time spent reading and compressing sealed decision-log files for shipping.",
+        "counter",
+    );
+    let _ = writeln!(out, "{name} {}", s.cpu.as_secs_f64());
 }
 
 fn render_cache(out: &mut String, c: &CacheScrape<'_>) {

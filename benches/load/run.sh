@@ -9,6 +9,10 @@
 #   BASE_BIN=/tmp/rp-before benches/load/run.sh   # a baseline build side by side ("base")
 #   BASE_BIN=target/release/residency-proxy BASE_DURABILITY=fsync benches/load/run.sh
 #                                           # the same build, fsync beside write
+#   BASE_SHIP=1 benches/load/run.sh         # the same build beside itself shipping its log
+#                                           # ("base": rotate_interval SHIP_ROTATE, default
+#                                           # 10s, and rotation by size, zstd, to a file://
+#                                           # store), for shipping's cost at full load
 #   WORKERS=2 CONNS=256 benches/load/run.sh # two workers each, servers on both cores
 #   H2=1 benches/load/run.sh                # HTTP/2 clients in the clear (h2c, prior knowledge)
 #                                           # through h2load, 10 streams per connection; the
@@ -39,6 +43,8 @@ DURABILITY=${DURABILITY:-write}
 WORKERS=${WORKERS:-1}
 BASE_BIN=${BASE_BIN:-}
 BASE_DURABILITY=${BASE_DURABILITY:-$DURABILITY}
+BASE_SHIP=${BASE_SHIP:-}
+SHIP_ROTATE=${SHIP_ROTATE:-10s}
 export NGINX_WORKERS=$WORKERS
 SRV_CPUS=0; [ "$WORKERS" -gt 1 ] && SRV_CPUS=0,1
 OUT=${OUT:-$ROOT/target/load/$(date +%Y%m%d-%H%M%S)}
@@ -72,6 +78,7 @@ if [ -z "${RP_BIN:-}" ]; then
   cargo build --release --quiet
 fi
 BIN=${RP_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/residency-proxy}
+[ -n "$BASE_SHIP" ] && BASE_BIN=${BASE_BIN:-$BIN}
 "$BIN" certs init "$W" >/dev/null
 
 bench_policy load-bench 18090 18080 "$W/logs/decisions.jsonl" "upstream_idle_per_address = 512" \
@@ -92,6 +99,14 @@ if [ -n "$BASE_BIN" ]; then
   mkdir -p "$W/base-logs"
   sed -e 's/127.0.0.1:18090/127.0.0.1:18091/' -e "s#$W/logs/decisions.jsonl#$W/base-logs/decisions.jsonl#" \
     -e "s/^durability = .*/durability = \"$BASE_DURABILITY\"/" "$W/policy.toml" > "$W/base-policy.toml"
+  if [ -n "$BASE_SHIP" ]; then
+    # [log] is the policy's last table: seal on a schedule and ship to a local store. The
+    # proxy's share of shipping (reading, compressing, writing) is what runs on its CPU; the
+    # store's own work would run elsewhere in a real deployment.
+    printf 'rotate_interval = "%s"\n[log.ship]\nurl = "file://%s/store/"\n' "$SHIP_ROTATE" "$W" >> "$W/base-policy.toml"
+    # Its admin listener on a known port, for the shipping CPU counter.
+    sed -i 's/^listen = "127.0.0.1:0"$/listen = "127.0.0.1:18092"/' "$W/base-policy.toml"
+  fi
   taskset -c $SRV_CPUS "$BASE_BIN" serve --policy "$W/base-policy.toml" --workers "$WORKERS" 2> "$W/base-logs/proxy.log" & BASE=$!; PIDS+=($BASE)
   URLS="$URLS http://127.0.0.1:18091"
   TARGETS="$TARGETS base=http://127.0.0.1:18091"
@@ -149,7 +164,16 @@ for rep in $(seq 1 "$REPS"); do
 done
 RSS_KB=$(awk '/^VmRSS/{print $2}' /proc/$OURS/status)
 kill -TERM "$OURS"; wait "$OURS" || true
+if [ -n "$BASE_SHIP" ]; then
+  # Shipping's own CPU (reading and compressing sealed files) against all of base's CPU.
+  SHIP_CPU=$(curl -s http://127.0.0.1:18092/metrics | awk '$1=="residency_log_ship_cpu_seconds_total"{print $2}')
+  echo "${SHIP_CPU:-0} $(ticks $BASE)" > "$OUT/ship-cpu.txt"
+fi
 [ -n "$BASE_BIN" ] && { kill -TERM "$BASE"; wait "$BASE" || true; }
+if [ -n "$BASE_SHIP" ]; then
+  "$BIN" audit verify "file://$W/store/" > "$OUT/verify-shipped.txt" 2>&1 || true
+  ls "$W/base-logs" | grep -c -- '-0000' > "$OUT/unshipped.txt" || true
+fi
 "$BIN" audit verify "$W/logs/decisions.jsonl" > "$OUT/verify.txt" 2>&1 || true
 python3 - "$OUT" "$W/logs/decisions.jsonl" "$RSS_KB" "$DURABILITY" <<'PY' | tee "$OUT/summary.md"
 import csv, json, statistics, sys
@@ -189,5 +213,11 @@ for line in (l for f in files for l in open(f)):
 dups = sum(1 for v in ids.values() if v > 1)
 print('decision log (%s): %d decision records, %d outcome records, %d duplicate ids; %s' % (dur, dec, out_, dups, open(out + '/verify.txt').read().strip()))
 print('proxy RSS at the end of the run: %.1f MiB' % (rss / 1024))
+if os.path.exists(out + '/verify-shipped.txt'):
+    print('base shipped its log: %s; sealed files left unshipped: %s'
+          % (open(out + '/verify-shipped.txt').read().strip(), open(out + '/unshipped.txt').read().strip() or '0'))
+    ship_cpu, base_ticks = open(out + '/ship-cpu.txt').read().split()
+    print('shipping (reading and compressing sealed files) used %.2f s of base\'s %.2f s of CPU: %.1f%%'
+          % (float(ship_cpu), int(base_ticks) / 100.0, 100.0 * float(ship_cpu) / max(int(base_ticks) / 100.0, 0.01)))
 PY
 echo "results in $OUT"

@@ -27,8 +27,10 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-/// zstd level: the fastest, since a sidecar compresses every byte it logs.
-const LEVEL: i32 = 1;
+/// zstd level: one of the fast (negative) levels, since a sidecar compresses every byte it
+/// logs. On decision records level -3 compresses about 8:1 at half the CPU of level 1
+/// (13:1); docs/performance.md has the figures.
+const LEVEL: i32 = -3;
 /// First retry after a failure; doubles up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -51,6 +53,8 @@ pub struct Spool {
     shipped_files: AtomicU64,
     shipped_bytes: AtomicU64,
     failures: AtomicU64,
+    /// CPU time spent reading and compressing sealed files, in nanoseconds.
+    cpu_nanos: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -66,6 +70,8 @@ pub struct ShipStats {
     pub failures: u64,
     /// Seconds since the oldest file still in the spool was sealed; 0 when empty.
     pub oldest_age_secs: u64,
+    /// CPU time spent reading and compressing sealed files (0 where the OS does not say).
+    pub cpu: Duration,
     pub last_error: Option<String>,
 }
 
@@ -82,6 +88,7 @@ impl Spool {
             shipped_files: AtomicU64::new(0),
             shipped_bytes: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            cpu_nanos: AtomicU64::new(0),
             last_error: Mutex::new(None),
         };
         spool.recount()?;
@@ -141,9 +148,24 @@ impl Spool {
             } else {
                 (jiff::Timestamp::now().as_second() - oldest).max(0) as u64
             },
+            cpu: Duration::from_nanos(get(&self.cpu_nanos)),
             last_error: self.last_error.lock().expect("not poisoned").clone(),
         }
     }
+}
+
+/// CPU time of the calling thread so far (Linux: user and system time in
+/// `/proc/thread-self/stat`, in clock ticks of 10 ms); zero where it cannot be read.
+fn thread_cpu() -> Duration {
+    let ticks = || -> Option<u64> {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+        // Fields after the command name, which is in parentheses and may hold spaces:
+        // state is field 3, utime 14 and stime 15.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let mut fields = rest.split_whitespace().skip(11);
+        Some(fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?)
+    };
+    ticks().map_or(Duration::ZERO, |t| Duration::from_millis(t * 10))
 }
 
 /// Unix seconds in a rotated file's name (`…-YYYYMMDDTHHMMSSZ.jsonl`).
@@ -315,10 +337,17 @@ impl Shipper {
             source,
         };
         let owned = path.to_path_buf();
-        let sealed = tokio::task::spawn_blocking(move || Sealed::read(&owned))
-            .await
-            .map_err(|e| local(io::Error::other(e)))?
-            .map_err(local)?;
+        let sealed = tokio::task::spawn_blocking(move || {
+            let before = thread_cpu();
+            Sealed::read(&owned).map(|s| (s, thread_cpu().saturating_sub(before)))
+        })
+        .await
+        .map_err(|e| local(io::Error::other(e)))?
+        .map_err(local)?;
+        let (sealed, cpu) = sealed;
+        self.spool
+            .cpu_nanos
+            .fetch_add(cpu.as_nanos() as u64, Ordering::Relaxed);
         let name = SegmentName {
             first: sealed.first,
             last: sealed.head.seq,
