@@ -2,8 +2,8 @@
 //! against a real S3-compatible server (moto): three sidecars, one of them killed with
 //! SIGKILL and restarted, ship to one bucket and `audit verify s3://…` passes for each; a
 //! deleted object is a named missing range and an overwritten one an edit; a store that is
-//! down fills the spool, then the log refuses (503), and shipping resumes once it is back,
-//! with no record lost; a store abroad is refused at start-up; and DuckDB counts an export
+//! down fills the spool, then the log refuses (503), and what the spool holds at a stop
+//! ships at the next start, with no record lost; a store abroad is refused at start-up; and DuckDB counts an export
 //! as `audit report` does.
 
 use crate::support::binary::Served;
@@ -289,7 +289,7 @@ async fn three_sidecars_ship_to_one_bucket_and_the_fleet_verifies_or_names_what_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_store_that_is_down_fills_the_spool_then_the_log_refuses_and_shipping_resumes() {
+async fn a_store_that_is_down_fills_the_spool_the_log_refuses_and_the_spool_ships_at_the_next_start() {
     let mut store = S3Server::start(STORE_IP);
     // Down from the start: not a reason to refuse to start.
     store.kill();
@@ -301,7 +301,9 @@ async fn a_store_that_is_down_fills_the_spool_then_the_log_refuses_and_shipping_
         dir.path(),
         "spooler",
         ", spool_max_bytes = '4KiB'",
-    );
+    )
+    // A stop gives shipping this long; the store is down then, so the whole of it.
+    .proxy("drain_timeout = '2s'");
     let mut proxy = spec.start_in(dir).await;
     let admin = proxy.running().admin_addr;
 
@@ -354,18 +356,50 @@ async fn a_store_that_is_down_fills_the_spool_then_the_log_refuses_and_shipping_
     .await;
     assert_eq!(metric("residency_log_ship_files_total").await, 0.0);
 
-    // The store is back: the spool drains, in order, and requests go through again.
+    // Stopped while the store is down: the sealed files stay in the spool.
+    let policy = proxy.policy_path.clone();
+    let logs = proxy.log.path.parent().unwrap().to_path_buf();
+    proxy.shutdown().await;
+    let spooled = || {
+        std::fs::read_dir(&logs)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains("-0000"))
+            .count()
+    };
+    assert!(spooled() >= 2, "the spool keeps what could not ship");
+
+    // The store is back and the sidecar starts again: the spool ships first, in order, and
+    // requests go through again.
     store.restart();
     store.create_bucket("fleet");
-    let spool = proxy.running().shared.spool.clone().unwrap();
-    wait_for("the spool to drain", Duration::from_secs(45), async || {
+    let start = async || {
+        residency_proxy::admin::start(residency_proxy::proxy::ServeConfig {
+            policy_path: policy.clone(),
+            overrides: Default::default(),
+        })
+        .await
+        .unwrap()
+    };
+    let running = start().await;
+    let spool = running.shared.spool.clone().unwrap();
+    wait_for("the spool to drain", Duration::from_secs(30), async || {
         spool.stats().spool_files == 0
     })
     .await;
-    let again = client::get(APP, proxy.addr, "/payments/u1/again.json", &[]).await;
+    assert_eq!(spooled(), 0);
+    let again = client::get(APP, running.addr, "/payments/u1/again.json", &[]).await;
     assert_eq!(again.status, 200, "{}", again.text());
     answered.push(again.decision_id());
-    proxy.shutdown().await;
+    running.shutdown().await;
+
+    // A third start on a folder whose every file has shipped continues the chain from the
+    // head the shipper saved, rather than starting a new one at seq 1.
+    let running = start().await;
+    let last = client::get(APP, running.addr, "/payments/u1/last.json", &[]).await;
+    assert_eq!(last.status, 200, "{}", last.text());
+    answered.push(last.decision_id());
+    running.shutdown().await;
 
     let endpoint = store.endpoint();
     let (code, out, err) = cli(&["audit", "verify", URL, "--endpoint", &endpoint]);
@@ -373,10 +407,7 @@ async fn a_store_that_is_down_fills_the_spool_then_the_log_refuses_and_shipping_
     assert!(out.starts_with("spooler: ok, "), "{out}");
     let (_, out, _) = cli(&["audit", "query", URL, "--endpoint", &endpoint]);
     for id in &answered {
-        assert!(
-            out.contains(id.as_str()),
-            "answered {id} is not in the bucket"
-        );
+        assert!(out.contains(id.as_str()), "answered {id} is not in the bucket");
     }
 }
 
