@@ -45,6 +45,17 @@ pub fn verify(
     opts: &VerifyOptions,
 ) -> Result<FleetReport, LogFilesError> {
     let listing = list(rt, loc)?;
+    if !opts.heads.is_empty()
+        && let Some(first) = listing.instances.keys().next()
+        && listing.instances.len() > 1
+    {
+        return Err(LogFilesError::Store(format!(
+            "--head names a record of one chain, and {} holds {} instances: give the instance's own folder ({}/{first}/)",
+            loc.url,
+            listing.instances.len(),
+            loc.url.trim_end_matches('/'),
+        )));
+    }
     let mut report = FleetReport {
         strangers: listing.strangers.iter().map(|p| p.to_string()).collect(),
         ..FleetReport::default()

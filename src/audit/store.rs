@@ -266,7 +266,8 @@ pub struct Segment {
 }
 
 /// What a location holds: each instance's segments in chain order, and objects under the
-/// prefix that are not shipped files (reported, never read).
+/// prefix that are not shipped files (reported, never read). A location may be a fleet's
+/// prefix (`PREFIX/`, instances below it) or one instance's folder (`PREFIX/INSTANCE/`).
 #[derive(Debug, Default)]
 pub struct Listing {
     pub instances: BTreeMap<String, Vec<Segment>>,
@@ -298,6 +299,14 @@ pub async fn list(loc: &Location) -> Result<Listing, StoreError> {
             [instance, file] => {
                 SegmentName::parse(file.as_ref()).map(|name| (instance.as_ref().to_string(), name))
             }
+            // The location is one instance's folder: the prefix's last part names it.
+            [file] => SegmentName::parse(file.as_ref()).map(|name| {
+                let instance = loc.prefix.parts().last();
+                (
+                    instance.map_or_else(String::new, |p| p.as_ref().to_string()),
+                    name,
+                )
+            }),
             _ => None,
         };
         match segment {

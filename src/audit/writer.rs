@@ -515,8 +515,10 @@ struct Committer {
     key_fields: Option<KeyFields>,
     checkpoint_every: u64,
     checkpoint_interval: Duration,
-    /// When the last checkpoint was written (a tick adds one once this is
-    /// `checkpoint_interval` old and records are unsigned).
+    /// How often a tick comes ([`tick_period`]).
+    tick_every: Duration,
+    /// When the last checkpoint was written: a tick that comes more often than
+    /// `checkpoint_interval` (to seal on time) adds one only once this is that old.
     last_checkpoint: std::time::Instant,
     rotate_bytes: u64,
     rotate_interval: Option<Duration>,
@@ -557,6 +559,7 @@ impl Committer {
             key,
             checkpoint_every: settings.checkpoint_every.max(1),
             checkpoint_interval: settings.checkpoint_interval,
+            tick_every: tick_period(settings),
             last_checkpoint: std::time::Instant::now(),
             rotate_bytes: settings.rotate_bytes,
             rotate_interval: settings.rotate_interval,
@@ -662,7 +665,8 @@ impl Committer {
             Request::Append { .. } => None,
             Request::Tick => {
                 let now = std::time::Instant::now();
-                let due = now.duration_since(self.last_checkpoint) >= self.checkpoint_interval;
+                let due = self.tick_every >= self.checkpoint_interval
+                    || now.duration_since(self.last_checkpoint) >= self.checkpoint_interval;
                 if (due && self.unsigned > 0) || self.recovery.is_some() {
                     let _ = self.commit(&mut Vec::new(), End::Checkpoint);
                 }

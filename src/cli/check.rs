@@ -2,6 +2,7 @@
 
 use super::{CliResult, Exit, load_policy};
 use crate::policy::PolicyError;
+use crate::proxy::shipping::LocateError;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -44,8 +45,15 @@ fn check_ship_store(policy: &crate::policy::Policy) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    rt.block_on(crate::proxy::shipping::locate_store(policy, ship, &locator))
-        .map(|_| ())
+    match rt.block_on(crate::proxy::shipping::locate_store(policy, ship, &locator)) {
+        Ok(_) => Ok(()),
+        Err(LocateError::Refused(why)) => Err(why),
+        // This machine may not see the store's DNS; `serve` checks again where it runs.
+        Err(LocateError::Resolve(why)) => {
+            eprintln!("warning: log.ship: {why}; serve locates it before anything ships");
+            Ok(())
+        }
+    }
 }
 
 pub fn run(args: CheckArgs) -> CliResult {

@@ -126,7 +126,7 @@ pub struct RunningProxy {
     server: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
     reloader: Arc<Reloader>,
-    shipper: Option<crate::audit::ship::ShipperHandle>,
+    shipper: Option<shipping::Shipping>,
 }
 
 impl RunningProxy {
@@ -271,13 +271,17 @@ pub async fn start_with(config: ServeConfig, policy: Policy) -> Result<RunningPr
     let metrics = Metrics::new();
     let snapshot = Snapshot::build(policy, None, consents.clone(), &metrics).await?;
     let shipping = shipping::prepare(&snapshot.policy, &snapshot.locator).await?;
-    let spool = shipping.as_ref().map(|(s, _)| s.clone());
+    let spool = shipping.as_ref().map(|p| p.spool().clone());
     let log = LogWriter::open_spooled(
         &snapshot.policy.log,
         snapshot.signing_key.clone(),
         spool.clone(),
     )?;
-    let shipper = shipping.map(|(spool, loc)| shipping::start(&snapshot.policy, spool, loc));
+    let shipper = shipping.map(|prepared| {
+        let locator =
+            crate::geo::Locator::new(&snapshot.policy, snapshot.locator.database().cloned());
+        shipping::start(&snapshot.policy, locator, prepared)
+    });
     let listen = snapshot.policy.proxy.listen;
     let drain = snapshot.policy.proxy.drain_timeout;
     let resolve_every = snapshot.policy.proxy.resolve_interval;

@@ -1,7 +1,8 @@
 //! Start-up of log shipping: the store must sit inside the home jurisdiction, located like an
 //! upstream (by every address its host resolves to: operator overrides, then the geolocation
-//! database), or the proxy refuses to start; an unreachable store is not fatal, since the
-//! spool absorbs it.
+//! database), or the proxy refuses to start. An unreachable store is not fatal, since the
+//! spool absorbs it; nor is a host that does not resolve yet: nothing ships until it resolves
+//! and is located at home (checked again every few seconds).
 
 use crate::audit::ship::{self, ShipperHandle, Spool};
 use crate::audit::store::{self, StoreOptions};
@@ -9,6 +10,28 @@ use crate::geo::Locator;
 use crate::policy::Policy;
 use crate::policy::model::{LogTarget, ShipSettings};
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+/// How often a store whose host did not resolve at start-up is looked up again.
+const RELOCATE_EVERY: Duration = Duration::from_secs(5);
+
+/// Why the store could not be located.
+#[derive(Debug)]
+pub enum LocateError {
+    /// Its host does not resolve (now): nothing may ship until it does.
+    Resolve(String),
+    /// It is outside home, or where it is cannot be told: nothing may ever ship there.
+    Refused(String),
+}
+
+impl std::fmt::Display for LocateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LocateError::Resolve(why) | LocateError::Refused(why) => f.write_str(why),
+        }
+    }
+}
 
 /// Why shipping cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -55,14 +78,17 @@ pub async fn locate_store(
     policy: &Policy,
     ship: &ShipSettings,
     locator: &Locator,
-) -> Result<Vec<String>, String> {
-    let Some((host, port)) = store_host(ship)? else {
+) -> Result<Vec<String>, LocateError> {
+    let Some((host, port)) = store_host(ship).map_err(LocateError::Refused)? else {
         return Ok(vec!["local folder".into()]);
     };
     let addrs: Vec<_> = tokio::net::lookup_host((host.as_str(), port))
         .await
         .map_err(|e| {
-            format!("cannot resolve the store's host {host}: {e} (its location must be known before anything ships)")
+            LocateError::Resolve(format!(
+                "cannot resolve the store's host {host}: {e} (nothing ships until it is located inside {})",
+                policy.home.name
+            ))
         })?
         .collect();
     let mut found = Vec::new();
@@ -73,25 +99,41 @@ pub async fn locate_store(
                 found.push(format!("{} ({c})", addr.ip()));
             }
             Some(c) => {
-                return Err(format!(
+                return Err(LocateError::Refused(format!(
                     "the store {host} resolves to {} located in {c}, outside the home jurisdiction {}: the decision log describes people and stays home",
                     addr.ip(),
                     policy.home.name
-                ));
+                )));
             }
             None => {
-                return Err(format!(
+                return Err(LocateError::Refused(format!(
                     "the store {host} resolves to {}, whose country is unknown (add a [[networks]] override or a geolocation database): the log ships only to a store known to be inside {}",
                     addr.ip(),
                     policy.home.name
-                ));
+                )));
             }
         }
     }
     if found.is_empty() {
-        return Err(format!("the store's host {host} resolves to no address"));
+        return Err(LocateError::Resolve(format!(
+            "the store's host {host} resolves to no address"
+        )));
     }
     Ok(found)
+}
+
+/// A spool and its store, ready to ship.
+pub struct Prepared {
+    spool: Arc<Spool>,
+    loc: store::Location,
+    /// The store's host did not resolve at start-up: locate it before shipping.
+    unlocated: bool,
+}
+
+impl Prepared {
+    pub fn spool(&self) -> &Arc<Spool> {
+        &self.spool
+    }
 }
 
 /// Opens the spool (counting what an earlier run left) and the store, after checking where
@@ -99,16 +141,21 @@ pub async fn locate_store(
 pub async fn prepare(
     policy: &Policy,
     locator: &Locator,
-) -> Result<Option<(Arc<Spool>, store::Location)>, ShipStartError> {
+) -> Result<Option<Prepared>, ShipStartError> {
     let Some(ship) = &policy.log.ship else {
         return Ok(None);
     };
     let LogTarget::File(active) = &policy.log.target else {
         return Err(ShipStartError("needs log.path to be a file".into()));
     };
-    let located = locate_store(policy, ship, locator)
-        .await
-        .map_err(ShipStartError)?;
+    let (located, unlocated) = match locate_store(policy, ship, locator).await {
+        Ok(found) => (found.join(", "), false),
+        Err(LocateError::Refused(why)) => return Err(ShipStartError(why)),
+        Err(LocateError::Resolve(why)) => {
+            tracing::warn!(log.ship = %ship.url, error = %why, "decision log store not located yet: sealed files wait in the spool");
+            ("not yet located".into(), true)
+        }
+    };
     let opts = StoreOptions::new(
         ship.endpoint.clone(),
         ship.region.clone(),
@@ -121,15 +168,71 @@ pub async fn prepare(
     tracing::info!(
         log.ship = %ship.url,
         log.instance = %policy.log.instance,
-        log.store_at = %located.join(", "),
+        log.store_at = %located,
         log.spool_files = waiting.spool_files,
         log.spool_bytes = waiting.spool_bytes,
         "decision log ships sealed files"
     );
-    Ok(Some((spool, loc)))
+    Ok(Some(Prepared {
+        spool,
+        loc,
+        unlocated,
+    }))
 }
 
-/// Starts the shipper for a prepared spool.
-pub fn start(policy: &Policy, spool: Arc<Spool>, loc: store::Location) -> ShipperHandle {
-    ship::start(spool, loc, policy.log.instance.clone())
+/// The shipper, or the wait for the store to be located before it starts.
+pub enum Shipping {
+    Running(ShipperHandle),
+    Locating(JoinHandle<Option<ShipperHandle>>),
+}
+
+/// Starts the shipper, at once if the store was located, else once it is.
+pub fn start(policy: &Arc<Policy>, locator: Locator, prepared: Prepared) -> Shipping {
+    let Prepared {
+        spool,
+        loc,
+        unlocated,
+    } = prepared;
+    let instance = policy.log.instance.clone();
+    if !unlocated {
+        return Shipping::Running(ship::start(spool, loc, instance));
+    }
+    let policy = policy.clone();
+    Shipping::Locating(tokio::spawn(async move {
+        let ship = policy.log.ship.as_ref()?;
+        loop {
+            tokio::time::sleep(RELOCATE_EVERY).await;
+            match locate_store(&policy, ship, &locator).await {
+                Ok(found) => {
+                    tracing::info!(log.ship = %ship.url, log.store_at = %found.join(", "), "decision log store located: shipping starts");
+                    return Some(ship::start(spool, loc, instance));
+                }
+                Err(LocateError::Resolve(_)) => {}
+                Err(LocateError::Refused(why)) => {
+                    tracing::error!(log.ship = %ship.url, error = %why, "decision log store refused: nothing ships, and the spool fills until the log refuses records");
+                    return None;
+                }
+            }
+        }
+    }))
+}
+
+impl Shipping {
+    /// Ships what is sealed within `timeout`; a store not located yet ships nothing.
+    pub async fn drain(self, timeout: Duration) {
+        let handle = match self {
+            Shipping::Running(h) => Some(h),
+            Shipping::Locating(task) if task.is_finished() => task.await.ok().flatten(),
+            Shipping::Locating(task) => {
+                task.abort();
+                tracing::warn!(
+                    "decision log store never located: the spool ships at the next start"
+                );
+                None
+            }
+        };
+        if let Some(h) = handle {
+            h.drain(timeout).await;
+        }
+    }
 }

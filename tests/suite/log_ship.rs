@@ -244,6 +244,37 @@ async fn three_sidecars_ship_to_one_bucket_and_the_fleet_verifies_or_names_what_
         );
     }
 
+    // One instance's folder is a location of its own; a head names one chain's record.
+    let one = format!("{URL}sidecar-c/");
+    let (code, out, _) = cli(&[
+        "audit",
+        "verify",
+        &one,
+        "--endpoint",
+        &endpoint,
+        "--key",
+        &key,
+    ]);
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with("sidecar-c: ok, ") && out.lines().count() == 1,
+        "{out}"
+    );
+    let (code, _, err) = cli(&[
+        "audit",
+        "verify",
+        URL,
+        "--endpoint",
+        &endpoint,
+        "--head",
+        &format!("1:{}", "0".repeat(64)),
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("holds 3 instances: give the instance's own folder"),
+        "{err}"
+    );
+
     // An object of sidecar-a in the middle, edited and put back under its name.
     let keys: Vec<String> = s3::keys(&loc)
         .await
@@ -289,7 +320,8 @@ async fn three_sidecars_ship_to_one_bucket_and_the_fleet_verifies_or_names_what_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_store_that_is_down_fills_the_spool_the_log_refuses_and_the_spool_ships_at_the_next_start() {
+async fn a_store_that_is_down_fills_the_spool_the_log_refuses_and_the_spool_ships_at_the_next_start()
+ {
     let mut store = S3Server::start(STORE_IP);
     // Down from the start: not a reason to refuse to start.
     store.kill();
@@ -407,7 +439,10 @@ async fn a_store_that_is_down_fills_the_spool_the_log_refuses_and_the_spool_ship
     assert!(out.starts_with("spooler: ok, "), "{out}");
     let (_, out, _) = cli(&["audit", "query", URL, "--endpoint", &endpoint]);
     for id in &answered {
-        assert!(out.contains(id.as_str()), "answered {id} is not in the bucket");
+        assert!(
+            out.contains(id.as_str()),
+            "answered {id} is not in the bucket"
+        );
     }
 }
 
@@ -438,6 +473,30 @@ async fn a_store_abroad_is_refused_at_start_up_and_by_check() {
         stderr.contains("log.ship: the store 127.0.0.3 resolves to 127.0.0.3 located in US"),
         "{stderr}"
     );
+}
+
+/// A host that does not resolve cannot be located, so nothing ships to it; but DNS that is
+/// not there yet is no reason for a sidecar not to serve: the spool holds the sealed files.
+#[tokio::test]
+async fn a_store_whose_host_does_not_resolve_yet_keeps_the_files_in_the_spool() {
+    let home = Upstream::start(HOME_IP, Serve::Ok).await;
+    let mut proxy = payments_spec(&home.url())
+        .log("rotate_interval = '1s'")
+        .log("ship = { url = 's3://fleet/logs/', endpoint = 'http://store.invalid:9000' }")
+        .proxy("drain_timeout = '1s'")
+        .start()
+        .await;
+    let r = client::get(APP, proxy.addr, "/payments/u1/a.json", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let spool = proxy.running().shared.spool.clone().unwrap();
+    wait_for("a sealed file", Duration::from_secs(10), async || {
+        spool.stats().spool_files >= 1
+    })
+    .await;
+    proxy.shutdown().await;
+    let stats = spool.stats();
+    assert_eq!((stats.shipped_files, stats.failures), (0, 0), "{stats:?}");
+    assert!(stats.spool_files >= 2, "{stats:?}");
 }
 
 #[tokio::test]
