@@ -301,7 +301,7 @@ pub async fn list(loc: &Location) -> Result<Listing, StoreError> {
             }
             // The location is one instance's folder: the prefix's last part names it.
             [file] => SegmentName::parse(file.as_ref()).map(|name| {
-                let instance = loc.prefix.parts().last();
+                let instance = loc.prefix.parts().next_back();
                 (
                     instance.map_or_else(String::new, |p| p.as_ref().to_string()),
                     name,
