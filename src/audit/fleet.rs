@@ -61,7 +61,7 @@ pub fn verify(
         ..FleetReport::default()
     };
     for (instance, segments) in listing.instances {
-        let result = verify_instance(rt, loc, &instance, segments, opts);
+        let result = verify_instance(rt, loc, &instance, segments, opts)?;
         report.instances.push(InstanceVerdict { instance, result });
     }
     Ok(report)
@@ -73,7 +73,7 @@ fn verify_instance(
     instance: &str,
     segments: Vec<Segment>,
     opts: &VerifyOptions,
-) -> Result<VerifyReport, String> {
+) -> Result<Result<VerifyReport, String>, LogFilesError> {
     let user_open = opts.open;
     let opts = VerifyOptions {
         instance: Some(instance.to_string()),
@@ -89,44 +89,47 @@ fn verify_instance(
         let shown = name.display();
         let expected = chain.seq() + 1;
         if seg.name.first > expected {
-            return Err(format!(
+            return Ok(Err(format!(
                 "records {expected}-{} missing (the next object, {shown}, starts at seq {})",
                 seg.name.first - 1,
                 seg.name.first
-            ));
+            )));
         }
         if seg.name.first < expected {
-            return Err(format!(
+            return Ok(Err(format!(
                 "{shown} starts at seq {}, but records up to seq {} came before it: a duplicated or overlapping object",
                 seg.name.first,
                 expected - 1
-            ));
+            )));
         }
-        let reader = fetch
-            .next()
-            .expect("one fetch per segment")
-            .map_err(|e| e.to_string())?
-            .1;
-        chain.file(&name, reader, false).map_err(describe_error)?;
+        // An object that cannot be fetched says nothing about the chain: the location is
+        // unreadable (exit 2), not broken. What it holds, once fetched, is judged.
+        let reader = fetch.next().expect("one fetch per segment")?.1;
+        if let Err(e) = chain.file(&name, reader, false) {
+            return Ok(Err(describe_error(e)));
+        }
         if chain.seq() != seg.name.last {
-            return Err(format!(
+            return Ok(Err(format!(
                 "{shown} is named for records {}-{} but holds {}-{}: it was overwritten or edited",
                 seg.name.first,
                 seg.name.last,
                 seg.name.first,
                 chain.seq()
-            ));
+            )));
         }
         end = name;
     }
-    let report = chain.finish(&end).map_err(describe_error)?;
+    let report = match chain.finish(&end) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(describe_error(e))),
+    };
     if !report.closed && !user_open {
-        return Err(format!(
+        return Ok(Err(format!(
             "open: the chain ends at seq {} without a final checkpoint (the sidecar is still running, or stopped without one); pass --open to accept it",
             report.last_seq
-        ));
+        )));
     }
-    Ok(report)
+    Ok(Ok(report))
 }
 
 fn describe_error(e: VerifyError) -> String {
@@ -140,14 +143,7 @@ fn describe_error(e: VerifyError) -> String {
 
 /// `s3://bucket/prefix/INSTANCE/FILE` for messages.
 fn object_name(loc: &Location, seg: &Segment) -> PathBuf {
-    let base = loc.url.trim_end_matches('/');
-    let rel = seg
-        .path
-        .as_ref()
-        .strip_prefix(loc.prefix.as_ref())
-        .unwrap_or(seg.path.as_ref())
-        .trim_start_matches('/');
-    PathBuf::from(format!("{base}/{rel}"))
+    PathBuf::from(store::object_url(loc, &seg.path))
 }
 
 fn list(rt: &Runtime, loc: &Location) -> Result<Listing, LogFilesError> {
@@ -228,4 +224,152 @@ impl Iterator for Prefetch {
 /// Whether a path given on the command line names object storage.
 pub fn is_url(path: &Path) -> bool {
     path.to_str().is_some_and(store::is_url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::ship::{self, Spool};
+    use crate::audit::store::StoreOptions;
+    use crate::audit::writer::LogWriter;
+    use crate::audit::writer::tests::{policy, record, settings, test_key};
+    use crate::policy::model::Durability;
+    use std::time::Duration;
+
+    /// Writes `instance`'s chain (three sealed files, then a final one on close) with the real
+    /// writer and ships it to `store` with the real shipper.
+    async fn ship_chain(dir: &Path, store: &url::Url, instance: &str) {
+        let p = policy();
+        let active = dir.join(instance).join("decisions.jsonl");
+        let mut s = settings(&p, &active, Durability::Write);
+        s.instance = Arc::from(instance);
+        std::fs::create_dir_all(active.parent().unwrap()).unwrap();
+        let spool = Spool::scan(&active, 1 << 30).unwrap();
+        let log = LogWriter::open_spooled(&s, Some(test_key()), Some(spool.clone())).unwrap();
+        for _ in 0..3 {
+            for n in 0..4 {
+                log.append(record(&p, n)).await.unwrap();
+            }
+            log.rotate().await.unwrap();
+        }
+        log.append(record(&p, 9)).await.unwrap();
+        // Seals the active file with its final checkpoint.
+        log.close().await;
+        let loc = store::open(store, &StoreOptions::default()).unwrap();
+        let shipper = ship::start(spool.clone(), loc, Arc::from(instance));
+        for _ in 0..400 {
+            if spool.stats().spool_files == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(spool.stats().spool_files, 0, "{:?}", spool.stats());
+        shipper.drain(Duration::from_secs(1)).await;
+    }
+
+    fn runtime() -> Arc<Runtime> {
+        Arc::new(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap(),
+        )
+    }
+
+    fn check(rt: &Arc<Runtime>, url: &url::Url) -> Vec<(String, Result<VerifyReport, String>)> {
+        let loc = store::open(url, &StoreOptions::default()).unwrap();
+        verify(rt, &loc, &VerifyOptions::default())
+            .unwrap()
+            .instances
+            .into_iter()
+            .map(|i| (i.instance, i.result))
+            .collect()
+    }
+
+    fn objects(folder: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(folder)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn each_instance_is_its_own_chain_and_every_kind_of_damage_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let store_dir = dir.path().join("store").join("fleet");
+        let url = url::Url::from_directory_path(&store_dir).unwrap();
+        let rt = runtime();
+        rt.block_on(ship_chain(&dir.path().join("a"), &url, "a"));
+        rt.block_on(ship_chain(&dir.path().join("b"), &url, "b"));
+
+        let found = check(&rt, &url);
+        assert_eq!(found.len(), 2);
+        for (name, result) in &found {
+            let r = result.as_ref().unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(r.closed);
+            // 13 decision records; a checkpoint ends each of the four files.
+            assert_eq!((r.records, r.checkpoints), (13, 4), "{name}");
+        }
+        // One instance's folder is a location too, named by the folder.
+        let only_a = url::Url::from_directory_path(store_dir.join("a")).unwrap();
+        let found = check(&rt, &only_a);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, "a");
+        assert!(found[0].1.is_ok());
+
+        let (a, b) = (objects(&store_dir.join("a")), objects(&store_dir.join("b")));
+        let why = |found: Vec<(String, Result<VerifyReport, String>)>, who: &str| {
+            found
+                .into_iter()
+                .find(|(n, _)| n == who)
+                .unwrap()
+                .1
+                .unwrap_err()
+        };
+
+        // a's first file in b's place: its chain links, but it is a's.
+        let b0 = std::fs::read(&b[0]).unwrap();
+        std::fs::copy(&a[0], &b[0]).unwrap();
+        let e = why(check(&rt, &url), "b");
+        assert!(
+            e.contains("record of instance a among instance b's files"),
+            "{e}"
+        );
+        std::fs::write(&b[0], b0).unwrap();
+
+        // A file renamed to claim more records than it holds.
+        let name = a[1].file_name().unwrap().to_str().unwrap().to_string();
+        let seg = store::SegmentName::parse(&name).unwrap();
+        let claimed = store::SegmentName {
+            last: seg.last + 5,
+            ..seg.clone()
+        };
+        let renamed = a[1].with_file_name(claimed.to_string());
+        std::fs::rename(&a[1], &renamed).unwrap();
+        let e = why(check(&rt, &url), "a");
+        assert!(
+            e.contains(&format!(
+                "is named for records {}-{} but holds {}-{}",
+                seg.first,
+                seg.last + 5,
+                seg.first,
+                seg.last
+            )),
+            "{e}"
+        );
+        std::fs::rename(&renamed, &a[1]).unwrap();
+
+        // The same records twice, under a later seal time.
+        let again = store::SegmentName {
+            sealed: "29991231T235959Z".into(),
+            ..seg.clone()
+        };
+        std::fs::copy(&a[1], a[1].with_file_name(again.to_string())).unwrap();
+        let e = why(check(&rt, &url), "a");
+        assert!(e.contains("a duplicated or overlapping object"), "{e}");
+        assert!(check(&rt, &url).iter().any(|(n, r)| n == "b" && r.is_ok()));
+    }
 }

@@ -49,6 +49,8 @@ pub struct Spool {
     files: AtomicU64,
     /// Unix seconds at which the oldest file still in the spool was sealed; 0 when empty.
     oldest: AtomicI64,
+    /// Held while the folder is counted, so that two counts never interleave.
+    counting: Mutex<()>,
     notify: Notify,
     shipped_files: AtomicU64,
     shipped_bytes: AtomicU64,
@@ -84,6 +86,7 @@ impl Spool {
             bytes: AtomicU64::new(0),
             files: AtomicU64::new(0),
             oldest: AtomicI64::new(0),
+            counting: Mutex::new(()),
             notify: Notify::new(),
             shipped_files: AtomicU64::new(0),
             shipped_bytes: AtomicU64::new(0),
@@ -95,8 +98,10 @@ impl Spool {
         Ok(Arc::new(spool))
     }
 
-    /// Counts the sealed files on disk again.
+    /// Counts the sealed files on disk again. The folder is the truth: the writer (after
+    /// sealing) and the shipper (after shipping) both count it, one at a time.
     fn recount(&self) -> Result<Vec<PathBuf>, files::LogFilesError> {
+        let _one_at_a_time = self.counting.lock().expect("not poisoned");
         let sealed = files::rotated_siblings(&self.active)?;
         let bytes = sealed
             .iter()
@@ -110,12 +115,10 @@ impl Spool {
         Ok(sealed)
     }
 
-    /// The writer sealed a file of `len` bytes.
-    pub(crate) fn sealed(&self, len: u64) {
-        self.bytes.fetch_add(len, Ordering::Relaxed);
-        if self.files.fetch_add(1, Ordering::Relaxed) == 0 {
-            self.oldest
-                .store(jiff::Timestamp::now().as_second(), Ordering::Relaxed);
+    /// The writer sealed a file: count it, and wake the shipper.
+    pub(crate) fn sealed(&self) {
+        if let Err(e) = self.recount() {
+            tracing::warn!(error = %e, "cannot count the decision log's shipping spool");
         }
         self.notify.notify_one();
     }
@@ -210,12 +213,18 @@ pub fn read_head(active: &Path) -> io::Result<Option<ShippedHead>> {
     }
 }
 
+/// Saves the head atomically and durably: the sealed file is deleted only after this, so the
+/// rename must reach the disk first.
 fn write_head(active: &Path, head: &ShippedHead) -> io::Result<()> {
     let path = head_path(active);
     let tmp = path.with_extension("shipped.tmp");
     std::fs::write(&tmp, serde_json::to_vec(head).expect("serialises"))?;
     std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &path)
+    std::fs::rename(&tmp, &path)?;
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => std::fs::File::open(".")?.sync_all(),
+    }
 }
 
 /// The running shipper; [`ShipperHandle::drain`] ships what is sealed and stops.
@@ -361,7 +370,7 @@ impl Shipper {
         };
         let store_err = |source| {
             ShipError::Store(StoreError::Store {
-                url: format!("{}/{object}", self.loc.url.trim_end_matches('/')),
+                url: store::object_url(&self.loc, &object),
                 source,
             })
         };

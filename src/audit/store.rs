@@ -64,6 +64,8 @@ pub struct Location {
     pub prefix: ObjectPath,
     /// The URL as given, for messages.
     pub url: String,
+    /// The host and port every request goes to; `None` for a local folder.
+    pub host: Option<(String, u16)>,
 }
 
 impl fmt::Debug for Location {
@@ -91,19 +93,35 @@ pub fn open(url: &Url, opts: &StoreOptions) -> Result<Location, StoreError> {
             .map(str::to_string)
             .ok_or_else(|| fail("no bucket or container name after the scheme".into()))
     };
-    let (store, prefix): (Arc<dyn ObjectStore>, &str) = match url.scheme() {
+    let bad_option = |what: &str| {
+        Err(fail(format!(
+            "{what} applies to s3:// stores only (the others take their standard variables)"
+        )))
+    };
+    if url.scheme() != "s3" && opts.credentials_file.is_some() {
+        return bad_option("a credentials file");
+    }
+    // The host every request goes to is read back from the configured builder, after the
+    // environment (`AWS_ENDPOINT_URL`, `AZURE_STORAGE_ENDPOINT`, …) had its say, so that the
+    // address located is the one the uploads reach.
+    let (store, prefix, host): (Arc<dyn ObjectStore>, String, Option<String>) = match url.scheme() {
         "s3" => {
+            use object_store::aws::AmazonS3ConfigKey as K;
             let mut b = object_store::aws::AmazonS3Builder::from_env()
                 .with_bucket_name(bucket()?)
+                .with_s3_express(false)
                 .with_retry(retry())
                 .with_client_options(client_options());
             if let Some(region) = &opts.region {
                 b = b.with_region(region);
             }
             if let Some(e) = &opts.endpoint {
+                let e = e.as_str().trim_end_matches('/');
                 b = b
-                    .with_endpoint(e.as_str().trim_end_matches('/'))
-                    .with_allow_http(e.scheme() == "http")
+                    .with_endpoint(e)
+                    // Else `AWS_ENDPOINT_URL_S3` would take precedence over it.
+                    .with_config(K::S3Endpoint, e)
+                    .with_allow_http(opts.endpoint.as_ref().is_some_and(|u| u.scheme() == "http"))
                     .with_virtual_hosted_style_request(false);
             }
             if let Some(path) = &opts.credentials_file {
@@ -115,46 +133,109 @@ pub fn open(url: &Url, opts: &StoreOptions) -> Result<Location, StoreError> {
                     b = b.with_token(t);
                 }
             }
-            (
-                Arc::new(b.build().map_err(|e| fail(e.to_string()))?),
-                url.path(),
-            )
+            let host = match b
+                .get_config_value(&K::S3Endpoint)
+                .or_else(|| b.get_config_value(&K::Endpoint))
+            {
+                Some(endpoint) => endpoint,
+                None => {
+                    let region = b
+                        .get_config_value(&K::Region)
+                        .unwrap_or_else(|| "us-east-1".into());
+                    let virtual_hosted = b
+                        .get_config_value(&K::VirtualHostedStyleRequest)
+                        .is_some_and(|v| v == "true");
+                    if virtual_hosted {
+                        format!("https://{}.s3.{region}.amazonaws.com", bucket()?)
+                    } else {
+                        format!("https://s3.{region}.amazonaws.com")
+                    }
+                }
+            };
+            let store = b.build().map_err(|e| fail(e.to_string()))?;
+            (Arc::new(store), url.path().to_string(), Some(host))
         }
         "gs" => {
-            let b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+            use object_store::gcp::GoogleConfigKey as K;
+            let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
                 .with_bucket_name(bucket()?)
                 .with_retry(retry())
                 .with_client_options(client_options());
-            (
-                Arc::new(b.build().map_err(|e| fail(e.to_string()))?),
-                url.path(),
-            )
+            if let Some(e) = &opts.endpoint {
+                b = b.with_base_url(e.as_str().trim_end_matches('/'));
+            }
+            let host = b
+                .get_config_value(&K::BaseUrl)
+                .unwrap_or_else(|| "https://storage.googleapis.com".into());
+            let store = b.build().map_err(|e| fail(e.to_string()))?;
+            (Arc::new(store), url.path().to_string(), Some(host))
         }
         "az" => {
-            let b = object_store::azure::MicrosoftAzureBuilder::from_env()
+            use object_store::azure::AzureConfigKey as K;
+            let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
                 .with_container_name(bucket()?)
                 .with_retry(retry())
                 .with_client_options(client_options());
-            (
-                Arc::new(b.build().map_err(|e| fail(e.to_string()))?),
-                url.path(),
-            )
+            if let Some(e) = &opts.endpoint {
+                b = b
+                    .with_endpoint(e.as_str().trim_end_matches('/').to_string())
+                    .with_allow_http(e.scheme() == "http");
+            }
+            let host = match b.get_config_value(&K::Endpoint) {
+                Some(endpoint) => endpoint,
+                None if b
+                    .get_config_value(&K::UseEmulator)
+                    .is_some_and(|v| v == "true") =>
+                {
+                    "http://127.0.0.1:10000".into()
+                }
+                None => match b.get_config_value(&K::AccountName) {
+                    Some(account) => format!("https://{account}.blob.core.windows.net"),
+                    None => {
+                        return Err(fail(
+                            "no storage account: set AZURE_STORAGE_ACCOUNT_NAME, or give endpoint"
+                                .into(),
+                        ));
+                    }
+                },
+            };
+            let store = b.build().map_err(|e| fail(e.to_string()))?;
+            (Arc::new(store), url.path().to_string(), Some(host))
         }
         "file" => {
+            if opts.endpoint.is_some() {
+                return bad_option("endpoint");
+            }
             let dir = url
                 .to_file_path()
                 .map_err(|()| fail("not a local folder".into()))?;
             std::fs::create_dir_all(&dir).map_err(|e| fail(e.to_string()))?;
-            let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
-                .map_err(|e| fail(e.to_string()))?;
-            (Arc::new(fs), "")
+            // Rooted at `/` with the folder as the prefix, so that the folder's own name is
+            // known (a location may be one instance's folder).
+            let fs = object_store::local::LocalFileSystem::new();
+            (Arc::new(fs), dir.to_string_lossy().into_owned(), None)
         }
         other => return Err(fail(format!("scheme {other}: is not s3, gs, az or file"))),
+    };
+    let host = match host {
+        None => None,
+        Some(endpoint) => {
+            let u = Url::parse(&endpoint)
+                .map_err(|e| fail(format!("the store's endpoint {endpoint} is not a URL: {e}")))?;
+            let h = u
+                .host_str()
+                .ok_or_else(|| fail(format!("the store's endpoint {endpoint} has no host")))?;
+            Some((
+                h.trim_matches(['[', ']']).to_string(),
+                u.port_or_known_default().unwrap_or(443),
+            ))
+        }
     };
     Ok(Location {
         store,
         prefix: ObjectPath::from(prefix.trim_matches('/')),
         url: url.to_string(),
+        host,
     })
 }
 
@@ -330,10 +411,20 @@ pub async fn list(loc: &Location) -> Result<Listing, StoreError> {
     Ok(listing)
 }
 
+/// `s3://bucket/prefix/INSTANCE/FILE` for an object under the location, for messages.
+pub fn object_url(loc: &Location, path: &ObjectPath) -> String {
+    let rel = path
+        .as_ref()
+        .strip_prefix(loc.prefix.as_ref())
+        .unwrap_or(path.as_ref())
+        .trim_start_matches('/');
+    format!("{}/{rel}", loc.url.trim_end_matches('/'))
+}
+
 /// Reads one object whole (a sealed file, bounded by `rotate_bytes`) and decompresses it.
 pub async fn fetch(loc: &Location, path: &ObjectPath) -> Result<Vec<u8>, StoreError> {
     let err = |source| StoreError::Store {
-        url: format!("{}/{path}", loc.url.trim_end_matches('/')),
+        url: object_url(loc, path),
         source,
     };
     let bytes = loc
@@ -345,7 +436,7 @@ pub async fn fetch(loc: &Location, path: &ObjectPath) -> Result<Vec<u8>, StoreEr
         .await
         .map_err(err)?;
     zstd::decode_all(bytes.as_ref()).map_err(|e| StoreError::Open {
-        url: format!("{}/{path}", loc.url.trim_end_matches('/')),
+        url: object_url(loc, path),
         why: format!("not a zstd stream: {e}"),
     })
 }

@@ -194,6 +194,8 @@ pub(crate) struct Chain<'o> {
     /// `seq` of the last signed checkpoint: every checkpoint after it must be signed too.
     last_signed: Option<u64>,
     last: Option<Last>,
+    /// A record carrying `instance` was read.
+    named: bool,
     report: VerifyReport,
 }
 
@@ -209,6 +211,7 @@ impl<'o> Chain<'o> {
             unsigned: 0,
             last_signed: None,
             last: None,
+            named: false,
             report: VerifyReport {
                 files,
                 trusted: !opts.keys.is_empty(),
@@ -377,13 +380,20 @@ impl<'o> Chain<'o> {
             .map(str::to_string);
 
         // Judged once the hash holds, so that an edit is reported as one.
+        // Records written before the log had a name (a log that started shipping after an
+        // upgrade) carry none; once one does, every later one must.
+        let named = self.named;
         let misplaced = self.opts.instance.as_ref().and_then(|want| match fields.get("instance") {
             Some(Value::String(got)) if got == want => None,
             Some(Value::String(got)) => Some(format!(
                 "record of instance {got} among instance {want}'s files: it was moved from another chain"
             )),
-            _ => Some(format!("record names no instance among instance {want}'s files")),
+            None if !named => None,
+            _ => Some(format!(
+                "record names no instance among instance {want}'s files, after records that do"
+            )),
         });
+        let names_itself = fields.contains_key("instance");
         let ts = match fields.get("ts") {
             Some(Value::String(ts)) => Some(ts.clone()),
             _ => None,
@@ -413,6 +423,7 @@ impl<'o> Chain<'o> {
         if let Some(why) = misplaced {
             return Err(why);
         }
+        self.named |= names_itself;
         if let Some(ts) = ts {
             self.report.last_ts = Some(ts);
         }

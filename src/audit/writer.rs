@@ -904,12 +904,11 @@ impl Committer {
         if f.len == 0 {
             return Ok(None);
         }
-        let len = f.len;
         match f.rotate(self.seq, self.durability) {
             Ok(to) => {
                 self.file_started = None;
                 if let Some(spool) = &self.spool {
-                    spool.sealed(len);
+                    spool.sealed();
                 }
                 self.counters.rotations.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(log.path = %f.path.display(), log.rotated = %to.display(), log.seq = self.seq, "decision log rotated");
@@ -1299,7 +1298,7 @@ pub(crate) mod tests {
     use crate::policy::{Policy, Reason};
     use serde_json::Value;
 
-    fn policy() -> Policy {
+    pub(crate) fn policy() -> Policy {
         crate::policy::compile::from_str(
             "t.toml",
             "[policy]\nname='t'\nhome='CN'\n[log]\npseudonymize=false\n[[upstreams]]\nname='u'\nurl='http://127.0.0.1:1'\n",
@@ -1321,7 +1320,7 @@ pub(crate) mod tests {
     }
 
     /// A realistic decision record whose id and path name `n`.
-    fn record(policy: &Policy, n: usize) -> Record {
+    pub(crate) fn record(policy: &Policy, n: usize) -> Record {
         let headers = http::HeaderMap::new();
         let path = format!("/payments/u{n}/2026-01.json");
         let cx = RequestContext {
@@ -1342,7 +1341,7 @@ pub(crate) mod tests {
         )))
     }
 
-    fn settings(policy: &Policy, path: &Path, durability: Durability) -> LogSettings {
+    pub(crate) fn settings(policy: &Policy, path: &Path, durability: Durability) -> LogSettings {
         let mut s = policy.log.clone();
         s.target = LogTarget::File(path.into());
         s.durability = durability;

@@ -41,11 +41,12 @@ fn check_ship_store(policy: &crate::policy::Policy) -> Result<(), String> {
         None => None,
     };
     let locator = crate::geo::Locator::new(policy, db);
+    let loc = crate::proxy::shipping::open_store(ship)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    match rt.block_on(crate::proxy::shipping::locate_store(policy, ship, &locator)) {
+    match rt.block_on(crate::proxy::shipping::locate_store(policy, &loc, &locator)) {
         Ok(_) => Ok(()),
         Err(LocateError::Refused(why)) => Err(why),
         // This machine may not see the store's DNS; `serve` checks again where it runs.

@@ -1253,17 +1253,32 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
             None
         }
     };
+    let rotate_bytes = l.rotate_bytes.unwrap_or(100 * 1024 * 1024);
+    let ship = ship.flatten();
+    if let Some(sh) = &ship
+        && sh.spool_max_bytes <= rotate_bytes
+    {
+        cx.err(
+            lfile,
+            &[k("log"), k("ship"), k("spool_max_bytes")],
+            "log.ship.spool_max_bytes",
+            format!(
+                "{} is not more than log.rotate_bytes ({rotate_bytes}): every file sealed by size would fill the spool, and the log would refuse records until it shipped; give it room for several files",
+                sh.spool_max_bytes
+            ),
+        );
+    }
     let log = LogSettings {
         instance,
         rotate_interval,
-        ship: ship.flatten(),
+        ship,
         target,
         durability,
         on_failure,
         signing_key,
         checkpoint_every: checkpoint_every.max(1),
         checkpoint_interval,
-        rotate_bytes: l.rotate_bytes.unwrap_or(100 * 1024 * 1024),
+        rotate_bytes,
         pseudonymize,
         mask_headers,
     };
@@ -1970,6 +1985,69 @@ mod tests {
             Err(PolicyError::Invalid(d)) => d,
             Err(e) => panic!("{e}"),
         }
+    }
+
+    #[test]
+    fn shipping_settings_compile_and_their_mistakes_are_located() {
+        let p = from_str(
+            "p.toml",
+            &format!(
+                "{BASE}instance = 'payments-0'\n[log.ship]\nurl = 's3://logs/sh/'\nendpoint = 'http://10.20.0.9:9000'\nspool_max_bytes = '2GiB'\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(&*p.log.instance, "payments-0");
+        // Shipping seals every 5 minutes unless told otherwise.
+        assert_eq!(p.log.rotate_interval, Some(Duration::from_secs(300)));
+        let ship = p.log.ship.unwrap();
+        assert_eq!(
+            (ship.url.as_str(), ship.spool_max_bytes),
+            ("s3://logs/sh/", 2 << 30)
+        );
+        assert_eq!(ship.credentials, ShipCredentials::Env);
+
+        for (extra, rule, says) in [
+            (
+                "instance = '../x'\n",
+                "log.instance",
+                "may hold only letters",
+            ),
+            (
+                "rotate_interval = '10ms'\n",
+                "log.rotate_interval",
+                "at least 1s",
+            ),
+            (
+                "[log.ship]\nurl = 'ftp://x/'\n",
+                "log.ship.url",
+                "is not one of s3://",
+            ),
+            (
+                "[log.ship]\nendpoint = 'http://x'\n",
+                "log.ship.url",
+                "is required",
+            ),
+            (
+                "[log.ship]\nurl = 's3://x/'\nspool_max_bytes = '2 parsecs'\n",
+                "log.ship.spool_max_bytes",
+                "is not a size",
+            ),
+            (
+                "rotate_bytes = 1000\n[log.ship]\nurl = 's3://x/'\nspool_max_bytes = 1000\n",
+                "log.ship.spool_max_bytes",
+                "is not more than log.rotate_bytes",
+            ),
+        ] {
+            let d = diags(extra);
+            assert!(
+                d.iter().any(|d| d.rule == rule && d.message.contains(says)),
+                "{extra}: {d:?}"
+            );
+        }
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("500MB"), Ok(500_000_000));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert!(parse_size("99999999999TiB").is_err());
     }
 
     #[test]

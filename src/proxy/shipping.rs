@@ -38,51 +38,18 @@ impl std::fmt::Display for LocateError {
 #[error("log.ship: {0}")]
 pub struct ShipStartError(pub String);
 
-/// The host and port the store is reached at, or `None` for a local folder (`file://`).
-pub fn store_host(ship: &ShipSettings) -> Result<Option<(String, u16)>, String> {
-    if let Some(e) = &ship.endpoint {
-        let host = e.host_str().ok_or("the endpoint has no host")?;
-        let port = e.port_or_known_default().unwrap_or(443);
-        return Ok(Some((host.trim_matches(['[', ']']).to_string(), port)));
-    }
-    let bucket = ship.url.host_str().unwrap_or_default();
-    let host = match ship.url.scheme() {
-        "file" => return Ok(None),
-        "s3" => {
-            let region = ship
-                .region
-                .clone()
-                .or_else(|| std::env::var("AWS_REGION").ok())
-                .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
-                .unwrap_or_else(|| "us-east-1".into());
-            format!("{bucket}.s3.{region}.amazonaws.com")
-        }
-        "gs" => "storage.googleapis.com".to_string(),
-        "az" => match std::env::var("AZURE_STORAGE_ACCOUNT_NAME") {
-            Ok(account) => format!("{account}.blob.core.windows.net"),
-            Err(_) => {
-                return Err(
-                    "cannot tell where an az:// store is without AZURE_STORAGE_ACCOUNT_NAME (or give endpoint)"
-                        .into(),
-                );
-            }
-        },
-        other => return Err(format!("scheme {other}: is not s3, gs, az or file")),
-    };
-    Ok(Some((host, 443)))
-}
-
 /// Resolves the store's host and locates every address: all must be inside `policy.home`.
 /// Returns what was found, one `ADDR (COUNTRY)` each, for the start-up line.
 pub async fn locate_store(
     policy: &Policy,
-    ship: &ShipSettings,
+    loc: &store::Location,
     locator: &Locator,
 ) -> Result<Vec<String>, LocateError> {
-    let Some((host, port)) = store_host(ship).map_err(LocateError::Refused)? else {
+    let Some((host, port)) = &loc.host else {
         return Ok(vec!["local folder".into()]);
     };
-    let addrs: Vec<_> = tokio::net::lookup_host((host.as_str(), port))
+    let (host, port) = (host.as_str(), *port);
+    let addrs: Vec<_> = tokio::net::lookup_host((host, port))
         .await
         .map_err(|e| {
             LocateError::Resolve(format!(
@@ -122,6 +89,16 @@ pub async fn locate_store(
     Ok(found)
 }
 
+/// The store `[log.ship]` names (nothing is contacted).
+pub fn open_store(ship: &ShipSettings) -> Result<store::Location, String> {
+    let opts = StoreOptions::new(
+        ship.endpoint.clone(),
+        ship.region.clone(),
+        &ship.credentials,
+    );
+    store::open(&ship.url, &opts).map_err(|e| e.to_string())
+}
+
 /// A spool and its store, ready to ship.
 pub struct Prepared {
     spool: Arc<Spool>,
@@ -148,7 +125,8 @@ pub async fn prepare(
     let LogTarget::File(active) = &policy.log.target else {
         return Err(ShipStartError("needs log.path to be a file".into()));
     };
-    let (located, unlocated) = match locate_store(policy, ship, locator).await {
+    let loc = open_store(ship).map_err(ShipStartError)?;
+    let (located, unlocated) = match locate_store(policy, &loc, locator).await {
         Ok(found) => (found.join(", "), false),
         Err(LocateError::Refused(why)) => return Err(ShipStartError(why)),
         Err(LocateError::Resolve(why)) => {
@@ -156,12 +134,6 @@ pub async fn prepare(
             ("not yet located".into(), true)
         }
     };
-    let opts = StoreOptions::new(
-        ship.endpoint.clone(),
-        ship.region.clone(),
-        &ship.credentials,
-    );
-    let loc = store::open(&ship.url, &opts).map_err(|e| ShipStartError(e.to_string()))?;
     let spool =
         Spool::scan(active, ship.spool_max_bytes).map_err(|e| ShipStartError(e.to_string()))?;
     let waiting = spool.stats();
@@ -202,7 +174,7 @@ pub fn start(policy: &Arc<Policy>, locator: Locator, prepared: Prepared) -> Ship
         let ship = policy.log.ship.as_ref()?;
         loop {
             tokio::time::sleep(RELOCATE_EVERY).await;
-            match locate_store(&policy, ship, &locator).await {
+            match locate_store(&policy, &loc, &locator).await {
                 Ok(found) => {
                     tracing::info!(log.ship = %ship.url, log.store_at = %found.join(", "), "decision log store located: shipping starts");
                     return Some(ship::start(spool, loc, instance));

@@ -334,6 +334,7 @@ async fn a_store_that_is_down_fills_the_spool_the_log_refuses_and_the_spool_ship
         "spooler",
         ", spool_max_bytes = '4KiB'",
     )
+    .log("rotate_bytes = 2048")
     // A stop gives shipping this long; the store is down then, so the whole of it.
     .proxy("drain_timeout = '2s'");
     let mut proxy = spec.start_in(dir).await;
@@ -424,6 +425,8 @@ async fn a_store_that_is_down_fills_the_spool_the_log_refuses_and_the_spool_ship
     assert_eq!(again.status, 200, "{}", again.text());
     answered.push(again.decision_id());
     running.shutdown().await;
+    assert_eq!(spooled(), 0, "the stop shipped the last file");
+    assert!(logs.join("decisions.shipped").exists());
 
     // A third start on a folder whose every file has shipped continues the chain from the
     // head the shipper saved, rather than starting a new one at seq 1.
