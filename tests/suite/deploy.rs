@@ -349,3 +349,82 @@ fn the_systemd_unit_checks_reloads_and_stops_the_way_the_proxy_expects() {
         "TimeoutStopSec {stop} is shorter than the default drain_timeout"
     );
 }
+
+/// Every metric the Grafana dashboard and the alert rules name is one `/metrics` exports,
+/// read from a real proxy that exports them all: a database consent store read through the
+/// cache, and a log that ships.
+#[tokio::test]
+async fn every_metric_the_dashboard_and_the_alert_rules_name_is_exported() {
+    use crate::support::registry::{admin, home_store, registry_policy};
+    let grafana = deploy().join("grafana");
+    let mut named = std::collections::BTreeSet::new();
+    let mut exprs = Vec::new();
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(grafana.join("residency-proxy-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            exprs.push(t["expr"].as_str().unwrap().to_string());
+        }
+    }
+    let rules = &documents(&grafana.join("alerts.yaml"))[0];
+    let alerts: Vec<&Value> = rules["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .collect();
+    for rule in &alerts {
+        exprs.push(rule["expr"].as_str().unwrap().to_string());
+    }
+    for e in &exprs {
+        let mut rest = e.as_str();
+        while let Some(i) = rest.find("residency_") {
+            let name: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[i + name.len()..];
+            named.insert(name);
+        }
+    }
+    // What the issue asks the rules to watch.
+    let alert_text = serde_json::to_string(&alerts).unwrap();
+    for watched in [
+        "residency_log_writable",
+        "residency_log_append_duration_seconds_bucket",
+        "residency_consent_feed_lag_seconds",
+        "residency_policy_reloads_total",
+        "residency_decisions_total",
+        "residency_log_ship_oldest_unshipped_seconds",
+    ] {
+        assert!(alert_text.contains(watched), "no alert rule watches {watched}");
+    }
+
+    let db = tempfile::tempdir().unwrap();
+    let store = format!("sqlite:{}", db.path().join("consent.db").display());
+    let home = home_store().await;
+    let shipped = url::Url::from_directory_path(db.path().join("bucket")).unwrap();
+    let mut proxy = registry_policy(&store, &home)
+        .log(&format!("ship = {{ url = '{shipped}' }}"))
+        .start()
+        .await;
+    let text = admin(&proxy, "GET", "/metrics", None, None).await.text();
+    let mut exported = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            exported.insert(name.to_string());
+            if kind == "histogram" {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    exported.insert(format!("{name}{suffix}"));
+                }
+            }
+        }
+    }
+    proxy.shutdown().await;
+    let missing: Vec<&String> = named.difference(&exported).collect();
+    assert!(named.len() > 25, "{named:?}");
+    assert!(missing.is_empty(), "named but not exported: {missing:?}");
+}
