@@ -95,6 +95,7 @@ pub fn decision(n: u64, pseudo: &Pseudonymizer, ts: jiff::Timestamp) -> Decision
         },
         consent: (reason == "consented" || reason == "consent_missing").then(|| ConsentRec {
             id: format!("c-{}", n % 100_000).into(),
+            method: (reason == "consented").then(|| "explicit".into()),
             result: if reason == "consented" {
                 "valid"
             } else {

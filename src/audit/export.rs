@@ -103,6 +103,7 @@ const COLUMNS: &[Column] = {
         ("upstream_addr", Str, &["upstream.addr", "upstream"]),
         ("upstream_country", Str, &["upstream.country"]),
         ("consent_id", Str, &["consent.id"]),
+        ("consent_method", Str, &["consent.method"]),
         ("consent_result", Str, &["consent.result"]),
         ("consent_why", Str, &["consent.why"]),
         // outcome
@@ -644,6 +645,7 @@ mod tests {
             .insert(&http::HeaderName::from_static("x-purpose"), "p\"q".into());
         d.consent = Some(ConsentRec {
             id: "c1".into(),
+            method: Some("explicit".into()),
             result: "consent_method_invalid",
             why: Some("collected as \"pre_ticked\"".into()),
         });

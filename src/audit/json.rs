@@ -161,6 +161,10 @@ impl DecisionRecord {
             Some(consent) => {
                 o.raw("{\"id\":");
                 o.str(&consent.id);
+                if let Some(method) = &consent.method {
+                    o.raw(",\"method\":");
+                    o.str(method);
+                }
                 o.raw(",\"result\":");
                 o.plain(consent.result);
                 if let Some(why) = &consent.why {
@@ -364,6 +368,7 @@ mod tests {
             },
             consent: (i % 2 == 0).then(|| ConsentRec {
                 id: nasty(i + 4).into(),
+                method: (i % 4 == 0).then(|| Arc::from(nasty(i + 11).as_str())),
                 result: "valid",
                 why: opt(5),
             }),

@@ -15,6 +15,7 @@ pub mod record;
 pub mod report;
 pub mod ship;
 pub mod store;
+pub mod subject;
 pub mod verify;
 pub mod writer;
 

@@ -29,6 +29,10 @@ pub struct ClientRec {
 #[derive(Clone, Debug, Serialize)]
 pub struct ConsentRec {
     pub id: compact_str::CompactString,
+    /// How the consent that allowed the transfer was collected (`explicit`): what a data
+    /// subject's report shows. Absent when the consent failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<Arc<str>>,
     /// `valid`, or the reason the nearest consent failed.
     pub result: &'static str,
     /// Why the nearest consent failed (`collected as "pre_ticked"`, `purpose "x" not
@@ -502,6 +506,7 @@ pub fn decision_record(
     });
     let consent = decision.consent.as_ref().map(|c| ConsentRec {
         id: c.id.clone(),
+        method: c.method.clone(),
         result: c.failure.map(Reason::as_str).unwrap_or("valid"),
         why: c.failure.and(decision.detail.as_deref()).map(str::to_owned),
     });
@@ -641,6 +646,7 @@ mod tests {
         let mut r = failure_record(&p, &cx, Reason::HeadersTooLarge, "proxy.max_header_bytes");
         r.consent = Some(ConsentRec {
             id: "c".into(),
+            method: None,
             result: "consent_method_invalid",
             why: Some("collected as \"pre_ticked\"".into()),
         });

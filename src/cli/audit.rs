@@ -9,6 +9,7 @@ use crate::audit::keys::{self, SigningKey};
 use crate::audit::query::{self, Filter, Format, QueryError, Scanned, parse_time};
 use crate::audit::report;
 use crate::audit::store::{self, Location, StoreOptions};
+use crate::audit::subject;
 use crate::audit::verify::{KnownHead, VerifyError, VerifyOptions, VerifyReport, verify_log};
 use crate::policy::Reason;
 use clap::Subcommand;
@@ -31,6 +32,52 @@ pub enum AuditCommand {
     /// Write every record of a log, or of a fleet's shipped files, as Parquet with typed
     /// columns, for DuckDB, Trino, Athena, ClickHouse or Spark.
     Export(ExportArgs),
+    /// A data subject's disclosure report: every recipient that received their data, and
+    /// every refused attempt, after verifying the log (PIPL art. 45, GDPR art. 15(1)(c)).
+    Subject(SubjectArgs),
+}
+
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "The log is verified first (the chain, and the signatures against --key or the \
+key the log carries): a log that does not verify gets no report, only the failure, and exit \
+status 1. The subject's identifier is pseudonymised with the key derived from the log-signing \
+key, as the proxy did; only that subject's decision records and their outcome records are \
+read into the report, and their request paths, queries and headers are left out.\n\n\
+Example:\n  residency-proxy audit subject u123 --signing-key certs/log-signing.key \
+--key certs/log-signing.pub --format html logs/ > u123.html"
+)]
+pub struct SubjectArgs {
+    /// The data subject's identifier, as the requests carry it (never printed).
+    pub raw: String,
+    /// The local log (file or folder) or a location in object storage (s3://…).
+    pub path: PathBuf,
+    /// The log-signing key ([log] signing_key): pseudonymises RAW as the log holds it.
+    #[arg(long, value_name = "FILE")]
+    pub signing_key: Option<PathBuf>,
+    /// The policy whose [log] section names the signing key; its name heads the report.
+    #[arg(long, value_name = "FILE", conflicts_with = "signing_key")]
+    pub policy: Option<PathBuf>,
+    /// Public key (PEM) that must have signed the log's checkpoints.
+    #[arg(long, value_name = "PUBKEY")]
+    pub key: Vec<PathBuf>,
+    /// The log is still being written: accept it without a final checkpoint.
+    #[arg(long)]
+    pub open: bool,
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+    #[arg(long, value_enum, default_value_t = SubjectFormat::Json)]
+    pub format: SubjectFormat,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubjectFormat {
+    Json,
+    Html,
 }
 
 #[derive(clap::Args, Debug)]
@@ -236,7 +283,102 @@ pub fn run(cmd: AuditCommand) -> CliResult {
         AuditCommand::Query(a) => run_query(*a),
         AuditCommand::Report(a) => run_report(a),
         AuditCommand::Export(a) => run_export(a),
+        AuditCommand::Subject(a) => run_subject(a),
     }
+}
+
+fn run_subject(args: SubjectArgs) -> CliResult {
+    let mut opts = VerifyOptions {
+        open: args.open,
+        ..VerifyOptions::default()
+    };
+    for k in &args.key {
+        opts.keys.push(keys::load_public_key(k)?);
+    }
+    // The report stands on a log that verified: a broken one gets the failure, not a report.
+    let verified: Vec<String> = match args.store.open(&args.path)? {
+        Some((rt, loc)) => {
+            let report = fleet::verify(&rt, &loc, &opts).map_err(QueryError::from)?;
+            let mut lines = Vec::new();
+            let mut broken = false;
+            for i in &report.instances {
+                match &i.result {
+                    Ok(r) => lines.push(format!(
+                        "{}: verified, {} records, {} checkpoints, last seq {}{}",
+                        i.instance,
+                        r.records,
+                        r.checkpoints,
+                        r.last_seq,
+                        signed_by(r)
+                    )),
+                    Err(why) => {
+                        broken = true;
+                        eprintln!("{}: {why}", i.instance);
+                    }
+                }
+            }
+            if broken || report.instances.is_empty() {
+                eprintln!(
+                    "audit subject: {} did not verify: no report is made from a log that may have been altered",
+                    loc.url
+                );
+                return Ok(Exit::Failed);
+            }
+            lines
+        }
+        None => match verify_log(&args.path, &opts) {
+            Ok(r) => describe(&r),
+            Err(VerifyError::Broken(b)) => {
+                eprintln!("{b}");
+                eprintln!(
+                    "audit subject: {} did not verify: no report is made from a log that may have been altered",
+                    args.path.display()
+                );
+                return Ok(Exit::Failed);
+            }
+            Err(e @ VerifyError::Files(_)) => return Err(e.into()),
+        },
+    };
+    let (pseudo, policy_name) = match (&args.signing_key, &args.policy) {
+        (Some(k), _) => (
+            Pseudonymizer::new(&SigningKey::load(k)?.pseudonym_key()),
+            None,
+        ),
+        (None, Some(p)) => {
+            let policy = super::load_policy(p)?;
+            let pseudo = match (&policy.log.signing_key, policy.log.pseudonymize) {
+                (Some(k), true) => Pseudonymizer::new(&SigningKey::load(k)?.pseudonym_key()),
+                _ => Pseudonymizer::Off,
+            };
+            (pseudo, Some(policy.name.clone()))
+        }
+        (None, None) => {
+            return Err(fail(
+                "the subject is found through its pseudonym: pass --signing-key FILE (the policy's [log] signing_key) or --policy FILE",
+            ));
+        }
+    };
+    let (since, until) = times(&args.since, &args.until)?;
+    let segments = args.store.segments(&args.path)?;
+    let report = subject::build(segments, &pseudo.pseudonym(&args.raw), since, until)?;
+    let now = crate::audit::record::timestamp(jiff::Timestamp::now());
+    match args.format {
+        SubjectFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "verified": verified,
+                "policy_name": policy_name,
+                "generated_at": now,
+                "report": report,
+            }))
+            .expect("reports serialise to JSON")
+        ),
+        SubjectFormat::Html => print!(
+            "{}",
+            subject::html(&report, &verified, policy_name.as_deref(), &now)
+        ),
+    }
+    Ok(Exit::Ok)
 }
 
 fn run_export(args: ExportArgs) -> CliResult {

@@ -984,7 +984,7 @@ fn consent<'a, E: Env, T: Tracer>(
             match check(policy, ds, c, purpose, dests, now) {
                 None => {
                     step!(trace, rule, "consent {} is valid", c.id);
-                    return Found::Valid(c.id.clone());
+                    return Found::Valid(c.id.clone(), c.scope.method.clone());
                 }
                 Some(miss) => {
                     step!(
@@ -1016,15 +1016,20 @@ fn consent<'a, E: Env, T: Tracer>(
         }
     });
     match found {
-        Found::Valid(id) => {
+        Found::Valid(id, method) => {
             d.reason = Reason::Consented;
-            d.consent = Some(ConsentUse { id, failure: None });
+            d.consent = Some(ConsentUse {
+                id,
+                failure: None,
+                method: Some(method),
+            });
             d
         }
         Found::Failed(id, reason, why) => {
             d.consent = Some(ConsentUse {
                 id,
                 failure: Some(reason),
+                method: None,
             });
             d.detail = Some(Cow::Owned(why));
             deny(d, reason, rule)
@@ -1050,7 +1055,8 @@ fn foreign_destinations(ds: &Dataset, all: &[Option<Country>; 2]) -> ([Country; 
 
 /// What the consents of a subject say about one transfer.
 enum Found {
-    Valid(compact_str::CompactString),
+    /// The consent that allowed it, and how it was collected.
+    Valid(compact_str::CompactString, std::sync::Arc<str>),
     /// The nearest consent, why it failed, in words.
     Failed(compact_str::CompactString, Reason, String),
     Nothing,

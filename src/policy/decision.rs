@@ -150,6 +150,9 @@ pub struct ConsentUse {
     pub id: compact_str::CompactString,
     /// `None`: valid, it allowed the transfer.
     pub failure: Option<Reason>,
+    /// How the consent that allowed the transfer was collected (`explicit`); `None` for one
+    /// that failed.
+    pub method: Option<std::sync::Arc<str>>,
 }
 
 /// The result of `decide`: the verdict and every fact it used.

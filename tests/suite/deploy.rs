@@ -399,7 +399,10 @@ async fn every_metric_the_dashboard_and_the_alert_rules_name_is_exported() {
         "residency_decisions_total",
         "residency_log_ship_oldest_unshipped_seconds",
     ] {
-        assert!(alert_text.contains(watched), "no alert rule watches {watched}");
+        assert!(
+            alert_text.contains(watched),
+            "no alert rule watches {watched}"
+        );
     }
 
     let db = tempfile::tempdir().unwrap();

@@ -9,6 +9,7 @@ mod support;
 mod admin;
 mod audit_cli;
 mod audit_durability;
+mod audit_subject;
 mod audit_tamper;
 mod check_cli;
 mod cli;
