@@ -307,22 +307,22 @@ every attempt that was refused. It answers your right to know who received your 
         },
         esc(now),
     );
-    let _ = write!(
+    let _ = writeln!(
         h,
         "<section class=\"verified\"><h2>The log was checked first</h2><p>Before this report \
 was made, the whole decision log was verified: every record is linked to the one before it \
 by a cryptographic hash, and signed checkpoints seal the chain, so a record removed, added or \
-changed would have stopped this report.</p><ul>{}</ul></section>\n",
+changed would have stopped this report.</p><ul>{}</ul></section>",
         verified
             .iter()
             .map(|l| format!("<li>{}</li>", esc(l)))
             .collect::<String>()
     );
-    let _ = write!(
+    let _ = writeln!(
         h,
         "<h2>In short</h2><p class=\"summary\"><strong>{}</strong> recipient(s) received your data, \
 in <strong>{disclosed}</strong> exchange(s). <strong>{}</strong> attempt(s) were refused or \
-failed, and nothing reached the recipient in those.</p>\n",
+failed, and nothing reached the recipient in those.</p>",
         r.disclosures.len(),
         r.refusals.len()
     );
