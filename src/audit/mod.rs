@@ -13,6 +13,7 @@ pub mod pseudonym;
 pub mod query;
 pub mod record;
 pub mod report;
+pub mod report_html;
 pub mod ship;
 pub mod store;
 pub mod subject;

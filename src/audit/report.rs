@@ -81,6 +81,23 @@ pub struct Report {
     pub all: Tables,
     /// Audit mode: the denials that were only logged, and the request forwarded.
     pub would_have_been_blocked: Tables,
+    /// What the page's charts draw (`--format html`); not in the JSON report.
+    #[serde(skip)]
+    pub charts: Charts,
+}
+
+/// Figures only the charts use.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Charts {
+    /// Decisions by minute (`YYYY-MM-DDTHH:MM`) and reason.
+    pub per_minute: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Allowed decisions by destination country (the recipient's seat and where the client
+    /// was), the flows out.
+    pub flows: Counts,
+    /// Refused (and failed) requests by recipient.
+    pub refusals_by_recipient: Counts,
+    /// Consents that did not count, by why.
+    pub consent_failures: Counts,
 }
 
 impl Report {
@@ -93,6 +110,25 @@ impl Report {
         };
         self.by_decision.add(decision);
         self.all.add(v);
+        let reason = v.reason.as_deref().unwrap_or("(none)");
+        if let Some(minute) = v.ts.as_deref().and_then(|t| t.get(..16)) {
+            let at = match self.charts.per_minute.get_mut(minute) {
+                Some(m) => m,
+                None => self.charts.per_minute.entry(minute.to_string()).or_default(),
+            };
+            *at.entry(reason.to_string()).or_default() += 1;
+        }
+        // Audit mode's would-be refusals were forwarded: they flowed too.
+        if v.decision.as_deref() == Some("allow") || blocked {
+            for c in v.destinations() {
+                self.charts.flows.add(c);
+            }
+        } else if v.decision.is_some() {
+            self.charts.refusals_by_recipient.add(v.recipient());
+        }
+        if reason.starts_with("consent_") {
+            self.charts.consent_failures.add(reason);
+        }
         if blocked {
             self.would_have_been_blocked.add(v);
         }

@@ -276,6 +276,7 @@ pub fn html(r: &SubjectReport, verified: &[String], policy: Option<&str>, now: &
     let _ = write!(
         h,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">\
 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
 <title>Where your personal data went</title><style>{CSS}</style></head><body>\n\
 <h1>Where your personal data went</h1>\n<p class=\"lead\">This report lists every time your \

@@ -275,6 +275,9 @@ pub struct ReportArgs {
 pub enum ReportFormat {
     Text,
     Json,
+    /// One self-contained page with charts (inline SVG; nothing fetched), headed by how
+    /// `audit verify` judged the same log.
+    Html,
 }
 
 pub fn run(cmd: AuditCommand) -> CliResult {
@@ -676,6 +679,47 @@ fn run_query(args: QueryArgs) -> CliResult {
     Ok(Exit::Ok)
 }
 
+/// How `audit verify` judges the log at `path` (a log still being written passes as open):
+/// its lines, or why it failed.
+fn integrity(
+    path: &std::path::Path,
+    store: &StoreArgs,
+) -> Result<Result<Vec<String>, String>, CliError> {
+    let opts = VerifyOptions {
+        open: true,
+        ..VerifyOptions::default()
+    };
+    if let Some((rt, loc)) = store.open(path)? {
+        let report = fleet::verify(&rt, &loc, &opts).map_err(QueryError::from)?;
+        let mut lines = Vec::new();
+        let mut failed = Vec::new();
+        for i in &report.instances {
+            match &i.result {
+                Ok(r) => lines.push(format!(
+                    "{}: {}, {} records, {} checkpoints, last seq {}{}",
+                    i.instance,
+                    if r.closed { "ok" } else { "open" },
+                    r.records,
+                    r.checkpoints,
+                    r.last_seq,
+                    signed_by(r)
+                )),
+                Err(why) => failed.push(format!("{}: {why}", i.instance)),
+            }
+        }
+        return Ok(if failed.is_empty() {
+            Ok(lines)
+        } else {
+            Err(failed.join("\n"))
+        });
+    }
+    Ok(match verify_log(path, &opts) {
+        Ok(r) => Ok(describe(&r)),
+        Err(VerifyError::Broken(b)) => Err(b.to_string()),
+        Err(e @ VerifyError::Files(_)) => return Err(e.into()),
+    })
+}
+
 /// Lines a query or report could not read: said on stderr, with where to look.
 fn warn_unread(s: &Scanned) {
     if let Some((file, line, why)) = &s.first_bad {
@@ -692,9 +736,23 @@ fn warn_unread(s: &Scanned) {
 
 fn run_report(args: ReportArgs) -> CliResult {
     let (since, until) = times(&args.since, &args.until)?;
+    let integrity = match args.format {
+        ReportFormat::Html => Some(integrity(&args.path, &args.store)?),
+        _ => None,
+    };
     let segments = args.store.segments(&args.path)?;
     let (report, scanned) = report::report_segments(segments, since, until)?;
     match args.format {
+        ReportFormat::Html => print!(
+            "{}",
+            crate::audit::report_html::html(
+                &report,
+                &args.path.display().to_string(),
+                integrity.as_ref().expect("computed for html"),
+                args.top.max(1),
+                &crate::audit::record::timestamp(jiff::Timestamp::now()),
+            )
+        ),
         ReportFormat::Text => print!("{}", report.text(args.top.max(1))),
         ReportFormat::Json => println!(
             "{}",
