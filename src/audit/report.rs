@@ -114,7 +114,11 @@ impl Report {
         if let Some(minute) = v.ts.as_deref().and_then(|t| t.get(..16)) {
             let at = match self.charts.per_minute.get_mut(minute) {
                 Some(m) => m,
-                None => self.charts.per_minute.entry(minute.to_string()).or_default(),
+                None => self
+                    .charts
+                    .per_minute
+                    .entry(minute.to_string())
+                    .or_default(),
             };
             *at.entry(reason.to_string()).or_default() += 1;
         }

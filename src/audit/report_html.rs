@@ -31,7 +31,9 @@ fn label(minute: i64) -> String {
 /// Decisions by reason in at most [`MAX_BARS`] buckets: their start labels, and each
 /// reason's count per bucket.
 #[allow(clippy::type_complexity)]
-fn buckets(per_minute: &BTreeMap<String, BTreeMap<String, u64>>) -> (Vec<String>, Vec<(String, Vec<u64>)>) {
+fn buckets(
+    per_minute: &BTreeMap<String, BTreeMap<String, u64>>,
+) -> (Vec<String>, Vec<(String, Vec<u64>)>) {
     let points: Vec<(i64, &BTreeMap<String, u64>)> = per_minute
         .iter()
         .filter_map(|(k, v)| Some((minutes(k)?, v)))
@@ -47,7 +49,9 @@ fn buckets(per_minute: &BTreeMap<String, BTreeMap<String, u64>>) -> (Vec<String>
         .unwrap_or(*WIDTHS.last().expect("not empty"));
     let start = first.0 - first.0.rem_euclid(width as i64);
     let n = ((last.0 - start) as u64 / width + 1) as usize;
-    let labels = (0..n).map(|i| label(start + (i as u64 * width) as i64)).collect();
+    let labels = (0..n)
+        .map(|i| label(start + (i as u64 * width) as i64))
+        .collect();
     let mut series: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for (m, by_reason) in points {
         let i = ((m - start) as u64 / width) as usize;
@@ -197,7 +201,10 @@ pub fn html(
             let _ = write!(
                 h,
                 "<section class=\"ok\"><h2>Integrity: verified</h2><ul>{}</ul></section>\n",
-                lines.iter().map(|l| format!("<li>{}</li>", esc(l))).collect::<String>()
+                lines
+                    .iter()
+                    .map(|l| format!("<li>{}</li>", esc(l)))
+                    .collect::<String>()
             );
         }
         Err(why) => {
@@ -218,12 +225,35 @@ pub fn html(
     }
     h.push_str("</section>\n<section><h2>Decisions over time, by reason</h2>");
     time_chart(&mut h, report);
-    h.push_str("</section>\n<section><h2>Where data went: allowed flows by destination country</h2>");
-    bars(&mut h, &report.charts.flows, top, "#1f77b4", "No data was forwarded.", "Allowed flows by destination country");
+    h.push_str(
+        "</section>\n<section><h2>Where data went: allowed flows by destination country</h2>",
+    );
+    bars(
+        &mut h,
+        &report.charts.flows,
+        top,
+        "#1f77b4",
+        "No data was forwarded.",
+        "Allowed flows by destination country",
+    );
     h.push_str("</section>\n<section><h2>Refusals by recipient</h2>");
-    bars(&mut h, &report.charts.refusals_by_recipient, top, "#d62728", "Nothing was refused.", "Refusals by recipient");
+    bars(
+        &mut h,
+        &report.charts.refusals_by_recipient,
+        top,
+        "#d62728",
+        "Nothing was refused.",
+        "Refusals by recipient",
+    );
     h.push_str("</section>\n<section><h2>Consent failures, by kind</h2>");
-    bars(&mut h, &report.charts.consent_failures, top, "#ff7f0e", "No consent failed.", "Consent failures by kind");
+    bars(
+        &mut h,
+        &report.charts.consent_failures,
+        top,
+        "#ff7f0e",
+        "No consent failed.",
+        "Consent failures by kind",
+    );
     h.push_str("</section>\n<section><h2>What audit mode would have blocked</h2>");
     let blocked = &report.would_have_been_blocked;
     if blocked.total == 0 {
@@ -234,12 +264,33 @@ pub fn html(
             "<p>{} requests were forwarded although the policy would have refused them (audit mode). By reason:</p>",
             blocked.total
         );
-        bars(&mut h, &blocked.by_reason, top, "#9467bd", "", "Would have been blocked, by reason");
+        bars(
+            &mut h,
+            &blocked.by_reason,
+            top,
+            "#9467bd",
+            "",
+            "Would have been blocked, by reason",
+        );
         h.push_str("<p>By dataset:</p>");
-        bars(&mut h, &blocked.by_dataset, top, "#9467bd", "", "Would have been blocked, by dataset");
+        bars(
+            &mut h,
+            &blocked.by_dataset,
+            top,
+            "#9467bd",
+            "",
+            "Would have been blocked, by dataset",
+        );
     }
     h.push_str("</section>\n<section><h2>By dataset</h2>");
-    bars(&mut h, &report.all.by_dataset, top, "#7f7f7f", "No decisions.", "Decisions by dataset");
+    bars(
+        &mut h,
+        &report.all.by_dataset,
+        top,
+        "#7f7f7f",
+        "No decisions.",
+        "Decisions by dataset",
+    );
     h.push_str("</section>\n</body></html>\n");
     h
 }

@@ -1,10 +1,12 @@
-//! `audit subject`: a data subject's disclosure report, from the log of a real run. It lists
-//! exactly that subject's disclosures (with the consent and the bytes delivered) and refused
-//! attempts, nothing of another subject's, and refuses to report from a tampered log.
+//! The pages people read, from the log of a real run: `audit subject` lists exactly that
+//! subject's disclosures (with the consent and the bytes delivered) and refused attempts,
+//! nothing of another subject's, and refuses to report from a tampered log; `audit report
+//! --format html` draws the charts and says whether the log verified. Both open in headless
+//! Chromium without a console message.
 
-use crate::support::client;
 use crate::support::proxy::{APP, BUREAU, HOME_IP, payments_spec};
 use crate::support::upstream::{Reply as Serve, Upstream};
+use crate::support::{browser, client};
 use serde_json::Value;
 use std::process::Command;
 
@@ -112,6 +114,48 @@ async fn a_subject_sees_their_disclosures_and_refusals_and_nothing_of_anyone_els
     for external in ["<script", "src=", "href=", "http://", "https://"] {
         assert!(!page.contains(external), "the page refers to {external}");
     }
+    let subject_html = dir.join("subject.html");
+    std::fs::write(&subject_html, &page).unwrap();
+    let console = browser::render(&subject_html, &dir.join("subject.png"));
+    assert!(console.is_empty(), "the browser complained: {console:?}");
+
+    // The security team's page: charts, and the log's integrity as verify sees it.
+    let report = |log: &str| {
+        let out = Command::new(BIN)
+            .args(["audit", "report", log, "--format", "html"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let page = report(&log);
+    for words in [
+        "Integrity: verified",
+        "Decisions over time, by reason",
+        "Refusals by recipient",
+        "credit-bureau-us",
+        "purpose_missing (1)",
+        "What audit mode would have blocked",
+    ] {
+        assert!(page.contains(words), "no \"{words}\" in the report page");
+    }
+    assert!(page.matches("<svg").count() >= 4, "charts are inline SVG");
+    let report_html = dir.join("report.html");
+    std::fs::write(&report_html, &page).unwrap();
+    let console = browser::render(&report_html, &dir.join("report.png"));
+    assert!(console.is_empty(), "the browser complained: {console:?}");
+    // The check can fail: a page that loads something is caught.
+    let fetching = dir.join("fetching.html");
+    std::fs::write(
+        &fetching,
+        page.replace("</body>", "<img src=\"http://127.0.0.1:9/x.png\"></body>"),
+    )
+    .unwrap();
+    assert!(!browser::render(&fetching, &dir.join("fetching.png")).is_empty());
 
     // One record edited: no report, the failure instead.
     let text = std::fs::read_to_string(&proxy.log.path).unwrap();
@@ -124,5 +168,7 @@ async fn a_subject_sees_their_disclosures_and_refusals_and_nothing_of_anyone_els
     assert!(
         err.contains("hash mismatch") && err.contains("no report is made"),
         "{err}"
-    );
+    ); // The report page still renders, and says so first.
+    let page = report(&log);
+    assert!(page.contains("Integrity: NOT VERIFIED") && page.contains("hash mismatch"));
 }

@@ -6,10 +6,12 @@
 //! `mmdb` (generated MaxMind databases), `binary` (the real `serve` process), `prom`
 //! (a strict reader of the Prometheus text format), `tls` (certificates and TLS configurations),
 //! `registry` (the consent API, the `consent` command, PostgreSQL databases and a relay that
-//! cuts them off), `s3` (a real S3-compatible server for log shipping).
+//! cuts them off), `s3` (a real S3-compatible server for log shipping), `browser` (headless Chromium for the
+//! audit tools' pages).
 
 pub mod binary;
 pub mod body;
+pub mod browser;
 pub mod client;
 pub mod log;
 pub mod mmdb;
