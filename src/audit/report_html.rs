@@ -198,9 +198,9 @@ pub fn html(
     );
     match integrity {
         Ok(lines) => {
-            let _ = write!(
+            let _ = writeln!(
                 h,
-                "<section class=\"ok\"><h2>Integrity: verified</h2><ul>{}</ul></section>\n",
+                "<section class=\"ok\"><h2>Integrity: verified</h2><ul>{}</ul></section>",
                 lines
                     .iter()
                     .map(|l| format!("<li>{}</li>", esc(l)))
@@ -208,9 +208,9 @@ pub fn html(
             );
         }
         Err(why) => {
-            let _ = write!(
+            let _ = writeln!(
                 h,
-                "<section class=\"bad\"><h2>Integrity: NOT VERIFIED</h2><p>The figures below come from a log that failed verification, so they may not be what happened:</p><pre>{}</pre></section>\n",
+                "<section class=\"bad\"><h2>Integrity: NOT VERIFIED</h2><p>The figures below come from a log that failed verification, so they may not be what happened:</p><pre>{}</pre></section>",
                 esc(why)
             );
         }
