@@ -345,8 +345,8 @@ failed, and nothing reached the recipient in those.</p>",
             };
             let why = if d.audit_mode {
                 format!(
-                    "<strong>forwarded in audit mode</strong>: the policy would have refused it ({})",
-                    esc(explain(&d.reason))
+                    "<strong>forwarded in audit mode</strong>, although the policy would have refused it: {}",
+                    esc(explain(&d.reason).trim_start_matches("refused: "))
                 )
             } else {
                 esc(explain(&d.reason))
