@@ -1,9 +1,9 @@
 //! A fleet's logs in object storage: each instance's shipped files verified as one chain,
 //! and every instance's records read in turn for `audit query|report|export`.
 //!
-//! Files are fetched one ahead of the one being read (the next download overlaps the
-//! current file's checks) and decompressed as they are read, so memory holds about two
-//! compressed files whatever the location holds.
+//! Files are fetched a few ahead of the one being read (the downloads overlap the current
+//! file's checks) and decompressed as they are read, so memory holds a handful of compressed
+//! files, plus the location's listing.
 
 use super::files::{LineReader, LogFilesError, Segments};
 use super::store::{self, Listing, Location, Segment};
@@ -167,8 +167,12 @@ struct Prefetch {
     rt: Arc<Runtime>,
     loc: Location,
     queue: std::vec::IntoIter<Segment>,
-    ahead: Option<(PathBuf, JoinHandle<Result<bytes::Bytes, String>>)>,
+    ahead: std::collections::VecDeque<(PathBuf, JoinHandle<Result<bytes::Bytes, String>>)>,
 }
+
+/// Objects fetched ahead of the one being read: enough to hide a store's latency behind the
+/// checks, few enough to keep memory at a handful of compressed files.
+const AHEAD: usize = 4;
 
 impl Prefetch {
     fn new(rt: Arc<Runtime>, loc: Location, segments: Vec<Segment>) -> Prefetch {
@@ -176,10 +180,19 @@ impl Prefetch {
             rt,
             loc,
             queue: segments.into_iter(),
-            ahead: None,
+            ahead: std::collections::VecDeque::new(),
         };
-        p.ahead = p.start_next();
+        p.fill();
         p
+    }
+
+    fn fill(&mut self) {
+        while self.ahead.len() < AHEAD {
+            match self.start_next() {
+                Some(f) => self.ahead.push_back(f),
+                None => return,
+            }
+        }
     }
 
     fn start_next(&mut self) -> Option<(PathBuf, JoinHandle<Result<bytes::Bytes, String>>)> {
@@ -199,9 +212,9 @@ impl Iterator for Prefetch {
     type Item = Result<(PathBuf, LineReader), LogFilesError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let (name, task) = self.ahead.take()?;
+        let (name, task) = self.ahead.pop_front()?;
         let fetched = self.rt.block_on(task);
-        self.ahead = self.start_next();
+        self.fill();
         let bytes = match fetched {
             Ok(Ok(b)) => b,
             Ok(Err(why)) => return Some(Err(LogFilesError::Store(why))),
