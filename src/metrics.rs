@@ -1,22 +1,25 @@
 //! Prometheus metrics of the running proxy. Handles are registered once: the process-wide
 //! ones at start-up, the per-dataset and per-upstream ones when a policy is loaded (resolved
 //! to indexes held by the snapshot). The hot path only does relaxed atomic adds on them; no
-//! map is looked up by a string per request. The admin listener renders them in the
-//! Prometheus text exposition format (version 0.0.4), written by hand: it is a few lines.
+//! map is looked up by a string per request. A scrape reads them into families that the
+//! Prometheus project's Rust client (`prometheus-client`) encodes as OpenMetrics text, as a
+//! collector: names, label escaping, histogram lines and `# EOF` are the library's.
 //!
 //! Label values are bounded: dataset and upstream names come from loaded policies, reasons
 //! and error kinds from closed enums. Paths, subjects and client addresses never appear.
 
 use crate::policy::decision::{Reason, Verdict};
 use crate::policy::model::Policy;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-/// The `Content-Type` of the exposition.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The `Content-Type` of the exposition: OpenMetrics 1.0, which Prometheus scrapes natively.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
@@ -88,38 +91,19 @@ impl Histogram {
         self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        header(out, name, help, "histogram");
-        let mut cumulative = 0u64;
+    fn render(&self, f: &mut Families, name: &str, help: &str) {
+        let mut buckets = Vec::with_capacity(self.buckets.len());
+        let mut count = 0;
         for (i, b) in self.buckets.iter().enumerate() {
-            cumulative += b.load(Ordering::Relaxed);
-            match self.bounds.get(i) {
-                Some(le) => {
-                    let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cumulative}", seconds(*le));
-                }
-                None => {
-                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-                }
-            }
+            let n = b.load(Ordering::Relaxed);
+            count += n;
+            let le = self.bounds.get(i).map_or(f64::MAX, |b| *b as f64 / 1e9);
+            buckets.push((le, n));
         }
-        let _ = writeln!(
-            out,
-            "{name}_sum {}",
-            seconds(self.sum_nanos.load(Ordering::Relaxed))
-        );
-        let _ = writeln!(out, "{name}_count {cumulative}");
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        f.family(name, help, Kind::Histogram);
+        f.sample(Vec::new(), Val::H(sum, count, buckets));
     }
-}
-
-/// Nanoseconds as seconds, without trailing zeros (`0.0000025`, `1`).
-fn seconds(nanos: u64) -> String {
-    let whole = nanos / 1_000_000_000;
-    let frac = nanos % 1_000_000_000;
-    if frac == 0 {
-        return whole.to_string();
-    }
-    let digits = format!("{frac:09}");
-    format!("{whole}.{}", digits.trim_end_matches('0'))
 }
 
 const US: u64 = 1_000;
@@ -456,66 +440,48 @@ impl Metrics {
         }
     }
 
-    /// The exposition text.
+    /// The exposition text (OpenMetrics, written by the Prometheus project's own encoder).
     pub fn render(&self, s: &Scrape<'_>) -> String {
-        let mut out = String::with_capacity(8 * 1024);
-        header(
-            &mut out,
-            "residency_build_info",
-            "The running build.",
-            "gauge",
+        let mut f = Families::default();
+        f.family("residency_build_info", "The running build.", Kind::Gauge);
+        f.sample(
+            vec![("version", env!("CARGO_PKG_VERSION").into())],
+            Val::I(1),
         );
-        let _ = writeln!(
-            out,
-            "residency_build_info{{version=\"{}\"}} 1",
-            env!("CARGO_PKG_VERSION")
-        );
-        header(
-            &mut out,
+        f.family(
             "residency_policy_info",
             "The policy in force: name, hash and geolocation database build.",
-            "gauge",
+            Kind::Gauge,
         );
-        let _ = writeln!(
-            out,
-            "residency_policy_info{{name=\"{}\",hash=\"{}\",geo_db=\"{}\"}} 1",
-            escape(&s.policy.name),
-            escape(&s.policy.hash),
-            escape(s.geo_db.unwrap_or(""))
+        f.sample(
+            vec![
+                ("name", s.policy.name.clone()),
+                ("hash", s.policy.hash.to_string()),
+                ("geo_db", s.geo_db.unwrap_or("").to_string()),
+            ],
+            Val::I(1),
         );
-        header(
-            &mut out,
+        f.family(
             "residency_policy_loaded_timestamp_seconds",
             "When the policy in force was loaded (Unix time).",
-            "gauge",
+            Kind::Gauge,
         );
-        let _ = writeln!(
-            out,
-            "residency_policy_loaded_timestamp_seconds {}",
-            s.policy_loaded_at.as_second()
-        );
-        header(
-            &mut out,
+        f.sample(vec![], Val::I(s.policy_loaded_at.as_second()));
+        f.family(
             "residency_policy_reloads_total",
             "Policy reloads (SIGHUP or a changed file), by result; a rejected one leaves the running policy in force.",
-            "counter",
+            Kind::Counter,
         );
-        let _ = writeln!(
-            out,
-            "residency_policy_reloads_total{{result=\"ok\"}} {}",
-            self.reloads_ok.get()
-        );
-        let _ = writeln!(
-            out,
-            "residency_policy_reloads_total{{result=\"rejected\"}} {}",
-            self.reloads_rejected.get()
+        f.sample(vec![("result", "ok".into())], Val::U(self.reloads_ok.get()));
+        f.sample(
+            vec![("result", "rejected".into())],
+            Val::U(self.reloads_rejected.get()),
         );
 
-        header(
-            &mut out,
+        f.family(
             "residency_decisions_total",
             "Decisions, one per request, by dataset (empty: none matched), decision, enforcement and reason.",
-            "counter",
+            Kind::Counter,
         );
         let named = self.named();
         let rows = named
@@ -526,61 +492,61 @@ impl Metrics {
         for (name, counters) in rows {
             counters.each(|reason, o, n| {
                 let (decision, enforced) = OUTCOMES[o];
-                let _ = writeln!(
-                    out,
-                    "residency_decisions_total{{dataset=\"{}\",decision=\"{decision}\",enforced=\"{enforced}\",reason=\"{}\"}} {n}",
-                    escape(name),
-                    reason.as_str()
+                f.sample(
+                    vec![
+                        ("dataset", name.to_string()),
+                        ("decision", decision.into()),
+                        ("enforced", enforced.into()),
+                        ("reason", reason.as_str().into()),
+                    ],
+                    Val::U(n),
                 );
             });
         }
-        header(
-            &mut out,
+        f.family(
             "residency_upstream_errors_total",
             "Failures between the proxy and an upstream, by upstream and kind.",
-            "counter",
+            Kind::Counter,
         );
         for (name, c) in &named.upstreams {
             for kind in UpstreamError::ALL {
-                let _ = writeln!(
-                    out,
-                    "residency_upstream_errors_total{{upstream=\"{}\",error=\"{}\"}} {}",
-                    escape(name),
-                    kind.as_str(),
-                    c.errors(kind)
+                f.sample(
+                    vec![
+                        ("upstream", name.to_string()),
+                        ("error", kind.as_str().into()),
+                    ],
+                    Val::U(c.errors(kind)),
                 );
             }
         }
         drop(named);
 
-        header(
-            &mut out,
+        f.family(
             "residency_responses_total",
             "Exchanges ended, by response status class (none: no response was sent).",
-            "counter",
+            Kind::Counter,
         );
         for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx", "none"]
             .iter()
             .enumerate()
         {
-            let _ = writeln!(
-                out,
-                "residency_responses_total{{code=\"{class}\"}} {}",
-                self.responses[i].load(Ordering::Relaxed)
+            f.sample(
+                vec![("code", (*class).into())],
+                Val::U(self.responses[i].load(Ordering::Relaxed)),
             );
         }
         self.decision_time.render(
-            &mut out,
+            &mut f,
             "residency_decision_duration_seconds",
             "Time from a request head reaching the pipeline to its decision.",
         );
         self.log_append_time.render(
-            &mut out,
+            &mut f,
             "residency_log_append_duration_seconds",
             "Time a request waits for its decision record to be written before anything is forwarded.",
         );
         self.request_time.render(
-            &mut out,
+            &mut f,
             "residency_request_duration_seconds",
             "Whole exchanges, from the request head to the end of the response.",
         );
@@ -603,8 +569,7 @@ impl Metrics {
             ),
         ];
         for (name, help, v) in counters {
-            header(&mut out, name, help, "counter");
-            let _ = writeln!(out, "{name} {v}");
+            f.one(name, help, Kind::Counter, Val::U(v));
         }
         let gauges: [(&str, &str, i64); 5] = [
             (
@@ -634,90 +599,81 @@ impl Metrics {
             ),
         ];
         for (name, help, v) in gauges {
-            header(&mut out, name, help, "gauge");
-            let _ = writeln!(out, "{name} {v}");
+            f.one(name, help, Kind::Gauge, Val::I(v));
         }
         if let Some(c) = &s.consent_cache {
-            render_cache(&mut out, c);
+            render_cache(&mut f, c);
         }
         if let Some(ship) = &s.ship {
-            render_ship(&mut out, ship);
+            render_ship(&mut f, ship);
         }
-        header(
-            &mut out,
+        f.one(
             "residency_connections_accepted_total",
             "Client connections accepted on the data listener.",
-            "counter",
+            Kind::Counter,
+            Val::U(self.connections_accepted.get()),
         );
-        let _ = writeln!(
-            out,
-            "residency_connections_accepted_total {}",
-            self.connections_accepted.get()
-        );
-        out
+        f.encode()
     }
 }
 
-fn render_ship(out: &mut String, s: &crate::audit::ship::ShipStats) {
-    let series: [(&str, &str, &str, u64); 7] = [
+fn render_ship(f: &mut Families, s: &crate::audit::ship::ShipStats) {
+    let series: [(&str, &str, Kind, u64); 7] = [
         (
             "residency_log_ship_files_total",
             "Sealed decision-log files whose upload to object storage was confirmed.",
-            "counter",
+            Kind::Counter,
             s.shipped_files,
         ),
         (
             "residency_log_ship_bytes_total",
             "Compressed bytes of decision log uploaded to object storage.",
-            "counter",
+            Kind::Counter,
             s.shipped_bytes,
         ),
         (
             "residency_log_ship_failures_total",
             "Failed shipping attempts (each retried with back-off).",
-            "counter",
+            Kind::Counter,
             s.failures,
         ),
         (
             "residency_log_spool_files",
             "Sealed decision-log files waiting to ship.",
-            "gauge",
+            Kind::Gauge,
             s.spool_files,
         ),
         (
             "residency_log_spool_bytes",
             "Bytes of sealed decision-log files waiting to ship.",
-            "gauge",
+            Kind::Gauge,
             s.spool_bytes,
         ),
         (
             "residency_log_spool_max_bytes",
             "log.ship.spool_max_bytes: once the spool holds this much, the log refuses records.",
-            "gauge",
+            Kind::Gauge,
             s.spool_max_bytes,
         ),
         (
             "residency_log_ship_oldest_unshipped_seconds",
             "Age of the oldest sealed file still waiting to ship; 0 when none waits.",
-            "gauge",
+            Kind::Gauge,
             s.oldest_age_secs,
         ),
     ];
     for (name, help, kind, v) in series {
-        header(out, name, help, kind);
-        let _ = writeln!(out, "{name} {v}");
+        f.one(name, help, kind, Val::U(v));
     }
-    let name = "residency_log_ship_cpu_seconds_total";
-    header(
-        out,
-        name,
+    f.one(
+        "residency_log_ship_cpu_seconds_total",
         "CPU time spent reading and compressing sealed decision-log files for shipping.",
-        "counter",
+        Kind::Counter,
+        Val::F(s.cpu.as_secs_f64()),
     );
-    let _ = writeln!(out, "{name} {}", s.cpu.as_secs_f64());
 }
 
-fn render_cache(out: &mut String, c: &CacheScrape<'_>) {
+fn render_cache(f: &mut Families, c: &CacheScrape<'_>) {
     let counters: [(&str, &str, u64); 4] = [
         (
             "residency_consent_cache_hits_total",
@@ -741,8 +697,7 @@ fn render_cache(out: &mut String, c: &CacheScrape<'_>) {
         ),
     ];
     for (name, help, v) in counters {
-        header(out, name, help, "counter");
-        let _ = writeln!(out, "{name} {v}");
+        f.one(name, help, Kind::Counter, Val::U(v));
     }
     let gauges: [(&str, &str, u64); 2] = [
         (
@@ -757,35 +712,101 @@ fn render_cache(out: &mut String, c: &CacheScrape<'_>) {
         ),
     ];
     for (name, help, v) in gauges {
-        header(out, name, help, "gauge");
-        let _ = writeln!(out, "{name} {v}");
+        f.one(name, help, Kind::Gauge, Val::U(v));
     }
-    header(
-        out,
+    f.one(
         "residency_consent_feed_lag_seconds",
         "Age of the newest consent change when the feed read it (PostgreSQL).",
-        "gauge",
-    );
-    let _ = writeln!(
-        out,
-        "residency_consent_feed_lag_seconds {}",
-        c.feed_lag.as_secs_f64()
+        Kind::Gauge,
+        Val::F(c.feed_lag.as_secs_f64()),
     );
     c.miss_time.render(
-        out,
+        f,
         "residency_consent_lookup_duration_seconds",
         "Time a consent cache miss took to be answered by the store.",
     );
 }
 
-fn header(out: &mut String, name: &str, help: &str, kind: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+#[derive(Clone, Debug)]
+enum Val {
+    U(u64),
+    I(i64),
+    F(f64),
+    /// Sum in seconds, count, and each bucket's own count by upper bound in seconds (the
+    /// last is `+Inf`).
+    H(f64, u64, Vec<(f64, u64)>),
+}
+
+#[derive(Debug)]
+struct Family {
+    /// As documented; a counter's `_total` is left for the encoder to add.
+    name: String,
+    help: String,
+    kind: Kind,
+    series: Vec<(Vec<(&'static str, String)>, Val)>,
+}
+
+/// The values of one scrape, read from the atomics, handed to `prometheus-client` as a
+/// collector: the hot path keeps its plain atomic adds, and the exposition (names, label
+/// escaping, histogram lines, `# EOF`) is the Prometheus project's own.
+#[derive(Debug, Default)]
+struct Families(Vec<Family>);
+
+impl Families {
+    fn family(&mut self, name: &str, help: &str, kind: Kind) {
+        let name = match kind {
+            Kind::Counter => name.strip_suffix("_total").unwrap_or(name),
+            _ => name,
+        };
+        self.0.push(Family {
+            name: name.to_string(),
+            help: help.to_string(),
+            kind,
+            series: Vec::new(),
+        });
+    }
+
+    fn sample(&mut self, mut labels: Vec<(&'static str, String)>, v: Val) {
+        // prometheus-client 0.24 writes label values as given: the exposition's escapes are
+        // ours to add (a policy or dataset name may hold a quote or a backslash).
+        for (_, value) in &mut labels {
+            if value.contains(['\\', '"', '\n']) {
+                *value = escape(value);
+            }
+        }
+        self.0
+            .last_mut()
+            .expect("a family before its samples")
+            .series
+            .push((labels, v));
+    }
+
+    /// A family of one unlabelled series.
+    fn one(&mut self, name: &str, help: &str, kind: Kind, v: Val) {
+        self.family(name, help, kind);
+        self.sample(Vec::new(), v);
+    }
+
+    fn encode(self) -> String {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(self));
+        let mut out = String::with_capacity(8 * 1024);
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String does not fail");
+        out
+    }
 }
 
 /// A label value as the exposition format wants it: `\`, `"` and line feeds escaped.
 fn escape(v: &str) -> String {
-    let mut s = String::with_capacity(v.len());
+    let mut s = String::with_capacity(v.len() + 2);
     for c in v.chars() {
         match c {
             '\\' => s.push_str("\\\\"),
@@ -795,6 +816,53 @@ fn escape(v: &str) -> String {
         }
     }
     s
+}
+
+fn put(m: &mut MetricEncoder<'_>, v: &Val) -> std::fmt::Result {
+    match v {
+        Val::U(n) => m.encode_counter::<NoLabelSet, _, u64>(n, None),
+        Val::I(n) => m.encode_gauge(n),
+        Val::F(x) => m.encode_gauge(x),
+        Val::H(sum, count, buckets) => {
+            m.encode_histogram::<NoLabelSet>(*sum, *count, buckets, None)
+        }
+    }
+}
+
+impl Collector for Families {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        for f in &self.0 {
+            let kind = match f.kind {
+                Kind::Counter => MetricType::Counter,
+                Kind::Gauge => MetricType::Gauge,
+                Kind::Histogram => MetricType::Histogram,
+            };
+            let mut m = encoder.encode_descriptor(&f.name, &f.help, None, kind)?;
+            for (labels, v) in &f.series {
+                // A counter's value goes through the counter encoder (`_total`), whatever
+                // its number type.
+                let v = match (f.kind, v) {
+                    (Kind::Counter, Val::F(x)) => {
+                        if labels.is_empty() {
+                            m.encode_counter::<NoLabelSet, _, f64>(x, None)?;
+                        } else {
+                            m.encode_family(labels)?
+                                .encode_counter::<NoLabelSet, _, f64>(x, None)?;
+                        }
+                        continue;
+                    }
+                    (Kind::Gauge, Val::U(n)) => Val::I(i64::try_from(*n).unwrap_or(i64::MAX)),
+                    _ => v.clone(),
+                };
+                if labels.is_empty() {
+                    put(&mut m, &v)?;
+                } else {
+                    put(&mut m.encode_family(labels)?, &v)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -836,13 +904,37 @@ mod tests {
         h.observe(Duration::from_nanos(1_000));
         h.observe(Duration::from_nanos(1_500));
         h.observe(Duration::from_secs(3));
-        let mut out = String::new();
-        h.render(&mut out, "x", "help");
-        assert!(out.contains("x_bucket{le=\"0.000001\"} 1\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"0.000002\"} 2\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
-        assert!(out.contains("x_sum 3.0000025\n"), "{out}");
-        assert!(out.contains("x_count 3\n"), "{out}");
+        let mut f = Families::default();
+        h.render(&mut f, "x", "help");
+        let out = f.encode();
+        let value = |prefix: &str| -> f64 {
+            out.lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .unwrap_or_else(|| panic!("no {prefix} in {out}"))
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let le = |bound: &str| -> f64 {
+            out.lines()
+                .filter_map(|l| l.strip_prefix("x_bucket{le=\""))
+                .find_map(|l| {
+                    let (b, rest) = l.split_once('"')?;
+                    let hit = if bound == "+Inf" {
+                        b == "+Inf"
+                    } else {
+                        b.parse::<f64>().ok()? == bound.parse::<f64>().unwrap()
+                    };
+                    hit.then(|| rest.trim_start_matches('}').trim().parse().unwrap())
+                })
+                .unwrap_or_else(|| panic!("no bucket {bound} in {out}"))
+        };
+        assert_eq!(le("0.000001"), 1.0, "{out}");
+        assert_eq!(le("0.000002"), 2.0, "{out}");
+        assert_eq!(le("+Inf"), 3.0, "{out}");
+        assert_eq!(value("x_sum "), 3.0000025);
+        assert_eq!(value("x_count "), 3.0);
+        assert!(out.ends_with("# EOF\n"), "{out}");
     }
 
     #[test]
@@ -868,7 +960,25 @@ mod tests {
     }
 
     #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    fn label_values_are_escaped_and_counters_keep_their_documented_names() {
+        let m = Metrics::new();
+        let p = crate::policy::compile::from_str(
+            "m.toml",
+            "[policy]\nname='we\"ird\\name'\nhome='CN'\n[log]\npseudonymize=false\n[[upstreams]]\nname='u'\nurl='http://127.0.0.1:1'\n",
+        )
+        .unwrap();
+        let text = m.render(&scrape(&p));
+        assert!(
+            text.contains("residency_policy_info{name=\"we\\\"ird\\\\name\","),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE residency_decisions counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nresidency_connections_accepted_total 0\n"),
+            "{text}"
+        );
     }
 }

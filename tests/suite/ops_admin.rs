@@ -103,7 +103,7 @@ async fn metrics_parse_as_prometheus_text_and_count_the_requests_sent() {
     assert!(
         r.header("content-type")
             .unwrap()
-            .starts_with("text/plain; version=0.0.4"),
+            .starts_with("application/openmetrics-text; version=1.0.0"),
         "{:?}",
         r.headers
     );

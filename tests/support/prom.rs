@@ -1,7 +1,8 @@
-//! A strict reader of the Prometheus text exposition format (version 0.0.4), so that a test
-//! fails on anything a Prometheus server would refuse or misread: bad names or escapes, a
-//! sample before its `# TYPE`, a family split in two, a duplicate series, histogram buckets
-//! that are not cumulative or disagree with `_count`.
+//! A strict reader of the exposition `/metrics` writes (OpenMetrics 1.0 text, the Prometheus
+//! text format's successor), so that a test fails on anything a Prometheus server would
+//! refuse or misread: bad names or escapes, a sample before its `# TYPE`, a family split in
+//! two, a duplicate series, histogram buckets that are not cumulative or disagree with
+//! `_count`, an exposition that does not end in `# EOF`.
 
 #![allow(dead_code)]
 
@@ -105,6 +106,12 @@ fn family<'a>(name: &'a str, types: &BTreeMap<String, String>) -> Option<&'a str
             return Some(base);
         }
     }
+    // OpenMetrics: a counter family `x` has the sample `x_total`.
+    if let Some(base) = name.strip_suffix("_total")
+        && types.get(base).is_some_and(|t| t == "counter")
+    {
+        return Some(base);
+    }
     None
 }
 
@@ -116,8 +123,8 @@ pub fn parse(text: &str) -> Exposition {
     let mut current: Option<String> = None;
     let mut series = BTreeSet::new();
     assert!(
-        text.ends_with('\n'),
-        "the exposition must end with a line feed"
+        text.ends_with("\n# EOF\n"),
+        "an OpenMetrics exposition ends with `# EOF` and a line feed"
     );
     for (i, line) in text.lines().enumerate() {
         let n = i + 1;
