@@ -40,6 +40,15 @@ impl Out<'_> {
         }
     }
 
+    /// A field left out when absent (`skip_serializing_if = "Option::is_none"`): `member`
+    /// is the comma, name and colon, as `",\"why\":"`.
+    fn present(&mut self, member: &str, s: Option<&str>) {
+        if let Some(s) = s {
+            self.raw(member);
+            self.str(s);
+        }
+    }
+
     fn opt_str(&mut self, s: Option<&str>) {
         match s {
             Some(s) => self.str(s),
@@ -161,16 +170,10 @@ impl DecisionRecord {
             Some(consent) => {
                 o.raw("{\"id\":");
                 o.str(&consent.id);
-                if let Some(method) = &consent.method {
-                    o.raw(",\"method\":");
-                    o.str(method);
-                }
+                o.present(",\"method\":", consent.method.as_deref());
                 o.raw(",\"result\":");
                 o.plain(consent.result);
-                if let Some(why) = &consent.why {
-                    o.raw(",\"why\":");
-                    o.str(why);
-                }
+                o.present(",\"why\":", consent.why.as_deref());
                 o.raw("}");
             }
         }
@@ -184,10 +187,7 @@ impl DecisionRecord {
         o.opt_str(self.geo_db.as_deref());
         o.raw(",\"id\":");
         o.str(self.id.as_str());
-        if let Some(instance) = &self.instance {
-            o.raw(",\"instance\":");
-            o.str(instance);
-        }
+        o.present(",\"instance\":", self.instance.as_deref());
         o.raw(",\"kind\":");
         o.plain(self.kind);
         o.raw(",\"policy\":");
@@ -265,10 +265,7 @@ impl OutcomeRecord {
         o.u64(self.bytes_out);
         o.raw(",\"complete\":");
         o.bool(self.complete);
-        if let Some(detail) = &self.detail {
-            o.raw(",\"detail\":");
-            o.str(detail);
-        }
+        o.present(",\"detail\":", self.detail.as_deref());
         o.raw(",\"duration_ms\":");
         o.serde(&self.duration_ms);
         o.raw(",\"error\":");
@@ -278,10 +275,7 @@ impl OutcomeRecord {
         }
         o.raw(",\"id\":");
         o.str(self.id.as_str());
-        if let Some(instance) = &self.instance {
-            o.raw(",\"instance\":");
-            o.str(instance);
-        }
+        o.present(",\"instance\":", self.instance.as_deref());
         o.raw(",\"kind\":");
         o.plain(self.kind);
         o.raw(",\"prev\":");

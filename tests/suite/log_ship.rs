@@ -167,7 +167,21 @@ async fn three_sidecars_ship_to_one_bucket_and_the_fleet_verifies_or_names_what_
         async || answered.lock().unwrap().len() > before + 100,
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The restarted sidecar seals and ships under load too, before everything stops.
+    let shipped_b = async || {
+        s3::keys(&loc)
+            .await
+            .iter()
+            .filter(|k| k.starts_with("sidecar-b/"))
+            .count()
+    };
+    let b_so_far = shipped_b().await;
+    wait_for(
+        "a file shipped by the restarted sidecar",
+        Duration::from_secs(10),
+        async || shipped_b().await > b_so_far,
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     for s in &mut served {
         s.signal("TERM");
