@@ -299,68 +299,22 @@ fn run_subject(args: SubjectArgs) -> CliResult {
         opts.keys.push(keys::load_public_key(k)?);
     }
     // The report stands on a log that verified: a broken one gets the failure, not a report.
-    let verified: Vec<String> = match args.store.open(&args.path)? {
-        Some((rt, loc)) => {
-            let report = fleet::verify(&rt, &loc, &opts).map_err(QueryError::from)?;
-            let mut lines = Vec::new();
-            let mut broken = false;
-            for i in &report.instances {
-                match &i.result {
-                    Ok(r) => lines.push(format!(
-                        "{}: verified, {} records, {} checkpoints, last seq {}{}",
-                        i.instance,
-                        r.records,
-                        r.checkpoints,
-                        r.last_seq,
-                        signed_by(r)
-                    )),
-                    Err(why) => {
-                        broken = true;
-                        eprintln!("{}: {why}", i.instance);
-                    }
-                }
-            }
-            if broken || report.instances.is_empty() {
-                eprintln!(
-                    "audit subject: {} did not verify: no report is made from a log that may have been altered",
-                    loc.url
-                );
-                return Ok(Exit::Failed);
-            }
-            lines
-        }
-        None => match verify_log(&args.path, &opts) {
-            Ok(r) => describe(&r),
-            Err(VerifyError::Broken(b)) => {
-                eprintln!("{b}");
-                eprintln!(
-                    "audit subject: {} did not verify: no report is made from a log that may have been altered",
-                    args.path.display()
-                );
-                return Ok(Exit::Failed);
-            }
-            Err(e @ VerifyError::Files(_)) => return Err(e.into()),
-        },
-    };
-    let (pseudo, policy_name) = match (&args.signing_key, &args.policy) {
-        (Some(k), _) => (
-            Pseudonymizer::new(&SigningKey::load(k)?.pseudonym_key()),
-            None,
-        ),
-        (None, Some(p)) => {
-            let policy = super::load_policy(p)?;
-            let pseudo = match (&policy.log.signing_key, policy.log.pseudonymize) {
-                (Some(k), true) => Pseudonymizer::new(&SigningKey::load(k)?.pseudonym_key()),
-                _ => Pseudonymizer::Off,
-            };
-            (pseudo, Some(policy.name.clone()))
-        }
-        (None, None) => {
-            return Err(fail(
-                "the subject is found through its pseudonym: pass --signing-key FILE (the policy's [log] signing_key) or --policy FILE",
-            ));
+    let verified = match integrity(&args.path, &args.store, &opts)? {
+        Ok(lines) => lines,
+        Err(why) => {
+            eprintln!("{why}");
+            eprintln!(
+                "audit subject: {} did not verify: no report is made from a log that may have been altered",
+                args.path.display()
+            );
+            return Ok(Exit::Failed);
         }
     };
+    let (pseudo, policy_name) = pseudonymizer(
+        args.signing_key.as_deref(),
+        args.policy.as_deref(),
+        "the subject is found through its pseudonym",
+    )?;
     let (since, until) = times(&args.since, &args.until)?;
     let segments = args.store.segments(&args.path)?;
     let report = subject::build(segments, &pseudo.pseudonym(&args.raw), since, until)?;
@@ -467,19 +421,7 @@ fn verify_fleet(rt: &Arc<Runtime>, loc: &Location, opts: &VerifyOptions) -> CliR
         )));
     }
     for i in &report.instances {
-        match &i.result {
-            Ok(r) => println!(
-                "{}: {}, {} records, {} checkpoints, last seq {} at {}{}",
-                i.instance,
-                if r.closed { "ok" } else { "open" },
-                r.records,
-                r.checkpoints,
-                r.last_seq,
-                r.last_ts.as_deref().unwrap_or("-"),
-                signed_by(r)
-            ),
-            Err(why) => println!("{}: {why}", i.instance),
-        }
+        println!("{}", instance_line(i));
     }
     if let Some(first) = report.strangers.first() {
         eprintln!(
@@ -500,6 +442,24 @@ fn verify_fleet(rt: &Arc<Runtime>, loc: &Location, opts: &VerifyOptions) -> CliR
         return Ok(Exit::Failed);
     }
     Ok(Exit::Ok)
+}
+
+/// What `verify` says of one instance of a location: `INSTANCE: ok, N records, …` or why it
+/// failed.
+fn instance_line(i: &fleet::InstanceVerdict) -> String {
+    match &i.result {
+        Ok(r) => format!(
+            "{}: {}, {} records, {} checkpoints, last seq {} at {}{}",
+            i.instance,
+            if r.closed { "ok" } else { "open" },
+            r.records,
+            r.checkpoints,
+            r.last_seq,
+            r.last_ts.as_deref().unwrap_or("-"),
+            signed_by(r)
+        ),
+        Err(why) => format!("{}: {why}", i.instance),
+    }
 }
 
 /// How an instance's checkpoints were signed, for its verify line.
@@ -581,21 +541,31 @@ pub fn describe(r: &VerifyReport) -> Vec<String> {
     out
 }
 
-/// The pseudonymiser that turns `--subject` values into what the log holds.
-fn pseudonymizer(args: &QueryArgs) -> Result<Pseudonymizer, CliError> {
-    if let Some(path) = &args.signing_key {
-        return Ok(Pseudonymizer::new(&SigningKey::load(path)?.pseudonym_key()));
+/// The pseudonymiser that turns a subject's identifier into what the log holds, from the
+/// log-signing key or the policy naming it (then also the policy's name); `why` says what
+/// needs it when neither is given.
+fn pseudonymizer(
+    signing_key: Option<&std::path::Path>,
+    policy: Option<&std::path::Path>,
+    why: &str,
+) -> Result<(Pseudonymizer, Option<String>), CliError> {
+    if let Some(path) = signing_key {
+        return Ok((
+            Pseudonymizer::new(&SigningKey::load(path)?.pseudonym_key()),
+            None,
+        ));
     }
-    if let Some(path) = &args.policy {
+    if let Some(path) = policy {
         let policy = super::load_policy(path)?;
-        return Ok(match (&policy.log.signing_key, policy.log.pseudonymize) {
+        let pseudo = match (&policy.log.signing_key, policy.log.pseudonymize) {
             (Some(k), true) => Pseudonymizer::new(&SigningKey::load(k)?.pseudonym_key()),
             _ => Pseudonymizer::Off,
-        });
+        };
+        return Ok((pseudo, Some(policy.name)));
     }
-    Err(fail(
-        "--subject needs the log's key to pseudonymise the subject: pass --signing-key FILE (the policy's [log] signing_key) or --policy FILE",
-    ))
+    Err(fail(format!(
+        "{why}: pass --signing-key FILE (the policy's [log] signing_key) or --policy FILE"
+    )))
 }
 
 fn times(
@@ -633,7 +603,11 @@ fn run_query(args: QueryArgs) -> CliResult {
     let subjects = if args.subject.is_empty() {
         Vec::new()
     } else {
-        let p = pseudonymizer(&args)?;
+        let (p, _) = pseudonymizer(
+            args.signing_key.as_deref(),
+            args.policy.as_deref(),
+            "--subject needs the log's key to pseudonymise the subject",
+        )?;
         args.subject.iter().map(|s| p.pseudonym(s)).collect()
     };
     let (since, until) = times(&args.since, &args.until)?;
@@ -679,41 +653,32 @@ fn run_query(args: QueryArgs) -> CliResult {
     Ok(Exit::Ok)
 }
 
-/// How `audit verify` judges the log at `path` (a log still being written passes as open):
-/// its lines, or why it failed.
+/// How `audit verify` judges the log at `path` with `opts` (a local log, or every instance
+/// of a location): its lines, or why it failed.
 fn integrity(
     path: &std::path::Path,
     store: &StoreArgs,
+    opts: &VerifyOptions,
 ) -> Result<Result<Vec<String>, String>, CliError> {
-    let opts = VerifyOptions {
-        open: true,
-        ..VerifyOptions::default()
-    };
     if let Some((rt, loc)) = store.open(path)? {
-        let report = fleet::verify(&rt, &loc, &opts).map_err(QueryError::from)?;
-        let mut lines = Vec::new();
-        let mut failed = Vec::new();
-        for i in &report.instances {
-            match &i.result {
-                Ok(r) => lines.push(format!(
-                    "{}: {}, {} records, {} checkpoints, last seq {}{}",
-                    i.instance,
-                    if r.closed { "ok" } else { "open" },
-                    r.records,
-                    r.checkpoints,
-                    r.last_seq,
-                    signed_by(r)
-                )),
-                Err(why) => failed.push(format!("{}: {why}", i.instance)),
-            }
+        let report = fleet::verify(&rt, &loc, opts).map_err(QueryError::from)?;
+        if report.instances.is_empty() {
+            return Ok(Err(format!("{}: holds no shipped log files", loc.url)));
         }
-        return Ok(if failed.is_empty() {
+        let lines = report.instances.iter().map(instance_line).collect();
+        return Ok(if report.instances.iter().all(|i| i.result.is_ok()) {
             Ok(lines)
         } else {
-            Err(failed.join("\n"))
+            Err(report
+                .instances
+                .iter()
+                .filter(|i| i.result.is_err())
+                .map(instance_line)
+                .collect::<Vec<_>>()
+                .join("\n"))
         });
     }
-    Ok(match verify_log(path, &opts) {
+    Ok(match verify_log(path, opts) {
         Ok(r) => Ok(describe(&r)),
         Err(VerifyError::Broken(b)) => Err(b.to_string()),
         Err(e @ VerifyError::Files(_)) => return Err(e.into()),
@@ -737,7 +702,15 @@ fn warn_unread(s: &Scanned) {
 fn run_report(args: ReportArgs) -> CliResult {
     let (since, until) = times(&args.since, &args.until)?;
     let integrity = match args.format {
-        ReportFormat::Html => Some(integrity(&args.path, &args.store)?),
+        // A log still being written passes as open.
+        ReportFormat::Html => Some(integrity(
+            &args.path,
+            &args.store,
+            &VerifyOptions {
+                open: true,
+                ..VerifyOptions::default()
+            },
+        )?),
         _ => None,
     };
     let segments = args.store.segments(&args.path)?;
