@@ -81,16 +81,16 @@ pub struct Report {
     pub all: Tables,
     /// Audit mode: the denials that were only logged, and the request forwarded.
     pub would_have_been_blocked: Tables,
-    /// What the page's charts draw (`--format html`); not in the JSON report.
+    /// What the page's charts draw, gathered only for `--format html`; not in the JSON report.
     #[serde(skip)]
-    pub charts: Charts,
+    pub charts: Option<Charts>,
 }
 
 /// Figures only the charts use.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Charts {
     /// Decisions by minute (`YYYY-MM-DDTHH:MM`) and reason.
-    pub per_minute: BTreeMap<String, BTreeMap<String, u64>>,
+    pub per_minute: BTreeMap<String, Counts>,
     /// Allowed decisions by destination country (the recipient's seat and where the client
     /// was), the flows out.
     pub flows: Counts,
@@ -98,6 +98,33 @@ pub struct Charts {
     pub refusals_by_recipient: Counts,
     /// Consents that did not count, by why.
     pub consent_failures: Counts,
+}
+
+impl Charts {
+    fn add(&mut self, v: &View<'_>, blocked: bool) {
+        let reason = v.reason.as_deref().unwrap_or("(none)");
+        if let Some(minute) = v.ts.as_deref().and_then(|t| t.get(..16)) {
+            match self.per_minute.get_mut(minute) {
+                Some(m) => m.add(reason),
+                None => self
+                    .per_minute
+                    .entry(minute.to_string())
+                    .or_default()
+                    .add(reason),
+            }
+        }
+        // Audit mode's would-be refusals were forwarded: they flowed too.
+        if v.decision.as_deref() == Some("allow") || blocked {
+            for c in v.destinations() {
+                self.flows.add(c);
+            }
+        } else if v.decision.is_some() {
+            self.refusals_by_recipient.add(v.recipient());
+        }
+        if reason.starts_with("consent_") {
+            self.consent_failures.add(reason);
+        }
+    }
 }
 
 impl Report {
@@ -110,28 +137,8 @@ impl Report {
         };
         self.by_decision.add(decision);
         self.all.add(v);
-        let reason = v.reason.as_deref().unwrap_or("(none)");
-        if let Some(minute) = v.ts.as_deref().and_then(|t| t.get(..16)) {
-            let at = match self.charts.per_minute.get_mut(minute) {
-                Some(m) => m,
-                None => self
-                    .charts
-                    .per_minute
-                    .entry(minute.to_string())
-                    .or_default(),
-            };
-            *at.entry(reason.to_string()).or_default() += 1;
-        }
-        // Audit mode's would-be refusals were forwarded: they flowed too.
-        if v.decision.as_deref() == Some("allow") || blocked {
-            for c in v.destinations() {
-                self.charts.flows.add(c);
-            }
-        } else if v.decision.is_some() {
-            self.charts.refusals_by_recipient.add(v.recipient());
-        }
-        if reason.starts_with("consent_") {
-            self.charts.consent_failures.add(reason);
+        if let Some(charts) = &mut self.charts {
+            charts.add(v, blocked);
         }
         if blocked {
             self.would_have_been_blocked.add(v);
@@ -244,14 +251,16 @@ pub fn report(
     since: Option<String>,
     until: Option<String>,
 ) -> Result<(Report, Scanned), QueryError> {
-    report_segments(Segments::local(path)?, since, until)
+    report_segments(Segments::local(path)?, since, until, false)
 }
 
-/// [`report`] over the files of `segments` (a local log, or a fleet's shipped files).
+/// [`report`] over the files of `segments` (a local log, or a fleet's shipped files); with
+/// `charts`, also what the page's charts draw.
 pub fn report_segments(
     segments: Segments,
     since: Option<String>,
     until: Option<String>,
+    charts: bool,
 ) -> Result<(Report, Scanned), QueryError> {
     let filter = Filter {
         since: since.clone(),
@@ -261,6 +270,7 @@ pub fn report_segments(
     let mut report = Report {
         since,
         until,
+        charts: charts.then(Charts::default),
         ..Report::default()
     };
     let scanned = scan_segments(segments, &filter, |_, v| {

@@ -1,7 +1,7 @@
 //! `audit report --format html`: the report as one self-contained page, its charts drawn as
 //! inline SVG (no script, no font, nothing fetched: a Content-Security-Policy forbids it).
 
-use super::report::{Counts, Report};
+use super::report::{Charts, Counts, Report};
 use super::subject::esc;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -31,12 +31,10 @@ fn label(minute: i64) -> String {
 /// Decisions by reason in at most [`MAX_BARS`] buckets: their start labels, and each
 /// reason's count per bucket.
 #[allow(clippy::type_complexity)]
-fn buckets(
-    per_minute: &BTreeMap<String, BTreeMap<String, u64>>,
-) -> (Vec<String>, Vec<(String, Vec<u64>)>) {
+fn buckets(per_minute: &BTreeMap<String, Counts>) -> (Vec<String>, Vec<(String, Vec<u64>)>) {
     let points: Vec<(i64, &BTreeMap<String, u64>)> = per_minute
         .iter()
-        .filter_map(|(k, v)| Some((minutes(k)?, v)))
+        .filter_map(|(k, v)| Some((minutes(k)?, &v.0)))
         .collect();
     let (Some(first), Some(last)) = (points.first(), points.last()) else {
         return (Vec::new(), Vec::new());
@@ -67,8 +65,8 @@ fn colour(i: usize) -> &'static str {
 }
 
 /// A stacked bar chart of decisions over time, by reason.
-fn time_chart(out: &mut String, report: &Report) {
-    let (labels, series) = buckets(&report.charts.per_minute);
+fn time_chart(out: &mut String, charts: &Charts) {
+    let (labels, series) = buckets(&charts.per_minute);
     if labels.is_empty() {
         out.push_str("<p>No decisions in this range.</p>");
         return;
@@ -181,6 +179,9 @@ pub fn html(
     top: usize,
     now: &str,
 ) -> String {
+    // Gathered when the report was made for this page; without them the charts are empty.
+    let none = Charts::default();
+    let charts = report.charts.as_ref().unwrap_or(&none);
     let mut h = String::new();
     let _ = write!(
         h,
@@ -224,13 +225,13 @@ pub fn html(
         );
     }
     h.push_str("</section>\n<section><h2>Decisions over time, by reason</h2>");
-    time_chart(&mut h, report);
+    time_chart(&mut h, charts);
     h.push_str(
         "</section>\n<section><h2>Where data went: allowed flows by destination country</h2>",
     );
     bars(
         &mut h,
-        &report.charts.flows,
+        &charts.flows,
         top,
         "#1f77b4",
         "No data was forwarded.",
@@ -239,7 +240,7 @@ pub fn html(
     h.push_str("</section>\n<section><h2>Refusals by recipient</h2>");
     bars(
         &mut h,
-        &report.charts.refusals_by_recipient,
+        &charts.refusals_by_recipient,
         top,
         "#d62728",
         "Nothing was refused.",
@@ -248,7 +249,7 @@ pub fn html(
     h.push_str("</section>\n<section><h2>Consent failures, by kind</h2>");
     bars(
         &mut h,
-        &report.charts.consent_failures,
+        &charts.consent_failures,
         top,
         "#ff7f0e",
         "No consent failed.",

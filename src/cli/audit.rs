@@ -714,7 +714,8 @@ fn run_report(args: ReportArgs) -> CliResult {
         _ => None,
     };
     let segments = args.store.segments(&args.path)?;
-    let (report, scanned) = report::report_segments(segments, since, until)?;
+    let charts = args.format == ReportFormat::Html;
+    let (report, scanned) = report::report_segments(segments, since, until, charts)?;
     match args.format {
         ReportFormat::Html => print!(
             "{}",
