@@ -153,6 +153,18 @@ impl View<'_> {
         text(&self.kind)
     }
 
+    pub fn id(&self) -> Option<&str> {
+        text(&self.id)
+    }
+
+    pub fn ts(&self) -> Option<&str> {
+        text(&self.ts)
+    }
+
+    pub fn subject(&self) -> Option<&str> {
+        text(&self.subject)
+    }
+
     /// The recipient's id, or `anonymous` for a caller no recipient matched.
     pub fn recipient(&self) -> &str {
         self.recipient

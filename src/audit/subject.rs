@@ -124,22 +124,26 @@ pub fn build(
         kinds: vec!["any".into()],
         ..Filter::default()
     };
-    scan_segments(segments, &filter, |line, _| {
-        let Ok(v) = serde_json::from_slice::<Value>(line) else {
-            return Ok(ControlFlow::Continue(()));
-        };
+    // The scan has read each line's common fields already: only the subject's decisions,
+    // and the outcomes of their exchanges, are read whole.
+    scan_segments(segments, &filter, |line, view| {
         report.records_read += 1;
-        let ts = text(&v, &["ts"]);
-        if let Some(ts) = &ts {
-            report.log_from.get_or_insert_with(|| ts.clone());
-            report.log_to = Some(ts.clone());
+        if let Some(ts) = view.ts() {
+            report.log_from.get_or_insert_with(|| ts.to_string());
+            match &mut report.log_to {
+                Some(to) => {
+                    to.clear();
+                    to.push_str(ts);
+                }
+                None => report.log_to = Some(ts.to_string()),
+            }
         }
-        match v.get("kind").and_then(Value::as_str) {
-            Some("decision") if text(&v, &["subject"]).as_deref() == Some(subject) => {}
+        match view.kind() {
+            Some("decision") if view.subject() == Some(subject) => {}
             Some("outcome") => {
-                if let Some(id) = text(&v, &["id"])
-                    && let Some((who, i)) = open.remove(&id)
+                if let Some((who, i)) = view.id().and_then(|id| open.remove(id))
                     && let Some(d) = report.disclosures.get_mut(&who).and_then(|l| l.get_mut(i))
+                    && let Ok(v) = serde_json::from_slice::<Value>(line)
                 {
                     d.status = v.get("status").and_then(Value::as_u64);
                     d.bytes_delivered = v.get("bytes_out").and_then(Value::as_u64);
@@ -149,6 +153,10 @@ pub fn build(
             }
             _ => return Ok(ControlFlow::Continue(())),
         }
+        let Ok(v) = serde_json::from_slice::<Value>(line) else {
+            return Ok(ControlFlow::Continue(()));
+        };
+        let ts = text(&v, &["ts"]);
         let ts = ts.unwrap_or_default();
         let in_range = since.as_deref().is_none_or(|s| ts.as_str() >= s)
             && until.as_deref().is_none_or(|u| ts.as_str() < u);
