@@ -187,6 +187,52 @@ impl Env for OfflineEnv {
     }
 }
 
+/// An environment that notes every subject a decision asks about, over another one: the
+/// offline tools read those subjects' consents from a registry and decide again.
+pub struct Asking<'e, E> {
+    inner: &'e E,
+    asked: std::cell::RefCell<Vec<String>>,
+}
+
+impl<'e, E: Env> Asking<'e, E> {
+    pub fn new(inner: &'e E) -> Self {
+        Asking {
+            inner,
+            asked: Default::default(),
+        }
+    }
+
+    /// The subjects asked about, in order, each once.
+    pub fn asked(self) -> Vec<String> {
+        self.asked.into_inner()
+    }
+}
+
+impl<E: Env> Env for Asking<'_, E> {
+    type Addrs = E::Addrs;
+
+    fn locate(&self, ip: IpAddr) -> Location {
+        self.inner.locate(ip)
+    }
+
+    fn upstream_addrs(&self, upstream: usize) -> Result<E::Addrs, String> {
+        self.inner.upstream_addrs(upstream)
+    }
+
+    fn with_consents<R>(&self, subject: &str, f: impl FnOnce(ConsentLookup<&[Consent]>) -> R) -> R {
+        let mut asked = self.asked.borrow_mut();
+        if !asked.iter().any(|s| s == subject) {
+            asked.push(subject.to_string());
+        }
+        drop(asked);
+        self.inner.with_consents(subject, f)
+    }
+
+    fn now(&self) -> i64 {
+        self.inner.now()
+    }
+}
+
 /// Decisions that need the consent index and the locator as the offline tools build them:
 /// where a consent's destinations are checked (SPEC section 4).
 #[cfg(test)]

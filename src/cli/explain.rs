@@ -8,7 +8,7 @@ use crate::audit::record::{RequestContext, decision_record};
 use crate::consent::ConsentIndex;
 use crate::consent::registry::{Filter, Registry};
 use crate::geo::{GeoDb, Locator};
-use crate::offline::{Hypothetical, OfflineEnv};
+use crate::offline::{Asking, Hypothetical, OfflineEnv};
 use crate::policy::decide::decide;
 use crate::policy::decision::TraceStep;
 use crate::policy::model::ConsentStore;
@@ -101,26 +101,49 @@ pub fn run(a: ExplainArgs) -> CliResult {
     if consent_file.is_none()
         && let ConsentStore::Sqlite(_) | ConsentStore::Postgres(_) = &policy.consent.store
     {
-        // Only the subject the request names is read from the registry, as the proxy reads
-        // it on a cache miss (never the whole registry, never created here).
+        // Only the subjects the decision asks about are read from the registry, as the proxy
+        // reads them on a cache miss (never the whole registry, never created here). A copy
+        // asks about its source's subject only once its target is decided: each round reads
+        // what the last one asked about, as the proxy's fills do.
         let probe = OfflineEnv::new(
             &policy,
             Locator::new(&policy, db.clone()),
             consents.clone(),
             now.as_microsecond(),
         );
-        let subject = decide(&policy, &probe, &hypo.request(), &mut ())
-            .subject
-            .map(|s| s.into_owned());
-        if let Some(subject) = subject {
-            let records = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(async {
-                    let registry = Registry::open(&policy.consent.store, false).await?;
-                    registry.list(Filter::Subject(&subject)).await
-                })?;
-            consents.replace_all(&records);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let mut registry = None;
+        let mut read: Vec<String> = Vec::new();
+        loop {
+            let asking = Asking::new(&probe);
+            decide(&policy, &asking, &hypo.request(), &mut ());
+            let new: Vec<String> = asking
+                .asked()
+                .into_iter()
+                .filter(|s| !read.contains(s))
+                .collect();
+            if new.is_empty() {
+                break;
+            }
+            let records = rt.block_on(async {
+                if registry.is_none() {
+                    registry = Some(Registry::open(&policy.consent.store, false).await?);
+                }
+                let registry = registry.as_ref().expect("opened above");
+                let mut records = Vec::new();
+                for s in &new {
+                    records.extend(registry.list(Filter::Subject(s)).await?);
+                }
+                Ok::<_, crate::consent::registry::RegistryError>(records)
+            })?;
+            for r in &records {
+                // What the proxy's cache would hold: a record that fails validation grants
+                // nothing, there as here.
+                let _ = consents.upsert(r);
+            }
+            read.extend(new);
         }
     }
     let locator = Locator::new(&policy, db);

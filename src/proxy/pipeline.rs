@@ -189,39 +189,46 @@ async fn handle_inner(
                 pick: fastrand::usize(..),
                 copy_source: copy_source.as_deref(),
             };
-            let (first, missed) = {
-                let env = snap.env(ts.as_microsecond(), shared.consent_loader.is_some());
-                let d = decide::decide(policy, &env, &request, &mut ());
-                let missed = env.missed();
-                (d, missed)
-            };
             // A subject the consent cache does not hold: one query fills it (shared with
             // other requests missing it), then the request is decided again. A store that
-            // does not answer in time leaves it a miss: consent_store_unavailable.
-            let d = match (&shared.consent_loader, first.subject.as_deref()) {
-                (Some(loader), Some(subject)) if missed => {
-                    let provisional = record::decision_record(
-                        policy,
-                        snap.geo_label.clone(),
-                        &snap.pseudo,
-                        &cx,
-                        &first,
+            // does not answer in time leaves it a miss: consent_store_unavailable. A copy may
+            // need a second subject (its source's) once the first is known: each round fills
+            // what the last one missed, and a subject is filled at most once.
+            let mut filled: Vec<compact_str::CompactString> = Vec::new();
+            let d = loop {
+                let (d, missed) = {
+                    let env = snap.env(
+                        ts.as_microsecond(),
+                        shared.consent_loader.is_some(),
+                        &filled,
                     );
-                    let abandoned = Abandoned {
-                        shared: &shared,
-                        id,
-                        started,
-                        record: Some(provisional),
-                    };
-                    // Boxed, as the upstream connection is: only a cache miss waits here.
-                    if let Err(e) = Box::pin(loader.fill(subject)).await {
+                    let d = decide::decide(policy, &env, &request, &mut ());
+                    (d, env.take_missed())
+                };
+                let Some(loader) = shared
+                    .consent_loader
+                    .as_ref()
+                    .filter(|_| !missed.is_empty())
+                else {
+                    break d;
+                };
+                let provisional =
+                    record::decision_record(policy, snap.geo_label.clone(), &snap.pseudo, &cx, &d);
+                let abandoned = Abandoned {
+                    shared: &shared,
+                    id,
+                    started,
+                    record: Some(provisional),
+                };
+                // Boxed, as the upstream connection is: only a cache miss waits here.
+                let fills = futures_util::future::join_all(missed.iter().map(|s| loader.fill(s)));
+                for r in Box::pin(fills).await {
+                    if let Err(e) = r {
                         tracing::warn!(error = %e, "consent lookup failed");
                     }
-                    abandoned.disarm();
-                    let env = snap.env(ts.as_microsecond(), false);
-                    decide::decide(policy, &env, &request, &mut ())
                 }
-                _ => first,
+                abandoned.disarm();
+                filled.extend(missed);
             };
             shared.metrics.decision_time.observe(started.elapsed());
             let counted = (d.dataset, d.reason, d.verdict, d.enforced);

@@ -15,6 +15,8 @@ use crate::policy::decide::{ConsentLookup, Env};
 use crate::policy::decision::Location;
 use crate::policy::model::{LogTarget, Scheme};
 use crate::tls::UpstreamTls;
+use compact_str::CompactString;
+use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Deref;
 use std::path::Path;
@@ -177,14 +179,17 @@ impl Snapshot {
     }
 
     /// The world for a decision at `now`. With `fill`, a consent cache miss is noted
-    /// ([`ProxyEnv::missed`]) for the caller to fill and decide again; without, a miss reads
-    /// as an unavailable store.
-    pub fn env(&self, now: i64, fill: bool) -> ProxyEnv<'_> {
+    /// ([`ProxyEnv::take_missed`]) for the caller to fill and decide again; without, a miss
+    /// reads as an unavailable store. `filled` names the subjects this request has had filled
+    /// already: their lookups are not counted again, and a miss of one of them (evicted or
+    /// invalidated meanwhile) reads as an unavailable store rather than asking once more.
+    pub fn env<'e>(&'e self, now: i64, fill: bool, filled: &'e [CompactString]) -> ProxyEnv<'e> {
         ProxyEnv {
             snap: self,
             now,
             fill,
-            missed: std::cell::Cell::new(false),
+            filled,
+            missed: RefCell::new(Vec::new()),
         }
     }
 }
@@ -194,14 +199,16 @@ pub struct ProxyEnv<'s> {
     snap: &'s Snapshot,
     now: i64,
     fill: bool,
-    missed: std::cell::Cell<bool>,
+    filled: &'s [CompactString],
+    missed: RefCell<Vec<CompactString>>,
 }
 
 impl ProxyEnv<'_> {
-    /// Whether the decision needed a subject the consent cache does not hold: it was
-    /// decided as if the store were unavailable, and must be decided again once filled.
-    pub fn missed(&self) -> bool {
-        self.missed.get()
+    /// The subjects the decision needed that the consent cache does not hold: it was decided
+    /// as if the store were unavailable for them, and must be decided again once they are
+    /// filled. A server-side copy can need two (the target's and the source's).
+    pub fn take_missed(&self) -> Vec<CompactString> {
+        self.missed.take()
     }
 }
 
@@ -239,11 +246,15 @@ impl Env for ProxyEnv<'_> {
         {
             return f(ConsentLookup::Unavailable);
         }
-        index.lookup(subject, self.fill, |found| match found {
+        let again = self.filled.iter().any(|s| s == subject);
+        let fill = self.fill && !again;
+        index.lookup(subject, fill, |found| match found {
             Lookup::Found(c) => f(ConsentLookup::Found(c)),
             Lookup::NotFound => f(ConsentLookup::NotFound),
             Lookup::Miss => {
-                self.missed.set(self.fill);
+                if fill {
+                    self.missed.borrow_mut().push(subject.into());
+                }
                 f(ConsentLookup::Unavailable)
             }
         })

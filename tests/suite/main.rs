@@ -27,6 +27,7 @@ mod properties;
 mod proxy_decisions;
 mod proxy_forwarding;
 mod proxy_lifecycle;
+mod serve_explain;
 mod shipped_policies;
 mod tls;
 mod tls_upstream;
