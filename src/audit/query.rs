@@ -435,7 +435,9 @@ pub enum Format {
     Table,
 }
 
-/// Prints the records `filter` matches to `out`, at most `limit`.
+/// Prints the records `filter` matches to `out`, at most `limit`. For a table, whose summary
+/// line says how many matched, the scan goes on past `limit` to count them all; JSON output
+/// stops there, and the counts are those of the records read up to it.
 pub fn query(
     path: &Path,
     filter: &Filter,
@@ -459,9 +461,14 @@ pub fn query_segments(
     }
     let mut printed = 0u64;
     let mut row = String::new();
+    let count_all = format == Format::Table;
     scan_segments(segments, filter, |line, view| {
         if limit.is_some_and(|l| printed >= l) {
-            return Ok(ControlFlow::Break(()));
+            return Ok(if count_all {
+                ControlFlow::Continue(())
+            } else {
+                ControlFlow::Break(())
+            });
         }
         printed += 1;
         match format {

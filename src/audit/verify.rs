@@ -119,9 +119,10 @@ pub struct VerifyReport {
     pub closed: bool,
 }
 
-/// The first place where a log is broken.
+/// The first place where a log is broken: `FILE:LINE: why`, or `FILE: why` when no line is
+/// at fault (an empty file).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{}:{line}: {why}", file.display())]
+#[error("{}{}: {why}", file.display(), if *line == 0 { String::new() } else { format!(":{line}") })]
 pub struct Broken {
     pub file: PathBuf,
     /// 1-based; 0 when the file could not be read at all, or holds nothing.
@@ -327,7 +328,7 @@ impl<'o> Chain<'o> {
             None => Err(Broken {
                 file: end.into(),
                 line: 0,
-                why: "empty log: no records and no final checkpoint (open or truncated)".into(),
+                why: "the file is empty: no records and no final checkpoint (truncated, or just opened by a proxy: pass --open)".into(),
             }
             .into()),
             Some(l) => {
@@ -753,7 +754,14 @@ mod tests {
     fn an_empty_log_is_open_or_truncated() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), "d.jsonl", &[]);
-        broken_at(&path, 0, "empty log");
+        broken_at(&path, 0, "the file is empty");
+        assert_eq!(
+            verify(&path).unwrap_err().to_string(),
+            format!(
+                "{}: the file is empty: no records and no final checkpoint (truncated, or just opened by a proxy: pass --open)",
+                path.display()
+            )
+        );
         let open = VerifyOptions {
             open: true,
             ..VerifyOptions::default()

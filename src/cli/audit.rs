@@ -644,8 +644,15 @@ fn run_query(args: QueryArgs) -> CliResult {
     if format == Format::Table {
         let _ = writeln!(
             out,
-            "{} of {} records matched ({} files)",
-            scanned.matched, scanned.records, scanned.files
+            "{} of {} records matched ({} file{}){}",
+            scanned.matched,
+            scanned.records,
+            scanned.files,
+            if scanned.files == 1 { "" } else { "s" },
+            match args.limit {
+                Some(l) if l < scanned.matched => format!("; the first {l} shown (--limit {l})"),
+                _ => String::new(),
+            }
         );
         let _ = out.flush();
     }

@@ -19,12 +19,15 @@ const LEAF_DAYS: i64 = 365;
 pub enum CertsCommand {
     /// Create in DIR: a development CA (ca.crt, ca.key), a server certificate (server.crt,
     /// server.key; SANs localhost, 127.0.0.1, ::1 and each --san), a client certificate per
-    /// recipient identity (client-N.crt, client-N.key; clients.txt maps N to the identity),
-    /// the log-signing key pair (log-signing.key, log-signing.pub) and an admin token
+    /// recipient identity, named after the identity (client-NAME.crt, client-NAME.key), the
+    /// log-signing key pair (log-signing.key, log-signing.pub) and an admin token
     /// (admin.token).
     #[command(
         after_help = "Identities come from the [[recipients]] of --policy and from each --identity. \
 An identity with a scheme (spiffe://…) becomes a URI SAN, anything else a DNS SAN.\n\
+Client files are named after the identity: every run of characters other than letters, digits, \
+'.' and '_' becomes one '-' (spiffe://partners/bureau: client-spiffe-partners-bureau.crt and .key). \
+clients.txt lists each NAME with its identity; an identity whose NAME is taken gets NAME-2.\n\
 Existing files are kept unless --force; certificates are reissued when the CA is new, \
 since they would not chain to it otherwise."
     )]
@@ -114,7 +117,7 @@ fn init(dir: &Path, identities: &[String], sans: &[String], force: bool) -> CliR
     }
     if !identities.is_empty() {
         let mut text =
-            String::from("# client-N.crt / client-N.key  ->  identity (certificate SAN)\n");
+            String::from("# client-NAME.crt / client-NAME.key  ->  identity (certificate SAN)\n");
         for (n, id) in &clients {
             text.push_str(&format!("{n} {id}\n"));
         }
@@ -127,24 +130,46 @@ fn init(dir: &Path, identities: &[String], sans: &[String], force: bool) -> CliR
 }
 
 fn signing_key(dir: &Path, force: bool) -> Result<SigningKey, CliError> {
-    let key_path = dir.join("log-signing.key");
-    let created = write_file(
-        &key_path,
+    let pair = signing_key_pair(&dir.join("log-signing.key"), force)?;
+    report(pair.key_created, &pair.key_path);
+    report(pair.public_written, &pair.public_path);
+    Ok(pair.key)
+}
+
+/// The log-signing key on disk and its public half beside it.
+pub struct SigningKeyFiles {
+    pub key: SigningKey,
+    pub key_path: PathBuf,
+    /// `<key>.pub`, what `audit verify --key` takes.
+    pub public_path: PathBuf,
+    pub key_created: bool,
+    pub public_written: bool,
+}
+
+/// Creates an Ed25519 log-signing key at `key_path` unless one is there (or `force`), and
+/// writes its public half to the `.pub` file beside it whenever that does not match.
+pub fn signing_key_pair(key_path: &Path, force: bool) -> Result<SigningKeyFiles, CliError> {
+    let key_created = write_file(
+        key_path,
         SigningKey::generate_pem().as_bytes(),
         0o600,
         force,
     )?;
-    report(created, &key_path);
-    let key = SigningKey::load(&key_path)?;
-    let pub_path = dir.join("log-signing.pub");
+    let key = SigningKey::load(key_path)?;
+    let public_path = key_path.with_extension("pub");
     let pub_pem = key.public_pem();
-    let same = std::fs::read_to_string(&pub_path).is_ok_and(|p| p == pub_pem);
+    let same = std::fs::read_to_string(&public_path).is_ok_and(|p| p == pub_pem);
     if !same {
         // The public key always follows the private key kept on disk.
-        write_file(&pub_path, pub_pem.as_bytes(), 0o644, true)?;
+        write_file(&public_path, pub_pem.as_bytes(), 0o644, true)?;
     }
-    report(!same, &pub_path);
-    Ok(key)
+    Ok(SigningKeyFiles {
+        key,
+        key_path: key_path.to_path_buf(),
+        public_path,
+        key_created,
+        public_written: !same,
+    })
 }
 
 fn admin_token(dir: &Path, force: bool) -> Result<(), CliError> {

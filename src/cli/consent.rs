@@ -1,10 +1,11 @@
-//! `consent grant|revoke|list|import`: manage the consent registry directly (SPEC section 4),
-//! against a `sqlite:PATH` or `postgres://…` store, while proxies using it run.
+//! `consent grant|revoke|list|import`: manage the consent registry directly, against a
+//! `sqlite:PATH` or `postgres://…` store, while proxies using it run.
 
 use super::{CliResult, Exit, fail};
 use crate::consent::ConsentRecord;
 use crate::consent::import::Input;
 use crate::consent::registry::{Change, Filter, Outcome, Registry, RegistryError, Revocation};
+use crate::consent::sqlite::SqliteError;
 use crate::policy::compile::parse_store;
 use jiff::Timestamp;
 use std::io::Write;
@@ -152,7 +153,12 @@ pub fn run(cmd: ConsentCommand) -> CliResult {
 /// (reads and revocations, where a new empty file would only hide a mistyped path).
 async fn open(store: &Store, create: bool) -> Result<Registry, super::CliError> {
     let parsed = parse_store(&store.store).map_err(fail)?;
-    Ok(Registry::open(&parsed, create).await?)
+    Registry::open(&parsed, create).await.map_err(|e| match e {
+        RegistryError::Sqlite(missing @ SqliteError::Missing { .. }) => fail(format!(
+            "{missing}: `consent grant` or `consent import` creates it; check the path"
+        )),
+        e => e.into(),
+    })
 }
 
 fn author(a: &Author) -> String {

@@ -1,9 +1,12 @@
 //! `demo`: the motivating case, replayed on loopback against the real proxy. Two storage
 //! servers (one at home, one abroad), the proxy with `policies/demo.toml`, and callers bound
-//! to source addresses that the policy places in different countries.
+//! to source addresses that the policy places in different countries. It stops as `serve`
+//! does: on SIGTERM or SIGINT, with the decision log closed by its final checkpoint.
 
-use super::{CliResult, Exit, fail};
-use crate::audit::keys::SigningKey;
+use super::certs::{SigningKeyFiles, signing_key_pair};
+use super::serve::Signals;
+use super::{CliError, CliResult, Exit, fail};
+use crate::admin::Sidecar;
 use crate::consent::ConsentRecord;
 use crate::policy::model::{LogTarget, Policy};
 use crate::proxy::snapshot::Overrides;
@@ -24,6 +27,19 @@ use tokio::net::{TcpListener, TcpSocket};
 
 /// The demo policy, embedded so that the demo also runs outside the repository.
 const DEMO_POLICY: &str = include_str!("../../policies/demo.toml");
+
+/// The user's spending records that every step asks for.
+const OBJECT: &str = "/payments/u123/2026-01.json";
+
+/// Prints a line of the demo's narration. Unlike `println!`, it does not end the demo when
+/// nobody reads standard output any more (`demo | head`): the proxy keeps serving until a
+/// signal stops it, and then closes its log as it should.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
@@ -228,13 +244,13 @@ async fn step(
     headers: &[(&str, &str)],
     body: &str,
 ) -> Result<(u16, String), super::CliError> {
-    println!("\n[{n}] {what}");
+    say!("\n[{n}] {what}");
     let purpose = headers
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("x-purpose"))
         .map(|(_, v)| format!(" purpose={v}"))
         .unwrap_or_default();
-    println!("    {} ({}) {method} {path}{purpose}", who.label, who.ip);
+    say!("    {} ({}) {method} {path}{purpose}", who.label, who.ip);
     let (status, hdrs, text) = call(who.ip, proxy, method, path, headers, body)
         .await
         .map_err(|e| fail(format!("demo call failed: {e}")))?;
@@ -255,7 +271,7 @@ async fn step(
             text.trim().chars().take(110).collect(),
         ),
     };
-    println!(
+    say!(
         "    -> {status} {decision}{}  decision {id}",
         if reason.is_empty() {
             String::new()
@@ -263,7 +279,7 @@ async fn step(
             format!(" {reason}")
         }
     );
-    println!("       {message}");
+    say!("       {message}");
     Ok((status, reason))
 }
 
@@ -275,7 +291,7 @@ pub fn run(args: DemoArgs) -> CliResult {
     rt.block_on(demo(args))
 }
 
-fn upstream_addr(policy: &Policy, name: &str) -> Result<SocketAddr, super::CliError> {
+fn upstream_addr(policy: &Policy, name: &str) -> Result<SocketAddr, CliError> {
     let u = policy
         .upstream(name)
         .ok_or_else(|| fail(format!("the demo policy has no upstream \"{name}\"")))?;
@@ -287,6 +303,56 @@ fn upstream_addr(policy: &Policy, name: &str) -> Result<SocketAddr, super::CliEr
     Ok(SocketAddr::new(ip, u.port))
 }
 
+/// What the demo writes, as its policy names it.
+struct Files {
+    consents: PathBuf,
+    log: PathBuf,
+    key: SigningKeyFiles,
+}
+
+/// Creates the demo's state: a log-signing key pair (kept between runs, so that pseudonyms
+/// stay stable, and made as `certs init` makes it) and a consent file that starts empty on
+/// every run.
+fn prepare(policy: &Policy) -> Result<Files, CliError> {
+    let key = policy
+        .log
+        .signing_key
+        .as_deref()
+        .ok_or_else(|| fail("the demo policy must name a [log] signing_key"))?;
+    if let Some(dir) = key.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let key = signing_key_pair(key, false)?;
+    let consents = match &policy.consent.store {
+        crate::policy::model::ConsentStore::File(p) => p.clone(),
+        _ => return Err(fail("the demo policy must use a file: consent store")),
+    };
+    if let Some(dir) = consents.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    write_consents(&consents, &[])?;
+    let log = match &policy.log.target {
+        LogTarget::File(p) => p.clone(),
+        LogTarget::Stdout => return Err(fail("the demo policy must log to a file")),
+    };
+    Ok(Files { consents, log, key })
+}
+
+/// The folder holding every file the demo writes (`demo/` with the shipped policy), unless
+/// they have none in common but the root.
+fn common_folder(paths: &[&Path]) -> Option<PathBuf> {
+    let (first, rest) = paths.split_first()?;
+    let mut common = first.parent()?.to_path_buf();
+    for p in rest {
+        while !p.starts_with(&common) {
+            if !common.pop() {
+                return None;
+            }
+        }
+    }
+    (common.parent().is_some()).then_some(common)
+}
+
 async fn demo(args: DemoArgs) -> CliResult {
     if !args.policy.exists() {
         if let Some(dir) = args.policy.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -295,28 +361,11 @@ async fn demo(args: DemoArgs) -> CliResult {
         std::fs::write(&args.policy, DEMO_POLICY)?;
     }
     let policy = super::load_policy(&args.policy)?;
-    // The demo owns its state: a signing key (kept between runs, so pseudonyms stay
-    // stable) and a consent file that starts empty on every run.
-    if let Some(key) = &policy.log.signing_key
-        && !key.exists()
-    {
-        if let Some(dir) = key.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        write_private(key, SigningKey::generate_pem().as_bytes())?;
-    }
-    let consents_path = match &policy.consent.store {
-        crate::policy::model::ConsentStore::File(p) => p.clone(),
-        _ => return Err(fail("the demo policy must use a file: consent store")),
-    };
-    if let Some(dir) = consents_path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    write_consents(&consents_path, &[])?;
-    let log_path = match &policy.log.target {
-        LogTarget::File(p) => p.clone(),
-        LogTarget::Stdout => return Err(fail("the demo policy must log to a file")),
-    };
+    let files = prepare(&policy)?;
+    // Installed before anything starts, as `serve` does: from here on SIGTERM or Ctrl-C ends
+    // the demo with its decision log closed, never halfway.
+    let mut signals =
+        Signals::install().map_err(|e| fail(format!("cannot install signal handlers: {e}")))?;
 
     let cn = start_store(upstream_addr(&policy, "cn-store")?, "cn-store").await?;
     let us = start_store(upstream_addr(&policy, "us-store")?, "us-store").await?;
@@ -330,18 +379,98 @@ async fn demo(args: DemoArgs) -> CliResult {
     })
     .await?;
     let addr = running.addr;
-    println!(
+    say!(
         "residency-proxy demo: policy {} ({}), proxy on http://{addr}",
         args.policy.display(),
         running.shared.snapshot.load().policy.hash
     );
-    println!(
+    say!(
         "storage at home: cn-store {}  |  storage abroad: us-store {}",
         upstream_addr(&policy, "cn-store")?,
         upstream_addr(&policy, "us-store")?
     );
-    println!("decision log: {}", log_path.display());
+    match common_folder(&[&files.log, &files.consents, &files.key.key_path]) {
+        Some(dir) => say!(
+            "demo files, under {}/ (delete it to start afresh):",
+            dir.display()
+        ),
+        None => say!("demo files:"),
+    }
+    say!("  decision log  {}", files.log.display());
+    say!("  consents      {}", files.consents.display());
+    say!(
+        "  signing key   {} (public half {})",
+        files.key.key_path.display(),
+        files.key.public_path.display()
+    );
 
+    let replayed = tokio::select! {
+        r = replay(&running, &files.consents, &cn, &us) => Some(r),
+        () = signals.wait(&running) => None,
+    };
+    match replayed {
+        Some(Ok(as_expected)) if args.no_wait => {
+            let exit = if as_expected { Exit::Ok } else { Exit::Failed };
+            return stop(running, &files, exit).await;
+        }
+        Some(Ok(_)) => {}
+        Some(Err(e)) => {
+            running.shutdown().await;
+            return Err(e);
+        }
+        // Stopped during the replay.
+        None => return stop(running, &files, Exit::Ok).await,
+    }
+    say!("\nThe proxy stays up. Try it yourself (Ctrl-C stops it and closes the decision log):");
+    say!("  curl -i --interface 127.0.0.20 -H 'X-Purpose: credit_scoring' http://{addr}{OBJECT}");
+    say!(
+        "  curl -i --interface 127.0.0.20 -H 'X-Purpose: credit_scoring' http://{addr}/payments/u999/2026-01.json"
+    );
+    say!("  curl -i --interface 127.0.0.10 http://{addr}{OBJECT}");
+    say!(
+        "  curl -i --interface 127.0.0.10 -X PUT --data '{{}}' http://{addr}/backup/payments/u123/2026-01.json"
+    );
+    say!("  curl -i http://{addr}/public/rates.json");
+    say!(
+        "  residency-proxy explain --policy {} --method GET --path {OBJECT} --client-ip 127.0.0.20 --purpose credit_scoring",
+        args.policy.display()
+    );
+    // While the proxy writes it, the log ends in records no checkpoint signs yet.
+    say!(
+        "  residency-proxy audit verify --open --key {} {}",
+        files.key.public_path.display(),
+        files.log.display()
+    );
+    say!(
+        "Edit {} (JSON lines) to grant or revoke consent; the proxy reloads it within a second.",
+        files.consents.display()
+    );
+    signals.wait(&running).await;
+    stop(running, &files, Exit::Ok).await
+}
+
+/// Stops the proxy as `serve` stops it (stop accepting, drain, write the final checkpoint)
+/// and says how to check the closed log.
+async fn stop(running: Sidecar, files: &Files, exit: Exit) -> CliResult {
+    say!("\nstopping: draining connections and closing the decision log with its final checkpoint");
+    running.shutdown().await;
+    say!("The decision log is closed and signed; check it with:");
+    say!(
+        "  residency-proxy audit verify --key {} {}",
+        files.key.public_path.display(),
+        files.log.display()
+    );
+    Ok(exit)
+}
+
+/// The seven steps; true if each decided as expected and nothing reached the foreign server.
+async fn replay(
+    running: &Sidecar,
+    consents_path: &Path,
+    cn: &Store,
+    us: &Store,
+) -> Result<bool, CliError> {
+    let addr = running.addr;
     let app = Caller {
         label: "payments-app, first party, CN",
         ip: "127.0.0.10".parse().expect("literal"),
@@ -350,7 +479,7 @@ async fn demo(args: DemoArgs) -> CliResult {
         label: "credit-bureau-us, third party, US",
         ip: "127.0.0.20".parse().expect("literal"),
     };
-    let obj = "/payments/u123/2026-01.json";
+    let obj = OBJECT;
     let purpose = [("X-Purpose", "credit_scoring")];
     let mut outcomes = Vec::new();
     outcomes.push(
@@ -385,8 +514,8 @@ async fn demo(args: DemoArgs) -> CliResult {
         "pre_ticked",
         "signup form v3: box 'share with partners' ticked by default",
     );
-    write_consents(&consents_path, std::slice::from_ref(&pre))?;
-    if !wait_for_consents(&running, &["c-pre-ticked-1"]).await {
+    write_consents(consents_path, std::slice::from_ref(&pre))?;
+    if !wait_for_consents(running, &["c-pre-ticked-1"]).await {
         return Err(fail(
             "the proxy did not pick up the consent file within 10 s",
         ));
@@ -410,8 +539,8 @@ async fn demo(args: DemoArgs) -> CliResult {
         "explicit",
         "consent receipt 7f3a: user u123 ticked 'share with credit-bureau-us for credit scoring'",
     );
-    write_consents(&consents_path, &[pre.clone(), explicit.clone()])?;
-    if !wait_for_consents(&running, &["c-pre-ticked-1", "c-explicit-1"]).await {
+    write_consents(consents_path, &[pre.clone(), explicit.clone()])?;
+    if !wait_for_consents(running, &["c-pre-ticked-1", "c-explicit-1"]).await {
         return Err(fail(
             "the proxy did not pick up the consent file within 10 s",
         ));
@@ -458,14 +587,14 @@ async fn demo(args: DemoArgs) -> CliResult {
         .await?,
     );
     let after = us.requests.load(Ordering::Relaxed);
-    println!(
+    say!(
         "       requests that reached the foreign server: {}",
         after - before
     );
 
     let mut revoked = explicit.clone();
     revoked.revoked_at = Some(jiff::Timestamp::now());
-    write_consents(&consents_path, &[pre, revoked])?;
+    write_consents(consents_path, &[pre, revoked])?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while running
         .shared
@@ -504,7 +633,7 @@ async fn demo(args: DemoArgs) -> CliResult {
         .zip(expected.iter())
         .all(|((s, r), (es, er))| s == es && r == er)
         && after == before;
-    println!(
+    say!(
         "\nsummary: {} of {} steps as expected; cn-store served {} requests, us-store {} (nothing personal reached it)",
         outcomes
             .iter()
@@ -515,47 +644,5 @@ async fn demo(args: DemoArgs) -> CliResult {
         cn.requests.load(Ordering::Relaxed),
         us.requests.load(Ordering::Relaxed)
     );
-
-    if args.no_wait {
-        running.shutdown().await;
-        return Ok(if as_expected { Exit::Ok } else { Exit::Failed });
-    }
-    println!("\nThe proxy stays up. Try it yourself (Ctrl-C to stop):");
-    println!("  curl -i --interface 127.0.0.20 -H 'X-Purpose: credit_scoring' http://{addr}{obj}");
-    println!(
-        "  curl -i --interface 127.0.0.20 -H 'X-Purpose: credit_scoring' http://{addr}/payments/u999/2026-01.json"
-    );
-    println!("  curl -i --interface 127.0.0.10 http://{addr}{obj}");
-    println!(
-        "  curl -i --interface 127.0.0.10 -X PUT --data '{{}}' http://{addr}/backup/payments/u123/2026-01.json"
-    );
-    println!("  curl -i http://{addr}/public/rates.json");
-    println!(
-        "  residency-proxy explain --policy {} --method GET --path {obj} --client-ip 127.0.0.20 --purpose credit_scoring",
-        args.policy.display()
-    );
-    println!(
-        "  residency-proxy audit verify --open {}",
-        log_path.display()
-    );
-    println!(
-        "Edit {} (JSON lines) to grant or revoke consent; the proxy reloads it within a second.",
-        consents_path.display()
-    );
-    tokio::signal::ctrl_c().await?;
-    println!("stopping: draining connections and flushing the decision log");
-    running.shutdown().await;
-    Ok(Exit::Ok)
-}
-
-/// Writes a private key readable by the owner only.
-pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)
+    Ok(as_expected)
 }

@@ -10,13 +10,16 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Reloads: SIGHUP, or a change to the policy file, one of its includes or the geolocation database \
-(examined every second), reloads the policy and the TLS certificates; an invalid version is rejected with every error and \
+    after_help = "Reloads: SIGHUP, or a change to the policy file, one of its includes, the geolocation database or the \
+admin token file (examined every second), reloads the policy and the TLS certificates; an invalid version is rejected with every error and \
 the old one keeps serving. Certificate files are also re-read within a second of being replaced.\n\
 Signals: SIGUSR1 rotates the decision log (the active file is closed with a signed checkpoint and renamed \
 <name>-<first seq>-<UTC time>.jsonl); SIGTERM or SIGINT stop accepting, finish in-flight requests within \
 proxy.drain_timeout, write the final checkpoint and exit 0.\n\
-Admin listener ([admin].listen): GET /healthz, /readyz, /metrics (Prometheus), /v1/policy."
+Admin listener ([admin].listen, never the data port): GET /healthz, GET /readyz, GET /metrics (OpenMetrics text for \
+Prometheus), GET /v1/policy. With the bearer token of [admin].token_file (reads included; without a token_file these \
+routes answer 401): GET /v1/consents?subject=S[&history=true], POST /v1/consents (grant), GET /v1/consents/ID, \
+POST /v1/consents/ID/revoke, and POST /v1/log/rotate (rotates the decision log as SIGUSR1 does)."
 )]
 pub struct ServeArgs {
     /// The policy file.
@@ -71,7 +74,7 @@ pub fn run(args: ServeArgs) -> CliResult {
         // Installed before start-up, which can take seconds (a database, resolving upstreams):
         // a SIGHUP meanwhile must not kill the process, and a SIGTERM must still end with the
         // log closed. Both are acted on once serving.
-        let signals =
+        let mut signals =
             Signals::install().map_err(|e| fail(format!("cannot install signal handlers: {e}")))?;
         let running = crate::admin::start(ServeConfig {
             policy_path: args.policy.clone(),
@@ -85,7 +88,9 @@ pub fn run(args: ServeArgs) -> CliResult {
     })
 }
 
-struct Signals {
+/// The signals `serve` (and `demo`) act on, installed once: while they are, none of them
+/// ends the process unannounced.
+pub(super) struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
@@ -93,7 +98,7 @@ struct Signals {
 }
 
 impl Signals {
-    fn install() -> std::io::Result<Signals> {
+    pub(super) fn install() -> std::io::Result<Signals> {
         use tokio::signal::unix::{SignalKind, signal};
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
@@ -103,13 +108,14 @@ impl Signals {
         })
     }
 
-    /// Serves signals until SIGTERM or SIGINT.
-    async fn wait(self, running: &crate::admin::Sidecar) {
+    /// Serves signals until SIGTERM or SIGINT. A signal that arrives while no call is
+    /// waiting is seen by the next one.
+    pub(super) async fn wait(&mut self, running: &crate::admin::Sidecar) {
         let Signals {
-            mut term,
-            mut int,
-            mut hup,
-            mut usr1,
+            term,
+            int,
+            hup,
+            usr1,
         } = self;
         loop {
             tokio::select! {

@@ -38,6 +38,8 @@ pub enum SqliteError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    #[error("consent database {} does not exist", path.display())]
+    Missing { path: PathBuf },
     #[error("consent database {} is unreachable: {source}", path.display())]
     Gone {
         path: PathBuf,
@@ -115,9 +117,12 @@ struct FileId {
 }
 
 fn file_id(path: &Path) -> Result<FileId, SqliteError> {
-    let meta = std::fs::metadata(path).map_err(|source| SqliteError::Gone {
-        path: path.into(),
-        source,
+    let meta = std::fs::metadata(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => SqliteError::Missing { path: path.into() },
+        _ => SqliteError::Gone {
+            path: path.into(),
+            source,
+        },
     })?;
     Ok(FileId {
         dev: meta.dev(),
@@ -848,7 +853,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("consent.db");
         let e = SqliteRegistry::open(&path, false).err().unwrap();
-        assert!(matches!(e, SqliteError::Gone { .. }), "{e}");
+        assert!(matches!(e, SqliteError::Missing { .. }), "{e}");
+        assert!(e.to_string().contains("does not exist"), "{e}");
         assert!(!path.exists());
     }
 

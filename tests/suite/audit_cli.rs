@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 /// Writes `n` decision records to `path` through the writer.
-async fn write_log(path: &Path, n: usize) {
+pub(crate) async fn write_log(path: &Path, n: usize) {
     let policy = residency_proxy::policy::compile::from_str(
         "t.toml",
         "[policy]\nname='t'\nhome='CN'\n[log]\npseudonymize=false\n",
@@ -102,6 +102,56 @@ fn an_unreadable_path_is_a_usage_error() {
     let err = text(&out.stderr);
     assert!(err.contains("missing.jsonl"), "{err}");
     assert!(err.contains("cannot read decision log"), "{err}");
+}
+
+#[tokio::test]
+async fn an_empty_log_is_named_without_a_line_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("empty.jsonl");
+    std::fs::write(&path, "").unwrap();
+    let out = verify(&path);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with(&format!(
+            "{}: the file is empty: no records",
+            path.display()
+        )),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn query_limit_counts_every_match_and_says_how_many_it_shows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("decisions.jsonl");
+    write_log(&path, 5).await;
+    let table = |extra: &[&str]| {
+        let out = run(
+            ["audit", "query", "--kind", "decision", "--format", "table"]
+                .iter()
+                .copied()
+                .chain(extra.iter().copied())
+                .chain([path.to_str().unwrap()]),
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    // 5 decisions and the final checkpoint.
+    let limited = table(&["--limit", "2"]);
+    let rows: Vec<&str> = limited.lines().collect();
+    assert_eq!(rows.len(), 4, "header, 2 rows, summary: {limited}");
+    assert_eq!(
+        rows[3],
+        "5 of 6 records matched (1 file); the first 2 shown (--limit 2)"
+    );
+    let all = table(&[]);
+    assert_eq!(all.lines().last(), Some("5 of 6 records matched (1 file)"));
+    let roomy = table(&["--limit", "9"]);
+    assert_eq!(
+        roomy.lines().last(),
+        Some("5 of 6 records matched (1 file)")
+    );
 }
 
 /// Runs the binary with `args`.

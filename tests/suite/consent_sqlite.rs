@@ -518,3 +518,30 @@ async fn an_import_from_a_pipe_imports_every_line() {
     );
     assert!(stdout.contains("3 granted"), "{stdout}");
 }
+
+#[tokio::test]
+async fn reading_a_database_that_does_not_exist_says_so_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data/consent.db");
+    let store = format!("sqlite:{}", path.display());
+    for args in [
+        vec!["consent", "list", "--store", &store],
+        vec!["consent", "revoke", "--store", &store, "c-1"],
+    ] {
+        let out = cli(&args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "consent database {} does not exist",
+                path.display()
+            )),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("unreachable"), "{args:?}: {stderr}");
+        assert!(
+            !dir.path().join("data").exists(),
+            "{args:?} created a folder"
+        );
+    }
+}
