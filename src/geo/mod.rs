@@ -121,6 +121,60 @@ impl GeoDb {
     }
 }
 
+/// What a database makes of a network: whether it locates any address of it, and the blocks
+/// of it that it does not locate.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Coverage {
+    pub located: bool,
+    pub unlocated: Vec<ipnet::IpNet>,
+}
+
+impl GeoDb {
+    /// Which addresses of `net` the database gives a country, as [`GeoDb::country`] would
+    /// for each (`check` warns about recipient networks that nothing locates). The records
+    /// inside `net` are read together with the gaps between them, so that they cover `net`
+    /// exactly; a record holding all of `net` stands for `net`.
+    pub fn coverage(&self, net: ipnet::IpNet) -> Coverage {
+        let nowhere = Coverage {
+            located: false,
+            unlocated: vec![net],
+        };
+        let options = maxminddb::WithinOptions::default().include_networks_without_data();
+        // The reader takes its own CIDR type, which parses the same notation (the target
+        // type is the one `within` names).
+        let Ok(cidr) = net.to_string().parse() else {
+            return nowhere;
+        };
+        // An IPv6 network in an IPv4 database: no address of it has a record.
+        let Ok(records) = self.reader.within(cidr, options) else {
+            return nowhere;
+        };
+        let mut found = Coverage::default();
+        for record in records {
+            let Ok(record) = record else {
+                return nowhere;
+            };
+            let country = record
+                .decode::<CountryRecord<'_>>()
+                .ok()
+                .flatten()
+                .and_then(|r| r.country());
+            if country.is_some() {
+                found.located = true;
+                continue;
+            }
+            let block = record
+                .network()
+                .ok()
+                .and_then(|n| n.to_string().parse::<ipnet::IpNet>().ok())
+                .filter(|b| net.contains(b))
+                .unwrap_or(net);
+            found.unlocated.push(block);
+        }
+        found
+    }
+}
+
 impl fmt::Debug for GeoDb {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GeoDb")
@@ -384,6 +438,26 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("no records"), "{e}");
+    }
+
+    #[test]
+    fn coverage_names_the_blocks_without_a_country() {
+        let db = maxmind();
+        let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
+        let cover = |s: &str| {
+            let c = db.coverage(net(s));
+            let blocks: Vec<String> = c.unlocated.iter().map(|b| b.to_string()).collect();
+            (c.located, blocks)
+        };
+        assert_eq!(cover("8.8.8.0/24"), (true, vec![]));
+        assert_eq!(cover("8.8.8.128/25"), (true, vec![]), "inside a record");
+        assert_eq!(cover("8.8.8.0/23"), (true, vec!["8.8.9.0/24".to_string()]));
+        let no_record = cover("5.5.5.0/24");
+        assert_eq!(no_record, (false, vec!["5.5.5.0/24".to_string()]));
+        // A record without a country places nothing.
+        assert_eq!(cover("9.9.9.0/24"), (false, vec!["9.9.9.0/24".to_string()]));
+        assert_eq!(cover("2001:4860::/32"), (true, vec![]));
+        assert!(!cover("2a00::/16").0);
     }
 
     #[test]

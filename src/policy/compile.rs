@@ -568,7 +568,10 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
                     *file,
                     &[k("jurisdictions"), k(name), Seg::Index(i)],
                     rule.clone(),
-                    format!("\"{c}\" is not an ISO 3166-1 alpha-2 country code"),
+                    format!(
+                        "\"{c}\" is not an ISO 3166-1 alpha-2 country code{}",
+                        iso_hint(c)
+                    ),
                 ),
             }
         }
@@ -590,7 +593,7 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
      -> Option<Jurisdiction> {
         let j = jurisdictions.resolve(name);
         if j.is_none() {
-            cx.err(file, at, rule, format!("\"{name}\" is neither a declared jurisdiction nor an ISO 3166-1 alpha-2 country code"));
+            cx.err(file, at, rule, format!("\"{name}\" is neither a declared jurisdiction nor an ISO 3166-1 alpha-2 country code{}", iso_hint(name)));
         }
         j
     };
@@ -791,8 +794,9 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
                 &item("networks", o, Some("country")),
                 rule.clone(),
                 format!(
-                    "\"{}\" is not an ISO 3166-1 alpha-2 country code",
-                    n.country
+                    "\"{}\" is not an ISO 3166-1 alpha-2 country code{}",
+                    n.country,
+                    iso_hint(&n.country)
                 ),
             );
         }
@@ -935,7 +939,10 @@ fn compile(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> Option<Policy>
                     o.file,
                     &item("recipients", o, Some("country")),
                     format!("{rule}.country"),
-                    format!("\"{c}\" is not an ISO 3166-1 alpha-2 country code"),
+                    format!(
+                        "\"{c}\" is not an ISO 3166-1 alpha-2 country code{}",
+                        iso_hint(c)
+                    ),
                 );
             }
             parsed

@@ -12,6 +12,23 @@ MY MZ NA NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN PR PS PT
 SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ TC TD TF TG TH TJ TK TL TM TN TO TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG \
 VI VN VU WF WS YE YT ZA ZM ZW";
 
+/// Spellings met in practice that ISO 3166-1 does not assign, with the code it does assign
+/// and the country: `UK` is the United Kingdom's usual abbreviation, `EL` the code the EU's
+/// institutions use for Greece.
+const NOT_ISO: [(&str, &str, &str); 2] =
+    [("UK", "GB", "the United Kingdom"), ("EL", "GR", "Greece")];
+
+/// What to add to the refusal of `code` as a country code: for a well-known spelling that
+/// ISO does not assign, the code to write instead (`"; the ISO code for the United Kingdom
+/// is GB"`); otherwise nothing.
+pub fn iso_hint(code: &str) -> String {
+    NOT_ISO
+        .iter()
+        .find(|(spelling, _, _)| spelling.eq_ignore_ascii_case(code.trim()))
+        .map(|(_, iso, country)| format!("; the ISO code for {country} is {iso}"))
+        .unwrap_or_default()
+}
+
 /// A two-letter country code, stored upper-case. `Copy`, two bytes, no allocation.
 #[derive(Copy, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Country([u8; 2]);
@@ -134,6 +151,20 @@ mod tests {
         assert!(Country::parse("C").is_none());
         assert!(Country::parse("C1").is_none());
         assert!(Country::parse_shape("XK").is_some());
+    }
+
+    #[test]
+    fn well_known_non_iso_spellings_name_the_iso_code() {
+        assert_eq!(
+            iso_hint("UK"),
+            "; the ISO code for the United Kingdom is GB"
+        );
+        assert_eq!(iso_hint("el"), "; the ISO code for Greece is GR");
+        assert_eq!(iso_hint("XX"), "");
+        for (spelling, iso, _) in NOT_ISO {
+            assert!(Country::parse(spelling).is_none(), "{spelling} is assigned");
+            assert!(Country::parse(iso).is_some(), "{iso} is not assigned");
+        }
     }
 
     #[test]

@@ -434,19 +434,30 @@ fn decide_target<'a, E: Env, T: Tracer>(
         }
     };
     let location = env.locate(addr.ip);
+    // The step is named after what found the client: the trusted proxy that forwarded it,
+    // else the request's own peer address.
     step!(
         trace,
-        "proxy.trusted_proxies",
-        "client {}{} located {} by {}",
+        if addr.via.is_some() {
+            "proxy.trusted_proxies"
+        } else {
+            "request.client"
+        },
+        "client {}{} {}",
         addr.ip,
         addr.via
             .map(|v| format!(" (forwarded by trusted proxy {v})"))
             .unwrap_or_default(),
-        location
-            .country()
-            .map(|c| c.as_str().to_string())
-            .unwrap_or_else(|| "nowhere".into()),
-        location.source()
+        match &location {
+            Location::Override { country, network } => format!(
+                "located {country} by override networks.{}",
+                policy.networks.get(*network).map_or("?", |n| &*n.name)
+            ),
+            Location::Database { country } => {
+                format!("located {country} by the geolocation database")
+            }
+            Location::Unknown => "not located (no override or database entry)".to_string(),
+        }
     );
     let declared = req
         .identity

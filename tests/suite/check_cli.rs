@@ -1,6 +1,7 @@
-//! `residency-proxy check` run as an operator would (SPEC section 1): every error of a
-//! policy, in its own file and included files, printed as `file:line: rule: message`, exit
-//! 1; exit 0 for a good policy; exit 2 for a file that cannot be read.
+//! `residency-proxy check` run as an operator would: every error of a policy, in its own
+//! file and included files, printed as `file:line: rule: message`, exit 1; every file the
+//! policy names opened as `serve` opens it (`--offline` skips them); warnings that leave the
+//! exit status alone; exit 0 for a good policy; exit 2 for a file that cannot be read.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -12,6 +13,10 @@ fn check(dir: &Path, files: &[&str]) -> Output {
         .args(files)
         .output()
         .unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn stderr(out: &Output) -> String {
@@ -73,7 +78,8 @@ const MINIMAL: &str = "[policy]\nname = \"p\"\nhome = \"CN\"\n\n[log]\npseudonym
 #[test]
 fn the_demo_policy_passes() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = check(root, &["policies/demo.toml"]);
+    // The demo's key and consent file are written by `demo`, not kept in the repository.
+    let out = check(root, &["--offline", "policies/demo.toml"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -403,6 +409,9 @@ fn check_help_says_what_is_checked_and_what_the_exit_codes_mean() {
     let help = String::from_utf8_lossy(&out.stdout);
     for needle in [
         "FILE:LINE: RULE: MESSAGE",
+        "--offline",
+        "signing_key",
+        "warning:",
         "include",
         "Exit status",
         "0 ",
@@ -411,6 +420,341 @@ fn check_help_says_what_is_checked_and_what_the_exit_codes_mean() {
     ] {
         assert!(help.contains(needle), "{needle:?} missing from:\n{help}");
     }
+}
+
+/// A deployment as `serve` would find it: `certs init` output, copies of its CA and server
+/// pair for the upstream's own trust anchor and client certificate (so that each setting names
+/// a file of its own), a geolocation database and a consent file.
+const DEPLOYED: &str = r#"[policy]
+name = "deployed"
+home = "CN"
+
+[geo]
+database = "geo/country.mmdb"
+
+[[networks]]
+cidr = "127.0.0.2/32"
+country = "CN"
+
+[[upstreams]]
+name = "cn-store"
+url = "https://127.0.0.2:9443"
+ca = "certs/upstream-ca.crt"
+client_cert = "certs/upstream-client.crt"
+client_key = "certs/upstream-client.key"
+
+[[recipients]]
+id = "app"
+relation = "first_party"
+country = "CN"
+networks = ["10.1.0.0/16"]
+
+[consent]
+store = "file:data/consents.jsonl"
+
+[log]
+path = "logs/decisions.jsonl"
+signing_key = "certs/log-signing.key"
+
+[admin]
+token_file = "certs/admin.token"
+
+[tls]
+cert = "certs/server.crt"
+key = "certs/server.key"
+client_ca = "certs/ca.crt"
+"#;
+
+const CONSENT_LINE: &str = r#"{"id":"c1","subject":"u1","recipient":"app","purposes":["p"],"categories":["user"],"destinations":["CN"],"method":"explicit","granted_at":"2026-01-01T00:00:00Z","expires_at":"2027-01-01T00:00:00Z"}"#;
+
+fn deploy(dir: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_residency-proxy"))
+        .args(["certs", "init", dir.join("certs").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let certs = dir.join("certs");
+    for (from, to) in [
+        ("ca.crt", "upstream-ca.crt"),
+        ("server.crt", "upstream-client.crt"),
+        ("server.key", "upstream-client.key"),
+    ] {
+        std::fs::copy(certs.join(from), certs.join(to)).unwrap();
+    }
+    std::fs::create_dir(dir.join("geo")).unwrap();
+    std::fs::write(
+        dir.join("geo/country.mmdb"),
+        crate::support::mmdb::maxmind_country_db(&[("10.1.0.0/16", "CN")]),
+    )
+    .unwrap();
+    std::fs::create_dir(dir.join("data")).unwrap();
+    write(dir, "data/consents.jsonl", &format!("{CONSENT_LINE}\n"));
+    write(dir, "policy.toml", DEPLOYED);
+}
+
+/// The settings of `DEPLOYED` that name a file, with the file and a snippet of their line.
+const NAMED_FILES: [(&str, &str, &str); 10] = [
+    ("certs/log-signing.key", "log.signing_key", "signing_key ="),
+    (
+        "certs/server.crt",
+        "tls.cert",
+        "cert = \"certs/server.crt\"",
+    ),
+    ("certs/server.key", "tls.key", "key = \"certs/server.key\""),
+    ("certs/ca.crt", "tls.client_ca", "client_ca ="),
+    (
+        "certs/upstream-ca.crt",
+        "upstreams.cn-store.ca",
+        "ca = \"certs/upstream-ca",
+    ),
+    (
+        "certs/upstream-client.crt",
+        "upstreams.cn-store.client_cert",
+        "client_cert =",
+    ),
+    (
+        "certs/upstream-client.key",
+        "upstreams.cn-store.client_key",
+        "client_key =",
+    ),
+    ("geo/country.mmdb", "geo.database", "database ="),
+    ("data/consents.jsonl", "consent.store", "store ="),
+    ("certs/admin.token", "admin.token_file", "token_file ="),
+];
+
+#[test]
+fn a_complete_deployment_passes_and_each_missing_file_fails_with_its_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    deploy(dir.path());
+    let out = check(dir.path(), &["policy.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("policy.toml: ok: policy \"deployed\""));
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+
+    for (file, rule, snippet) in NAMED_FILES {
+        let path = dir.path().join(file);
+        let aside = dir.path().join("aside");
+        std::fs::rename(&path, &aside).unwrap();
+        let out = check(dir.path(), &["policy.toml"]);
+        assert_errors(
+            &out,
+            "policy.toml",
+            &[Expected {
+                file: "policy.toml",
+                line: line(DEPLOYED, snippet),
+                rule,
+                fragment: file,
+            }],
+        );
+        assert!(
+            stderr(&out).contains("No such file"),
+            "{file}: {}",
+            stderr(&out)
+        );
+        std::fs::rename(&aside, &path).unwrap();
+    }
+
+    // Without any of them, the policy itself is still valid: what CI can check.
+    for (file, _, _) in NAMED_FILES {
+        std::fs::remove_file(dir.path().join(file)).unwrap();
+    }
+    let out = check(dir.path(), &["--offline", "policy.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("policy.toml: ok: policy \"deployed\""));
+    // The database is not read, so the recipient's network is not judged either.
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+}
+
+#[test]
+fn a_named_file_that_does_not_parse_fails_check() {
+    let dir = tempfile::tempdir().unwrap();
+    deploy(dir.path());
+    let certs = dir.path().join("certs");
+    let broken: [(&str, &[u8], &str, &str, &str); 6] = [
+        (
+            "certs/log-signing.key",
+            b"not a key",
+            "log.signing_key",
+            "signing_key =",
+            "is not a PKCS#8 PEM private key",
+        ),
+        (
+            "certs/server.crt",
+            b"-----BEGIN NOTHING-----\n",
+            "tls.cert",
+            "cert = \"certs/server.crt\"",
+            "holds no usable PEM item",
+        ),
+        (
+            "geo/country.mmdb",
+            b"not a database",
+            "geo.database",
+            "database =",
+            "is not a usable MaxMind DB",
+        ),
+        (
+            "certs/admin.token",
+            b"\n",
+            "admin.token_file",
+            "token_file =",
+            "is empty",
+        ),
+        // A key that is not the certificate's: both files read, the pair does not hold.
+        (
+            "certs/server.key",
+            &std::fs::read(certs.join("ca.key")).unwrap(),
+            "tls.key",
+            "key = \"certs/server.key\"",
+            "cannot be used together",
+        ),
+        (
+            "certs/upstream-client.key",
+            &std::fs::read(certs.join("ca.key")).unwrap(),
+            "upstreams.cn-store.client_key",
+            "client_key =",
+            "cannot be used together",
+        ),
+    ];
+    for (file, bytes, rule, snippet, fragment) in broken {
+        let path = dir.path().join(file);
+        let good = std::fs::read(&path).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        let out = check(dir.path(), &["policy.toml"]);
+        assert_errors(
+            &out,
+            "policy.toml",
+            &[Expected {
+                file: "policy.toml",
+                line: line(DEPLOYED, snippet),
+                rule,
+                fragment,
+            }],
+        );
+        std::fs::write(&path, good).unwrap();
+    }
+}
+
+#[test]
+fn a_decision_log_that_cannot_be_created_fails_check() {
+    let dir = tempfile::tempdir().unwrap();
+    deploy(dir.path());
+    // `logs` is a file, so serve could not create logs/decisions.jsonl.
+    write(dir.path(), "logs", "");
+    let out = check(dir.path(), &["policy.toml"]);
+    assert_errors(
+        &out,
+        "policy.toml",
+        &[Expected {
+            file: "policy.toml",
+            line: line(DEPLOYED, "path = \"logs/"),
+            rule: "log.path",
+            fragment: "logs is not a folder",
+        }],
+    );
+}
+
+#[test]
+fn malformed_consent_lines_are_warnings_with_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    deploy(dir.path());
+    write(
+        dir.path(),
+        "data/consents.jsonl",
+        &format!("{CONSENT_LINE}\n{{\"id\": \"c2\"\n"),
+    );
+    let out = check(dir.path(), &["policy.toml"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.starts_with("warning: data/consents.jsonl:2: skipped: "),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn uk_is_refused_with_the_iso_code_gb() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "[policy]\nname = \"p\"\nhome = \"UK\"\n\n[log]\npseudonymize = false\n";
+    write(dir.path(), "p.toml", text);
+    let out = check(dir.path(), &["--offline", "p.toml"]);
+    assert_errors(
+        &out,
+        "p.toml",
+        &[Expected {
+            file: "p.toml",
+            line: 3,
+            rule: "policy.home",
+            fragment: "\"UK\" is neither a declared jurisdiction nor an ISO 3166-1 alpha-2 country code; the ISO code for the United Kingdom is GB",
+        }],
+    );
+}
+
+/// A recipient whose network nothing locates is refused `location_unknown` on every request
+/// under `unknown_location = "deny"`: valid, but worth a warning.
+#[test]
+fn a_recipient_network_nothing_locates_is_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{MINIMAL}\n[[networks]]\ncidr = \"10.0.1.0/24\"\ncountry = \"CN\"\n\n\
+         [[recipients]]\nid = \"app\"\nrelation = \"first_party\"\ncountry = \"CN\"\n\
+         networks = [\"127.0.0.10/32\",\n  \"10.0.0.0/16\",\n  \"10.0.1.0/24\"]\n"
+    );
+    write(dir.path(), "p.toml", &text);
+    for args in [&["p.toml"][..], &["--offline", "p.toml"]] {
+        let out = check(dir.path(), args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        assert!(stdout(&out).starts_with("p.toml: ok: "), "{}", stdout(&out));
+        let warnings: Vec<&str> = err.lines().collect();
+        assert_eq!(
+            warnings,
+            [
+                format!(
+                    "warning: p.toml:{}: recipients.app.networks: recipient \"app\": network \
+                     127.0.0.10/32 is located by no [[networks]] override (and the policy has no \
+                     geolocation database); with unknown_location = \"deny\", requests from there \
+                     are refused location_unknown",
+                    line(&text, "127.0.0.10/32")
+                ),
+                // 10.0.0.0/16 without the override's 10.0.1.0/24: eight blocks.
+                format!(
+                    "warning: p.toml:{}: recipients.app.networks: recipient \"app\": part of \
+                     network 10.0.0.0/16 (10.0.0.0/24 and 7 more block(s)) is located by no \
+                     [[networks]] override (and the policy has no geolocation database); with \
+                     unknown_location = \"deny\", requests from there are refused \
+                     location_unknown",
+                    line(&text, "\"10.0.0.0/16\"")
+                ),
+            ],
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn the_geolocation_database_locates_recipient_networks_too() {
+    let dir = tempfile::tempdir().unwrap();
+    deploy(dir.path());
+    // Half of 10.1.0.0/15 is in the database (10.1.0.0/16), half nowhere.
+    write(
+        dir.path(),
+        "policy.toml",
+        &DEPLOYED.replace("\"10.1.0.0/16\"", "\"10.1.0.0/16\", \"10.0.0.0/15\""),
+    );
+    let out = check(dir.path(), &["policy.toml"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(
+        err,
+        format!(
+            "warning: policy.toml:{}: recipients.app.networks: recipient \"app\": part of network \
+             10.0.0.0/15 (10.0.0.0/16) is located by no [[networks]] override nor the geolocation \
+             database; with unknown_location = \"deny\", requests from there are refused \
+             location_unknown\n",
+            line(DEPLOYED, "10.1.0.0/16")
+        )
+    );
 }
 
 // Regressions: each of these once crashed `check` or sent it astray.

@@ -90,7 +90,7 @@ fn explain_prints_the_decision_its_trace_and_the_record() {
     // The trace walks the steps in order, naming the rules it passed.
     let steps = [
         "request.path",
-        "proxy.trusted_proxies",
+        "request.client",
         "recipients.credit-bureau-us",
         "datasets.payments.match",
         "datasets.payments.upstream",
@@ -110,6 +110,65 @@ fn explain_prints_the_decision_its_trace_and_the_record() {
     assert!(
         text.contains("\"result\": \"consent_method_invalid\""),
         "{text}"
+    );
+}
+
+/// The client's step once read "located nowhere by none", under `proxy.trusted_proxies` in a
+/// policy that has none.
+#[test]
+fn explain_says_how_the_client_was_located_and_by_what() {
+    let dir = tempfile::tempdir().unwrap();
+    let (policy, _) = setup(dir.path());
+    let trace = |policy: &str, client: &str, headers: &[&str]| {
+        let mut cmd = bin();
+        cmd.args(["explain", "--policy", policy, "--path", "/payments/u1/a"])
+            .args(["--client-ip", client]);
+        for h in headers {
+            cmd.args(["--header", h]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let step = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("2. "))
+            .unwrap_or_else(|| panic!("no step 2:\n{text}"))
+            .to_string();
+        step.split_whitespace()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(
+        trace(&policy, "127.0.0.9", &[]),
+        "request.client client 127.0.0.9 not located (no override or database entry)"
+    );
+    assert_eq!(
+        trace(&policy, "127.0.0.20", &[]),
+        "request.client client 127.0.0.20 located US by override networks.127.0.0.20/32"
+    );
+    // Forwarded by a trusted proxy: the step is that rule's.
+    let proxied = dir.path().join("proxied.toml");
+    std::fs::write(
+        &proxied,
+        POLICY.replace(
+            "[log]",
+            "[proxy]\ntrusted_proxies = [\"127.0.0.1/32\"]\n[log]",
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        trace(
+            proxied.to_str().unwrap(),
+            "127.0.0.1",
+            &["X-Forwarded-For: 127.0.0.20"]
+        ),
+        "proxy.trusted_proxies client 127.0.0.20 (forwarded by trusted proxy 127.0.0.1) \
+         located US by override networks.127.0.0.20/32"
     );
 }
 
@@ -192,8 +251,17 @@ fn explain_refuses_bad_input_with_exit_2() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.toml"));
 }
 
+/// The demo's storage servers listen on the fixed addresses of its policy: one demo at a time.
+static DEMO: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_demo() -> std::sync::MutexGuard<'static, ()> {
+    DEMO.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[test]
 fn demo_replays_the_motivating_case_and_its_log_verifies() {
+    let _one = one_demo();
     // The demo writes its state relative to the working directory: give it a fresh one.
     let dir = tempfile::tempdir().unwrap();
     let out = bin()
@@ -222,7 +290,13 @@ fn demo_replays_the_motivating_case_and_its_log_verifies() {
     );
     let verify = bin()
         .current_dir(dir.path())
-        .args(["audit", "verify", "logs/demo-decisions.jsonl"])
+        .args([
+            "audit",
+            "verify",
+            "--key",
+            "demo/certs/log-signing.pub",
+            "demo/logs/",
+        ])
         .output()
         .unwrap();
     assert!(
@@ -231,4 +305,213 @@ fn demo_replays_the_motivating_case_and_its_log_verifies() {
         String::from_utf8_lossy(&verify.stderr)
     );
     assert!(String::from_utf8_lossy(&verify.stdout).starts_with("ok: 14 records"));
+}
+
+/// The arguments of the `residency-proxy …` command on the first line of `lines` holding
+/// `marker`, as the demo prints it for the user to paste.
+fn printed_command(lines: &[String], marker: &str) -> Vec<String> {
+    let line = lines
+        .iter()
+        .find(|l| l.contains(marker))
+        .unwrap_or_else(|| panic!("no line with {marker:?} in:\n{}", lines.join("\n")));
+    let mut words = line.split_whitespace().map(str::to_string);
+    assert_eq!(words.next().as_deref(), Some("residency-proxy"), "{line}");
+    words.collect()
+}
+
+#[test]
+fn demo_stopped_by_sigterm_closes_its_log_in_its_own_folder() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let _one = one_demo();
+    let dir = tempfile::tempdir().unwrap();
+    let mut demo = bin()
+        .current_dir(dir.path())
+        .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = demo.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Up and waiting once it has printed the commands to try.
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !lines.iter().any(|l: &String| l.contains("Edit ")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => lines.push(line),
+            Err(e) => {
+                let _ = demo.kill();
+                panic!("the demo did not come up ({e}):\n{}", lines.join("\n"));
+            }
+        }
+    }
+    let text = lines.join("\n");
+    assert!(text.contains("summary: 7 of 7 steps as expected"), "{text}");
+    assert!(text.contains("demo files, under demo/"), "{text}");
+    // The command it prints for the running proxy's log works as printed.
+    let open = bin()
+        .current_dir(dir.path())
+        .args(printed_command(&lines, "audit verify --open"))
+        .output()
+        .unwrap();
+    assert!(
+        open.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&open.stderr)
+    );
+
+    let killed = Command::new("kill")
+        .args(["-s", "TERM", &demo.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = demo.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the demo did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    lines.extend(rx.iter());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut demo.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(0), "{}\n{stderr}", lines.join("\n"));
+
+    // The log is closed by a signed final checkpoint: the command printed last passes,
+    // against the public key the demo wrote.
+    let verify_args = printed_command(&lines, "audit verify --key");
+    assert_eq!(
+        verify_args,
+        [
+            "audit",
+            "verify",
+            "--key",
+            "demo/certs/log-signing.pub",
+            "demo/logs/decisions.jsonl"
+        ]
+    );
+    let verify = bin()
+        .current_dir(dir.path())
+        .args(&verify_args)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        verify.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert!(report.starts_with("ok: "), "{report}");
+    assert!(report.contains("verified with the given key"), "{report}");
+    // Its files stay out of the folders a proxy of one's own writes to.
+    for theirs in ["logs", "data", "certs"] {
+        assert!(
+            !dir.path().join(theirs).exists(),
+            "the demo wrote {theirs}/"
+        );
+    }
+}
+
+/// Runs the real binary with its standard output a pipe whose reader has already gone, as
+/// in `… | head -1` once `head` has its line; returns its exit code and standard error.
+fn with_reader_gone(args: &[&str], cwd: &Path) -> (Option<i32>, String) {
+    use std::process::Stdio;
+    let mut child = bin()
+        .current_dir(cwd)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before the command writes its first line.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn no_command_panics_when_its_reader_goes_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let (policy, consents) = setup(dir.path());
+    let log = dir.path().join("decisions.jsonl");
+    crate::audit_cli::write_log(&log, 3).await;
+    let log = log.display().to_string();
+    let db = format!("sqlite:{}", dir.path().join("consent.db").display());
+    let granted = bin()
+        .args(["consent", "grant", "--store", &db, "--subject", "u1"])
+        .args([
+            "--recipient",
+            "credit-bureau-us",
+            "--purpose",
+            "credit_scoring",
+        ])
+        .args(["--category", "user.financial", "--destination", "US"])
+        .args([
+            "--method",
+            "explicit",
+            "--expires-at",
+            "2099-01-01T00:00:00Z",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        granted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&granted.stderr)
+    );
+    let commands: Vec<Vec<&str>> = vec![
+        vec![
+            "explain",
+            "--policy",
+            &policy,
+            "--path",
+            "/payments/u123/2026-01.json",
+            "--client-ip",
+            "127.0.0.20",
+            "--purpose",
+            "credit_scoring",
+            "--consents",
+            &consents,
+        ],
+        vec!["check", &policy],
+        vec!["audit", "verify", &log],
+        vec!["audit", "report", &log],
+        vec!["audit", "query", "--format", "table", &log],
+        vec!["consent", "list", "--store", &db],
+        vec![
+            "geo",
+            "lookup",
+            "127.0.0.2",
+            "127.0.0.20",
+            "--policy",
+            &policy,
+        ],
+        vec!["--help"],
+        vec!["audit", "--help"],
+    ];
+    let mut failed = Vec::new();
+    for args in &commands {
+        let (code, stderr) = with_reader_gone(args, dir.path());
+        if code != Some(0) || stderr.contains("panicked") || stderr.contains("Broken pipe") {
+            failed.push(format!("{args:?}: exit {code:?}, stderr {stderr:?}"));
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
