@@ -550,9 +550,9 @@ fn measure_cached(n: u64, rows: &mut Rows) {
         let p = &snap.policy;
         index.freshness().confirm();
         for path in &paths {
-            let env = snap.env(now, true);
+            let env = snap.env(now, true, &[]);
             let d = decide(p, &env, &request(&get, &headers, path, bureau), &mut ());
-            assert!(!env.missed(), "{path} is cached");
+            assert!(env.take_missed().is_empty(), "{path} is cached");
             assert_eq!(d.reason, Reason::Consented, "{path}");
         }
         let mut per_decision = Vec::with_capacity(4000);
@@ -561,7 +561,7 @@ fn measure_cached(n: u64, rows: &mut Rows) {
             index.freshness().confirm();
             let t = Instant::now();
             for _ in 0..1000 {
-                let env = snap.env(now, true);
+                let env = snap.env(now, true, &[]);
                 let req = request(&get, &headers, &paths[k & 65_535], bureau);
                 black_box(decide(p, &env, &req, &mut ()).reason);
                 k += 1;

@@ -90,7 +90,7 @@ fn main() {
     let now = jiff::Timestamp::from_second(1_795_000_000)
         .unwrap()
         .as_microsecond();
-    let env = snap.env(now, false);
+    let env = snap.env(now, false, &[]);
     let mut headers = HeaderMap::new();
     headers.insert("x-purpose", HeaderValue::from_static("credit_scoring"));
     let get = Method::GET;
