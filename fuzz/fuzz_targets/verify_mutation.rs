@@ -1,30 +1,14 @@
 //! Log verification: a log written by the real writer, with one byte changed, never
 //! verifies. Input: two bytes of position (modulo the log's length) and the new byte.
+//! The fixture and the body are `invariants::VerifyMutation`, which `cargo test` runs too.
 #![no_main]
 
 #[path = "../../tests/support/invariants.rs"]
 mod invariants;
 
+use invariants::{Target, VerifyMutation};
 use std::sync::OnceLock;
 
-struct Fixture {
-    dir: tempfile::TempDir,
-    log: Vec<u8>,
-}
+static TARGET: OnceLock<VerifyMutation> = OnceLock::new();
 
-static FIXTURE: OnceLock<Fixture> = OnceLock::new();
-
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let [hi, lo, byte, ..] = *data else {
-        return;
-    };
-    let f = FIXTURE.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("written.jsonl");
-        invariants::write_log(&path);
-        let log = std::fs::read(&path).unwrap();
-        Fixture { dir, log }
-    });
-    let at = usize::from(u16::from_be_bytes([hi, lo])) % f.log.len();
-    invariants::check_mutation_fails(&f.log, at, byte, &f.dir.path().join("mutated.jsonl"));
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| TARGET.get_or_init(VerifyMutation::new).run(data));

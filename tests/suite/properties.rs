@@ -1,6 +1,7 @@
-//! Property tests for the parsers (STYLE habit 9) that run in `cargo test` on a stable
-//! toolchain: a seeded generator feeds thousands of inputs through the functions that the
-//! cargo-fuzz targets in `fuzz/` exercise, and asserts the same invariants. Set
+//! Property tests for the parsers that run in `cargo test` on a stable toolchain: a seeded
+//! generator feeds thousands of inputs through the functions that the cargo-fuzz targets in
+//! `fuzz/` exercise, and asserts the same invariants; then every fuzz target runs whole
+//! (its fixture and its body, as the fuzzer runs it) on its seeds and generated inputs. Set
 //! `PROPERTY_SEED` to explore other inputs; the default seed keeps every run identical.
 
 #[path = "../support/invariants.rs"]
@@ -11,7 +12,9 @@ use invariants::*;
 use residency_proxy::audit::verify::verify;
 use residency_proxy::policy::compile::from_str;
 use residency_proxy::policy::forwarded::parse_xff_element;
+use std::cell::RefCell;
 use std::net::IpAddr;
+use std::sync::Once;
 
 fn rng() -> fastrand::Rng {
     let seed = std::env::var("PROPERTY_SEED")
@@ -596,11 +599,9 @@ fn policy_compilation_never_panics_and_every_diagnostic_says_something() {
 
 #[test]
 fn a_written_log_changed_at_any_byte_never_verifies() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("decisions.jsonl");
-    let written = write_log(&path);
-    let original = std::fs::read(&path).unwrap();
-    assert_eq!(verify(&path).unwrap().records, written);
+    // The fuzz target's fixture: a log from the real writer, checked to verify as written.
+    let target = without_hidden_panics("the verify_mutation fixture", VerifyMutation::new);
+    let original = &target.log;
     let mut rng = rng();
     // Every position once: with a byte a forger would try first (a digit, dot or exponent
     // respelled, a letter's case flipped) where there is one, else a random byte; then
@@ -620,9 +621,8 @@ fn a_written_log_changed_at_any_byte_never_verifies() {
         })
         .collect();
     changes.extend((0..300).map(|_| (rng.usize(..original.len()), rng.u8(..))));
-    let scratch = dir.path().join("mutated.jsonl");
     for (at, byte) in changes {
-        check_mutation_fails(&original, at, byte, &scratch);
+        target.check(at, byte);
     }
 }
 
@@ -674,4 +674,165 @@ fn verify_never_panics_on_arbitrary_contents() {
     )
     .unwrap();
     assert!(verify(&path).unwrap_err().why.contains("hash mismatch"));
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. The fuzz targets, whole
+
+/// Runs `body` and fails if anything on this thread panicked meanwhile, even a panic that
+/// was caught on the way (a tokio task's panic becomes a `JoinError` that nobody reads).
+/// libFuzzer aborts on every panic, so without this a fixture could crash each fuzz run at
+/// its first input and still pass here.
+fn without_hidden_panics<R>(what: &str, body: impl FnOnce() -> R) -> R {
+    thread_local! {
+        /// The panics on this thread since `body` started; `None` outside `body`.
+        static PANICS: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+    }
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let _ = PANICS.try_with(|p| {
+                if let Some(seen) = p.borrow_mut().as_mut() {
+                    seen.push(info.to_string());
+                }
+            });
+            previous(info);
+        }));
+    });
+    PANICS.with(|p| *p.borrow_mut() = Some(Vec::new()));
+    let out = body();
+    let panics = PANICS.with(|p| p.take()).unwrap_or_default();
+    assert!(
+        panics.is_empty(),
+        "{what}: a panic was caught on the way, which stops a fuzz run: {panics:#?}"
+    );
+    out
+}
+
+/// A generated input for a target: one of its seeds changed a little (bytes replaced,
+/// inserted, removed, or two seeds spliced), or random bytes.
+fn variant(rng: &mut fastrand::Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
+    let mut input = seeds[rng.usize(..seeds.len())].clone();
+    for _ in 0..rng.usize(1..=4) {
+        let at = rng.usize(..=input.len());
+        match rng.u8(..5) {
+            0 => {
+                let byte = rng.u8(..);
+                if let Some(b) = input.get_mut(at) {
+                    *b = byte;
+                }
+            }
+            1 => {
+                let bytes: Vec<u8> = (0..rng.usize(1..8)).map(|_| rng.u8(..)).collect();
+                input.splice(at..at, bytes);
+            }
+            2 => {
+                let end = (at + rng.usize(1..16)).min(input.len());
+                input.drain(at..end);
+            }
+            3 => {
+                let other = &seeds[rng.usize(..seeds.len())];
+                let from = rng.usize(..=other.len());
+                input.truncate(at);
+                input.extend_from_slice(&other[from..]);
+            }
+            _ => input = (0..rng.usize(..64)).map(|_| rng.u8(..)).collect(),
+        }
+    }
+    input
+}
+
+/// Runs target `T` as `cargo fuzz run` does, briefly: the fixture once, then the body on
+/// every seed and on generated inputs.
+fn fuzz_briefly<T: Target>(rng: &mut fastrand::Rng) {
+    without_hidden_panics(T::NAME, || {
+        let target = T::new();
+        let seeds = T::seeds();
+        assert!(!seeds.is_empty(), "{}: no seeds", T::NAME);
+        for seed in &seeds {
+            target.run(seed);
+        }
+        for _ in 0..300 {
+            target.run(&variant(rng, &seeds));
+        }
+    });
+}
+
+/// One fuzz target: its name in `fuzz/Cargo.toml`, the type that holds its fixture and
+/// body, and its brief run.
+struct Entry {
+    name: &'static str,
+    type_name: &'static str,
+    run: fn(&mut fastrand::Rng),
+}
+
+fn entry<T: Target>() -> Entry {
+    let full = std::any::type_name::<T>();
+    Entry {
+        name: T::NAME,
+        type_name: full.rsplit("::").next().unwrap_or(full),
+        run: fuzz_briefly::<T>,
+    }
+}
+
+/// Every fuzz target. A new one is a type implementing `Target` in
+/// `tests/support/invariants.rs`, a file and a `[[bin]]` in `fuzz/`, and a line here.
+fn fuzz_targets() -> Vec<Entry> {
+    vec![
+        entry::<NormalizePath>(),
+        entry::<Forwarded>(),
+        entry::<Policy>(),
+        entry::<VerifyLog>(),
+        entry::<VerifyMutation>(),
+    ]
+}
+
+#[test]
+fn every_fuzz_target_runs_clean_on_its_seeds_and_generated_inputs() {
+    let mut rng = rng();
+    for target in fuzz_targets() {
+        (target.run)(&mut rng);
+    }
+}
+
+#[test]
+fn every_fuzz_target_in_fuzz_cargo_toml_is_run_here() {
+    let fuzz = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let manifest: toml::Table = std::fs::read_to_string(fuzz.join("Cargo.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut bins: Vec<&str> = manifest["bin"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    bins.sort_unstable();
+    let mut files: Vec<String> = std::fs::read_dir(fuzz.join("fuzz_targets"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort_unstable();
+    let targets = fuzz_targets();
+    let mut here: Vec<&str> = targets.iter().map(|t| t.name).collect();
+    here.sort_unstable();
+    assert_eq!(
+        bins, here,
+        "the [[bin]]s of fuzz/Cargo.toml against fuzz_targets() here"
+    );
+    let expected: Vec<String> = here.iter().map(|n| format!("{n}.rs")).collect();
+    assert_eq!(files, expected, "the files of fuzz/fuzz_targets/");
+    // Each file must run the body that is tested here, not a copy of it.
+    for t in &targets {
+        let file = fuzz.join("fuzz_targets").join(format!("{}.rs", t.name));
+        let text = std::fs::read_to_string(&file).unwrap();
+        let call = format!("TARGET.get_or_init({}::new).run(data)", t.type_name);
+        assert!(
+            text.contains(&call),
+            "{} does not call {call}",
+            file.display()
+        );
+    }
 }

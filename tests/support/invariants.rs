@@ -1,12 +1,13 @@
-//! The invariants of the parsers, shared by the property tests (`tests/properties.rs`, on
-//! stable) and the cargo-fuzz targets (`fuzz/`, on nightly), so that both check the same
-//! things. Each `check_*` function panics when an input breaks an invariant.
+//! The invariants of the parsers and the cargo-fuzz targets built on them, shared by the
+//! property tests (`tests/suite/properties.rs`, on stable) and `fuzz/` (on nightly), so that
+//! both run the same code. Each `check_*` function panics when an input breaks an invariant;
+//! each [`Target`] is the whole of one fuzz target, fixture and body.
 #![allow(dead_code)]
 
 use http::HeaderMap;
 use residency_proxy::audit::LogWriter;
-use residency_proxy::audit::record::{OutcomeRecord, Record, RequestContext, failure_record};
 use residency_proxy::audit::verify::verify;
+use residency_proxy::audit::record::{OutcomeRecord, Record, RequestContext, failure_record};
 use residency_proxy::policy::compile::from_str;
 use residency_proxy::policy::forwarded::{ClientAddr, client_addr, parse_xff_element};
 use residency_proxy::policy::model::LogTarget;
@@ -238,7 +239,10 @@ pub fn check_verify_any(bytes: &[u8], scratch: &Path) {
 /// decision records whose strings need escapes, and outcome records whose durations have
 /// more than one JSON spelling.
 pub fn write_log(path: &Path) -> u64 {
+    // Built as `serve` builds its runtime: the writer starts a checkpoint timer, which panics
+    // (inside a task, where only a panic hook sees it) on a runtime without timers.
     let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
         .unwrap();
     runtime.block_on(async {
@@ -249,6 +253,12 @@ pub fn write_log(path: &Path) -> u64 {
         .unwrap();
         let mut settings = policy.log.clone();
         settings.target = LogTarget::File(path.into());
+        // A tick would add a checkpoint wherever it fell; none falls within a day, so the
+        // log has the same records however slowly the machine writes it.
+        settings.checkpoint_interval = std::time::Duration::from_secs(86_400);
+        // Not the host's name: every record carries it, and a crash input names a position,
+        // which must land on the same field on any machine.
+        settings.instance = "fuzz".into();
         let writer = LogWriter::open(&settings, None).unwrap();
         let headers = HeaderMap::new();
         let mut written = 0;
@@ -317,5 +327,232 @@ pub fn check_mutation_fails(log: &[u8], at: usize, byte: u8, scratch: &Path) {
             "byte {at} (line {line}) changed from {:?} to {:?} and the log still verifies ({report:?})",
             log[at] as char, byte as char
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The fuzz targets
+
+/// One cargo-fuzz target whole: the fixture it builds once (`new`) and the body it runs on
+/// every input (`run`). A file in `fuzz/fuzz_targets/` only hands libFuzzer's inputs to
+/// `run`, and `tests/suite/properties.rs` runs every target on its `seeds` and on generated
+/// inputs, so a fixture that stops working fails `cargo test` on stable.
+pub trait Target: Sized + Send + Sync + 'static {
+    /// Its `[[bin]]` name in `fuzz/Cargo.toml`, and its file in `fuzz/fuzz_targets/`.
+    const NAME: &'static str;
+    /// Builds the fixture: what every input is checked against.
+    fn new() -> Self;
+    /// Checks one input; panics when it breaks an invariant.
+    fn run(&self, data: &[u8]);
+    /// Inputs that reach the interesting side of the body, in the shape `run` reads.
+    fn seeds() -> Vec<Vec<u8>>;
+}
+
+/// Request paths: any bytes, read as UTF-8 with replacement.
+pub struct NormalizePath;
+
+impl Target for NormalizePath {
+    const NAME: &'static str = "normalize_path";
+
+    fn new() -> Self {
+        NormalizePath
+    }
+
+    fn run(&self, data: &[u8]) {
+        check_normalize(&String::from_utf8_lossy(data));
+    }
+
+    fn seeds() -> Vec<Vec<u8>> {
+        let paths: &[&[u8]] = &[
+            b"/payments/u123/statement.pdf",
+            b"/a/./b/../c//d/",
+            b"/a/../../etc/passwd",
+            b"/%2e%2E/x",
+            b"/a%2Fb%5cc%00",
+            b"/%c3%a9/%7E/%41",
+            b"/\xff\xfe/\\x",
+            b"relative/path",
+            b"",
+        ];
+        paths.iter().map(|p| p.to_vec()).collect()
+    }
+}
+
+/// Forwarding headers. Input: a byte choosing the socket peer from [`PEERS`], then lines
+/// of a byte choosing the header name followed by the header's value.
+pub struct Forwarded {
+    trusted: CidrTable<()>,
+    peers: Vec<IpAddr>,
+}
+
+impl Forwarded {
+    const NAMES: [&'static str; 3] = ["x-forwarded-for", "forwarded", "x-real-ip"];
+}
+
+impl Target for Forwarded {
+    const NAME: &'static str = "forwarded";
+
+    fn new() -> Self {
+        Forwarded {
+            trusted: trusted_proxies(),
+            peers: PEERS.iter().map(|p| p.parse().unwrap()).collect(),
+        }
+    }
+
+    fn run(&self, data: &[u8]) {
+        let Some((&pick, rest)) = data.split_first() else {
+            return;
+        };
+        let mut headers = HeaderMap::new();
+        for line in rest.split(|b| *b == b'\n') {
+            let Some((&name, value)) = line.split_first() else {
+                continue;
+            };
+            parse_xff_element(&String::from_utf8_lossy(value));
+            if let Ok(v) = http::HeaderValue::from_bytes(value) {
+                let name = Self::NAMES[usize::from(name) % Self::NAMES.len()];
+                headers.append(http::HeaderName::from_static(name), v);
+            }
+        }
+        let peer = self.peers[usize::from(pick) % self.peers.len()];
+        check_client_addr(peer, &headers, &self.trusted);
+    }
+
+    fn seeds() -> Vec<Vec<u8>> {
+        let headers: &[&[u8]] = &[
+            b"\x00203.0.113.9, 10.2.2.2",
+            b"\x01for=\"[2001:db8::1]:4711\";proto=https, for=10.0.0.9",
+            b"\x02198.51.100.7",
+            b"\x00::ffff:10.1.1.1\n\x01For=unknown\n\x02 1.1.1.1",
+            b"\x00not an address, [::1]:99999",
+        ];
+        // Each header set from every peer, trusted and not.
+        (0..PEERS.len() as u8)
+            .flat_map(|peer| {
+                headers.iter().map(move |h| {
+                    let mut input = vec![peer];
+                    input.extend_from_slice(h);
+                    input
+                })
+            })
+            .collect()
+    }
+}
+
+/// Policy files: any text. The shipped policies are the seeds.
+pub struct Policy;
+
+impl Target for Policy {
+    const NAME: &'static str = "policy";
+
+    fn new() -> Self {
+        Policy
+    }
+
+    fn run(&self, data: &[u8]) {
+        check_policy(&String::from_utf8_lossy(data));
+    }
+
+    fn seeds() -> Vec<Vec<u8>> {
+        let shipped = [
+            include_str!("../../policies/demo.toml"),
+            include_str!("../../policies/template.toml"),
+            include_str!("../../policies/cn-pipl.toml"),
+            include_str!("../../policies/eu-gdpr.toml"),
+            include_str!("../../policies/vn-decree53.toml"),
+        ];
+        let mut seeds: Vec<Vec<u8>> = shipped.iter().map(|p| p.as_bytes().to_vec()).collect();
+        seeds.push(b"[policy]\nname = 'x'\nhome = 'UK'\n".to_vec());
+        seeds.push(b"[log]\ncheckpoint_every = -1\n[[datasets]]\nname = 7\n".to_vec());
+        seeds
+    }
+}
+
+/// Decision logs: any file contents.
+pub struct VerifyLog {
+    dir: tempfile::TempDir,
+}
+
+impl Target for VerifyLog {
+    const NAME: &'static str = "verify_log";
+
+    fn new() -> Self {
+        VerifyLog {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn run(&self, data: &[u8]) {
+        check_verify_any(data, &self.dir.path().join("any.jsonl"));
+    }
+
+    fn seeds() -> Vec<Vec<u8>> {
+        let zeros = "0".repeat(64);
+        let written = VerifyMutation::new().log;
+        vec![
+            Vec::new(),
+            b"{}\n".to_vec(),
+            format!("{{\"seq\":1,\"prev\":\"{zeros}\",\"hash\":\"{zeros}\"}}\n").into_bytes(),
+            written[..written.len() / 2].to_vec(),
+            written,
+        ]
+    }
+}
+
+/// Decision logs: a log written by the real writer (see [`write_log`]) with one byte
+/// changed. Input: two bytes of position, modulo the log's length, and the new byte.
+pub struct VerifyMutation {
+    dir: tempfile::TempDir,
+    /// The log as written; it verifies.
+    pub log: Vec<u8>,
+}
+
+impl VerifyMutation {
+    /// Checks that the log with byte `at` replaced by `byte` does not verify.
+    pub fn check(&self, at: usize, byte: u8) {
+        check_mutation_fails(&self.log, at, byte, &self.dir.path().join("mutated.jsonl"));
+    }
+}
+
+impl Target for VerifyMutation {
+    const NAME: &'static str = "verify_mutation";
+
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("written.jsonl");
+        let written = write_log(&path);
+        // Every change to a log that does not verify in the first place "fails": the
+        // target would pass whatever the verifier did.
+        match verify(&path) {
+            Ok(report) => assert_eq!(report.records, written, "{report:?}"),
+            Err(e) => panic!("the log the fixture wrote does not verify: {e}"),
+        }
+        let log = std::fs::read(&path).unwrap();
+        assert!(
+            log.len() <= usize::from(u16::MAX),
+            "two bytes of position no longer reach the whole log"
+        );
+        VerifyMutation { dir, log }
+    }
+
+    fn run(&self, data: &[u8]) {
+        let [hi, lo, byte, ..] = *data else {
+            return;
+        };
+        self.check(
+            usize::from(u16::from_be_bytes([hi, lo])) % self.log.len(),
+            byte,
+        );
+    }
+
+    fn seeds() -> Vec<Vec<u8>> {
+        // The first byte, positions spread over the log, and the last byte (modulo wraps).
+        vec![
+            vec![0, 0, b'x'],
+            vec![0, 40, b'0'],
+            vec![1, 0, b'E'],
+            vec![2, 17, b' '],
+            vec![0xff, 0xff, b'\n'],
+        ]
     }
 }
