@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod bulk;
 pub mod cli;
 pub mod consent;
 pub mod geo;
