@@ -21,11 +21,12 @@ mod common;
 use common::request;
 use http::{HeaderMap, HeaderValue, Method};
 use residency_proxy::consent::ConsentIndex;
-use residency_proxy::consent::cache::{Loader, Reader};
+use residency_proxy::consent::cache::{Loader, POOL_SIZE, Reader};
+use residency_proxy::consent::change::{Filter, Revocation};
 use residency_proxy::consent::index::{Fill, Lookup};
 use residency_proxy::consent::postgres::{self, PgReader};
 use residency_proxy::consent::record::ConsentRecord;
-use residency_proxy::consent::registry::{Filter, Registry, Revocation};
+use residency_proxy::consent::registry::Registry;
 use residency_proxy::policy::compile::from_str;
 use residency_proxy::policy::decide::decide;
 use residency_proxy::policy::decision::Reason;
@@ -323,7 +324,7 @@ fn main() {
 }
 
 fn redacted(url: &str) -> String {
-    residency_proxy::consent::registry::redact(url)
+    residency_proxy::consent::postgres::redact(url)
 }
 
 /// Start-up and misses, against the database.
@@ -358,7 +359,7 @@ async fn measure_store(db: &Db, n: u64, rows: &mut Rows) {
     let feed = postgres::start_feed(&db.url, index.clone(), Duration::from_secs(30), None)
         .await
         .unwrap();
-    let reader = PgReader::new(&db.url, None).unwrap();
+    let reader = PgReader::new(&db.url, None, POOL_SIZE).unwrap();
     let loader = Arc::new(Loader::new(
         index.clone(),
         Reader::Postgres(Box::new(reader)),
@@ -606,7 +607,7 @@ async fn measure_revocation(db: &Db, n: u64, rows: &mut Rows) {
             .unwrap();
         let loader = Loader::new(
             index.clone(),
-            Reader::Postgres(Box::new(PgReader::new(&db.url, None).unwrap())),
+            Reader::Postgres(Box::new(PgReader::new(&db.url, None, POOL_SIZE).unwrap())),
             Duration::from_millis(200),
         );
         sidecars.push((index, loader, feed));
@@ -642,6 +643,7 @@ async fn measure_revocation(db: &Db, n: u64, rows: &mut Rows) {
                 "consent_scale bench",
             )
             .await
+            .unwrap()
             .unwrap();
         let committed = t.elapsed();
         loop {

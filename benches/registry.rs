@@ -12,7 +12,8 @@ mod common;
 
 use common::{CONSENTS, DATASETS, consent, policy_text, request};
 use http::{HeaderMap, HeaderValue, Method};
-use residency_proxy::consent::registry::{Change, Registry};
+use residency_proxy::consent::change::Change;
+use residency_proxy::consent::registry::Registry;
 use residency_proxy::consent::{ConsentIndex, postgres, sqlite};
 use residency_proxy::policy::compile::from_str;
 use residency_proxy::policy::decide::decide;

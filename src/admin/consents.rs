@@ -13,10 +13,9 @@
 //! through the store's change feed.
 
 use super::{AdminResponse, AdminState, error, json, read_body};
+use crate::consent::change::{self, Change, Filter, Outcome, Revocation, Written};
 use crate::consent::record::{ConsentRecord, FieldError};
-use crate::consent::registry::{
-    Change, Filter, Outcome, Registry, RegistryError, Revocation, Written,
-};
+use crate::consent::registry::{Registry, RegistryError};
 use crate::policy::country::Country;
 use crate::policy::model::ConsentStore;
 use crate::policy::model::Policy;
@@ -96,21 +95,30 @@ impl Refusal {
     }
 }
 
-impl From<RegistryError> for Refusal {
-    fn from(e: RegistryError) -> Refusal {
+/// The registry refused the change: the request is at fault.
+impl From<change::Refusal> for Refusal {
+    fn from(e: change::Refusal) -> Refusal {
         match &e {
-            RegistryError::Invalid { source, .. } => {
+            change::Refusal::Invalid { source, .. } => {
                 Refusal::invalid(source.field, &source.message)
             }
-            RegistryError::NotFound { .. } => {
+            change::Refusal::NotFound { .. } => {
                 Refusal::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
             }
-            RegistryError::Conflict { field, .. } => Refusal {
+            change::Refusal::Conflict { field, .. } => Refusal {
                 status: StatusCode::CONFLICT,
                 code: "conflict",
                 field: Some(field.to_string()),
                 message: e.to_string(),
             },
+        }
+    }
+}
+
+/// The registry could not answer: the store is at fault.
+impl From<RegistryError> for Refusal {
+    fn from(e: RegistryError) -> Refusal {
+        match &e {
             RegistryError::NotARegistry { .. } => {
                 Refusal::new(StatusCode::NOT_IMPLEMENTED, "no_registry", e.to_string())
             }
@@ -375,7 +383,7 @@ async fn create(
     {
         return Err(refusal);
     }
-    let w = registry.grant(grant, ACTOR).await?;
+    let w = registry.grant(grant, ACTOR).await??;
     Ok(written(state, w, StatusCode::CREATED))
 }
 
@@ -415,7 +423,7 @@ async fn revoke(
         revoked_at: at.unwrap_or_else(Timestamp::now),
         evidence,
     };
-    let w = registry.revoke(revocation, ACTOR).await?;
+    let w = registry.revoke(revocation, ACTOR).await??;
     Ok(written(state, w, StatusCode::OK))
 }
 
@@ -444,7 +452,7 @@ async fn by_subject(registry: &Registry, query: &str) -> Result<AdminResponse, R
 async fn by_id(registry: &Registry, id: &str) -> Result<AdminResponse, Refusal> {
     match registry.get(id).await? {
         Some(r) => Ok(json(StatusCode::OK, &r)),
-        None => Err(RegistryError::NotFound { id: id.into() }.into()),
+        None => Err(change::Refusal::NotFound { id: id.into() }.into()),
     }
 }
 

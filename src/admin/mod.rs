@@ -241,6 +241,7 @@ pub fn metrics(shared: &Shared) -> AdminResponse {
                 max_bytes: snap.policy.consent.cache_max_bytes as u64,
                 feed_lag: std::time::Duration::from_micros(n(&st.feed_lag_micros)),
                 miss_time: &l.miss_time,
+                batch_time: &l.batch_time,
             }
         }),
         ship: shared.spool.as_ref().map(|s| s.stats()),

@@ -3,8 +3,9 @@
 
 use super::{CliResult, Exit, fail};
 use crate::consent::ConsentRecord;
+use crate::consent::change::{Change, Filter, Outcome, Revocation};
 use crate::consent::import::Input;
-use crate::consent::registry::{Change, Filter, Outcome, Registry, RegistryError, Revocation};
+use crate::consent::registry::{Registry, RegistryError};
 use crate::consent::sqlite::SqliteError;
 use crate::policy::compile::parse_store;
 use jiff::Timestamp;
@@ -212,7 +213,7 @@ async fn grant(a: GrantArgs) -> CliResult {
         Some(_) => Change::Record(record),
         None => Change::Undated(record),
     };
-    let w = registry.grant(grant, &author(&a.author)).await?;
+    let w = registry.grant(grant, &author(&a.author)).await??;
     if w.outcome == Outcome::Unchanged {
         eprintln!("consent {} was already recorded exactly so", w.record.id);
     }
@@ -231,7 +232,7 @@ async fn revoke(a: RevokeArgs) -> CliResult {
             },
             &author(&a.author),
         )
-        .await?;
+        .await??;
     if w.outcome == Outcome::Unchanged {
         eprintln!("consent {} was already revoked", w.record.id);
     }

@@ -3,12 +3,19 @@
 //! every request that misses the same subject meanwhile, and bounded by
 //! `[consent] lookup_timeout`: a request whose answer does not come in time is refused
 //! `consent_store_unavailable`, while the query goes on and fills the cache for later ones.
+//!
+//! The misses of a batch of records (a bulk object's, SPEC section 3.1) are filled together
+//! ([`Loader::fill_many`]): one query for every subject the batch is first to miss, joined
+//! with the fills already under way for the others, within one `lookup_timeout`.
 
-use super::index::{ConsentIndex, Fill};
+use super::index::{ConsentIndex, Fill, Pending};
 use super::postgres::PgReader;
 use super::record::ConsentRecord;
 use super::sqlite::SqliteReader;
 use crate::metrics::Histogram;
+use compact_str::CompactString;
+use foldhash::fast::RandomState;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -50,6 +57,17 @@ impl Reader {
             Reader::Postgres(r) => r.subject(subject).await.map_err(|e| e.to_string()),
         }
     }
+
+    /// Each of `subjects` (distinct) with its consents, in one query.
+    async fn subjects(
+        &self,
+        subjects: &[&str],
+    ) -> Result<Vec<(String, Vec<ConsentRecord>)>, String> {
+        match self {
+            Reader::Sqlite(r) => r.subjects(subjects).await.map_err(|e| e.to_string()),
+            Reader::Postgres(r) => r.subjects(subjects).await.map_err(|e| e.to_string()),
+        }
+    }
 }
 
 /// Why a miss could not be filled.
@@ -68,6 +86,8 @@ pub struct Loader {
     timeout: Duration,
     /// Time from a miss to its query's answer.
     pub miss_time: Arc<Histogram>,
+    /// Time a batch's query took to answer, once per query ([`Loader::fill_many`]).
+    pub batch_time: Arc<Histogram>,
     /// The last failure and when, until a query answers again: readiness reports it.
     failure: Arc<Mutex<Option<(Instant, String)>>>,
 }
@@ -79,6 +99,7 @@ impl Loader {
             reader: Arc::new(reader),
             timeout,
             miss_time: Arc::new(Histogram::new(MISS_BOUNDS)),
+            batch_time: Arc::new(Histogram::new(MISS_BOUNDS)),
             failure: Arc::default(),
         }
     }
@@ -134,6 +155,115 @@ impl Loader {
             }
             index.finish_fill(&subject, &pending, answer);
         });
+    }
+
+    /// Brings every one of `subjects` into the cache, or says why it could not within the
+    /// lookup timeout (one deadline for them all: fail closed, the whole call fails). The
+    /// subjects no other fill is bringing in are asked in one query; those already under way
+    /// (another request's `fill` or `fill_many`) are joined, not asked again. A subject whose
+    /// answer a change made doubtful is asked again, within the same deadline. As for `fill`,
+    /// a query outlives a caller that stops waiting and fills the cache for later ones. A
+    /// batch larger than the cache's budget holds can see its first subjects evicted by its
+    /// last: those read as misses again (the caller decides them as an unavailable store).
+    pub async fn fill_many(&self, subjects: &[CompactString]) -> Result<(), LookupError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut seen = HashSet::with_capacity_and_hasher(subjects.len(), RandomState::default());
+        let mut todo: Vec<&CompactString> = subjects.iter().filter(|s| seen.insert(*s)).collect();
+        while !todo.is_empty() {
+            let mut joined: Vec<(&CompactString, Arc<Pending>)> = Vec::new();
+            let mut led: Vec<(CompactString, Arc<Pending>)> = Vec::new();
+            for s in &todo {
+                match self.index.begin_fill(s) {
+                    Fill::Cached => {}
+                    Fill::Join(p) => joined.push((*s, p)),
+                    Fill::Lead(p) => led.push(((*s).clone(), p)),
+                }
+            }
+            let batch = (!led.is_empty()).then(|| self.spawn_batch(led));
+            let waited = tokio::time::timeout_at(deadline, async {
+                let mut again: Vec<&CompactString> = Vec::new();
+                for (s, p) in &joined {
+                    p.wait().await.map_err(LookupError::Store)?;
+                    // Filled, unless a change made it doubtful: then ask again.
+                    if !self.index.is_cached(s) {
+                        again.push(*s);
+                    }
+                }
+                if let Some(batch) = batch {
+                    let doubtful = batch
+                        .await
+                        .unwrap_or_else(|_| Err("the consent lookup was abandoned".into()))
+                        .map_err(LookupError::Store)?;
+                    let doubtful: HashSet<&str, RandomState> =
+                        doubtful.iter().map(CompactString::as_str).collect();
+                    again.extend(
+                        todo.iter()
+                            .copied()
+                            .filter(|s| doubtful.contains(s.as_str())),
+                    );
+                }
+                Ok::<_, LookupError>(again)
+            })
+            .await;
+            todo = match waited {
+                Err(_) => {
+                    let e = LookupError::Timeout(self.timeout);
+                    self.note_failure(e.to_string());
+                    return Err(e);
+                }
+                Ok(again) => again?,
+            };
+        }
+        Ok(())
+    }
+
+    /// Runs a batch's query on its own task (it outlives a caller that stops waiting) and ends
+    /// each subject's fill with its answer. The receiver hears the subjects whose answers a
+    /// change made doubtful (not kept), or the store's failure.
+    fn spawn_batch(
+        &self,
+        led: Vec<(CompactString, Arc<Pending>)>,
+    ) -> tokio::sync::oneshot::Receiver<Result<Vec<CompactString>, String>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (index, reader, hist, failure) = (
+            self.index.clone(),
+            self.reader.clone(),
+            self.batch_time.clone(),
+            self.failure.clone(),
+        );
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let subjects: Vec<&str> = led.iter().map(|(s, _)| s.as_str()).collect();
+            let answer = match tokio::time::timeout(QUERY_LIMIT, reader.subjects(&subjects)).await {
+                Ok(a) => a,
+                Err(_) => Err(format!("no answer within {} s", QUERY_LIMIT.as_secs())),
+            };
+            hist.observe(started.elapsed());
+            let result = match answer {
+                Ok(found) => {
+                    *failure.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                    let mut found: HashMap<String, Vec<ConsentRecord>, RandomState> =
+                        found.into_iter().collect();
+                    let mut doubtful = Vec::new();
+                    for (subject, pending) in &led {
+                        let records = found.remove(subject.as_str()).unwrap_or_default();
+                        if !index.finish_fill(subject, pending, Ok(records)) {
+                            doubtful.push(subject.clone());
+                        }
+                    }
+                    Ok(doubtful)
+                }
+                Err(e) => {
+                    note(&failure, e.clone());
+                    for (subject, pending) in &led {
+                        index.finish_fill(subject, pending, Err(e.clone()));
+                    }
+                    Err(e)
+                }
+            };
+            let _ = tx.send(result);
+        });
+        rx
     }
 
     fn note_failure(&self, why: String) {

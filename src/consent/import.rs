@@ -15,8 +15,8 @@
 //! than once, and hash collisions — plus the chunks in flight. The records themselves are
 //! never all held.
 
+use super::change::{Change, ImportReport, Outcome, Refusal, Revocation};
 use super::file::{id_of, judge, record_lines};
-use super::registry::{Change, ImportReport, Outcome, RegistryError, Revocation};
 use foldhash::fast::{FixedState, RandomState};
 use jiff::Timestamp;
 use serde::Serialize;
@@ -116,7 +116,7 @@ impl Settle {
     }
 
     /// Takes the store's outcome for each change of a chunk.
-    pub fn chunk(&mut self, chunk: Taken, results: Vec<Result<Outcome, RegistryError>>) {
+    pub fn chunk(&mut self, chunk: Taken, results: Vec<Result<Outcome, Refusal>>) {
         let mut part = ImportReport::default();
         for ((line, withdrawal), result) in chunk.lines.iter().zip(chunk.withdrawals).zip(results) {
             part.count_outcome(*line, withdrawal, result);

@@ -402,12 +402,13 @@ impl ConsentIndex {
     /// Ends the fill `pending` of `subject` with the store's answer (its consents' current
     /// states) or its failure. The answer is kept unless a change to the subject was notified
     /// while the query ran; records that fail validation grant nothing and are left out.
+    /// Returns whether the answer was kept.
     pub fn finish_fill(
         &self,
         subject: &str,
         pending: &Arc<Pending>,
         answer: Result<Vec<ConsentRecord>, String>,
-    ) {
+    ) -> bool {
         let mut interner = self.lock_writer();
         let map = self.map.pin();
         let ours = matches!(map.get(subject).map(|e| &e.held), Some(Held::Pending(p)) if Arc::ptr_eq(p, pending));
@@ -433,22 +434,24 @@ impl ConsentIndex {
                 self.count.fetch_add(n, Ordering::Relaxed);
                 interner.ring.push_back(subject.into());
                 self.evict(&mut interner, &map);
-                Ok(())
+                (true, Ok(()))
             }
             Ok(_) => {
                 if ours {
                     map.remove(subject);
                 }
-                Ok(())
+                (false, Ok(()))
             }
             Err(e) => {
                 if ours {
                     map.remove(subject);
                 }
-                Err(e)
+                (false, Err(e))
             }
         };
+        let (kept, outcome) = outcome;
         pending.done.send_replace(Some(outcome));
+        kept
     }
 
     /// Cache mode: forgets what is cached of `subject` (a change to it was notified). A fill
