@@ -373,7 +373,21 @@ fn copied_from<'a, E: Env, T: Tracer>(
         copy_source: Copied::Nothing,
         ..*req
     };
-    let s = decide_target(policy, env, &read, trace);
+    let mut s = decide_target(policy, env, &read, trace);
+    if s.reason == Reason::ConsentFiltered {
+        // The store copies the object whole: its records cannot be filtered on the way, and
+        // no one subject's consent can stand for all of them.
+        step!(
+            trace,
+            s.rule,
+            "a server-side copy moves every record unfiltered: refused"
+        );
+        s.verdict = Verdict::Deny;
+        s.reason = Reason::SubjectUnidentified;
+        s.detail = Some(Cow::Borrowed(
+            "a server-side copy cannot filter a bulk object record by record",
+        ));
+    }
     if s.verdict == Verdict::Allow {
         return d;
     }
@@ -694,7 +708,7 @@ fn decide_target<'a, E: Env, T: Tracer>(
         d.rule = &ds.rules.egress;
         return d;
     }
-    let d = transfer(policy, env, ds, d, trace);
+    let d = transfer(policy, env, ds, req, d, trace);
     if audit && d.verdict == Verdict::Deny {
         return Decision {
             enforced: false,
@@ -834,6 +848,7 @@ fn transfer<'a, E: Env, T: Tracer>(
     policy: &'a Policy,
     env: &E,
     ds: &'a Dataset,
+    req: &Request<'a>,
     mut d: Decision<'a>,
     trace: &mut T,
 ) -> Decision<'a> {
@@ -917,7 +932,7 @@ fn transfer<'a, E: Env, T: Tracer>(
         }
     };
     d.rule = consent_rule;
-    consent(policy, env, ds, d, trace)
+    consent(policy, env, ds, req, d, trace)
 }
 
 /// How far a consent got before failing; the nearest one names the refusal.
@@ -937,10 +952,11 @@ fn consent<'a, E: Env, T: Tracer>(
     policy: &'a Policy,
     env: &E,
     ds: &'a Dataset,
+    req: &Request<'a>,
     mut d: Decision<'a>,
     trace: &mut T,
 ) -> Decision<'a> {
-    if d.subject.is_none() {
+    if d.subject.is_none() && ds.records.is_none() {
         step!(trace, &ds.rules.subject, "no data subject in the request");
         return deny(d, Reason::SubjectUnidentified, &ds.rules.subject);
     }
@@ -963,15 +979,213 @@ fn consent<'a, E: Env, T: Tracer>(
         d.detail = Some(Cow::Borrowed("the caller is not a declared recipient"));
         return deny(d, Reason::ConsentMissing, rule);
     };
-    let now = env.now();
-    let (dest_buf, n) = foreign_destinations(ds, &d.destinations);
-    // Outside home, yet no country outside it is known (an unlocated client treated as
-    // foreign): nothing can be checked against the consent's destinations.
-    let dests = (n > 0 || !d.outside_home).then_some(&dest_buf[..n]);
+    let terms = RecordTerms {
+        ds,
+        recipient,
+        purpose,
+        dests: foreign_destinations(ds, &d.destinations),
+        outside_home: d.outside_home,
+        now: env.now(),
+    };
+    if ds.records.is_some() {
+        // A bulk object: no one subject names the request, so each record is judged by its
+        // own subject's consents on the way out (`RecordTerms::judge`), with these terms.
+        if req.headers.contains_key(http::header::RANGE) {
+            step!(
+                trace,
+                rule,
+                "a byte range of an object filtered record by record cannot be served"
+            );
+            return deny(d, Reason::RangeOnFilteredDataset, rule);
+        }
+        step!(
+            trace,
+            rule,
+            "records of dataset \"{}\" leave only where their subject consented{}",
+            ds.name,
+            if ds.mode == Mode::Audit {
+                " (audit mode: none is dropped, would-drops are counted)"
+            } else {
+                ""
+            }
+        );
+        d.reason = Reason::ConsentFiltered;
+        d.enforced = ds.mode != Mode::Audit;
+        return d;
+    }
     // The consents are read in place (no copy, no reference count touched): the closure
-    // returns what the decision needs from them. Why a consent fails is put in words only
-    // for a tracer or for the refusal.
+    // returns what the decision needs from them.
     let found = env.with_consents(d.subject.as_deref().unwrap_or_default(), |lookup| {
+        terms.evaluate(policy, lookup, rule, trace)
+    });
+    match found {
+        Found::Valid(id, method) => {
+            d.reason = Reason::Consented;
+            d.consent = Some(ConsentUse {
+                id,
+                failure: None,
+                method: Some(method),
+            });
+            d
+        }
+        Found::Failed(id, reason, why) => {
+            d.consent = Some(ConsentUse {
+                id,
+                failure: Some(reason),
+                method: None,
+            });
+            d.detail = Some(Cow::Owned(why));
+            deny(d, reason, rule)
+        }
+        Found::Nothing => deny(d, Reason::ConsentMissing, rule),
+        Found::Unavailable => deny(d, Reason::ConsentStoreUnavailable, "consent.store"),
+    }
+}
+
+/// What step 8 asks of a consent for one request: the recipient, purpose, category (the
+/// dataset's) and destinations, at an instant. A request names one subject, judged once; a
+/// bulk object's records are judged one subject at a time with the same terms.
+#[derive(Clone, Debug)]
+pub struct RecordTerms<'a> {
+    ds: &'a Dataset,
+    recipient: &'a str,
+    purpose: &'a str,
+    /// The destinations outside home, with their number.
+    dests: ([Country; 2], usize),
+    outside_home: bool,
+    now: i64,
+}
+
+/// How one record of a bulk object fares under [`RecordTerms::judge`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordVerdict<'c> {
+    /// It leaves, under this consent (id, and how it was collected).
+    Keep(&'c compact_str::CompactString, &'c std::sync::Arc<str>),
+    /// It is dropped, for this reason (a consent failure, or the store being unavailable).
+    Drop(Reason),
+}
+
+/// [`RecordTerms`] held apart from the request they were decided for: what a bulk object's
+/// stream keeps while it outlives the request's borrowed parts.
+#[derive(Clone, Debug)]
+pub struct FilterTerms {
+    pub dataset: usize,
+    pub recipient: std::sync::Arc<str>,
+    pub purpose: Box<str>,
+    pub destinations: [Option<Country>; 2],
+    pub outside_home: bool,
+}
+
+impl FilterTerms {
+    /// The terms of a request `decide` answered with `consent_filtered`; `None` for any
+    /// other decision.
+    pub fn of(d: &Decision<'_>) -> Option<FilterTerms> {
+        if d.reason != Reason::ConsentFiltered {
+            return None;
+        }
+        Some(FilterTerms {
+            dataset: d.dataset?,
+            recipient: d.recipient.as_ref()?.id?.clone(),
+            purpose: d.purpose?.into(),
+            destinations: d.destinations,
+            outside_home: d.outside_home,
+        })
+    }
+
+    /// The terms to judge records by at `now` under `policy` (the policy decided with).
+    pub fn at<'a>(&'a self, policy: &'a Policy, now: i64) -> RecordTerms<'a> {
+        let ds = &policy.datasets[self.dataset];
+        RecordTerms {
+            ds,
+            recipient: &self.recipient,
+            purpose: &self.purpose,
+            dests: foreign_destinations(ds, &self.destinations),
+            outside_home: self.outside_home,
+            now,
+        }
+    }
+}
+
+impl<'a> RecordTerms<'a> {
+    /// The terms a bulk object's records are judged by, for a request `decide` answered with
+    /// `consent_filtered`; `None` for any other decision.
+    pub fn of(policy: &'a Policy, d: &Decision<'a>, now: i64) -> Option<RecordTerms<'a>> {
+        if d.reason != Reason::ConsentFiltered {
+            return None;
+        }
+        let ds = &policy.datasets[d.dataset?];
+        Some(RecordTerms {
+            ds,
+            recipient: d.recipient.as_ref()?.id?,
+            purpose: d.purpose?,
+            dests: foreign_destinations(ds, &d.destinations),
+            outside_home: d.outside_home,
+            now,
+        })
+    }
+
+    /// The same terms at another instant: a long stream judges each batch at its own time.
+    pub fn at(&self, now: i64) -> RecordTerms<'a> {
+        RecordTerms {
+            now,
+            ..self.clone()
+        }
+    }
+
+    /// The destinations a consent must name; `None` when the request goes outside home to a
+    /// country nothing located (an unlocated client treated as foreign): no consent can name
+    /// it.
+    fn destinations(&self) -> Option<&[Country]> {
+        let (buf, n) = &self.dests;
+        (*n > 0 || !self.outside_home).then_some(&buf[..*n])
+    }
+
+    /// Whether a record of a subject whose consents are `lookup` may leave: the same checks,
+    /// in the same order, as step 8 makes for a request naming that subject.
+    pub fn judge<'c>(
+        &self,
+        policy: &Policy,
+        lookup: ConsentLookup<&'c [Consent]>,
+    ) -> RecordVerdict<'c> {
+        let consents = match lookup {
+            ConsentLookup::Found(c) => c,
+            ConsentLookup::NotFound => return RecordVerdict::Drop(Reason::ConsentMissing),
+            ConsentLookup::Unavailable => {
+                return RecordVerdict::Drop(Reason::ConsentStoreUnavailable);
+            }
+        };
+        let mut nearest: Option<Reason> = None;
+        for c in consents
+            .iter()
+            .filter(|c| *c.scope.recipient == *self.recipient)
+        {
+            match check(
+                policy,
+                self.ds,
+                c,
+                self.purpose,
+                self.destinations(),
+                self.now,
+            ) {
+                None => return RecordVerdict::Keep(&c.id, &c.scope.method),
+                Some(miss) => {
+                    if nearest.is_none_or(|m| rank(miss.reason()) > rank(m)) {
+                        nearest = Some(miss.reason());
+                    }
+                }
+            }
+        }
+        RecordVerdict::Drop(nearest.unwrap_or(Reason::ConsentMissing))
+    }
+
+    /// Step 8 for the request's one subject, with the trace and the words of a refusal.
+    fn evaluate<T: Tracer>(
+        &self,
+        policy: &Policy,
+        lookup: ConsentLookup<&[Consent]>,
+        rule: &str,
+        trace: &mut T,
+    ) -> Found {
         let consents = match lookup {
             ConsentLookup::Found(c) => c,
             ConsentLookup::NotFound => {
@@ -987,12 +1201,20 @@ fn consent<'a, E: Env, T: Tracer>(
                 return Found::Unavailable;
             }
         };
+        // Why a consent fails is put in words only for a tracer or for the refusal.
         let mut nearest: Option<(&Consent, Miss<'_>)> = None;
         for c in consents
             .iter()
-            .filter(|c| *c.scope.recipient == **recipient)
+            .filter(|c| *c.scope.recipient == *self.recipient)
         {
-            match check(policy, ds, c, purpose, dests, now) {
+            match check(
+                policy,
+                self.ds,
+                c,
+                self.purpose,
+                self.destinations(),
+                self.now,
+            ) {
                 None => {
                     step!(trace, rule, "consent {} is valid", c.id);
                     return Found::Valid(c.id.clone(), c.scope.method.clone());
@@ -1019,34 +1241,13 @@ fn consent<'a, E: Env, T: Tracer>(
                 step!(
                     trace,
                     rule,
-                    "no consent of this subject names recipient \"{recipient}\""
+                    "no consent of this subject names recipient \"{}\"",
+                    self.recipient
                 );
                 Found::Nothing
             }
             Some((c, miss)) => Found::Failed(c.id.clone(), miss.reason(), miss.to_string()),
         }
-    });
-    match found {
-        Found::Valid(id, method) => {
-            d.reason = Reason::Consented;
-            d.consent = Some(ConsentUse {
-                id,
-                failure: None,
-                method: Some(method),
-            });
-            d
-        }
-        Found::Failed(id, reason, why) => {
-            d.consent = Some(ConsentUse {
-                id,
-                failure: Some(reason),
-                method: None,
-            });
-            d.detail = Some(Cow::Owned(why));
-            deny(d, reason, rule)
-        }
-        Found::Nothing => deny(d, Reason::ConsentMissing, rule),
-        Found::Unavailable => deny(d, Reason::ConsentStoreUnavailable, "consent.store"),
     }
 }
 

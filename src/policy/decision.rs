@@ -65,8 +65,10 @@ reasons! {
     ConsentMethodInvalid => "consent_method_invalid",
     ConsentScopeMismatch => "consent_scope_mismatch",
     ConsentStoreUnavailable => "consent_store_unavailable",
+    RangeOnFilteredDataset => "range_on_filtered_dataset",
     Domestic => "domestic",
     Consented => "consented",
+    ConsentFiltered => "consent_filtered",
     CrossBorderAllowed => "cross_border_allowed",
     NotEgress => "not_egress",
     UpstreamUnreachable => "upstream_unreachable",
@@ -74,6 +76,26 @@ reasons! {
     LogUnavailable => "log_unavailable",
     PayloadTooLarge => "payload_too_large",
     HeadersTooLarge => "headers_too_large",
+}
+
+impl Reason {
+    /// The record filter's code for a record dropped for this reason (a consent failure, or
+    /// the store being unavailable): the filter counts by code, not by name.
+    pub fn bulk_code(self) -> crate::bulk::Reason {
+        crate::bulk::Reason(crate::bulk::Reason::FIRST_CALLER + self as u8)
+    }
+
+    /// The name of a record filter's drop code: the filter's own (`no_subject`,
+    /// `unparsable`) or a reason's.
+    pub fn of_bulk_code(code: crate::bulk::Reason) -> &'static str {
+        code.builtin_name().unwrap_or_else(|| {
+            Reason::ALL
+                .get(usize::from(
+                    code.0.wrapping_sub(crate::bulk::Reason::FIRST_CALLER),
+                ))
+                .map_or("unknown", |r| r.as_str())
+        })
+    }
 }
 
 impl fmt::Display for Reason {
@@ -275,7 +297,7 @@ impl<'a> Decision<'a> {
             Reason::LocationUnknown => "The client's location cannot be determined, and the policy refuses unknown locations.".into(),
             Reason::CrossBorderDenied => format!("Dataset \"{ds}\" may not leave its home jurisdiction (destination {dest})."),
             Reason::ThirdPartyDenied => format!("Dataset \"{ds}\" may not be shared with third parties ({who})."),
-            Reason::SubjectUnidentified => format!("Sharing dataset \"{ds}\" needs consent, but the request does not identify its data subject."),
+            Reason::SubjectUnidentified => format!("Sharing dataset \"{ds}\" needs consent, but the request does not identify its data subject{}.", if detail.is_empty() { String::new() } else { format!(" ({detail})") }),
             Reason::PurposeMissing => format!(
                 "Sharing dataset \"{ds}\" needs consent for a purpose, and the request declares none (header {}).",
                 policy.consent.purpose_header
@@ -288,6 +310,8 @@ impl<'a> Decision<'a> {
             Reason::ConsentStoreUnavailable => "The consent registry is unavailable, so no consent can be confirmed.".into(),
             Reason::Domestic => "The data stays in its home jurisdiction.".into(),
             Reason::Consented => format!("The data subject consented to this transfer to {who}."),
+            Reason::ConsentFiltered => format!("Records of dataset \"{ds}\" leave for {who} only where their data subject consented; the others are dropped."),
+            Reason::RangeOnFilteredDataset => format!("Dataset \"{ds}\" is filtered record by record for {who}, so a byte range of its objects cannot be served; ask for the whole object."),
             Reason::CrossBorderAllowed => format!("Dataset \"{ds}\" may leave its home jurisdiction."),
             Reason::NotEgress => "The method does not carry data out; only the upstream location applies.".into(),
             Reason::UpstreamUnreachable => format!("The upstream could not be reached{}.", if detail.is_empty() { String::new() } else { format!(": {detail}") }),
@@ -308,9 +332,11 @@ pub fn status_of(reason: Reason) -> u16 {
         Reason::UpstreamTimeout => 504,
         Reason::LogUnavailable => 503,
         Reason::PayloadTooLarge => 413,
+        Reason::RangeOnFilteredDataset => 416,
         Reason::HeadersTooLarge => 431,
         Reason::Domestic
         | Reason::Consented
+        | Reason::ConsentFiltered
         | Reason::CrossBorderAllowed
         | Reason::NotEgress
         | Reason::UnmatchedAllowed => 200,

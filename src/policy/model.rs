@@ -182,6 +182,9 @@ pub struct Dataset {
     pub upstream: usize,
     pub category: Arc<str>,
     pub subject: Option<SubjectSource>,
+    /// A dataset of bulk objects (exports, feeds): each record names its own subject, and
+    /// leaves only with that subject's consent. Never set together with `subject`.
+    pub records: Option<Records>,
     pub home: Jurisdiction,
     pub resident: bool,
     pub cross_border: Rule,
@@ -200,6 +203,15 @@ impl Dataset {
             None => self.egress_methods.iter().any(|m| m == method),
         }
     }
+}
+
+/// How a bulk object's records are read: their format and the field naming each record's
+/// data subject (checked by the compiler), and the rule path that declared them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Records {
+    pub spec: crate::bulk::RecordsSpec,
+    /// `datasets.NAME.records`.
+    pub rule: Arc<str>,
 }
 
 /// A bit per standard method, for method sets held as masks.

@@ -99,6 +99,7 @@ pub struct RawDataset {
     pub upstream: String,
     pub category: String,
     pub subject: Option<RawSubject>,
+    pub records: Option<RawRecords>,
     pub home: Option<String>,
     pub resident: Option<bool>,
     pub cross_border: Option<String>,
@@ -119,6 +120,13 @@ pub struct RawSubject {
     pub path_segment: Option<i64>,
     pub header: Option<String>,
     pub query: Option<String>,
+}
+
+/// `records = { format, subject }`: a dataset of bulk objects.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawRecords {
+    pub format: Option<String>,
+    pub subject: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
