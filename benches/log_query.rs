@@ -9,10 +9,11 @@
 mod records;
 
 use residency_proxy::audit::keys::SigningKey;
-use residency_proxy::audit::query::{self, Filter, Format};
+use residency_proxy::audit::read::query::{self, Filter, Format};
+use residency_proxy::audit::read::report;
+use residency_proxy::audit::read::verify::{VerifyOptions, verify_with};
 use residency_proxy::audit::record::Record;
-use residency_proxy::audit::verify::{VerifyOptions, verify_with};
-use residency_proxy::audit::{LogWriter, Pseudonymizer, report};
+use residency_proxy::audit::{LogWriter, Pseudonymizer};
 use residency_proxy::policy::model::Durability;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

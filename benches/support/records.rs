@@ -164,6 +164,7 @@ pub fn outcome(d: &DecisionRecord, n: u64) -> OutcomeRecord {
         id: d.id,
         kind: "outcome",
         prev: Link::default(),
+        records: None,
         seq: 0,
         status: d.status.unwrap_or(200),
         ts: d.ts,

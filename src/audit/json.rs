@@ -280,6 +280,10 @@ impl OutcomeRecord {
         o.plain(self.kind);
         o.raw(",\"prev\":");
         o.str(self.prev.as_str());
+        if let Some(r) = &self.records {
+            o.raw(",\"records\":");
+            o.serde(r);
+        }
         o.raw(",\"seq\":");
         o.u64(self.seq);
         o.raw(",\"status\":");
@@ -418,6 +422,18 @@ mod tests {
             id: crate::audit::id::DecisionId::new(jiff::Timestamp::now()),
             kind: "outcome",
             prev: Link::from("ef".repeat(32).as_str()),
+            records: (i % 5 == 1).then(|| {
+                Box::new(crate::audit::record::RecordCounts {
+                    dropped: [("consent_missing", i as u64), ("no_subject", 1)].into(),
+                    kept: i as u64 * 7,
+                    kept_bytes: i as u64 * 1_001,
+                    would_drop: if i % 2 == 0 {
+                        [("unparsable", 2)].into()
+                    } else {
+                        Default::default()
+                    },
+                })
+            }),
             seq: i as u64,
             status: [0, 200, 404, 503][i % 4],
             ts: Stamp(jiff::Timestamp::from_microsecond(i as i64 * 987_654_321).unwrap()),

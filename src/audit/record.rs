@@ -117,6 +117,9 @@ pub struct OutcomeRecord {
     pub instance: Option<Arc<str>>,
     pub kind: &'static str,
     pub prev: Link,
+    /// A bulk object's records: what the filter let through. Absent for other exchanges.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub records: Option<Box<RecordCounts>>,
     pub seq: u64,
     /// The status the client received; 0 if the client went away before any.
     pub status: u16,
@@ -124,6 +127,42 @@ pub struct OutcomeRecord {
     /// The upstream address actually used, if any.
     pub upstream: Option<SocketAddr>,
     pub v: u8,
+}
+
+/// Written before a batch of a bulk object's records leaves (a dataset filtered record by
+/// record): names each subject whose records the batch carries, with the consent that let
+/// them leave, so that the log never shows less than what left. A subject already named
+/// under the same consent by an earlier disclosure of the same exchange is not named again.
+#[derive(Clone, Debug, Serialize)]
+pub struct DisclosureRecord {
+    /// The batch's number within the exchange, from 1.
+    pub batch: u64,
+    /// The decision the exchange was forwarded under.
+    pub id: DecisionId,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<Arc<str>>,
+    pub kind: &'static str,
+    pub prev: Link,
+    /// Records of the batch that leave.
+    pub records: u64,
+    pub seq: u64,
+    /// `[subject, consent id]` per newly named subject: the subject pseudonymised as in
+    /// decision records; the consent `null` where audit mode let records leave without one.
+    pub subjects: Vec<(String, Option<compact_str::CompactString>)>,
+    pub ts: Stamp,
+    pub v: u8,
+}
+
+/// What a bulk object's filter let through, in its exchange's outcome record: records kept
+/// (and their bytes, before compression), records dropped by reason, and in audit mode the
+/// records that left although they would have been dropped, by reason.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RecordCounts {
+    pub dropped: std::collections::BTreeMap<&'static str, u64>,
+    pub kept: u64,
+    pub kept_bytes: u64,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub would_drop: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// A signed checkpoint (see [`super::checkpoint`] for what the signature covers). Written
@@ -192,6 +231,7 @@ pub enum Record {
     Outcome(OutcomeRecord),
     Checkpoint(CheckpointRecord),
     Recovery(RecoveryRecord),
+    Disclosure(Box<DisclosureRecord>),
 }
 
 impl Record {
@@ -202,6 +242,7 @@ impl Record {
             Record::Outcome(o) => (&mut o.seq, &mut o.prev, &mut o.instance),
             Record::Checkpoint(c) => (&mut c.seq, &mut c.prev, &mut c.instance),
             Record::Recovery(r) => (&mut r.seq, &mut r.prev, &mut r.instance),
+            Record::Disclosure(r) => (&mut r.seq, &mut r.prev, &mut r.instance),
         };
         *s = seq;
         p.set(prev);
@@ -213,6 +254,7 @@ impl Record {
         match self {
             Record::Decision(d) => d.id.as_str(),
             Record::Outcome(o) => o.id.as_str(),
+            Record::Disclosure(r) => r.id.as_str(),
             Record::Checkpoint(_) | Record::Recovery(_) => "",
         }
     }
@@ -231,6 +273,7 @@ impl Record {
             }
             Record::Checkpoint(c) => serde_json::to_writer(&mut *out, c),
             Record::Recovery(r) => serde_json::to_writer(&mut *out, r),
+            Record::Disclosure(r) => serde_json::to_writer(&mut *out, r),
         };
         r.expect("records serialise to JSON without error");
     }
@@ -679,6 +722,7 @@ mod tests {
             id: "x".into(),
             kind: "outcome",
             prev: "p".into(),
+            records: None,
             seq: 3,
             status: 504,
             ts: Stamp(jiff::Timestamp::UNIX_EPOCH),

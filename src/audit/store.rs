@@ -83,138 +83,18 @@ pub fn is_url(s: &str) -> bool {
 
 /// Opens the store `url` names. Nothing is contacted yet.
 pub fn open(url: &Url, opts: &StoreOptions) -> Result<Location, StoreError> {
-    let fail = |why: String| StoreError::Open {
-        url: url.to_string(),
-        why,
-    };
-    let bucket = || {
-        url.host_str()
-            .filter(|h| !h.is_empty())
-            .map(str::to_string)
-            .ok_or_else(|| fail("no bucket or container name after the scheme".into()))
-    };
-    let bad_option = |what: &str| {
-        Err(fail(format!(
-            "{what} applies to s3:// stores only (the others take their standard variables)"
-        )))
-    };
+    let fail = |why: String| open_error(url, why);
     if url.scheme() != "s3" && opts.credentials_file.is_some() {
-        return bad_option("a credentials file");
+        return Err(only_s3(url, "a credentials file"));
     }
     // The host every request goes to is read back from the configured builder, after the
     // environment (`AWS_ENDPOINT_URL`, `AZURE_STORAGE_ENDPOINT`, …) had its say, so that the
     // address located is the one the uploads reach.
-    let (store, prefix, host): (Arc<dyn ObjectStore>, String, Option<String>) = match url.scheme() {
-        "s3" => {
-            use object_store::aws::AmazonS3ConfigKey as K;
-            let mut b = object_store::aws::AmazonS3Builder::from_env()
-                .with_bucket_name(bucket()?)
-                .with_s3_express(false)
-                .with_retry(retry())
-                .with_client_options(client_options());
-            if let Some(region) = &opts.region {
-                b = b.with_region(region);
-            }
-            if let Some(e) = &opts.endpoint {
-                let e = e.as_str().trim_end_matches('/');
-                b = b
-                    .with_endpoint(e)
-                    // Else `AWS_ENDPOINT_URL_S3` would take precedence over it.
-                    .with_config(K::S3Endpoint, e)
-                    .with_allow_http(opts.endpoint.as_ref().is_some_and(|u| u.scheme() == "http"))
-                    .with_virtual_hosted_style_request(false);
-            }
-            if let Some(path) = &opts.credentials_file {
-                let c = read_credentials(path)?;
-                b = b
-                    .with_access_key_id(c.key_id)
-                    .with_secret_access_key(c.secret);
-                if let Some(t) = c.token {
-                    b = b.with_token(t);
-                }
-            }
-            let host = match b
-                .get_config_value(&K::S3Endpoint)
-                .or_else(|| b.get_config_value(&K::Endpoint))
-            {
-                Some(endpoint) => endpoint,
-                None => {
-                    let region = b
-                        .get_config_value(&K::Region)
-                        .unwrap_or_else(|| "us-east-1".into());
-                    let virtual_hosted = b
-                        .get_config_value(&K::VirtualHostedStyleRequest)
-                        .is_some_and(|v| v == "true");
-                    if virtual_hosted {
-                        format!("https://{}.s3.{region}.amazonaws.com", bucket()?)
-                    } else {
-                        format!("https://s3.{region}.amazonaws.com")
-                    }
-                }
-            };
-            let store = b.build().map_err(|e| fail(e.to_string()))?;
-            (Arc::new(store), url.path().to_string(), Some(host))
-        }
-        "gs" => {
-            use object_store::gcp::GoogleConfigKey as K;
-            let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                .with_bucket_name(bucket()?)
-                .with_retry(retry())
-                .with_client_options(client_options());
-            if let Some(e) = &opts.endpoint {
-                b = b.with_base_url(e.as_str().trim_end_matches('/'));
-            }
-            let host = b
-                .get_config_value(&K::BaseUrl)
-                .unwrap_or_else(|| "https://storage.googleapis.com".into());
-            let store = b.build().map_err(|e| fail(e.to_string()))?;
-            (Arc::new(store), url.path().to_string(), Some(host))
-        }
-        "az" => {
-            use object_store::azure::AzureConfigKey as K;
-            let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
-                .with_container_name(bucket()?)
-                .with_retry(retry())
-                .with_client_options(client_options());
-            if let Some(e) = &opts.endpoint {
-                b = b
-                    .with_endpoint(e.as_str().trim_end_matches('/').to_string())
-                    .with_allow_http(e.scheme() == "http");
-            }
-            let host = match b.get_config_value(&K::Endpoint) {
-                Some(endpoint) => endpoint,
-                None if b
-                    .get_config_value(&K::UseEmulator)
-                    .is_some_and(|v| v == "true") =>
-                {
-                    "http://127.0.0.1:10000".into()
-                }
-                None => match b.get_config_value(&K::AccountName) {
-                    Some(account) => format!("https://{account}.blob.core.windows.net"),
-                    None => {
-                        return Err(fail(
-                            "no storage account: set AZURE_STORAGE_ACCOUNT_NAME, or give endpoint"
-                                .into(),
-                        ));
-                    }
-                },
-            };
-            let store = b.build().map_err(|e| fail(e.to_string()))?;
-            (Arc::new(store), url.path().to_string(), Some(host))
-        }
-        "file" => {
-            if opts.endpoint.is_some() {
-                return bad_option("endpoint");
-            }
-            let dir = url
-                .to_file_path()
-                .map_err(|()| fail("not a local folder".into()))?;
-            std::fs::create_dir_all(&dir).map_err(|e| fail(e.to_string()))?;
-            // Rooted at `/` with the folder as the prefix, so that the folder's own name is
-            // known (a location may be one instance's folder).
-            let fs = object_store::local::LocalFileSystem::new();
-            (Arc::new(fs), dir.to_string_lossy().into_owned(), None)
-        }
+    let (store, prefix, host): Opened = match url.scheme() {
+        "s3" => open_s3(url, opts)?,
+        "gs" => open_gs(url, opts)?,
+        "az" => open_az(url, opts)?,
+        "file" => open_file(url, opts)?,
         other => return Err(fail(format!("scheme {other}: is not s3, gs, az or file"))),
     };
     let host = match host {
@@ -237,6 +117,147 @@ pub fn open(url: &Url, opts: &StoreOptions) -> Result<Location, StoreError> {
         url: url.to_string(),
         host,
     })
+}
+
+/// A store, the prefix its URL names, and the endpoint every request goes to (`None` for a
+/// local folder).
+type Opened = (Arc<dyn ObjectStore>, String, Option<String>);
+
+fn open_error(url: &Url, why: String) -> StoreError {
+    StoreError::Open {
+        url: url.to_string(),
+        why,
+    }
+}
+
+/// An option given for a store that does not take it.
+fn only_s3(url: &Url, what: &str) -> StoreError {
+    open_error(
+        url,
+        format!("{what} applies to s3:// stores only (the others take their standard variables)"),
+    )
+}
+
+/// The bucket or container the URL names.
+fn bucket(url: &Url) -> Result<String, StoreError> {
+    url.host_str()
+        .filter(|h| !h.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| open_error(url, "no bucket or container name after the scheme".into()))
+}
+
+fn open_s3(url: &Url, opts: &StoreOptions) -> Result<Opened, StoreError> {
+    use object_store::aws::AmazonS3ConfigKey as K;
+    let mut b = object_store::aws::AmazonS3Builder::from_env()
+        .with_bucket_name(bucket(url)?)
+        .with_s3_express(false)
+        .with_retry(retry())
+        .with_client_options(client_options());
+    if let Some(region) = &opts.region {
+        b = b.with_region(region);
+    }
+    if let Some(e) = &opts.endpoint {
+        let e = e.as_str().trim_end_matches('/');
+        b = b
+            .with_endpoint(e)
+            // Else `AWS_ENDPOINT_URL_S3` would take precedence over it.
+            .with_config(K::S3Endpoint, e)
+            .with_allow_http(opts.endpoint.as_ref().is_some_and(|u| u.scheme() == "http"))
+            .with_virtual_hosted_style_request(false);
+    }
+    if let Some(path) = &opts.credentials_file {
+        let c = read_credentials(path)?;
+        b = b
+            .with_access_key_id(c.key_id)
+            .with_secret_access_key(c.secret);
+        if let Some(t) = c.token {
+            b = b.with_token(t);
+        }
+    }
+    let host = match b
+        .get_config_value(&K::S3Endpoint)
+        .or_else(|| b.get_config_value(&K::Endpoint))
+    {
+        Some(endpoint) => endpoint,
+        None => {
+            let region = b
+                .get_config_value(&K::Region)
+                .unwrap_or_else(|| "us-east-1".into());
+            let virtual_hosted = b
+                .get_config_value(&K::VirtualHostedStyleRequest)
+                .is_some_and(|v| v == "true");
+            if virtual_hosted {
+                format!("https://{}.s3.{region}.amazonaws.com", bucket(url)?)
+            } else {
+                format!("https://s3.{region}.amazonaws.com")
+            }
+        }
+    };
+    let store = b.build().map_err(|e| open_error(url, e.to_string()))?;
+    Ok((Arc::new(store), url.path().to_string(), Some(host)))
+}
+
+fn open_gs(url: &Url, opts: &StoreOptions) -> Result<Opened, StoreError> {
+    use object_store::gcp::GoogleConfigKey as K;
+    let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+        .with_bucket_name(bucket(url)?)
+        .with_retry(retry())
+        .with_client_options(client_options());
+    if let Some(e) = &opts.endpoint {
+        b = b.with_base_url(e.as_str().trim_end_matches('/'));
+    }
+    let host = b
+        .get_config_value(&K::BaseUrl)
+        .unwrap_or_else(|| "https://storage.googleapis.com".into());
+    let store = b.build().map_err(|e| open_error(url, e.to_string()))?;
+    Ok((Arc::new(store), url.path().to_string(), Some(host)))
+}
+
+fn open_az(url: &Url, opts: &StoreOptions) -> Result<Opened, StoreError> {
+    use object_store::azure::AzureConfigKey as K;
+    let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
+        .with_container_name(bucket(url)?)
+        .with_retry(retry())
+        .with_client_options(client_options());
+    if let Some(e) = &opts.endpoint {
+        b = b
+            .with_endpoint(e.as_str().trim_end_matches('/').to_string())
+            .with_allow_http(e.scheme() == "http");
+    }
+    let host = match b.get_config_value(&K::Endpoint) {
+        Some(endpoint) => endpoint,
+        None if b
+            .get_config_value(&K::UseEmulator)
+            .is_some_and(|v| v == "true") =>
+        {
+            "http://127.0.0.1:10000".into()
+        }
+        None => match b.get_config_value(&K::AccountName) {
+            Some(account) => format!("https://{account}.blob.core.windows.net"),
+            None => {
+                return Err(open_error(
+                    url,
+                    "no storage account: set AZURE_STORAGE_ACCOUNT_NAME, or give endpoint".into(),
+                ));
+            }
+        },
+    };
+    let store = b.build().map_err(|e| open_error(url, e.to_string()))?;
+    Ok((Arc::new(store), url.path().to_string(), Some(host)))
+}
+
+fn open_file(url: &Url, opts: &StoreOptions) -> Result<Opened, StoreError> {
+    if opts.endpoint.is_some() {
+        return Err(only_s3(url, "endpoint"));
+    }
+    let dir = url
+        .to_file_path()
+        .map_err(|()| open_error(url, "not a local folder".into()))?;
+    std::fs::create_dir_all(&dir).map_err(|e| open_error(url, e.to_string()))?;
+    // Rooted at `/` with the folder as the prefix, so that the folder's own name is known (a
+    // location may be one instance's folder).
+    let fs = object_store::local::LocalFileSystem::new();
+    Ok((Arc::new(fs), dir.to_string_lossy().into_owned(), None))
 }
 
 /// A few quick retries inside a request: the shipper retries whole uploads with its own

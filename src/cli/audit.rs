@@ -1,16 +1,19 @@
-//! `audit verify|query|report`: offline tools for security teams.
+//! `audit verify|query|report|export|subject`: the command line of the log's readers
+//! ([`crate::audit::read`]), for security teams and data protection officers: the
+//! arguments, and how each result is printed.
 
 use super::{CliError, CliResult, Exit, fail};
 use crate::audit::Pseudonymizer;
-use crate::audit::export::ParquetExport;
 use crate::audit::files::Segments;
-use crate::audit::fleet;
 use crate::audit::keys::{self, SigningKey};
-use crate::audit::query::{self, Filter, Format, QueryError, Scanned, parse_time};
-use crate::audit::report;
+use crate::audit::read::export::ParquetExport;
+use crate::audit::read::fleet;
+use crate::audit::read::html;
+use crate::audit::read::query::{self, Filter, Format, QueryError, Scanned, parse_time};
+use crate::audit::read::report;
+use crate::audit::read::subject;
+use crate::audit::read::verify::{KnownHead, VerifyError, VerifyOptions, VerifyReport, verify_log};
 use crate::audit::store::{self, Location, StoreOptions};
-use crate::audit::subject;
-use crate::audit::verify::{KnownHead, VerifyError, VerifyOptions, VerifyReport, verify_log};
 use crate::policy::Reason;
 use clap::Subcommand;
 use std::io::Write;
@@ -27,13 +30,15 @@ pub enum AuditCommand {
     /// Print the records that match every given filter, as JSON lines or a table.
     Query(Box<QueryArgs>),
     /// Count decisions by decision, reason, dataset, recipient and destination country; in
-    /// audit mode, what would have been blocked.
+    /// audit mode, what would have been blocked; for bulk exports, the records kept and
+    /// dropped by reason and the subjects disclosed.
     Report(ReportArgs),
     /// Write every record of a log, or of a fleet's shipped files, as Parquet with typed
     /// columns, for DuckDB, Trino, Athena, ClickHouse or Spark.
     Export(ExportArgs),
-    /// A data subject's disclosure report: every recipient that received their data, and
-    /// every refused attempt, after verifying the log (PIPL art. 45, GDPR art. 15(1)(c)).
+    /// A data subject's disclosure report: every recipient that received their data (bulk
+    /// exports that carried their records included), and every refused attempt, after
+    /// verifying the log (PIPL art. 45, GDPR art. 15(1)(c)).
     Subject(SubjectArgs),
 }
 
@@ -42,8 +47,9 @@ pub enum AuditCommand {
     after_help = "The log is verified first (the chain, and the signatures against --key or the \
 key the log carries): a log that does not verify gets no report, only the failure, and exit \
 status 1. The subject's identifier is pseudonymised with the key derived from the log-signing \
-key, as the proxy did; only that subject's decision records and their outcome records are \
-read into the report, and their request paths, queries and headers are left out.\n\n\
+key, as the proxy did; only that subject's decision records, the disclosures of bulk exports \
+naming them, and their outcome records are read into the report, and their request paths, \
+queries and headers are left out (but a bulk export's path, which names the export).\n\n\
 Example:\n  residency-proxy audit subject u123 --signing-key certs/log-signing.key \
 --key certs/log-signing.pub --format html logs/ > u123.html"
 )]
@@ -85,6 +91,10 @@ pub enum SubjectFormat {
     after_help = "One row per record of every kind (decision, outcome, checkpoint, recovery), \
 fields flattened with `_` (request.method is request_method), ts as a UTC timestamp, \
 request headers and any field a later version adds as JSON text (request_headers, extra). \
+A disclosure (a batch of a bulk export) has a row per subject it names, in subject and \
+consent_id as a decision row holds its one subject; a bulk export's outcome counts its records \
+in records_kept, records_kept_bytes and, as JSON text by reason, records_dropped and \
+records_would_drop. \
 Records are read as they are, without checking the chain: run `audit verify` on the same \
 PATH|URL first. Example, with DuckDB:\n\n  \
 residency-proxy audit export s3://decision-logs/shanghai/ q3.parquet\n  \
@@ -146,7 +156,9 @@ pub struct VerifyArgs {
 #[command(
     after_help = "Filters combine: a record is printed when it matches every flag given, \
 and any of the values of each. --country matches the recipient's declared country or the \
-client's located country. --subject pseudonymises RAW with the key derived from the log-signing \
+client's located country. A disclosure record (the subjects a batch of a bulk export named) \
+matches on its export's decision: recipient, dataset, destination, decision and reason. \
+--subject pseudonymises RAW with the key derived from the log-signing \
 key, so it needs --signing-key or --policy. Times: 2026-11-28T04:00:00Z, 2026-11-28 (midnight UTC), \
 or a duration back from now (30m, 24h, 7d); --since is inclusive, --until exclusive."
 )]
@@ -170,10 +182,11 @@ pub struct QueryArgs {
     /// A destination country (ISO 3166-1 alpha-2).
     #[arg(long, value_delimiter = ',')]
     pub country: Vec<String>,
-    /// A data subject's raw identifier, matched through its pseudonym.
+    /// A data subject's raw identifier, matched through its pseudonym: their decision records,
+    /// and the disclosures of bulk exports that name them.
     #[arg(long, value_name = "RAW")]
     pub subject: Vec<String>,
-    /// A decision id (all records of that exchange: decision and outcome).
+    /// A decision id (all records of that exchange: decision, disclosures and outcome).
     #[arg(long, value_delimiter = ',')]
     pub id: Vec<String>,
     /// `false`: denials audit mode only logged (the request was forwarded).
@@ -183,8 +196,9 @@ pub struct QueryArgs {
     pub since: Option<String>,
     #[arg(long, value_name = "TIME")]
     pub until: Option<String>,
-    /// Record kinds: decision (the default), outcome, checkpoint, recovery, or any.
-    #[arg(long, value_delimiter = ',', value_parser = ["decision", "outcome", "checkpoint", "recovery", "any"])]
+    /// Record kinds: decision (the default; with --subject also disclosure), outcome,
+    /// disclosure (the subjects a batch of a bulk export named), checkpoint, recovery, or any.
+    #[arg(long, value_delimiter = ',', value_parser = ["decision", "outcome", "disclosure", "checkpoint", "recovery", "any"])]
     pub kind: Vec<String>,
     /// The log-signing key ([log] signing_key), for --subject.
     #[arg(long, value_name = "FILE")]
@@ -332,7 +346,7 @@ fn run_subject(args: SubjectArgs) -> CliResult {
         ),
         SubjectFormat::Html => print!(
             "{}",
-            subject::html(&report, &verified, policy_name.as_deref(), &now)
+            html::subject_page(&report, &verified, policy_name.as_deref(), &now)
         ),
     }
     Ok(Exit::Ok)
@@ -376,10 +390,18 @@ fn run_export(args: ExportArgs) -> CliResult {
             return Err(fail(why));
         }
     };
+    let records = export.records();
     let rows = export.finish().map_err(|e| fail(e.to_string()))?;
     std::fs::rename(&tmp, &args.out).map_err(|e| fail(format!("{}: {e}", args.out.display())))?;
     warn_unread(&scanned);
-    eprintln!("{}: {rows} records", args.out.display());
+    if rows == records {
+        eprintln!("{}: {rows} records", args.out.display());
+    } else {
+        eprintln!(
+            "{}: {records} records in {rows} rows (a disclosure has a row per subject it names)",
+            args.out.display()
+        );
+    }
     Ok(Exit::Ok)
 }
 
@@ -535,6 +557,12 @@ pub fn describe(r: &VerifyReport) -> Vec<String> {
             r.heads
         ));
     }
+    if r.disclosures > 0 {
+        out.push(format!(
+            "disclosures: {} records naming the subjects of a bulk object's batches, each under a consent_filtered decision of the chain",
+            r.disclosures
+        ));
+    }
     if r.files > 1 {
         out.push(format!("files: {}", r.files));
     }
@@ -623,6 +651,9 @@ fn run_query(args: QueryArgs) -> CliResult {
         enforced: args.enforced,
         since,
         until,
+        bulk_outcomes: false,
+        // A table shows a disclosure's recipient, dataset and destination.
+        with_exchanges: args.format == OutputFormat::Table,
     };
     let format = match args.format {
         OutputFormat::Json => Format::Json,
@@ -726,7 +757,7 @@ fn run_report(args: ReportArgs) -> CliResult {
     match args.format {
         ReportFormat::Html => print!(
             "{}",
-            crate::audit::report_html::html(
+            html::report_page(
                 &report,
                 &args.path.display().to_string(),
                 integrity.as_ref().expect("computed for html"),

@@ -437,3 +437,205 @@ async fn report_counts_decisions_and_what_audit_mode_would_have_blocked() {
         text(&out.stdout)
     );
 }
+
+/// A bulk export's log, as the proxy writes it: the decision that forwarded the export
+/// filtered record by record, a disclosure naming the subjects of its batch (pseudonymised
+/// under the log's key), its outcome. Every reader reads the disclosure with its decision.
+#[tokio::test]
+async fn a_bulk_disclosure_is_verified_queried_reported_and_exported() {
+    use residency_proxy::audit::Pseudonymizer;
+    use residency_proxy::audit::keys::SigningKey;
+    use residency_proxy::audit::record::{DisclosureRecord, OutcomeRecord, RecordCounts, Stamp};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pem = SigningKey::generate_pem();
+    let key_file = dir.path().join("log-signing.key");
+    std::fs::write(&key_file, &pem).unwrap();
+    let key = Arc::new(SigningKey::from_pem(pem.as_bytes(), &key_file).unwrap());
+    let pseudo = Pseudonymizer::new(&key.pseudonym_key());
+    let policy = residency_proxy::policy::compile::from_str(
+        "t.toml",
+        "[policy]\nname='t'\nhome='CN'\n[log]\npseudonymize=false\n[[upstreams]]\nname='u'\nurl='http://127.0.0.1:1'\n",
+    )
+    .unwrap();
+    let write = |path: std::path::PathBuf, disclosed_id: &'static str| {
+        let (policy, key, pseudo) = (&policy, key.clone(), &pseudo);
+        async move {
+            let mut settings = policy.log.clone();
+            settings.target = LogTarget::File(path);
+            let writer = LogWriter::open(&settings, Some(key)).unwrap();
+            let headers = http::HeaderMap::new();
+            let ts = jiff::Timestamp::from_second(1_795_838_400).unwrap();
+            let cx = RequestContext {
+                id: "01BULK".into(),
+                ts,
+                method: &http::Method::GET,
+                host: Some("storage.internal"),
+                raw_path: "/exports/spending/2026-11.jsonl",
+                query: None,
+                headers: &headers,
+                peer: "127.0.0.20".parse().unwrap(),
+            };
+            let mut d = failure_record(policy, &cx, Reason::ConsentFiltered, "datasets.exports");
+            d.decision = "allow";
+            d.status = Some(200);
+            d.dataset = Some("spending-exports".into());
+            d.purpose = Some("credit_scoring".into());
+            d.recipient.id = Some("credit-bureau-us".into());
+            d.recipient.country = residency_proxy::policy::country::Country::parse("US");
+            let disclosure = DisclosureRecord {
+                batch: 1,
+                id: disclosed_id.into(),
+                instance: None,
+                kind: "disclosure",
+                prev: Default::default(),
+                records: 3,
+                seq: 0,
+                subjects: vec![
+                    (pseudo.pseudonym("u2"), Some("c-2".into())),
+                    (pseudo.pseudonym("u3"), Some("c-3".into())),
+                ],
+                ts: Stamp(ts),
+                v: 1,
+            };
+            let outcome = OutcomeRecord {
+                instance: None,
+                bytes_in: 0,
+                bytes_out: 300,
+                complete: true,
+                detail: None,
+                duration_ms: 5.0,
+                error: None,
+                id: "01BULK".into(),
+                kind: "outcome",
+                prev: Default::default(),
+                records: Some(Box::new(RecordCounts {
+                    dropped: [("consent_missing", 2)].into(),
+                    kept: 3,
+                    kept_bytes: 240,
+                    would_drop: Default::default(),
+                })),
+                seq: 0,
+                status: 200,
+                ts: Stamp(ts),
+                upstream: None,
+                v: 1,
+            };
+            for r in [
+                Record::Decision(Box::new(d)),
+                Record::Disclosure(Box::new(disclosure)),
+                Record::Outcome(outcome),
+            ] {
+                writer.append(r).await.unwrap();
+            }
+            writer.close().await;
+        }
+    };
+    let log = dir.path().join("decisions.jsonl");
+    write(log.clone(), "01BULK").await;
+    let key_arg = key_file.display().to_string();
+
+    let out = verify(&log);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("disclosures: 1 records naming the subjects"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = run([
+        OsStr::new("audit"),
+        OsStr::new("query"),
+        log.as_os_str(),
+        OsStr::new("--subject"),
+        OsStr::new("u2"),
+        OsStr::new("--signing-key"),
+        OsStr::new(&key_arg),
+        OsStr::new("--format"),
+        OsStr::new("table"),
+    ]);
+    let table = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let row = table.lines().nth(1).unwrap();
+    for part in [
+        "disclosure",
+        "consent_filtered",
+        "spending-expo…",
+        "credit-bureau-us",
+        "2 subjects",
+        "batch 1 of 01BULK: 3 records left, 2 subjects named (GET /exports/spending/2026-11.jsonl)",
+    ] {
+        assert!(row.contains(part), "{part:?} in {table}");
+    }
+    assert_eq!(
+        table.lines().last(),
+        Some("1 of 4 records matched (1 file)")
+    );
+
+    let out = run([
+        OsStr::new("audit"),
+        OsStr::new("subject"),
+        OsStr::new("u3"),
+        OsStr::new("--signing-key"),
+        OsStr::new(&key_arg),
+        log.as_os_str(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let d = &v["report"]["disclosures"]["credit-bureau-us"][0];
+    assert_eq!(d["id"], "01BULK");
+    assert_eq!(d["consent_id"], "c-3");
+    assert_eq!(d["purpose"], "credit_scoring");
+    assert_eq!(d["bulk"]["path"], "/exports/spending/2026-11.jsonl");
+    assert_eq!(d["bulk"]["batches"][0], 1);
+
+    let out = run([OsStr::new("audit"), OsStr::new("report"), log.as_os_str()]);
+    let report = text(&out.stdout);
+    assert!(
+        report.contains("bulk exports, filtered record by record"),
+        "{report}"
+    );
+    assert!(
+        report.contains("(named in 1 disclosure records)"),
+        "{report}"
+    );
+    for (name, n) in [
+        ("exchanges", 1),
+        ("records kept", 3),
+        ("records dropped", 2),
+        ("subjects disclosed", 2),
+    ] {
+        let line = report
+            .lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .unwrap();
+        let count = line.trim_start()[name.len()..].split_whitespace().next();
+        assert_eq!(count, Some(n.to_string().as_str()), "{line}");
+    }
+
+    let parquet = dir.path().join("log.parquet");
+    let out = run([
+        OsStr::new("audit"),
+        OsStr::new("export"),
+        log.as_os_str(),
+        parquet.as_os_str(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("4 records in 5 rows"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A disclosure for a decision the chain does not hold, signed like the rest: it fails.
+    let forged = dir.path().join("forged.jsonl");
+    write(forged.clone(), "01OTHER").await;
+    let out = verify(&forged);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains(":2: disclosure for an unknown decision"),
+        "{}",
+        text(&out.stderr)
+    );
+}

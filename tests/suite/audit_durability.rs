@@ -364,11 +364,11 @@ async fn a_full_disk_refuses_with_503_forwards_nothing_and_recovers() {
     proxy.shutdown().await;
 
     let key = SigningKey::load(&proxy.dir.path().join("log-signing.key")).unwrap();
-    let opts = residency_proxy::audit::verify::VerifyOptions {
+    let opts = residency_proxy::audit::read::verify::VerifyOptions {
         keys: vec![key.public_key().to_vec()],
         ..Default::default()
     };
-    residency_proxy::audit::verify::verify_with(&log, &opts)
+    residency_proxy::audit::read::verify::verify_with(&log, &opts)
         .unwrap_or_else(|e| panic!("the log does not verify: {e}"));
     // A refused request left no decision record: its write failed whole.
     let all = records(&log);

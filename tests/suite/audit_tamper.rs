@@ -10,7 +10,7 @@ use crate::support::upstream::{Reply as Serve, Upstream};
 use residency_proxy::audit::chain::link;
 use residency_proxy::audit::checkpoint::signed_bytes;
 use residency_proxy::audit::keys::SigningKey;
-use residency_proxy::audit::verify::canonical_json;
+use residency_proxy::audit::read::verify::canonical_json;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,4 +1,7 @@
-//! Shipping sealed log files to object storage (SPEC section 5.1).
+//! Shipping sealed log files to object storage (SPEC section 5.1). On the write side because
+//! the writer and the shipper share the spool: the writer seals files into it and refuses
+//! records while it is full; the readers fetch what was shipped through
+//! [`crate::audit::store`] alone.
 //!
 //! The spool is the log's own folder: every rotated (sealed) file beside the active one
 //! waits there until its upload is confirmed. The shipper takes them in chain order,
@@ -15,8 +18,8 @@
 //! once it holds `spool_max_bytes`, the writer refuses records (a log failure, and
 //! `on_failure` decides), and shipping resumes where it stopped when the store comes back.
 
-use super::files::{self, MAX_LINE};
-use super::store::{self, Location, SegmentName, StoreError};
+use crate::audit::files::{self, MAX_LINE};
+use crate::audit::store::{self, Location, SegmentName, StoreError};
 use object_store::{PutMode, PutOptions};
 use serde::{Deserialize, Serialize};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
@@ -26,6 +29,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
+
+/// The target of the shipper's events: the module's path before it moved under `write`,
+/// kept so that a filter (`RUST_LOG`) or a log collector's rule written for it still matches.
+const EVENTS: &str = "residency_proxy::audit::ship";
 
 /// zstd level: one of the fast (negative) levels, since a sidecar compresses every byte it
 /// logs. On decision records level -3 compresses about 8:1 at half the CPU of level 1
@@ -118,7 +125,7 @@ impl Spool {
     /// The writer sealed a file: count it, and wake the shipper.
     pub(crate) fn sealed(&self) {
         if let Err(e) = self.recount() {
-            tracing::warn!(error = %e, "cannot count the decision log's shipping spool");
+            tracing::event!(target: EVENTS, tracing::Level::WARN, error = %e, "cannot count the decision log's shipping spool");
         }
         self.notify.notify_one();
     }
@@ -256,7 +263,7 @@ impl ShipperHandle {
         if tokio::time::timeout(timeout, &mut task).await.is_err() {
             task.abort();
             let left = self.spool.stats();
-            tracing::warn!(
+            tracing::event!(target: EVENTS,tracing::Level::WARN,
                 log.spool_files = left.spool_files,
                 log.spool_bytes = left.spool_bytes,
                 "decision log shipping did not finish within drain_timeout: the rest ships at the next start"
@@ -310,7 +317,7 @@ impl Shipper {
                 Err(e) => {
                     self.spool.failures.fetch_add(1, Ordering::Relaxed);
                     let why = e.to_string();
-                    tracing::warn!(
+                    tracing::event!(target: EVENTS,tracing::Level::WARN,
                         log.ship = %self.loc.url,
                         error = %why,
                         retry_in_ms = backoff.as_millis() as u64,
@@ -405,7 +412,7 @@ impl Shipper {
         std::fs::remove_file(path).map_err(local)?;
         self.spool.shipped_files.fetch_add(1, Ordering::Relaxed);
         self.spool.shipped_bytes.fetch_add(size, Ordering::Relaxed);
-        tracing::info!(
+        tracing::event!(target: EVENTS,tracing::Level::INFO,
             log.object = %object,
             log.first_seq = name.first,
             log.last_seq = name.last,

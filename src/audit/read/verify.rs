@@ -16,15 +16,26 @@
 //! simply go: once a checkpoint is signed, every later one must be, or whoever edited the
 //! records after it could rewrite the chain and drop the signatures they cannot make.
 //!
+//! Bulk disclosures: a `disclosure` record names the subjects whose records a batch of a bulk
+//! object carried out, under the decision that forwarded the object filtered record by
+//! record. It is chained and signed like any record; besides, it must name (`id`) a decision
+//! record earlier in the same chain whose reason is `consent_filtered`, and come before that
+//! exchange's outcome record, else it stands for no decision the log shows.
+//!
 //! Coverage: a checkpoint signs the chain head, which commits to every record before it, so
 //! the whole log is covered when it ends in a checkpoint; it must end in a *final* one (a
 //! clean close), else it is open or truncated. Every rotated file ends in a checkpoint.
+//!
+//! Apart from [`super::query`], which reads only the fields it needs and skips a line it
+//! cannot parse: verification reads every byte of every line and stops at the first that
+//! does not hold. About 700 of its lines are code, the rest its tests.
 
-use super::chain::{GENESIS, link};
-use super::checkpoint;
-use super::files::{LineReader, LogFilesError, log_files, oversized_why, unreadable};
-use super::keys;
+use crate::audit::chain::{GENESIS, link};
+use crate::audit::checkpoint;
+use crate::audit::files::{LineReader, LogFilesError, log_files, oversized_why, unreadable};
+use crate::audit::keys;
 use serde_json::Value;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 /// How to verify.
@@ -115,6 +126,8 @@ pub struct VerifyReport {
     pub heads: usize,
     /// `ts` of the last record.
     pub last_ts: Option<String>,
+    /// Disclosure records (a batch of a bulk object's records left), each after its decision.
+    pub disclosures: u64,
     /// Whether the log ends in a final checkpoint (false only with `open`).
     pub closed: bool,
 }
@@ -158,7 +171,7 @@ pub fn verify_with(path: &Path, opts: &VerifyOptions) -> Result<VerifyReport, Br
 }
 
 /// Verifies the log at `path`: a file with its rotated siblings, or a folder holding one log
-/// (see [`super::files::log_files`]).
+/// (see [`crate::audit::files::log_files`]).
 pub fn verify_log(path: &Path, opts: &VerifyOptions) -> Result<VerifyReport, VerifyError> {
     let files = log_files(path)?;
     let mut chain = Chain::new(opts, files.len());
@@ -197,6 +210,10 @@ pub(crate) struct Chain<'o> {
     last: Option<Last>,
     /// A record carrying `instance` was read.
     named: bool,
+    /// Ids of the `consent_filtered` decisions whose exchange has not ended (no outcome record
+    /// yet): the decisions a disclosure record may name. An id leaves at its outcome, so the
+    /// set holds the bulk exchanges in flight, not every one the log holds.
+    filtered: HashSet<String>,
     report: VerifyReport,
 }
 
@@ -213,6 +230,7 @@ impl<'o> Chain<'o> {
             last_signed: None,
             last: None,
             named: false,
+            filtered: HashSet::new(),
             report: VerifyReport {
                 files,
                 trusted: !opts.keys.is_empty(),
@@ -447,13 +465,7 @@ impl<'o> Chain<'o> {
             );
         }
 
-        let kind = match kind.as_deref() {
-            Some("checkpoint") => Kind::Checkpoint {
-                final_: self.checkpoint(&mut value)?,
-            },
-            Some("recovery") => self.recovery(&value, seq)?,
-            _ => Kind::Record,
-        };
+        let kind = self.kind(kind.as_deref(), &mut value, seq)?;
         self.seq = seq;
         self.hash = hash;
         if let Kind::Checkpoint { .. } = kind {
@@ -465,6 +477,48 @@ impl<'o> Chain<'o> {
             self.unsigned += 1;
         }
         Ok(kind)
+    }
+
+    /// Checks what a record of `kind` (chained at `seq`, `value` without its `hash`) says,
+    /// beyond the chain: a checkpoint's signature, a recovery record's claims, a disclosure's
+    /// decision; and notes the bulk exchanges that decisions open and outcomes close.
+    fn kind(&mut self, kind: Option<&str>, value: &mut Value, seq: u64) -> Result<Kind, String> {
+        let id = |value: &Value| value.get("id").and_then(Value::as_str).map(str::to_string);
+        Ok(match kind {
+            Some("checkpoint") => Kind::Checkpoint {
+                final_: self.checkpoint(value)?,
+            },
+            Some("recovery") => self.recovery(value, seq)?,
+            Some("disclosure") => self.disclosure(value)?,
+            Some("decision") => {
+                if value.get("reason").and_then(Value::as_str) == Some("consent_filtered")
+                    && let Some(id) = id(value)
+                {
+                    self.filtered.insert(id);
+                }
+                Kind::Record
+            }
+            Some("outcome") => {
+                if let Some(id) = id(value) {
+                    self.filtered.remove(&id);
+                }
+                Kind::Record
+            }
+            _ => Kind::Record,
+        })
+    }
+
+    /// Checks a disclosure record against the decisions before it: it must name a
+    /// `consent_filtered` decision of this chain whose exchange has not ended.
+    fn disclosure(&mut self, value: &Value) -> Result<Kind, String> {
+        let id = value.get("id").and_then(Value::as_str).unwrap_or_default();
+        if !self.filtered.contains(id) {
+            return Err(format!(
+                "disclosure for an unknown decision: no decision record before it in this chain has id \"{id}\" and reason consent_filtered with its exchange still open (a disclosure follows its decision and precedes its outcome)"
+            ));
+        }
+        self.report.disclosures += 1;
+        Ok(Kind::Record)
     }
 
     /// Checks a recovery record at `seq` against the chain before it. One written by a
@@ -509,7 +563,7 @@ impl<'o> Chain<'o> {
         })
     }
 
-    /// Checks a checkpoint's signature (see [`super::checkpoint`]); returns whether it is
+    /// Checks a checkpoint's signature (see [`crate::audit::checkpoint`]); returns whether it is
     /// final. `value` is the checkpoint without `hash`.
     fn checkpoint(&mut self, value: &mut Value) -> Result<bool, String> {
         let Value::Object(fields) = value else {
@@ -663,7 +717,14 @@ pub fn canonical_json(value: &Value, out: &mut Vec<u8>) {
 mod tests {
     use super::*;
     use crate::audit::keys::SigningKey;
-    use crate::audit::writer::tests::{test_key, write_log, write_log_with};
+    use crate::audit::record::Record;
+    use crate::audit::testing::{
+        decision_at, disclosure, outcome, policy, settings, test_key, write_bulk_log, write_log,
+        write_log_with,
+    };
+    use crate::audit::write::LogWriter;
+    use crate::policy::Reason;
+    use crate::policy::model::Durability;
 
     fn block_on<F: std::future::Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()
@@ -1137,6 +1198,90 @@ mod tests {
             verify_log(&missing, &VerifyOptions::default()),
             Err(VerifyError::Files(LogFilesError::Read { .. }))
         ));
+    }
+
+    #[test]
+    fn a_disclosure_after_its_consent_filtered_decision_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        block_on(write_bulk_log(&path));
+        let report = verify(&path).unwrap();
+        assert_eq!((report.records, report.disclosures), (11, 3));
+    }
+
+    /// A disclosure stands for records that left under a decision of the same chain: one
+    /// that names no such decision (written by the real writer, so the chain itself holds)
+    /// fails, whatever else holds.
+    #[test]
+    fn a_disclosure_for_an_unknown_decision_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = policy();
+        let cases: [(&str, Vec<Record>, usize); 4] = [
+            (
+                "no decision",
+                vec![disclosure("x1", 1, 1, 1, &[("u1", Some("c-1"))])],
+                1,
+            ),
+            (
+                "a decision about one subject",
+                vec![
+                    Record::Decision(Box::new(decision_at(
+                        &p,
+                        "p1",
+                        0,
+                        Reason::Consented,
+                        "/payments/u1/x.json",
+                    ))),
+                    disclosure("p1", 1, 1, 1, &[("u1", Some("c-1"))]),
+                ],
+                2,
+            ),
+            (
+                "after the exchange's outcome",
+                vec![
+                    Record::Decision(Box::new(decision_at(
+                        &p,
+                        "b1",
+                        0,
+                        Reason::ConsentFiltered,
+                        "/exports/x.jsonl",
+                    ))),
+                    outcome("b1", 1, 10),
+                    disclosure("b1", 2, 1, 1, &[("u1", Some("c-1"))]),
+                ],
+                3,
+            ),
+            (
+                "of another exchange",
+                vec![
+                    Record::Decision(Box::new(decision_at(
+                        &p,
+                        "b1",
+                        0,
+                        Reason::ConsentFiltered,
+                        "/exports/x.jsonl",
+                    ))),
+                    disclosure("b2", 1, 1, 1, &[("u1", Some("c-1"))]),
+                ],
+                2,
+            ),
+        ];
+        for (i, (case, records, line)) in cases.into_iter().enumerate() {
+            let path = dir.path().join(format!("d{i}.jsonl"));
+            block_on(async {
+                let w = LogWriter::open(&settings(&p, &path, Durability::Write), None).unwrap();
+                for r in records {
+                    w.append(r).await.unwrap();
+                }
+                w.close().await;
+            });
+            let b = verify(&path).unwrap_err();
+            assert_eq!(b.line, line, "{case}: {b}");
+            assert!(
+                b.why.starts_with("disclosure for an unknown decision"),
+                "{case}: {b}"
+            );
+        }
     }
 
     #[test]

@@ -2,15 +2,27 @@
 //! SPEC 5.1), for the engines a security team queries a fleet's log with (DuckDB, Trino,
 //! Athena, Spark). Written with parquet's own column writers: no arrow.
 //!
-//! One row per record, of any kind. `COLUMNS` below is the schema: each JSON field is the
+//! One row per record, of any kind, but for a disclosure record (a batch of a bulk export
+//! naming the subjects whose records it carried): a row per subject it names, that subject in
+//! `subject` and its consent in `consent_id`, the columns a decision row fills for its one
+//! subject. `WHERE subject = 'hmac:…'` then finds every disclosure of a person, bulk or not,
+//! with no list to unnest (which not every engine does alike); the rows of one disclosure
+//! share its `seq` and `hash`, so `count(DISTINCT seq)` counts records. A disclosure whose
+//! `subjects` is not a list of `[subject, consent]` pairs is one row, `subjects` in `extra`.
+//!
+//! `COLUMNS` below is the schema: each JSON field is the
 //! column named by its path with `_` for nesting (`request.method` is `request_method`), and
 //! a field that a kind does not have, or a null, is a null: every column is OPTIONAL.
 //!
 //! - strings: BYTE_ARRAY, logical type String (UTF8);
-//! - `seq`, `bytes_in`, `bytes_out`, `last_seq`, `torn_bytes`, `expected_seq`: INT64;
+//! - `seq`, `bytes_in`, `bytes_out`, `last_seq`, `torn_bytes`, `expected_seq`, `batch`,
+//!   `records` (a disclosure's), `records_kept`, `records_kept_bytes` (a bulk outcome's):
+//!   INT64;
 //! - `v`, `status`: INT32; `enforced`, `complete`, `final`: BOOLEAN; `duration_ms`: DOUBLE;
 //! - `ts`: INT64, TIMESTAMP(MICROS, isAdjustedToUTC = true), read from its RFC 3339 text;
-//! - `request.headers`, an object: `request_headers`, its JSON text;
+//! - `request.headers`, an object: `request_headers`, its JSON text; so are a bulk outcome's
+//!   counts by reason, `records_dropped` and `records_would_drop`
+//!   (`{"consent_missing":3,"no_subject":1}`: DuckDB reads one with `->>'consent_missing'`);
 //! - `upstream` is an object in a decision record and the address used in an outcome record:
 //!   both fill `upstream_addr`.
 //!
@@ -25,7 +37,7 @@
 //! encoded where that pays (parquet's default) and compressed with zstd, through the `zstd`
 //! crate that shipping the log already builds.
 
-use super::record::{STAMP_LEN, rfc3339_micros, timestamp};
+use crate::audit::record::{STAMP_LEN, rfc3339_micros, timestamp};
 use parquet::basic::{Compression, LogicalType, Repetition, TimeUnit, Type as Physical, ZstdLevel};
 use parquet::column::writer::ColumnWriterImpl;
 use parquet::data_type::{
@@ -64,7 +76,7 @@ enum Ty {
 type Column = (&'static str, Ty, &'static [&'static str]);
 
 /// The schema, in file order: the fields every record has, then those of decision, outcome,
-/// checkpoint and recovery records, then the chain.
+/// checkpoint, recovery and disclosure records, then the chain.
 const COLUMNS: &[Column] = {
     use Ty::*;
     &[
@@ -113,6 +125,11 @@ const COLUMNS: &[Column] = {
         ("duration_ms", Double, &["duration_ms"]),
         ("error", Str, &["error"]),
         ("detail", Str, &["detail"]),
+        // outcome of a bulk exchange (`records` is a disclosure's count)
+        ("records_kept", Int64, &["records.kept"]),
+        ("records_kept_bytes", Int64, &["records.kept_bytes"]),
+        ("records_dropped", Json, &["records.dropped"]),
+        ("records_would_drop", Json, &["records.would_drop"]),
         // checkpoint
         ("final", Bool, &["final"]),
         ("key", Str, &["key"]),
@@ -125,6 +142,9 @@ const COLUMNS: &[Column] = {
         ("torn_bytes", Int64, &["torn_bytes"]),
         ("expected_hash", Str, &["expected.hash"]),
         ("expected_seq", Int64, &["expected.seq"]),
+        // disclosure (and `subject`, `consent_id`: one row per subject named)
+        ("batch", Int64, &["batch"]),
+        ("records", Int64, &["records"]),
         // the chain
         ("prev", Str, &["prev"]),
         ("hash", Str, &["hash"]),
@@ -161,6 +181,11 @@ pub struct ParquetExport {
     columns: Vec<Buffer>,
     /// The index of `extra` in `columns`.
     extra: usize,
+    /// The indexes of `subject` and `consent_id`, which a disclosure fills row by row.
+    subject: usize,
+    consent_id: usize,
+    /// Records pushed (a disclosure is one record and a row per subject).
+    records: u64,
     row_group: usize,
     /// Rows in `columns`, not yet written.
     buffered: usize,
@@ -196,31 +221,76 @@ impl ParquetExport {
             .iter()
             .position(|(_, _, from)| from.is_empty())
             .expect("COLUMNS has an `extra` column");
+        let named = |name: &str| {
+            COLUMNS
+                .iter()
+                .position(|(n, _, _)| *n == name)
+                .expect("COLUMNS names its columns")
+        };
         Ok(ParquetExport {
             out: out.into(),
             writer,
             fields: Node::of(COLUMNS),
             columns: COLUMNS.iter().map(|(_, ty, _)| Buffer::new(*ty)).collect(),
             extra,
+            subject: named("subject"),
+            consent_id: named("consent_id"),
+            records: 0,
             row_group: row_group.max(1),
             buffered: 0,
             written: 0,
         })
     }
 
-    /// Adds one record (any kind). Buffers rows and writes a row group every [`ROW_GROUP`]
-    /// rows, so memory stays bounded whatever the log's size. A record that is not a JSON
-    /// object is refused and the export goes on; after a failed write, the file is lost.
+    /// Adds one record (any kind): a row, or a row per subject for a disclosure. Buffers rows
+    /// and writes a row group every [`ROW_GROUP`] rows, so memory stays bounded whatever the
+    /// log's size. A record that is not a JSON object is refused and the export goes on;
+    /// after a failed write, the file is lost.
     pub fn push(&mut self, record: &Value) -> Result<(), ExportError> {
         let Value::Object(fields) = record else {
             return Err(ExportError::NotAnObject {
                 path: self.out.clone(),
-                record: self.written + self.buffered as u64 + 1,
+                record: self.records + 1,
             });
         };
+        self.records += 1;
+        match named_subjects(fields) {
+            Some(pairs) => {
+                for (subject, consent) in pairs {
+                    self.row(fields, Some((subject, consent)))?;
+                }
+                Ok(())
+            }
+            None => self.row(fields, None),
+        }
+    }
+
+    /// Records pushed so far (rows can be more: a disclosure has a row per subject).
+    pub fn records(&self) -> u64 {
+        self.records
+    }
+
+    /// Adds one row of `fields`; for a disclosure, with one of the subjects it names.
+    fn row(
+        &mut self,
+        fields: &Map<String, Value>,
+        named: Option<(&Value, &Value)>,
+    ) -> Result<(), ExportError> {
         let row = self.buffered;
         let mut rest = Map::new();
-        place(&self.fields, fields, &mut self.columns, row, &mut rest);
+        let skip = named.map(|_| "subjects");
+        place(
+            &self.fields,
+            fields,
+            skip,
+            &mut self.columns,
+            row,
+            &mut rest,
+        );
+        if let Some((subject, consent)) = named {
+            self.columns[self.subject].set(row, subject);
+            self.columns[self.consent_id].set(row, consent);
+        }
         if !rest.is_empty() {
             self.columns[self.extra].set(row, &Value::Object(rest));
         }
@@ -329,23 +399,46 @@ impl Node {
     }
 }
 
-/// Puts each of `fields` in its column for `row`, and in `rest` those that have no column or
-/// do not fit it.
+/// A disclosure's `[subject, consent]` pairs, when it is one and they are (a subject is a
+/// string, a consent a string or null); else `None`, and the record is one row.
+fn named_subjects(fields: &Map<String, Value>) -> Option<Vec<(&Value, &Value)>> {
+    if fields.get("kind").and_then(Value::as_str) != Some("disclosure") {
+        return None;
+    }
+    let Some(Value::Array(items)) = fields.get("subjects") else {
+        return None;
+    };
+    let pairs: Vec<(&Value, &Value)> = items
+        .iter()
+        .map_while(|item| match item.as_array().map(Vec::as_slice) {
+            Some([s @ Value::String(_), c @ (Value::String(_) | Value::Null)]) => Some((s, c)),
+            _ => None,
+        })
+        .collect();
+    (!pairs.is_empty() && pairs.len() == items.len()).then_some(pairs)
+}
+
+/// Puts each of `fields` (but `skip`, read apart) in its column for `row`, and in `rest`
+/// those that have no column or do not fit it.
 fn place(
     node: &Node,
     fields: &Map<String, Value>,
+    skip: Option<&str>,
     columns: &mut [Buffer],
     row: usize,
     rest: &mut Map<String, Value>,
 ) {
     for (key, value) in fields {
+        if skip == Some(key.as_str()) {
+            continue;
+        }
         let Some(field) = node.nested.get(key.as_str()) else {
             rest.insert(key.clone(), value.clone());
             continue;
         };
         if let (Value::Object(inner), false) = (value, field.nested.is_empty()) {
             let mut unknown = Map::new();
-            place(field, inner, columns, row, &mut unknown);
+            place(field, inner, None, columns, row, &mut unknown);
             if !unknown.is_empty() {
                 rest.insert(key.clone(), Value::Object(unknown));
             }
@@ -665,6 +758,7 @@ mod tests {
             id: "r1".into(),
             kind: "outcome",
             prev: Default::default(),
+            records: None,
             seq: 0,
             status: 504,
             ts: Stamp(ts),
@@ -816,7 +910,7 @@ mod tests {
             .enable_all()
             .build()
             .unwrap()
-            .block_on(crate::audit::writer::tests::write_log(&log, 0..6));
+            .block_on(crate::audit::testing::write_log(&log, 0..6));
         let records: Vec<Value> = std::fs::read_to_string(&log)
             .unwrap()
             .lines()
@@ -1002,5 +1096,117 @@ mod tests {
         let (reader, rows) = read_back(&out);
         assert_eq!(reader.metadata().num_row_groups(), 0);
         assert!(rows.is_empty());
+    }
+
+    /// A disclosure is a row per subject it names, in `subject` and `consent_id`, sharing its
+    /// `seq`; a bulk outcome's counts are columns; a log of the real writer round-trips.
+    #[test]
+    fn a_disclosure_is_a_row_per_subject_and_an_exports_counts_are_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("decisions.jsonl");
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(crate::audit::testing::write_bulk_log(&log));
+        let records: Vec<Value> = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        // 11 records and the final checkpoint; the three disclosures name 2, 2 and 1.
+        assert_eq!(records.len(), 12);
+        let out = dir.path().join("log.parquet");
+        let mut export = ParquetExport::with_row_group(&out, ROW_GROUP).unwrap();
+        for r in &records {
+            export.push(r).unwrap();
+        }
+        assert_eq!(export.records(), 12);
+        assert_eq!(export.finish().unwrap(), 14);
+        let (_, rows) = read_back(&out);
+        let disclosures: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r["kind"] == Field::Str("disclosure".into()))
+            .collect();
+        let named: Vec<(Field, Field, Field, Field, Field)> = disclosures
+            .iter()
+            .map(|r| {
+                (
+                    r["id"].clone(),
+                    r["subject"].clone(),
+                    r["consent_id"].clone(),
+                    r["batch"].clone(),
+                    r["records"].clone(),
+                )
+            })
+            .collect();
+        let s = |v: &str| Field::Str(v.into());
+        assert_eq!(
+            named,
+            [
+                (s("b1"), s("u1"), s("c-1"), Field::Long(1), Field::Long(3)),
+                (s("b1"), s("u2"), s("c-2"), Field::Long(1), Field::Long(3)),
+                (s("a1"), s("u1"), s("c-1"), Field::Long(1), Field::Long(2)),
+                (
+                    s("a1"),
+                    s("u4"),
+                    Field::Null,
+                    Field::Long(1),
+                    Field::Long(2)
+                ),
+                (s("b1"), s("u3"), s("c-3"), Field::Long(2), Field::Long(2)),
+            ]
+        );
+        assert_eq!(disclosures[0]["seq"], disclosures[1]["seq"]);
+        assert_ne!(disclosures[1]["seq"], disclosures[2]["seq"]);
+        for r in &disclosures {
+            assert_eq!(r["extra"], Field::Null);
+        }
+        let outcome = rows
+            .iter()
+            .find(|r| r["kind"] == s("outcome") && r["id"] == s("b1"))
+            .unwrap();
+        assert_eq!(outcome["records_kept"], Field::Long(5));
+        assert_eq!(outcome["records_kept_bytes"], Field::Long(400));
+        assert_eq!(
+            outcome["records_dropped"],
+            s(r#"{"consent_missing":3,"no_subject":1}"#)
+        );
+        assert_eq!(outcome["records_would_drop"], Field::Null);
+        assert_eq!(outcome["records"], Field::Null);
+        assert_eq!(outcome["extra"], Field::Null);
+        let audit = rows
+            .iter()
+            .find(|r| r["kind"] == s("outcome") && r["id"] == s("a1"))
+            .unwrap();
+        assert_eq!(audit["records_would_drop"], s(r#"{"consent_missing":1}"#));
+        // Every other record is a row as before.
+        for (row, record) in rows
+            .iter()
+            .filter(|r| r["kind"] != s("disclosure") && r["records_kept"] == Field::Null)
+            .zip(
+                records
+                    .iter()
+                    .filter(|r| r["kind"] != "disclosure" && r.get("records").is_none()),
+            )
+        {
+            assert_row_is(row, record);
+        }
+    }
+
+    #[test]
+    fn a_disclosure_whose_subjects_are_not_pairs_is_one_row_with_them_in_extra() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("log.parquet");
+        let odd = json!({"kind": "disclosure", "seq": 3, "id": "b1", "subjects": [["u1", "c-1"], ["u2"]]});
+        let none = json!({"kind": "disclosure", "seq": 4, "id": "b1", "subjects": []});
+        assert_eq!(export(&out, ROW_GROUP, &[odd, none]), 2);
+        let (_, rows) = read_back(&out);
+        assert_eq!(rows[0]["subject"], Field::Null);
+        assert_eq!(
+            rows[0]["extra"],
+            Field::Str(r#"{"subjects":[["u1","c-1"],["u2"]]}"#.into())
+        );
+        assert_eq!(rows[1]["extra"], Field::Str(r#"{"subjects":[]}"#.into()));
     }
 }

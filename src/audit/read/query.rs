@@ -1,19 +1,28 @@
 //! Reading a log for people: streams the records of a log (a file with its rotated siblings,
 //! or a folder) one line at a time, never holding more than one, reads only the fields that
 //! filters and reports use (borrowed from the line where it has no escapes), and prints
-//! matches as JSON lines or a table. `audit query` and `audit report` share it.
+//! matches as JSON lines or a table. Every reader but `audit verify` reads through it
+//! (`query`, `report`, `subject`, `export`), so that they all skip and count the same lines.
+//!
+//! A bulk exchange (a dataset filtered record by record) writes `disclosure` records that name
+//! the subjects whose records left, but not who received them, why or where: that is in the
+//! exchange's decision record. The scan keeps the decisions of the bulk exchanges still open
+//! (until their outcome record) and hands each disclosure over with its decision
+//! ([`View::exchange`]), so that filters and tables read a disclosure as they read a decision.
 //!
 //! Times compare as strings: every record's `ts` has the fixed form
 //! `YYYY-MM-DDTHH:MM:SS.ffffffZ`, so string order is time order, and the bounds are brought
 //! into the same form.
 
-use super::files::{LogFilesError, Segments, oversized_why, unreadable};
-use super::record::timestamp;
+use crate::audit::files::{LogFilesError, Segments, oversized_why, unreadable};
+use crate::audit::record::timestamp;
 use serde::{Deserialize, Deserializer};
 use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 /// A string field, borrowed from the line unless it holds escapes.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -66,6 +75,8 @@ pub struct RecipientView<'a> {
     pub id: Field<'a>,
     #[serde(borrow, default)]
     pub country: Field<'a>,
+    #[serde(borrow, default)]
+    pub relation: Field<'a>,
 }
 
 /// The consent a decision looked at.
@@ -73,6 +84,8 @@ pub struct RecipientView<'a> {
 pub struct ConsentView<'a> {
     #[serde(borrow, default)]
     pub id: Field<'a>,
+    #[serde(borrow, default)]
+    pub method: Field<'a>,
 }
 
 /// The request a decision was about.
@@ -108,6 +121,12 @@ pub struct View<'a> {
     pub subject: Field<'a>,
     #[serde(borrow, default)]
     pub purpose: Field<'a>,
+    #[serde(borrow, default)]
+    pub category: Field<'a>,
+    #[serde(borrow, default)]
+    pub policy: Field<'a>,
+    #[serde(borrow, default)]
+    pub instance: Field<'a>,
     #[serde(default)]
     pub status: Option<u16>,
     #[serde(default)]
@@ -135,6 +154,105 @@ pub struct View<'a> {
     /// Recovery records of a running writer: the head it expected its file to end with.
     #[serde(default)]
     pub expected: Option<ExpectedView>,
+    /// Disclosure records: the batch's number within its exchange.
+    #[serde(default)]
+    pub batch: Option<u64>,
+    /// Disclosure records: the subjects named, each with the consent that let its records
+    /// leave (none where audit mode let them leave without one).
+    #[serde(borrow, default)]
+    pub subjects: Option<SubjectsView<'a>>,
+    /// A disclosure's records in its batch, or a bulk exchange's counts in its outcome.
+    #[serde(default)]
+    pub records: Option<RecordsView>,
+    /// A disclosure's exchange: the decision it was made under, when the scan read it (an
+    /// earlier file or range may hold it).
+    #[serde(skip)]
+    pub exchange: Option<Rc<Exchange>>,
+}
+
+/// The `subjects` of a disclosure record: `[subject, consent id or null]` pairs.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum SubjectsView<'a> {
+    #[serde(borrow)]
+    Pairs(Vec<(Text<'a>, Option<Text<'a>>)>),
+    /// Another shape (a later version): read as no subject.
+    Other(serde::de::IgnoredAny),
+}
+
+/// `records` is a count in a disclosure record and an object of counts in the outcome record
+/// of a bulk exchange.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RecordsView {
+    /// Records the disclosure's batch carried out.
+    Batch(u64),
+    Counts(RecordCountsView),
+    /// Another shape (a later version): read as absent.
+    Other(serde::de::IgnoredAny),
+}
+
+/// What a bulk object's filter let through, as its exchange's outcome record counts it.
+#[derive(Debug, Default, Deserialize)]
+pub struct RecordCountsView {
+    #[serde(default)]
+    pub kept: u64,
+    /// Bytes of the records kept, before any compression.
+    #[serde(default)]
+    pub kept_bytes: u64,
+    /// Records dropped, by reason.
+    #[serde(default)]
+    pub dropped: BTreeMap<String, u64>,
+    /// Audit mode: records that left although they would have been dropped, by reason.
+    #[serde(default)]
+    pub would_drop: BTreeMap<String, u64>,
+}
+
+/// The decision a bulk exchange was forwarded under (reason `consent_filtered`), as its
+/// disclosure records are read with it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Exchange {
+    pub ts: Option<String>,
+    pub decision: Option<String>,
+    pub reason: Option<String>,
+    pub enforced: Option<bool>,
+    pub dataset: Option<String>,
+    pub category: Option<String>,
+    pub purpose: Option<String>,
+    /// The recipient's id; `None` for a caller no recipient matched.
+    pub recipient: Option<String>,
+    pub relation: Option<String>,
+    /// As [`View::destinations`] of the decision.
+    pub destinations: Vec<String>,
+    pub method: Option<String>,
+    /// The object asked for: the export, feed or partition.
+    pub path: Option<String>,
+    pub policy: Option<String>,
+    pub instance: Option<String>,
+}
+
+impl Exchange {
+    fn of(v: &View<'_>) -> Exchange {
+        let owned = |f: &Field<'_>| text(f).map(str::to_string);
+        let request = v.request.as_ref();
+        let recipient = v.recipient.as_ref();
+        Exchange {
+            ts: owned(&v.ts),
+            decision: owned(&v.decision),
+            reason: owned(&v.reason),
+            enforced: v.enforced,
+            dataset: owned(&v.dataset),
+            category: owned(&v.category),
+            purpose: owned(&v.purpose),
+            recipient: recipient.and_then(|r| owned(&r.id)),
+            relation: recipient.and_then(|r| owned(&r.relation)),
+            destinations: v.destinations().map(str::to_string).collect(),
+            method: request.and_then(|r| owned(&r.method)),
+            path: request.and_then(|r| owned(&r.path)),
+            policy: owned(&v.policy),
+            instance: owned(&v.instance),
+        }
+    }
 }
 
 /// The `expected` head of a recovery record.
@@ -165,6 +283,74 @@ impl View<'_> {
         text(&self.subject)
     }
 
+    /// The subjects the record is about: a decision's subject, or those a disclosure names.
+    pub fn subjects(&self) -> impl Iterator<Item = &str> {
+        let named = match &self.subjects {
+            Some(SubjectsView::Pairs(p)) => p.as_slice(),
+            _ => &[],
+        };
+        self.subject()
+            .into_iter()
+            .chain(named.iter().map(|(s, _)| &*s.0))
+    }
+
+    /// A disclosure's `[subject, consent]` pairs (empty for other records).
+    pub fn named(&self) -> impl Iterator<Item = (&str, Option<&str>)> {
+        let named = match &self.subjects {
+            Some(SubjectsView::Pairs(p)) => p.as_slice(),
+            _ => &[],
+        };
+        named.iter().map(|(s, c)| (&*s.0, c.as_deref()))
+    }
+
+    /// The counts of a bulk exchange's outcome record.
+    pub fn record_counts(&self) -> Option<&RecordCountsView> {
+        match &self.records {
+            Some(RecordsView::Counts(c)) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The records a disclosure's batch carried out.
+    pub fn batch_records(&self) -> Option<u64> {
+        match &self.records {
+            Some(RecordsView::Batch(n)) => Some(*n),
+            _ => None,
+        }
+    }
+
+    /// The record's own `decision`, or for a disclosure its exchange's.
+    pub fn decision(&self) -> Option<&str> {
+        text(&self.decision).or_else(|| self.exchange.as_ref()?.decision.as_deref())
+    }
+
+    /// The record's own `reason`, or for a disclosure its exchange's.
+    pub fn reason(&self) -> Option<&str> {
+        text(&self.reason).or_else(|| self.exchange.as_ref()?.reason.as_deref())
+    }
+
+    /// The record's own `dataset`, or for a disclosure its exchange's.
+    pub fn dataset(&self) -> Option<&str> {
+        text(&self.dataset).or_else(|| self.exchange.as_ref()?.dataset.as_deref())
+    }
+
+    /// The record's own `enforced`, or for a disclosure its exchange's.
+    pub fn enforced(&self) -> Option<bool> {
+        self.enforced
+            .or_else(|| self.exchange.as_ref().and_then(|e| e.enforced))
+    }
+
+    /// Who received what the record is about: a decision's recipient (`anonymous` for a
+    /// caller no recipient matched), a disclosure's exchange's; `None` for other records, and
+    /// for a disclosure whose decision the scan did not read.
+    pub fn receiver(&self) -> Option<&str> {
+        match (self.kind(), &self.exchange) {
+            (Some("decision"), _) => Some(self.recipient()),
+            (Some("disclosure"), Some(e)) => Some(e.recipient.as_deref().unwrap_or("anonymous")),
+            _ => None,
+        }
+    }
+
     /// The recipient's id, or `anonymous` for a caller no recipient matched.
     pub fn recipient(&self) -> &str {
         self.recipient
@@ -179,7 +365,13 @@ impl View<'_> {
         let declared = self.recipient.as_ref().and_then(|r| text(&r.country));
         let located = self.client.as_ref().and_then(|c| text(&c.country));
         let second = located.filter(|l| Some(*l) != declared);
-        declared.into_iter().chain(second)
+        // A disclosure has neither: it goes where its exchange went.
+        let inherited = self
+            .exchange
+            .as_deref()
+            .into_iter()
+            .flat_map(|e| e.destinations.iter().map(String::as_str));
+        declared.into_iter().chain(second).chain(inherited)
     }
 
     /// A denial that audit mode only logged: the request was forwarded.
@@ -188,11 +380,14 @@ impl View<'_> {
     }
 }
 
-/// Which records to print; every list is "any of", and all given lists must match.
+/// Which records to print; every list is "any of", and all given lists must match. A
+/// disclosure record matches on its exchange's decision, recipient, dataset and
+/// destinations, and on the subjects it names.
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
-    /// Record kinds (`decision`, `outcome`, `checkpoint`, `recovery`); empty: decision
-    /// records, or every kind when `ids` is given.
+    /// Record kinds (`decision`, `outcome`, `disclosure`, `checkpoint`, `recovery`); empty:
+    /// decision records (and, with `subjects`, the disclosures naming them), or every kind
+    /// when `ids` is given.
     pub kinds: Vec<String>,
     pub decisions: Vec<String>,
     pub reasons: Vec<String>,
@@ -209,6 +404,13 @@ pub struct Filter {
     pub since: Option<String>,
     /// Exclusive, in the log's `ts` form.
     pub until: Option<String>,
+    /// Also the outcome records of bulk exchanges (those that count records), whatever
+    /// `kinds` says: what `audit report` counts besides decisions.
+    pub bulk_outcomes: bool,
+    /// Read each disclosure with its export's decision ([`View::exchange`]), for a table or a
+    /// subject's report. A filter on the decision's fields reads them anyway; without either,
+    /// the scan does not look for the decisions of bulk exports among the lines it skips.
+    pub with_exchanges: bool,
 }
 
 fn any_of(list: &[String], value: Option<&str>) -> bool {
@@ -217,26 +419,31 @@ fn any_of(list: &[String], value: Option<&str>) -> bool {
 
 impl Filter {
     pub fn matches(&self, v: &View<'_>) -> bool {
+        let kind = v.kind();
         let kind_ok = if self.kinds.is_empty() {
-            !self.ids.is_empty() || v.kind() == Some("decision")
+            !self.ids.is_empty()
+                || kind == Some("decision")
+                || (kind == Some("disclosure") && !self.subjects.is_empty())
         } else {
             self.kinds
                 .iter()
-                .any(|k| k == "any" || Some(k.as_str()) == v.kind())
+                .any(|k| k == "any" || Some(k.as_str()) == kind)
         };
+        let bulk_outcome =
+            self.bulk_outcomes && kind == Some("outcome") && v.record_counts().is_some();
         let ts = text(&v.ts);
-        kind_ok
+        (kind_ok || bulk_outcome)
             && any_of(&self.ids, text(&v.id))
-            && any_of(&self.decisions, text(&v.decision))
-            && any_of(&self.reasons, text(&v.reason))
-            && any_of(&self.datasets, text(&v.dataset))
-            && any_of(&self.subjects, text(&v.subject))
-            && (self.recipients.is_empty()
-                || (v.kind() == Some("decision") && any_of(&self.recipients, Some(v.recipient()))))
+            && any_of(&self.decisions, v.decision())
+            && any_of(&self.reasons, v.reason())
+            && any_of(&self.datasets, v.dataset())
+            && (self.subjects.is_empty()
+                || v.subjects().any(|s| self.subjects.iter().any(|x| x == s)))
+            && (self.recipients.is_empty() || any_of(&self.recipients, v.receiver()))
             && (self.countries.is_empty()
                 || v.destinations()
                     .any(|c| self.countries.iter().any(|x| x == c)))
-            && self.enforced.is_none_or(|e| v.enforced == Some(e))
+            && self.enforced.is_none_or(|e| v.enforced() == Some(e))
             && self
                 .since
                 .as_deref()
@@ -245,6 +452,26 @@ impl Filter {
                 .until
                 .as_deref()
                 .is_none_or(|u| ts.is_some_and(|t| t < u))
+    }
+
+    /// Whether the scan must read disclosures with their exchange's decision.
+    fn needs_exchanges(&self) -> bool {
+        let inherited = !(self.decisions.is_empty()
+            && self.reasons.is_empty()
+            && self.datasets.is_empty()
+            && self.recipients.is_empty()
+            && self.countries.is_empty()
+            && self.enforced.is_none());
+        self.admits_disclosures() && (self.with_exchanges || inherited)
+    }
+
+    /// Whether a disclosure record can match.
+    fn admits_disclosures(&self) -> bool {
+        if self.kinds.is_empty() {
+            !self.ids.is_empty() || !self.subjects.is_empty()
+        } else {
+            self.kinds.iter().any(|k| k == "any" || k == "disclosure")
+        }
     }
 }
 
@@ -294,27 +521,40 @@ struct Prefilter {
 
 impl Prefilter {
     fn new(f: &Filter) -> Prefilter {
-        let kinds: Vec<String> = match (f.kinds.is_empty(), f.ids.is_empty()) {
-            (true, true) => vec!["decision".into()],
+        let mut kinds: Vec<String> = match (f.kinds.is_empty(), f.ids.is_empty()) {
+            (true, true) if f.subjects.is_empty() => vec!["decision".into()],
+            (true, true) => vec!["decision".into(), "disclosure".into()],
             (true, false) => Vec::new(),
             (false, _) if f.kinds.iter().any(|k| k == "any") => Vec::new(),
             (false, _) => f.kinds.clone(),
         };
+        if f.bulk_outcomes && !kinds.is_empty() {
+            // Only the outcome of a bulk exchange counts records.
+            kinds.push("kept_bytes".into());
+        }
         // `anonymous` matches a null recipient id, which no needle can find.
         let recipients: &[String] = if f.recipients.iter().any(|r| r == "anonymous") {
             &[]
         } else {
             &f.recipients
         };
-        let lists: [&[String]; 8] = [
-            &kinds,
-            &f.ids,
-            &f.decisions,
-            &f.reasons,
-            &f.datasets,
-            &f.subjects,
-            recipients,
-            &f.countries,
+        // A disclosure holds none of these: its exchange's decision does, read apart.
+        let inherited = |l: &[String]| {
+            let mut l = l.to_vec();
+            if !l.is_empty() && f.admits_disclosures() {
+                l.push("disclosure".into());
+            }
+            l
+        };
+        let lists: [Vec<String>; 8] = [
+            kinds,
+            f.ids.clone(),
+            inherited(&f.decisions),
+            inherited(&f.reasons),
+            inherited(&f.datasets),
+            f.subjects.clone(),
+            inherited(recipients),
+            inherited(&f.countries),
         ];
         let groups = lists
             .into_iter()
@@ -335,6 +575,60 @@ impl Prefilter {
         self.groups
             .iter()
             .all(|g| g.iter().any(|f| f.find(line).is_some()))
+    }
+}
+
+/// The decisions of the bulk exchanges still open at the point of the scan, by id, so that
+/// their disclosure records are read with them. A decision enters when read, and leaves
+/// with its exchange's outcome record; memory holds the exchanges in flight, not the log's.
+struct Exchanges {
+    open: HashMap<String, Rc<Exchange>>,
+    /// A line that may be a bulk exchange's decision.
+    filtered: memchr::memmem::Finder<'static>,
+    /// A line that may be a bulk exchange's outcome.
+    counted: memchr::memmem::Finder<'static>,
+}
+
+impl Exchanges {
+    fn new() -> Exchanges {
+        Exchanges {
+            open: HashMap::new(),
+            filtered: memchr::memmem::Finder::new(br#""consent_filtered""#).into_owned(),
+            counted: memchr::memmem::Finder::new(br#""kept_bytes""#).into_owned(),
+        }
+    }
+
+    /// Takes note of a record that was read.
+    fn learn(&mut self, v: &View<'_>) {
+        let Some(id) = v.id() else { return };
+        match v.kind() {
+            Some("decision") if text(&v.reason) == Some("consent_filtered") => {
+                self.open.insert(id.to_string(), Rc::new(Exchange::of(v)));
+            }
+            Some("outcome") if !self.open.is_empty() => {
+                self.open.remove(id);
+            }
+            _ => {}
+        }
+    }
+
+    /// Takes note of a line the filter passed over, if it opens or closes a bulk exchange.
+    fn glimpse(&mut self, line: &[u8]) {
+        let opens = self.filtered.find(line).is_some();
+        let closes = !opens && !self.open.is_empty() && self.counted.find(line).is_some();
+        if (opens || closes)
+            && let Ok(v) = serde_json::from_slice::<View<'_>>(line)
+        {
+            self.learn(&v);
+        }
+    }
+
+    /// A disclosure's exchange, if its decision was read.
+    fn of(&self, v: &View<'_>) -> Option<Rc<Exchange>> {
+        match v.kind() {
+            Some("disclosure") => self.open.get(v.id()?).cloned(),
+            _ => None,
+        }
     }
 }
 
@@ -383,6 +677,7 @@ pub fn scan_segments(
         ..Scanned::default()
     };
     let pre = Prefilter::new(filter);
+    let mut exchanges = filter.needs_exchanges().then(Exchanges::new);
     for segment in segments.iter {
         let (file, mut reader) = segment?;
         let file = &file;
@@ -400,9 +695,12 @@ pub fn scan_segments(
             }
             out.records += 1;
             if !pre.admits(line.bytes) {
+                if let Some(x) = &mut exchanges {
+                    x.glimpse(line.bytes);
+                }
                 continue;
             }
-            let view: View<'_> = match serde_json::from_slice(line.bytes) {
+            let mut view: View<'_> = match serde_json::from_slice(line.bytes) {
                 Ok(v) => v,
                 Err(e) => {
                     out.bad += 1;
@@ -412,6 +710,10 @@ pub fn scan_segments(
                     continue;
                 }
             };
+            if let Some(x) = &mut exchanges {
+                view.exchange = x.of(&view);
+                x.learn(&view);
+            }
             if filter.matches(&view) {
                 out.matched += 1;
                 if each(line.bytes, &view)
@@ -533,28 +835,39 @@ fn table_row(v: &View<'_>, s: &mut String) {
         .map(|n| n.to_string())
         .unwrap_or_else(|| "-".into());
     let dest: Vec<&str> = v.destinations().collect();
+    let named: Vec<&str> = v.named().map(|(s, _)| s).collect();
+    let subject = match (text(&v.subject), named.as_slice()) {
+        (Some(s), _) => s.to_string(),
+        (None, []) => "-".into(),
+        (None, [one]) => one.to_string(),
+        (None, many) => format!("{} subjects", many.len()),
+    };
     let cells = [
         text(&v.ts).unwrap_or(""),
         &seq,
         &decision,
         &status,
-        text(&v.reason).unwrap_or("-"),
-        text(&v.dataset).unwrap_or("-"),
-        if kind == "decision" {
-            v.recipient()
-        } else {
-            "-"
-        },
+        v.reason().unwrap_or("-"),
+        v.dataset().unwrap_or("-"),
+        v.receiver().unwrap_or("-"),
         &if dest.is_empty() {
             "-".into()
         } else {
             dest.join(",")
         },
-        text(&v.subject).unwrap_or("-"),
+        &subject,
     ];
     for ((_, width), value) in COLUMNS.iter().zip(cells) {
         push_cell(s, value, *width);
     }
+    request_cell(v, named.len(), s);
+    // Cells are padded; the row is not.
+    s.truncate(s.trim_end().len());
+}
+
+/// The last column: the request, or what a record of another kind says.
+fn request_cell(v: &View<'_>, named: usize, s: &mut String) {
+    let kind = v.kind().unwrap_or("?");
     match &v.request {
         Some(r) => {
             s.push_str(text(&r.method).unwrap_or(""));
@@ -567,6 +880,37 @@ fn table_row(v: &View<'_>, s: &mut String) {
                 v.bytes_out.unwrap_or(0),
                 text(&v.id).unwrap_or("")
             ));
+            if let Some(c) = v.record_counts() {
+                s.push_str(&format!(
+                    ", records: {} kept, {} dropped",
+                    c.kept,
+                    c.dropped.values().sum::<u64>()
+                ));
+                let would: u64 = c.would_drop.values().sum();
+                if would > 0 {
+                    s.push_str(&format!(", {would} would have been (audit mode)"));
+                }
+            }
+        }
+        None if kind == "disclosure" => {
+            s.push_str(&format!(
+                "batch {} of {}{}: {} records left, {} subjects named",
+                v.batch.unwrap_or(0),
+                text(&v.id).unwrap_or(""),
+                if v.enforced() == Some(false) {
+                    " (audit mode)"
+                } else {
+                    ""
+                },
+                v.batch_records().unwrap_or(0),
+                named
+            ));
+            if let Some(e) = &v.exchange
+                && let Some(path) = &e.path
+            {
+                let method = e.method.as_deref().unwrap_or("");
+                s.push_str(&format!(" ({method} {path})"));
+            }
         }
         None if kind == "checkpoint" => {
             s.push_str(if v.final_ == Some(true) {
@@ -593,8 +937,6 @@ fn table_row(v: &View<'_>, s: &mut String) {
         }
         None => {}
     }
-    // Cells are padded; the row is not.
-    s.truncate(s.trim_end().len());
 }
 
 #[cfg(test)]
@@ -749,5 +1091,191 @@ mod tests {
             assert!(row.contains(part), "{part} in {row}");
         }
         assert!(row.ends_with("GET /payments/hmac:ab/x \"q\".json"), "{row}");
+    }
+
+    /// The ids of the records of the bulk log (`testing::write_bulk_log`) that `filter`
+    /// matches, as `kind:id`, with each table row.
+    fn bulk_matches(filter: Filter) -> (Vec<String>, Vec<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        block_on(crate::audit::testing::write_bulk_log(&path));
+        let (mut found, mut rows) = (Vec::new(), Vec::new());
+        scan(&path, &filter, |_, v| {
+            found.push(format!(
+                "{}:{}{}",
+                v.kind().unwrap_or("?"),
+                v.id().unwrap_or("?"),
+                v.batch.map(|b| format!("#{b}")).unwrap_or_default()
+            ));
+            let mut row = String::new();
+            table_row(v, &mut row);
+            rows.push(row);
+            Ok(ControlFlow::Continue(()))
+        })
+        .unwrap();
+        (found, rows)
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn a_subject_is_found_in_the_disclosures_of_bulk_exports() {
+        let subjects = |s: &[&str]| Filter {
+            subjects: s.iter().map(|s| s.to_string()).collect(),
+            ..Filter::default()
+        };
+        // u1: read on its own, and named by a batch of each export.
+        assert_eq!(
+            bulk_matches(subjects(&["u1"])).0,
+            ["decision:p1", "disclosure:b1#1", "disclosure:a1#1"]
+        );
+        assert_eq!(bulk_matches(subjects(&["u3"])).0, ["disclosure:b1#2"]);
+        assert_eq!(
+            bulk_matches(subjects(&["u2", "u4"])).0,
+            ["disclosure:b1#1", "disclosure:a1#1"]
+        );
+        assert!(bulk_matches(subjects(&["u9"])).0.is_empty());
+        // A kind given is the kinds shown.
+        let only = Filter {
+            kinds: vec!["decision".into()],
+            ..subjects(&["u1"])
+        };
+        assert_eq!(bulk_matches(only).0, ["decision:p1"]);
+    }
+
+    /// A disclosure matches on its export's decision: who received, why, what, where.
+    #[test]
+    fn a_disclosure_is_filtered_by_its_exports_decision() {
+        let disclosures = |tweak: fn(&mut Filter)| {
+            let mut f = Filter {
+                kinds: vec!["disclosure".into()],
+                ..Filter::default()
+            };
+            tweak(&mut f);
+            bulk_matches(f).0
+        };
+        let all = ["disclosure:b1#1", "disclosure:a1#1", "disclosure:b1#2"];
+        assert_eq!(disclosures(|_| {}), all);
+        assert_eq!(
+            disclosures(|f| f.recipients = vec!["credit-bureau-us".into()]),
+            all
+        );
+        assert!(disclosures(|f| f.recipients = vec!["anonymous".into()]).is_empty());
+        assert_eq!(disclosures(|f| f.decisions = vec!["allow".into()]), all);
+        assert!(disclosures(|f| f.decisions = vec!["deny".into()]).is_empty());
+        assert_eq!(
+            disclosures(|f| f.reasons = vec!["consent_filtered".into()]),
+            all
+        );
+        assert_eq!(disclosures(|f| f.datasets = vec!["exports".into()]), all);
+        assert!(disclosures(|f| f.datasets = vec!["payments".into()]).is_empty());
+        assert_eq!(disclosures(|f| f.countries = vec!["US".into()]), all);
+        assert!(disclosures(|f| f.countries = vec!["DE".into()]).is_empty());
+        // The export in audit mode.
+        assert_eq!(
+            disclosures(|f| f.enforced = Some(false)),
+            ["disclosure:a1#1"]
+        );
+        assert_eq!(
+            disclosures(|f| f.ids = vec!["b1".into()]),
+            ["disclosure:b1#1", "disclosure:b1#2"]
+        );
+    }
+
+    #[test]
+    fn a_table_row_says_what_a_disclosure_named_and_what_an_export_kept() {
+        let f = Filter {
+            kinds: vec!["disclosure".into(), "outcome".into()],
+            ids: vec!["b1".into(), "a1".into()],
+            with_exchanges: true,
+            ..Filter::default()
+        };
+        let (found, rows) = bulk_matches(f);
+        assert_eq!(
+            found,
+            [
+                "disclosure:b1#1",
+                "disclosure:a1#1",
+                "disclosure:b1#2",
+                "outcome:b1",
+                "outcome:a1"
+            ]
+        );
+        let first = &rows[0];
+        for part in [
+            "disclosure ",
+            "consent_filtered",
+            "exports",
+            "credit-bureau-us",
+            " US ",
+            "2 subjects",
+            "batch 1 of b1: 3 records left, 2 subjects named (GET /exports/spending/2026-11.jsonl)",
+        ] {
+            assert!(first.contains(part), "{part:?} in {first}");
+        }
+        assert!(
+            rows[1].contains("batch 1 of a1 (audit mode): 2 records left, 2 subjects named (GET"),
+            "{}",
+            rows[1]
+        );
+        // One subject named: the pseudonym itself.
+        assert!(rows[2].contains(" u3 "), "{}", rows[2]);
+        assert!(
+            rows[3].ends_with("512 bytes out (id b1), records: 5 kept, 4 dropped"),
+            "{}",
+            rows[3]
+        );
+        assert!(
+            rows[4].ends_with(
+                "256 bytes out (id a1), records: 2 kept, 0 dropped, 1 would have been (audit mode)"
+            ),
+            "{}",
+            rows[4]
+        );
+    }
+
+    #[test]
+    fn the_prefilter_never_drops_a_disclosure_that_matches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        block_on(crate::audit::testing::write_bulk_log(&path));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let filters = [
+            Filter {
+                subjects: vec!["u2".into()],
+                ..Filter::default()
+            },
+            Filter {
+                kinds: vec!["disclosure".into()],
+                decisions: vec!["allow".into()],
+                reasons: vec!["consent_filtered".into()],
+                datasets: vec!["exports".into()],
+                recipients: vec!["credit-bureau-us".into()],
+                countries: vec!["US".into()],
+                ..Filter::default()
+            },
+            Filter {
+                bulk_outcomes: true,
+                ..Filter::default()
+            },
+        ];
+        for f in &filters {
+            let pre = Prefilter::new(f);
+            let mut exchanges = Exchanges::new();
+            for line in text.lines() {
+                let mut v: View<'_> = serde_json::from_str(line).unwrap();
+                v.exchange = exchanges.of(&v);
+                exchanges.learn(&v);
+                if f.matches(&v) {
+                    assert!(pre.admits(line.as_bytes()), "{f:?} {line}");
+                }
+            }
+        }
     }
 }

@@ -4,10 +4,13 @@
 //! Files are fetched a few ahead of the one being read (the downloads overlap the current
 //! file's checks) and decompressed as they are read, so memory holds a handful of compressed
 //! files, plus the location's listing.
+//!
+//! Apart from [`super::verify`] and [`super::query`] because only this module talks to
+//! object storage: they read lines and chains, wherever the files come from.
 
-use super::files::{LineReader, LogFilesError, Segments};
-use super::store::{self, Listing, Location, Segment};
 use super::verify::{Broken, Chain, VerifyError, VerifyOptions, VerifyReport};
+use crate::audit::files::{LineReader, LogFilesError, Segments};
+use crate::audit::store::{self, Listing, Location, Segment};
 use object_store::ObjectStoreExt;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -242,10 +245,10 @@ pub fn is_url(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::ship::{self, Spool};
     use crate::audit::store::StoreOptions;
-    use crate::audit::writer::LogWriter;
-    use crate::audit::writer::tests::{policy, record, settings, test_key};
+    use crate::audit::testing::{policy, record, settings, test_key};
+    use crate::audit::write::LogWriter;
+    use crate::audit::write::ship::{self, Spool};
     use crate::policy::model::Durability;
     use std::time::Duration;
 

@@ -1,12 +1,18 @@
 //! `audit report`: counts of decisions by decision, reason, dataset, recipient and
 //! destination country over a time range, and, for audit-mode records (`"enforced": false`),
 //! what would have been blocked. Streams the log like `audit query`; memory grows with the
-//! number of distinct values, not with the log.
+//! number of distinct values, not with the log. The report is a plain value (printed as
+//! text or JSON here); [`super::html`] draws its page.
+//!
+//! Bulk exports (objects filtered record by record, reason `consent_filtered`) are counted
+//! apart as well: the exchanges, the records kept and dropped by reason (from their outcome
+//! records), the would-drops of audit mode, and the distinct subjects their disclosure
+//! records named.
 
-use super::files::Segments;
 use super::query::{Filter, QueryError, Scanned, View, scan_segments};
+use crate::audit::files::Segments;
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -17,11 +23,15 @@ pub struct Counts(pub BTreeMap<String, u64>);
 
 impl Counts {
     fn add(&mut self, key: &str) {
+        self.add_n(key, 1);
+    }
+
+    fn add_n(&mut self, key: &str, n: u64) {
         // A lookup by `&str` first: no allocation for a value already counted.
         match self.0.get_mut(key) {
-            Some(n) => *n += 1,
+            Some(c) => *c += n,
             None => {
-                self.0.insert(key.to_string(), 1);
+                self.0.insert(key.to_string(), n);
             }
         }
     }
@@ -65,6 +75,82 @@ impl Tables {
     }
 }
 
+/// Bulk exports: objects forwarded filtered record by record, each record leaving only where
+/// its subject consented (reason `consent_filtered`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Bulk {
+    /// Decisions that forwarded an object filtered record by record.
+    pub exchanges: u64,
+    /// Those decisions by dataset.
+    pub by_dataset: Counts,
+    /// Records that left, from the exchanges' outcome records.
+    pub records_kept: u64,
+    /// Bytes of the records that left, before any compression.
+    pub kept_bytes: u64,
+    /// Records dropped (their subject had not consented, or they named none, or did not parse).
+    pub records_dropped: u64,
+    pub dropped_by_reason: Counts,
+    /// Audit mode: records that left although they would have been dropped.
+    pub records_would_drop: u64,
+    pub would_drop_by_reason: Counts,
+    /// Disclosure records: batches that named the subjects whose records they carried.
+    pub disclosures: u64,
+    /// Distinct subjects (pseudonyms) the disclosures named.
+    pub subjects_disclosed: u64,
+    /// Those subjects, each as a 128-bit hash of its pseudonym, so that memory grows by 16
+    /// bytes per subject.
+    #[serde(skip)]
+    seen: HashSet<u128>,
+}
+
+impl Bulk {
+    pub fn is_empty(&self) -> bool {
+        self.exchanges == 0
+            && self.disclosures == 0
+            && self.records_kept == 0
+            && self.records_dropped == 0
+            && self.records_would_drop == 0
+    }
+
+    fn decision(&mut self, v: &View<'_>) {
+        self.exchanges += 1;
+        self.by_dataset.add(v.dataset().unwrap_or("(no dataset)"));
+    }
+
+    fn outcome(&mut self, v: &View<'_>) {
+        let Some(c) = v.record_counts() else { return };
+        self.records_kept += c.kept;
+        self.kept_bytes += c.kept_bytes;
+        for (reason, n) in &c.dropped {
+            self.records_dropped += n;
+            self.dropped_by_reason.add_n(reason, *n);
+        }
+        for (reason, n) in &c.would_drop {
+            self.records_would_drop += n;
+            self.would_drop_by_reason.add_n(reason, *n);
+        }
+    }
+
+    fn disclosure(&mut self, v: &View<'_>) {
+        self.disclosures += 1;
+        for (subject, _) in v.named() {
+            if self.seen.insert(hash128(subject)) {
+                self.subjects_disclosed += 1;
+            }
+        }
+    }
+}
+
+/// Two 64-bit hashes of `s` under different fixed keys, as one 128-bit value: no two
+/// pseudonyms of any log collide in practice.
+fn hash128(s: &str) -> u128 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    let h = BuildHasherDefault::<DefaultHasher>::default();
+    let a = h.hash_one((0u8, s));
+    let b = h.hash_one((1u8, s));
+    (u128::from(a) << 64) | u128::from(b)
+}
+
 /// A report over the decision records of a log.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Report {
@@ -81,6 +167,9 @@ pub struct Report {
     pub all: Tables,
     /// Audit mode: the denials that were only logged, and the request forwarded.
     pub would_have_been_blocked: Tables,
+    /// Bulk exports filtered record by record; absent from the JSON when the log holds none.
+    #[serde(skip_serializing_if = "Bulk::is_empty")]
+    pub bulk: Bulk,
     /// What the page's charts draw, gathered only for `--format html`; not in the JSON report.
     #[serde(skip)]
     pub charts: Option<Charts>,
@@ -129,6 +218,14 @@ impl Charts {
 
 impl Report {
     fn add(&mut self, v: &View<'_>) {
+        match v.kind() {
+            Some("disclosure") => return self.bulk.disclosure(v),
+            Some("outcome") => return self.bulk.outcome(v),
+            _ => {}
+        }
+        if v.reason() == Some("consent_filtered") {
+            self.bulk.decision(v);
+        }
         let blocked = v.would_have_been_blocked();
         let decision = if blocked {
             "deny_not_enforced"
@@ -170,19 +267,28 @@ impl Report {
             );
         }
         // One width for every table, so that the numbers line up down the page.
-        let width = [
+        let mut tables = vec![
             &self.by_decision,
             &self.all.by_reason,
             &self.all.by_dataset,
             &self.all.by_recipient,
             &self.all.by_destination_country,
-        ]
-        .iter()
-        .flat_map(|c| c.ranked().into_iter().take(top))
-        .map(|(k, _)| k.chars().count())
-        .max()
-        .unwrap_or(0)
-        .max(12);
+        ];
+        let bulk = !self.bulk.is_empty();
+        if bulk {
+            let b = &self.bulk;
+            tables.extend([&b.dropped_by_reason, &b.would_drop_by_reason, &b.by_dataset]);
+        }
+        let names = if bulk { BULK_LINES } else { &[] };
+        let width = tables
+            .iter()
+            .flat_map(|c| c.ranked().into_iter().take(top))
+            .map(|(k, _)| k.chars().count())
+            // The bulk section's tables are indented by two.
+            .chain(names.iter().map(|n| n.len()))
+            .max()
+            .unwrap_or(0)
+            .max(12);
         let layout = Layout { top, width };
         layout.table(&mut s, "by decision", &self.by_decision, self.all.total, "");
         layout.tables(&mut s, &self.all, "");
@@ -197,9 +303,21 @@ impl Report {
             );
             layout.tables(&mut s, b, "  ");
         }
+        if !self.bulk.is_empty() {
+            layout.bulk(&mut s, &self.bulk);
+        }
         s
     }
 }
+
+/// The names of the bulk section's lines (indented by two, as its tables).
+const BULK_LINES: &[&str] = &[
+    "  exchanges",
+    "  records kept",
+    "  records dropped",
+    "  subjects disclosed",
+    "  would drop (audit)",
+];
 
 /// How text tables are laid out: rows per table, and the width of the name column.
 struct Layout {
@@ -208,6 +326,50 @@ struct Layout {
 }
 
 impl Layout {
+    fn bulk(&self, s: &mut String, b: &Bulk) {
+        let _ = writeln!(s, "\nbulk exports, filtered record by record");
+        let width = self.width.saturating_sub(2).max(1);
+        let mut line = |name: &str, n: u64, more: String| {
+            let _ = writeln!(s, "  {name:<width$}  {n:>9}{more}");
+        };
+        line("exchanges", b.exchanges, String::new());
+        line(
+            "records kept",
+            b.records_kept,
+            format!("  ({} bytes)", b.kept_bytes),
+        );
+        line("records dropped", b.records_dropped, String::new());
+        line(
+            "subjects disclosed",
+            b.subjects_disclosed,
+            format!("  (named in {} disclosure records)", b.disclosures),
+        );
+        if b.records_would_drop > 0 {
+            line(
+                "would drop (audit)",
+                b.records_would_drop,
+                "  (left although they would have been dropped)".into(),
+            );
+        }
+        self.table(
+            s,
+            "records dropped, by reason",
+            &b.dropped_by_reason,
+            b.records_dropped,
+            "  ",
+        );
+        if b.records_would_drop > 0 {
+            self.table(
+                s,
+                "would have been dropped (audit mode), by reason",
+                &b.would_drop_by_reason,
+                b.records_would_drop,
+                "  ",
+            );
+        }
+        self.table(s, "exchanges by dataset", &b.by_dataset, b.exchanges, "  ");
+    }
+
     fn tables(&self, s: &mut String, t: &Tables, indent: &str) {
         self.table(s, "by reason", &t.by_reason, t.total, indent);
         self.table(s, "by dataset", &t.by_dataset, t.total, indent);
@@ -262,7 +424,10 @@ pub fn report_segments(
     until: Option<String>,
     charts: bool,
 ) -> Result<(Report, Scanned), QueryError> {
+    // Decisions, and what bulk exports add: their disclosures and counting outcomes.
     let filter = Filter {
+        kinds: vec!["decision".into(), "disclosure".into()],
+        bulk_outcomes: true,
         since: since.clone(),
         until: until.clone(),
         ..Filter::default()
@@ -335,5 +500,69 @@ mod tests {
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["by_reason"]["consent_missing"], 2);
         assert_eq!(json["would_have_been_blocked"]["total"], 1);
+    }
+
+    #[test]
+    fn bulk_exports_are_counted_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(crate::audit::testing::write_bulk_log(&path));
+        let (r, _) = report(&path, None, None).unwrap();
+        // The decisions are counted as ever: the two exports were allowed.
+        assert_eq!(r.all.total, 4);
+        let c = |t: &Counts, k: &str| t.0.get(k).copied().unwrap_or(0);
+        assert_eq!(c(&r.all.by_reason, "consent_filtered"), 2);
+        let b = &r.bulk;
+        assert_eq!((b.exchanges, c(&b.by_dataset, "exports")), (2, 2));
+        assert_eq!((b.records_kept, b.kept_bytes), (7, 560));
+        assert_eq!(b.records_dropped, 4);
+        assert_eq!(c(&b.dropped_by_reason, "consent_missing"), 3);
+        assert_eq!(c(&b.dropped_by_reason, "no_subject"), 1);
+        assert_eq!(b.records_would_drop, 1);
+        assert_eq!(c(&b.would_drop_by_reason, "consent_missing"), 1);
+        // u1 is named by both exports, and counted once.
+        assert_eq!((b.disclosures, b.subjects_disclosed), (3, 4));
+
+        let text = r.text(20);
+        for part in [
+            "bulk exports, filtered record by record",
+            "records kept",
+            "subjects disclosed",
+            "(named in 3 disclosure records)",
+            "records dropped, by reason",
+            "would have been dropped (audit mode), by reason",
+        ] {
+            assert!(text.contains(part), "{part:?} in {text}");
+        }
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["bulk"]["records_kept"], 7);
+        assert_eq!(json["bulk"]["dropped_by_reason"]["no_subject"], 1);
+        assert_eq!(json["bulk"]["subjects_disclosed"], 4);
+
+        // A range counts the records in it: the second export's disclosure and counts only.
+        let since = "2026-11-28T04:00:20.500000Z".to_string();
+        let until = "2026-11-28T04:00:24.500000Z".to_string();
+        let (r, _) = report(&path, Some(since), Some(until)).unwrap();
+        assert_eq!((r.bulk.exchanges, r.bulk.disclosures), (0, 2));
+        assert_eq!((r.bulk.records_kept, r.bulk.subjects_disclosed), (7, 3));
+    }
+
+    #[test]
+    fn a_log_without_bulk_exports_reports_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        std::fs::write(
+            &path,
+            decision("allow", true, "consented", "credit-bureau-us", "US") + "\n",
+        )
+        .unwrap();
+        let (r, _) = report(&path, None, None).unwrap();
+        assert!(r.bulk.is_empty());
+        assert!(!r.text(20).contains("bulk"));
+        assert!(serde_json::to_value(&r).unwrap().get("bulk").is_none());
     }
 }
