@@ -193,9 +193,61 @@ fn outcome(verdict: Verdict, enforced: bool) -> usize {
 #[derive(Debug, Default)]
 pub struct DatasetCounters {
     slots: OnceLock<Box<[AtomicU64]>>,
+    bulk: OnceLock<Box<BulkCounters>>,
+}
+
+/// What the record filter of a dataset of bulk objects let through: records kept, dropped
+/// and (audit mode) kept although they would have been dropped, by the filter's reason
+/// code; and the bytes that went in (as received) and out.
+#[derive(Debug)]
+pub struct BulkCounters {
+    kept: AtomicU64,
+    dropped: [AtomicU64; 256],
+    would_drop: [AtomicU64; 256],
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    /// Exchanges filtered to their end, and those cut short.
+    complete: AtomicU64,
+    cut: AtomicU64,
+}
+
+impl BulkCounters {
+    /// Adds a filtered exchange's counts.
+    pub fn observe(&self, c: &crate::bulk::Counts, complete: bool) {
+        let add = |a: &AtomicU64, n: u64| {
+            if n > 0 {
+                a.fetch_add(n, Ordering::Relaxed);
+            }
+        };
+        add(&self.kept, c.kept);
+        for (r, n) in c.dropped_by_reason() {
+            add(&self.dropped[usize::from(r.0)], n);
+        }
+        for (r, n) in c.would_drop_by_reason() {
+            add(&self.would_drop[usize::from(r.0)], n);
+        }
+        add(&self.bytes_in, c.bytes_in_raw);
+        add(&self.bytes_out, c.bytes_out);
+        add(if complete { &self.complete } else { &self.cut }, 1);
+    }
 }
 
 impl DatasetCounters {
+    /// The record filter's counters (allocated on first use).
+    pub fn bulk(&self) -> &BulkCounters {
+        self.bulk.get_or_init(|| {
+            Box::new(BulkCounters {
+                kept: AtomicU64::new(0),
+                dropped: std::array::from_fn(|_| AtomicU64::new(0)),
+                would_drop: std::array::from_fn(|_| AtomicU64::new(0)),
+                bytes_in: AtomicU64::new(0),
+                bytes_out: AtomicU64::new(0),
+                complete: AtomicU64::new(0),
+                cut: AtomicU64::new(0),
+            })
+        })
+    }
+
     #[inline]
     pub fn record(&self, reason: Reason, verdict: Verdict, enforced: bool) {
         let slots = self.slots.get_or_init(|| {
@@ -335,7 +387,7 @@ pub struct Scrape<'a> {
     /// The consent cache, when the store is a database read through one.
     pub consent_cache: Option<CacheScrape<'a>>,
     /// Log shipping, when the log ships.
-    pub ship: Option<crate::audit::ship::ShipStats>,
+    pub ship: Option<crate::audit::write::ship::ShipStats>,
 }
 
 /// The consent cache's figures (SPEC section 4.1), read when the metrics are rendered.
@@ -348,6 +400,7 @@ pub struct CacheScrape<'a> {
     pub max_bytes: u64,
     pub feed_lag: Duration,
     pub miss_time: &'a Histogram,
+    pub batch_time: &'a Histogram,
 }
 
 /// Every metric of one proxy.
@@ -504,6 +557,67 @@ impl Metrics {
             });
         }
         f.family(
+            "residency_bulk_records_total",
+            "Records of bulk objects filtered record by record, by dataset, outcome (kept, dropped, or would_drop: kept in audit mode although they would have been dropped) and the reason a record was or would have been dropped.",
+            Kind::Counter,
+        );
+        let bulk_rows: Vec<(&str, &BulkCounters)> = named
+            .datasets
+            .iter()
+            .filter_map(|(n, c)| Some((&**n, &**c.bulk.get()?)))
+            .collect();
+        for (name, b) in &bulk_rows {
+            let mut row = |outcome: &str, reason: &str, n: u64| {
+                f.sample(
+                    vec![
+                        ("dataset", name.to_string()),
+                        ("outcome", outcome.into()),
+                        ("reason", reason.into()),
+                    ],
+                    Val::U(n),
+                );
+            };
+            row("kept", "", b.kept.load(Ordering::Relaxed));
+            for (outcome, by) in [("dropped", &b.dropped), ("would_drop", &b.would_drop)] {
+                for (i, a) in by.iter().enumerate() {
+                    let n = a.load(Ordering::Relaxed);
+                    if n > 0 {
+                        row(
+                            outcome,
+                            Reason::of_bulk_code(crate::bulk::Reason(i as u8)),
+                            n,
+                        );
+                    }
+                }
+            }
+        }
+        f.family(
+            "residency_bulk_bytes_total",
+            "Bytes of bulk objects through the record filter, by dataset and direction (in: as received from the upstream; out: as sent to the client).",
+            Kind::Counter,
+        );
+        for (name, b) in &bulk_rows {
+            for (dir, a) in [("in", &b.bytes_in), ("out", &b.bytes_out)] {
+                f.sample(
+                    vec![("dataset", name.to_string()), ("direction", dir.into())],
+                    Val::U(a.load(Ordering::Relaxed)),
+                );
+            }
+        }
+        f.family(
+            "residency_bulk_exchanges_total",
+            "Filtered exchanges, by dataset and whether the object was filtered to its end (complete) or the response was cut short (cut: the client went away, or the upstream, the consent store or the log failed).",
+            Kind::Counter,
+        );
+        for (name, b) in &bulk_rows {
+            for (end, a) in [("complete", &b.complete), ("cut", &b.cut)] {
+                f.sample(
+                    vec![("dataset", name.to_string()), ("end", end.into())],
+                    Val::U(a.load(Ordering::Relaxed)),
+                );
+            }
+        }
+        f.family(
             "residency_upstream_errors_total",
             "Failures between the proxy and an upstream, by upstream and kind.",
             Kind::Counter,
@@ -617,7 +731,7 @@ impl Metrics {
     }
 }
 
-fn render_ship(f: &mut Families, s: &crate::audit::ship::ShipStats) {
+fn render_ship(f: &mut Families, s: &crate::audit::write::ship::ShipStats) {
     let series: [(&str, &str, Kind, u64); 7] = [
         (
             "residency_log_ship_files_total",
@@ -724,6 +838,11 @@ fn render_cache(f: &mut Families, c: &CacheScrape<'_>) {
         f,
         "residency_consent_lookup_duration_seconds",
         "Time a consent cache miss took to be answered by the store.",
+    );
+    c.batch_time.render(
+        f,
+        "residency_consent_batch_lookup_duration_seconds",
+        "Time the store took to answer one query for a batch of cache misses (a bulk object's records).",
     );
 }
 

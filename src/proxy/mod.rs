@@ -1,9 +1,18 @@
 //! The running proxy: start-up (policy, geolocation, consents, decision log, upstreams),
 //! the accept loop, reloads and shutdown.
+//!
+//! A request's modules, bottom up (each uses only those before it, and the state this file
+//! shares): `stall` (how long nothing may move), `exchange` (its bookkeeping and outcome
+//! record), `request_body`, `upstream` (resolution, pools, connecting), `body` (the response
+//! body), `respond` (the answers the proxy writes itself), `snapshot`, `pipeline` (limits,
+//! decision, decision record, then refuse or forward) and `server` (the accept loop).
 
 pub mod body;
+pub mod exchange;
+pub mod filter;
 pub mod pipeline;
 pub mod reload;
+pub mod request_body;
 pub mod respond;
 pub mod server;
 pub mod shipping;
@@ -13,8 +22,8 @@ pub mod token;
 pub mod upstream;
 
 use crate::audit::keys::KeyError;
-use crate::audit::writer::{AuditError, LogWriter};
-use crate::consent::cache::{Loader, Reader};
+use crate::audit::write::{AuditError, LogWriter};
+use crate::consent::cache::{Loader, POOL_SIZE, Reader};
 use crate::consent::file::FileStoreError;
 use crate::consent::postgres::PgReader;
 use crate::consent::sqlite::SqliteReader;
@@ -106,7 +115,7 @@ pub struct Shared {
     /// rotated token replaces the old one without a restart.
     pub admin_token: ArcSwapOption<token::AdminToken>,
     /// Sealed log files waiting to ship, when the log ships.
-    pub spool: Option<Arc<crate::audit::ship::Spool>>,
+    pub spool: Option<Arc<crate::audit::write::ship::Spool>>,
 }
 
 /// What `serve` needs to start.
@@ -221,7 +230,7 @@ pub async fn start_with(config: ServeConfig, policy: Policy) -> Result<RunningPr
                     .map_err(RegistryError::from)?,
             );
             if cached {
-                let reader = Reader::Sqlite(SqliteReader::new(path.clone()));
+                let reader = Reader::Sqlite(SqliteReader::new(path.clone(), POOL_SIZE));
                 consent_loader = Some(Arc::new(Loader::new(
                     consents.clone(),
                     reader,
@@ -230,8 +239,8 @@ pub async fn start_with(config: ServeConfig, policy: Policy) -> Result<RunningPr
             }
         }
         ConsentStore::Postgres(url) => {
-            let reader =
-                PgReader::new(url, settings.read_url.as_deref()).map_err(RegistryError::from)?;
+            let reader = PgReader::new(url, settings.read_url.as_deref(), POOL_SIZE)
+                .map_err(RegistryError::from)?;
             background.push(
                 crate::consent::postgres::start_feed(
                     url,

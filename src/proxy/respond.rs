@@ -1,7 +1,8 @@
 //! The one place that turns a refusal or failure into an HTTP response: a JSON body naming
 //! the reason and the decision id, and for 451 a `Link: rel="blocked-by"` (RFC 7725).
 
-use super::body::{Exchange, ResponseBody};
+use super::body::ResponseBody;
+use super::exchange::Exchange;
 use crate::policy::decision::Reason;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};

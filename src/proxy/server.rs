@@ -3,7 +3,7 @@
 //! by prior knowledge in the clear), and a graceful drain on shutdown.
 
 use super::Shared;
-use super::body::Exchange;
+use super::exchange::Exchange;
 use super::pipeline::{ConnInfo, handle};
 use super::stall::{Activity, WriteStall};
 use crate::audit::id::DecisionId;

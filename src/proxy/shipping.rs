@@ -4,8 +4,8 @@
 //! spool absorbs it; nor is a host that does not resolve yet: nothing ships until it resolves
 //! and is located at home (checked again every few seconds).
 
-use crate::audit::ship::{self, ShipperHandle, Spool};
 use crate::audit::store::{self, StoreOptions};
+use crate::audit::write::ship::{self, ShipperHandle, Spool};
 use crate::geo::Locator;
 use crate::policy::Policy;
 use crate::policy::model::{LogTarget, ShipSettings};

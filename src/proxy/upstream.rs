@@ -3,8 +3,12 @@
 //! checks the peer of the socket it got before sending a byte (and before any TLS
 //! handshake). `https` upstreams speak HTTP/2 when ALPN agrees: one connection per address,
 //! shared by every request, instead of a pool of HTTP/1.1 connections.
+//!
+//! Its connections carry the request body (`request_body`, below it); the response body
+//! (`body`, above it) holds a connection until it is read whole and then gives it back here
+//! (`PoolReturn`).
 
-use super::body::RequestBody;
+use super::request_body::RequestBody;
 use crate::policy::model::{Scheme, Upstream};
 use crate::tls::UpstreamTls;
 use arc_swap::{ArcSwap, ArcSwapOption};

@@ -85,7 +85,7 @@ async fn the_log_rotates_on_an_admin_call_with_the_token() {
     proxy.log.outcome(&after.decision_id()).await;
     assert!(!first.contains(&after.decision_id()));
     proxy.shutdown().await;
-    let report =
-        residency_proxy::audit::verify::verify(&proxy.log.path).unwrap_or_else(|e| panic!("{e}"));
+    let report = residency_proxy::audit::read::verify::verify(&proxy.log.path)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(report.files >= 2, "{report:?}");
 }

@@ -8,7 +8,7 @@ use crate::support::log::DecisionLog;
 use crate::support::proxy::{APP, HOME_IP, PolicySpec, payments_dataset};
 use crate::support::upstream::{Reply as Serve, Upstream};
 use http_body_util::BodyExt;
-use residency_proxy::audit::verify::verify;
+use residency_proxy::audit::read::verify::verify;
 use std::time::{Duration, Instant};
 
 const CHUNK: usize = 16 * 1024;

@@ -7,7 +7,7 @@ use crate::support::proxy::{
     APP, BUREAU, HOME_IP, PolicySpec, TestProxy, consent, payments_dataset,
 };
 use crate::support::upstream::{Reply as Serve, Upstream};
-use residency_proxy::audit::verify::verify;
+use residency_proxy::audit::read::verify::verify;
 use std::collections::HashMap;
 use std::time::Duration;
 

@@ -15,6 +15,7 @@ pub mod browser;
 pub mod client;
 pub mod log;
 pub mod mmdb;
+pub mod objects;
 pub mod prom;
 pub mod proxy;
 pub mod registry;
