@@ -1,15 +1,20 @@
 //! `test [PATH...]`: run policy test suites (SPEC section 2.9). Each suite names a policy and
 //! a list of cases; each case is a request, the consents in force, and the decision it must
-//! get. Cases are decided by the proxy's own `decide` through `OfflineEnv`; a failing case
-//! prints what was expected, what happened and the trace. The format is in
-//! docs/policy-tests.md.
+//! get (and for a records dataset, optionally an object and the records of it that must be
+//! kept and dropped). Cases are decided by the proxy's own `decide` through `OfflineEnv`, and
+//! bodies run through the proxy's own filter; a failing case prints what was expected, what
+//! happened and the trace. The format is in docs/policy-tests.md.
 
 use super::explain::trace_lines;
 use super::{CliResult, Exit, fail, load_policy};
 use crate::consent::{ConsentIndex, ConsentRecord};
 use crate::geo::{GeoDb, Locator};
-use crate::offline::{Hypothetical, OfflineEnv, resolve};
+use crate::offline::{
+    BodyConsents, BodyError, FilteredBody, Hypothetical, OfflineEnv, body_compression, filter_body,
+    resolve,
+};
 use crate::policy::country::Country;
+use crate::policy::decide::RecordTerms;
 use crate::policy::decision::{Decision, Reason, TraceStep};
 use crate::policy::model::NetworkOverride;
 use crate::policy::{Policy, decide};
@@ -85,6 +90,9 @@ struct RawCase {
     now: Option<toml::Value>,
     #[serde(default)]
     upstreams: BTreeMap<String, Vec<String>>,
+    /// An object the upstream would send (relative to the suite file), run through the
+    /// proxy's filter for a request decided `consent_filtered`.
+    body: Option<PathBuf>,
     expect: Expect,
 }
 
@@ -122,7 +130,68 @@ struct Expect {
     dataset: Option<String>,
     /// The id of the consent that allowed the transfer, or of the nearest one that failed.
     consent: Option<String>,
+    /// What the case's `body` becomes on the way out.
+    records: Option<ExpectRecords>,
 }
+
+/// `expect.records` and its `would_drop` table, with one key per reason a record is dropped
+/// for (the reasons listed once, so that both tables take the same names).
+macro_rules! record_expectations {
+    ($($reason:ident),* $(,)?) => {
+        /// Records of a body kept and dropped (`expect.records`): only the counts given are
+        /// checked.
+        #[derive(Deserialize, Debug, Default)]
+        #[serde(deny_unknown_fields)]
+        struct ExpectRecords {
+            /// Records that leave (in audit mode, every record that can be read).
+            kept: Option<u64>,
+            /// Records dropped, whatever the reason.
+            dropped: Option<u64>,
+            /// Distinct subjects whose records leave under a consent.
+            subjects: Option<u64>,
+            /// Audit mode: records that leave although they would have been dropped.
+            would_drop: Option<DropCounts>,
+            $($reason: Option<u64>,)*
+        }
+
+        /// Records by the reason they would have been dropped for.
+        #[derive(Deserialize, Debug, Default)]
+        #[serde(deny_unknown_fields)]
+        struct DropCounts {
+            $($reason: Option<u64>,)*
+        }
+
+        impl ExpectRecords {
+            /// Each reason given, with its count.
+            fn dropped_by(&self) -> Vec<(&'static str, u64)> {
+                [$((stringify!($reason), self.$reason)),*]
+                    .into_iter()
+                    .filter_map(|(k, v)| v.map(|v| (k, v)))
+                    .collect()
+            }
+        }
+
+        impl DropCounts {
+            fn given(&self) -> Vec<(&'static str, u64)> {
+                [$((stringify!($reason), self.$reason)),*]
+                    .into_iter()
+                    .filter_map(|(k, v)| v.map(|v| (k, v)))
+                    .collect()
+            }
+        }
+    };
+}
+
+record_expectations!(
+    no_subject,
+    unparsable,
+    consent_missing,
+    consent_expired,
+    consent_revoked,
+    consent_method_invalid,
+    consent_scope_mismatch,
+    consent_store_unavailable,
+);
 
 /// Why a suite could not be run.
 #[derive(Debug, thiserror::Error)]
@@ -421,7 +490,33 @@ fn run_case(suite: &Suite, case: &RawCase) -> Result<(), String> {
     .map_err(|e| broken(format!("request: {e}")))?;
     let mut trace: Vec<TraceStep> = Vec::new();
     let d = decide(policy, &env, &hypo.request(), &mut trace);
-    let mismatches = compare(&case.expect, &d, policy)?;
+    let mut mismatches = compare(&case.expect, &d, policy)?;
+    let records = match &case.body {
+        Some(body) => {
+            let base = suite.path.parent().unwrap_or(Path::new("."));
+            let body = base.join(body);
+            match filter_case_body(policy, &d, &hypo, &env, &body) {
+                Ok(b) => {
+                    if let Some(e) = &case.expect.records {
+                        mismatches.extend(compare_records(e, &b));
+                    }
+                    Some(records_line(&b))
+                }
+                // The expected decision differs too: that is the failure to show.
+                Err(e @ BodyError::NotFiltered { .. }) if !mismatches.is_empty() => {
+                    if case.expect.records.is_some() {
+                        mismatches.push("records".into());
+                    }
+                    Some(e.to_string())
+                }
+                Err(e) => return Err(broken(format!("body: {e}"))),
+            }
+        }
+        None if case.expect.records.is_some() => {
+            return Err(broken("expect.records needs a body to filter".into()));
+        }
+        None => None,
+    };
     if mismatches.is_empty() {
         return Ok(());
     }
@@ -431,6 +526,9 @@ fn run_case(suite: &Suite, case: &RawCase) -> Result<(), String> {
         expected_line(&case.expect)
     ));
     out.push_str(&format!("        actual:   {}\n", actual_line(&d, policy)));
+    if let Some(r) = records {
+        out.push_str(&format!("        records:  {r}\n"));
+    }
     out.push_str(&format!("        differs:  {}\n", mismatches.join(", ")));
     out.push_str(&format!("        message:  {}\n", d.message(policy)));
     out.push_str("        trace:\n");
@@ -444,7 +542,7 @@ fn broken(why: String) -> String {
 }
 
 /// The names of the expected fields that differ from the decision.
-fn compare(e: &Expect, d: &Decision<'_>, policy: &Policy) -> Result<Vec<&'static str>, String> {
+fn compare(e: &Expect, d: &Decision<'_>, policy: &Policy) -> Result<Vec<String>, String> {
     if !["allow", "deny", "error"].contains(&e.decision.as_str()) {
         return Err(broken(format!(
             "expect.decision \"{}\" is not allow, deny or error",
@@ -484,7 +582,112 @@ fn compare(e: &Expect, d: &Decision<'_>, policy: &Policy) -> Result<Vec<&'static
     if e.consent.is_some() && e.consent.as_deref() != consent {
         differs.push("consent");
     }
-    Ok(differs)
+    Ok(differs.into_iter().map(String::from).collect())
+}
+
+/// Runs a case's body through the proxy's filter with the case's consents.
+fn filter_case_body(
+    policy: &Policy,
+    d: &Decision<'_>,
+    hypo: &Hypothetical,
+    env: &OfflineEnv,
+    body: &Path,
+) -> Result<FilteredBody, BodyError> {
+    if RecordTerms::of(policy, d, env.now).is_none() {
+        return Err(BodyError::not_filtered(d));
+    }
+    let compression = body_compression(hypo).map_err(|source| BodyError::Encoding {
+        path: body.into(),
+        source,
+    })?;
+    filter_body(
+        policy,
+        d,
+        env.now,
+        body,
+        compression,
+        &BodyConsents::Index(&env.consents),
+        None,
+    )
+}
+
+/// The record counts that differ from the expected ones, each with both numbers.
+fn compare_records(e: &ExpectRecords, b: &FilteredBody) -> Vec<String> {
+    let c = &b.counts;
+    let dropped: BTreeMap<&str, u64> = b.dropped().into_iter().collect();
+    let would: BTreeMap<&str, u64> = b.would_drop().into_iter().collect();
+    let mut checks: Vec<(String, u64, u64)> = Vec::new();
+    let totals = [
+        ("kept", e.kept, c.kept),
+        ("dropped", e.dropped, c.dropped),
+        ("subjects", e.subjects, b.subjects_kept),
+    ];
+    for (name, want, got) in totals {
+        if let Some(want) = want {
+            checks.push((name.into(), want, got));
+        }
+    }
+    for (reason, want) in e.dropped_by() {
+        checks.push((
+            reason.into(),
+            want,
+            dropped.get(reason).copied().unwrap_or(0),
+        ));
+    }
+    for (reason, want) in e.would_drop.iter().flat_map(DropCounts::given) {
+        let got = would.get(reason).copied().unwrap_or(0);
+        checks.push((format!("would_drop.{reason}"), want, got));
+    }
+    checks
+        .into_iter()
+        .filter(|(_, want, got)| want != got)
+        .map(|(name, want, got)| format!("records.{name} (expected {want}, got {got})"))
+        .collect()
+}
+
+/// What the filter made of a body, on one line.
+fn records_line(b: &FilteredBody) -> String {
+    let list = |v: Vec<(&str, u64)>| {
+        v.iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let c = &b.counts;
+    let mut s = format!(
+        "{} read: kept {} ({} subjects), dropped {}",
+        c.records, c.kept, b.subjects_kept, c.dropped
+    );
+    if c.dropped > 0 {
+        s += &format!(" ({})", list(b.dropped()));
+    }
+    let would = b.would_drop();
+    if !would.is_empty() {
+        s += &format!(", would drop {}", list(would));
+    }
+    s
+}
+
+/// The expected counts, as `expected_line` shows them.
+fn expected_records(e: &ExpectRecords) -> String {
+    let mut parts = Vec::new();
+    for (name, v) in [
+        ("kept", e.kept),
+        ("dropped", e.dropped),
+        ("subjects", e.subjects),
+    ] {
+        if let Some(v) = v {
+            parts.push(format!("{name} {v}"));
+        }
+    }
+    parts.extend(e.dropped_by().iter().map(|(k, n)| format!("{k} {n}")));
+    parts.extend(
+        e.would_drop
+            .iter()
+            .flat_map(DropCounts::given)
+            .map(|(k, n)| format!("would_drop.{k} {n}")),
+    );
+    format!("records {}", parts.join(", "))
 }
 
 fn expected_line(e: &Expect) -> String {
@@ -506,6 +709,9 @@ fn expected_line(e: &Expect) -> String {
     }
     if let Some(c) = &e.consent {
         extra.push(format!("consent {c}"));
+    }
+    if let Some(r) = &e.records {
+        extra.push(expected_records(r));
     }
     if extra.is_empty() {
         format!("{} {}", e.decision, e.reason)

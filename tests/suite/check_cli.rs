@@ -83,7 +83,7 @@ fn the_demo_policy_passes() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.starts_with("policies/demo.toml: ok: policy \"demo-payments\" (3 datasets"),
+        stdout.starts_with("policies/demo.toml: ok: policy \"demo-payments\" (4 datasets"),
         "{stdout}"
     );
     assert!(stderr(&out).is_empty(), "{}", stderr(&out));
