@@ -1,7 +1,7 @@
 //! The `residency-proxy` command: parse the command line, start telemetry, dispatch.
 
 use clap::Parser;
-use residency_proxy::cli::{self, Cli, Exit};
+use residency_proxy::cli::{self, Cli, Command, Exit};
 use std::any::Any;
 use std::io::{ErrorKind, Write};
 use std::panic::AssertUnwindSafe;
@@ -11,7 +11,11 @@ fn main() -> ExitCode {
     quiet_on_closed_pipe();
     let ran = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let cli = Cli::parse();
-        residency_proxy::telemetry::init(cli.log_format);
+        // `demo` starts its own logs once it knows its folder: they go to a file there, out of
+        // the story it prints.
+        if !matches!(cli.command, Command::Demo(_)) {
+            residency_proxy::telemetry::init(cli.log_format);
+        }
         // One crypto provider for every TLS configuration in the process: aws-lc-rs.
         residency_proxy::tls::install_provider();
         cli::run(cli)

@@ -1,11 +1,14 @@
 //! `demo`: the motivating case, replayed on loopback against the real proxy. Two storage
 //! servers (one at home, one abroad), the proxy with `policies/demo.toml`, and callers bound
-//! to source addresses that the policy places in different countries. It stops as `serve`
-//! does: on SIGTERM or SIGINT, with the decision log closed by its final checkpoint.
+//! to source addresses that the policy places in different countries. One step is the bulk
+//! case: a month's export of many users' purchases, of which only the consented users'
+//! records leave, with the log naming them. The proxy's own log goes to a file in the demo's
+//! folder, so that the story reads on its own. It stops as `serve` does: on SIGTERM or SIGINT,
+//! with the decision log closed by its final checkpoint.
 
 use super::certs::{SigningKeyFiles, signing_key_pair};
 use super::serve::Signals;
-use super::{CliError, CliResult, Exit, fail};
+use super::{CliError, CliResult, Exit, LogFormat, fail};
 use crate::admin::Sidecar;
 use crate::consent::ConsentRecord;
 use crate::policy::model::{LogTarget, Policy};
@@ -17,6 +20,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -30,6 +34,40 @@ const DEMO_POLICY: &str = include_str!("../../policies/demo.toml");
 
 /// The user's spending records that every step asks for.
 const OBJECT: &str = "/payments/u123/2026-01.json";
+
+/// The month's spending export: every user's purchases in one object.
+const EXPORT: &str = "/exports/spending/2026-11.jsonl";
+
+/// The export's lines: twelve purchases of five users (u123 consents explicitly in an earlier
+/// step, u456 only through a pre-ticked box, u789 withdrew, u901 and u902 never consented), a
+/// purchase that names no user, and a line cut off in the middle.
+const EXPORT_LINES: [&str; 14] = [
+    r#"{"user_id":"u123","date":"2026-11-02","merchant":"Grocery","amount":"231.50 CNY"}"#,
+    r#"{"user_id":"u456","date":"2026-11-02","merchant":"Electronics","amount":"2999.00 CNY"}"#,
+    r#"{"user_id":"u901","date":"2026-11-03","merchant":"Pharmacy","amount":"45.20 CNY"}"#,
+    r#"{"user_id":"u789","date":"2026-11-04","merchant":"Rail tickets","amount":"553.00 CNY"}"#,
+    r#"{"user_id":"u123","date":"2026-11-05","merchant":"Pharmacy","amount":"88.00 CNY"}"#,
+    r#"{"date":"2026-11-06","merchant":"Cash withdrawal","amount":"500.00 CNY"}"#,
+    r#"{"user_id":"u902","date":"2026-11-07","merchant":"Restaurant","amount":"312.00 CNY"}"#,
+    r#"{"user_id":"u456","date":"2026-11-09","merchant":"Grocery","amount":"176.40 CNY"}"#,
+    r#"{"user_id":"u901","date":"2026-11-11","merchant":"Fuel","amount":"350.00 CNY"}"#,
+    r#"{"user_id":"u123","date":"2026-11-12","merchant":"Taxi","amou"#,
+    r#"{"user_id":"u789","date":"2026-11-14","merchant":"Grocery","amount":"98.70 CNY"}"#,
+    r#"{"user_id":"u123","date":"2026-11-18","merchant":"Online shop","amount":"129.00 CNY"}"#,
+    r#"{"user_id":"u901","date":"2026-11-21","merchant":"Grocery","amount":"264.10 CNY"}"#,
+    r#"{"user_id":"u902","date":"2026-11-25","merchant":"Fuel","amount":"410.00 CNY"}"#,
+];
+
+/// What the export step must show: the lines of `EXPORT_LINES` that leave (u123's whole
+/// records, in order), and the records dropped, by reason, as the outcome record counts them.
+const EXPORT_KEPT: [usize; 3] = [0, 4, 11];
+const EXPORT_DROPPED: [(&str, u64); 5] = [
+    ("consent_missing", 5),
+    ("consent_method_invalid", 2),
+    ("consent_revoked", 2),
+    ("no_subject", 1),
+    ("unparsable", 1),
+];
 
 /// Prints a line of the demo's narration. Unlike `println!`, it does not end the demo when
 /// nobody reads standard output any more (`demo | head`): the proxy keeps serving until a
@@ -84,6 +122,11 @@ async fn store_service(
                 store.name
             ),
         ),
+        _ if path.starts_with("/exports/spending/") => {
+            let mut export = EXPORT_LINES.join("\n");
+            export.push('\n');
+            (StatusCode::OK, export)
+        }
         _ if path.starts_with("/public/") => (
             StatusCode::OK,
             "{\"USD/CNY\":7.12,\"EUR/CNY\":7.71}\n".to_string(),
@@ -98,10 +141,13 @@ async fn store_service(
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        "content-type",
-        http::HeaderValue::from_static("application/json"),
-    );
+    let content_type = if path.ends_with(".jsonl") {
+        "application/x-ndjson"
+    } else {
+        "application/json"
+    };
+    resp.headers_mut()
+        .insert("content-type", http::HeaderValue::from_static(content_type));
     Ok(resp)
 }
 
@@ -175,11 +221,11 @@ pub async fn call(
     ))
 }
 
-fn consent(id: &str, method: &str, evidence: &str) -> ConsentRecord {
+fn consent(id: &str, subject: &str, method: &str, evidence: &str) -> ConsentRecord {
     let now = jiff::Timestamp::now();
     ConsentRecord {
         id: id.into(),
-        subject: "u123".into(),
+        subject: subject.into(),
         recipient: "credit-bureau-us".into(),
         purposes: vec!["credit_scoring".into()],
         categories: vec!["user.financial".into()],
@@ -204,14 +250,14 @@ fn write_consents(path: &Path, records: &[ConsentRecord]) -> std::io::Result<()>
     std::fs::rename(&tmp, path)
 }
 
-/// Waits until the running proxy's consent index holds exactly `ids` for subject u123.
-async fn wait_for_consents(running: &RunningProxy, ids: &[&str]) -> bool {
+/// Waits until the running proxy's consent index holds exactly `ids` for `subject`.
+async fn wait_for_consents(running: &RunningProxy, subject: &str, ids: &[&str]) -> bool {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let now: Vec<String> = running
             .shared
             .consents
-            .get("u123")
+            .get(subject)
             .map(|c| c.iter().map(|c| c.id.to_string()).collect())
             .unwrap_or_default();
         let mut want: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
@@ -283,12 +329,12 @@ async fn step(
     Ok((status, reason))
 }
 
-pub fn run(args: DemoArgs) -> CliResult {
+pub fn run(args: DemoArgs, log_format: LogFormat) -> CliResult {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(demo(args))
+    rt.block_on(demo(args, log_format))
 }
 
 fn upstream_addr(policy: &Policy, name: &str) -> Result<SocketAddr, CliError> {
@@ -303,11 +349,14 @@ fn upstream_addr(policy: &Policy, name: &str) -> Result<SocketAddr, CliError> {
     Ok(SocketAddr::new(ip, u.port))
 }
 
-/// What the demo writes, as its policy names it.
+/// What the demo writes, as its policy names it, and the proxy's own log beside them.
 struct Files {
     consents: PathBuf,
     log: PathBuf,
     key: SigningKeyFiles,
+    /// The folder holding them all, if they have one in common but the root.
+    folder: Option<PathBuf>,
+    own_log: PathBuf,
 }
 
 /// Creates the demo's state: a log-signing key pair (kept between runs, so that pseudonyms
@@ -335,7 +384,21 @@ fn prepare(policy: &Policy) -> Result<Files, CliError> {
         LogTarget::File(p) => p.clone(),
         LogTarget::Stdout => return Err(fail("the demo policy must log to a file")),
     };
-    Ok(Files { consents, log, key })
+    let folder = common_folder(&[&log, &consents, &key.key_path]);
+    // Not beside the decision log when there is no common folder: `audit verify DIR` reads
+    // the decision log's folder.
+    let own_log = match (&folder, log.parent()) {
+        (Some(dir), _) => dir.join("proxy.log"),
+        (None, Some(dir)) => dir.with_file_name("proxy.log"),
+        (None, None) => PathBuf::from("proxy.log"),
+    };
+    Ok(Files {
+        consents,
+        log,
+        key,
+        folder,
+        own_log,
+    })
 }
 
 /// The folder holding every file the demo writes (`demo/` with the shipped policy), unless
@@ -353,7 +416,7 @@ fn common_folder(paths: &[&Path]) -> Option<PathBuf> {
     (common.parent().is_some()).then_some(common)
 }
 
-async fn demo(args: DemoArgs) -> CliResult {
+async fn demo(args: DemoArgs, log_format: LogFormat) -> CliResult {
     if !args.policy.exists() {
         if let Some(dir) = args.policy.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
@@ -362,6 +425,13 @@ async fn demo(args: DemoArgs) -> CliResult {
     }
     let policy = super::load_policy(&args.policy)?;
     let files = prepare(&policy)?;
+    // The proxy's own messages would interleave with the story on the terminal.
+    crate::telemetry::init_to_file(log_format, &files.own_log).map_err(|e| {
+        fail(format!(
+            "cannot open the proxy's own log {}: {e}",
+            files.own_log.display()
+        ))
+    })?;
     // Installed before anything starts, as `serve` does: from here on SIGTERM or Ctrl-C ends
     // the demo with its decision log closed, never halfway.
     let mut signals =
@@ -389,7 +459,7 @@ async fn demo(args: DemoArgs) -> CliResult {
         upstream_addr(&policy, "cn-store")?,
         upstream_addr(&policy, "us-store")?
     );
-    match common_folder(&[&files.log, &files.consents, &files.key.key_path]) {
+    match &files.folder {
         Some(dir) => say!(
             "demo files, under {}/ (delete it to start afresh):",
             dir.display()
@@ -403,9 +473,13 @@ async fn demo(args: DemoArgs) -> CliResult {
         files.key.key_path.display(),
         files.key.public_path.display()
     );
+    say!(
+        "  proxy's log   {} (the proxy's own messages, kept out of this story)",
+        files.own_log.display()
+    );
 
     let replayed = tokio::select! {
-        r = replay(&running, &files.consents, &cn, &us) => Some(r),
+        r = replay(&running, &args.policy, &files, &cn, &us) => Some(r),
         () = signals.wait(&running) => None,
     };
     match replayed {
@@ -428,6 +502,9 @@ async fn demo(args: DemoArgs) -> CliResult {
     );
     say!("  curl -i --interface 127.0.0.10 http://{addr}{OBJECT}");
     say!(
+        "  curl -i --interface 127.0.0.20 -H 'X-Purpose: credit_scoring' http://{addr}{EXPORT}   (u123 withdrew: none of it leaves now)"
+    );
+    say!(
         "  curl -i --interface 127.0.0.10 -X PUT --data '{{}}' http://{addr}/backup/payments/u123/2026-01.json"
     );
     say!("  curl -i http://{addr}/public/rates.json");
@@ -439,6 +516,12 @@ async fn demo(args: DemoArgs) -> CliResult {
     say!(
         "  residency-proxy audit verify --open --key {} {}",
         files.key.public_path.display(),
+        files.log.display()
+    );
+    // The subject's report, bulk disclosures included: where u123's data went, and under what.
+    say!(
+        "  residency-proxy audit subject --open --policy {} u123 {}",
+        args.policy.display(),
         files.log.display()
     );
     say!(
@@ -463,14 +546,16 @@ async fn stop(running: Sidecar, files: &Files, exit: Exit) -> CliResult {
     Ok(exit)
 }
 
-/// The seven steps; true if each decided as expected and nothing reached the foreign server.
+/// The eight steps; true if each decided as expected and nothing reached the foreign server.
 async fn replay(
     running: &Sidecar,
-    consents_path: &Path,
+    policy_path: &Path,
+    files: &Files,
     cn: &Store,
     us: &Store,
 ) -> Result<bool, CliError> {
     let addr = running.addr;
+    let consents_path = files.consents.as_path();
     let app = Caller {
         label: "payments-app, first party, CN",
         ip: "127.0.0.10".parse().expect("literal"),
@@ -481,111 +566,141 @@ async fn replay(
     };
     let obj = OBJECT;
     let purpose = [("X-Purpose", "credit_scoring")];
-    let mut outcomes = Vec::new();
-    outcomes.push(
-        step(
-            1,
-            "The platform reads a user's spending records at home.",
-            &app,
-            addr,
-            "GET",
-            obj,
-            &[("X-Purpose", "billing")],
-            "",
-        )
-        .await?,
-    );
-    outcomes.push(
-        step(
-            2,
-            "The foreign credit bureau asks for the same records. No consent exists.",
-            &bureau,
-            addr,
-            "GET",
-            obj,
-            &purpose,
-            "",
-        )
-        .await?,
-    );
+    // Whether each step decided as expected, in order.
+    let mut passed = Vec::new();
+    let expect = |(status, reason): (u16, String), want: (u16, &str)| (status, &*reason) == want;
+
+    let got = step(
+        1,
+        "The platform reads a user's spending records at home.",
+        &app,
+        addr,
+        "GET",
+        obj,
+        &[("X-Purpose", "billing")],
+        "",
+    )
+    .await?;
+    passed.push(expect(got, (200, "")));
+    let got = step(
+        2,
+        "The foreign credit bureau asks for the same records. No consent exists.",
+        &bureau,
+        addr,
+        "GET",
+        obj,
+        &purpose,
+        "",
+    )
+    .await?;
+    passed.push(expect(got, (451, "consent_missing")));
 
     let pre = consent(
         "c-pre-ticked-1",
+        "u123",
         "pre_ticked",
         "signup form v3: box 'share with partners' ticked by default",
     );
     write_consents(consents_path, std::slice::from_ref(&pre))?;
-    if !wait_for_consents(running, &["c-pre-ticked-1"]).await {
+    if !wait_for_consents(running, "u123", &["c-pre-ticked-1"]).await {
         return Err(fail(
             "the proxy did not pick up the consent file within 10 s",
         ));
     }
-    outcomes.push(
-        step(
-            3,
-            "The platform points at a pre-ticked checkbox from its sign-up form.",
-            &bureau,
-            addr,
-            "GET",
-            obj,
-            &purpose,
-            "",
-        )
-        .await?,
-    );
+    let got = step(
+        3,
+        "The platform points at a pre-ticked checkbox from its sign-up form.",
+        &bureau,
+        addr,
+        "GET",
+        obj,
+        &purpose,
+        "",
+    )
+    .await?;
+    passed.push(expect(got, (451, "consent_method_invalid")));
 
     let explicit = consent(
         "c-explicit-1",
+        "u123",
         "explicit",
         "consent receipt 7f3a: user u123 ticked 'share with credit-bureau-us for credit scoring'",
     );
     write_consents(consents_path, &[pre.clone(), explicit.clone()])?;
-    if !wait_for_consents(running, &["c-pre-ticked-1", "c-explicit-1"]).await {
+    if !wait_for_consents(running, "u123", &["c-pre-ticked-1", "c-explicit-1"]).await {
         return Err(fail(
             "the proxy did not pick up the consent file within 10 s",
         ));
     }
-    outcomes.push(
-        step(
-            4,
-            "The user gives explicit consent for credit scoring by this bureau.",
-            &bureau,
-            addr,
-            "GET",
-            obj,
-            &purpose,
-            "",
-        )
-        .await?,
-    );
-    outcomes.push(
-        step(
-            5,
-            "The bureau asks for another purpose the user never agreed to.",
-            &bureau,
-            addr,
-            "GET",
-            obj,
-            &[("X-Purpose", "marketing")],
-            "",
-        )
-        .await?,
-    );
+    let got = step(
+        4,
+        "The user gives explicit consent for credit scoring by this bureau.",
+        &bureau,
+        addr,
+        "GET",
+        obj,
+        &purpose,
+        "",
+    )
+    .await?;
+    passed.push(expect(got, (200, "")));
+    let got = step(
+        5,
+        "The bureau asks for another purpose the user never agreed to.",
+        &bureau,
+        addr,
+        "GET",
+        obj,
+        &[("X-Purpose", "marketing")],
+        "",
+    )
+    .await?;
+    passed.push(expect(got, (451, "consent_scope_mismatch")));
+
+    // Other users of the platform, for the export: one only through the pre-ticked box, one
+    // who withdrew last week; u901 and u902 never consented.
+    let others = other_users_consents();
+    let mut on_file = vec![pre.clone(), explicit.clone()];
+    on_file.extend(others.iter().cloned());
+    write_consents(consents_path, &on_file)?;
+    for c in &others {
+        if !wait_for_consents(running, &c.subject, &[&c.id]).await {
+            return Err(fail(
+                "the proxy did not pick up the consent file within 10 s",
+            ));
+        }
+    }
+    let bulk_dataset = running
+        .shared
+        .snapshot
+        .load()
+        .policy
+        .datasets
+        .iter()
+        .any(|d| d.records.is_some() && EXPORT.starts_with(&d.path_prefix));
+    if bulk_dataset {
+        passed.push(export_step(6, running, &bureau, &files.log).await?);
+    } else {
+        // A copy of the demo policy written by an older version, kept by the user.
+        say!(
+            "\n[6] (skipped: {} has no records dataset for {EXPORT}; delete it and the demo writes the current one)",
+            policy_path.display()
+        );
+    }
 
     let before = us.requests.load(Ordering::Relaxed);
-    outcomes.push(
-        step(
-            6,
-            "The platform tries to back the records up to a server abroad.",
-            &app,
-            addr,
-            "PUT",
-            "/backup/payments/u123/2026-01.json",
-            &[],
-            "{\"records\":[]}",
-        )
-        .await?,
-    );
+    let got = step(
+        7,
+        "The platform tries to back the records up to a server abroad.",
+        &app,
+        addr,
+        "PUT",
+        "/backup/payments/u123/2026-01.json",
+        &[],
+        "{\"records\":[]}",
+    )
+    .await?;
+    passed.push(expect(got, (451, "upstream_outside_jurisdiction")));
     let after = us.requests.load(Ordering::Relaxed);
     say!(
         "       requests that reached the foreign server: {}",
@@ -594,7 +709,9 @@ async fn replay(
 
     let mut revoked = explicit.clone();
     revoked.revoked_at = Some(jiff::Timestamp::now());
-    write_consents(consents_path, &[pre, revoked])?;
+    let mut on_file = vec![pre, revoked];
+    on_file.extend(others);
+    write_consents(consents_path, &on_file)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while running
         .shared
@@ -605,44 +722,227 @@ async fn replay(
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    outcomes.push(
-        step(
-            7,
-            "The user withdraws the consent; the next request is refused.",
-            &bureau,
-            addr,
-            "GET",
-            obj,
-            &purpose,
-            "",
-        )
-        .await?,
-    );
+    let got = step(
+        8,
+        "The user withdraws the consent; the next request is refused.",
+        &bureau,
+        addr,
+        "GET",
+        obj,
+        &purpose,
+        "",
+    )
+    .await?;
+    passed.push(expect(got, (451, "consent_revoked")));
 
-    let expected = [
-        (200, ""),
-        (451, "consent_missing"),
-        (451, "consent_method_invalid"),
-        (200, ""),
-        (451, "consent_scope_mismatch"),
-        (451, "upstream_outside_jurisdiction"),
-        (451, "consent_revoked"),
-    ];
-    let as_expected = outcomes
-        .iter()
-        .zip(expected.iter())
-        .all(|((s, r), (es, er))| s == es && r == er)
-        && after == before;
     say!(
         "\nsummary: {} of {} steps as expected; cn-store served {} requests, us-store {} (nothing personal reached it)",
-        outcomes
-            .iter()
-            .zip(expected.iter())
-            .filter(|((s, r), (es, er))| s == es && r == er)
-            .count(),
-        expected.len(),
+        passed.iter().filter(|p| **p).count(),
+        passed.len(),
         cn.requests.load(Ordering::Relaxed),
         us.requests.load(Ordering::Relaxed)
     );
+    Ok(passed.iter().all(|p| *p) && after == before)
+}
+
+/// The consents of the export's other users: u456 only through the pre-ticked box, u789
+/// explicitly but withdrawn last week.
+fn other_users_consents() -> [ConsentRecord; 2] {
+    let pre = consent(
+        "c-pre-ticked-2",
+        "u456",
+        "pre_ticked",
+        "signup form v3: box 'share with partners' ticked by default",
+    );
+    let mut withdrawn = consent(
+        "c-explicit-2",
+        "u789",
+        "explicit",
+        "consent receipt 2c91: user u789 ticked 'share with credit-bureau-us for credit scoring'",
+    );
+    withdrawn.granted_at = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24 * 60);
+    withdrawn.revoked_at = Some(jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24 * 7));
+    [pre, withdrawn]
+}
+
+/// The bulk step: the bureau pulls the month's export of every user's purchases. Prints which
+/// records left and whose, what was dropped and why (from the outcome record), and the
+/// disclosure record naming the subjects; true if exactly u123's whole records left, in
+/// order, each named in a disclosure under the explicit consent, and the drops are counted
+/// as expected.
+async fn export_step(
+    n: usize,
+    running: &Sidecar,
+    bureau: &Caller,
+    log: &Path,
+) -> Result<bool, CliError> {
+    say!(
+        "\n[{n}] The bureau pulls the month's spending export: {} purchase records of many users in one object.",
+        EXPORT_LINES.len()
+    );
+    say!(
+        "    consents on file: u123 explicit, u456 pre-ticked only, u789 withdrawn; none for u901, u902"
+    );
+    say!(
+        "    {} ({}) GET {EXPORT} purpose=credit_scoring",
+        bureau.label,
+        bureau.ip
+    );
+    let (status, headers, text) = call(
+        bureau.ip,
+        running.addr,
+        "GET",
+        EXPORT,
+        &[("X-Purpose", "credit_scoring")],
+        "",
+    )
+    .await
+    .map_err(|e| fail(format!("demo call failed: {e}")))?;
+    let id = headers
+        .get("x-residency-decision")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    if status != 200 {
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        say!(
+            "    -> {status} deny {}  decision {id}",
+            v["error"].as_str().unwrap_or("")
+        );
+        say!("       {}", v["message"].as_str().unwrap_or(text.trim()));
+        say!("       expected: 200, with only u123's records in the body");
+        return Ok(false);
+    }
+    let records = exchange_records(log, &id).await;
+    let reason = records
+        .iter()
+        .find(|(_, v)| v["kind"] == "decision")
+        .and_then(|(_, v)| v["reason"].as_str())
+        .unwrap_or("?");
+    say!("    -> {status} allow {reason}  decision {id}");
+
+    let received: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut users: Vec<String> = Vec::new();
+    for line in &received {
+        let user = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v["user_id"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "no user_id".into());
+        if !users.contains(&user) {
+            users.push(user);
+        }
+    }
+    // The disclosure records name pseudonyms: the demo, holding the key, pseudonymises the
+    // users it received to find the consent under which each left.
+    let disclosures: Vec<&(String, serde_json::Value)> = records
+        .iter()
+        .filter(|(_, v)| v["kind"] == "disclosure")
+        .collect();
+    let named: BTreeMap<String, String> = disclosures
+        .iter()
+        .flat_map(|(_, v)| v["subjects"].as_array().cloned().unwrap_or_default())
+        .filter_map(|pair| {
+            Some((
+                pair.get(0)?.as_str()?.to_string(),
+                pair.get(1)?.as_str().unwrap_or("none").to_string(),
+            ))
+        })
+        .collect();
+    let pseudo = running.shared.snapshot.load().pseudo.clone();
+    let whose: Vec<String> = users
+        .iter()
+        .map(|u| match named.get(&pseudo.pseudonym(u)) {
+            Some(consent) => format!("{u} (consent {consent})"),
+            None => format!("{u} (named in no disclosure record)"),
+        })
+        .collect();
+    let dropped: BTreeMap<String, u64> = records
+        .iter()
+        .find(|(_, v)| v["kind"] == "outcome")
+        .and_then(|(_, v)| serde_json::from_value(v["records"]["dropped"].clone()).ok())
+        .unwrap_or_default();
+    say!("       {}", what_left(received.len(), &whose, &dropped));
+    match disclosures.as_slice() {
+        [] => say!("       the log holds no disclosure record for this exchange"),
+        named => {
+            say!(
+                "       the log named them before they left ({}, subjects pseudonymised):",
+                log.display()
+            );
+            for (line, _) in named {
+                say!("       {line}");
+            }
+        }
+    }
+
+    let expected_dropped: BTreeMap<String, u64> = EXPORT_DROPPED
+        .iter()
+        .map(|(r, n)| (r.to_string(), *n))
+        .collect();
+    let as_expected = reason == "consent_filtered"
+        && received
+            .iter()
+            .copied()
+            .eq(EXPORT_KEPT.iter().map(|i| EXPORT_LINES[*i]))
+        && dropped == expected_dropped
+        && named.len() == 1
+        && named.get(&pseudo.pseudonym("u123")).map(String::as_str) == Some("c-explicit-1");
+    if !as_expected {
+        say!(
+            "       expected: consent_filtered, {}",
+            what_left(
+                EXPORT_KEPT.len(),
+                &["u123 (consent c-explicit-1)".to_string()],
+                &expected_dropped
+            )
+        );
+    }
     Ok(as_expected)
+}
+
+/// `3 of 14 records left: those of u123 (consent c-1); dropped: consent_missing 5, …`, the
+/// reasons most frequent first.
+fn what_left(kept: usize, whose: &[String], dropped: &BTreeMap<String, u64>) -> String {
+    let mut by_count: Vec<(&String, &u64)> = dropped.iter().collect();
+    by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let dropped = if by_count.is_empty() {
+        "none counted in the log".to_string()
+    } else {
+        by_count
+            .iter()
+            .map(|(reason, n)| format!("{reason} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let whose = if whose.is_empty() {
+        "none".to_string()
+    } else {
+        format!("those of {}", whose.join(", "))
+    };
+    format!(
+        "{kept} of {} records left: {whose}; dropped: {dropped}",
+        EXPORT_LINES.len()
+    )
+}
+
+/// The decision log's records of exchange `id` (its line and its value), once its outcome is
+/// written: the outcome follows the last byte sent, so it may lag the response by a moment.
+async fn exchange_records(log: &Path, id: &str) -> Vec<(String, serde_json::Value)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = tokio::fs::read_to_string(log).await.unwrap_or_default();
+        let records: Vec<(String, serde_json::Value)> = text
+            .lines()
+            .filter_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                (v["id"] == id).then(|| (l.to_string(), v))
+            })
+            .collect();
+        if records.iter().any(|(_, v)| v["kind"] == "outcome")
+            || tokio::time::Instant::now() > deadline
+        {
+            return records;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

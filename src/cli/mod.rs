@@ -59,7 +59,10 @@ writes every decision to a hash-chained log before a byte is forwarded.\n\nStart
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-    /// Format of the proxy's own logs (not the decision log).
+    /// Format of the proxy's own logs (not the decision log), written to standard error (by
+    /// `demo`, to proxy.log in its folder): text (coloured only on a terminal, and not with
+    /// NO_COLOR set) or one JSON object per line for log collectors. RUST_LOG filters them
+    /// (default info).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
@@ -101,7 +104,7 @@ pub fn run(cli: Cli) -> CliResult {
         Command::Geo(a) => geo::run(a),
         Command::Consent(a) => consent::run(a),
         Command::Certs(a) => certs::run(a),
-        Command::Demo(a) => demo::run(a),
+        Command::Demo(a) => demo::run(a, cli.log_format),
     }
 }
 

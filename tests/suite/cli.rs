@@ -267,6 +267,8 @@ fn demo_replays_the_motivating_case_and_its_log_verifies() {
     let out = bin()
         .current_dir(dir.path())
         .args([
+            "--log-format",
+            "json",
             "demo",
             "--no-wait",
             "--listen",
@@ -277,16 +279,44 @@ fn demo_replays_the_motivating_case_and_its_log_verifies() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(text.contains("summary: 7 of 7 steps as expected"), "{text}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}{stderr}");
+    assert!(text.contains("summary: 8 of 8 steps as expected"), "{text}");
     assert!(text.contains("451 deny consent_method_invalid"), "{text}");
     assert!(
         text.contains("requests that reached the foreign server: 0"),
         "{text}"
+    );
+    // The bulk export: only the consented user's records left, and the log names them.
+    assert!(
+        text.contains(
+            "3 of 14 records left: those of u123 (consent c-explicit-1); dropped: consent_missing 5, consent_method_invalid 2, consent_revoked 2, no_subject 1, unparsable 1"
+        ),
+        "{text}"
+    );
+    let disclosure = text
+        .lines()
+        .find(|l| l.contains(r#""kind":"disclosure""#))
+        .unwrap_or_else(|| panic!("no disclosure record printed:\n{text}"));
+    assert!(disclosure.contains(r#""c-explicit-1""#), "{disclosure}");
+    assert!(
+        !disclosure.contains("u123"),
+        "not pseudonymised: {disclosure}"
+    );
+    // The proxy's own log went to its file, as JSON lines, not into the story.
+    assert!(!text.contains("residency-proxy serving"), "{text}");
+    assert!(stderr.is_empty(), "{stderr}");
+    let own = std::fs::read_to_string(dir.path().join("demo/proxy.log")).unwrap();
+    assert!(text.contains("proxy's log   demo/proxy.log"), "{text}");
+    let events: Vec<serde_json::Value> = own
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["level"] == "INFO" && e["fields"]["message"] == "residency-proxy serving"),
+        "{own}"
     );
     let verify = bin()
         .current_dir(dir.path())
@@ -304,7 +334,49 @@ fn demo_replays_the_motivating_case_and_its_log_verifies() {
         "{}",
         String::from_utf8_lossy(&verify.stderr)
     );
-    assert!(String::from_utf8_lossy(&verify.stdout).starts_with("ok: 14 records"));
+    let report = String::from_utf8_lossy(&verify.stdout);
+    // Eight decisions, their outcomes, and the export's one disclosure.
+    assert!(report.starts_with("ok: 17 records"), "{report}");
+    assert!(report.contains("disclosures: 1 records"), "{report}");
+}
+
+/// `demo --no-wait` is a check: with a policy that lets the month's export leave whole, the
+/// export step does not decide as the story says, and the demo exits 1 naming what it expected.
+#[test]
+fn demo_fails_when_the_export_leaves_unfiltered() {
+    let _one = one_demo();
+    let dir = tempfile::tempdir().unwrap();
+    let shipped =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/demo.toml"))
+            .unwrap();
+    let filtered = "records = { format = \"jsonl\", subject = \"user_id\" }\ncross_border = \"consent\"\nthird_party = \"consent\"";
+    assert!(shipped.contains(filtered), "{shipped}");
+    let leaky = shipped.replace(
+        filtered,
+        "records = { format = \"jsonl\", subject = \"user_id\" }\ncross_border = \"allow\"\nthird_party = \"allow\"",
+    );
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/demo.toml"), leaky).unwrap();
+    let out = bin()
+        .current_dir(dir.path())
+        .args([
+            "demo",
+            "--no-wait",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("14 of 14 records left"), "{text}");
+    assert!(
+        text.contains("expected: consent_filtered, 3 of 14 records left: those of u123"),
+        "{text}"
+    );
+    assert!(text.contains("summary: 7 of 8 steps as expected"), "{text}");
 }
 
 /// The arguments of the `residency-proxy …` command on the first line of `lines` holding
@@ -319,6 +391,17 @@ fn printed_command(lines: &[String], marker: &str) -> Vec<String> {
     words.collect()
 }
 
+/// A child process that does not outlive its test, failed or not (a demo left running would
+/// hold the fixed addresses of the next one).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn demo_stopped_by_sigterm_closes_its_log_in_its_own_folder() {
     use std::io::{BufRead, BufReader};
@@ -326,16 +409,18 @@ fn demo_stopped_by_sigterm_closes_its_log_in_its_own_folder() {
     use std::time::{Duration, Instant};
     let _one = one_demo();
     let dir = tempfile::tempdir().unwrap();
-    let mut demo = bin()
-        .current_dir(dir.path())
-        .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut demo = KillOnDrop(
+        bin()
+            .current_dir(dir.path())
+            .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = demo.stdout.take().unwrap();
+    let stdout = demo.0.stdout.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = tx.send(line);
@@ -349,13 +434,13 @@ fn demo_stopped_by_sigterm_closes_its_log_in_its_own_folder() {
         match rx.recv_timeout(left) {
             Ok(line) => lines.push(line),
             Err(e) => {
-                let _ = demo.kill();
+                let _ = demo.0.kill();
                 panic!("the demo did not come up ({e}):\n{}", lines.join("\n"));
             }
         }
     }
     let text = lines.join("\n");
-    assert!(text.contains("summary: 7 of 7 steps as expected"), "{text}");
+    assert!(text.contains("summary: 8 of 8 steps as expected"), "{text}");
     assert!(text.contains("demo files, under demo/"), "{text}");
     // The command it prints for the running proxy's log works as printed.
     let open = bin()
@@ -368,15 +453,36 @@ fn demo_stopped_by_sigterm_closes_its_log_in_its_own_folder() {
         "{text}\n{}",
         String::from_utf8_lossy(&open.stderr)
     );
+    // So does the one for the user's report, which lists the export among what the bureau got.
+    let subject = bin()
+        .current_dir(dir.path())
+        .args(printed_command(&lines, "audit subject --open"))
+        .output()
+        .unwrap();
+    assert!(
+        subject.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&subject.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&subject.stdout).unwrap();
+    let to_bureau = report["report"]["disclosures"]["credit-bureau-us"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{report}"));
+    assert!(
+        to_bureau.iter().any(|d| d["dataset"] == "spending-exports"
+            && d["consent_id"] == "c-explicit-1"
+            && d["bulk"]["export_records"] == 3),
+        "{report}"
+    );
 
     let killed = Command::new("kill")
-        .args(["-s", "TERM", &demo.id().to_string()])
+        .args(["-s", "TERM", &demo.0.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
-        if let Some(status) = demo.try_wait().unwrap() {
+        if let Some(status) = demo.0.try_wait().unwrap() {
             break status;
         }
         assert!(
@@ -387,8 +493,14 @@ fn demo_stopped_by_sigterm_closes_its_log_in_its_own_folder() {
     };
     lines.extend(rx.iter());
     let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut demo.stderr.take().unwrap(), &mut stderr).unwrap();
+    std::io::Read::read_to_string(&mut demo.0.stderr.take().unwrap(), &mut stderr).unwrap();
     assert_eq!(status.code(), Some(0), "{}\n{stderr}", lines.join("\n"));
+    // Piped, neither the story nor the proxy's own log (in its file) carries colour escapes.
+    let own = std::fs::read_to_string(dir.path().join("demo/proxy.log")).unwrap();
+    for shown in [&lines.join("\n"), &stderr, &own] {
+        assert!(!shown.contains("\x1b["), "colour escapes:\n{shown}");
+    }
+    assert!(own.contains(" INFO "), "{own}");
 
     // The log is closed by a signed final checkpoint: the command printed last passes,
     // against the public key the demo wrote.
