@@ -9,7 +9,7 @@ mod invariants;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use invariants::*;
-use residency_proxy::audit::verify::verify;
+use residency_proxy::audit::read::verify::verify;
 use residency_proxy::policy::compile::from_str;
 use residency_proxy::policy::forwarded::parse_xff_element;
 use std::cell::RefCell;
@@ -785,6 +785,7 @@ fn fuzz_targets() -> Vec<Entry> {
         entry::<Policy>(),
         entry::<VerifyLog>(),
         entry::<VerifyMutation>(),
+        entry::<BulkRecords>(),
     ]
 }
 

@@ -6,7 +6,7 @@
 
 use http::HeaderMap;
 use residency_proxy::audit::LogWriter;
-use residency_proxy::audit::verify::verify;
+use residency_proxy::audit::read::verify::verify;
 use residency_proxy::audit::record::{OutcomeRecord, Record, RequestContext, failure_record};
 use residency_proxy::policy::compile::from_str;
 use residency_proxy::policy::forwarded::{ClientAddr, client_addr, parse_xff_element};
@@ -293,6 +293,7 @@ pub fn write_log(path: &Path) -> u64 {
                 id: format!("r{i}").as_str().into(),
                 kind: "outcome",
                 prev: Default::default(),
+                records: None,
                 seq: 0,
                 status: 404,
                 ts: residency_proxy::audit::record::Stamp(jiff::Timestamp::UNIX_EPOCH),
@@ -465,6 +466,47 @@ impl Target for Policy {
         seeds.push(b"[policy]\nname = 'x'\nhome = 'UK'\n".to_vec());
         seeds.push(b"[log]\ncheckpoint_every = -1\n[[datasets]]\nname = 7\n".to_vec());
         seeds
+    }
+}
+
+/// Bulk objects filtered record by record: the first byte picks the format (JSON lines or
+/// CSV), the subject field and the compression; the rest is the object. The invariants are
+/// `residency_proxy::bulk::fuzz_one`'s: every byte accounted for, output = kept records in
+/// order, chunking changes nothing, keeping everything gives the input back, recompressed
+/// output decompresses to the same bytes, memory within its bound.
+pub struct BulkRecords;
+
+impl Target for BulkRecords {
+    const NAME: &'static str = "bulk_records";
+
+    fn new() -> Self {
+        BulkRecords
+    }
+
+    fn run(&self, data: &[u8]) {
+        residency_proxy::bulk::fuzz_bytes(data);
+    }
+
+    fn seeds() -> Vec<Vec<u8>> {
+        let with = |sel: u8, body: &str| {
+            let mut v = vec![sel];
+            v.extend_from_slice(body.as_bytes());
+            v
+        };
+        vec![
+            with(
+                0,
+                "{\"id\":\"u1\",\"a\":1}\n{\"id\":7}\n\n{\"x\":\"no subject\"}\nnot json\n{\"id\":\"u\\u0031\"}",
+            ),
+            with(2, "{\"id\":\"u1\",\"id\":\"u2\"}\r\n{\"id\":null}\n"),
+            with(
+                1,
+                "id,name\r\nu1,\"Ann, \"\"A\"\"\"\r\nu2,\"multi\nline\"\r\n,empty\r\nu3,\"open\n",
+            ),
+            with(3, "\u{feff}name,id\nBob,u9\nstray\"quote,u8\n"),
+            with(16, "{\"id\":\"u1\"}\n"),
+            with(33, "id\nu1\nu2\n"),
+        ]
     }
 }
 
