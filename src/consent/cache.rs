@@ -22,6 +22,10 @@ use std::time::{Duration, Instant};
 /// Connections a sidecar keeps for cache misses (each runs queries pipelined).
 pub const POOL_SIZE: usize = 4;
 
+/// The fewest subjects a batch is split into parts of: below this, one query answers faster
+/// than several.
+const MIN_PART: usize = 512;
+
 /// The longest a miss's query may run before its fill is abandoned as failed: the requests
 /// waiting on it gave up at `lookup_timeout` already, later ones join it until then.
 const QUERY_LIMIT: Duration = Duration::from_secs(5);
@@ -90,6 +94,10 @@ pub struct Loader {
     pub batch_time: Arc<Histogram>,
     /// The last failure and when, until a query answers again: readiness reports it.
     failure: Arc<Mutex<Option<(Instant, String)>>>,
+    /// Where queries run: the runtime that made the loader (the proxy's control runtime),
+    /// not the worker whose request missed. A query another worker joins must not end
+    /// with the runtime of the worker that started it, nor must the connections it opens.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Loader {
@@ -101,6 +109,15 @@ impl Loader {
             miss_time: Arc::new(Histogram::new(MISS_BOUNDS)),
             batch_time: Arc::new(Histogram::new(MISS_BOUNDS)),
             failure: Arc::default(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
+        }
+    }
+
+    /// Runs a query's task on the loader's runtime (else the caller's).
+    fn spawn<F: Future<Output = ()> + Send + 'static>(&self, query: F) {
+        match &self.runtime {
+            Some(rt) => drop(rt.spawn(query)),
+            None => drop(tokio::spawn(query)),
         }
     }
 
@@ -142,7 +159,7 @@ impl Loader {
             self.failure.clone(),
         );
         let subject = subject.to_string();
-        tokio::spawn(async move {
+        self.spawn(async move {
             let started = Instant::now();
             let answer = match tokio::time::timeout(QUERY_LIMIT, reader.subject(&subject)).await {
                 Ok(a) => a,
@@ -179,7 +196,16 @@ impl Loader {
                     Fill::Lead(p) => led.push(((*s).clone(), p)),
                 }
             }
-            let batch = (!led.is_empty()).then(|| self.spawn_batch(led));
+            // A large batch is asked as up to one query per pooled connection, at once: the
+            // answer comes in the time of the largest part, not of the whole.
+            let parts = led.len().div_ceil(MIN_PART).clamp(1, POOL_SIZE);
+            let per_part = led.len().div_ceil(parts).max(1);
+            let mut batches = Vec::with_capacity(parts);
+            let mut led = led;
+            while !led.is_empty() {
+                let rest = led.split_off(per_part.min(led.len()));
+                batches.push(self.spawn_batch(std::mem::replace(&mut led, rest)));
+            }
             let waited = tokio::time::timeout_at(deadline, async {
                 let mut again: Vec<&CompactString> = Vec::new();
                 for (s, p) in &joined {
@@ -189,19 +215,16 @@ impl Loader {
                         again.push(*s);
                     }
                 }
-                if let Some(batch) = batch {
-                    let doubtful = batch
-                        .await
-                        .unwrap_or_else(|_| Err("the consent lookup was abandoned".into()))
-                        .map_err(LookupError::Store)?;
-                    let doubtful: HashSet<&str, RandomState> =
-                        doubtful.iter().map(CompactString::as_str).collect();
-                    again.extend(
-                        todo.iter()
-                            .copied()
-                            .filter(|s| doubtful.contains(s.as_str())),
+                let mut doubtful: HashSet<CompactString, RandomState> = HashSet::default();
+                for batch in batches {
+                    doubtful.extend(
+                        batch
+                            .await
+                            .unwrap_or_else(|_| Err("the consent lookup was abandoned".into()))
+                            .map_err(LookupError::Store)?,
                     );
                 }
+                again.extend(todo.iter().copied().filter(|s| doubtful.contains(*s)));
                 Ok::<_, LookupError>(again)
             })
             .await;
@@ -231,7 +254,7 @@ impl Loader {
             self.batch_time.clone(),
             self.failure.clone(),
         );
-        tokio::spawn(async move {
+        self.spawn(async move {
             let started = Instant::now();
             let subjects: Vec<&str> = led.iter().map(|(s, _)| s.as_str()).collect();
             let answer = match tokio::time::timeout(QUERY_LIMIT, reader.subjects(&subjects)).await {

@@ -111,6 +111,14 @@ impl Entry {
             used: AtomicBool::new(false),
         }
     }
+
+    /// An entry about to be read: its bit is set.
+    fn used(held: Held) -> Entry {
+        Entry {
+            held,
+            used: AtomicBool::new(true),
+        }
+    }
 }
 
 /// A fill under way: the query's answer is announced on `done`; a change to the subject
@@ -331,14 +339,50 @@ impl ConsentIndex {
     /// decided again once its miss is filled is not counted twice).
     pub fn lookup<R>(&self, subject: &str, count: bool, f: impl FnOnce(Lookup<'_>) -> R) -> R {
         let map = self.map.pin();
-        let entry = map.get(subject);
+        let found = self.found(map.get(subject));
+        if count && self.budget.is_some() {
+            let counter = match found {
+                Lookup::Miss => &self.stats.misses,
+                _ => &self.stats.hits,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        f(found)
+    }
+
+    /// [`lookup`](Self::lookup) of many subjects under one pin of the map (a bulk object's
+    /// batch): `f` gets each subject's index in `subjects` and what the index holds.
+    pub fn lookup_each<'s>(
+        &self,
+        subjects: impl IntoIterator<Item = &'s str>,
+        count: bool,
+        mut f: impl FnMut(usize, Lookup<'_>),
+    ) {
+        let map = self.map.pin();
+        let (mut hits, mut misses) = (0, 0);
+        for (i, subject) in subjects.into_iter().enumerate() {
+            let found = self.found(map.get(subject));
+            match found {
+                Lookup::Miss => misses += 1,
+                _ => hits += 1,
+            }
+            f(i, found);
+        }
+        if count && self.budget.is_some() {
+            self.stats.hits.fetch_add(hits, Ordering::Relaxed);
+            self.stats.misses.fetch_add(misses, Ordering::Relaxed);
+        }
+    }
+
+    /// What an entry (or its absence) means to a lookup; a cache entry read is marked used.
+    fn found<'e>(&self, entry: Option<&'e Entry>) -> Lookup<'e> {
         if self.budget.is_none() {
-            return f(match entry {
+            return match entry {
                 Some(e) => Lookup::Found(e.held.as_slice()),
                 None => Lookup::NotFound,
-            });
+            };
         }
-        let found = match entry {
+        match entry {
             Some(e) if !matches!(e.held, Held::Pending(_)) => {
                 // Only a clear bit is written: a hot entry's cache line stays shared.
                 if !e.used.load(Ordering::Relaxed) {
@@ -350,15 +394,7 @@ impl ConsentIndex {
                 }
             }
             _ => Lookup::Miss,
-        };
-        if count {
-            let counter = match found {
-                Lookup::Miss => &self.stats.misses,
-                _ => &self.stats.hits,
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
         }
-        f(found)
     }
 
     /// Calls `f` with the consents of `subject`, if held (a miss reads as `None`).
@@ -430,7 +466,10 @@ impl ConsentIndex {
                 self.stats
                     .bytes
                     .fetch_add(held.bytes(subject), Ordering::Relaxed);
-                map.insert(subject.into(), Entry::new(held));
+                // Filled because a request asked for it, which reads it next: it starts
+                // with its bit set, or the hand, clearing the bits of older entries and
+                // moving them behind it, would evict a batch's fills before they are read.
+                map.insert(subject.into(), Entry::used(held));
                 self.count.fetch_add(n, Ordering::Relaxed);
                 interner.ring.push_back(subject.into());
                 self.evict(&mut interner, &map);

@@ -19,7 +19,8 @@ use crate::audit::record::{DisclosureRecord, Link, Record, RecordCounts, Stamp, 
 use crate::bulk::{
     self, BulkError, Compression, Format, Limits, ParquetFilter, StreamFilter, Verdict,
 };
-use crate::policy::decide::{FilterTerms, RecordVerdict};
+use crate::consent::index::Lookup;
+use crate::policy::decide::{ConsentLookup, FilterTerms, RecordVerdict};
 use crate::policy::decision::Reason;
 use crate::policy::model::OnFailure;
 use compact_str::CompactString;
@@ -447,42 +448,63 @@ impl Run<'_> {
         let job = self.job;
         let snap = &job.snap;
         let policy = &snap.policy;
+        let index = &snap.consents;
         let now = jiff::Timestamp::now().as_microsecond();
         let terms = job.terms.at(policy, now);
-        let loader = job.shared.consent_loader.as_ref();
-        let judge_one = |env: &super::snapshot::ProxyEnv<'_>, s: &str| {
-            crate::policy::decide::Env::with_consents(env, s, |l| match terms.judge(policy, l) {
+        let judged = |found: Lookup<'_>| {
+            let lookup = match found {
+                Lookup::Found(c) => ConsentLookup::Found(c),
+                Lookup::NotFound => ConsentLookup::NotFound,
+                Lookup::Miss => ConsentLookup::Unavailable,
+            };
+            match terms.judge(policy, lookup) {
                 RecordVerdict::Keep(id, _) => Judged::Keep(id.clone()),
                 RecordVerdict::Drop(r) => Judged::Drop(r),
-            })
+            }
         };
-        let env = snap.env(now, loader.is_some(), &[]);
-        let mut out: Vec<Judged> = subjects.iter().map(|s| judge_one(&env, s)).collect();
-        let missed = env.take_missed();
-        if let (Some(loader), false) = (loader, missed.is_empty()) {
+        // As for a single request (the proxy's decision environment): a cache whose change
+        // feed has been down longer than `max_staleness` answers for nobody. Checked once a
+        // batch; each subject is then read under one pin of the cache.
+        let stale = index.freshness().is_stale(policy.consent.max_staleness);
+        let mut out: Vec<Judged> = Vec::with_capacity(subjects.len());
+        let mut missed: Vec<usize> = Vec::new();
+        if !stale {
+            index.lookup_each(subjects.iter().map(|s| s.as_str()), true, |i, found| {
+                if matches!(found, Lookup::Miss) {
+                    missed.push(i);
+                }
+                out.push(judged(found));
+            });
+        } else {
+            out.extend(subjects.iter().map(|_| Judged::Drop(Reason::ConsentStoreUnavailable)));
+        }
+        if let (Some(loader), false) = (job.shared.consent_loader.as_ref(), missed.is_empty()) {
+            let wanted: Vec<CompactString> = missed.iter().map(|&i| subjects[i].clone()).collect();
             // The store's answer time is the loader's batch histogram.
-            if let Err(e) = loader.fill_many(&missed).await {
+            if let Err(e) = loader.fill_many(&wanted).await {
                 if !job.audit {
                     return Err(Stop::Store(e.to_string()));
                 }
                 tracing::warn!(error = %e, "consent lookup for a batch of records failed (audit mode: the records leave)");
             }
-            let env = snap.env(now, true, &missed);
-            for (s, j) in subjects.iter().zip(out.iter_mut()) {
-                if matches!(j, Judged::Drop(Reason::ConsentStoreUnavailable)) {
-                    *j = judge_one(&env, s);
-                }
-            }
+            // Filled now (not counted again); one still missing reads as an unavailable store.
+            index.lookup_each(wanted.iter().map(|s| s.as_str()), false, |k, found| {
+                out[missed[k]] = judged(found);
+            });
         }
         if !job.audit
-            && let Some(_) = out
+            && out
                 .iter()
-                .find(|j| matches!(j, Judged::Drop(Reason::ConsentStoreUnavailable)))
+                .any(|j| matches!(j, Judged::Drop(Reason::ConsentStoreUnavailable)))
         {
-            return Err(Stop::Store(format!(
-                "the consent registry is unavailable or stale (consent.max_staleness {:?})",
-                policy.consent.max_staleness
-            )));
+            return Err(Stop::Store(if stale {
+                format!(
+                    "the consent registry's change feed has been down longer than consent.max_staleness ({:?})",
+                    policy.consent.max_staleness
+                )
+            } else {
+                "subjects filled for the batch were not in the consent cache when judged".into()
+            }));
         }
         Ok(out)
     }

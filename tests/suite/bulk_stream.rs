@@ -1125,3 +1125,40 @@ async fn the_aws_cli_reads_a_filtered_object_with_get_object() {
     assert_eq!(std::fs::read_to_string(&out_file).unwrap(), KEPT);
     proxy.shutdown().await;
 }
+
+/// Regression: with a cache smaller than an export's subjects, each batch's fills evicted
+/// subjects of the same batch before they were judged, and the response was cut as if the
+/// store were unavailable once the cache was full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_with_more_subjects_than_the_cache_holds_is_filtered_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite:{}", dir.path().join("consent.db").display());
+    let n = 40_000;
+    let ex = Export::new(n, |i| format!("s-{:05}", (i * 7_919) % 20_000));
+    let consented = |s: &str| s[2..].parse::<u32>().unwrap() % 2 == 0;
+    let grants: Vec<ConsentRecord> = (0..20_000)
+        .step_by(2)
+        .map(|k| bureau_consent(&format!("s-{k:05}")))
+        .collect();
+    import(&store, &grants, dir.path()).await;
+    let objects = Objects::start(HOME_IP, one(PATH, Object::new(ex.text.clone()))).await;
+    let mut proxy = bulk_policy(&objects, "enforce")
+        .consent(&format!("store = '{store}'"))
+        .consent("lookup_timeout = '10s'")
+        // About 5,000 subjects' worth: a quarter of the export's.
+        .consent("cache_max_bytes = 1048576")
+        .start()
+        .await;
+    let r = bureau_reads(&proxy, PATH).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let want = ex.kept(|l| consented(&l.subject));
+    assert!(
+        r.body == want.as_bytes(),
+        "{}",
+        first_difference(&r.body, want.as_bytes())
+    );
+    let outcome = proxy.log.outcome(&r.decision_id()).await;
+    assert_eq!(outcome["complete"], true, "{outcome}");
+    assert_eq!(outcome["records"]["kept"], n / 2);
+    proxy.shutdown().await;
+}
