@@ -162,12 +162,15 @@ fn serve_log_format_json_writes_one_object_per_line() {
 fn on_a_terminal(no_color: Option<&str>) -> String {
     let dir = tempfile::tempdir().unwrap();
     let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    // `exec`: the shell script starts must not stay between it and serve, or Ctrl-C reaches
+    // that shell too, and a shell that dies of it makes the session's status a failure.
     let serve = format!(
-        "{} serve --policy policy.toml --admin 127.0.0.1:0",
+        "exec {} serve --policy policy.toml --admin 127.0.0.1:0",
         quote(BIN)
     );
     let mut cmd = serve_command(dir.path(), "script");
-    cmd.args(["-q", "-f", "-e", "-c", &serve, "/dev/null"]);
+    cmd.args(["-q", "-f", "-e", "-c", &serve, "/dev/null"])
+        .env("SHELL", "/bin/sh");
     if let Some(v) = no_color {
         cmd.env("NO_COLOR", v);
     }
