@@ -17,6 +17,7 @@
 
 use super::change::{Change, ImportReport, Outcome, Refusal, Revocation};
 use super::file::{id_of, judge, record_lines};
+use super::record::ConsentRecord;
 use foldhash::fast::{FixedState, RandomState};
 use jiff::Timestamp;
 use serde::Serialize;
@@ -84,8 +85,74 @@ impl Chunk {
 }
 
 /// What the store gets: chunks, then the end of the file, or the failure that stopped the
-/// reading (the store then writes nothing).
+/// reading (the store then writes no more).
 pub type Chunks = mpsc::Receiver<std::io::Result<Chunk>>;
+
+/// A chunk's changes planned as if the registry held none of their ids, as an import into a
+/// registry that does not hold them yet finds: what [`plan_distinct`] plans then, without
+/// reading the registry first. The store inserts the grants, and a grant whose id it turns
+/// out to hold (a unique key says so) sends the change to [`plan_distinct`] after all, with
+/// what the registry holds. A withdrawal always depends on what the registry holds.
+///
+/// [`plan_distinct`]: super::change::plan_distinct
+#[derive(Debug, Default)]
+pub struct Fresh {
+    /// The changes to insert as new grants (valid records), by position in the chunk.
+    pub grants: Vec<usize>,
+    /// Each change's outcome; `None` for a withdrawal.
+    pub outcomes: Vec<Option<Result<Outcome, Refusal>>>,
+}
+
+impl Fresh {
+    pub fn plan(changes: &[Change]) -> Fresh {
+        let mut fresh = Fresh {
+            grants: Vec::with_capacity(changes.len()),
+            outcomes: Vec::with_capacity(changes.len()),
+        };
+        for (i, change) in changes.iter().enumerate() {
+            let outcome = match change {
+                Change::Record(r) | Change::Undated(r) => Some(match r.validate() {
+                    Err(source) => Err(Refusal::Invalid {
+                        id: r.id.clone(),
+                        source,
+                    }),
+                    Ok(()) => {
+                        fresh.grants.push(i);
+                        Ok(match r.revoked_at {
+                            Some(_) => Outcome::GrantedRevoked,
+                            None => Outcome::Granted,
+                        })
+                    }
+                }),
+                Change::Revoke(_) => None,
+            };
+            fresh.outcomes.push(outcome);
+        }
+        fresh
+    }
+
+    /// The records to grant, each with the revocation it carries (an imported record that
+    /// was already revoked), as [`plan_distinct`](super::change::plan_distinct) writes them.
+    pub fn records<'a>(&self, changes: &'a [Change]) -> impl Iterator<Item = &'a ConsentRecord> {
+        self.grants.iter().map(move |&i| match &changes[i] {
+            Change::Record(r) | Change::Undated(r) => r,
+            Change::Revoke(_) => unreachable!("only records are granted"),
+        })
+    }
+
+    /// The revocations that records granted already carry.
+    pub fn revocations(&self, changes: &[Change]) -> Vec<Revocation> {
+        self.records(changes)
+            .filter_map(|r| {
+                r.revoked_at.map(|at| Revocation {
+                    consent_id: r.id.clone(),
+                    revoked_at: at,
+                    evidence: None,
+                })
+            })
+            .collect()
+    }
+}
 
 /// What an import did, in numbers (the refused lines are passed on as they are found).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

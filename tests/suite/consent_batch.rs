@@ -155,7 +155,11 @@ async fn concurrent_fills_share_the_query(reader: Reader) {
     many.unwrap();
     one.unwrap();
     overlap.unwrap();
-    assert_eq!(l.batch_time.count(), QUERIES as u64, "the batch's queries only");
+    assert_eq!(
+        l.batch_time.count(),
+        QUERIES as u64,
+        "the batch's queries only"
+    );
     assert_eq!(l.miss_time.count(), 0, "the single fill joined the batch");
     assert_eq!(cached(l.index(), &subject(4)), Some(expected(4)));
 }

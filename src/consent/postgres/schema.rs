@@ -126,6 +126,27 @@ CREATE TRIGGER consent_revocations_changed AFTER INSERT ON consent_revocations
 "#,
 ];
 
+/// Ids and subjects compared byte by byte (`COLLATE "C"`), whatever the database's default
+/// collation: equality is the same under any deterministic collation, but a locale's
+/// comparison costs several times as much in every index insertion and lookup (an import's
+/// main cost). Not a numbered migration: a build that predates it reads and writes these
+/// columns as before, so it is not locked out of the registry. Changing a column's collation
+/// keeps the table but rebuilds the indexes on it, during which the table cannot be read:
+/// [`migrate`] does it only to an empty registry, and `consent import` (see [`collate_ids`])
+/// to any, as the first step of an import.
+const COLLATE_IDS: &str = r#"
+ALTER TABLE consents ALTER COLUMN id TYPE text COLLATE "C", ALTER COLUMN subject TYPE text COLLATE "C";
+ALTER TABLE consent_revocations ALTER COLUMN consent_id TYPE text COLLATE "C";
+ALTER TABLE consent_changes ALTER COLUMN subject TYPE text COLLATE "C", ALTER COLUMN consent_id TYPE text COLLATE "C";
+"#;
+
+/// Whether the ids are compared byte by byte already (see [`COLLATE_IDS`]).
+const IDS_COLLATED: &str = "SELECT coalesce((SELECT c.collname = 'C' FROM pg_attribute a \
+     JOIN pg_collation c ON c.oid = a.attcollation \
+     WHERE a.attrelid = to_regclass('consents') AND a.attname = 'id'), false)";
+
+/// Brings the schema up to date: the numbered migrations, then [`COLLATE_IDS`] if the
+/// registry is empty.
 pub(super) async fn migrate(client: &mut Client, target: &str) -> Result<(), PgError> {
     let known = MIGRATIONS.len() as i32;
     // The usual case, with no lock and no privilege beyond SELECT: already up to date.
@@ -149,7 +170,7 @@ pub(super) async fn migrate(client: &mut Client, target: &str) -> Result<(), PgE
         .await?
         .get(0);
         if current == known {
-            return Ok(());
+            return collate_ids(client, target, Rebuild::IfEmpty).await;
         }
     }
     let tx = bounded(target, client.transaction()).await?;
@@ -181,24 +202,82 @@ pub(super) async fn migrate(client: &mut Client, target: &str) -> Result<(), PgE
             known,
         });
     }
-    if found == known {
+    if found < known {
+        for m in &MIGRATIONS[found as usize..] {
+            bounded(target, tx.batch_execute(m)).await?;
+        }
+        bounded(
+            target,
+            tx.execute("DELETE FROM residency_consent_schema", &[]),
+        )
+        .await?;
+        bounded(
+            target,
+            tx.execute(
+                "INSERT INTO residency_consent_schema (version) VALUES ($1)",
+                &[&known],
+            ),
+        )
+        .await?;
+    }
+    bounded(target, tx.commit()).await?;
+    collate_ids(client, target, Rebuild::IfEmpty).await
+}
+
+/// When [`collate_ids`] may change the collation of a registry that holds consents.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(super) enum Rebuild {
+    /// Only an empty registry's (nothing to rebuild): what connecting does.
+    IfEmpty,
+    /// Any registry's: what an import does first, taking the time the rebuild takes.
+    Always,
+}
+
+/// Applies [`COLLATE_IDS`] under the writers' lock if it is not applied yet (and, with
+/// [`Rebuild::IfEmpty`], the registry is empty). A role that may not alter the tables
+/// leaves them as they are: the registry works the same, only slower to import into.
+pub(super) async fn collate_ids(
+    client: &mut Client,
+    target: &str,
+    rebuild: Rebuild,
+) -> Result<(), PgError> {
+    let state = format!("SELECT ({IDS_COLLATED}), NOT EXISTS (SELECT 1 FROM consents)");
+    let wanted = |row: tokio_postgres::Row| {
+        let (collated, empty): (bool, bool) = (row.get(0), row.get(1));
+        (!collated && (empty || rebuild == Rebuild::Always), empty)
+    };
+    // Without the lock first: connecting to a registry that stays as it is takes no lock.
+    if !wanted(bounded(target, client.query_one(&state, &[])).await?).0 {
         return Ok(());
     }
-    for m in &MIGRATIONS[found as usize..] {
-        bounded(target, tx.batch_execute(m)).await?;
+    let tx = bounded(target, client.transaction()).await?;
+    bounded(
+        target,
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY]),
+    )
+    .await?;
+    let (wanted, empty) = wanted(bounded(target, tx.query_one(&state, &[])).await?);
+    if !wanted {
+        return Ok(());
     }
-    bounded(
-        target,
-        tx.execute("DELETE FROM residency_consent_schema", &[]),
-    )
-    .await?;
-    bounded(
-        target,
-        tx.execute(
-            "INSERT INTO residency_consent_schema (version) VALUES ($1)",
-            &[&known],
-        ),
-    )
-    .await?;
-    bounded(target, tx.commit()).await
+    let started = std::time::Instant::now();
+    // Its time grows with the registry (an index rebuild), so it is not bounded.
+    match tx.batch_execute(COLLATE_IDS).await {
+        Ok(()) => {}
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            tracing::warn!(consent.store = %target, error = %e, "consent ids are compared by the database's collation, which is slower to import into; run `consent import` once as the tables' owner to compare them byte by byte");
+            return Ok(());
+        }
+        Err(source) => {
+            return Err(PgError::Query {
+                target: target.into(),
+                source,
+            });
+        }
+    }
+    bounded(target, tx.commit()).await?;
+    if !empty {
+        tracing::info!(consent.store = %target, ms = started.elapsed().as_millis() as u64, "consent ids are now compared byte by byte (the registry's indexes were rebuilt, once)");
+    }
+    Ok(())
 }

@@ -7,15 +7,20 @@ use super::connect::{PgError, bounded, config, connect};
 use super::rows::{
     PG_EPOCH_US, STATE_COLUMNS, history, state_from_row, states, states_of, warn_unreadable,
 };
-use super::schema::{CHANGES_KEPT, LOCK_KEY, migrate};
-use crate::consent::change::{Change, Event, Filter, Refusal, Written, plan, plan_distinct};
-use crate::consent::import::{Chunks, Settle};
+use super::schema::{CHANGES_KEPT, LOCK_KEY, Rebuild, collate_ids, migrate};
+use crate::consent::change::{
+    Change, Event, Filter, Outcome, Refusal, Revocation, Written, plan, plan_distinct,
+};
+use crate::consent::import::{Chunks, Fresh, Settle};
 use crate::consent::record::ConsentRecord;
+use foldhash::fast::RandomState;
 use jiff::Timestamp;
 use serde::Serialize;
+use std::collections::HashMap;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
-use tokio_postgres::{Client, Config};
+use tokio_postgres::{Client, Config, Statement};
 
 #[derive(Serialize)]
 struct RevocationRow<'a> {
@@ -125,11 +130,24 @@ const COPY_GRANT_TYPES: [Type; 11] = [
 const COPY_REVOCATIONS: &str = "COPY consent_revocations (consent_id, revoked_at, evidence, recorded_by) FROM STDIN (FORMAT binary)";
 const COPY_REVOCATION_TYPES: [Type; 4] = [Type::TEXT, Type::TIMESTAMPTZ, Type::TEXT, Type::TEXT];
 
-/// Writes the chunks of an import (see [`crate::consent::import`]) in one transaction holding the
-/// writers' lock: for each chunk, one query reads what the registry holds for its ids, the
-/// plan decides, and the new facts go in by binary `COPY`. Returns the read failure that
-/// stopped it, if any: then nothing is written. The COPYs and the commit are not bounded by
-/// [`super::connect::QUERY_TIMEOUT`]: their time grows with the import.
+/// The statements an import prepares once on its connection.
+struct ImportStatements {
+    held: Statement,
+    grants: Statement,
+    revocations: Statement,
+}
+
+/// Writes the chunks of an import (see [`crate::consent::import`]), each in a transaction of
+/// its own holding the writers' lock: a grant made meanwhile through any sidecar's API waits
+/// for one chunk, not for the import, and an import cut short leaves the registry holding the
+/// chunks before the cut, which running it again completes. A chunk whose ids the registry
+/// does not hold (the common case) is written without reading first: the grants go in by
+/// binary `COPY`, and a grant of an id the registry holds fails the `COPY` on the primary key,
+/// which undoes the chunk; it is then written after reading what the registry holds, as are
+/// the chunks after it while they find ids held. Returns the read failure that stopped it, if
+/// any (the chunks before it are written). Ids are first made to compare byte by byte
+/// ([`collate_ids`]). The `COPY`s are not bounded by [`super::connect::QUERY_TIMEOUT`]:
+/// their time grows with the chunk and the registry.
 async fn import(
     client: &mut Client,
     target: &str,
@@ -137,73 +155,202 @@ async fn import(
     by: &str,
     settle: &mut Settle,
 ) -> Result<Option<std::io::Error>, PgError> {
+    collate_ids(client, target, Rebuild::Always).await?;
+    let held_sql = format!("SELECT {STATE_COLUMNS} FROM consents c WHERE c.id = ANY($1)");
+    let statements = ImportStatements {
+        held: bounded(target, client.prepare(&held_sql)).await?,
+        grants: bounded(target, client.prepare(COPY_GRANTS)).await?,
+        revocations: bounded(target, client.prepare(COPY_REVOCATIONS)).await?,
+    };
+    // Whether the last chunk found ids held: then the next one reads before it writes.
+    let mut read_first = false;
+    while let Some(chunk) = chunks.recv().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(e) => return Ok(Some(e)),
+        };
+        let (changes, chunk) = chunk.take();
+        let fresh = match read_first {
+            true => None,
+            false => write_fresh(client, target, &statements, &changes, by).await?,
+        };
+        let results = match fresh {
+            Some(results) => results,
+            None => {
+                let (results, held) =
+                    write_planned(client, target, &statements, changes, by).await?;
+                read_first = held > 0;
+                results
+            }
+        };
+        settle.chunk(chunk, results);
+    }
+    Ok(None)
+}
+
+/// Takes the writers' lock in a new transaction and reads what the registry holds for `ids`
+/// (nothing for none), in one round trip.
+async fn lock_and_read<'c>(
+    client: &'c mut Client,
+    target: &str,
+    held: &Statement,
+    ids: &[&str],
+) -> Result<
+    (
+        tokio_postgres::Transaction<'c>,
+        HashMap<String, ConsentRecord, RandomState>,
+    ),
+    PgError,
+> {
+    let tx = bounded(target, client.transaction()).await?;
+    let lock = bounded(
+        target,
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY]),
+    );
+    let rows = async {
+        match ids.is_empty() {
+            true => Ok(Vec::new()),
+            false => bounded(target, tx.query(held, &[&ids])).await,
+        }
+    };
+    let (locked, rows) = tokio::join!(lock, rows);
+    locked?;
+    let held = rows?
+        .iter()
+        .filter_map(|row| state_from_row(row).map_err(warn_unreadable).ok())
+        .map(|r| (r.id.clone(), r))
+        .collect();
+    Ok((tx, held))
+}
+
+/// Writes a chunk as [`Fresh`] plans it; `None` (and nothing written) if the registry holds
+/// the id of one of its grants.
+async fn write_fresh(
+    client: &mut Client,
+    target: &str,
+    statements: &ImportStatements,
+    changes: &[Change],
+    by: &str,
+) -> Result<Option<Vec<Result<Outcome, Refusal>>>, PgError> {
+    let fresh = Fresh::plan(changes);
+    let withdrawn: Vec<Change> = changes
+        .iter()
+        .filter(|c| matches!(c, Change::Revoke(_)))
+        .cloned()
+        .collect();
+    let ids: Vec<&str> = withdrawn.iter().map(Change::id).collect();
+    let (tx, held) = lock_and_read(client, target, &statements.held, &ids).await?;
+    let (withdrawals, mut withdrawn) = plan_distinct(held, withdrawn);
+    let copied = copy_grants(&tx, target, &statements.grants, fresh.records(changes), by).await;
+    match copied {
+        Err(PgError::Query { source, .. }) if holds_an_id(&source) => return Ok(None),
+        other => other?,
+    }
+    let mut revocations = fresh.revocations(changes);
+    revocations.extend(withdrawals.revocations);
+    copy_revocations(&tx, target, &statements.revocations, &revocations, by).await?;
+    prune_changes(&tx, target).await?;
+    bounded(target, tx.commit()).await?;
+    let mut withdrawn = withdrawn.drain(..);
+    let results = fresh
+        .outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or_else(|| withdrawn.next().expect("one result per withdrawal")))
+        .collect();
+    Ok(Some(results))
+}
+
+/// Writes a chunk as [`plan_distinct`] plans it after reading what the registry holds for
+/// its ids; returns the results and how many of the ids were held.
+async fn write_planned(
+    client: &mut Client,
+    target: &str,
+    statements: &ImportStatements,
+    changes: Vec<Change>,
+    by: &str,
+) -> Result<(Vec<Result<Outcome, Refusal>>, usize), PgError> {
+    let ids: Vec<&str> = changes.iter().map(Change::id).collect();
+    let (tx, held) = lock_and_read(client, target, &statements.held, &ids).await?;
+    drop(ids);
+    let found = held.len();
+    let (batch, results) = plan_distinct(held, changes);
+    copy_grants(&tx, target, &statements.grants, batch.grants.iter(), by).await?;
+    copy_revocations(&tx, target, &statements.revocations, &batch.revocations, by).await?;
+    prune_changes(&tx, target).await?;
+    bounded(target, tx.commit()).await?;
+    Ok((results, found))
+}
+
+/// Whether a failed `COPY` of grants met an id the registry holds.
+fn holds_an_id(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        *db.code() == SqlState::UNIQUE_VIOLATION && db.table() == Some("consents")
+    })
+}
+
+async fn copy_grants<'a>(
+    tx: &tokio_postgres::Transaction<'_>,
+    target: &str,
+    statement: &Statement,
+    grants: impl Iterator<Item = &'a ConsentRecord>,
+    by: &str,
+) -> Result<(), PgError> {
     let query = |source| PgError::Query {
         target: target.into(),
         source,
     };
-    let tx = bounded(target, client.transaction()).await?;
-    bounded(
-        target,
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY]),
-    )
-    .await?;
-    let held_sql = format!("SELECT {STATE_COLUMNS} FROM consents c WHERE c.id = ANY($1)");
-    let held_stmt = bounded(target, tx.prepare(&held_sql)).await?;
-    let grants = bounded(target, tx.prepare(COPY_GRANTS)).await?;
-    let revocations = bounded(target, tx.prepare(COPY_REVOCATIONS)).await?;
-    while let Some(chunk) = chunks.recv().await {
-        let chunk = match chunk {
-            Ok(chunk) => chunk,
-            // Dropping the transaction rolls it back.
-            Err(e) => return Ok(Some(e)),
-        };
-        let rows = bounded(target, tx.query(&held_stmt, &[&chunk.ids()])).await?;
-        let held = rows
-            .iter()
-            .filter_map(|row| state_from_row(row).map_err(warn_unreadable).ok())
-            .map(|r| (r.id.clone(), r))
-            .collect();
-        let (changes, chunk) = chunk.take();
-        let (batch, results) = plan_distinct(held, changes);
-        if !batch.grants.is_empty() {
-            let sink = tx.copy_in(&grants).await.map_err(query)?;
-            let mut rows = std::pin::pin!(BinaryCopyInWriter::new(sink, &COPY_GRANT_TYPES));
-            for r in &batch.grants {
-                rows.as_mut()
-                    .write(&[
-                        &r.id,
-                        &r.subject,
-                        &r.recipient,
-                        &r.purposes,
-                        &r.categories,
-                        &r.destinations,
-                        &r.method,
-                        &CopyTime(r.granted_at),
-                        &CopyTime(r.expires_at),
-                        &r.evidence,
-                        &by,
-                    ])
-                    .await
-                    .map_err(query)?;
-            }
-            rows.finish().await.map_err(query)?;
-        }
-        if !batch.revocations.is_empty() {
-            let sink = tx.copy_in(&revocations).await.map_err(query)?;
-            let mut rows = std::pin::pin!(BinaryCopyInWriter::new(sink, &COPY_REVOCATION_TYPES));
-            for r in &batch.revocations {
-                rows.as_mut()
-                    .write(&[&r.consent_id, &CopyTime(r.revoked_at), &r.evidence, &by])
-                    .await
-                    .map_err(query)?;
-            }
-            rows.finish().await.map_err(query)?;
-        }
-        settle.chunk(chunk, results);
+    let mut grants = grants.peekable();
+    if grants.peek().is_none() {
+        return Ok(());
     }
-    prune_changes(&tx, target).await?;
-    tx.commit().await.map_err(query)?;
-    Ok(None)
+    let sink = tx.copy_in(statement).await.map_err(query)?;
+    let mut rows = std::pin::pin!(BinaryCopyInWriter::new(sink, &COPY_GRANT_TYPES));
+    for r in grants {
+        rows.as_mut()
+            .write(&[
+                &r.id,
+                &r.subject,
+                &r.recipient,
+                &r.purposes,
+                &r.categories,
+                &r.destinations,
+                &r.method,
+                &CopyTime(r.granted_at),
+                &CopyTime(r.expires_at),
+                &r.evidence,
+                &by,
+            ])
+            .await
+            .map_err(query)?;
+    }
+    rows.finish().await.map_err(query)?;
+    Ok(())
+}
+
+async fn copy_revocations(
+    tx: &tokio_postgres::Transaction<'_>,
+    target: &str,
+    statement: &Statement,
+    revocations: &[Revocation],
+    by: &str,
+) -> Result<(), PgError> {
+    if revocations.is_empty() {
+        return Ok(());
+    }
+    let query = |source| PgError::Query {
+        target: target.into(),
+        source,
+    };
+    let sink = tx.copy_in(statement).await.map_err(query)?;
+    let mut rows = std::pin::pin!(BinaryCopyInWriter::new(sink, &COPY_REVOCATION_TYPES));
+    for r in revocations {
+        rows.as_mut()
+            .write(&[&r.consent_id, &CopyTime(r.revoked_at), &r.evidence, &by])
+            .await
+            .map_err(query)?;
+    }
+    rows.finish().await.map_err(query)?;
+    Ok(())
 }
 
 /// The change table keeps the latest [`CHANGES_KEPT`] changes only: every writer deletes
