@@ -6,6 +6,12 @@
 //! zero-padded sequence number makes rotated files sort in chain order even if the clock
 //! steps back, and since `-` sorts before `.`, the active file lists after all of them.
 //! Readers do not rely on that last point: they always put the active file last.
+//!
+//! Workers: a sidecar with several workers writes one chain per worker. Worker 0 keeps the
+//! configured name; worker K writes `decisions.wK.jsonl`, rotated as any log is
+//! (`decisions.wK-<seq>-<time>.jsonl`). A folder holding the stems `X` and `X.wK` is one
+//! sidecar's chains, read chain by chain ([`log_chains`]); any other stem beside them is
+//! another log.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
@@ -30,6 +36,28 @@ pub enum LogFilesError {
         names: String,
         example: PathBuf,
     },
+    /// One chain was asked for (the caller reads a single chain), and the folder holds the
+    /// chains of several workers.
+    #[error(
+        "folder {} holds the chains of {count} workers ({names}): name the active file of one, e.g. {}",
+        path.display(), example.display()
+    )]
+    SeveralChains {
+        path: PathBuf,
+        count: usize,
+        names: String,
+        example: PathBuf,
+    },
+    /// `--head` names a record of one chain, and the location holds several.
+    #[error("--head names a record of one chain, and {location} holds {count} {what}: give {hint}")]
+    HeadOfOneChain {
+        location: String,
+        count: usize,
+        /// `instances` or `chains`.
+        what: &'static str,
+        /// Where the one chain is: an instance's folder, a chain's active file.
+        hint: String,
+    },
     /// A shipped file in object storage could not be listed or fetched.
     #[error("{0}")]
     Store(String),
@@ -53,6 +81,33 @@ pub fn rotated_name(active: &Path, first_seq: u64, at: jiff::Timestamp) -> PathB
         .collect();
     let name = format!("{stem}-{first_seq:0SEQ_DIGITS$}-{compact}Z{ext}");
     active.with_file_name(name)
+}
+
+/// The active file of worker `worker` of the log whose configured file is `active`: `active`
+/// itself for worker 0, `decisions.w2.jsonl` beside it for worker 2.
+pub fn worker_path(active: &Path, worker: usize) -> PathBuf {
+    if worker == 0 {
+        return active.into();
+    }
+    let (stem, ext) = split_name(active);
+    active.with_file_name(format!("{stem}.w{worker}{ext}"))
+}
+
+/// The log a stem belongs to and the worker that writes it: `("decisions", 2)` for
+/// `decisions.w2`, `("decisions", 0)` for `decisions`. Only the form the writer gives a
+/// worker's file counts (`w` and a number from 1 without leading zeros): `decisions.w0` and
+/// `decisions.w01` are logs of their own.
+fn worker_of(stem: &str) -> (&str, usize) {
+    if let Some((base, k)) = stem.rsplit_once(".w")
+        && !base.is_empty()
+        && !k.is_empty()
+        && !k.starts_with('0')
+        && k.bytes().all(|b| b.is_ascii_digit())
+        && let Ok(k) = k.parse::<usize>()
+    {
+        return (base, k);
+    }
+    (stem, 0)
 }
 
 /// `("decisions", ".jsonl")` for `logs/decisions.jsonl`; the extension may be empty.
@@ -118,12 +173,23 @@ pub fn rotated_siblings(active: &Path) -> Result<Vec<PathBuf>, LogFilesError> {
     Ok(out)
 }
 
-/// The files of the log at `path`, in chain order:
+/// One chain of a log: the files one writer wrote, in chain order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainFiles {
+    /// The name of the chain's active file (`decisions.w1.jsonl`), whether or not it is
+    /// there: how messages name the chain.
+    pub name: String,
+    pub files: Vec<PathBuf>,
+}
+
+/// The chains of the log at `path`, each with its files in chain order:
 ///
-/// - a rotated file: that file alone;
+/// - a rotated file: one chain of that file alone;
 /// - any other file: its rotated siblings, then the file itself (the active file);
-/// - a folder: the one log in it (`*.jsonl` files grouped by stem); several logs are an error.
-pub fn log_files(path: &Path) -> Result<Vec<PathBuf>, LogFilesError> {
+/// - a folder: the one log in it (`*.jsonl` files grouped by stem), one chain per worker
+///   (`X`, then `X.w1`, `X.w2`, … by number); files of several logs are an error. An empty
+///   folder has no chain.
+pub fn log_chains(path: &Path) -> Result<Vec<ChainFiles>, LogFilesError> {
     let meta = std::fs::metadata(path).map_err(unreadable(path))?;
     if !meta.is_dir() {
         let name = path
@@ -131,14 +197,16 @@ pub fn log_files(path: &Path) -> Result<Vec<PathBuf>, LogFilesError> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let (_, ext) = split_name(path);
-        if rotated_stem(&name, &ext).is_some() {
-            return Ok(vec![path.into()]);
-        }
-        let mut files = rotated_siblings(path)?;
-        files.push(path.into());
-        return Ok(files);
+        let files = if rotated_stem(&name, &ext).is_some() {
+            vec![path.into()]
+        } else {
+            let mut files = rotated_siblings(path)?;
+            files.push(path.into());
+            files
+        };
+        return Ok(vec![ChainFiles { name, files }]);
     }
-    // Group the folder's `*.jsonl` files by the log they belong to.
+    // Group the folder's `*.jsonl` files by the chain they belong to.
     let mut logs: std::collections::BTreeMap<String, (Vec<PathBuf>, Option<PathBuf>)> =
         std::collections::BTreeMap::new();
     for entry in std::fs::read_dir(path).map_err(unreadable(path))? {
@@ -157,44 +225,87 @@ pub fn log_files(path: &Path) -> Result<Vec<PathBuf>, LogFilesError> {
             }
         }
     }
-    if logs.len() > 1 {
-        let names: Vec<&str> = logs.keys().map(String::as_str).collect();
+    let bases: std::collections::BTreeSet<&str> =
+        logs.keys().map(|stem| worker_of(stem).0).collect();
+    if bases.len() > 1 {
+        let names: Vec<&str> = bases.into_iter().collect();
         return Err(LogFilesError::Ambiguous {
             path: path.into(),
             names: names.join(", "),
             example: path.join(format!("{}.jsonl", names[0])),
         });
     }
-    Ok(match logs.into_values().next() {
-        None => Vec::new(),
-        Some((mut rotated, active)) => {
+    let mut chains: Vec<(usize, ChainFiles)> = logs
+        .into_iter()
+        .map(|(stem, (mut rotated, active))| {
             rotated.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
             rotated.extend(active);
-            rotated
-        }
-    })
+            let chain = ChainFiles {
+                name: format!("{stem}.jsonl"),
+                files: rotated,
+            };
+            (worker_of(&stem).1, chain)
+        })
+        .collect();
+    chains.sort_by_key(|(worker, _)| *worker);
+    Ok(chains.into_iter().map(|(_, c)| c).collect())
+}
+
+/// The files of the one chain at `path`, in chain order (see [`log_chains`]); a folder
+/// holding the chains of several workers is an error, naming them.
+pub fn log_files(path: &Path) -> Result<Vec<PathBuf>, LogFilesError> {
+    let mut chains = log_chains(path)?;
+    if chains.len() > 1 {
+        let names: Vec<&str> = chains.iter().map(|c| c.name.as_str()).collect();
+        return Err(LogFilesError::SeveralChains {
+            path: path.into(),
+            count: chains.len(),
+            names: names.join(", "),
+            example: path.join(names[0]),
+        });
+    }
+    Ok(chains.pop().map(|c| c.files).unwrap_or_default())
 }
 
 /// The files of a log, or of many instances' logs in object storage, in the order they are
 /// read: each with the name messages give it and a reader of its lines.
 pub struct Segments {
-    /// How many there are.
+    /// How many files there are, over all chains.
     pub count: usize,
-    pub iter: Box<dyn Iterator<Item = Result<(PathBuf, LineReader), LogFilesError>>>,
+    /// What is read side by side, each in its own order: the chains of a sidecar's log
+    /// folder (one per worker), whose records the readers merge by time; or a single stream
+    /// (one log, or a location's instances read in turn).
+    pub chains: Vec<SegmentIter>,
 }
 
+/// The files of one chain, opened as they are reached.
+pub type SegmentIter = Box<dyn Iterator<Item = Result<(PathBuf, LineReader), LogFilesError>>>;
+
 impl Segments {
-    /// The files of the local log at `path` (see [`log_files`]).
+    /// The files of the local log at `path`, chain by chain (see [`log_chains`]).
     pub fn local(path: &Path) -> Result<Segments, LogFilesError> {
-        let files = log_files(path)?;
+        let chains = log_chains(path)?;
         Ok(Segments {
-            count: files.len(),
-            iter: Box::new(
-                files
-                    .into_iter()
-                    .map(|f| LineReader::open(&f).map(|r| (f, r))),
-            ),
+            count: chains.iter().map(|c| c.files.len()).sum(),
+            chains: chains
+                .into_iter()
+                .map(|c| -> SegmentIter {
+                    Box::new(
+                        c.files
+                            .into_iter()
+                            .map(|f| LineReader::open(&f).map(|r| (f, r))),
+                    )
+                })
+                .collect(),
         })
+    }
+
+    /// `count` files read one after another, as one stream.
+    pub fn one(count: usize, iter: SegmentIter) -> Segments {
+        Segments {
+            count,
+            chains: vec![iter],
+        }
     }
 }
 
@@ -415,5 +526,73 @@ mod tests {
         let err = log_files(dir.path()).unwrap_err().to_string();
         assert!(err.contains("several logs (consents, decisions)"), "{err}");
         assert_eq!(log_files(&active).unwrap(), want);
+    }
+
+    #[test]
+    fn a_folder_of_worker_chains_is_one_log_read_chain_by_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let active = dir.path().join("decisions.jsonl");
+        let t = jiff::Timestamp::UNIX_EPOCH;
+        let w1 = worker_path(&active, 1);
+        let w2 = worker_path(&active, 2);
+        let w10 = worker_path(&active, 10);
+        assert_eq!(worker_path(&active, 0), active);
+        assert_eq!(w1.file_name().unwrap(), "decisions.w1.jsonl");
+        let (r0, r1, r1b) = (
+            rotated_name(&active, 1, t),
+            rotated_name(&w1, 1, t),
+            rotated_name(&w1, 40, t),
+        );
+        assert_eq!(
+            r1.file_name().unwrap(),
+            "decisions.w1-00000000000000000001-19700101T000000Z.jsonl"
+        );
+        for p in [&active, &w1, &w2, &w10, &r0, &r1, &r1b] {
+            std::fs::write(p, "").unwrap();
+        }
+        let chains = log_chains(dir.path()).unwrap();
+        let names: Vec<&str> = chains.iter().map(|c| c.name.as_str()).collect();
+        // Worker order, by number (w10 after w2).
+        assert_eq!(
+            names,
+            [
+                "decisions.jsonl",
+                "decisions.w1.jsonl",
+                "decisions.w2.jsonl",
+                "decisions.w10.jsonl"
+            ]
+        );
+        assert_eq!(chains[0].files, [r0.clone(), active.clone()]);
+        assert_eq!(chains[1].files, [r1.clone(), r1b.clone(), w1.clone()]);
+        assert_eq!(chains[3].files, std::slice::from_ref(&w10));
+
+        // A chain's active file, or worker 0's, is that chain alone.
+        assert_eq!(log_files(&w1).unwrap(), [r1, r1b, w1.clone()]);
+        assert_eq!(log_files(&active).unwrap(), [r0, active.clone()]);
+        // Asked for one chain, the folder names them.
+        let err = log_files(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("holds the chains of 4 workers (decisions.jsonl, decisions.w1.jsonl, decisions.w2.jsonl, decisions.w10.jsonl)"),
+            "{err}"
+        );
+
+        // Anything else beside them is another log, as before.
+        for other in [
+            "consents.jsonl",
+            "decisions.w0.jsonl",
+            "decisions.w01.jsonl",
+        ] {
+            let p = dir.path().join(other);
+            std::fs::write(&p, "").unwrap();
+            let err = log_chains(dir.path()).unwrap_err().to_string();
+            let stem = other.trim_end_matches(".jsonl");
+            assert!(err.contains("several logs ("), "{other}: {err}");
+            assert!(err.contains(stem), "{other}: {err}");
+            std::fs::remove_file(&p).unwrap();
+        }
+        // Workers of another log are that log's.
+        std::fs::write(dir.path().join("consents.w1.jsonl"), "").unwrap();
+        let err = log_chains(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("several logs (consents, decisions)"), "{err}");
     }
 }

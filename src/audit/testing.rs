@@ -333,3 +333,46 @@ pub(crate) async fn write_bulk_log(path: &Path) {
     }
     w.close().await;
 }
+
+/// Writes a sidecar's log as its workers do, through the real writer: chain `k` (worker `k`)
+/// in [`files::worker_path`] of `dir/decisions.jsonl`, under instance `side` for worker 0 and
+/// `side-wK` for the others, holding `chains[k]`, signed with `key` when given, and closed.
+/// Returns the chains' active files.
+pub(crate) async fn write_worker_chains(
+    dir: &Path,
+    key: Option<Arc<SigningKey>>,
+    chains: Vec<Vec<Record>>,
+) -> Vec<PathBuf> {
+    let p = policy();
+    let mut active = Vec::new();
+    for (k, records) in chains.into_iter().enumerate() {
+        let path = files::worker_path(&dir.join("decisions.jsonl"), k);
+        let mut s = settings(&p, &path, Durability::Write);
+        s.instance = Arc::from(match k {
+            0 => "side".to_string(),
+            k => format!("side-w{k}"),
+        });
+        let w = LogWriter::open(&s, key.clone()).unwrap();
+        for r in records {
+            w.append(r).await.unwrap();
+        }
+        w.close().await;
+        active.push(path);
+    }
+    active
+}
+
+/// A decision about `subject` at `ts` (seconds after 2026-11-28T04:00:00Z) with id `id`, as
+/// [`decision_at`] makes it (consented, to the bureau abroad).
+pub(crate) fn subject_decision(policy: &Policy, id: &str, ts: i64, subject: &str) -> Record {
+    let mut d = decision_at(
+        policy,
+        id,
+        ts,
+        Reason::Consented,
+        &format!("/payments/{subject}/2026-11.json"),
+    );
+    d.subject = Some(subject.into());
+    d.dataset = Some("payments".into());
+    Record::Decision(Box::new(d))
+}

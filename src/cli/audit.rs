@@ -4,7 +4,7 @@
 
 use super::{CliError, CliResult, Exit, fail};
 use crate::audit::Pseudonymizer;
-use crate::audit::files::Segments;
+use crate::audit::files::{Segments, log_chains};
 use crate::audit::keys::{self, SigningKey};
 use crate::audit::read::export::ParquetExport;
 use crate::audit::read::fleet;
@@ -12,7 +12,9 @@ use crate::audit::read::html;
 use crate::audit::read::query::{self, Filter, Format, QueryError, Scanned, parse_time};
 use crate::audit::read::report;
 use crate::audit::read::subject;
-use crate::audit::read::verify::{KnownHead, VerifyError, VerifyOptions, VerifyReport, verify_log};
+use crate::audit::read::verify::{
+    KnownHead, VerifyError, VerifyOptions, VerifyReport, verify_files,
+};
 use crate::audit::store::{self, Location, StoreOptions};
 use crate::policy::Reason;
 use clap::Subcommand;
@@ -25,7 +27,8 @@ use tokio::runtime::Runtime;
 pub enum AuditCommand {
     /// Verify the hash chain, the signed checkpoints and their coverage of a log file (with
     /// its rotated files) or folder; print the first broken record (file, line, why) or
-    /// `ok: N records, M checkpoints`.
+    /// `ok: N records, M checkpoints`; for several chains (a sidecar's workers, a fleet's
+    /// instances), a line per chain.
     Verify(VerifyArgs),
     /// Print the records that match every given filter, as JSON lines or a table.
     Query(Box<QueryArgs>),
@@ -56,7 +59,8 @@ Example:\n  residency-proxy audit subject u123 --signing-key certs/log-signing.k
 pub struct SubjectArgs {
     /// The data subject's identifier, as the requests carry it (never printed).
     pub raw: String,
-    /// The local log (file or folder) or a location in object storage (s3://…).
+    /// The local log (file, or folder: every worker's chain) or a location in object
+    /// storage (s3://…).
     pub path: PathBuf,
     /// The log-signing key ([log] signing_key): pseudonymises RAW as the log holds it.
     #[arg(long, value_name = "FILE")]
@@ -101,7 +105,8 @@ residency-proxy audit export s3://decision-logs/shanghai/ q3.parquet\n  \
 duckdb -c \"SELECT reason, count(*) FROM 'q3.parquet' WHERE kind = 'decision' GROUP BY reason\""
 )]
 pub struct ExportArgs {
-    /// A local log (file or folder) or a location in object storage (s3://BUCKET/PREFIX/…).
+    /// A local log (file, or folder: every worker's chain) or a location in object storage
+    /// (s3://BUCKET/PREFIX/…).
     pub path: PathBuf,
     /// The Parquet file to write (replaced once complete).
     pub out: PathBuf,
@@ -129,7 +134,8 @@ logs (event \"decision log checkpoint\"), kept elsewhere, and the log must still
 )]
 pub struct VerifyArgs {
     /// The active log file (its rotated files beside it are read first) or a folder holding
-    /// one log; or a location in object storage (s3://BUCKET/PREFIX/, gs://, az://,
+    /// one log (with several workers, their chains `X.jsonl`, `X.w1.jsonl`, …, each verified
+    /// on its own); or a location in object storage (s3://BUCKET/PREFIX/, gs://, az://,
     /// file://) holding the shipped files of many instances, each verified as its own chain.
     /// The chain is checked from the log's first record: a rotated file on its own fails as
     /// missing its predecessors.
@@ -163,8 +169,9 @@ key, so it needs --signing-key or --policy. Times: 2026-11-28T04:00:00Z, 2026-11
 or a duration back from now (30m, 24h, 7d); --since is inclusive, --until exclusive."
 )]
 pub struct QueryArgs {
-    /// The active log file (with its rotated files), one rotated file, a folder, or a
-    /// location in object storage (s3://BUCKET/PREFIX/…): every instance's shipped files.
+    /// The active log file (with its rotated files), one rotated file, a folder (every
+    /// worker's chain, merged by time), or a location in object storage
+    /// (s3://BUCKET/PREFIX/…): every instance's shipped files.
     pub path: PathBuf,
     #[command(flatten)]
     pub store: StoreArgs,
@@ -189,6 +196,10 @@ pub struct QueryArgs {
     /// A decision id (all records of that exchange: decision, disclosures and outcome).
     #[arg(long, value_delimiter = ',')]
     pub id: Vec<String>,
+    /// A W3C trace id (32 hex digits, or a whole traceparent header): the decisions of the
+    /// requests that carried it in their traceparent header.
+    #[arg(long, value_delimiter = ',', value_name = "TRACE_ID")]
+    pub trace: Vec<String>,
     /// `false`: denials audit mode only logged (the request was forwarded).
     #[arg(long)]
     pub enforced: Option<bool>,
@@ -269,8 +280,9 @@ pub enum OutputFormat {
 
 #[derive(clap::Args, Debug)]
 pub struct ReportArgs {
-    /// The active log file (with its rotated files), one rotated file, a folder, or a
-    /// location in object storage (s3://BUCKET/PREFIX/…): every instance's shipped files.
+    /// The active log file (with its rotated files), one rotated file, a folder (every
+    /// worker's chain, merged by time), or a location in object storage
+    /// (s3://BUCKET/PREFIX/…): every instance's shipped files.
     pub path: PathBuf,
     #[command(flatten)]
     pub store: StoreArgs,
@@ -416,9 +428,22 @@ fn verify(args: VerifyArgs) -> CliResult {
         opts.keys.push(keys::load_public_key(k)?);
     }
     if let Some((rt, loc)) = args.store.open(&args.path)? {
-        return verify_fleet(&rt, &loc, &opts);
+        let report = fleet::verify(&rt, &loc, &opts)?;
+        if report.instances.is_empty() {
+            return Err(fail(format!(
+                "{}: holds no shipped log files (PREFIX/INSTANCE/FIRSTSEQ-LASTSEQ-TIME.jsonl.zst)",
+                loc.url
+            )));
+        }
+        return Ok(print_chains(&report, "instances"));
     }
-    match verify_log(&args.path, &opts) {
+    let mut chains = log_chains(&args.path)?;
+    if chains.len() > 1 {
+        let report = fleet::verify_local(&args.path, chains, &opts)?;
+        return Ok(print_chains(&report, "chains"));
+    }
+    let files = chains.pop().map(|c| c.files).unwrap_or_default();
+    match verify_files(&files, &args.path, &opts) {
         Ok(report) => {
             for line in describe(&report) {
                 println!("{line}");
@@ -433,15 +458,9 @@ fn verify(args: VerifyArgs) -> CliResult {
     }
 }
 
-/// `audit verify URL`: a line per instance, then what else the location holds.
-fn verify_fleet(rt: &Arc<Runtime>, loc: &Location, opts: &VerifyOptions) -> CliResult {
-    let report = fleet::verify(rt, loc, opts).map_err(QueryError::from)?;
-    if report.instances.is_empty() {
-        return Err(fail(format!(
-            "{}: holds no shipped log files (PREFIX/INSTANCE/FIRSTSEQ-LASTSEQ-TIME.jsonl.zst)",
-            loc.url
-        )));
-    }
+/// `audit verify` of many chains (a location's instances, a folder's workers, named by
+/// `what`): a line per chain, then what else the location holds.
+fn print_chains(report: &fleet::FleetReport, what: &str) -> Exit {
     for i in &report.instances {
         println!("{}", instance_line(i));
     }
@@ -458,12 +477,12 @@ fn verify_fleet(rt: &Arc<Runtime>, loc: &Location, opts: &VerifyOptions) -> CliR
         .count();
     if failed > 0 {
         eprintln!(
-            "audit verify: {failed} of {} instances failed",
+            "audit verify: {failed} of {} {what} failed",
             report.instances.len()
         );
-        return Ok(Exit::Failed);
+        return Exit::Failed;
     }
-    Ok(Exit::Ok)
+    Exit::Ok
 }
 
 /// What `verify` says of one instance of a location: `INSTANCE: ok, N records, …` or why it
@@ -638,6 +657,20 @@ fn run_query(args: QueryArgs) -> CliResult {
         )?;
         args.subject.iter().map(|s| p.pseudonym(s)).collect()
     };
+    let mut traces = Vec::new();
+    for t in &args.trace {
+        // A whole header pasted from an application's log names its trace too.
+        let id = match crate::audit::trace::TraceParent::parse(t.as_bytes()) {
+            Some(header) => header.trace_id().to_string(),
+            None => t.trim().to_ascii_lowercase(),
+        };
+        if !crate::audit::trace::is_trace_id(&id) {
+            return Err(fail(format!(
+                "--trace \"{t}\" is not a trace id (32 hex digits, not all zero)"
+            )));
+        }
+        traces.push(id);
+    }
     let (since, until) = times(&args.since, &args.until)?;
     let filter = Filter {
         kinds: args.kind.clone(),
@@ -648,6 +681,7 @@ fn run_query(args: QueryArgs) -> CliResult {
         countries,
         subjects,
         ids: args.id.clone(),
+        traces,
         enforced: args.enforced,
         since,
         until,
@@ -691,35 +725,44 @@ fn run_query(args: QueryArgs) -> CliResult {
     Ok(Exit::Ok)
 }
 
-/// How `audit verify` judges the log at `path` with `opts` (a local log, or every instance
-/// of a location): its lines, or why it failed.
+/// How `audit verify` judges the log at `path` with `opts` (a local log, each chain of a
+/// folder written by several workers, or every instance of a location): its lines, or why it
+/// failed.
 fn integrity(
     path: &std::path::Path,
     store: &StoreArgs,
     opts: &VerifyOptions,
 ) -> Result<Result<Vec<String>, String>, CliError> {
-    if let Some((rt, loc)) = store.open(path)? {
-        let report = fleet::verify(&rt, &loc, opts).map_err(QueryError::from)?;
+    let report = if let Some((rt, loc)) = store.open(path)? {
+        let report = fleet::verify(&rt, &loc, opts)?;
         if report.instances.is_empty() {
             return Ok(Err(format!("{}: holds no shipped log files", loc.url)));
         }
-        let lines = report.instances.iter().map(instance_line).collect();
-        return Ok(if report.instances.iter().all(|i| i.result.is_ok()) {
-            Ok(lines)
+        report
+    } else {
+        let mut chains = log_chains(path)?;
+        if chains.len() > 1 {
+            fleet::verify_local(path, chains, opts)?
         } else {
-            Err(report
-                .instances
-                .iter()
-                .filter(|i| i.result.is_err())
-                .map(instance_line)
-                .collect::<Vec<_>>()
-                .join("\n"))
-        });
-    }
-    Ok(match verify_log(path, opts) {
-        Ok(r) => Ok(describe(&r)),
-        Err(VerifyError::Broken(b)) => Err(b.to_string()),
-        Err(e @ VerifyError::Files(_)) => return Err(e.into()),
+            let files = chains.pop().map(|c| c.files).unwrap_or_default();
+            return Ok(match verify_files(&files, path, opts) {
+                Ok(r) => Ok(describe(&r)),
+                Err(VerifyError::Broken(b)) => Err(b.to_string()),
+                Err(e @ VerifyError::Files(_)) => return Err(e.into()),
+            });
+        }
+    };
+    let lines = report.instances.iter().map(instance_line).collect();
+    Ok(if report.ok() {
+        Ok(lines)
+    } else {
+        Err(report
+            .instances
+            .iter()
+            .filter(|i| i.result.is_err())
+            .map(instance_line)
+            .collect::<Vec<_>>()
+            .join("\n"))
     })
 }
 

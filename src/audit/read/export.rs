@@ -118,6 +118,8 @@ const COLUMNS: &[Column] = {
         ("consent_method", Str, &["consent.method"]),
         ("consent_result", Str, &["consent.result"]),
         ("consent_why", Str, &["consent.why"]),
+        ("trace_trace_id", Str, &["trace.trace_id"]),
+        ("trace_span_id", Str, &["trace.span_id"]),
         // outcome
         ("bytes_in", Int64, &["bytes_in"]),
         ("bytes_out", Int64, &["bytes_out"]),

@@ -1,15 +1,17 @@
-//! A fleet's logs in object storage: each instance's shipped files verified as one chain,
-//! and every instance's records read in turn for `audit query|report|export`.
+//! Many chains, each verified on its own: a fleet's logs in object storage (every instance's
+//! shipped files one chain), and a sidecar's log folder written by several workers (one chain
+//! per worker); and every instance's records read in turn for `audit query|report|export`.
 //!
 //! Files are fetched a few ahead of the one being read (the downloads overlap the current
 //! file's checks) and decompressed as they are read, so memory holds a handful of compressed
 //! files, plus the location's listing.
 //!
 //! Apart from [`super::verify`] and [`super::query`] because only this module talks to
-//! object storage: they read lines and chains, wherever the files come from.
+//! object storage, and knows that a location or a folder holds many chains: they read lines
+//! and one chain, wherever the files come from.
 
-use super::verify::{Broken, Chain, VerifyError, VerifyOptions, VerifyReport};
-use crate::audit::files::{LineReader, LogFilesError, Segments};
+use super::verify::{Broken, Chain, VerifyError, VerifyOptions, VerifyReport, verify_files};
+use crate::audit::files::{ChainFiles, LineReader, LogFilesError, Segments};
 use crate::audit::store::{self, Listing, Location, Segment};
 use object_store::ObjectStoreExt;
 use std::io::BufReader;
@@ -18,16 +20,18 @@ use std::sync::Arc;
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 
-/// What `audit verify` found for one instance.
+/// What `audit verify` found for one chain: an instance of a location, or a worker's chain
+/// in a sidecar's log folder.
 #[derive(Debug)]
 pub struct InstanceVerdict {
+    /// The instance, or the chain's active file name (`decisions.w1.jsonl`).
     pub instance: String,
     /// The chain verified (closed, or open with `--open`), or why not, in words that name
     /// the object or the range.
     pub result: Result<VerifyReport, String>,
 }
 
-/// What `audit verify` found at a location.
+/// What `audit verify` found at a location, or in a folder of several chains.
 #[derive(Debug, Default)]
 pub struct FleetReport {
     pub instances: Vec<InstanceVerdict>,
@@ -48,26 +52,79 @@ pub fn verify(
     opts: &VerifyOptions,
 ) -> Result<FleetReport, LogFilesError> {
     let listing = list(rt, loc)?;
-    if !opts.heads.is_empty()
-        && let Some(first) = listing.instances.keys().next()
-        && listing.instances.len() > 1
-    {
-        return Err(LogFilesError::Store(format!(
-            "--head names a record of one chain, and {} holds {} instances: give the instance's own folder ({}/{first}/)",
-            loc.url,
-            listing.instances.len(),
-            loc.url.trim_end_matches('/'),
-        )));
-    }
-    let mut report = FleetReport {
-        strangers: listing.strangers.iter().map(|p| p.to_string()).collect(),
-        ..FleetReport::default()
+    let hint = |first: &str| {
+        format!(
+            "the instance's own folder ({}/{first}/)",
+            loc.url.trim_end_matches('/')
+        )
     };
-    for (instance, segments) in listing.instances {
-        let result = verify_instance(rt, loc, &instance, segments, opts)?;
-        report.instances.push(InstanceVerdict { instance, result });
+    let instances = verify_each(
+        listing.instances.into_iter().collect(),
+        opts,
+        (&loc.url, "instances", hint),
+        |instance, segments| verify_instance(rt, loc, instance, segments, opts),
+    )?;
+    Ok(FleetReport {
+        instances,
+        strangers: listing.strangers.iter().map(|p| p.to_string()).collect(),
+    })
+}
+
+/// Verifies each chain of the local folder `path` (its `chains`, one per worker, see
+/// [`crate::audit::files::log_chains`]) separately, each named by its active file.
+pub fn verify_local(
+    path: &Path,
+    chains: Vec<ChainFiles>,
+    opts: &VerifyOptions,
+) -> Result<FleetReport, LogFilesError> {
+    let shown = path.display().to_string();
+    let hint = |first: &str| format!("the chain's active file ({})", path.join(first).display());
+    let instances = verify_each(
+        chains.into_iter().map(|c| (c.name, c.files)).collect(),
+        opts,
+        (&shown, "chains", hint),
+        |_, files| match verify_files(&files, path, opts) {
+            Ok(r) => Ok(Ok(r)),
+            Err(VerifyError::Broken(b)) => Ok(Err(b.to_string())),
+            Err(VerifyError::Files(e)) => Err(e),
+        },
+    )?;
+    Ok(FleetReport {
+        instances,
+        strangers: Vec::new(),
+    })
+}
+
+/// Verifies named chains one after another, each on its own with `one`: a chain that fails
+/// is a verdict, not an error (the others are still verified); a chain that cannot be read
+/// stops everything. `--head` names a record of one chain, so it is refused when there are
+/// several (`location`, what they are, and where the one chain is).
+fn verify_each<C>(
+    chains: Vec<(String, C)>,
+    opts: &VerifyOptions,
+    (location, what, hint): (&str, &'static str, impl FnOnce(&str) -> String),
+    mut one: impl FnMut(&str, C) -> Result<Result<VerifyReport, String>, LogFilesError>,
+) -> Result<Vec<InstanceVerdict>, LogFilesError> {
+    if !opts.heads.is_empty()
+        && chains.len() > 1
+        && let Some((first, _)) = chains.first()
+    {
+        return Err(LogFilesError::HeadOfOneChain {
+            location: location.to_string(),
+            count: chains.len(),
+            what,
+            hint: hint(first),
+        });
     }
-    Ok(report)
+    let mut out = Vec::with_capacity(chains.len());
+    for (name, chain) in chains {
+        let result = one(&name, chain)?;
+        out.push(InstanceVerdict {
+            instance: name,
+            result,
+        });
+    }
+    Ok(out)
 }
 
 fn verify_instance(
@@ -159,10 +216,10 @@ fn list(rt: &Runtime, loc: &Location) -> Result<Listing, LogFilesError> {
 pub fn segments(rt: &Arc<Runtime>, loc: &Location) -> Result<Segments, LogFilesError> {
     let listing = list(rt, loc)?;
     let all: Vec<Segment> = listing.instances.into_values().flatten().collect();
-    Ok(Segments {
-        count: all.len(),
-        iter: Box::new(Prefetch::new(rt.clone(), loc.clone(), all)),
-    })
+    Ok(Segments::one(
+        all.len(),
+        Box::new(Prefetch::new(rt.clone(), loc.clone(), all)),
+    ))
 }
 
 /// Fetches segments in order, one ahead.
@@ -387,5 +444,79 @@ mod tests {
         let e = why(check(&rt, &url), "a");
         assert!(e.contains("a duplicated or overlapping object"), "{e}");
         assert!(check(&rt, &url).iter().any(|(n, r)| n == "b" && r.is_ok()));
+    }
+
+    /// Three workers' chains in one folder, written by the real writer: each verified on its
+    /// own and named by its file; a tampered one fails alone, naming its file and line.
+    #[test]
+    fn each_worker_chain_of_a_folder_is_verified_on_its_own() {
+        use crate::audit::files::log_chains;
+        use crate::audit::testing::{subject_decision, trusting, write_worker_chains};
+        let dir = tempfile::tempdir().unwrap();
+        let key = test_key();
+        let p = policy();
+        let chains = (0..3)
+            .map(|k| {
+                (0..4 + k)
+                    .map(|n| subject_decision(&p, &format!("w{k}-{n}"), n as i64, "u1"))
+                    .collect()
+            })
+            .collect();
+        let active = runtime().block_on(write_worker_chains(dir.path(), Some(key.clone()), chains));
+        let verified = |opts: &VerifyOptions| {
+            verify_local(dir.path(), log_chains(dir.path()).unwrap(), opts)
+                .unwrap()
+                .instances
+                .into_iter()
+                .map(|i| (i.instance, i.result))
+                .collect::<Vec<_>>()
+        };
+        let found = verified(&trusting(&key));
+        let names: Vec<&str> = found.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "decisions.jsonl",
+                "decisions.w1.jsonl",
+                "decisions.w2.jsonl"
+            ]
+        );
+        for (k, (name, r)) in found.iter().enumerate() {
+            let r = r.as_ref().unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(r.closed, "{name}");
+            assert_eq!((r.records, r.checkpoints), (4 + k as u64, 1), "{name}");
+        }
+
+        // One status edited in worker 1's chain.
+        let text = std::fs::read_to_string(&active[1]).unwrap();
+        let edited = text.replacen("\"status\":200", "\"status\":204", 1);
+        assert_ne!(edited, text);
+        std::fs::write(&active[1], edited).unwrap();
+        let found = verified(&trusting(&key));
+        assert!(found[0].1.is_ok() && found[2].1.is_ok(), "{found:?}");
+        let why = found[1].1.as_ref().unwrap_err();
+        assert_eq!(
+            why,
+            &format!(
+                "{}:1: hash mismatch: record was edited",
+                active[1].display()
+            )
+        );
+
+        // A head is one chain's: refused over several, pointing at one chain's file.
+        let head = VerifyOptions {
+            heads: vec![format!("1:{}", "0".repeat(64)).parse().unwrap()],
+            ..VerifyOptions::default()
+        };
+        let err = verify_local(dir.path(), log_chains(dir.path()).unwrap(), &head)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "holds 3 chains: give the chain's active file ({})",
+                active[0].display()
+            )),
+            "{err}"
+        );
     }
 }

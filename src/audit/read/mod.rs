@@ -6,8 +6,9 @@
 //! records as untyped JSON (a log written by another version still reads), and share with
 //! the writer only the core above them (the chain, checkpoints, files, stores).
 //!
-//! - [`verify`]: the hash chain, checkpoints and signatures of a local log; [`fleet`] the
-//!   same for every instance's shipped files, and reading them in turn;
+//! - [`verify`]: the hash chain, checkpoints and signatures of one chain; [`fleet`] many
+//!   chains, each on its own (every instance's shipped files, a folder's workers), and
+//!   reading shipped files in turn;
 //! - [`query`]: streaming a log's records through filters (shared by the others);
 //! - [`report`] and [`subject`]: the counts for the security team, and one person's
 //!   disclosure report; [`html`] draws both as pages;

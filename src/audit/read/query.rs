@@ -1,8 +1,9 @@
 //! Reading a log for people: streams the records of a log (a file with its rotated siblings,
-//! or a folder) one line at a time, never holding more than one, reads only the fields that
-//! filters and reports use (borrowed from the line where it has no escapes), and prints
-//! matches as JSON lines or a table. Every reader but `audit verify` reads through it
-//! (`query`, `report`, `subject`, `export`), so that they all skip and count the same lines.
+//! or a folder, whose workers' chains are merged by time) one line at a time, never holding
+//! more than one per chain, reads only the fields that filters and reports use (borrowed
+//! from the line where it has no escapes), and prints matches as JSON lines or a table. Every
+//! reader but `audit verify` reads through it (`query`, `report`, `subject`, `export`), so
+//! that they all skip and count the same lines.
 //!
 //! A bulk exchange (a dataset filtered record by record) writes `disclosure` records that name
 //! the subjects whose records left, but not who received them, why or where: that is in the
@@ -14,7 +15,9 @@
 //! `YYYY-MM-DDTHH:MM:SS.ffffffZ`, so string order is time order, and the bounds are brought
 //! into the same form.
 
-use crate::audit::files::{LogFilesError, Segments, oversized_why, unreadable};
+use crate::audit::files::{
+    LineReader, LogFilesError, SegmentIter, Segments, oversized_why, unreadable,
+};
 use crate::audit::record::timestamp;
 use serde::{Deserialize, Deserializer};
 use std::borrow::Cow;
@@ -97,6 +100,13 @@ pub struct RequestView<'a> {
     pub path: Field<'a>,
 }
 
+/// The application's trace a decision's request belonged to (its W3C `traceparent`).
+#[derive(Debug, Default, Deserialize)]
+pub struct TraceView<'a> {
+    #[serde(borrow, default)]
+    pub trace_id: Field<'a>,
+}
+
 /// The fields of a record that filters, tables and reports read; any record kind parses
 /// (absent fields are `None`).
 #[derive(Debug, Default, Deserialize)]
@@ -139,6 +149,8 @@ pub struct View<'a> {
     pub consent: Option<ConsentView<'a>>,
     #[serde(borrow, default)]
     pub request: Option<RequestView<'a>>,
+    #[serde(borrow, default)]
+    pub trace: Option<TraceView<'a>>,
     /// Checkpoints: whether final, and the key's fingerprint.
     #[serde(default, rename = "final")]
     pub final_: Option<bool>,
@@ -399,6 +411,8 @@ pub struct Filter {
     /// Subjects as the log holds them (pseudonyms).
     pub subjects: Vec<String>,
     pub ids: Vec<String>,
+    /// W3C trace ids (32 lowercase hex digits): the decisions of requests that carried them.
+    pub traces: Vec<String>,
     pub enforced: Option<bool>,
     /// Inclusive, in the log's `ts` form ([`parse_time`]).
     pub since: Option<String>,
@@ -434,6 +448,10 @@ impl Filter {
         let ts = text(&v.ts);
         (kind_ok || bulk_outcome)
             && any_of(&self.ids, text(&v.id))
+            && any_of(
+                &self.traces,
+                v.trace.as_ref().and_then(|t| text(&t.trace_id)),
+            )
             && any_of(&self.decisions, v.decision())
             && any_of(&self.reasons, v.reason())
             && any_of(&self.datasets, v.dataset())
@@ -546,9 +564,10 @@ impl Prefilter {
             }
             l
         };
-        let lists: [Vec<String>; 8] = [
+        let lists: [Vec<String>; 9] = [
             kinds,
             f.ids.clone(),
+            f.traces.clone(),
             inherited(&f.decisions),
             inherited(&f.reasons),
             inherited(&f.datasets),
@@ -657,7 +676,8 @@ pub struct Scanned {
 }
 
 /// Calls `each` with every record of the log at `path` that `filter` matches, with its raw
-/// line (without `\n`), in chain order; stops early when `each` says so.
+/// line (without `\n`), in chain order (several workers' chains merged by time); stops early
+/// when `each` says so.
 pub fn scan(
     path: &Path,
     filter: &Filter,
@@ -667,6 +687,13 @@ pub fn scan(
 }
 
 /// [`scan`] over the files of `segments` (a local log, or shipped files in object storage).
+///
+/// Several chains (a sidecar's workers) are read side by side and merged by time: each
+/// chain in its own order, and of the chains' next matching records the one with the
+/// earliest `ts` first (equal times: the first chain, worker 0 before worker 1). Memory holds
+/// one pending record per chain, so it stays flat as for one chain. Within a chain, records
+/// are in chain order, which is nearly but not strictly time order (a decision is stamped
+/// when its request arrived, and written once decided).
 pub fn scan_segments(
     segments: Segments,
     filter: &Filter,
@@ -677,11 +704,107 @@ pub fn scan_segments(
         ..Scanned::default()
     };
     let pre = Prefilter::new(filter);
-    let mut exchanges = filter.needs_exchanges().then(Exchanges::new);
-    for segment in segments.iter {
-        let (file, mut reader) = segment?;
-        let file = &file;
-        while let Some(line) = reader.next_line().map_err(unreadable(file))? {
+    let merge = segments.chains.len() > 1;
+    let mut chains: Vec<ChainScan> = segments
+        .chains
+        .into_iter()
+        .map(|files| ChainScan {
+            files,
+            reader: None,
+            exchanges: filter.needs_exchanges().then(Exchanges::new),
+            last_ts: merge.then(String::new),
+        })
+        .collect();
+    if chains.len() <= 1 {
+        let Some(chain) = chains.first_mut() else {
+            return Ok(out);
+        };
+        // One chain: each record is handed over straight from the line it was read from.
+        while let Some(r) = chain.next_match(&pre, filter, &mut out, |l, v, _| each(l, v))? {
+            if r.map_err(QueryError::Output)?.is_break() {
+                break;
+            }
+        }
+        return Ok(out);
+    }
+    // Several chains: each chain's next match waits, copied, until it is the earliest.
+    let mut next: Vec<Option<Pending>> = Vec::with_capacity(chains.len());
+    for chain in &mut chains {
+        next.push(chain.next_match(&pre, filter, &mut out, Pending::of)?);
+    }
+    loop {
+        let earliest = next
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.as_ref().map(|p| (i, p)))
+            .min_by(|(i, a), (j, b)| a.ts.cmp(&b.ts).then(i.cmp(j)));
+        let Some((i, _)) = earliest else { break };
+        let p = next[i].take().expect("the earliest is pending");
+        let mut view: View<'_> =
+            serde_json::from_slice(&p.line).expect("a pending record parsed when it was read");
+        view.exchange = p.exchange;
+        if each(&p.line, &view).map_err(QueryError::Output)?.is_break() {
+            break;
+        }
+        next[i] = chains[i].next_match(&pre, filter, &mut out, Pending::of)?;
+    }
+    Ok(out)
+}
+
+/// One chain's files as a scan reads them.
+struct ChainScan {
+    files: SegmentIter,
+    reader: Option<(PathBuf, LineReader)>,
+    /// The chain's bulk exchanges in flight (a disclosure's decision is in its own chain).
+    exchanges: Option<Exchanges>,
+    /// `ts` of the last matching record, when chains are merged: the time of one that has
+    /// none.
+    last_ts: Option<String>,
+}
+
+/// A chain's next match, waiting for its turn in the merge.
+struct Pending {
+    line: Vec<u8>,
+    ts: String,
+    exchange: Option<Rc<Exchange>>,
+}
+
+impl Pending {
+    fn of(line: &[u8], view: &View<'_>, last_ts: &str) -> Pending {
+        Pending {
+            line: line.to_vec(),
+            ts: view.ts().unwrap_or(last_ts).to_string(),
+            exchange: view.exchange.clone(),
+        }
+    }
+}
+
+impl ChainScan {
+    /// Reads on to the chain's next record that `filter` matches and hands it to `found`, with
+    /// the time of the chain's last match (for a record without one); `None` at the chain's
+    /// end. Every line read is counted in `out`.
+    fn next_match<R>(
+        &mut self,
+        pre: &Prefilter,
+        filter: &Filter,
+        out: &mut Scanned,
+        found: impl FnOnce(&[u8], &View<'_>, &str) -> R,
+    ) -> Result<Option<R>, QueryError> {
+        loop {
+            let (file, reader) = match &mut self.reader {
+                Some((file, reader)) => (file, reader),
+                None => match self.files.next() {
+                    None => return Ok(None),
+                    Some(opened) => {
+                        let (file, reader) = self.reader.insert(opened?);
+                        (file, reader)
+                    }
+                },
+            };
+            let Some(line) = reader.next_line().map_err(unreadable(file))? else {
+                self.reader = None;
+                continue;
+            };
             if line.oversized {
                 out.bad += 1;
                 if out.first_bad.is_none() {
@@ -695,7 +818,7 @@ pub fn scan_segments(
             }
             out.records += 1;
             if !pre.admits(line.bytes) {
-                if let Some(x) = &mut exchanges {
+                if let Some(x) = &mut self.exchanges {
                     x.glimpse(line.bytes);
                 }
                 continue;
@@ -710,22 +833,22 @@ pub fn scan_segments(
                     continue;
                 }
             };
-            if let Some(x) = &mut exchanges {
+            if let Some(x) = &mut self.exchanges {
                 view.exchange = x.of(&view);
                 x.learn(&view);
             }
             if filter.matches(&view) {
                 out.matched += 1;
-                if each(line.bytes, &view)
-                    .map_err(QueryError::Output)?
-                    .is_break()
-                {
-                    return Ok(out);
+                let last_ts = self.last_ts.as_deref().unwrap_or_default();
+                let got = found(line.bytes, &view, last_ts);
+                if let (Some(last), Some(ts)) = (&mut self.last_ts, view.ts()) {
+                    last.clear();
+                    last.push_str(ts);
                 }
+                return Ok(Some(got));
             }
         }
     }
-    Ok(out)
 }
 
 /// How `audit query` prints records.
@@ -758,8 +881,10 @@ pub fn query_segments(
     limit: Option<u64>,
     out: &mut impl Write,
 ) -> Result<Scanned, QueryError> {
+    // Each chain numbers its own records: merged, a row says whose its `seq` is.
+    let chains = segments.chains.len() > 1;
     if format == Format::Table {
-        writeln!(out, "{}", table_header()).map_err(QueryError::Output)?;
+        writeln!(out, "{}", table_header(chains)).map_err(QueryError::Output)?;
     }
     let mut printed = 0u64;
     let mut row = String::new();
@@ -780,7 +905,7 @@ pub fn query_segments(
             }
             Format::Table => {
                 row.clear();
-                table_row(view, &mut row);
+                table_row(view, chains, &mut row);
                 writeln!(out, "{row}")?;
             }
         }
@@ -800,10 +925,16 @@ const COLUMNS: [(&str, usize); 9] = [
     ("SUBJECT", 14),
 ];
 
-fn table_header() -> String {
+/// After `SEQ` when several chains are merged: the record's chain (`instance`).
+const INSTANCE_COLUMN: (&str, usize) = ("INSTANCE", 16);
+
+fn table_header(chains: bool) -> String {
     let mut s = String::new();
-    for (name, width) in COLUMNS {
+    for (i, (name, width)) in COLUMNS.into_iter().enumerate() {
         push_cell(&mut s, name, width);
+        if chains && i == 1 {
+            push_cell(&mut s, INSTANCE_COLUMN.0, INSTANCE_COLUMN.1);
+        }
     }
     s.push_str("REQUEST");
     s
@@ -822,7 +953,8 @@ fn push_cell(s: &mut String, value: &str, width: usize) {
     s.push(' ');
 }
 
-fn table_row(v: &View<'_>, s: &mut String) {
+/// One record's row; `chains`: with its instance after its `seq`.
+fn table_row(v: &View<'_>, chains: bool, s: &mut String) {
     let seq = v.seq.map(|n| n.to_string()).unwrap_or_default();
     let kind = v.kind().unwrap_or("?");
     let decision = match (kind, text(&v.decision)) {
@@ -857,8 +989,11 @@ fn table_row(v: &View<'_>, s: &mut String) {
         },
         &subject,
     ];
-    for ((_, width), value) in COLUMNS.iter().zip(cells) {
+    for (i, ((_, width), value)) in COLUMNS.iter().zip(cells).enumerate() {
         push_cell(s, value, *width);
+        if chains && i == 1 {
+            push_cell(s, text(&v.instance).unwrap_or("-"), INSTANCE_COLUMN.1);
+        }
     }
     request_cell(v, named.len(), s);
     // Cells are padded; the row is not.
@@ -1009,6 +1144,30 @@ mod tests {
     }
 
     #[test]
+    fn a_trace_finds_the_decisions_that_carried_it() {
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let traced = DECISION.replace(
+            r#""subject":"hmac:ab","#,
+            &format!(r#""subject":"hmac:ab","trace":{{"span_id":"00f067aa0ba902b7","trace_id":"{trace}"}},"#),
+        );
+        let of = |t: &str| Filter {
+            traces: vec![t.to_string()],
+            ..Filter::default()
+        };
+        assert!(of(trace).matches(&view(&traced)));
+        assert!(Prefilter::new(&of(trace)).admits(traced.as_bytes()));
+        // Another trace, the caller's span id, or a record without a trace: no match.
+        for (filter, line) in [
+            (of("0af7651916cd43dd8448eb211c80319c"), traced.as_str()),
+            (of("00f067aa0ba902b7"), traced.as_str()),
+            (of(trace), DECISION),
+        ] {
+            assert!(!filter.matches(&view(line)), "{filter:?}");
+        }
+        assert!(!Prefilter::new(&of(trace)).admits(DECISION.as_bytes()));
+    }
+
+    #[test]
     fn the_prefilter_never_drops_a_match() {
         let filters = [
             Filter::default(),
@@ -1075,7 +1234,7 @@ mod tests {
     #[test]
     fn a_table_row_says_what_was_decided_for_whom() {
         let mut row = String::new();
-        table_row(&view(DECISION), &mut row);
+        table_row(&view(DECISION), false, &mut row);
         assert!(
             row.starts_with("2026-11-28T05:59:42.981302Z 5        deny"),
             "{row}"
@@ -1108,7 +1267,7 @@ mod tests {
                 v.batch.map(|b| format!("#{b}")).unwrap_or_default()
             ));
             let mut row = String::new();
-            table_row(v, &mut row);
+            table_row(v, false, &mut row);
             rows.push(row);
             Ok(ControlFlow::Continue(()))
         })
@@ -1277,5 +1436,109 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A folder of several workers' chains reads as one log, merged by time: by `ts`, then
+    /// worker, then `seq`; a disclosure is still read with its export's decision, which is in
+    /// its own chain; the counts are over every chain.
+    #[test]
+    fn a_folder_of_worker_chains_is_read_merged_by_time() {
+        use crate::audit::testing::{policy, subject_decision, write_worker_chains};
+        let dir = tempfile::tempdir().unwrap();
+        let p = policy();
+        let at = |k: usize, times: &[i64]| -> Vec<crate::audit::Record> {
+            times
+                .iter()
+                .enumerate()
+                .map(|(n, &ts)| subject_decision(&p, &format!("w{k}-{n}"), ts, "u1"))
+                .collect()
+        };
+        // Worker 1 is busier, worker 2 has its records late; ts 3 is in two chains.
+        let chains = vec![at(0, &[0, 3, 6]), at(1, &[1, 3, 4, 40])];
+        block_on(write_worker_chains(dir.path(), None, chains));
+        // Worker 2 wrote the bulk exports (ts 0 to 31).
+        let w2 = crate::audit::files::worker_path(&dir.path().join("decisions.jsonl"), 2);
+        block_on(crate::audit::testing::write_bulk_log(&w2));
+
+        let mut seen = Vec::new();
+        let scanned = scan(dir.path(), &Filter::default(), |_, v| {
+            seen.push(format!("{}@{}", v.id().unwrap(), &v.ts().unwrap()[17..19]));
+            Ok(ControlFlow::Continue(()))
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            [
+                "w0-0@00", "p1@00", "w1-0@01", "w0-1@03", "w1-1@03", "w1-2@04", "w0-2@06", "b1@10",
+                "a1@20", "d1@30", "w1-3@40"
+            ]
+        );
+        // 3 + 4 decisions and a final checkpoint each, 11 bulk records and theirs.
+        assert_eq!(
+            (scanned.files, scanned.records, scanned.matched),
+            (3, 21, 11)
+        );
+
+        // A disclosure matches on its decision's dataset, read in its own chain.
+        let exports = Filter {
+            kinds: vec!["decision".into(), "disclosure".into()],
+            datasets: vec!["exports".into()],
+            ..Filter::default()
+        };
+        let mut found = Vec::new();
+        scan(dir.path(), &exports, |_, v| {
+            found.push(format!("{}:{}", v.kind().unwrap(), v.id().unwrap()));
+            Ok(ControlFlow::Continue(()))
+        })
+        .unwrap();
+        assert_eq!(
+            found,
+            [
+                "decision:b1",
+                "disclosure:b1",
+                "decision:a1",
+                "disclosure:a1",
+                "disclosure:b1"
+            ]
+        );
+
+        // JSON lines as the log holds them, with --limit, across chains.
+        let mut out = Vec::new();
+        query(
+            dir.path(),
+            &Filter::default(),
+            Format::Json,
+            Some(3),
+            &mut out,
+        )
+        .unwrap();
+        let ids: Vec<String> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].to_string())
+            .collect();
+        assert_eq!(ids, [r#""w0-0""#, r#""p1""#, r#""w1-0""#]);
+
+        // A table says whose `seq` each row's is.
+        let mut out = Vec::new();
+        query(
+            dir.path(),
+            &Filter::default(),
+            Format::Table,
+            Some(3),
+            &mut out,
+        )
+        .unwrap();
+        let table = String::from_utf8(out).unwrap();
+        let rows: Vec<&str> = table.lines().collect();
+        assert!(
+            rows[0].starts_with("TIME (UTC)                  SEQ      INSTANCE         DECISION"),
+            "{table}"
+        );
+        assert!(
+            rows[3].contains(" 1        side-w1          allow "),
+            "{table}"
+        );
+        assert_eq!(rows.len(), 4, "{table}");
     }
 }

@@ -565,4 +565,34 @@ mod tests {
         assert!(!r.text(20).contains("bulk"));
         assert!(serde_json::to_value(&r).unwrap().get("bulk").is_none());
     }
+
+    /// A folder of several workers' chains is counted whole, from the first decision of any
+    /// chain to the last.
+    #[test]
+    fn a_folder_of_worker_chains_is_counted_over_every_chain() {
+        use crate::audit::testing::{policy, subject_decision, write_worker_chains};
+        let dir = tempfile::tempdir().unwrap();
+        let p = policy();
+        let chains = [vec![3, 4], vec![1, 2, 9], vec![5]]
+            .iter()
+            .enumerate()
+            .map(|(k, times)| {
+                times
+                    .iter()
+                    .map(|&ts| subject_decision(&p, &format!("w{k}-{ts}"), ts, "u1"))
+                    .collect()
+            })
+            .collect();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(write_worker_chains(dir.path(), None, chains));
+        let (r, scanned) = report(dir.path(), None, None).unwrap();
+        assert_eq!(scanned.files, 3);
+        assert_eq!(r.all.total, 6);
+        assert_eq!(r.by_decision.0.get("allow"), Some(&6));
+        assert_eq!(r.first.as_deref(), Some("2026-11-28T04:00:01.000000Z"));
+        assert_eq!(r.last.as_deref(), Some("2026-11-28T04:00:09.000000Z"));
+    }
 }

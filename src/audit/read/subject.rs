@@ -523,4 +523,54 @@ mod tests {
         let r = bulk_report("u9");
         assert!(r.disclosures.is_empty() && r.refusals.is_empty());
     }
+
+    /// A subject's report reads every worker's chain of a folder: their disclosures in time
+    /// order whichever chain logged them, each with its chain's instance.
+    #[test]
+    fn a_folder_of_worker_chains_is_read_whole() {
+        use crate::audit::testing::{decision_at, outcome, policy, subject_decision};
+        use crate::policy::Reason;
+        let dir = tempfile::tempdir().unwrap();
+        let p = policy();
+        let mut refused = decision_at(&p, "r2", 1, Reason::ConsentMissing, "/payments/u1/x.json");
+        refused.subject = Some("u1".into());
+        let chains = vec![
+            vec![
+                subject_decision(&p, "s0", 5, "u1"),
+                outcome("s0", 6, 100),
+                subject_decision(&p, "x0", 7, "u2"),
+            ],
+            vec![subject_decision(&p, "s1", 2, "u1"), outcome("s1", 3, 50)],
+            vec![crate::audit::Record::Decision(Box::new(refused))],
+        ];
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(crate::audit::testing::write_worker_chains(
+                dir.path(),
+                None,
+                chains,
+            ));
+        let r = build(Segments::local(dir.path()).unwrap(), "u1", None, None).unwrap();
+        let got: Vec<(&str, Option<u64>, Option<&str>)> = r.disclosures["credit-bureau-us"]
+            .iter()
+            .map(|d| (d.id.as_str(), d.bytes_delivered, d.instance.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("s1", Some(50), Some("side-w1")),
+                ("s0", Some(100), Some("side"))
+            ]
+        );
+        assert_eq!(r.refusals.len(), 1);
+        assert_eq!(
+            (r.refusals[0].id.as_str(), r.refusals[0].instance.as_deref()),
+            ("r2", Some("side-w2"))
+        );
+        // Six records and a final checkpoint per chain.
+        assert_eq!(r.records_read, 9);
+        assert_eq!(r.log_from.as_deref(), Some("2026-11-28T04:00:01.000000Z"));
+    }
 }

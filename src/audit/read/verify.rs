@@ -170,10 +170,19 @@ pub fn verify_with(path: &Path, opts: &VerifyOptions) -> Result<VerifyReport, Br
     })
 }
 
-/// Verifies the log at `path`: a file with its rotated siblings, or a folder holding one log
-/// (see [`crate::audit::files::log_files`]).
+/// Verifies the log at `path`: a file with its rotated siblings, or a folder holding one
+/// chain (see [`crate::audit::files::log_files`]; a folder of several workers' chains is
+/// verified chain by chain by [`super::fleet::verify_local`]).
 pub fn verify_log(path: &Path, opts: &VerifyOptions) -> Result<VerifyReport, VerifyError> {
-    let files = log_files(path)?;
+    verify_files(&log_files(path)?, path, opts)
+}
+
+/// Verifies one chain made of `files`, in chain order; `path` names it when it has none.
+pub fn verify_files(
+    files: &[PathBuf],
+    path: &Path,
+    opts: &VerifyOptions,
+) -> Result<VerifyReport, VerifyError> {
     let mut chain = Chain::new(opts, files.len());
     for (i, file) in files.iter().enumerate() {
         chain.file(file, LineReader::open(file)?, i + 1 == files.len())?;
