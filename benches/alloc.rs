@@ -36,8 +36,10 @@ static ALLOCS: AtomicU64 = AtomicU64::new(0);
 static BYTES: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
-    /// Set on the proxy's threads only.
-    static COUNTED: Cell<bool> = const { Cell::new(false) };
+    /// Cleared on the client's and the upstream's threads: every other thread is the
+    /// proxy's (its control runtime, its workers, which it starts itself, their log writers
+    /// and blocking pools).
+    static COUNTED: Cell<bool> = const { Cell::new(true) };
     /// Set while this thread records where an allocation came from (which allocates too).
     static TRACING: Cell<bool> = const { Cell::new(false) };
 }
@@ -114,6 +116,8 @@ fn requests() -> u64 {
 const CONNECTIONS: u64 = 16;
 
 fn main() {
+    // This thread runs the client.
+    COUNTED.with(|c| c.set(false));
     let dir = tempfile::tempdir().expect("temp dir");
     let upstream = start_upstream();
     let policy = write_setup(dir.path(), upstream);
@@ -144,6 +148,7 @@ fn main() {
 
     let client = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .on_thread_start(|| COUNTED.with(|c| c.set(false)))
         .build()
         .expect("runtime");
     let requests = requests();
@@ -238,8 +243,10 @@ fn start_upstream() -> SocketAddr {
     listener.set_nonblocking(true).expect("nonblocking");
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
+        COUNTED.with(|c| c.set(false));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .on_thread_start(|| COUNTED.with(|c| c.set(false)))
             .build()
             .expect("runtime");
         rt.block_on(async move {
@@ -278,7 +285,7 @@ fn write_setup(dir: &std::path::Path, upstream: SocketAddr) -> std::path::PathBu
     .unwrap();
     let policy = dir.join("policy.toml");
     let extra = format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\n\
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n\
          [consent]\nstore = \"file:{}\"\npurpose_header = \"X-Purpose\"\n\
          [log]\npath = \"{}\"\nsigning_key = \"{}\"\ndurability = \"write\"\n",
         consents.display(),

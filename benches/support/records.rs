@@ -136,6 +136,7 @@ pub fn decision(n: u64, pseudo: &Pseudonymizer, ts: jiff::Timestamp) -> Decision
         seq: 0,
         status,
         subject: dataset.map(|_| subject),
+        trace: None,
         ts: Stamp(ts),
         upstream: status.is_none().then(|| UpstreamRec {
             addr: "10.20.0.5:9000".parse().unwrap(),

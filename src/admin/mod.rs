@@ -10,6 +10,8 @@
 
 pub mod consents;
 
+use crate::audit::write::LogWriter;
+use crate::audit::write::ship::ShipStats;
 use crate::proxy::snapshot::read_policy;
 use crate::proxy::{RunningProxy, ServeConfig, ServeError, Shared};
 use bytes::Bytes;
@@ -86,6 +88,7 @@ pub async fn start(config: ServeConfig) -> Result<Sidecar, StartError> {
     let admin = starting
         .serve(Arc::new(AdminState {
             shared: proxy.shared.clone(),
+            workers: proxy.workers.clone(),
         }))
         .await;
     tracing::info!(admin.listen = %admin.addr, "admin listener serving");
@@ -98,7 +101,10 @@ pub async fn start(config: ServeConfig) -> Result<Sidecar, StartError> {
 
 /// What the admin listener serves from; the bearer token is `shared.admin_token`.
 pub struct AdminState {
+    /// Worker 0's state, through which what all workers share is reached.
     pub shared: Arc<Shared>,
+    /// Every worker's state (each with its own chain), worker 0 first.
+    pub workers: Arc<[Arc<Shared>]>,
 }
 
 /// The credentials of an `Authorization` header of the `Bearer` scheme. Schemes are
@@ -179,18 +185,27 @@ pub struct Readiness {
 }
 
 /// Readiness: a policy is loaded (always, once `AdminState` exists: until then the start-up
-/// responder answers), the consent registry is reachable and the decision log is writable
-/// (no failure since the last success).
-pub fn readiness(shared: &Shared) -> Readiness {
+/// responder answers), the consent registry is reachable and the decision log is writable:
+/// every worker's chain (no failure since its last success), and no chain's shipping spool
+/// full.
+pub fn readiness(workers: &[Arc<Shared>]) -> Readiness {
+    let shared = &workers[0];
     let mut failing = Vec::new();
     if let Err(why) = consent_store_ready(shared) {
         failing.push(format!("consent store: {why}"));
     }
-    if !shared.log.healthy() {
-        failing.push("decision log: the last write failed".to_string());
-    }
-    if let Some(why) = shared.spool.as_ref().and_then(|s| s.full()) {
-        failing.push(format!("decision log shipping: {why}"));
+    // One worker's chain is "the decision log"; with several, the failing one is named.
+    let chain = |w: &Shared| match workers.len() {
+        1 => String::new(),
+        _ => format!(" (worker {})", w.worker),
+    };
+    for w in workers {
+        if !w.log.healthy() {
+            failing.push(format!("decision log{}: the last write failed", chain(w)));
+        }
+        if let Some(why) = w.spool.as_ref().and_then(|s| s.full()) {
+            failing.push(format!("decision log shipping{}: {why}", chain(w)));
+        }
     }
     let max_staleness = shared.snapshot.load().policy.consent.max_staleness;
     failing.extend(shared.consents.freshness().stale_reason(max_staleness));
@@ -216,17 +231,20 @@ fn consent_store_ready(shared: &Shared) -> Result<(), String> {
     }
 }
 
-/// The metrics exposition (Prometheus text format).
-pub fn metrics(shared: &Shared) -> AdminResponse {
+/// The metrics exposition (Prometheus text format). The decision log's figures add up every
+/// worker's chain; it counts as writable only while every chain is.
+pub fn metrics(workers: &[Arc<Shared>]) -> AdminResponse {
+    let shared = &workers[0];
     let snap = shared.snapshot.load();
+    let logs = || workers.iter().map(|w| &w.log);
     let body = shared.metrics.render(&crate::metrics::Scrape {
         policy: &snap.policy,
         policy_loaded_at: snap.loaded_at,
         geo_db: snap.geo_label.as_deref(),
-        log_written: shared.log.written(),
-        log_failures: shared.log.failures(),
-        log_dropped: shared.log.dropped(),
-        log_healthy: shared.log.healthy(),
+        log_written: logs().map(LogWriter::written).sum(),
+        log_failures: logs().map(LogWriter::failures).sum(),
+        log_dropped: logs().map(LogWriter::dropped).sum(),
+        log_healthy: logs().all(LogWriter::healthy),
         consents: shared.consents.len(),
         consent_subjects: shared.consents.subjects(),
         consent_cache: shared.consent_loader.as_ref().map(|l| {
@@ -244,9 +262,32 @@ pub fn metrics(shared: &Shared) -> AdminResponse {
                 batch_time: &l.batch_time,
             }
         }),
-        ship: shared.spool.as_ref().map(|s| s.stats()),
+        ship: ship_stats(workers),
     });
     text(StatusCode::OK, crate::metrics::CONTENT_TYPE, body)
+}
+
+/// Shipping's figures over every chain's spool: counts and bytes add up, the oldest file
+/// waiting is the oldest of all, and the last error is the first chain's that has one.
+fn ship_stats(workers: &[Arc<Shared>]) -> Option<ShipStats> {
+    let mut all = workers
+        .iter()
+        .filter_map(|w| w.spool.as_ref().map(|s| s.stats()));
+    let mut sum = all.next()?;
+    for s in all {
+        sum.spool_files += s.spool_files;
+        sum.spool_bytes += s.spool_bytes;
+        sum.spool_max_bytes += s.spool_max_bytes;
+        sum.shipped_files += s.shipped_files;
+        sum.shipped_bytes += s.shipped_bytes;
+        sum.failures += s.failures;
+        sum.oldest_age_secs = sum.oldest_age_secs.max(s.oldest_age_secs);
+        sum.cpu += s.cpu;
+        if sum.last_error.is_none() {
+            sum.last_error = s.last_error;
+        }
+    }
+    Some(sum)
 }
 
 async fn route(
@@ -263,7 +304,7 @@ async fn route(
     let resp = match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
         (&Method::GET, "/readyz") => {
-            let r = readiness(&state.shared);
+            let r = readiness(&state.workers);
             json(
                 if r.ready {
                     StatusCode::OK
@@ -273,7 +314,7 @@ async fn route(
                 &r,
             )
         }
-        (&Method::GET, "/metrics") => metrics(&state.shared),
+        (&Method::GET, "/metrics") => metrics(&state.workers),
         (&Method::GET, "/v1/policy") => {
             let snap = state.shared.snapshot.load();
             json(
@@ -297,8 +338,8 @@ async fn route(
     Ok(resp)
 }
 
-/// `POST /v1/log/rotate` (token required): closes the active decision-log file with a signed
-/// checkpoint and renames it, as `SIGUSR1` does, and answers where it went.
+/// `POST /v1/log/rotate` (token required): closes every worker's active decision-log file
+/// with a signed checkpoint and renames it, as `SIGUSR1` does, and answers where they went.
 async fn rotate_log(state: &AdminState, req: &Request<Incoming>) -> AdminResponse {
     if !state.authorized(req) {
         let mut r = error(
@@ -317,20 +358,26 @@ async fn rotate_log(state: &AdminState, req: &Request<Incoming>) -> AdminRespons
             "rotate with POST",
         );
     }
-    match state.shared.log.rotate().await {
-        Ok(to) => {
-            tracing::info!(log.rotated = ?to, "decision log rotated on an admin call");
-            json(
-                StatusCode::OK,
-                &serde_json::json!({ "rotated": to.map(|p| p.display().to_string()) }),
-            )
+    let mut rotated = Vec::with_capacity(state.workers.len());
+    for r in crate::proxy::rotate_all(&state.workers).await {
+        match r {
+            Ok(to) => rotated.push(to.map(|p| p.display().to_string())),
+            Err(e) => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "log_unavailable",
+                    e.to_string(),
+                );
+            }
         }
-        Err(e) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "log_unavailable",
-            e.to_string(),
-        ),
     }
+    tracing::info!(log.rotated = ?rotated, "decision log rotated on an admin call");
+    // `rotated` is worker 0's file (the one a single worker writes); `chains` lists every
+    // worker's, worker 0 first.
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "rotated": rotated[0], "chains": rotated }),
+    )
 }
 
 /// A running admin listener.

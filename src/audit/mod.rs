@@ -4,7 +4,7 @@
 //! `json`), decision ids ([`id`]), the hash chain ([`chain`]), signed checkpoints
 //! ([`checkpoint`]), the signing key and the pseudonyms derived from it ([`keys`],
 //! [`pseudonym`]), where a log's files are on disk ([`files`]) and the object stores shipped
-//! files go to ([`store`]).
+//! files go to ([`store`]), and the application's trace a request belongs to ([`trace`]).
 //!
 //! [`write`](mod@write): the writer the proxy runs (group commit, checkpoints, rotation, recovery,
 //! shipping). [`read`]: the offline tools (`audit verify`, `query`, `report`, `subject`,
@@ -23,6 +23,7 @@ pub mod record;
 pub mod store;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod trace;
 pub mod write;
 
 pub use pseudonym::Pseudonymizer;

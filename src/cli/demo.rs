@@ -444,6 +444,8 @@ async fn demo(args: DemoArgs, log_format: LogFormat) -> CliResult {
         overrides: Overrides {
             listen: args.listen,
             admin: args.admin,
+            // One worker: the story reads, and tells the reader to verify, one chain.
+            workers: Some(1),
             ..Overrides::default()
         },
     })

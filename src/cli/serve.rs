@@ -1,9 +1,10 @@
 //! `serve`: run the proxy until SIGTERM or SIGINT; SIGHUP reloads the policy, SIGUSR1 rotates
-//! the decision log.
+//! the decision log (every worker's chain).
 
 use super::{CliResult, Exit, fail};
 use crate::policy::model::LogTarget;
 use crate::proxy::snapshot::Overrides;
+use crate::proxy::worker::MAX_WORKERS;
 use crate::proxy::{self, ServeConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,13 +14,18 @@ use std::path::PathBuf;
     after_help = "Reloads: SIGHUP, or a change to the policy file, one of its includes, the geolocation database or the \
 admin token file (examined every second), reloads the policy and the TLS certificates; an invalid version is rejected with every error and \
 the old one keeps serving. Certificate files are also re-read within a second of being replaced.\n\
-Signals: SIGUSR1 rotates the decision log (the active file is closed with a signed checkpoint and renamed \
+Workers: each worker is a thread with its own listener on the listen address (SO_REUSEPORT: the kernel spreads \
+connections between them), its own upstream connection pools and its own decision-log chain. Worker 0 writes the \
+configured file (decisions.jsonl) as instance [log].instance; worker K writes decisions.wK.jsonl beside it as \
+instance <instance>-wK. One worker writes exactly one chain, as before; a log folder written by one worker is \
+continued by worker 0.\n\
+Signals: SIGUSR1 rotates the decision log (every worker's active file is closed with a signed checkpoint and renamed \
 <name>-<first seq>-<UTC time>.jsonl); SIGTERM or SIGINT stop accepting, finish in-flight requests within \
-proxy.drain_timeout, write the final checkpoint and exit 0.\n\
+proxy.drain_timeout, write every chain's final checkpoint and exit 0.\n\
 Admin listener ([admin].listen, never the data port): GET /healthz, GET /readyz, GET /metrics (OpenMetrics text for \
 Prometheus), GET /v1/policy. With the bearer token of [admin].token_file (reads included; without a token_file these \
 routes answer 401): GET /v1/consents?subject=S[&history=true], POST /v1/consents (grant), GET /v1/consents/ID, \
-POST /v1/consents/ID/revoke, and POST /v1/log/rotate (rotates the decision log as SIGUSR1 does)."
+POST /v1/consents/ID/revoke, and POST /v1/log/rotate (rotates every chain of the decision log as SIGUSR1 does)."
 )]
 pub struct ServeArgs {
     /// The policy file.
@@ -34,9 +40,11 @@ pub struct ServeArgs {
     /// Decision log path ("-" for standard output), overriding [log].path.
     #[arg(long, value_name = "PATH")]
     pub log: Option<String>,
-    /// Runtime worker threads (default: [proxy].workers, else one per CPU).
-    #[arg(long)]
-    pub workers: Option<usize>,
+    /// Workers: threads that each accept, decide, log and forward their own connections on
+    /// the shared listen address, each writing its own decision-log chain (default:
+    /// [proxy].workers, else one per available core).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=MAX_WORKERS as i64))]
+    pub workers: Option<u16>,
 }
 
 pub fn run(args: ServeArgs) -> CliResult {
@@ -50,26 +58,16 @@ pub fn run(args: ServeArgs) -> CliResult {
                 LogTarget::File(l.into())
             }
         }),
+        workers: args.workers.map(usize::from),
     };
-    // Read the policy once up front: its errors are reported before anything starts, and it
-    // names the number of worker threads.
-    let policy = proxy::snapshot::read_policy(&args.policy, &overrides)?;
-    let workers = args
-        .workers
-        .or(policy.proxy.workers)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    // One worker is one thread, as an nginx worker is: the single-threaded runtime spares
-    // every wake-up the work-stealing scheduler's bookkeeping (docs/performance.md).
-    let rt = if workers <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers)
-            .enable_all()
-            .build()?
-    };
+    // Read the policy once up front: its errors are reported before anything starts.
+    proxy::snapshot::read_policy(&args.policy, &overrides)?;
+    // This thread's runtime is the control runtime: the admin listener, the consent feeds,
+    // reloads, shipping and signals. The workers serve requests on threads of their own,
+    // each with its own runtime (`proxy::worker`).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         // Installed before start-up, which can take seconds (a database, resolving upstreams):
         // a SIGHUP meanwhile must not kill the process, and a SIGTERM must still end with the
@@ -125,11 +123,15 @@ impl Signals {
                 _ = hup.recv() => {
                     let _ = running.reload().await;
                 }
-                _ = usr1.recv() => match running.shared.log.rotate().await {
-                    Ok(Some(to)) => tracing::info!(log.rotated = %to.display(), "decision log rotated on SIGUSR1"),
-                    Ok(None) => tracing::info!("SIGUSR1: nothing to rotate (the decision log file is empty, or standard output)"),
-                    Err(e) => tracing::error!(error = %e, "decision log rotation on SIGUSR1 failed"),
-                },
+                _ = usr1.recv() => {
+                    for rotated in running.rotate_logs().await {
+                        match rotated {
+                            Ok(Some(to)) => tracing::info!(log.rotated = %to.display(), "decision log rotated on SIGUSR1"),
+                            Ok(None) => tracing::info!("SIGUSR1: nothing to rotate (the decision log file is empty, or standard output)"),
+                            Err(e) => tracing::error!(error = %e, "decision log rotation on SIGUSR1 failed"),
+                        }
+                    }
+                }
             }
         }
     }

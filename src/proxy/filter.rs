@@ -476,7 +476,11 @@ impl Run<'_> {
                 out.push(judged(found));
             });
         } else {
-            out.extend(subjects.iter().map(|_| Judged::Drop(Reason::ConsentStoreUnavailable)));
+            out.extend(
+                subjects
+                    .iter()
+                    .map(|_| Judged::Drop(Reason::ConsentStoreUnavailable)),
+            );
         }
         if let (Some(loader), false) = (job.shared.consent_loader.as_ref(), missed.is_empty()) {
             let wanted: Vec<CompactString> = missed.iter().map(|&i| subjects[i].clone()).collect();

@@ -1,11 +1,17 @@
 //! The running proxy: start-up (policy, geolocation, consents, decision log, upstreams),
-//! the accept loop, reloads and shutdown.
+//! the workers, reloads and shutdown.
+//!
+//! `start` runs on the caller's runtime, which stays the control runtime: the consent feeds
+//! and cache-miss queries, upstream resolution, reloads, shipping (and, above, the admin
+//! listener and signals) run there. Requests are served by the workers (`worker`), each a
+//! thread with its own runtime, listener, snapshot and decision-log chain.
 //!
 //! A request's modules, bottom up (each uses only those before it, and the state this file
 //! shares): `stall` (how long nothing may move), `exchange` (its bookkeeping and outcome
 //! record), `request_body`, `upstream` (resolution, pools, connecting), `body` (the response
 //! body), `respond` (the answers the proxy writes itself), `snapshot`, `pipeline` (limits,
-//! decision, decision record, then refuse or forward) and `server` (the accept loop).
+//! decision, decision record, then refuse or forward), `server` (the accept loop) and
+//! `worker` (a thread serving one listener).
 
 pub mod body;
 pub mod exchange;
@@ -20,9 +26,10 @@ pub mod snapshot;
 pub mod stall;
 pub mod token;
 pub mod upstream;
+pub mod worker;
 
 use crate::audit::keys::KeyError;
-use crate::audit::write::{AuditError, LogWriter};
+use crate::audit::write::{AuditError, LogFailed, LogWriter, worker_settings};
 use crate::consent::cache::{Loader, POOL_SIZE, Reader};
 use crate::consent::file::FileStoreError;
 use crate::consent::postgres::PgReader;
@@ -40,7 +47,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -49,7 +55,7 @@ use tokio::task::JoinHandle;
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long shutdown waits for the outcome records of exchanges still ending.
-const OUTCOME_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const OUTCOME_GRACE: Duration = Duration::from_secs(2);
 
 /// Why the proxy could not start (or a reload was rejected).
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +92,11 @@ pub enum ServeError {
     Ship(#[from] shipping::ShipStartError),
     #[error("{what} cannot change on reload (restart the proxy to change it)")]
     NeedsRestart { what: &'static str },
+    #[error("cannot start worker {worker}: {source}")]
+    Worker {
+        worker: usize,
+        source: std::io::Error,
+    },
 }
 
 impl From<crate::tls::TlsError> for ServeError {
@@ -97,24 +108,32 @@ impl From<crate::tls::TlsError> for ServeError {
 /// How often the SQLite feed looks for changes written by other processes.
 const SQLITE_POLL: Duration = Duration::from_millis(250);
 
-/// State shared by every connection.
+/// What every connection of one worker shares: the worker's own snapshot (whose upstream
+/// runtimes hold its connection pools), its own decision-log chain and its count of open
+/// exchanges, beside handles to what all workers share (the consent index, the metrics, the
+/// admin's state). Every worker has one; reloads swap each worker's snapshot.
 pub struct Shared {
+    /// The worker's number (0 for the first, whose chain keeps the configured name).
+    pub worker: usize,
     pub snapshot: ArcSwap<Snapshot>,
+    /// This worker's chain.
     pub log: LogWriter,
     pub consents: Arc<ConsentIndex>,
-    /// Fills the consent cache on a miss (database stores without `preload`).
+    /// Fills the consent cache on a miss (database stores without `preload`); its queries
+    /// run on the control runtime.
     pub consent_loader: Option<Arc<Loader>>,
-    pub metrics: Metrics,
+    /// The proxy's metrics, one set for all workers.
+    pub metrics: Arc<Metrics>,
     /// The last reload attempt, if any (`/v1/policy`).
-    pub last_reload: ArcSwapOption<ReloadStatus>,
+    pub last_reload: Arc<ArcSwapOption<ReloadStatus>>,
     /// The consent registry (`sqlite:`/`postgres://` stores), for the admin API.
     pub registry: Option<Registry>,
-    /// Exchanges whose outcome record is still to be written.
+    /// Exchanges of this worker whose outcome record is still to be written.
     pub exchanges: std::sync::atomic::AtomicUsize,
     /// The admin bearer token (`[admin].token_file`), read again by every reload so that a
     /// rotated token replaces the old one without a restart.
-    pub admin_token: ArcSwapOption<token::AdminToken>,
-    /// Sealed log files waiting to ship, when the log ships.
+    pub admin_token: Arc<ArcSwapOption<token::AdminToken>>,
+    /// This chain's sealed files waiting to ship, when the log ships.
     pub spool: Option<Arc<crate::audit::write::ship::Spool>>,
 }
 
@@ -128,52 +147,59 @@ pub struct ServeConfig {
 /// A proxy started in this process.
 pub struct RunningProxy {
     pub addr: SocketAddr,
+    /// Worker 0's state (its chain keeps the configured name); what all workers share is
+    /// reached through it as well.
     pub shared: Arc<Shared>,
+    /// Every worker's state, worker 0 first.
+    pub workers: Arc<[Arc<Shared>]>,
     /// The data listener's TLS, when `[tls]` is set: its configuration and counters.
     pub tls: Option<Arc<ServerTls>>,
     stop: watch::Sender<bool>,
-    server: JoinHandle<()>,
+    threads: Vec<worker::Worker>,
     background: Vec<JoinHandle<()>>,
     reloader: Arc<Reloader>,
     shipper: Option<shipping::Shipping>,
 }
 
 impl RunningProxy {
-    /// Re-reads the policy (and what it names) and swaps it in, as SIGHUP does; on any
-    /// error the running snapshot stays, and the rejection is counted, logged and returned.
+    /// Re-reads the policy (and what it names) and swaps it in on every worker, as SIGHUP
+    /// does; on any error the running snapshots stay, and the rejection is counted, logged
+    /// and returned.
     pub async fn reload(&self) -> Result<(), ServeError> {
         self.reloader.reload(Trigger::Signal).await
     }
 
-    /// Stops accepting, drains open connections (bounded by `drain_timeout`), flushes the
-    /// decision log and returns.
+    /// Rotates every worker's chain (as SIGUSR1 does); see [`rotate_all`].
+    pub async fn rotate_logs(&self) -> Vec<Result<Option<PathBuf>, LogFailed>> {
+        rotate_all(&self.workers).await
+    }
+
+    /// Stops accepting, drains open connections (bounded by `drain_timeout`), closes every
+    /// worker's chain with its final checkpoint and returns; when the log ships, every
+    /// chain's last file is shipped within `drain_timeout`.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        let _ = self.server.await;
+        // Each worker drains, waits for its outcome records and closes its chain on its own
+        // thread; they do so side by side.
+        futures_util::future::join_all(self.threads.into_iter().map(worker::Worker::finished))
+            .await;
         for b in &self.background {
             b.abort();
         }
-        // An exchange can outlive its client connection: an upstream connection still sending
-        // an upload holds it, and so does an HTTP/2 stream task. Its outcome record is waited
-        // for (briefly) before the log is closed.
-        let deadline = tokio::time::Instant::now() + OUTCOME_GRACE;
-        while self
-            .shared
-            .exchanges
-            .load(std::sync::atomic::Ordering::Acquire)
-            > 0
-            && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        self.shared.log.close().await;
-        // The writer sealed the active file with its final checkpoint: ship it and anything
-        // still spooled, within `drain_timeout`.
+        // The writers sealed their active files with their final checkpoints: ship them and
+        // anything still spooled, within `drain_timeout`.
         if let Some(shipper) = self.shipper {
             let drain = self.shared.snapshot.load().policy.proxy.drain_timeout;
             shipper.drain(drain).await;
         }
     }
+}
+
+/// Rotates every chain of `workers` at once (each closes its active file with a checkpoint
+/// and renames it): one answer per worker, worker 0 first, each the rotated file's path or
+/// `None` when that chain had nothing to rotate.
+pub async fn rotate_all(workers: &[Arc<Shared>]) -> Vec<Result<Option<PathBuf>, LogFailed>> {
+    futures_util::future::join_all(workers.iter().map(|w| w.log.rotate())).await
 }
 
 /// Starts the proxy: everything is checked before the data listener opens, so that a bad
@@ -277,59 +303,69 @@ pub async fn start_with(config: ServeConfig, policy: Policy) -> Result<RunningPr
             Some(Arc::new(loaded))
         }
     };
-    let metrics = Metrics::new();
-    let snapshot = Snapshot::build(policy, None, consents.clone(), &metrics).await?;
-    let shipping = shipping::prepare(&snapshot.policy, &snapshot.locator).await?;
-    let spool = shipping.as_ref().map(|p| p.spool().clone());
-    let log = LogWriter::open_spooled(
-        &snapshot.policy.log,
-        snapshot.signing_key.clone(),
-        spool.clone(),
-    )?;
+    let metrics = Arc::new(Metrics::new());
+    let workers = worker::count(&policy);
+    let snapshots =
+        Snapshot::build_workers(policy, &[], workers, consents.clone(), &metrics).await?;
+    let first = &snapshots[0];
+    let shipping = shipping::prepare(&first.policy, &first.locator, workers).await?;
+    // Every chain is opened (and its tail checked) before anything serves.
+    let mut chains = Vec::with_capacity(workers);
+    for w in 0..workers {
+        let spool = shipping.as_ref().map(|p| p.spool(w).clone());
+        let settings = worker_settings(&first.policy.log, w);
+        let (log, committer) =
+            LogWriter::prepare(&settings, first.signing_key.clone(), spool.clone())?;
+        chains.push((log, committer, spool));
+    }
     let shipper = shipping.map(|prepared| {
-        let locator =
-            crate::geo::Locator::new(&snapshot.policy, snapshot.locator.database().cloned());
-        shipping::start(&snapshot.policy, locator, prepared)
+        let locator = crate::geo::Locator::new(&first.policy, first.locator.database().cloned());
+        shipping::start(&first.policy, locator, prepared)
     });
-    let listen = snapshot.policy.proxy.listen;
-    let drain = snapshot.policy.proxy.drain_timeout;
-    let resolve_every = snapshot.policy.proxy.resolve_interval;
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
-        addr: listen,
-        source,
-    })?;
+    let proxy = first.policy.proxy.clone();
+    let (listeners, addr) = worker::bind(proxy.listen, workers).await?;
     tracing::info!(
         listen = %addr,
-        policy.name = %snapshot.policy.name,
-        policy.hash = %snapshot.policy.hash,
-        geo.db = snapshot.geo_label.as_deref().unwrap_or("none"),
-        tls = match &snapshot.policy.tls {
+        workers,
+        policy.name = %first.policy.name,
+        policy.hash = %first.policy.hash,
+        geo.db = first.geo_label.as_deref().unwrap_or("none"),
+        tls = match &first.policy.tls {
             None => "off",
             Some(t) if t.client_ca.is_some() => "mtls",
             Some(_) => "on",
         },
         "residency-proxy serving"
     );
-    let shared = Arc::new(Shared {
-        snapshot: ArcSwap::from_pointee(snapshot),
-        log,
-        consents,
-        consent_loader,
-        metrics,
-        last_reload: ArcSwapOption::empty(),
-        registry,
-        exchanges: Default::default(),
-        admin_token: ArcSwapOption::new(token.map(Arc::new)),
-        spool,
-    });
+    let last_reload = Arc::new(ArcSwapOption::empty());
+    let admin_token = Arc::new(ArcSwapOption::new(token.map(Arc::new)));
+    let mut committers = Vec::with_capacity(workers);
+    let shared: Arc<[Arc<Shared>]> = snapshots
+        .into_iter()
+        .zip(chains)
+        .enumerate()
+        .map(|(w, (snapshot, (log, committer, spool)))| {
+            committers.push(committer);
+            Arc::new(Shared {
+                worker: w,
+                snapshot: ArcSwap::from_pointee(snapshot),
+                log,
+                consents: consents.clone(),
+                consent_loader: consent_loader.clone(),
+                metrics: metrics.clone(),
+                last_reload: last_reload.clone(),
+                registry: registry.clone(),
+                exchanges: Default::default(),
+                admin_token: admin_token.clone(),
+                spool,
+            })
+        })
+        .collect();
     let (stop, stop_rx) = watch::channel(false);
-    background.push(tokio::spawn(resolver(shared.clone(), resolve_every)));
+    background.push(tokio::spawn(resolver(
+        shared.clone(),
+        proxy.resolve_interval,
+    )));
     let reloader = Arc::new(Reloader::new(shared.clone(), config, tls.clone()));
     background.push(tokio::spawn(reload::watch(
         reloader.clone(),
@@ -339,34 +375,67 @@ pub async fn start_with(config: ServeConfig, policy: Policy) -> Result<RunningPr
     if let Some(t) = &tls {
         background.push(t.clone().watch(Duration::from_secs(1)));
     }
-    let server = tokio::spawn(server::accept_loop(
-        listener,
-        shared.clone(),
-        stop_rx,
-        drain,
-        tls.clone(),
-    ));
+    let mut threads = Vec::with_capacity(workers);
+    for ((w, listener), committer) in shared.iter().zip(listeners).zip(committers) {
+        let assignment = worker::Assignment {
+            shared: w.clone(),
+            listener,
+            committer,
+            stop: stop_rx.clone(),
+            drain: proxy.drain_timeout,
+            tls: tls.clone(),
+            max_connections: proxy.max_connections.div_ceil(workers),
+        };
+        match worker::spawn(w.worker, assignment).await {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                // Those already serving stop, and their chains close cleanly.
+                let _ = stop.send(true);
+                futures_util::future::join_all(threads.into_iter().map(worker::Worker::finished))
+                    .await;
+                for b in &background {
+                    b.abort();
+                }
+                return Err(e);
+            }
+        }
+    }
     Ok(RunningProxy {
         addr,
-        shared,
+        shared: shared[0].clone(),
+        workers: shared,
         tls,
         stop,
-        server,
+        threads,
         background,
         reloader,
         shipper,
     })
 }
 
-/// Keeps upstream host resolutions current, off the request path.
-async fn resolver(shared: Arc<Shared>, every: Duration) {
+/// Keeps upstream host resolutions current, off the request path: each host is looked up
+/// once per round, and what was found goes to every worker's runtime of that upstream.
+async fn resolver(workers: Arc<[Arc<Shared>]>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
         tick.tick().await;
-        let snap = shared.snapshot.load_full();
-        for up in &snap.upstreams {
-            up.refresh().await;
+        let snaps: Vec<Arc<Snapshot>> = workers.iter().map(|w| w.snapshot.load_full()).collect();
+        let mut found: Vec<((String, u16), upstream::Lookup)> = Vec::new();
+        for up in snaps.iter().flat_map(|s| s.upstreams.iter()) {
+            let (host, port) = up.target();
+            let known = found.iter().position(|((h, p), _)| h == host && *p == port);
+            let i = match known {
+                Some(i) => i,
+                None => match up.lookup().await {
+                    Some(f) => {
+                        found.push(((host.to_string(), port), f));
+                        found.len() - 1
+                    }
+                    None => continue,
+                },
+            };
+            up.apply(&found[i].1);
         }
     }
 }

@@ -3,10 +3,11 @@
 //! inode, size, modification time) every second; a change is acted on once it has held still
 //! for one poll, so that an editor's or a downloader's successive writes make one reload.
 //!
-//! A reload builds the new snapshot off the request path (the database is read whole and
-//! validated by `GeoDb::open`) and swaps it in whole; an invalid one is rejected with every
-//! error, counted, reported as an error event and in `/v1/policy`, and the running snapshot
-//! keeps serving.
+//! A reload builds the new snapshots off the request path, on the control runtime (the
+//! database is read whole and validated by `GeoDb::open`), one per worker, and swaps each in
+//! whole: every worker's next request is decided under the new policy. An invalid one is
+//! rejected with every error, counted, reported as an error event and in `/v1/policy`, and
+//! the running snapshots keep serving.
 
 use super::snapshot::{Snapshot, read_policy};
 use super::token::{AdminToken, read_token};
@@ -60,9 +61,10 @@ pub enum Reloaded {
     Superseded,
 }
 
-/// Rebuilds and swaps the snapshot; one reload at a time.
+/// Rebuilds and swaps every worker's snapshot; one reload at a time.
 pub struct Reloader {
-    shared: Arc<Shared>,
+    /// Every worker's state, worker 0 first.
+    workers: Arc<[Arc<Shared>]>,
     config: ServeConfig,
     /// The data listener's TLS: a reload re-reads its certificate too.
     tls: Option<Arc<crate::tls::ServerTls>>,
@@ -71,12 +73,12 @@ pub struct Reloader {
 
 impl Reloader {
     pub fn new(
-        shared: Arc<Shared>,
+        workers: Arc<[Arc<Shared>]>,
         config: ServeConfig,
         tls: Option<Arc<crate::tls::ServerTls>>,
     ) -> Reloader {
         Reloader {
-            shared,
+            workers,
             config,
             tls,
             lock: Mutex::new(()),
@@ -111,7 +113,7 @@ impl Reloader {
             Ok(next) => next,
             Err(e) => {
                 let errors = error_lines(&e);
-                self.shared.metrics.reloaded(ReloadResult::Rejected);
+                self.shared().metrics.reloaded(ReloadResult::Rejected);
                 tracing::error!(
                     reload.trigger = trigger.as_str(),
                     errors = errors.len(),
@@ -124,22 +126,31 @@ impl Reloader {
         };
         tracing::info!(
             reload.trigger = trigger.as_str(),
-            policy.name = %next.policy.name,
-            policy.hash = %next.policy.hash,
-            geo.db = next.geo_label.as_deref().unwrap_or("none"),
+            policy.name = %next[0].policy.name,
+            policy.hash = %next[0].policy.hash,
+            geo.db = next[0].geo_label.as_deref().unwrap_or("none"),
             "policy reloaded"
         );
-        next.activate();
-        self.shared.snapshot.store(Arc::new(next));
-        self.shared.admin_token.store(token.map(Arc::new));
-        self.shared.metrics.reloaded(ReloadResult::Ok);
+        for (worker, next) in self.workers.iter().zip(next) {
+            next.activate();
+            worker.snapshot.store(Arc::new(next));
+        }
+        let shared = self.shared();
+        shared.admin_token.store(token.map(Arc::new));
+        shared.metrics.reloaded(ReloadResult::Ok);
         self.record(trigger, "ok", Vec::new());
         Ok(Reloaded::Swapped)
     }
 
-    /// The next snapshot, and the admin token it names (read again: rotating the token
-    /// takes a reload, not a restart; an unreadable or empty one rejects the reload).
-    async fn build(&self) -> Result<(Snapshot, Option<AdminToken>), ServeError> {
+    /// Worker 0's state, through which what all workers share is reached.
+    fn shared(&self) -> &Arc<Shared> {
+        &self.workers[0]
+    }
+
+    /// The next snapshots, one per worker, and the admin token the policy names (read again:
+    /// rotating the token takes a reload, not a restart; an unreadable or empty one rejects
+    /// the reload).
+    async fn build(&self) -> Result<(Vec<Snapshot>, Option<AdminToken>), ServeError> {
         let path = self.config.policy_path.clone();
         let overrides = self.config.overrides.clone();
         // Reading and compiling the files is blocking work: off the runtime threads.
@@ -155,7 +166,12 @@ impl Reloader {
         })
         .await
         .expect("the policy loader does not panic")?;
-        let current = self.shared.snapshot.load_full();
+        let running: Vec<Arc<Snapshot>> = self
+            .workers
+            .iter()
+            .map(|w| w.snapshot.load_full())
+            .collect();
+        let current = &running[0];
         if policy.log.target != current.policy.log.target {
             return Err(ServeError::NeedsRestart { what: "log.path" });
         }
@@ -190,6 +206,11 @@ impl Reloader {
                 what: "proxy.listen",
             });
         }
+        if policy.proxy.workers != current.policy.proxy.workers {
+            return Err(ServeError::NeedsRestart {
+                what: "proxy.workers",
+            });
+        }
         if policy.admin.listen != current.policy.admin.listen {
             return Err(ServeError::NeedsRestart {
                 what: "admin.listen",
@@ -200,11 +221,14 @@ impl Reloader {
             (Some(settings), Some(tls)) => Some((settings.clone(), tls.clone())),
             _ => return Err(ServeError::NeedsRestart { what: "[tls]" }),
         };
-        let next = Snapshot::build(
+        let previous: Vec<&Snapshot> = running.iter().map(|s| &**s).collect();
+        let shared = self.shared();
+        let next = Snapshot::build_workers(
             policy,
-            Some(&current),
-            self.shared.consents.clone(),
-            &self.shared.metrics,
+            &previous,
+            self.workers.len(),
+            shared.consents.clone(),
+            &shared.metrics,
         )
         .await?;
         // The certificate is re-read last: nothing is swapped in unless everything loaded.
@@ -217,7 +241,7 @@ impl Reloader {
     }
 
     fn record(&self, trigger: Trigger, result: &'static str, errors: Vec<String>) {
-        self.shared.last_reload.store(Some(Arc::new(ReloadStatus {
+        self.shared().last_reload.store(Some(Arc::new(ReloadStatus {
             at: crate::audit::record::timestamp(jiff::Timestamp::now()),
             trigger: trigger.as_str(),
             result,
@@ -299,7 +323,7 @@ pub async fn watch(reloader: Arc<Reloader>, every: Duration, mut applied: Watche
     let mut pending: Option<Watched> = None;
     loop {
         tick.tick().await;
-        let current = examine(watched_paths(&reloader.shared.snapshot.load().policy)).await;
+        let current = examine(watched_paths(&reloader.shared().snapshot.load().policy)).await;
         if current.paths != applied.paths {
             // Another reload (SIGHUP) changed what the policy names: start from its files.
             applied = current;
@@ -335,7 +359,7 @@ pub async fn watch(reloader: Arc<Reloader>, every: Duration, mut applied: Watche
             // The new snapshot may name other files (an include added or removed): the
             // versions just read stand for the files it kept, new ones are examined now.
             Ok(Reloaded::Swapped) => {
-                let paths = watched_paths(&reloader.shared.snapshot.load().policy);
+                let paths = watched_paths(&reloader.shared().snapshot.load().policy);
                 let fresh = examine(paths).await;
                 let versions = fresh
                     .paths

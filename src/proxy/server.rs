@@ -1,4 +1,4 @@
-//! The accept loop: a bounded number of connections, TLS (with client certificates when
+//! A worker's accept loop: a bounded number of connections, TLS (with client certificates when
 //! `[tls].client_ca` is set) or plain, HTTP/1.1 and HTTP/2 on each (chosen by ALPN under TLS,
 //! by prior knowledge in the clear), and a graceful drain on shutdown.
 
@@ -24,17 +24,19 @@ use tracing::Instrument;
 
 /// Serves `listener` until `stop` turns true, then drains open connections for at most
 /// `drain` before returning. With `tls`, every connection starts with a TLS handshake,
-/// run on the connection's own task (a slow client never holds up the accept loop).
+/// run on the connection's own task (a slow client never holds up the accept loop). At most
+/// `max_connections` are open at once (a worker's share of `[proxy] max_connections`).
 pub async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     drain: Duration,
     tls: Option<Arc<ServerTls>>,
+    max_connections: usize,
 ) {
     let graceful = GracefulShutdown::new();
     let limits = shared.snapshot.load().policy.proxy.clone();
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let slots = Arc::new(Semaphore::new(max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -1,5 +1,7 @@
 //! The immutable snapshot every request reads once: policy, locator, upstreams, pseudonym
-//! key. Reloads build a new snapshot off the request path and swap it in whole.
+//! key. Each worker has its own (sharing the policy and what was read from disk, with
+//! upstream runtimes, so connection pools, of its own). Reloads build new snapshots off the
+//! request path and swap each in whole.
 
 use super::ServeError;
 use super::upstream::UpstreamRuntime;
@@ -29,6 +31,8 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub log: Option<LogTarget>,
+    /// Workers (`serve --workers`), overriding `[proxy] workers`.
+    pub workers: Option<usize>,
 }
 
 impl Overrides {
@@ -41,6 +45,9 @@ impl Overrides {
         }
         if let Some(t) = &self.log {
             policy.log.target = t.clone();
+        }
+        if let Some(w) = self.workers {
+            policy.proxy.workers = Some(w);
         }
     }
 }
@@ -84,6 +91,24 @@ impl Snapshot {
         consents: Arc<ConsentIndex>,
         metrics: &Metrics,
     ) -> Result<Snapshot, ServeError> {
+        let previous: Vec<&Snapshot> = previous.into_iter().collect();
+        let mut built = Snapshot::build_workers(policy, &previous, 1, consents, metrics).await?;
+        Ok(built.pop().expect("one snapshot per worker"))
+    }
+
+    /// Builds one snapshot per worker, worker 0 first: what is read from disk (the
+    /// geolocation database, the signing key, TLS settings) is read once and shared, and each
+    /// worker gets upstream runtimes of its own, so that its connection pools are its own.
+    /// `previous` holds the running snapshots, one per worker (empty at start-up): a worker
+    /// keeps the pools of its own identical upstreams. A host is resolved once, for worker 0;
+    /// the others start from its addresses.
+    pub async fn build_workers(
+        policy: Policy,
+        previous: &[&Snapshot],
+        workers: usize,
+        consents: Arc<ConsentIndex>,
+        metrics: &Metrics,
+    ) -> Result<Vec<Snapshot>, ServeError> {
         let geo = match &policy.geo_database {
             Some(p) => {
                 let path = p.clone();
@@ -96,7 +121,7 @@ impl Snapshot {
         };
         // The key the log writer signs with is read once: a reload keeps it, so that pseudonyms
         // and signatures never change in the middle of a log.
-        let signing_key = match (&policy.log.signing_key, previous) {
+        let signing_key = match (&policy.log.signing_key, previous.first()) {
             (Some(p), Some(prev)) if prev.policy.log.signing_key.as_ref() == Some(p) => {
                 prev.signing_key.clone()
             }
@@ -108,13 +133,9 @@ impl Snapshot {
             _ => Pseudonymizer::Off,
         };
         let geo_label = geo.as_ref().map(|g| g.label().clone());
-        let locator = Locator::new(&policy, geo);
-        let idle = policy.proxy.idle_timeout;
-        let cap = policy.proxy.upstream_idle_per_address;
-        let mut upstreams = Vec::with_capacity(policy.upstreams.len());
-        let mut pending_tls = Vec::new();
+        let mut tls = Vec::with_capacity(policy.upstreams.len());
         for up in &policy.upstreams {
-            let tls = match up.scheme {
+            tls.push(match up.scheme {
                 Scheme::Http => None,
                 Scheme::Https => {
                     let owned = up.clone();
@@ -127,45 +148,65 @@ impl Snapshot {
                         source: Box::new(source),
                     })?)
                 }
-            };
-            // Kept only for the same upstream (name and target): two upstreams on one address
-            // may present different client certificates.
-            let reuse = previous.and_then(|s| {
-                s.upstreams
-                    .iter()
-                    .find(|r| r.name == up.name && r.same_target(up))
-                    .cloned()
             });
-            let rt = match reuse {
-                Some(r) => {
-                    pending_tls.push((r.clone(), tls));
-                    r
-                }
-                None => {
-                    let r = UpstreamRuntime::new(up, cap, idle, tls);
-                    if tokio::time::timeout(Duration::from_secs(5), r.refresh())
-                        .await
-                        .is_err()
-                    {
-                        tracing::warn!(upstream = %up.name, host = %up.host, "resolving the upstream took over 5 s; requests get 502 until it resolves");
-                    }
-                    r
-                }
-            };
-            upstreams.push(rt);
         }
-        Ok(Snapshot {
-            metrics: metrics.for_policy(&policy),
-            policy: Arc::new(policy),
-            locator,
-            upstreams,
-            pseudo,
-            geo_label,
-            consents,
-            signing_key,
-            loaded_at: jiff::Timestamp::now(),
-            pending_tls: std::sync::Mutex::new(pending_tls),
-        })
+        let idle = policy.proxy.idle_timeout;
+        let cap = policy.proxy.upstream_idle_per_address;
+        let loaded_at = jiff::Timestamp::now();
+        let mut first: Vec<Arc<UpstreamRuntime>> = Vec::with_capacity(policy.upstreams.len());
+        let mut per_worker = Vec::with_capacity(workers);
+        for worker in 0..workers.max(1) {
+            let mut upstreams = Vec::with_capacity(policy.upstreams.len());
+            let mut pending_tls = Vec::new();
+            for (i, up) in policy.upstreams.iter().enumerate() {
+                // Kept only for the same upstream (name and target): two upstreams on one
+                // address may present different client certificates.
+                let reuse = previous.get(worker).and_then(|s| {
+                    s.upstreams
+                        .iter()
+                        .find(|r| r.name == up.name && r.same_target(up))
+                        .cloned()
+                });
+                let rt = match (reuse, first.get(i)) {
+                    (Some(r), _) => {
+                        pending_tls.push((r.clone(), tls[i].clone()));
+                        r
+                    }
+                    (None, Some(r0)) => r0.sibling(tls[i].clone()),
+                    (None, None) => {
+                        let r = UpstreamRuntime::new(up, cap, idle, tls[i].clone());
+                        if tokio::time::timeout(Duration::from_secs(5), r.refresh())
+                            .await
+                            .is_err()
+                        {
+                            tracing::warn!(upstream = %up.name, host = %up.host, "resolving the upstream took over 5 s; requests get 502 until it resolves");
+                        }
+                        r
+                    }
+                };
+                upstreams.push(rt);
+            }
+            if worker == 0 {
+                first.clone_from(&upstreams);
+            }
+            per_worker.push((upstreams, pending_tls));
+        }
+        let policy = Arc::new(policy);
+        Ok(per_worker
+            .into_iter()
+            .map(|(upstreams, pending_tls)| Snapshot {
+                metrics: metrics.for_policy(&policy),
+                locator: Locator::new(&policy, geo.clone()),
+                policy: policy.clone(),
+                upstreams,
+                pseudo: pseudo.clone(),
+                geo_label: geo_label.clone(),
+                consents: consents.clone(),
+                signing_key: signing_key.clone(),
+                loaded_at,
+                pending_tls: std::sync::Mutex::new(pending_tls),
+            })
+            .collect())
     }
 
     /// Applies what must wait until this snapshot serves: the new TLS settings of the

@@ -4,6 +4,10 @@
 //! handshake). `https` upstreams speak HTTP/2 when ALPN agrees: one connection per address,
 //! shared by every request, instead of a pool of HTTP/1.1 connections.
 //!
+//! Every worker has a runtime of its own for each upstream, so that its pools hold only
+//! connections driven by its own runtime; a host is looked up once for all of them
+//! ([`UpstreamRuntime::lookup`], then [`UpstreamRuntime::apply`] to each).
+//!
 //! Its connections carry the request body (`request_body`, below it); the response body
 //! (`body`, above it) holds a connection until it is read whole and then gives it back here
 //! (`PoolReturn`).
@@ -327,18 +331,64 @@ impl UpstreamRuntime {
         self.resolved.load_full()
     }
 
+    /// A runtime for another worker: the same upstream, the addresses this one resolved,
+    /// pools of its own (empty), and `tls` for its new connections.
+    pub fn sibling(&self, tls: Option<UpstreamTls>) -> Arc<UpstreamRuntime> {
+        let current = self.resolved.load();
+        let resolved = Resolved {
+            addrs: current.addrs.clone(),
+            pools: current
+                .addrs
+                .iter()
+                .map(|a| AddrPool::new(*a, self.pool_capacity, self.max_idle_time))
+                .collect(),
+            error: current.error.clone(),
+            at: current.at,
+        };
+        Arc::new(UpstreamRuntime {
+            name: self.name.clone(),
+            scheme: self.scheme,
+            host: self.host.clone(),
+            port: self.port,
+            literal: self.literal,
+            pool_capacity: self.pool_capacity,
+            max_idle_time: self.max_idle_time,
+            resolved: ArcSwap::from_pointee(resolved),
+            tls: ArcSwapOption::from_pointee(tls),
+        })
+    }
+
     /// Resolves the host again; pools of addresses that remain are kept. A failed lookup
     /// keeps the previous addresses only if there were some (a transient DNS error should
     /// not cut a working upstream off).
     pub async fn refresh(&self) {
+        if let Some(found) = self.lookup().await {
+            self.apply(&found);
+        }
+    }
+
+    /// Looks the host up (`None` for an address literal, which never changes): what
+    /// [`UpstreamRuntime::apply`] takes, so that one lookup serves every worker's runtime of
+    /// the same upstream.
+    pub async fn lookup(&self) -> Option<Lookup> {
         if self.literal {
-            return;
+            return None;
         }
         let found = tokio::net::lookup_host((self.host.as_str(), self.port)).await;
+        Some(
+            found
+                .map(|addrs| addrs.collect())
+                .map_err(|e| e.to_string()),
+        )
+    }
+
+    /// Takes the addresses a lookup of this upstream's host found.
+    pub fn apply(&self, found: &Lookup) {
         let old = self.resolved.load_full();
         let next = match found {
             Ok(addrs) => {
                 let mut list: Vec<SocketAddr> = addrs
+                    .iter()
                     .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
                     .collect();
                 list.sort();
@@ -380,7 +430,15 @@ impl UpstreamRuntime {
         };
         self.resolved.store(Arc::new(next));
     }
+
+    /// The host and port a lookup asks for.
+    pub fn target(&self) -> (&str, u16) {
+        (&self.host, self.port)
+    }
 }
+
+/// What a lookup of an upstream's host found: its addresses, or why there are none.
+pub type Lookup = Result<Vec<SocketAddr>, String>;
 
 /// Opens a connection to exactly `addr` and checks, on the socket itself, that its peer is
 /// that address and that `allowed` accepts it, before the TLS (if `tls`) and HTTP

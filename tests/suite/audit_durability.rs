@@ -158,7 +158,11 @@ async fn kill_under_load_and_restart(durability: &str) {
         &dir.path().join("consents.jsonl"),
         &[consent("c-1", "u1", "credit-bureau-us")],
     );
-    let log = dir.path().join("decisions.jsonl");
+    // Two workers: a chain each, both written when the process is killed.
+    let chains = [
+        dir.path().join("decisions.jsonl"),
+        dir.path().join("decisions.w1.jsonl"),
+    ];
 
     let served = Served::start(&policy);
     let answered: Arc<Mutex<Vec<(u16, String)>>> = Arc::default();
@@ -190,9 +194,9 @@ async fn kill_under_load_and_restart(durability: &str) {
         t.await.unwrap();
     }
     let answered = answered.lock().unwrap().clone();
-    let before = records(&log);
+    let before: Vec<Vec<Value>> = chains.iter().map(|c| records(c)).collect();
 
-    // The restart finds the log unclosed, says so in a recovery record, and serves.
+    // The restart finds each chain unclosed, says so in a recovery record, and serves.
     let served = Served::start(&policy);
     let mut c = Client::open(APP, served.addr).await.unwrap();
     let (status, after_id) = c.get("/payments/u1/after.json", None).await.unwrap();
@@ -202,9 +206,10 @@ async fn kill_under_load_and_restart(durability: &str) {
     assert!(status.success(), "exit {status}; logs:\n{logs}");
     assert!(logs.contains("not closed cleanly"), "{logs}");
 
-    let all = records(&log);
+    let all: Vec<Vec<Value>> = chains.iter().map(|c| records(c)).collect();
     let decisions: std::collections::HashMap<&str, usize> = all
         .iter()
+        .flatten()
         .filter(|r| r["kind"] == "decision")
         .fold(Default::default(), |mut m, r| {
             *m.entry(r["id"].as_str().unwrap()).or_default() += 1;
@@ -218,42 +223,47 @@ async fn kill_under_load_and_restart(durability: &str) {
         );
     }
     assert_eq!(decisions.get(after_id.as_str()), Some(&1));
-    // The recovery record comes right after what the killed run left, and names it.
-    let recovery = &all[before.len()];
-    assert_eq!(recovery["kind"], "recovery", "{recovery}");
-    let last = before.last().unwrap();
-    assert_eq!(recovery["last_seq"], last["seq"]);
-    assert_eq!(recovery["file"], "decisions.jsonl");
-    assert_eq!(all[before.len() + 1]["kind"], "checkpoint");
-
     let pubkey = write_public_key(dir.path());
-    let out = Command::new(BIN)
-        .args(["audit", "verify", "--key"])
-        .arg(&pubkey)
-        .arg(&log)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains(&format!(
-            "recovered: {}:{} after a crash: the log ended at seq {}",
-            log.display(),
-            before.len() + 1,
-            last["seq"]
-        )),
-        "{stdout}"
-    );
-    println!(
-        "{durability}: {} answers before SIGKILL, {} lines left, recovery {recovery}",
-        answered.len(),
-        before.len()
-    );
+    for ((log, before), all) in chains.iter().zip(&before).zip(&all) {
+        let name = log.file_name().unwrap().to_str().unwrap();
+        // The recovery record comes right after what the killed run left, and names it.
+        let last = before
+            .last()
+            .unwrap_or_else(|| panic!("{name}: no record before the kill"));
+        let recovery = &all[before.len()];
+        assert_eq!(recovery["kind"], "recovery", "{name}: {recovery}");
+        assert_eq!(recovery["last_seq"], last["seq"]);
+        assert_eq!(recovery["file"], name);
+        assert_eq!(all[before.len() + 1]["kind"], "checkpoint");
+
+        let out = Command::new(BIN)
+            .args(["audit", "verify", "--key"])
+            .arg(&pubkey)
+            .arg(log)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains(&format!(
+                "recovered: {}:{} after a crash: the log ended at seq {}",
+                log.display(),
+                before.len() + 1,
+                last["seq"]
+            )),
+            "{stdout}"
+        );
+        println!(
+            "{durability}, {name}: {} lines left after SIGKILL, recovery {recovery}",
+            before.len()
+        );
+    }
+    println!("{durability}: {} answers before SIGKILL", answered.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,29 +21,29 @@ pub struct Served {
 impl Served {
     /// Starts `residency-proxy --log-format json serve --policy POLICY` in `cwd`.
     pub fn start(policy: &Path, cwd: &Path) -> Served {
-        Served::spawn(policy, cwd, Stdio::null())
+        Served::spawn(policy, cwd, Stdio::null(), 1)
+    }
+
+    /// As [`Served::start`], with `workers` workers (a decision-log chain each).
+    pub fn start_workers(policy: &Path, cwd: &Path, workers: usize) -> Served {
+        Served::spawn(policy, cwd, Stdio::null(), workers)
     }
 
     /// As [`Served::start`], with standard output (where `log.path = "-"` writes) a pipe the
     /// caller reads, or does not.
     pub fn start_with_stdout(policy: &Path, cwd: &Path) -> (Served, ChildStdout) {
-        let mut served = Served::spawn(policy, cwd, Stdio::piped());
+        let mut served = Served::spawn(policy, cwd, Stdio::piped(), 1);
         let out = served.child.stdout.take().unwrap();
         (served, out)
     }
 
-    fn spawn(policy: &Path, cwd: &Path, stdout: Stdio) -> Served {
+    fn spawn(policy: &Path, cwd: &Path, stdout: Stdio, workers: usize) -> Served {
         let mut child = Command::new(env!("CARGO_BIN_EXE_residency-proxy"))
-            // One worker: the single-threaded runtime the benchmarks measure (the durability
-            // tests run two).
-            .args([
-                "--log-format",
-                "json",
-                "serve",
-                "--workers",
-                "1",
-                "--policy",
-            ])
+            // One worker unless asked (one chain: `decisions.jsonl`), as the benchmarks
+            // measure; the default, one per core, would depend on the machine.
+            .args(["--log-format", "json", "serve", "--workers"])
+            .arg(workers.to_string())
+            .arg("--policy")
             .arg(policy)
             .current_dir(cwd)
             .env("RUST_LOG", "info")

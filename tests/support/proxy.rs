@@ -159,6 +159,11 @@ impl PolicySpec {
         );
         let mut proxy = self.proxy.clone();
         set(&mut proxy, "listen = '127.0.0.1:0'");
+        // One worker (one chain, `decisions.jsonl`) unless the test asks for more: the
+        // default, one per core, would depend on the machine.
+        if !proxy.contains_key("workers") {
+            set(&mut proxy, "workers = 1");
+        }
         let table = |name: &str, t: &BTreeMap<String, String>| {
             let mut s = format!("[{name}]\n");
             for line in t.values() {

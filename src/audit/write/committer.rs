@@ -1,9 +1,10 @@
 //! The committer: the one owner of the log file. It takes records off the queue, numbers
 //! and links them (`seq`, `prev`, `hash`), writes each batch with one system call (group
 //! commit), syncs it when `fsync` durability asks, and only then releases the requests
-//! waiting on their records. In `write` durability to a file it is a task of the proxy's
-//! runtime; otherwise (`fsync`, standard output) it has its own thread, so that a slow device
-//! never blocks the runtime.
+//! waiting on their records. Each worker's chain has a committer of its own. In `write`
+//! durability to a file it is a task of that worker's runtime, so a chain is written by the
+//! thread whose requests it records; otherwise (`fsync`, standard output) it has its own
+//! thread, so that a slow device never blocks the worker.
 //!
 //! Signed checkpoints are lines the committer adds to a batch: after every `checkpoint_every`
 //! records, on a timer tick (every `checkpoint_interval`) while records are unsigned, at the
@@ -211,7 +212,8 @@ impl Committer {
         }
     }
 
-    /// The committer as a task of the proxy's runtime (`write` durability to a file).
+    /// The committer as a task of the runtime of the worker whose chain it writes (`write`
+    /// durability to a file).
     pub(super) async fn run_task(mut self, mut rx: mpsc::Receiver<Request>) {
         self.announce();
         let mut batch: Vec<(Record, Option<Ack>)> = Vec::with_capacity(BATCH_MAX);

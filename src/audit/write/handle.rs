@@ -1,5 +1,6 @@
 //! The writer's handle: what the proxy holds and clones into every request. It opens the
-//! log and starts the committer (a task of the runtime, or its own thread), queues records
+//! log and starts the committer (a task of the runtime of the worker whose chain it is, or
+//! its own thread), queues records
 //! (waiting for their commit, or not), asks for rotation and close, reads the writer's
 //! counters, and drives the checkpoint timer.
 //!
@@ -12,7 +13,7 @@ use super::logfile::{AuditError, EVENTS};
 use super::ship::Spool;
 use crate::audit::keys::SigningKey;
 use crate::audit::record::Record;
-use crate::policy::model::{Durability, LogSettings};
+use crate::policy::model::{Durability, LogSettings, LogTarget};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +56,45 @@ pub struct LogWriter {
     counters: Arc<Counters>,
 }
 
+/// The committer of a log opened by [`LogWriter::prepare`], not yet running.
+pub struct WriterStart {
+    committer: Committer,
+    rx: mpsc::Receiver<Request>,
+    /// For the checkpoint timer, which must not keep the writer alive.
+    timer: mpsc::WeakSender<Request>,
+    tick: Duration,
+    /// Whether the committer runs as a task of the runtime that starts it.
+    inline: bool,
+}
+
+impl WriterStart {
+    /// Starts the committer and its checkpoint timer: in `write` durability to a file, as
+    /// tasks of the calling thread's runtime (outside a runtime, on threads of their own);
+    /// otherwise on a thread of its own.
+    pub fn start(self) -> Result<(), AuditError> {
+        let WriterStart {
+            committer,
+            rx,
+            timer,
+            tick,
+            inline,
+        } = self;
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if inline => {
+                runtime.spawn(committer.run_task(rx));
+            }
+            _ => {
+                std::thread::Builder::new()
+                    .name("decision-log".into())
+                    .spawn(move || committer.run(rx))
+                    .map_err(AuditError::Spawn)?;
+            }
+        }
+        start_timer(timer, tick);
+        Ok(())
+    }
+}
+
 impl LogWriter {
     /// Opens the log (creating parent directories), continues the chain of an existing log
     /// (after a `recovery` record if it was not closed cleanly), and starts the writer.
@@ -74,29 +114,38 @@ impl LogWriter {
         key: Option<Arc<SigningKey>>,
         spool: Option<Arc<Spool>>,
     ) -> Result<LogWriter, AuditError> {
+        let (writer, start) = LogWriter::prepare(settings, key, spool)?;
+        start.start()?;
+        Ok(writer)
+    }
+
+    /// Opens the log as [`LogWriter::open_spooled`] does (every error of the file is found
+    /// here), without starting its committer: [`WriterStart::start`] starts it on the thread
+    /// that will own the chain (a worker starts its own, on its own runtime). Records
+    /// appended meanwhile wait in the queue.
+    pub fn prepare(
+        settings: &LogSettings,
+        key: Option<Arc<SigningKey>>,
+        spool: Option<Arc<Spool>>,
+    ) -> Result<(LogWriter, WriterStart), AuditError> {
         let mut committer = Committer::open(settings, key)?;
         committer.spool = spool;
         let counters = committer.counters.clone();
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         // In `write` mode a batch costs one write() into the page cache, cheaper than waking
-        // a thread and being woken back: the committer then runs as a task of the proxy's
-        // runtime, and batches form from whatever requests are ready when it is polled.
-        // `fsync` mode, and standard output (a pipe that may stall), get their own thread so
-        // that a slow device never blocks the runtime.
+        // a thread and being woken back: the committer then runs as a task of the runtime
+        // that starts it (a worker's own), and batches form from whatever requests are ready
+        // when it is polled. `fsync` mode, and standard output (a pipe that may stall), get
+        // their own thread so that a slow device never blocks the runtime.
         let inline = settings.durability == Durability::Write && committer.on_file();
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) if inline => {
-                runtime.spawn(committer.run_task(rx));
-            }
-            _ => {
-                std::thread::Builder::new()
-                    .name("decision-log".into())
-                    .spawn(move || committer.run(rx))
-                    .map_err(AuditError::Spawn)?;
-            }
-        }
-        start_timer(&tx, tick_period(settings));
-        Ok(LogWriter { tx, counters })
+        let start = WriterStart {
+            committer,
+            rx,
+            timer: tx.downgrade(),
+            tick: tick_period(settings),
+            inline,
+        };
+        Ok((LogWriter { tx, counters }, start))
     }
 
     /// Appends a record and resolves once it is durable as `durability` says: written to
@@ -233,14 +282,30 @@ impl LogWriter {
     }
 }
 
+/// The settings of worker `worker`'s chain of the log `settings` describe: worker 0's are
+/// `settings` themselves (so one worker writes exactly the log it always did); worker K
+/// writes `decisions.wK.jsonl` beside the configured file under the instance name
+/// `INSTANCE-wK`, and is rotated, checkpointed and signed as any chain. Standard output
+/// stays standard output: each line names its chain.
+pub fn worker_settings(settings: &LogSettings, worker: usize) -> LogSettings {
+    let mut chain = settings.clone();
+    if worker == 0 {
+        return chain;
+    }
+    if let LogTarget::File(path) = &settings.target {
+        chain.target = LogTarget::File(crate::audit::files::worker_path(path, worker));
+    }
+    chain.instance = format!("{}-w{worker}", settings.instance).into();
+    chain
+}
+
 fn stopped() -> LogFailed {
     LogFailed("the decision log writer has stopped".into())
 }
 
 /// Sends the writer a `Tick` every `every`, for as long as a handle to it exists. It holds
 /// only a weak sender, so it never keeps the writer alive.
-fn start_timer(tx: &mpsc::Sender<Request>, every: Duration) {
-    let weak = tx.downgrade();
+fn start_timer(weak: mpsc::WeakSender<Request>, every: Duration) {
     // False once the writer is gone.
     let tick = move || match weak.upgrade() {
         None => false,

@@ -1,7 +1,8 @@
 //! The write side of the decision log: what the proxy runs to commit every decision before
 //! anything is forwarded, and to ship the sealed files.
 //!
-//! - `handle`: the [`LogWriter`] requests hold: append, rotate, close, counters;
+//! - `handle`: the [`LogWriter`] requests hold: append, rotate, close, counters; and the
+//!   name of each worker's chain ([`worker_settings`]);
 //! - `committer`: the one owner of the chain head: batches (group commit), checkpoints,
 //!   rotation;
 //! - `logfile`: the file itself: opening, finding the tail, cutting a torn record, recovery
@@ -16,5 +17,5 @@ mod logfile;
 pub mod ship;
 
 pub use committer::LogFailed;
-pub use handle::{LogStats, LogWriter};
+pub use handle::{LogStats, LogWriter, WriterStart, worker_settings};
 pub use logfile::AuditError;
