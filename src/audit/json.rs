@@ -234,6 +234,13 @@ impl DecisionRecord {
         }
         o.raw(",\"subject\":");
         o.opt_str(self.subject.as_deref());
+        if let Some(t) = &self.trace {
+            o.raw(",\"trace\":{\"span_id\":");
+            o.plain(t.span_id());
+            o.raw(",\"trace_id\":");
+            o.plain(t.trace_id());
+            o.raw("}");
+        }
         o.raw(",\"ts\":");
         o.stamp(self.ts);
         o.raw(",\"upstream\":");
@@ -400,6 +407,10 @@ mod tests {
             seq: [0, 1, 9, 10, 99_999, u64::MAX][i % 6],
             status: (i % 2 == 0).then_some([200, 451, 503][i % 3]),
             subject: opt(14),
+            trace: (i % 3 != 0).then(|| {
+                let header = format!("00-{:032x}-{:016x}-{:02x}", i + 1, i * 7919 + 1, i % 256);
+                crate::audit::trace::TraceParent::parse(header.as_bytes()).unwrap()
+            }),
             ts: Stamp(jiff::Timestamp::from_microsecond(i as i64 * 1_234_567_891).unwrap()),
             upstream: (i % 3 != 1).then(|| UpstreamRec {
                 addr: SocketAddr::new(ip(15), (i * 131 % 65_536) as u16),

@@ -5,6 +5,7 @@
 
 use super::id::DecisionId;
 use super::pseudonym::Pseudonymizer;
+use super::trace::TraceParent;
 use crate::policy::country::Country;
 use crate::policy::decision::{Decision, Reason, Verdict, status_of};
 use crate::policy::model::{Policy, Relation, SubjectSource};
@@ -94,6 +95,10 @@ pub struct DecisionRecord {
     pub seq: u64,
     pub status: Option<u16>,
     pub subject: Option<String>,
+    /// The application's trace the request belongs to: its W3C `traceparent`, when it
+    /// carried one well-formed header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceParent>,
     pub ts: Stamp,
     pub upstream: Option<UpstreamRec>,
     pub v: u8,
@@ -580,6 +585,7 @@ pub fn decision_record(
         seq: 0,
         status: decision.status(),
         subject: pseudonym,
+        trace: TraceParent::from_headers(cx.headers),
         ts: Stamp(cx.ts),
         upstream,
         v: VERSION,
@@ -640,6 +646,7 @@ pub fn failure_record(
         seq: 0,
         status: Some(status_of(reason)),
         subject: None,
+        trace: TraceParent::from_headers(cx.headers),
         ts: Stamp(cx.ts),
         upstream: None,
         v: VERSION,
@@ -701,6 +708,7 @@ mod tests {
         r.request
             .headers
             .insert(&http::HeaderName::from_static("x-purpose"), "p".into());
+        r.trace = TraceParent::parse(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
         r
     }
 

@@ -13,6 +13,7 @@ use super::snapshot::Snapshot;
 use super::upstream::{self, AddrPool, PoolReturn, Sender, UpstreamError};
 use crate::audit::id::DecisionId;
 use crate::audit::record::{self, DecisionRecord, Record, RequestContext, X_FORWARDED_FOR};
+use crate::audit::trace::TraceParent;
 use crate::audit::write::LogFailed;
 use crate::bulk::Compression;
 use crate::consent::cache::Loader;
@@ -80,7 +81,15 @@ pub async fn handle(
         dataset = tracing::field::Empty,
         decision = tracing::field::Empty,
         reason = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
     );
+    // The application's trace (W3C `traceparent`), which the decision record keeps too: from
+    // either, the other is found.
+    if !span.is_disabled()
+        && let Some(trace) = TraceParent::from_headers(req.headers())
+    {
+        span.record("trace_id", trace.trace_id());
+    }
     Ok(handle_inner(shared, conn, req, started, ts, id, &span)
         .instrument(span.clone())
         .await)
