@@ -1,6 +1,9 @@
-//! `geo lookup`: where the proxy locates addresses, and by what.
+//! `geo lookup`: where the proxy locates addresses, and by what. `geo update`: keep the
+//! database current.
 
-use super::{CliResult, Exit};
+use super::{CliResult, Exit, fail};
+use crate::geo::download::Credentials;
+use crate::geo::update::{self, Previous, Source, Update, Updated};
 use crate::geo::{GeoDb, Locator};
 use crate::policy::Policy;
 use crate::policy::decision::Location;
@@ -21,11 +24,107 @@ pub enum GeoCommand {
         #[arg(long)]
         policy: PathBuf,
     },
+    /// Fetch a new MaxMind-format database and replace the file at --out with it, as
+    /// geoipupdate does: only once it opens as a Country or City database, reads whole, and is
+    /// built no earlier than the file it replaces. It is written beside the file, synced and
+    /// renamed over it, so that a running proxy (which reloads a replaced database by itself)
+    /// never reads a part. Exit 1, with the file untouched, when the new database is refused.
+    #[command(after_help = UPDATE_EXAMPLES)]
+    Update(UpdateArgs),
+}
+
+const UPDATE_EXAMPLES: &str = "\
+Sources:
+  DB-IP Lite (free, CC BY 4.0), monthly:
+    --source https://download.db-ip.com/free/dbip-country-lite-2026-11.mmdb.gz
+  GeoLite2 (free account; the account id and licence key from MaxMind's site):
+    --source 'https://download.maxmind.com/geoip/databases/GeoLite2-Country/download?suffix=tar.gz'
+    with GEOIPUPDATE_ACCOUNT_ID and GEOIPUPDATE_LICENSE_KEY set (or the flags)
+  A file already downloaded: --source geo/new.mmdb (or .mmdb.gz, .tar.gz)";
+
+#[derive(clap::Args, Debug)]
+pub struct UpdateArgs {
+    /// An http(s) URL, or a file (`file:PATH` or a path): a .mmdb, gzipped (.mmdb.gz), or a
+    /// tar archive holding one .mmdb (.tar.gz), recognised by content.
+    #[arg(long, value_name = "URL|FILE")]
+    source: String,
+    /// The database file to replace: the policy's [geo] database. Created if absent.
+    #[arg(long, value_name = "PATH")]
+    out: PathBuf,
+    /// MaxMind account id, sent with the licence key as HTTP basic authentication to the
+    /// source's host (not to where it redirects).
+    #[arg(
+        long,
+        value_name = "ID",
+        env = "GEOIPUPDATE_ACCOUNT_ID",
+        requires = "license_key"
+    )]
+    account_id: Option<String>,
+    /// MaxMind licence key (better from the environment than on a command line that `ps`
+    /// shows).
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "GEOIPUPDATE_LICENSE_KEY",
+        hide_env_values = true,
+        requires = "account_id"
+    )]
+    license_key: Option<String>,
 }
 
 pub fn run(cmd: GeoCommand) -> CliResult {
     match cmd {
         GeoCommand::Lookup { ips, policy } => lookup(&ips, &policy),
+        GeoCommand::Update(args) => update(args),
+    }
+}
+
+/// Prints one line saying what is now at `--out`; a refusal is one sentence on standard error
+/// and exit 1.
+fn update(args: UpdateArgs) -> CliResult {
+    let source = Source::parse(&args.source).map_err(fail)?;
+    let credentials = match (args.account_id, args.license_key) {
+        (Some(user), Some(password)) => Some(Credentials { user, password }),
+        _ => None,
+    };
+    let u = Update {
+        source,
+        out: args.out,
+        credentials,
+    };
+    let out = u.out.display();
+    match update::run(&u) {
+        Ok(Updated::Replaced {
+            new,
+            coverage,
+            previous,
+            wrapping,
+        }) => {
+            let was = match previous {
+                Previous::Absent => "new file".to_string(),
+                Previous::Unusable(why) => format!("was a file that {why}"),
+                Previous::Database(old) => format!("was {}", old.label),
+            };
+            let from = if wrapping.is_empty() {
+                u.source.to_string()
+            } else {
+                format!("{} ({})", u.source, wrapping.join(", "))
+            };
+            println!(
+                "{out}: updated to {} ({was}); {} networks, {} located; from {from}",
+                new.label, coverage.networks, coverage.located
+            );
+            Ok(Exit::Ok)
+        }
+        Ok(Updated::Unchanged(current)) => {
+            println!("{out}: already {}, unchanged", current.label);
+            Ok(Exit::Ok)
+        }
+        Err(e) if e.is_refusal() => {
+            eprintln!("geo update: {e}");
+            Ok(Exit::Failed)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -1,6 +1,14 @@
 //! Geolocation of addresses: operator CIDR overrides first (longest prefix), then a MaxMind
 //! DB (MaxMind `country.iso_code` or DB-IP `country_code` layout). A `Locator` is immutable;
 //! reloads build a new one and swap it in whole.
+//!
+//! [`update`] keeps the database current (`geo update`): it fetches a new one ([`download`]),
+//! unwraps it ([`archive`]), checks it as `open` does and more, and replaces the file
+//! atomically, which the running proxy's reload then picks up.
+
+pub mod archive;
+pub mod download;
+pub mod update;
 
 use crate::policy::Policy;
 use crate::policy::country::Country;
@@ -198,7 +206,7 @@ fn label_of(meta: &maxminddb::Metadata) -> Result<String, String> {
 
 /// Refuses databases that cannot locate anything: an ASN or anonymous-IP database given by
 /// mistake would otherwise leave every address `unknown` without a word.
-fn check_carries_country(reader: &maxminddb::Reader<Vec<u8>>) -> Result<(), String> {
+fn check_carries_country<S: AsRef<[u8]>>(reader: &maxminddb::Reader<S>) -> Result<(), String> {
     let networks = reader
         .networks(maxminddb::WithinOptions::default())
         .map_err(|e| e.to_string())?;
