@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod audit;
 pub mod bulk;
+pub mod bundle;
 pub mod cli;
 pub mod consent;
 pub mod geo;

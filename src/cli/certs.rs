@@ -1,6 +1,6 @@
 //! `certs init DIR`: what a deployment needs, created once and kept: a development CA, the
 //! proxy's server certificate, a client certificate per recipient identity, the Ed25519
-//! log-signing key pair and the admin bearer token. Private keys are written mode 0600 and
+//! log-signing and policy-signing key pairs and the admin bearer token. Private keys are written mode 0600 and
 //! existing files are kept unless `--force`.
 
 use super::{CliError, CliResult, Exit, fail};
@@ -20,7 +20,8 @@ pub enum CertsCommand {
     /// Create in DIR: a development CA (ca.crt, ca.key), a server certificate (server.crt,
     /// server.key; SANs localhost, 127.0.0.1, ::1 and each --san), a client certificate per
     /// recipient identity, named after the identity (client-NAME.crt, client-NAME.key), the
-    /// log-signing key pair (log-signing.key, log-signing.pub) and an admin token
+    /// log-signing key pair (log-signing.key, log-signing.pub), the policy-signing key pair
+    /// that signs bundles (policy-signing.key, policy-signing.pub) and an admin token
     /// (admin.token).
     #[command(
         after_help = "Identities come from the [[recipients]] of --policy and from each --identity. \
@@ -85,6 +86,11 @@ fn init(dir: &Path, identities: &[String], sans: &[String], force: bool) -> CliR
     std::fs::create_dir_all(dir)
         .map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
     let key = signing_key(dir, force)?;
+    // Bundles get a key of their own: whoever may publish rules need not be able to sign
+    // the decision log, nor the other way round.
+    let policy_key = signing_key_pair(&dir.join("policy-signing.key"), force)?;
+    report(policy_key.key_created, &policy_key.key_path);
+    report(policy_key.public_written, &policy_key.public_path);
     admin_token(dir, force)?;
 
     let (ca, ca_is_new) = ca(dir, force)?;
@@ -126,6 +132,10 @@ fn init(dir: &Path, identities: &[String], sans: &[String], force: bool) -> CliR
         report(true, &path);
     }
     println!("log-signing key fingerprint: {}", key.fingerprint());
+    println!(
+        "policy-signing key fingerprint: {}",
+        policy_key.key.fingerprint()
+    );
     Ok(Exit::Ok)
 }
 

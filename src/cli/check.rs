@@ -2,11 +2,13 @@
 //! it names with the code `serve` opens it with, and locate where its decision log ships;
 //! `--offline` stops after compiling.
 
-use super::{CliResult, Exit, load_policy};
-use crate::audit::keys::SigningKey;
+use super::{CliError, CliResult, Exit, fail};
+use crate::audit::keys::{self, SigningKey};
+use crate::bundle::VerifiedBundle;
 use crate::consent::ConsentIndex;
 use crate::consent::registry::Registry;
 use crate::geo::{GeoDb, Locator};
+use crate::policy::compile::{PolicyFile, Sidecar, load_file, merge};
 use crate::policy::model::{ConsentStore, LogTarget, Scheme, UnknownLocation};
 use crate::policy::{Diagnostic, Policy, PolicyError};
 use crate::proxy::shipping::LocateError;
@@ -34,6 +36,12 @@ directory, as `serve` resolves them: run `check` where `serve` runs, as the user
 With --offline, none of those files is opened and the log's store is not located: for CI \
 pipelines and policy reviews where the deployment's keys, certificates and databases are not \
 present.\n\n\
+A sidecar's own file (one with [policy.source]) holds only what differs per sidecar; its rules \
+come from a signed bundle. On its own it is compiled alone (and its [policy.source] key read). \
+With --bundle BUNDLE it is compiled with that bundle's policy as the sidecar would serve them: \
+the bundle's signature is checked with the key [policy.source] names (with --offline, only its \
+files' hashes), its files are named BUNDLE/PATH in errors, its database is opened, and the \
+source is located like the log's store: a source outside the home jurisdiction is an error.\n\n\
 Each error goes to standard error as\n\
 \n    FILE:LINE: RULE: MESSAGE\n\n\
 where FILE is the file that holds the mistake (an included file is named itself; for a file \
@@ -56,6 +64,9 @@ pub struct CheckArgs {
     /// token, geolocation database, consent file, decision log) nor locate the log's store.
     #[arg(long)]
     pub offline: bool,
+    /// Compile each FILE (a sidecar's own file, with [policy.source]) with this signed bundle.
+    #[arg(long, value_name = "BUNDLE")]
+    pub bundle: Option<PathBuf>,
 }
 
 /// Where a setting is written, to find its line: `key` of `[table]`, or `key` of the
@@ -145,6 +156,7 @@ fn check_files(policy: &Policy, offline: bool) -> Findings<'_> {
         // reported already.
         if let Ok(db) = &db {
             ship_store(policy, db.clone(), &mut f);
+            policy_source(policy, db.clone(), &mut f);
         }
     }
     recipient_networks(policy, db.as_ref().ok().map(Option::as_deref), &mut f);
@@ -353,6 +365,32 @@ fn ship_store<'p>(policy: &'p Policy, db: Option<Arc<GeoDb>>, f: &mut Findings<'
     }
 }
 
+/// `[policy.source]`: its key is read, and the source located as a sidecar locates it before
+/// fetching, with the policy's overrides and database.
+fn policy_source<'p>(policy: &'p Policy, db: Option<Arc<GeoDb>>, f: &mut Findings<'p>) {
+    let Some(source) = &policy.source else {
+        return;
+    };
+    let at = At::Key("policy", "source");
+    if let Err(e) = keys::load_public_key(&source.key) {
+        f.error(at, "policy.source.key", e);
+    }
+    let located = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| LocateError::Refused(e.to_string()))
+        .and_then(|rt| rt.block_on(crate::bundle::source::locate_source(policy, db)));
+    match located {
+        Ok(_) => {}
+        Err(LocateError::Refused(why)) => f.error(at, "policy.source", why),
+        Err(LocateError::Resolve(why)) => f.warn(
+            at,
+            "policy.source",
+            format!("{why}; the sidecar locates it before it fetches a bundle"),
+        ),
+    }
+}
+
 /// Warns about each recipient network that the overrides and the database leave partly or
 /// wholly unlocated: every request from there meets `unknown_location`. `db` is `None` when
 /// the policy's database was not read (offline, or unusable): only a policy without one can
@@ -461,6 +499,114 @@ fn outside_overrides(net: IpNet, overrides: &[IpNet], out: &mut Vec<IpNet>) {
 /// The policy's source files, to find the line a setting is written on.
 struct Sources(Vec<(PathBuf, String)>);
 
+/// `--bundle`: the bundle file, read once, and where its database is unpacked while checking.
+struct BundleArg {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    geo_dir: tempfile::TempDir,
+}
+
+impl BundleArg {
+    fn read(path: &Path) -> Result<BundleArg, CliError> {
+        Ok(BundleArg {
+            path: path.to_path_buf(),
+            bytes: std::fs::read(path)
+                .map_err(|e| fail(format!("cannot read bundle {}: {e}", path.display())))?,
+            geo_dir: tempfile::tempdir()?,
+        })
+    }
+}
+
+/// What `check` found in one FILE.
+enum Loaded {
+    /// A policy to open the files of, and its sources for the lines of findings.
+    Policy(Box<Policy>, Sources),
+    /// Nothing more to examine: the outcome is printed already (`true`: it failed).
+    Printed(bool),
+}
+
+/// Compiles `file`: a whole policy, a sidecar's own file alone, or a sidecar's own file with
+/// `--bundle` (verified with the sidecar's key first: a bundle it would refuse is an error).
+fn load(file: &Path, bundle: Option<&BundleArg>, offline: bool) -> Result<Loaded, PolicyError> {
+    let sidecar = match (load_file(file, |p| std::fs::read_to_string(p))?, bundle) {
+        (PolicyFile::Whole(p), None) => {
+            let sources = Sources::read(&p);
+            return Ok(Loaded::Policy(p, sources));
+        }
+        (PolicyFile::Whole(_), Some(b)) => {
+            eprintln!(
+                "{}: --bundle {}: this is a whole policy, not a sidecar's own file (one with [policy.source]): check it alone",
+                file.display(),
+                b.path.display()
+            );
+            return Ok(Loaded::Printed(true));
+        }
+        (PolicyFile::Sidecar(s), None) => return Ok(Loaded::Printed(sidecar_alone(&s, offline))),
+        (PolicyFile::Sidecar(s), Some(_)) => s,
+    };
+    let bundle = bundle.expect("a sidecar with a bundle");
+    let refused = |why: &dyn std::fmt::Display| {
+        eprintln!("{}: {why}", bundle.path.display());
+        eprintln!("{}: 1 error(s)", file.display());
+        Ok(Loaded::Printed(true))
+    };
+    let parsed = match crate::bundle::parse(&bundle.bytes) {
+        Ok(b) => b,
+        Err(e) => return refused(&format_args!("{}: {e}", e.reason())),
+    };
+    // Without the key (offline, or unreadable: reported with the files) only the hashes.
+    let checked = match keys::load_public_key(&sidecar.source.key) {
+        Ok(key) if !offline => parsed.verify(&key),
+        _ => parsed.check_hashes(),
+    };
+    if let Err(e) = checked {
+        return refused(&format_args!("{}: {e}", e.reason()));
+    }
+    let verified = match VerifiedBundle::from_checked(
+        &parsed,
+        &bundle.bytes,
+        bundle.path.clone(),
+        bundle.geo_dir.path(),
+    ) {
+        Ok(v) => v,
+        Err(refusal) => return refused(&refusal),
+    };
+    let policy = merge(&sidecar, &verified.rules())?;
+    let mut files = sidecar.files().to_vec();
+    files.extend(
+        verified
+            .policy_files()
+            .iter()
+            .map(|(p, text)| (verified.label.join(p), text.clone())),
+    );
+    Ok(Loaded::Policy(Box::new(policy), Sources(files)))
+}
+
+/// A sidecar's own file without its bundle: compiled (it was), and its key read unless
+/// offline; `true` when that failed.
+fn sidecar_alone(sidecar: &Sidecar, offline: bool) -> bool {
+    let file = sidecar.path();
+    if !offline && let Err(e) = keys::load_public_key(&sidecar.source.key) {
+        let sources = Sources(sidecar.files().to_vec());
+        let (path, line) = sources.locate(file, At::Key("policy", "source"));
+        let d = Diagnostic {
+            file: path,
+            line,
+            rule: "policy.source.key".into(),
+            message: e.to_string(),
+        };
+        eprintln!("{d}");
+        eprintln!("{}: 1 error(s)", file.display());
+        return true;
+    }
+    println!(
+        "{}: ok: a sidecar's own file; its rules come from the bundle at {} (give --bundle BUNDLE to check them together)",
+        file.display(),
+        sidecar.source.url
+    );
+    false
+}
+
 impl Sources {
     fn read(policy: &Policy) -> Sources {
         Sources(
@@ -552,14 +698,15 @@ fn offset_of(text: &str, at: At<'_>) -> Option<usize> {
 }
 
 pub fn run(args: CheckArgs) -> CliResult {
+    let bundle = args.bundle.as_deref().map(BundleArg::read).transpose()?;
     let mut failed = false;
     // An unreadable file does not stop the others being checked; it makes the run exit 2.
     let mut unreadable: Option<PolicyError> = None;
     for f in &args.files {
-        match load_policy(f) {
-            Ok(p) => {
+        match load(f, bundle.as_ref(), args.offline) {
+            Ok(Loaded::Printed(failed_here)) => failed |= failed_here,
+            Ok(Loaded::Policy(p, sources)) => {
                 let found = check_files(&p, args.offline);
-                let sources = Sources::read(&p);
                 for s in &found.skipped {
                     eprintln!("warning: {s}");
                 }

@@ -2,6 +2,7 @@
 //! failed) or a `CliError` (exit 2: bad usage or unreadable input).
 
 pub mod audit;
+pub mod bundle;
 pub mod certs;
 pub mod check;
 pub mod consent;
@@ -92,6 +93,9 @@ pub enum Command {
     Certs(certs::CertsCommand),
     /// Start a self-contained demonstration on loopback and leave it running.
     Demo(demo::DemoArgs),
+    /// Signed policy bundles for a fleet: build, verify, inspect.
+    #[command(subcommand)]
+    Bundle(bundle::BundleCommand),
 }
 
 pub fn run(cli: Cli) -> CliResult {
@@ -105,6 +109,7 @@ pub fn run(cli: Cli) -> CliResult {
         Command::Consent(a) => consent::run(a),
         Command::Certs(a) => certs::run(a),
         Command::Demo(a) => demo::run(a, cli.log_format),
+        Command::Bundle(a) => bundle::run(a),
     }
 }
 

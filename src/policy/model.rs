@@ -307,6 +307,42 @@ pub struct ShipSettings {
     pub spool_max_bytes: u64,
 }
 
+/// `[policy.source]`: the signed bundle a sidecar's rules come from, and how it is fetched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicySource {
+    pub url: SourceUrl,
+    /// An S3-compatible store's own endpoint (`http://10.20.0.9:9000`).
+    pub endpoint: Option<url::Url>,
+    pub region: Option<String>,
+    pub credentials: ShipCredentials,
+    /// The public key (SPKI PEM) of the only signer whose bundles are accepted.
+    pub key: PathBuf,
+    pub poll_interval: Duration,
+    /// Where the last verified bundle is kept, so that a restart while the source is
+    /// unreachable comes up on it.
+    pub cache: PathBuf,
+}
+
+/// Where a bundle is fetched from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceUrl {
+    /// `s3://bucket/key`, through the object store client the log shipping uses.
+    S3(url::Url),
+    /// `https://…` (or `http://…`: the signature, not the transport, makes a bundle trusted).
+    Http(url::Url),
+    /// `file:PATH`: a file on the sidecar's volume (relative paths from the working folder).
+    File(PathBuf),
+}
+
+impl std::fmt::Display for SourceUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SourceUrl::S3(u) | SourceUrl::Http(u) => f.write_str(u.as_str()),
+            SourceUrl::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ShipCredentials {
     /// The store's standard environment variables (`AWS_ACCESS_KEY_ID`, …).
@@ -397,6 +433,10 @@ pub struct Policy {
     pub log: LogSettings,
     pub admin: AdminSettings,
     pub tls: Option<TlsSettings>,
+    /// `[policy.source]`: the rules come from a signed bundle fetched from there.
+    pub source: Option<PolicySource>,
+    /// The revision of the bundle the rules came from (`None`: a policy read whole from disk).
+    pub revision: Option<u64>,
     pub(crate) recipients_by_identity: FastMap<String, usize>,
     pub(crate) recipients_by_network: CidrTable<usize>,
     pub(crate) dataset_index: DatasetIndex,

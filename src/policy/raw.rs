@@ -37,6 +37,41 @@ pub struct RawPolicy {
     pub unmatched: Option<String>,
     pub unknown_location: Option<String>,
     pub unmatched_upstream: Option<String>,
+    /// `[policy.source]`: written only in a sidecar's own file, whose rules come from a bundle.
+    pub source: Option<RawPolicySource>,
+}
+
+impl RawPolicy {
+    /// Whether it holds any of the rules a bundle carries (everything but `source`).
+    pub fn has_rules(&self) -> bool {
+        let RawPolicy {
+            name,
+            home,
+            mode,
+            unmatched,
+            unknown_location,
+            unmatched_upstream,
+            source: _,
+        } = self;
+        name.is_some()
+            || home.is_some()
+            || mode.is_some()
+            || unmatched.is_some()
+            || unknown_location.is_some()
+            || unmatched_upstream.is_some()
+    }
+}
+
+/// `[policy.source]`: where a sidecar fetches the signed bundle of its rules.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawPolicySource {
+    pub url: Option<String>,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub credentials: Option<String>,
+    pub key: Option<String>,
+    pub poll_interval: Option<String>,
+    pub cache: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -786,6 +786,7 @@ fn fuzz_targets() -> Vec<Entry> {
         entry::<VerifyLog>(),
         entry::<VerifyMutation>(),
         entry::<BulkRecords>(),
+        entry::<PolicyBundle>(),
     ]
 }
 

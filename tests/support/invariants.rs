@@ -598,3 +598,143 @@ impl Target for VerifyMutation {
         ]
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Signed policy bundles
+
+/// The key the bundles of the fixture and of its seeds are signed with (one per process).
+fn bundle_key() -> &'static residency_proxy::audit::keys::SigningKey {
+    use residency_proxy::audit::keys::SigningKey;
+    static KEY: std::sync::OnceLock<SigningKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        SigningKey::from_pem(SigningKey::generate_pem().as_bytes(), Path::new("fuzz.key")).unwrap()
+    })
+}
+
+/// A bundle of `files` (the first is the policy; `geo` names the database among them),
+/// signed by the fixture's key or, with `signed` off, unsigned.
+pub fn make_bundle(signed: bool, files: &[(&str, &[u8])], geo: Option<&str>) -> Vec<u8> {
+    use residency_proxy::bundle::format::{FORMAT, FileEntry, Manifest, encode, sha256_hex};
+    let key = bundle_key();
+    let manifest = Manifest {
+        format: FORMAT,
+        revision: 1_765_000_000,
+        built_at: "2026-12-01T10:00:00Z".parse().unwrap(),
+        builder: "fuzz@localhost".into(),
+        allow_rollback: false,
+        signer: key.fingerprint(),
+        policy: files[0].0.into(),
+        geo: geo.map(Into::into),
+        files: files
+            .iter()
+            .map(|(path, bytes)| FileEntry {
+                path: (*path).into(),
+                size: bytes.len() as u64,
+                sha256: sha256_hex(bytes),
+            })
+            .collect(),
+    };
+    let bytes = manifest.to_bytes();
+    let signature = key.sign(&bytes);
+    let contents: Vec<&[u8]> = files.iter().map(|(_, b)| *b).collect();
+    encode(&bytes, signed.then_some(&signature[..]), &contents)
+}
+
+/// The signed bundles of the seeds: the only inputs that may verify.
+fn signed_bundles() -> Vec<Vec<u8>> {
+    vec![
+        make_bundle(
+            true,
+            &[
+                (
+                    "cn.toml",
+                    b"include = ['rules/up.toml']\n[policy]\nname = 'cn'\nhome = 'CN'\n",
+                ),
+                (
+                    "rules/up.toml",
+                    b"[[upstreams]]\nname = 's'\nurl = 'http://10.0.0.1:9000'\n",
+                ),
+            ],
+            None,
+        ),
+        make_bundle(
+            true,
+            &[
+                (
+                    "cn.toml",
+                    b"[policy]\nname = 'cn'\nhome = 'CN'\n[geo]\ndatabase = 'x.mmdb'\n",
+                ),
+                ("geo/x.mmdb", b"\xab\xcd\xefMaxMind.com"),
+            ],
+            Some("geo/x.mmdb"),
+        ),
+    ]
+}
+
+/// Parses `data` as a bundle and checks what must hold of it: no panic; what parses encodes
+/// back to exactly `data` (nothing is skipped or ignored); a truncated input says how long it
+/// is; and only one of `valid` verifies with `public_key`.
+pub fn check_bundle(data: &[u8], public_key: &[u8], valid: &[Vec<u8>]) -> bool {
+    use residency_proxy::bundle::format::{BundleError, encode, parse};
+    let bundle = match parse(data) {
+        Ok(b) => b,
+        Err(BundleError::Truncated { found, needed }) => {
+            assert_eq!(found, data.len() as u64, "{data:?}");
+            assert!(
+                needed > found,
+                "{data:?}: truncated, yet {needed} <= {found}"
+            );
+            return false;
+        }
+        Err(_) => return false,
+    };
+    let contents: Vec<&[u8]> = bundle.files().map(|(_, c)| c).collect();
+    assert_eq!(
+        encode(bundle.manifest_bytes(), bundle.signature(), &contents),
+        data,
+        "a parsed bundle does not encode back to its bytes"
+    );
+    if bundle.verify(public_key).is_ok() {
+        assert!(
+            valid.iter().any(|v| v == data),
+            "a bundle that was not signed verifies: {:?}",
+            String::from_utf8_lossy(data)
+        );
+    }
+    true
+}
+
+/// Signed policy bundles: any bytes, parsed and verified against the fixture's key.
+pub struct PolicyBundle {
+    public_key: Vec<u8>,
+    valid: Vec<Vec<u8>>,
+}
+
+impl Target for PolicyBundle {
+    const NAME: &'static str = "bundle";
+
+    fn new() -> Self {
+        let valid = signed_bundles();
+        let public_key = bundle_key().public_key().to_vec();
+        for v in &valid {
+            let b = residency_proxy::bundle::format::parse(v).unwrap();
+            b.verify(&public_key).expect("the fixture's bundles verify");
+        }
+        PolicyBundle { public_key, valid }
+    }
+
+    fn run(&self, data: &[u8]) {
+        check_bundle(data, &self.public_key, &self.valid);
+    }
+
+    fn seeds() -> Vec<Vec<u8>> {
+        let mut seeds = signed_bundles();
+        let good = seeds[0].clone();
+        seeds.push(make_bundle(false, &[("p.toml", b"[policy]\n")], None));
+        seeds.push(good[..good.len() - 3].to_vec());
+        seeds.push([&good[..], b"x"].concat());
+        seeds.push(b"RPBUNDLE".to_vec());
+        seeds.push(b"PK\x03\x04".to_vec());
+        seeds
+    }
+}

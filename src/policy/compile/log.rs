@@ -6,10 +6,11 @@
 //! log's own settings (a file target, the rotation size).
 
 use super::place::{Cx, Place};
-use super::values::{Bounds, POSITIVE, choice, duration, duration_or, parse_header, parse_size};
-use crate::policy::model::{
-    Durability, LogSettings, LogTarget, OnFailure, ShipCredentials, ShipSettings,
+use super::values::{
+    Bounds, POSITIVE, choice, duration, duration_or, parse_header, parse_size, store_credentials,
+    store_endpoint,
 };
+use crate::policy::model::{Durability, LogSettings, LogTarget, OnFailure, ShipSettings};
 use crate::policy::raw::{RawLog, RawShip, RawSize};
 use http::HeaderName;
 use std::path::PathBuf;
@@ -199,27 +200,9 @@ fn ship(cx: &mut Cx<'_>, place: &Place, raw: RawShip) -> Option<ShipSettings> {
     let endpoint = raw
         .endpoint
         .as_deref()
-        .and_then(|text| match url::Url::parse(text) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => Some(u),
-            _ => {
-                cx.err(
-                    &place.field("endpoint"),
-                    format!("\"{text}\" is not an http:// or https:// URL with a host"),
-                );
-                None
-            }
-        });
-    let credentials = match raw.credentials.as_deref() {
-        None | Some("env") => ShipCredentials::Env,
-        Some("") => {
-            cx.err(
-                &place.field("credentials"),
-                "must be \"env\" or the path of a credentials file",
-            );
-            ShipCredentials::Env
-        }
-        Some(path) => ShipCredentials::File(PathBuf::from(path)),
-    };
+        .and_then(|text| store_endpoint(cx, &place.field("endpoint"), text));
+    let credentials =
+        store_credentials(cx, &place.field("credentials"), raw.credentials.as_deref());
     let spool = place.field("spool_max_bytes");
     let spool_max_bytes = match raw.spool_max_bytes {
         None => 2 << 30,

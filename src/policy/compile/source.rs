@@ -7,6 +7,7 @@
 //! policy: a section never reads a file, and this never judges a setting.
 
 use super::diagnostic::{Diagnostic, PolicyError};
+use super::placement::{self, Side};
 use crate::policy::raw::*;
 use std::path::{Path, PathBuf};
 
@@ -38,6 +39,9 @@ pub(super) struct Loaded {
     pub file: MergedFile,
     /// A file could not be parsed, so the merged view is incomplete.
     pub unparsed: bool,
+    /// The part of a split policy the files being read are: `Whole` turns into `Sidecar`
+    /// when the entry file has `[policy.source]`.
+    pub side: Side,
 }
 
 /// The policy's sections, from whichever file defined them (a table by one file only, the
@@ -45,6 +49,7 @@ pub(super) struct Loaded {
 #[derive(Default)]
 pub(super) struct MergedFile {
     pub policy: Option<(usize, RawPolicy)>,
+    pub policy_source: Option<(usize, RawPolicySource)>,
     pub proxy: Option<(usize, RawProxy)>,
     pub jurisdictions: Vec<(usize, String, Vec<String>)>,
     pub geo: Option<(usize, RawGeo)>,
@@ -65,17 +70,31 @@ const MAX_INCLUDE_DEPTH: usize = 16;
 /// cannot be read is an error here; every other problem is a diagnostic in `Loaded`.
 pub(super) fn read_all(
     entry: &Path,
-    mut read: impl FnMut(&Path) -> std::io::Result<String>,
+    read: impl FnMut(&Path) -> std::io::Result<String>,
+    side: Side,
 ) -> Result<Loaded, PolicyError> {
     let mut loaded = Loaded {
         sources: Vec::new(),
         diags: Vec::new(),
         file: MergedFile::default(),
         unparsed: false,
+        side,
     };
-    let mut stack = Vec::new();
-    load_file(entry, &mut read, &mut loaded, &mut stack)?;
+    read_more(&mut loaded, entry, read, side)?;
     Ok(loaded)
+}
+
+/// Reads another policy (`entry` and its includes) as part `side` of the one `loaded` holds:
+/// a bundle's files after the sidecar's own.
+pub(super) fn read_more(
+    loaded: &mut Loaded,
+    entry: &Path,
+    mut read: impl FnMut(&Path) -> std::io::Result<String>,
+    side: Side,
+) -> Result<(), PolicyError> {
+    loaded.side = side;
+    let mut stack = Vec::new();
+    load_file(entry, &mut read, loaded, &mut stack)
 }
 
 /// The policy's hash: `sha256:` over every source file (its path and text), in load order.
@@ -105,10 +124,27 @@ fn load_file(
         path: path.to_path_buf(),
         text: text.clone(),
     });
-    let Some(raw) = parse(path, &text, &mut loaded.diags) else {
+    let Some(mut raw) = parse(path, &text, &mut loaded.diags) else {
         loaded.unparsed = true;
         return Ok(());
     };
+    let entry = stack.is_empty();
+    // The entry file decides, before its includes are read, whether they are a sidecar's.
+    if entry
+        && loaded.side == Side::Whole
+        && raw.policy.as_ref().is_some_and(|p| p.source.is_some())
+    {
+        loaded.side = Side::Sidecar;
+    }
+    for m in placement::take_misplaced(loaded.side, entry, &mut raw) {
+        let segs: Vec<Seg> = m.at.iter().map(|k| Seg::Key((*k).into())).collect();
+        loaded.diags.push(Diagnostic {
+            file: path.to_path_buf(),
+            line: line_of(&text, &segs),
+            rule: m.rule.into(),
+            message: m.message,
+        });
+    }
     stack.push(path.to_path_buf());
     // Included files stand where the `include` key is: before this file's own items.
     include(path, &text, &raw.include, read, loaded, stack)?;
@@ -215,6 +251,12 @@ fn merge(loaded: &mut Loaded, file: usize, raw: RawFile) {
         tls,
     } = raw;
     let (m, d, s) = (&mut loaded.file, &mut loaded.diags, &loaded.sources[..]);
+    // `[policy.source]` is a table of its own: in a split policy the sidecar's `[policy]`
+    // holds only it, and the bundle's `[policy]` the rules.
+    let mut policy = policy;
+    let source = policy.as_mut().and_then(|p| p.source.take());
+    single(&mut m.policy_source, "policy.source", source, file, s, d);
+    let policy = policy.filter(|p| p.has_rules() || loaded.side == Side::Whole);
     single(&mut m.policy, "policy", policy, file, s, d);
     single(&mut m.proxy, "proxy", proxy, file, s, d);
     single(&mut m.geo, "geo", geo, file, s, d);
@@ -254,7 +296,13 @@ fn single<T>(
             let here = &sources[file];
             diags.push(Diagnostic {
                 file: here.path.clone(),
-                line: line_of(&here.text, &[Seg::Key(name.into())]),
+                line: line_of(
+                    &here.text,
+                    &name
+                        .split('.')
+                        .map(|k| Seg::Key(k.into()))
+                        .collect::<Vec<_>>(),
+                ),
                 rule: name.into(),
                 message: format!(
                     "[{name}] is already defined in {}",

@@ -8,7 +8,7 @@
 
 use super::place::{Cx, Place};
 use crate::policy::country::{Country, iso_hint};
-use crate::policy::model::Mode;
+use crate::policy::model::{Mode, ShipCredentials};
 use http::HeaderName;
 use ipnet::IpNet;
 use std::time::Duration;
@@ -186,6 +186,36 @@ pub(super) fn country(cx: &mut Cx<'_>, place: &Place, code: &str) -> Option<Coun
         );
     }
     parsed
+}
+
+/// An object store's `endpoint` (`[log.ship]`, `[policy.source]`): an http(s) URL with a host.
+pub(super) fn store_endpoint(cx: &mut Cx<'_>, place: &Place, text: &str) -> Option<url::Url> {
+    match url::Url::parse(text) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => Some(u),
+        _ => {
+            cx.err(
+                place,
+                format!("\"{text}\" is not an http:// or https:// URL with a host"),
+            );
+            None
+        }
+    }
+}
+
+/// An object store's `credentials`: `"env"` (the default) or an AWS-style credentials file.
+pub(super) fn store_credentials(
+    cx: &mut Cx<'_>,
+    place: &Place,
+    text: Option<&str>,
+) -> ShipCredentials {
+    match text {
+        None | Some("env") => ShipCredentials::Env,
+        Some("") => {
+            cx.err(place, "must be \"env\" or the path of a credentials file");
+            ShipCredentials::Env
+        }
+        Some(path) => ShipCredentials::File(std::path::PathBuf::from(path)),
+    }
 }
 
 fn is_token(s: &str) -> bool {
