@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Examples:\n  residency-proxy explain --policy policies/demo.toml --method GET \\\n    --path /payments/u123/2026-01.json --client-ip 127.0.0.3 --purpose credit_scoring\n  \
+    after_help = "Examples:\n  residency-proxy explain --policy policies/demo.toml --method GET \\\n    --path /payments/u123/2026-01.json --client-ip 127.0.0.20 --purpose credit_scoring\n  \
 residency-proxy explain --policy policies/demo.toml --path /exports/spending/2026-11.jsonl \\\n    \
 --client-ip 127.0.0.20 --purpose credit_scoring --consents consents.jsonl \\\n    \
 --body policies/tests/bodies/spending-2026-11.jsonl --out what-leaves.jsonl"

@@ -25,12 +25,31 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// The policies the repository ships: those git tracks in `policies/`, so that a user's own
+/// `policies/my-policy.toml` (as the README suggests) is not taken for one; every `.toml` file
+/// there when the tree is not a git checkout.
 fn shipped() -> Vec<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir(root().join("policies"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
+    let tracked = std::process::Command::new("git")
+        .args(["ls-files", "-z", "--", "policies/*.toml"])
+        .current_dir(root())
+        .output()
+        .ok()
+        .filter(|o| o.status.success() && !o.stdout.is_empty());
+    let mut found: Vec<PathBuf> = match tracked {
+        Some(o) => o
+            .stdout
+            .split(|b| *b == 0)
+            .filter(|f| !f.is_empty())
+            .map(|f| root().join(String::from_utf8_lossy(f).as_ref()))
+            // `policies/*.toml` also matches deeper paths: the suites are not policies.
+            .filter(|p| p.parent() == Some(root().join("policies").as_path()))
+            .collect(),
+        None => std::fs::read_dir(root().join("policies"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect(),
+    };
     found.sort();
     found
 }
