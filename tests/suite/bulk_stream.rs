@@ -1065,10 +1065,12 @@ async fn boto3_reads_a_filtered_object_with_checksum_validation_on() {
 }
 
 // `aws s3 cp` and the SDKs' managed downloads (`download_file`) are not tested: they ask
-// HeadObject for the object's size before the download, and a filtered object's size is
-// known only once it has been filtered (a HEAD answers without a length; HTTP allows a
-// server to omit what only generating the content determines). The README says to use
-// `aws s3api get-object` and `get_object` instead.
+// HeadObject for the object's size first (the CLI fails with `KeyError: 'ContentLength'`
+// without one) and fetch large objects in byte ranges. A filtered object's size is known only
+// once it has been filtered, and a HEAD cannot be turned into a GET to learn it: the client's
+// SigV4 signature covers the method, so the store would refuse it. A HEAD answers without a
+// length (HTTP allows omitting what only generating the content determines), and the README
+// says to use `aws s3api get-object` and `get_object` instead.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_aws_cli_reads_a_filtered_object_with_get_object() {
