@@ -1,6 +1,10 @@
 //! `decide`: the algorithm of SPEC section 3, and the only place a request is decided.
 //! Pure: the environment (locations, resolved upstream addresses, consents, the clock) comes
 //! in through `Env`, so `serve`, `explain` and `test` run exactly this code.
+//!
+//! One piece on purpose, though long: the steps are read top to bottom in the order they
+//! decide, and each one's trace lines and reasons sit beside its check, so a reviewer checks
+//! the algorithm against the documentation in one file.
 
 use super::consent::Consent;
 use super::country::Country;

@@ -3,7 +3,8 @@
 //! more than one per chain, reads only the fields that filters and reports use (borrowed
 //! from the line where it has no escapes), and prints matches as JSON lines or a table. Every
 //! reader but `audit verify` reads through it (`query`, `report`, `subject`, `export`), so
-//! that they all skip and count the same lines.
+//! that they all skip and count the same lines. It stays one file, though long, for that
+//! reason: the scan, the filters and the views are the one reading of a line.
 //!
 //! A bulk exchange (a dataset filtered record by record) writes `disclosure` records that name
 //! the subjects whose records left, but not who received them, why or where: that is in the
