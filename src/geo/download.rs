@@ -105,7 +105,9 @@ pub async fn get(
     let mut first = url.clone();
     let _ = first.set_username("");
     let _ = first.set_password(None);
-    if auth.is_some() && first.scheme() == "http" && !is_loopback(&first) {
+    // A licence key in the query (MaxMind's legacy download URLs) is a credential too.
+    let key_in_query = first.query_pairs().any(|(k, _)| k == "license_key");
+    if (auth.is_some() || key_in_query) && first.scheme() == "http" && !is_loopback(&first) {
         return Err(DownloadError::Failed {
             url: shown(&first),
             why: "a licence key is not sent over plain http; use https".into(),
@@ -427,6 +429,14 @@ mod tests {
             password: "k3y_ABC".into(),
         };
         assert_eq!(basic(&c), "Basic MTIzNDU2OmszeV9BQkM=");
+    }
+
+    #[tokio::test]
+    async fn a_licence_key_in_the_query_is_not_sent_over_plain_http() {
+        let u = Url::parse("http://downloads.example/geoip?edition_id=X&license_key=k").unwrap();
+        let e = get(&u, None, 1 << 20).await.unwrap_err().to_string();
+        assert!(e.contains("not sent over plain http"), "{e}");
+        assert!(!e.contains("license_key=k"), "{e}");
     }
 
     #[test]

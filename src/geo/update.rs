@@ -33,7 +33,7 @@ impl Source {
         if lower.starts_with("http://") || lower.starts_with("https://") {
             return Url::parse(s)
                 .map(Source::Url)
-                .map_err(|e| format!("--source {s}: not a URL: {e}"));
+                .map_err(|e| format!("--source {}: not a URL: {e}", masked(s)));
         }
         if lower.starts_with("file://") {
             return Url::parse(s)
@@ -339,10 +339,33 @@ fn replace(out: &Path, bytes: &[u8]) -> Result<(), UpdateError> {
         .tempfile_in(dir)
         .map_err(write)?;
     tmp.write_all(bytes).map_err(write)?;
-    let permissions = std::fs::metadata(out)
+    let old = std::fs::metadata(out).ok();
+    let permissions = old
+        .as_ref()
         .map(|m| m.permissions())
-        .unwrap_or_else(|_| std::fs::Permissions::from_mode(0o644));
+        .unwrap_or_else(|| std::fs::Permissions::from_mode(0o644));
     tmp.as_file().set_permissions(permissions).map_err(write)?;
+    // The replaced file's owner and group too: a job running as root that replaced a
+    // `root:proxy 0640` file with a `root:root` one would leave the proxy unable to read it.
+    // Only root may give a file away; anyone else writes files that are their own already.
+    if let Some(m) = &old {
+        use std::os::unix::fs::MetadataExt;
+        let mine = tmp.as_file().metadata().map_err(write)?;
+        if (mine.uid(), mine.gid()) != (m.uid(), m.gid()) {
+            std::os::unix::fs::fchown(tmp.as_file(), Some(m.uid()), Some(m.gid())).map_err(
+                |e| {
+                    write(std::io::Error::new(
+                        e.kind(),
+                        format!(
+                            "cannot give the new file the owner and group of the one it replaces ({}:{}): {e}",
+                            m.uid(),
+                            m.gid()
+                        ),
+                    ))
+                },
+            )?;
+        }
+    }
     tmp.as_file().sync_all().map_err(write)?;
     tmp.persist(out).map_err(|e| write(e.error))?;
     std::fs::File::open(dir)
@@ -351,10 +374,36 @@ fn replace(out: &Path, bytes: &[u8]) -> Result<(), UpdateError> {
     Ok(())
 }
 
+/// `s` as an error may show it: a user and password, or a `license_key` parameter, masked
+/// (a source that is not a URL cannot be masked by parsing it).
+fn masked(s: &str) -> String {
+    let mut out = s.to_string();
+    if let Some(start) = out.find("://").map(|i| i + 3)
+        && let Some(at) = out[start..].find('@').map(|i| start + i)
+        && !out[start..at].contains('/')
+    {
+        out.replace_range(start..at, "…");
+    }
+    if let Some(i) = out.find("license_key=").map(|i| i + "license_key=".len()) {
+        let end = out[i..].find('&').map_or(out.len(), |e| i + e);
+        out.replace_range(i..end, "…");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use mmdb_writer::{Value, Writer};
+
+    #[test]
+    fn a_source_that_is_not_a_url_is_shown_without_its_secrets() {
+        let e = Source::parse("https://123:s3cret@[bad/app?edition_id=X&license_key=s3cret&x=1")
+            .err()
+            .unwrap();
+        assert!(!e.contains("s3cret"), "{e}");
+        assert!(e.contains("edition_id=X"), "{e}");
+    }
     use std::time::{Duration, UNIX_EPOCH};
 
     const NOV_25: u64 = 1_795_649_400;
@@ -412,6 +461,13 @@ mod tests {
         let u = update(dir.path(), &src);
         std::fs::write(&u.out, &old).unwrap();
         std::fs::set_permissions(&u.out, std::fs::Permissions::from_mode(0o640)).unwrap();
+        // Run as root (as a cron job may be), the file's owner and group are another's: the
+        // new file must keep them, or the proxy's user could no longer read it.
+        use std::os::unix::fs::MetadataExt;
+        let root = std::fs::metadata(dir.path()).unwrap().uid() == 0;
+        if root {
+            std::os::unix::fs::chown(&u.out, Some(4321), Some(4322)).unwrap();
+        }
 
         let Updated::Replaced {
             new: b,
@@ -430,6 +486,10 @@ mod tests {
         assert_eq!(std::fs::read(&u.out).unwrap(), new);
         let mode = std::fs::metadata(&u.out).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o640);
+        if root {
+            let m = std::fs::metadata(&u.out).unwrap();
+            assert_eq!((m.uid(), m.gid()), (4321, 4322));
+        }
         // Nothing is left beside it.
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 2, "{names:?}");

@@ -159,9 +159,19 @@ fn default_instance() -> Arc<str> {
         .collect();
     if name.is_empty() {
         Arc::from("residency-proxy")
+    } else if like_a_workers_chain(&name) {
+        // A host named `node-w1` would collide with host `node`'s worker 1.
+        Arc::from(format!("{name}-0"))
     } else {
         Arc::from(name)
     }
+}
+
+/// Whether `name` ends as worker K's chain of another instance is named (`NAME-wK`).
+fn like_a_workers_chain(name: &str) -> bool {
+    name.rsplit_once("-w").is_some_and(|(stem, k)| {
+        !stem.is_empty() && !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit())
+    })
 }
 
 const INSTANCE_MAX: usize = 128;
@@ -179,6 +189,11 @@ fn check_instance(name: &str) -> Result<(), String> {
     if name.starts_with('.') || !name.chars().all(instance_char) {
         return Err(format!(
             "\"{name}\" may hold only letters, digits, '-', '_' and '.', and not start with '.' (it names a folder in object storage)"
+        ));
+    }
+    if like_a_workers_chain(name) {
+        return Err(format!(
+            "\"{name}\" ends as a worker's chain is named (INSTANCE-wK: worker K of a sidecar with several workers); choose a name that does not end in -w and digits"
         ));
     }
     Ok(())
@@ -280,6 +295,11 @@ mod tests {
                 "instance = '../x'\n",
                 "log.instance",
                 "may hold only letters",
+            ),
+            (
+                "instance = 'payments-w1'\n",
+                "log.instance",
+                "ends as a worker's chain is named",
             ),
             (
                 "rotate_interval = '10ms'\n",
