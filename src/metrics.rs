@@ -388,6 +388,17 @@ pub struct Scrape<'a> {
     pub consent_cache: Option<CacheScrape<'a>>,
     /// Log shipping, when the log ships.
     pub ship: Option<crate::audit::write::ship::ShipStats>,
+    /// The policy bundle source, when the rules come from one.
+    pub source: Option<SourceScrape>,
+}
+
+/// The policy bundle source's figures, read when the metrics are rendered.
+pub struct SourceScrape {
+    /// When the source last answered a poll (with a bundle or with "not modified").
+    pub last_poll: Option<jiff::Timestamp>,
+    /// Bundles refused and polls failed since start, by reason: every reason, zeros
+    /// included, so that an alert on a rate sees the series from the start.
+    pub failures: Vec<(&'static str, u64)>,
 }
 
 /// The consent cache's figures (SPEC section 4.1), read when the metrics are rendered.
@@ -530,6 +541,17 @@ impl Metrics {
             vec![("result", "rejected".into())],
             Val::U(self.reloads_rejected.get()),
         );
+        if let Some(revision) = s.policy.revision {
+            f.one(
+                "residency_policy_revision",
+                "The revision of the signed policy bundle in force.",
+                Kind::Gauge,
+                Val::U(revision),
+            );
+        }
+        if let Some(source) = &s.source {
+            render_source(&mut f, source);
+        }
 
         f.family(
             "residency_decisions_total",
@@ -728,6 +750,25 @@ impl Metrics {
             Val::U(self.connections_accepted.get()),
         );
         f.encode()
+    }
+}
+
+fn render_source(f: &mut Families, s: &SourceScrape) {
+    f.family(
+        "residency_policy_source_failures_total",
+        "Policy bundles refused and polls of the policy source failed, by reason; the live revision keeps serving.",
+        Kind::Counter,
+    );
+    for (reason, n) in &s.failures {
+        f.sample(vec![("reason", (*reason).into())], Val::U(*n));
+    }
+    if let Some(at) = s.last_poll {
+        f.one(
+            "residency_policy_source_last_poll_timestamp_seconds",
+            "When the policy source last answered a poll (Unix time).",
+            Kind::Gauge,
+            Val::I(at.as_second()),
+        );
     }
 }
 
@@ -1014,6 +1055,7 @@ mod tests {
             consent_subjects: 0,
             consent_cache: None,
             ship: None,
+            source: None,
         }
     }
 

@@ -110,6 +110,7 @@ pub fn decision(n: u64, pseudo: &Pseudonymizer, ts: jiff::Timestamp) -> Decision
         id: residency_proxy::audit::id::DecisionId::new(ts),
         kind: "decision",
         policy: Arc::from(POLICY),
+        policy_revision: None,
         prev: Link::default(),
         purpose,
         reason: Reason::parse(reason).unwrap(),

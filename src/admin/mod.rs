@@ -8,11 +8,12 @@
 //! slow start from a dead process. The admin layer sits above the proxy: it starts it, and
 //! serves from its shared state; the proxy knows nothing of it.
 
+pub mod bundle;
 pub mod consents;
 
 use crate::audit::write::LogWriter;
 use crate::audit::write::ship::ShipStats;
-use crate::proxy::snapshot::read_policy;
+use crate::bundle::source::StatusHandle;
 use crate::proxy::{RunningProxy, ServeConfig, ServeError, Shared};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -53,6 +54,17 @@ pub enum StartError {
     Admin(#[from] AdminError),
     #[error(transparent)]
     Serve(#[from] ServeError),
+    #[error(transparent)]
+    Source(#[from] crate::bundle::source::SourceError),
+}
+
+impl From<bundle::BundleStartError> for StartError {
+    fn from(e: bundle::BundleStartError) -> StartError {
+        match e {
+            bundle::BundleStartError::Source(e) => StartError::Source(e),
+            bundle::BundleStartError::Serve(e) => StartError::Serve(e),
+        }
+    }
 }
 
 /// A proxy with its admin listener: what `serve` runs. It reads as the proxy it holds.
@@ -61,6 +73,8 @@ pub struct Sidecar {
     /// Where the admin listener is bound.
     pub admin_addr: SocketAddr,
     admin: RunningAdmin,
+    /// The bundle source and the task swapping its bundles in, when the rules come from one.
+    follower: Option<bundle::Follower>,
 }
 
 impl std::ops::Deref for Sidecar {
@@ -73,6 +87,9 @@ impl std::ops::Deref for Sidecar {
 impl Sidecar {
     /// Stops the proxy (draining connections, flushing the log), then the admin listener.
     pub async fn shutdown(self) {
+        if let Some(f) = self.follower {
+            f.stop();
+        }
         self.proxy.shutdown().await;
         self.admin.shutdown().await;
     }
@@ -81,22 +98,80 @@ impl Sidecar {
 /// Opens the admin listener (answering "starting" meanwhile), starts the proxy, then serves
 /// the admin routes from it.
 pub async fn start(config: ServeConfig) -> Result<Sidecar, StartError> {
-    let policy = read_policy(&config.policy_path, &config.overrides)?;
-    let starting = bind(policy.admin.listen).await?;
-    tracing::info!(admin.listen = %starting.addr, "admin listener serving (starting)");
-    let proxy = crate::proxy::start_with(config, policy).await?;
+    let started = start_unless(config, std::future::pending()).await?;
+    Ok(started.expect("start-up is not stopped"))
+}
+
+/// [`start`], given up (`None`) when `stop` resolves while a sidecar waits for its first
+/// policy bundle (a SIGTERM to a sidecar whose source is unreachable and that kept none).
+pub async fn start_unless(
+    config: ServeConfig,
+    stop: impl Future<Output = ()>,
+) -> Result<Option<Sidecar>, StartError> {
+    let path = config.policy_path.clone();
+    let file = tokio::task::spawn_blocking(move || {
+        crate::policy::compile::load_file(&path, |p| std::fs::read_to_string(p))
+    })
+    .await
+    .map_err(|e| ServeError::Task(e.to_string()))?
+    .map_err(ServeError::from)?;
+    let sidecar = match file {
+        crate::policy::compile::PolicyFile::Whole(policy) => {
+            let mut policy = *policy;
+            config.overrides.apply(&mut policy);
+            let starting = bind(policy.admin.listen).await?;
+            tracing::info!(admin.listen = %starting.addr, "admin listener serving (starting)");
+            let proxy = crate::proxy::start_with(config, policy).await?;
+            return Ok(Some(serve_admin(starting, proxy, None, None).await));
+        }
+        crate::policy::compile::PolicyFile::Sidecar(sidecar) => sidecar,
+    };
+    let listen = config.overrides.admin.unwrap_or(sidecar.admin.listen);
+    let starting = bind(listen).await?;
+    tracing::info!(admin.listen = %starting.addr, policy.source = %sidecar.source.url, "admin listener serving (waiting for a policy bundle)");
+    let waiting = starting.why.clone();
+    let started = bundle::start(&config, sidecar.source.clone(), stop, |s| {
+        let status = s.clone();
+        let _ = waiting.set(Arc::new(move || bundle::waiting(&status.get())));
+    })
+    .await?;
+    let Some(started) = started else {
+        return Ok(None);
+    };
+    let bundle::Started {
+        policy,
+        read,
+        status,
+        mut follower,
+    } = started;
+    let proxy = crate::proxy::start_reading(config, policy, Some(read)).await?;
+    follower.follow(proxy.reloader());
+    Ok(Some(
+        serve_admin(starting, proxy, Some(status), Some(follower)).await,
+    ))
+}
+
+/// Hands the admin listener to the full routes of the running `proxy`.
+async fn serve_admin(
+    starting: Starting,
+    proxy: RunningProxy,
+    source: Option<StatusHandle>,
+    follower: Option<bundle::Follower>,
+) -> Sidecar {
     let admin = starting
         .serve(Arc::new(AdminState {
             shared: proxy.shared.clone(),
             workers: proxy.workers.clone(),
+            source,
         }))
         .await;
     tracing::info!(admin.listen = %admin.addr, "admin listener serving");
-    Ok(Sidecar {
+    Sidecar {
         admin_addr: admin.addr,
         proxy,
         admin,
-    })
+        follower,
+    }
 }
 
 /// What the admin listener serves from; the bearer token is `shared.admin_token`.
@@ -105,6 +180,8 @@ pub struct AdminState {
     pub shared: Arc<Shared>,
     /// Every worker's state (each with its own chain), worker 0 first.
     pub workers: Arc<[Arc<Shared>]>,
+    /// The policy bundle source, when the rules come from one.
+    pub source: Option<StatusHandle>,
 }
 
 /// The credentials of an `Authorization` header of the `Bearer` scheme. Schemes are
@@ -182,6 +259,11 @@ pub async fn read_body(req: Request<Incoming>) -> Result<Bytes, AdminResponse> {
 pub struct Readiness {
     pub ready: bool,
     pub failing: Vec<String>,
+    /// The policy bundle source, when the rules come from one: the live revision and how old
+    /// the last successful poll is. A refused bundle does not make the sidecar unready: the
+    /// live revision keeps serving.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_source: Option<bundle::SourceReadiness>,
 }
 
 /// Readiness: a policy is loaded (always, once `AdminState` exists: until then the start-up
@@ -212,6 +294,7 @@ pub fn readiness(workers: &[Arc<Shared>]) -> Readiness {
     Readiness {
         ready: failing.is_empty(),
         failing,
+        policy_source: None,
     }
 }
 
@@ -233,7 +316,7 @@ fn consent_store_ready(shared: &Shared) -> Result<(), String> {
 
 /// The metrics exposition (Prometheus text format). The decision log's figures add up every
 /// worker's chain; it counts as writable only while every chain is.
-pub fn metrics(workers: &[Arc<Shared>]) -> AdminResponse {
+pub fn metrics(workers: &[Arc<Shared>], source: Option<&StatusHandle>) -> AdminResponse {
     let shared = &workers[0];
     let snap = shared.snapshot.load();
     let logs = || workers.iter().map(|w| &w.log);
@@ -263,6 +346,7 @@ pub fn metrics(workers: &[Arc<Shared>]) -> AdminResponse {
             }
         }),
         ship: ship_stats(workers),
+        source: source.map(|s| bundle::source_scrape(&s.get())),
     });
     text(StatusCode::OK, crate::metrics::CONTENT_TYPE, body)
 }
@@ -304,7 +388,11 @@ async fn route(
     let resp = match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
         (&Method::GET, "/readyz") => {
-            let r = readiness(&state.workers);
+            let mut r = readiness(&state.workers);
+            r.policy_source = state
+                .source
+                .as_ref()
+                .map(|s| bundle::SourceReadiness::of(&s.get(), jiff::Timestamp::now()));
             json(
                 if r.ready {
                     StatusCode::OK
@@ -314,7 +402,7 @@ async fn route(
                 &r,
             )
         }
-        (&Method::GET, "/metrics") => metrics(&state.workers),
+        (&Method::GET, "/metrics") => metrics(&state.workers, state.source.as_ref()),
         (&Method::GET, "/v1/policy") => {
             let snap = state.shared.snapshot.load();
             json(
@@ -326,6 +414,8 @@ async fn route(
                     "geo_db": snap.geo_label.as_deref(),
                     "sources": snap.policy.sources.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
                     "last_reload": state.shared.last_reload.load_full().as_deref(),
+                    "revision": snap.policy.revision,
+                    "source": state.source.as_ref().map(|s| bundle::source_json(&s.get(), jiff::Timestamp::now())),
                 }),
             )
         }
@@ -398,9 +488,15 @@ impl RunningAdmin {
 /// other route answer 503. Dropping it closes the listener.
 pub struct Starting {
     pub addr: SocketAddr,
+    /// Why the proxy is not ready yet, when something other than loading keeps it (a sidecar
+    /// waiting for its first policy bundle).
+    why: Arc<std::sync::OnceLock<Why>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: JoinHandle<Option<TcpListener>>,
 }
+
+/// Says why the proxy is not ready yet, in one sentence.
+type Why = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// Binds `addr` and answers with [`Starting`]'s routes until [`Starting::serve`].
 pub async fn bind(addr: SocketAddr) -> Result<Starting, AdminError> {
@@ -411,6 +507,8 @@ pub async fn bind(addr: SocketAddr) -> Result<Starting, AdminError> {
         .local_addr()
         .map_err(|source| AdminError::Bind { addr, source })?;
     let (stop, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let why: Arc<std::sync::OnceLock<Why>> = Arc::default();
+    let told = why.clone();
     let task = tokio::spawn(async move {
         let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
         loop {
@@ -419,9 +517,11 @@ pub async fn bind(addr: SocketAddr) -> Result<Starting, AdminError> {
                 r = &mut stop_rx => return r.ok().map(|()| listener),
             };
             let builder = builder.clone();
+            let told = told.clone();
             tokio::spawn(async move {
-                let svc = service_fn(|req: Request<Incoming>| async move {
-                    Ok::<_, Infallible>(starting_route(&req))
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let why = told.get().map(|f| f());
+                    async move { Ok::<_, Infallible>(starting_route(&req, why)) }
                 });
                 let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
             });
@@ -429,6 +529,7 @@ pub async fn bind(addr: SocketAddr) -> Result<Starting, AdminError> {
     });
     Ok(Starting {
         addr: bound,
+        why,
         stop: Some(stop),
         task,
     })
@@ -453,23 +554,24 @@ async fn next_connection<T, F: Future<Output = std::io::Result<T>>>(
 
 /// What the admin routes answer before the proxy has loaded its policy. Each answer closes
 /// its connection, so that the next probe reaches the full listener once it runs.
-fn starting_route(req: &Request<Incoming>) -> AdminResponse {
+fn starting_route(req: &Request<Incoming>, why: Option<String>) -> AdminResponse {
     let mut r = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
         (&Method::GET, "/readyz") => json(
             StatusCode::SERVICE_UNAVAILABLE,
             &Readiness {
                 ready: false,
-                failing: vec![
+                failing: vec![why.unwrap_or_else(|| {
                     "policy: not loaded yet (loading the geolocation database, consents and upstreams)"
-                        .to_string(),
-                ],
+                        .to_string()
+                })],
+                policy_source: None,
             },
         ),
         _ => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "starting",
-            "the proxy is starting: its policy is not loaded yet",
+            why.unwrap_or_else(|| "the proxy is starting: its policy is not loaded yet".into()),
         ),
     };
     r.headers_mut()

@@ -192,6 +192,10 @@ impl DecisionRecord {
         o.plain(self.kind);
         o.raw(",\"policy\":");
         o.str(&self.policy);
+        if let Some(revision) = self.policy_revision {
+            o.raw(",\"policy_revision\":");
+            o.u64(revision);
+        }
         o.raw(",\"prev\":");
         o.str(self.prev.as_str());
         o.raw(",\"purpose\":");
@@ -384,6 +388,7 @@ mod tests {
             id: crate::audit::id::DecisionId::new(jiff::Timestamp::now()),
             kind: "decision",
             policy: Arc::from(format!("sha256:{}", "ab".repeat(32))),
+            policy_revision: [None, Some(0), Some(7), Some(u64::MAX)][i % 4],
             prev: Link::from("cd".repeat(32).as_str()),
             purpose: opt(8),
             reason: Reason::ALL[i % Reason::ALL.len()],

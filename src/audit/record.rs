@@ -86,6 +86,10 @@ pub struct DecisionRecord {
     pub instance: Option<Arc<str>>,
     pub kind: &'static str,
     pub policy: Arc<str>,
+    /// The revision of the signed bundle the rules came from; absent for a policy read whole
+    /// from its file (and in logs written before bundles).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_revision: Option<u64>,
     pub prev: Link,
     pub purpose: Option<String>,
     pub reason: Reason,
@@ -570,6 +574,7 @@ pub fn decision_record(
         id: cx.id,
         kind: "decision",
         policy: policy_hash(policy),
+        policy_revision: policy.revision,
         prev: Link::default(),
         purpose: decision.purpose.map(str::to_string),
         reason: decision.reason,
@@ -625,6 +630,7 @@ pub fn failure_record(
         id: cx.id,
         kind: "decision",
         policy: policy_hash(policy),
+        policy_revision: policy.revision,
         prev: Link::default(),
         purpose: None,
         reason,
@@ -709,6 +715,7 @@ mod tests {
             .headers
             .insert(&http::HeaderName::from_static("x-purpose"), "p".into());
         r.trace = TraceParent::parse(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        r.policy_revision = Some(3);
         r
     }
 

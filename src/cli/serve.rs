@@ -3,9 +3,9 @@
 
 use super::{CliResult, Exit, fail};
 use crate::policy::model::LogTarget;
+use crate::proxy::ServeConfig;
 use crate::proxy::snapshot::Overrides;
 use crate::proxy::worker::MAX_WORKERS;
-use crate::proxy::{self, ServeConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -14,6 +14,10 @@ use std::path::PathBuf;
     after_help = "Reloads: SIGHUP, or a change to the policy file, one of its includes, the geolocation database or the \
 admin token file (examined every second), reloads the policy and the TLS certificates; an invalid version is rejected with every error and \
 the old one keeps serving. Certificate files are also re-read within a second of being replaced.\n\
+Policy bundles: a file with [policy.source] is a sidecar's own file; its rules come from the signed bundle \
+there. Until one is live (the bundle kept on the volume, or the first one fetched) the data port stays closed and \
+GET /readyz answers 503 saying why; each newer bundle that verifies and compiles is swapped in on every worker as \
+a reload is, and one refused is logged and counted while the live revision keeps serving.\n\
 Workers: each worker is a thread with its own listener on the listen address (SO_REUSEPORT: the kernel spreads \
 connections between them), its own upstream connection pools and its own decision-log chain. Worker 0 writes the \
 configured file (decisions.jsonl) as instance [log].instance; worker K writes decisions.wK.jsonl beside it as \
@@ -60,8 +64,10 @@ pub fn run(args: ServeArgs) -> CliResult {
         }),
         workers: args.workers.map(usize::from),
     };
-    // Read the policy once up front: its errors are reported before anything starts.
-    proxy::snapshot::read_policy(&args.policy, &overrides)?;
+    // Read the policy once up front: its errors are reported before anything starts. A
+    // sidecar's own file (with [policy.source]) is compiled alone here, and with its bundle
+    // once one is live.
+    crate::policy::compile::load_file(&args.policy, |p| std::fs::read_to_string(p))?;
     // This thread's runtime is the control runtime: the admin listener, the consent feeds,
     // reloads, shipping and signals. The workers serve requests on threads of their own,
     // each with its own runtime (`proxy::worker`).
@@ -74,11 +80,16 @@ pub fn run(args: ServeArgs) -> CliResult {
         // log closed. Both are acted on once serving.
         let mut signals =
             Signals::install().map_err(|e| fail(format!("cannot install signal handlers: {e}")))?;
-        let running = crate::admin::start(ServeConfig {
+        // A sidecar waiting for its first policy bundle (its source unreachable, none kept)
+        // still stops on SIGTERM or SIGINT; nothing is open yet but the admin listener.
+        let config = ServeConfig {
             policy_path: args.policy.clone(),
             overrides,
-        })
-        .await?;
+        };
+        let Some(running) = crate::admin::start_unless(config, signals.stopped()).await? else {
+            tracing::info!("stopped before a policy bundle was live");
+            return Ok(Exit::Ok);
+        };
         signals.wait(&running).await;
         tracing::info!("shutting down: draining connections and flushing the decision log");
         running.shutdown().await;
@@ -104,6 +115,14 @@ impl Signals {
             hup: signal(SignalKind::hangup())?,
             usr1: signal(SignalKind::user_defined1())?,
         })
+    }
+
+    /// Resolves on SIGTERM or SIGINT (while start-up waits).
+    pub(super) async fn stopped(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 
     /// Serves signals until SIGTERM or SIGINT. A signal that arrives while no call is

@@ -41,7 +41,7 @@ use crate::policy::model::ConsentStore;
 use crate::policy::{Policy, PolicyError};
 use crate::tls::ServerTls;
 use arc_swap::{ArcSwap, ArcSwapOption};
-use reload::{ReloadStatus, Reloader, Trigger};
+use reload::{ReadPolicy, ReloadStatus, Reloader, Trigger};
 use snapshot::{Overrides, Snapshot, read_policy};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -169,6 +169,11 @@ impl RunningProxy {
         self.reloader.reload(Trigger::Signal).await
     }
 
+    /// What swaps new snapshots in on every worker (reloads, new policy bundles).
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.reloader.clone()
+    }
+
     /// Rotates every worker's chain (as SIGUSR1 does); see [`rotate_all`].
     pub async fn rotate_logs(&self) -> Vec<Result<Option<PathBuf>, LogFailed>> {
         rotate_all(&self.workers).await
@@ -213,6 +218,16 @@ pub async fn start(config: ServeConfig) -> Result<RunningProxy, ServeError> {
 
 /// [`start`] with the policy already read from `config.policy_path`.
 pub async fn start_with(config: ServeConfig, policy: Policy) -> Result<RunningProxy, ServeError> {
+    start_reading(config, policy, None).await
+}
+
+/// [`start_with`] for a policy that reloads read through `read` (a sidecar's own file merged
+/// with its live bundle) rather than from `config.policy_path` alone.
+pub async fn start_reading(
+    config: ServeConfig,
+    policy: Policy,
+    read: Option<ReadPolicy>,
+) -> Result<RunningProxy, ServeError> {
     let watched = reload::baseline(&policy).await;
     let token = policy
         .admin
@@ -329,6 +344,7 @@ pub async fn start_with(config: ServeConfig, policy: Policy) -> Result<RunningPr
         workers,
         policy.name = %first.policy.name,
         policy.hash = %first.policy.hash,
+        policy.revision = first.policy.revision,
         geo.db = first.geo_label.as_deref().unwrap_or("none"),
         tls = match &first.policy.tls {
             None => "off",
@@ -366,7 +382,7 @@ pub async fn start_with(config: ServeConfig, policy: Policy) -> Result<RunningPr
         shared.clone(),
         proxy.resolve_interval,
     )));
-    let reloader = Arc::new(Reloader::new(shared.clone(), config, tls.clone()));
+    let reloader = Arc::new(Reloader::new(shared.clone(), config, read, tls.clone()));
     background.push(tokio::spawn(reload::watch(
         reloader.clone(),
         WATCH_INTERVAL,

@@ -28,6 +28,8 @@ pub enum Trigger {
     Signal,
     /// A watched file changed on disk.
     FileChange,
+    /// A new signed bundle went live at the policy source.
+    Bundle,
 }
 
 impl Trigger {
@@ -35,6 +37,7 @@ impl Trigger {
         match self {
             Trigger::Signal => "signal",
             Trigger::FileChange => "file_change",
+            Trigger::Bundle => "bundle",
         }
     }
 }
@@ -61,11 +64,18 @@ pub enum Reloaded {
     Superseded,
 }
 
+/// How a reload reads the policy when its file is not the whole of it: a sidecar's own file
+/// (read again) merged with the live bundle, with the command line's overrides applied. Called
+/// off the runtime threads.
+pub type ReadPolicy = Arc<dyn Fn() -> Result<Policy, ServeError> + Send + Sync>;
+
 /// Rebuilds and swaps every worker's snapshot; one reload at a time.
 pub struct Reloader {
     /// Every worker's state, worker 0 first.
     workers: Arc<[Arc<Shared>]>,
     config: ServeConfig,
+    /// `None`: the policy file is read whole (`read_policy`).
+    read: Option<ReadPolicy>,
     /// The data listener's TLS: a reload re-reads its certificate too.
     tls: Option<Arc<crate::tls::ServerTls>>,
     lock: Mutex<()>,
@@ -75,11 +85,13 @@ impl Reloader {
     pub fn new(
         workers: Arc<[Arc<Shared>]>,
         config: ServeConfig,
+        read: Option<ReadPolicy>,
         tls: Option<Arc<crate::tls::ServerTls>>,
     ) -> Reloader {
         Reloader {
             workers,
             config,
+            read,
             tls,
             lock: Mutex::new(()),
         }
@@ -128,6 +140,7 @@ impl Reloader {
             reload.trigger = trigger.as_str(),
             policy.name = %next[0].policy.name,
             policy.hash = %next[0].policy.hash,
+            policy.revision = next[0].policy.revision,
             geo.db = next[0].geo_label.as_deref().unwrap_or("none"),
             "policy reloaded"
         );
@@ -153,9 +166,13 @@ impl Reloader {
     async fn build(&self) -> Result<(Vec<Snapshot>, Option<AdminToken>), ServeError> {
         let path = self.config.policy_path.clone();
         let overrides = self.config.overrides.clone();
+        let read = self.read.clone();
         // Reading and compiling the files is blocking work: off the runtime threads.
         let (policy, token) = tokio::task::spawn_blocking(move || {
-            let policy = read_policy(&path, &overrides)?;
+            let policy = match read {
+                Some(read) => read()?,
+                None => read_policy(&path, &overrides)?,
+            };
             let token = policy
                 .admin
                 .token_file

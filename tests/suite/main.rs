@@ -16,6 +16,7 @@ mod bulk_cli;
 mod bulk_proxy;
 mod bulk_stream;
 mod bundle_cli;
+mod bundle_fleet;
 mod bundle_source;
 mod check_cli;
 mod cli;

@@ -39,7 +39,7 @@ pub use policy_source::CACHE_NAME;
 pub use values::{parse_duration, parse_size, valid_category};
 
 use super::country::CountrySet;
-use super::model::{Jurisdiction, Policy, PolicySource};
+use super::model::{AdminSettings, Jurisdiction, Policy, PolicySource};
 use place::{Cx, Place};
 use placement::Side;
 use source::{MergedFile, Seg, Source};
@@ -87,6 +87,9 @@ pub enum PolicyFile {
 pub struct Sidecar {
     /// `[policy.source]`.
     pub source: PolicySource,
+    /// `[admin]`: the listener opens before any bundle is live, to say why the sidecar is not
+    /// ready yet.
+    pub admin: AdminSettings,
     /// Path and text of each file, the entry file first.
     files: Vec<(PathBuf, String)>,
 }
@@ -148,11 +151,12 @@ pub fn load_file(
     }
     let mut cx = Cx::new(&loaded.sources, loaded.diags);
     if loaded.side == Side::Sidecar {
-        let source = compile_sidecar(&mut cx, loaded.file);
+        let (source, admin) = compile_sidecar(&mut cx, loaded.file);
         let diags = cx.into_diagnostics();
         return match source {
             Some(source) if diags.is_empty() => Ok(PolicyFile::Sidecar(Box::new(Sidecar {
                 source,
+                admin,
                 files: loaded
                     .sources
                     .into_iter()
@@ -360,8 +364,8 @@ fn compile_rules(cx: &mut Cx<'_>, m: MergedFile, sources: &[Source]) -> BundlePo
 }
 
 /// A sidecar's own file compiled on its own: its sections, in the order `compile` reports
-/// them, and its `[policy.source]` (`None` when it has a problem, reported already).
-fn compile_sidecar(cx: &mut Cx<'_>, m: MergedFile) -> Option<PolicySource> {
+/// them, its `[policy.source]` (`None` when it has a problem, reported already) and `[admin]`.
+fn compile_sidecar(cx: &mut Cx<'_>, m: MergedFile) -> (Option<PolicySource>, AdminSettings) {
     let (at, raw) = table(m.proxy, "proxy");
     proxy::compile(cx, &at, raw);
     let (at, raw) = table(m.consent, "consent");
@@ -369,12 +373,14 @@ fn compile_sidecar(cx: &mut Cx<'_>, m: MergedFile) -> Option<PolicySource> {
     let (at, raw) = table(m.log, "log");
     let log = log::compile(cx, &at, raw);
     let (at, raw) = table(m.admin, "admin");
-    proxy::admin(cx, &at, raw);
+    let admin = proxy::admin(cx, &at, raw);
     if let Some((file, raw)) = m.tls {
         proxy::tls(cx, &Place::table(file, "tls"), raw);
     }
-    let (file, raw) = m.policy_source?;
-    policy_source::compile(cx, &Place::table(file, "policy").field("source"), raw, &log)
+    let source = m.policy_source.and_then(|(file, raw)| {
+        policy_source::compile(cx, &Place::table(file, "policy").field("source"), raw, &log)
+    });
+    (source, admin)
 }
 
 /// A table and where it is: the one written, or its defaults in the entry file.
