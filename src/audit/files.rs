@@ -173,6 +173,40 @@ pub fn rotated_siblings(active: &Path) -> Result<Vec<PathBuf>, LogFilesError> {
     Ok(out)
 }
 
+/// The workers numbered `workers` or more whose chains of the log at `active` (a worker 0's
+/// active file) have files beside it: left by a run with more workers. Their sealed files
+/// must still ship.
+pub fn chains_beyond(active: &Path, workers: usize) -> Result<Vec<usize>, LogFilesError> {
+    let (stem, ext) = split_name(active);
+    let dir = match active.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(unreadable(&dir)(e)),
+    };
+    let mut found = std::collections::BTreeSet::new();
+    for entry in entries {
+        let entry = entry.map_err(unreadable(&dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let chain = match rotated_stem(name, &ext) {
+            Some(s) => s,
+            None => match name.strip_suffix(ext.as_str()) {
+                Some(s) => s,
+                None => continue,
+            },
+        };
+        let (base, k) = worker_of(chain);
+        if base == stem && k >= workers.max(1) {
+            found.insert(k);
+        }
+    }
+    Ok(found.into_iter().collect())
+}
+
 /// One chain of a log: the files one writer wrote, in chain order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChainFiles {

@@ -164,7 +164,7 @@ pub async fn prepare(
     let Some(ship) = &policy.log.ship else {
         return Ok(None);
     };
-    let LogTarget::File(_) = &policy.log.target else {
+    let LogTarget::File(log_path) = &policy.log.target else {
         return Err(ShipStartError("needs log.path to be a file".into()));
     };
     let loc = open_store(ship).map_err(ShipStartError)?;
@@ -185,6 +185,21 @@ pub async fn prepare(
         };
         let spool = Spool::scan(active, share).map_err(|e| ShipStartError(e.to_string()))?;
         chains.push((spool, chain.instance));
+    }
+    // Chains a run with more workers left: nobody writes them now, but what they sealed
+    // still ships (under their own names), and their spools count against nobody's share.
+    let beyond = crate::audit::files::chains_beyond(log_path, workers)
+        .map_err(|e| ShipStartError(e.to_string()))?;
+    for worker in beyond {
+        let chain = worker_settings(&policy.log, worker);
+        let LogTarget::File(active) = &chain.target else {
+            unreachable!("a file's chains are files");
+        };
+        let spool = Spool::scan(active, share).map_err(|e| ShipStartError(e.to_string()))?;
+        if spool.stats().spool_files > 0 {
+            tracing::info!(log.chain = %active.display(), log.spool_files = spool.stats().spool_files, "a chain no worker writes now still ships what it sealed");
+            chains.push((spool, chain.instance));
+        }
     }
     let waiting = chains
         .iter()

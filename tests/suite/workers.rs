@@ -345,6 +345,87 @@ fn serve_refuses_zero_workers() {
 /// Shipping with two workers: each chain ships to its own instance folder (`a`, `a-w1`) in
 /// one location; two such sidecars make four chains, which `audit verify s3://…` checks and
 /// names one by one.
+/// A sidecar that ran with two workers and restarts with one still ships what worker 1's
+/// chain sealed: nobody writes that chain now, but its files must not be stranded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_fewer_workers_still_ships_the_chains_they_sealed() {
+    const STORE_IP: &str = "127.0.0.42";
+    const URL: &str = "s3://fleet/fewer/";
+    let store = S3Server::start(STORE_IP);
+    store.create_bucket("fleet");
+    let loc = store.location(URL);
+    let home = Upstream::start(HOME_IP, Serve::Ok).await;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = payments_spec(&home.url())
+        .network(&format!("{STORE_IP}/32"), "CN")
+        .log("instance = 'side'");
+    let (policy, _) = spec.write_files(dir.path());
+    let key = std::fs::read(dir.path().join("log-signing.key")).unwrap();
+
+    // Two workers, no shipping: both chains written, then sealed by a rotation.
+    let mut two = Served::start_workers(&policy, dir.path(), 2);
+    let addr = two.addr("residency-proxy serving", "listen").await;
+    load(addr, 2).await;
+    let [_, w1] = chains(dir.path());
+    assert!(!records(&w1).is_empty(), "worker 1 took no connection");
+    two.signal("USR1");
+    let sealed = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("decisions.w1-"))
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sealed(dir.path()).is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "worker 1's chain was not rotated"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    two.signal("TERM");
+    assert!(
+        two.exit(Duration::from_secs(15))
+            .await
+            .expect("exits")
+            .success()
+    );
+
+    // One worker, shipping on: worker 1's sealed files ship under its own name.
+    let creds = S3Server::credentials_file(dir.path());
+    let spec = spec.log(&format!(
+        "ship = {{ url = '{URL}', endpoint = '{}', region = 'cn-north-1', credentials = '{}' }}",
+        store.endpoint(),
+        creds.display()
+    ));
+    let (policy, _) = spec.write_files(dir.path());
+    std::fs::write(dir.path().join("log-signing.key"), key).unwrap();
+    let mut one = Served::start_workers(&policy, dir.path(), 1);
+    one.addr("residency-proxy serving", "listen").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let keys = s3::keys(&loc).await;
+        if keys.iter().any(|k| k.starts_with("side-w1/")) && sealed(dir.path()).is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "worker 1's sealed files did not ship: {keys:?}, left {:?}",
+            sealed(dir.path())
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    one.signal("TERM");
+    assert!(
+        one.exit(Duration::from_secs(15))
+            .await
+            .expect("exits")
+            .success()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sidecars_of_two_workers_ship_four_chains_that_verify_by_name() {
     const STORE_IP: &str = "127.0.0.41";
