@@ -385,6 +385,20 @@ async fn a_fleet_takes_a_new_revision_under_load_refuses_bad_ones_and_restarts_o
                 .unwrap()
                 > 0.0
         );
+
+        // `audit report` says which revisions the sidecar ran, and when the new one began.
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_residency-proxy"))
+            .args(["audit", "report", "--format", "json"])
+            .arg(s.dir.join("logs"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let runs = &report["revisions"][format!("side-{n}")];
+        assert_eq!(runs[0]["revision"], 1, "{report}");
+        assert_eq!(runs[1]["revision"], 2, "{report}");
+        let first_r2 = records.iter().find(|r| r["policy_revision"] == 2).unwrap();
+        assert_eq!(runs[1]["began"], first_r2["ts"], "{report}");
     }
 
     // A bundle signed by another key, then an older revision: refused by all three.

@@ -320,6 +320,10 @@ pub fn report_page(
         h.push_str("</section>\n<section><h2>Bulk exports, filtered record by record</h2>");
         bulk_section(&mut h, &report.bulk, top);
     }
+    if !report.revisions.is_empty() {
+        h.push_str("</section>\n<section><h2>Policy revisions, by instance</h2>");
+        revisions_section(&mut h, report);
+    }
     h.push_str("</section>\n<section><h2>By dataset</h2>");
     bars(
         &mut h,
@@ -332,6 +336,32 @@ pub fn report_page(
     h.push_str("</section>\n");
     h.push_str(PAGE_END);
     h
+}
+
+/// Which signed policy revision each instance decided under, and from when.
+fn revisions_section(h: &mut String, report: &Report) {
+    h.push_str(
+        "<p>The revision of the signed policy bundle each instance's decisions were made under, \
+from the first decision under it.</p><table><thead><tr><th>Instance</th><th>Revision</th>\
+<th>From (UTC)</th><th>Until (UTC)</th><th>Decisions</th></tr></thead><tbody>",
+    );
+    for (instance, runs) in &report.revisions {
+        for run in runs {
+            let revision = run
+                .revision
+                .map_or_else(|| "policy file".to_string(), |r| r.to_string());
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(instance),
+                esc(&revision),
+                esc(&run.began),
+                esc(&run.last),
+                run.decisions
+            );
+        }
+    }
+    h.push_str("</tbody></table>");
 }
 
 /// What audit mode only logged: the requests forwarded although the policy would have

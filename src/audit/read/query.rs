@@ -136,6 +136,9 @@ pub struct View<'a> {
     pub category: Field<'a>,
     #[serde(borrow, default)]
     pub policy: Field<'a>,
+    /// The signed bundle's revision the decision was made under (absent: a whole policy file).
+    #[serde(default)]
+    pub policy_revision: Option<u64>,
     #[serde(borrow, default)]
     pub instance: Field<'a>,
     #[serde(default)]

@@ -8,6 +8,10 @@
 //! apart as well: the exchanges, the records kept and dropped by reason (from their outcome
 //! records), the would-drops of audit mode, and the distinct subjects their disclosure
 //! records named.
+//!
+//! Where the log's decisions name the policy bundle's revision they were made under, the
+//! report also says, per instance, which revisions it ran and when each began deciding, so
+//! that a rollout can be followed across a fleet.
 
 use super::query::{Filter, QueryError, Scanned, View, scan_segments};
 use crate::audit::files::Segments;
@@ -170,9 +174,71 @@ pub struct Report {
     /// Bulk exports filtered record by record; absent from the JSON when the log holds none.
     #[serde(skip_serializing_if = "Bulk::is_empty")]
     pub bulk: Bulk,
+    /// Per instance, the policy revisions its decisions were made under, in the order they
+    /// began; absent from the JSON when no decision names a revision (whole policy files).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub revisions: BTreeMap<String, Vec<RevisionRun>>,
     /// What the page's charts draw, gathered only for `--format html`; not in the JSON report.
     #[serde(skip)]
     pub charts: Option<Charts>,
+}
+
+/// A run of one instance's decisions under one policy revision.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RevisionRun {
+    /// The bundle's revision; `None`: a policy read whole from its file.
+    pub revision: Option<u64>,
+    /// The first decision under it: when it began deciding there.
+    pub began: String,
+    /// The last decision under it.
+    pub last: String,
+    pub decisions: u64,
+}
+
+/// What the report's revision section gathers while the log is read.
+#[derive(Clone, Debug, Default)]
+struct Runs {
+    by_instance: BTreeMap<String, Vec<RevisionRun>>,
+    /// Some decision named a revision: without one, the section is left out.
+    any_revision: bool,
+}
+
+impl Runs {
+    /// Each instance's decisions arrive in chain order: a revision other than the last one
+    /// seen there begins a new run.
+    fn add(&mut self, v: &View<'_>) {
+        let Some(ts) = v.ts.as_deref() else {
+            return;
+        };
+        self.any_revision |= v.policy_revision.is_some();
+        let instance = v.instance.as_deref().unwrap_or("(unnamed)");
+        let runs = match self.by_instance.get_mut(instance) {
+            Some(r) => r,
+            None => self.by_instance.entry(instance.to_string()).or_default(),
+        };
+        match runs.last_mut() {
+            Some(run) if run.revision == v.policy_revision => {
+                run.decisions += 1;
+                if ts > run.last.as_str() {
+                    run.last = ts.to_string();
+                }
+            }
+            _ => runs.push(RevisionRun {
+                revision: v.policy_revision,
+                began: ts.to_string(),
+                last: ts.to_string(),
+                decisions: 1,
+            }),
+        }
+    }
+
+    fn finish(self) -> BTreeMap<String, Vec<RevisionRun>> {
+        if self.any_revision {
+            self.by_instance
+        } else {
+            BTreeMap::new()
+        }
+    }
 }
 
 /// Figures only the charts use.
@@ -306,7 +372,39 @@ impl Report {
         if !self.bulk.is_empty() {
             layout.bulk(&mut s, &self.bulk);
         }
+        if !self.revisions.is_empty() {
+            revisions_text(&mut s, &self.revisions);
+        }
         s
+    }
+}
+
+/// The revision section: per instance, each revision it ran, from when, and how many
+/// decisions it made.
+fn revisions_text(s: &mut String, revisions: &BTreeMap<String, Vec<RevisionRun>>) {
+    let _ = writeln!(
+        s,
+        "\npolicy revisions, by instance (when each began deciding)"
+    );
+    let width = revisions
+        .keys()
+        .map(|k| k.chars().count())
+        .max()
+        .unwrap_or(0);
+    for (instance, runs) in revisions {
+        for (i, run) in runs.iter().enumerate() {
+            let name = if i == 0 { instance.as_str() } else { "" };
+            let revision = match run.revision {
+                Some(r) => format!("revision {r}"),
+                None => "policy file".to_string(),
+            };
+            let plural = if run.decisions == 1 { "" } else { "s" };
+            let _ = writeln!(
+                s,
+                "  {name:<width$}  {revision:<12}  from {}  ({} decision{plural})",
+                run.began, run.decisions
+            );
+        }
     }
 }
 
@@ -438,10 +536,15 @@ pub fn report_segments(
         charts: charts.then(Charts::default),
         ..Report::default()
     };
+    let mut runs = Runs::default();
     let scanned = scan_segments(segments, &filter, |_, v| {
+        if v.kind() == Some("decision") {
+            runs.add(v);
+        }
         report.add(v);
         Ok(ControlFlow::Continue(()))
     })?;
+    report.revisions = runs.finish();
     Ok((report, scanned))
 }
 
@@ -594,5 +697,100 @@ mod tests {
         assert_eq!(r.by_decision.0.get("allow"), Some(&6));
         assert_eq!(r.first.as_deref(), Some("2026-11-28T04:00:01.000000Z"));
         assert_eq!(r.last.as_deref(), Some("2026-11-28T04:00:09.000000Z"));
+    }
+    /// Decisions made under bundle revisions: each instance's revisions in the order they
+    /// began, in the text and the JSON; the chains still verify with the revision in them.
+    #[test]
+    fn each_instance_shows_the_revisions_it_ran_and_when_each_began() {
+        use crate::audit::read::fleet::verify_local;
+        use crate::audit::record::Record;
+        use crate::audit::testing::{policy, subject_decision, test_key, trusting};
+        let dir = tempfile::tempdir().unwrap();
+        let p = policy();
+        let under = |k: usize, ts: i64, revision: Option<u64>| {
+            let mut r = subject_decision(&p, &format!("w{k}-{ts}"), ts, "u1");
+            if let Record::Decision(d) = &mut r {
+                d.policy_revision = revision;
+            }
+            r
+        };
+        // Worker 0 ran revision 4, then 5; worker 1 took 5 a little later.
+        let chains = vec![
+            vec![
+                under(0, 1, Some(4)),
+                under(0, 2, Some(4)),
+                under(0, 6, Some(5)),
+            ],
+            vec![
+                under(1, 3, Some(4)),
+                under(1, 8, Some(5)),
+                under(1, 9, Some(5)),
+            ],
+        ];
+        let key = test_key();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(crate::audit::testing::write_worker_chains(
+                dir.path(),
+                Some(key.clone()),
+                chains,
+            ));
+        let chains = crate::audit::files::log_chains(dir.path()).unwrap();
+        for i in verify_local(dir.path(), chains, &trusting(&key))
+            .unwrap()
+            .instances
+        {
+            assert!(i.result.is_ok(), "{}: {:?}", i.instance, i.result);
+        }
+        let (r, _) = report(dir.path(), None, None).unwrap();
+        let runs = |instance: &str| -> Vec<(Option<u64>, String, u64)> {
+            r.revisions[instance]
+                .iter()
+                .map(|run| (run.revision, run.began.clone(), run.decisions))
+                .collect()
+        };
+        let at = |s: i64| format!("2026-11-28T04:00:0{s}.000000Z");
+        assert_eq!(runs("side"), [(Some(4), at(1), 2), (Some(5), at(6), 1)]);
+        assert_eq!(runs("side-w1"), [(Some(4), at(3), 1), (Some(5), at(8), 2)]);
+        let text = r.text(20);
+        assert!(
+            text.contains("policy revisions, by instance (when each began deciding)"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "  side-w1  revision 4    from {}  (1 decision)\n           revision 5    from {}  (2 decisions)\n",
+                at(3),
+                at(8)
+            )),
+            "{text}"
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["revisions"]["side"][1]["revision"], 5);
+        assert_eq!(json["revisions"]["side"][1]["began"], at(6));
+        let page = crate::audit::read::html::report_page(&r, "logs", &Ok(vec![]), 10, "now");
+        assert!(
+            page.contains("<h2>Policy revisions, by instance</h2>"),
+            "{page}"
+        );
+        assert!(
+            page.contains(&format!("<tr><td>side-w1</td><td>5</td><td>{}</td>", at(8))),
+            "{page}"
+        );
+
+        // A log of a whole policy file has no revision section.
+        let plain = tempfile::tempdir().unwrap();
+        let path = plain.path().join("d.jsonl");
+        std::fs::write(
+            &path,
+            decision("allow", true, "consented", "b", "US") + "\n",
+        )
+        .unwrap();
+        let (r, _) = report(&path, None, None).unwrap();
+        assert!(r.revisions.is_empty());
+        assert!(!r.text(20).contains("policy revisions"));
+        assert!(serde_json::to_value(&r).unwrap().get("revisions").is_none());
     }
 }
