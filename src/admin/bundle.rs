@@ -187,12 +187,10 @@ fn reader(
 
 /// Why a sidecar waiting for its first bundle is not ready: one sentence.
 pub fn waiting(status: &Status) -> String {
-    let mut why = format!(
-        "policy: no verified bundle is live yet from {} (none kept on the volume)",
-        status.url
-    );
-    if let Some(f) = status.refused.as_ref().or(status.last_failure.as_ref()) {
-        why.push_str(&format!("; {}: {}", f.reason, f.message));
+    let mut why = format!("policy: no verified bundle is live yet from {}", status.url);
+    match status.refused.as_ref().or(status.last_failure.as_ref()) {
+        Some(f) => why.push_str(&format!("; {}: {}", f.reason, f.message)),
+        None => why.push_str("; waiting for the source to answer"),
     }
     why
 }

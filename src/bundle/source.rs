@@ -603,6 +603,13 @@ impl Source {
             (_, true) => {
                 tracing::debug!(policy.source = %self.settings.url, bundle.reason = reason, error = %message, "policy source poll failed again")
             }
+            // Nothing serves yet: the sidecar is unready until a bundle is taken.
+            (true, false) if live.is_none() => {
+                tracing::error!(policy.source = %self.settings.url, bundle.reason = reason, error = %message, "policy bundle refused; no bundle is live yet")
+            }
+            (false, false) if live.is_none() => {
+                tracing::warn!(policy.source = %self.settings.url, bundle.reason = reason, error = %message, "policy source poll failed; no bundle is live yet")
+            }
             (true, false) => {
                 tracing::error!(policy.source = %self.settings.url, bundle.reason = reason, bundle.live_revision = live, error = %message, "policy bundle refused; the live revision keeps serving")
             }

@@ -414,6 +414,19 @@ async fn a_fleet_takes_a_new_revision_under_load_refuses_bad_ones_and_restarts_o
     )
     .await;
 
+    // SIGHUP reads the sidecar's own file again and merges it with the live bundle.
+    fleet[1].served.signal("HUP");
+    let mut reloaded = None;
+    crate::support::wait_until("a reload on SIGHUP", || {
+        reloaded = fleet[1].served.events().into_iter().find(|e| {
+            e["fields"]["message"] == "policy reloaded" && e["fields"]["reload.trigger"] == "signal"
+        });
+        reloaded.is_some()
+    })
+    .await;
+    assert_eq!(reloaded.unwrap()["fields"]["policy.revision"], 2);
+    assert_eq!(fleet[1].policy().await["last_reload"]["result"], "ok");
+
     // The store goes down; side-0 restarts and comes up on the bundle it kept.
     store.kill();
     let mut first = fleet.remove(0);
