@@ -93,6 +93,7 @@ const COLUMNS: &[Column] = {
         ("rule", Str, &["rule"]),
         ("status", Int32, &["status"]),
         ("policy", Str, &["policy"]),
+        ("policy_revision", Int64, &["policy_revision"]),
         ("geo_db", Str, &["geo_db"]),
         ("request_method", Str, &["request.method"]),
         ("request_host", Str, &["request.host"]),
@@ -726,6 +727,7 @@ mod tests {
         d.category = Some("user.financial".into());
         d.dataset = Some("payments".into());
         d.geo_db = Some("GeoLite2-Country 2026-11-25".into());
+        d.policy_revision = Some(1_796_637_600);
         d.purpose = Some("credit_scoring".into());
         d.subject = Some("hmac:00ff".into());
         d.status = Some(451);
