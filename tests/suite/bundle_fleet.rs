@@ -4,7 +4,9 @@
 //! switch revision; a bundle signed by another key and an older revision are refused by all
 //! three, with the reason in `/v1/policy`, `/readyz`, the metrics and each proxy's own log,
 //! while the live revision keeps deciding; a restart with the store down comes up on the bundle
-//! kept on the volume, and a sidecar that kept none stays unready, saying why, until stopped.
+//! kept on the volume, and a sidecar that kept none stays unready, saying why, until stopped; a
+//! store that the bundle's own policy places abroad is never taken from, and refuses start-up
+//! when a bundle was kept.
 
 use crate::support::binary::Served;
 use crate::support::client::{self, Conn, empty, request};
@@ -25,6 +27,8 @@ use std::time::{Duration, Instant};
 
 /// Where the store listens: located at home (CN) by the bundle's policy.
 const STORE_IP: &str = "127.0.0.46";
+/// A store the bundle's policy locates abroad (US).
+const ABROAD_STORE_IP: &str = "127.0.0.47";
 const URL: &str = "s3://policies/fleet.bundle";
 const POLL: Duration = Duration::from_secs(1);
 const SIDECARS: usize = 3;
@@ -45,6 +49,10 @@ country = 'CN'
 [[networks]]
 cidr = '{STORE_IP}/32'
 country = 'CN'
+
+[[networks]]
+cidr = '{ABROAD_STORE_IP}/32'
+country = 'US'
 
 [[networks]]
 cidr = '{HOME_IP}/32'
@@ -493,4 +501,66 @@ async fn a_fleet_takes_a_new_revision_under_load_refuses_bad_ones_and_restarts_o
     fresh.signal("TERM");
     let status = fresh.exit(Duration::from_secs(10)).await.unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// A store that the bundle's own policy places abroad: a sidecar with nothing kept never takes
+/// a bundle from it (unready, saying why), and one that kept a bundle does not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_abroad_is_refused_at_start_up() {
+    let home = Upstream::start(HOME_IP, Serve::Ok).await;
+    let store = S3Server::start(ABROAD_STORE_IP);
+    store.create_bucket("policies");
+    let publisher = Publisher::new(home.url());
+    let bundle = publisher.bundle(1);
+    publish(&store, bundle.clone()).await;
+    let (dir, policy) = sidecar_dir(0, &store, &publisher.public_key());
+
+    let mut waiting = Served::start(&policy, dir.path());
+    let admin = waiting
+        .addr(
+            "admin listener serving (waiting for a policy bundle)",
+            "admin.listen",
+        )
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let why = loop {
+        let r = client::get("127.0.0.1", admin, "/readyz", &[]).await;
+        assert_eq!(r.status, 503);
+        let why = r.json()["failing"][0].as_str().unwrap().to_string();
+        if why.contains("source_abroad") {
+            break why;
+        }
+        assert!(Instant::now() < deadline, "{why}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        why.contains(&format!(
+            "source_abroad: the policy source {ABROAD_STORE_IP} resolves to {ABROAD_STORE_IP} located in US, outside the home jurisdiction CN"
+        )),
+        "{why}"
+    );
+    waiting.signal("TERM");
+    assert!(
+        waiting
+            .exit(Duration::from_secs(10))
+            .await
+            .unwrap()
+            .success()
+    );
+    assert!(!dir.path().join("logs/policy.bundle").exists());
+
+    // Kept from before the store moved abroad: start-up fails, saying where it is.
+    std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+    std::fs::write(dir.path().join("logs/policy.bundle"), &bundle).unwrap();
+    let mut refused = Served::start(&policy, dir.path());
+    let status = refused.exit(Duration::from_secs(10)).await.unwrap();
+    assert!(!status.success(), "{status:?}");
+    // The last lines may still be on their way from the pipe.
+    crate::support::wait_until("the refusal on standard error", || {
+        refused.events().iter().any(|e| {
+            e.to_string()
+                .contains("located in US, outside the home jurisdiction CN")
+        })
+    })
+    .await;
 }
