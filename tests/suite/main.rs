@@ -23,6 +23,7 @@ mod cli;
 mod consent_api;
 mod consent_batch;
 mod consent_cache;
+mod consent_import;
 mod consent_postgres;
 mod consent_sqlite;
 mod decision_trace;

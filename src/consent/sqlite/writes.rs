@@ -1,16 +1,19 @@
 //! The registry's writer and reader for the admin API and the `consent` command: writes
 //! planned by [`crate::consent::change::plan`] and committed in one transaction, bulk imports
-//! in one transaction, listings. Separate from the reader and the feed, which serve the proxy
+//! in transactions of about a second each, listings. Separate from the reader and the feed, which serve the proxy
 //! and never write.
 
 use super::rows::{Selection, held, history, json_list, states};
 use super::schema::{FileId, SqliteError, connect, file_id};
-use crate::consent::change::{Batch, Change, Event, Filter, Refusal, Written, plan, plan_distinct};
-use crate::consent::import::{Chunks, Settle};
+use crate::consent::change::{
+    Batch, Change, Event, Filter, Outcome, Refusal, Written, plan, plan_distinct,
+};
+use crate::consent::import::{Chunks, Fresh, Settle};
 use crate::consent::record::ConsentRecord;
-use rusqlite::{Connection, TransactionBehavior, params};
+use rusqlite::{Connection, Transaction, TransactionBehavior, params};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 /// Page cache of an import's connection (negative: KiB), 64 MiB.
 const IMPORT_CACHE_KIB: i64 = -65536;
@@ -48,6 +51,151 @@ fn insert(tx: &Connection, batch: &Batch, by: &str) -> rusqlite::Result<()> {
         ])?;
     }
     Ok(())
+}
+
+/// How long an import holds the write lock at a time: a grant made meanwhile waits up to
+/// this long, well within the 5 s every connection waits for the lock.
+const IMPORT_HOLD: Duration = Duration::from_secs(1);
+/// How long an import lets go of the write lock between its transactions: longer than the
+/// 100 ms a writer waiting for the lock sleeps between its tries, so that one waiting gets it.
+const IMPORT_GAP: Duration = Duration::from_millis(110);
+
+/// See [`SqliteRegistry::import`].
+fn import_chunks(
+    conn: &Connection,
+    chunks: &mut Chunks,
+    by: &str,
+    settle: &mut Settle,
+) -> rusqlite::Result<Option<std::io::Error>> {
+    let mut open: Option<(Transaction<'_>, Instant)> = None;
+    // Whether the last chunk found ids held: then the next one reads before it writes.
+    let mut read_first = false;
+    while let Some(chunk) = chunks.blocking_recv() {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            // Dropping the transaction rolls it back.
+            Err(e) => return Ok(Some(e)),
+        };
+        if open.is_none() {
+            let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+            open = Some((tx, Instant::now()));
+        }
+        let (tx, since) = open.as_ref().expect("opened above");
+        let (changes, chunk) = chunk.take();
+        let results = match read_first {
+            true => {
+                let (results, found) = import_planned(tx, changes, by)?;
+                read_first = found > 0;
+                results
+            }
+            false => {
+                let (results, found) = import_chunk(tx, changes, by)?;
+                read_first = found > 0;
+                results
+            }
+        };
+        settle.chunk(chunk, results);
+        if since.elapsed() >= IMPORT_HOLD {
+            let (tx, _) = open.take().expect("open");
+            tx.commit()?;
+            std::thread::sleep(IMPORT_GAP);
+        }
+    }
+    if let Some((tx, _)) = open {
+        tx.commit()?;
+    }
+    Ok(None)
+}
+
+/// Writes a chunk's changes: each grant first as if the registry did not hold its id (the
+/// common case, without reading first; `INSERT OR IGNORE` inserts nothing when it does),
+/// then the grants whose ids it holds and the withdrawals as [`plan_distinct`] plans them
+/// against what it holds. Returns the results and how many grants found their ids held.
+fn import_chunk(
+    tx: &Connection,
+    changes: Vec<Change>,
+    by: &str,
+) -> rusqlite::Result<(Vec<Result<Outcome, Refusal>>, usize)> {
+    let fresh = Fresh::plan(&changes);
+    let mut outcomes = fresh.outcomes;
+    let mut found = 0;
+    {
+        // OR IGNORE applies to the trigger's insertion too: no statement can fail half
+        // done, so none keeps a statement journal.
+        let mut grant = tx.prepare_cached(
+            "INSERT OR IGNORE INTO consents (id, subject, recipient, purposes, categories, destinations, method, granted_at, expires_at, evidence, recorded_by) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )?;
+        let mut revoke = tx.prepare_cached(
+            "INSERT INTO consent_revocations (consent_id, revoked_at, evidence, recorded_by) VALUES (?1, ?2, NULL, ?3)",
+        )?;
+        for &i in &fresh.grants {
+            let (Change::Record(r) | Change::Undated(r)) = &changes[i] else {
+                unreachable!("only records are granted")
+            };
+            let inserted = grant.execute(params![
+                r.id,
+                r.subject,
+                r.recipient,
+                json_list(&r.purposes),
+                json_list(&r.categories),
+                json_list(&r.destinations),
+                r.method,
+                r.granted_at.to_string(),
+                r.expires_at.to_string(),
+                r.evidence,
+                by,
+            ])?;
+            match (inserted, r.revoked_at) {
+                (0, _) => {
+                    outcomes[i] = None;
+                    found += 1;
+                }
+                (_, Some(at)) => {
+                    revoke.execute(params![r.id, at.to_string(), by])?;
+                }
+                (_, None) => {}
+            }
+        }
+    }
+    let (planned, later): (Vec<_>, Vec<_>) = changes
+        .into_iter()
+        .zip(&outcomes)
+        .partition(|(_, outcome)| outcome.is_some());
+    drop(planned);
+    let later: Vec<Change> = later.into_iter().map(|(c, _)| c).collect();
+    if !later.is_empty() {
+        let ids: Vec<&str> = later.iter().map(Change::id).collect();
+        let held = held(tx, &json_list(&ids))?;
+        drop(ids);
+        let (batch, results) = plan_distinct(held, later);
+        insert(tx, &batch, by)?;
+        let mut results = results.into_iter();
+        for outcome in outcomes.iter_mut().filter(|o| o.is_none()) {
+            *outcome = results.next();
+        }
+    }
+    let results = outcomes
+        .into_iter()
+        .map(|o| o.expect("every change planned"))
+        .collect();
+    Ok((results, found))
+}
+
+/// Writes a chunk's changes as [`plan_distinct`] plans them after reading what the registry
+/// holds for their ids; returns the results and how many of the ids were held.
+fn import_planned(
+    tx: &Connection,
+    changes: Vec<Change>,
+    by: &str,
+) -> rusqlite::Result<(Vec<Result<Outcome, Refusal>>, usize)> {
+    let ids: Vec<&str> = changes.iter().map(Change::id).collect();
+    let held = held(tx, &json_list(&ids))?;
+    drop(ids);
+    let found = held.len();
+    let (batch, results) = plan_distinct(held, changes);
+    insert(tx, &batch, by)?;
+    Ok((results, found))
 }
 
 /// The registry's writer and reader for the admin API and the `consent` command.
@@ -116,9 +264,12 @@ impl SqliteRegistry {
         })
     }
 
-    /// Writes the chunks of an import (see [`crate::consent::import`]) in one transaction, reading
-    /// what the registry holds for each chunk's ids in one go. Returns the read failure that
-    /// stopped it, if any: then nothing is written.
+    /// Writes the chunks of an import (see [`crate::consent::import`]) in transactions of
+    /// about [`IMPORT_HOLD`] each, with a pause of [`IMPORT_GAP`] between them, so that a
+    /// grant made meanwhile (the admin API's, another `consent` command's) waits for one
+    /// transaction, not for the import. An import cut short leaves the registry holding the
+    /// transactions before the cut, which running it again completes. Returns the read
+    /// failure that stopped it, if any: the transaction it was in is rolled back.
     pub fn import(
         &self,
         chunks: &mut Chunks,
@@ -127,27 +278,15 @@ impl SqliteRegistry {
     ) -> Result<Option<std::io::Error>, SqliteError> {
         self.with(|conn| {
             // The pages an import touches stay in memory (a bounded cache) instead of
-            // going to and from the WAL file at the default 2 MiB.
+            // going to and from the WAL file at the default 2 MiB; the statement journal,
+            // which keeps the pages each insertion changes until it completes, too.
             let cache: i64 = conn.pragma_query_value(None, "cache_size", |r| r.get(0))?;
             conn.pragma_update(None, "cache_size", IMPORT_CACHE_KIB)?;
-            let result = (|| {
-                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                while let Some(chunk) = chunks.blocking_recv() {
-                    let chunk = match chunk {
-                        Ok(chunk) => chunk,
-                        // Dropping the transaction rolls it back.
-                        Err(e) => return Ok(Some(e)),
-                    };
-                    let held = held(&tx, &json_list(&chunk.ids()))?;
-                    let (changes, chunk) = chunk.take();
-                    let (batch, results) = plan_distinct(held, changes);
-                    insert(&tx, &batch, by)?;
-                    settle.chunk(chunk, results);
-                }
-                tx.commit()?;
-                Ok(None)
-            })();
+            let temp: i64 = conn.pragma_query_value(None, "temp_store", |r| r.get(0))?;
+            conn.pragma_update(None, "temp_store", "MEMORY")?;
+            let result = import_chunks(conn, chunks, by, settle);
             conn.pragma_update(None, "cache_size", cache)?;
+            conn.pragma_update(None, "temp_store", temp)?;
             result
         })
     }
