@@ -1,12 +1,13 @@
 //! A fleet of real sidecars (`serve` processes) taking their rules from one signed bundle in
 //! one bucket (moto): a new revision is live on all three within `poll_interval` + 2 s while
 //! clients keep sending requests, none refused or lost at the swap, and the decision records
-//! switch revision; a bundle signed by another key and an older revision are refused by all
-//! three, with the reason in `/v1/policy`, `/readyz`, the metrics and each proxy's own log,
-//! while the live revision keeps deciding; a restart with the store down comes up on the bundle
-//! kept on the volume, and a sidecar that kept none stays unready, saying why, until stopped; a
-//! store that the bundle's own policy places abroad is never taken from, and refuses start-up
-//! when a bundle was kept.
+//! switch revision; a bundle signed by another key, an older revision, an unsigned one, a
+//! damaged one and one that does not compile are each refused by all three, with the reason
+//! in `/v1/policy`, `/readyz`, the metrics and each proxy's own log, while the live revision
+//! keeps deciding; a restart with the store down comes up on the bundle kept on the volume,
+//! and a sidecar that kept none stays unready, saying why, until stopped; a store that the
+//! bundle's own policy places abroad is never taken from, and refuses start-up when a bundle
+//! was kept.
 
 use crate::support::binary::Served;
 use crate::support::client::{self, Conn, empty, request};
@@ -17,6 +18,7 @@ use crate::support::upstream::{Reply as Serve, Upstream};
 use object_store::ObjectStoreExt;
 use residency_proxy::audit::keys::SigningKey;
 use residency_proxy::bundle::build::{BuildOptions, build};
+use residency_proxy::bundle::format::{self, FileEntry, Manifest};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -121,6 +123,29 @@ impl Publisher {
 
     fn bundle(&self, revision: u64) -> Vec<u8> {
         self.bundle_by(&self.key, revision)
+    }
+
+    /// A bundle signed by the right key whose policy does not compile (made by hand: `bundle
+    /// build` refuses it).
+    fn broken(&self, revision: u64) -> Vec<u8> {
+        let text = rules("broken", &self.home_url).replace("home = 'CN'", "home = 'Mars'");
+        let manifest = Manifest {
+            format: format::FORMAT,
+            revision,
+            built_at: jiff::Timestamp::now(),
+            builder: "hand@made".into(),
+            allow_rollback: false,
+            signer: self.key.fingerprint(),
+            policy: "fleet.toml".into(),
+            geo: None,
+            files: vec![FileEntry {
+                path: "fleet.toml".into(),
+                size: text.len() as u64,
+                sha256: format::sha256_hex(text.as_bytes()),
+            }],
+        };
+        let bytes = manifest.to_bytes();
+        format::encode(&bytes, Some(&self.key.sign(&bytes)), &[text.as_bytes()])
     }
 }
 
@@ -409,7 +434,7 @@ async fn a_fleet_takes_a_new_revision_under_load_refuses_bad_ones_and_restarts_o
         assert_eq!(runs[1]["began"], first_r2["ts"], "{report}");
     }
 
-    // A bundle signed by another key, then an older revision: refused by all three.
+    // Each kind of bad bundle in turn, refused by all three.
     let other =
         SigningKey::from_pem(SigningKey::generate_pem().as_bytes(), Path::new("o")).unwrap();
     publish(&store, publisher.bundle_by(&other, 3)).await;
@@ -421,6 +446,21 @@ async fn a_fleet_takes_a_new_revision_under_load_refuses_bad_ones_and_restarts_o
         "revision 1 is not newer than the live revision 2",
     )
     .await;
+    let good = publisher.bundle(4);
+    let parsed = format::parse(&good).unwrap();
+    let contents: Vec<&[u8]> = parsed.files().map(|(_, c)| c).collect();
+    publish(
+        &store,
+        format::encode(parsed.manifest_bytes(), None, &contents),
+    )
+    .await;
+    refused_everywhere(&fleet, "unsigned", "no signature").await;
+    let mut flipped = good.clone();
+    *flipped.last_mut().unwrap() ^= 1;
+    publish(&store, flipped).await;
+    refused_everywhere(&fleet, "corrupt", "does not match its SHA-256").await;
+    publish(&store, publisher.broken(5)).await;
+    refused_everywhere(&fleet, "does_not_compile", "revision 5").await;
 
     // SIGHUP reads the sidecar's own file again and merges it with the live bundle.
     fleet[1].served.signal("HUP");
