@@ -6,6 +6,7 @@
 //! under the policy it was decided by). A refused bundle never reaches the proxy: the source
 //! logs it, counts it and shows it, and the live revision keeps serving.
 
+use super::StartError;
 use crate::bundle::VerifiedBundle;
 use crate::bundle::source::{Compile, Source, SourceHandle, Status, StatusHandle};
 use crate::policy::compile::{Diagnostic, PolicyFile, load_file, merge};
@@ -25,16 +26,6 @@ pub struct Follower {
     task: Option<JoinHandle<()>>,
 }
 
-impl Follower {
-    /// Stops polling and swapping.
-    pub fn stop(self) {
-        if let Some(task) = self.task {
-            task.abort();
-        }
-        self.source.stop();
-    }
-}
-
 /// A sidecar's source, started and with a bundle live.
 pub struct Started {
     /// The policy the live bundle makes with the sidecar's own file.
@@ -47,6 +38,14 @@ pub struct Started {
 }
 
 impl Follower {
+    /// Stops polling and swapping.
+    pub fn stop(self) {
+        if let Some(task) = self.task {
+            task.abort();
+        }
+        self.source.stop();
+    }
+
     /// Swaps each bundle that goes live from now on into the running proxy, through
     /// `reloader` (every worker, atomically).
     pub fn follow(&mut self, reloader: Arc<Reloader>) {
@@ -69,15 +68,6 @@ impl Follower {
             }
         }));
     }
-}
-
-/// Why a sidecar cannot start on its bundle source.
-#[derive(Debug, thiserror::Error)]
-pub enum BundleStartError {
-    #[error(transparent)]
-    Source(#[from] crate::bundle::source::SourceError),
-    #[error(transparent)]
-    Serve(#[from] ServeError),
 }
 
 /// The policy a sidecar serves: its own file at `path`, read again (an edit takes effect with
@@ -110,7 +100,7 @@ pub async fn start(
     source: crate::policy::model::PolicySource,
     stop: impl Future<Output = ()>,
     opened: impl FnOnce(&StatusHandle),
-) -> Result<Option<Started>, BundleStartError> {
+) -> Result<Option<Started>, StartError> {
     let path = config.policy_path.clone();
     let overrides = config.overrides.clone();
     let compile: Compile = {

@@ -58,15 +58,6 @@ pub enum StartError {
     Source(#[from] crate::bundle::source::SourceError),
 }
 
-impl From<bundle::BundleStartError> for StartError {
-    fn from(e: bundle::BundleStartError) -> StartError {
-        match e {
-            bundle::BundleStartError::Source(e) => StartError::Source(e),
-            bundle::BundleStartError::Serve(e) => StartError::Serve(e),
-        }
-    }
-}
-
 /// A proxy with its admin listener: what `serve` runs. It reads as the proxy it holds.
 pub struct Sidecar {
     pub proxy: RunningProxy,
@@ -144,7 +135,13 @@ pub async fn start_unless(
         status,
         mut follower,
     } = started;
-    let proxy = crate::proxy::start_reading(config, policy, Some(read)).await?;
+    let proxy = match crate::proxy::start_reading(config, policy, Some(read)).await {
+        Ok(proxy) => proxy,
+        Err(e) => {
+            follower.stop();
+            return Err(e.into());
+        }
+    };
     follower.follow(proxy.reloader());
     Ok(Some(
         serve_admin(starting, proxy, Some(status), Some(follower)).await,
