@@ -156,6 +156,15 @@ impl Committer {
             LogTarget::Stdout => (Sink::Stdout(io::stdout()), Start::empty()),
             LogTarget::File(path) => {
                 let (file, start) = open_log(path)?;
+                if let Some(was) = &start.instance
+                    && **was != *settings.instance
+                {
+                    return Err(AuditError::Renamed {
+                        path: path.clone(),
+                        was: was.clone(),
+                        now: settings.instance.to_string(),
+                    });
+                }
                 (Sink::File(file), start)
             }
         };

@@ -389,6 +389,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_log_is_not_continued_under_another_instance_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        write_log(&path, 0..3).await;
+        let p = policy();
+        let mut renamed = settings(&p, &path, Durability::Write);
+        renamed.instance = format!("{}-renamed", p.log.instance).into();
+        let e = LogWriter::open(&renamed, None)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            e.contains(&format!("is the chain of instance \"{}\"", p.log.instance)),
+            "{e}"
+        );
+        assert!(e.contains("give the new instance a new log path"), "{e}");
+        // The log is untouched, and the old name still continues it.
+        assert_chain(&path, 3);
+        write_log(&path, 3..5).await;
+        assert_chain(&path, 5);
+    }
+
+    #[tokio::test]
     async fn a_checkpoint_is_written_on_the_timer_while_records_are_unsigned() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.jsonl");

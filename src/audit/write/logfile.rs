@@ -32,6 +32,17 @@ pub enum AuditError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The chain in the file was written under another `[log] instance`: going on would mix
+    /// two instances' records in one chain, which a fleet's verification refuses.
+    #[error(
+        "decision log {} is the chain of instance \"{was}\", but [log] instance is now \"{now}\": an instance's records may not continue another's chain; give the new instance a new log path (or folder), or set instance back to \"{was}\"",
+        path.display()
+    )]
+    Renamed {
+        path: PathBuf,
+        was: String,
+        now: String,
+    },
     #[error("decision log {} ends in a record that does not parse (line {line}): {why}", path.display())]
     Tail {
         path: PathBuf,
@@ -64,6 +75,8 @@ impl Head {
 pub(super) struct Start {
     pub(super) head: Head,
     pub(super) recovery: Option<RecoveryRecord>,
+    /// The instance the chain's last record names, when it names one.
+    pub(super) instance: Option<String>,
 }
 
 impl Start {
@@ -71,6 +84,7 @@ impl Start {
         Start {
             head: Head::genesis(),
             recovery: None,
+            instance: None,
         }
     }
 }
@@ -93,8 +107,16 @@ pub(super) fn open_log(path: &Path) -> Result<(LogFile, Start), AuditError> {
         None => opened.torn > 0,
     };
     let recovery = unclean.then(|| recovery_record(&tail_file, tail.as_ref(), opened.torn, None));
+    let instance = tail.as_ref().and_then(|t| t.instance.clone());
     let head = tail.map_or_else(Head::genesis, |t| t.head);
-    Ok((opened.file, Start { head, recovery }))
+    Ok((
+        opened.file,
+        Start {
+            head,
+            recovery,
+            instance,
+        },
+    ))
 }
 
 /// The recovery record for a chain that goes on from `tail` of `file` (after `torn` bytes of
@@ -136,6 +158,7 @@ fn shipped_tail(path: &Path) -> Result<Option<Tail>, AuditError> {
             seq: h.seq,
             hash: h.hash,
         },
+        instance: None,
     }))
 }
 
@@ -251,6 +274,8 @@ struct Tail {
     kind: Option<String>,
     /// It is a final checkpoint: the log was closed cleanly.
     closed: bool,
+    /// The instance the record names (records before instances were named have none).
+    instance: Option<String>,
 }
 
 enum TailError {
@@ -506,6 +531,10 @@ fn parse_tail(line: &[u8]) -> Result<Tail, String> {
         },
         kind: kind.map(str::to_string),
         closed,
+        instance: v
+            .get("instance")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_string),
     })
 }
 
