@@ -25,9 +25,10 @@ use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Examples:\n  residency-proxy explain --policy policies/demo.toml --method GET \\\n    --path /payments/u123/2026-01.json --client-ip 127.0.0.20 --purpose credit_scoring\n  \
+    after_help = "Examples (policies/demo.toml names the files `residency-proxy demo --no-wait` writes into demo/: \
+run it once first):\n  residency-proxy explain --policy policies/demo.toml --method GET \\\n    --path /payments/u123/2026-01.json --client-ip 127.0.0.20 --purpose credit_scoring\n  \
 residency-proxy explain --policy policies/demo.toml --path /exports/spending/2026-11.jsonl \\\n    \
---client-ip 127.0.0.20 --purpose credit_scoring --consents consents.jsonl \\\n    \
+--client-ip 127.0.0.20 --purpose credit_scoring \\\n    \
 --body policies/tests/bodies/spending-2026-11.jsonl --out what-leaves.jsonl"
 )]
 pub struct ExplainArgs {
