@@ -8,10 +8,10 @@
 
 use super::StartError;
 use crate::bundle::VerifiedBundle;
-use crate::bundle::source::{Compile, Source, SourceHandle, Status, StatusHandle};
+use crate::bundle::source::{Compile, Source, SourceHandle, Status, StatusHandle, Waker};
 use crate::policy::compile::{Diagnostic, PolicyFile, load_file, merge};
 use crate::policy::{Policy, PolicyError};
-use crate::proxy::reload::{ReadPolicy, Reloader};
+use crate::proxy::reload::{ReadPolicy, Reloader, Trigger};
 use crate::proxy::snapshot::Overrides;
 use crate::proxy::{ServeConfig, ServeError};
 use serde::Serialize;
@@ -55,11 +55,7 @@ impl Follower {
                 let revision = bundles.borrow_and_update().as_ref().map(|b| b.revision());
                 // A rejection is logged, counted and shown in /v1/policy by the reloader; the
                 // running policy keeps serving.
-                if reloader
-                    .reload(crate::proxy::reload::Trigger::Bundle)
-                    .await
-                    .is_err()
-                {
+                if reloader.reload(Trigger::Bundle).await.is_err() {
                     tracing::error!(
                         bundle.revision = revision,
                         "the proxy could not swap in the live policy bundle; the previous revision keeps deciding"
@@ -138,7 +134,7 @@ pub async fn start(
         .clone()
         .expect("a bundle is live once waited for");
     let policy = compile_off_runtime(&path, &overrides, bundle).await?;
-    let read = reader(path, overrides, handle.bundles.clone());
+    let read = reader(path, overrides, handle.bundles.clone(), handle.waker());
     Ok(Some(Started {
         policy,
         read,
@@ -163,12 +159,19 @@ async fn compile_off_runtime(
 }
 
 /// How reloads read the policy: the sidecar's file merged with the bundle live at the time.
+/// A reload for another cause than a new bundle (SIGHUP, the sidecar's own file edited) also
+/// makes the source look again: a bundle refused as not compiling with the old file may
+/// compile with the new one.
 fn reader(
     path: PathBuf,
     overrides: Overrides,
     bundles: watch::Receiver<Option<Arc<VerifiedBundle>>>,
+    waker: Waker,
 ) -> ReadPolicy {
-    Arc::new(move || {
+    Arc::new(move |trigger| {
+        if trigger != Trigger::Bundle {
+            waker.poll_now();
+        }
         let bundle = bundles.borrow().clone();
         let bundle = bundle.ok_or_else(|| ServeError::Task("no policy bundle is live".into()))?;
         Ok(merged(&path, &overrides, &bundle)?)

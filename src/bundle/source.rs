@@ -132,6 +132,21 @@ impl SourceHandle {
     pub fn stop(self) {
         self.task.abort();
     }
+
+    /// A way to [`SourceHandle::poll_now`] for whoever does not hold the handle.
+    pub fn waker(&self) -> Waker {
+        Waker(self.wake.clone())
+    }
+}
+
+/// Makes a running source poll at once, judging again a bundle refused before.
+#[derive(Clone)]
+pub struct Waker(Arc<Notify>);
+
+impl Waker {
+    pub fn poll_now(&self) {
+        self.0.notify_one();
+    }
 }
 
 /// The status of a running source, shared.

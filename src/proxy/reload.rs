@@ -65,9 +65,9 @@ pub enum Reloaded {
 }
 
 /// How a reload reads the policy when its file is not the whole of it: a sidecar's own file
-/// (read again) merged with the live bundle, with the command line's overrides applied. Called
-/// off the runtime threads.
-pub type ReadPolicy = Arc<dyn Fn() -> Result<Policy, ServeError> + Send + Sync>;
+/// (read again) merged with the live bundle, with the command line's overrides applied. Given
+/// what asked for the reload; called off the runtime threads.
+pub type ReadPolicy = Arc<dyn Fn(Trigger) -> Result<Policy, ServeError> + Send + Sync>;
 
 /// Rebuilds and swaps every worker's snapshot; one reload at a time.
 pub struct Reloader {
@@ -112,7 +112,7 @@ impl Reloader {
         unchanged: impl FnOnce() -> F,
     ) -> Result<Reloaded, ServeError> {
         let _guard = self.lock.lock().await;
-        let result = self.build().await;
+        let result = self.build(trigger).await;
         let (next, token) = match result {
             Ok(next) if !unchanged().await => {
                 drop(next);
@@ -163,14 +163,17 @@ impl Reloader {
     /// The next snapshots, one per worker, and the admin token the policy names (read again:
     /// rotating the token takes a reload, not a restart; an unreadable or empty one rejects
     /// the reload).
-    async fn build(&self) -> Result<(Vec<Snapshot>, Option<AdminToken>), ServeError> {
+    async fn build(
+        &self,
+        trigger: Trigger,
+    ) -> Result<(Vec<Snapshot>, Option<AdminToken>), ServeError> {
         let path = self.config.policy_path.clone();
         let overrides = self.config.overrides.clone();
         let read = self.read.clone();
         // Reading and compiling the files is blocking work: off the runtime threads.
         let (policy, token) = tokio::task::spawn_blocking(move || {
             let policy = match read {
-                Some(read) => read()?,
+                Some(read) => read(trigger)?,
                 None => read_policy(&path, &overrides)?,
             };
             let token = policy

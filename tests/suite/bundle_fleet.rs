@@ -462,7 +462,7 @@ async fn a_fleet_takes_a_new_revision_under_load_refuses_bad_ones_and_restarts_o
     publish(&store, publisher.broken(5)).await;
     refused_everywhere(&fleet, "does_not_compile", "revision 5").await;
 
-    // SIGHUP reads the sidecar's own file again and merges it with the live bundle.
+    // SIGHUP reads the sidecar's own file again and merges it with the live bundle...
     fleet[1].served.signal("HUP");
     let mut reloaded = None;
     crate::support::wait_until("a reload on SIGHUP", || {
@@ -474,6 +474,13 @@ async fn a_fleet_takes_a_new_revision_under_load_refuses_bad_ones_and_restarts_o
     .await;
     assert_eq!(reloaded.unwrap()["fields"]["policy.revision"], 2);
     assert_eq!(fleet[1].policy().await["last_reload"]["result"], "ok");
+    // ... and makes the source judge the bundle it holds again: the sidecar's file may have
+    // been what it did not compile with.
+    fleet[1]
+        .policy_until("the refused bundle judged again", |p| {
+            p["source"]["failures"]["does_not_compile"] == 2
+        })
+        .await;
 
     // The store goes down; side-0 restarts and comes up on the bundle it kept.
     store.kill();
