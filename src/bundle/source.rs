@@ -205,11 +205,15 @@ pub struct Source {
     live: Option<Live>,
     /// The previous live bundle's database, kept on disk while a snapshot may read it.
     previous_geo: Option<PathBuf>,
-    /// What was last fetched, to ask for it only if it changed.
+    /// What was last fetched and settled (live, or refused for a fault of its own), to ask
+    /// for it only if it changed. A bundle that could not be located or kept for a passing
+    /// reason is not settled: the next poll fetches and judges it again.
     etag: Option<String>,
     file_version: Option<FileVersion>,
     /// The last bundle refused (its digest), so that it is judged once.
     refused_digest: Option<String>,
+    /// The live bundle could not be kept on the volume.
+    unkept: bool,
     /// The last failure logged: the same one again is logged at debug level.
     last_logged: Option<(Reason, String)>,
     status: Arc<Mutex<Status>>,
@@ -245,6 +249,7 @@ impl Source {
             etag: None,
             file_version: None,
             refused_digest: None,
+            unkept: false,
             last_logged: None,
             tx,
             wake: Arc::new(Notify::new()),
@@ -342,7 +347,7 @@ impl Source {
             status.last_poll = Some(jiff::Timestamp::now());
             status.downloads += 1;
         }
-        (self.etag, self.file_version) = (etag, version);
+        let fetched = (etag, version);
         let digest = format!("sha256:{}", format::sha256_hex(&bytes));
         if self
             .live
@@ -350,17 +355,26 @@ impl Source {
             .is_some_and(|l| l.bundle.digest == digest)
         {
             lock(&self.status).refused = None;
+            if self.unkept {
+                // The live bundle could not be kept last time: try again.
+                self.keep(bytes).await?;
+            }
             self.confirm_kept();
+            (self.etag, self.file_version) = fetched;
             return Ok(false);
         }
         if self.refused_digest.as_ref() == Some(&digest) {
+            (self.etag, self.file_version) = fetched;
             return Ok(false);
         }
         let live_revision = self.live.as_ref().map(|l| l.bundle.revision());
         let (judged, bytes) = match self.judge(bytes, live_revision).await {
             Ok(j) => j,
             Err(refusal) => {
-                self.refused_digest = Some(digest);
+                if is_about_the_bundle(refusal.reason) {
+                    self.refused_digest = Some(digest);
+                    (self.etag, self.file_version) = fetched;
+                }
                 return Err(refusal);
             }
         };
@@ -371,26 +385,37 @@ impl Source {
             Err(r) => {
                 if r.reason == Reason::SourceAbroad {
                     self.refused_digest = Some(digest);
+                    (self.etag, self.file_version) = fetched;
                 }
                 return Err(r);
             }
         };
         // Kept before it goes live: a restart comes up on what was served.
+        let kept = self.keep(bytes).await;
+        self.go_live(bundle, policy, located, false);
+        if kept.is_ok() {
+            (self.etag, self.file_version) = fetched;
+        }
+        kept.map(|()| true)
+    }
+
+    /// Keeps `bytes` (the live bundle) on the sidecar's volume; until it is kept, each poll
+    /// fetches the bundle again to try.
+    async fn keep(&mut self, bytes: Vec<u8>) -> Result<(), Refusal> {
         let cache = self.settings.cache.clone();
         let kept = tokio::task::spawn_blocking(move || keep::write_atomic(&cache, &bytes))
             .await
             .expect("writing a file does not panic");
-        self.go_live(bundle, policy, located, false);
-        if let Err(e) = kept {
-            return Err(Refusal::new(
+        self.unkept = kept.is_err();
+        kept.map_err(|e| {
+            Refusal::new(
                 Reason::KeepFailed,
                 format!(
                     "the live bundle cannot be kept in {}: {e} (a restart while the source is unreachable would not come up on it)",
                     self.settings.cache.display()
                 ),
-            ));
-        }
-        Ok(true)
+            )
+        })
     }
 
     /// Before contacting the source: locates it with the live policy when its addresses

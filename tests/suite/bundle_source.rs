@@ -209,6 +209,36 @@ async fn refused(
     assert_eq!(live_revision(h), Some(live));
 }
 
+/// A bundle that went live but could not be kept on the volume (here its place is taken by a
+/// folder) is kept at a later poll once it can be, although the source has not changed: the
+/// source's unchanged answer must not hide a bundle the sidecar has not settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_bundle_that_could_not_be_kept_is_kept_once_the_volume_allows() {
+    let fleet = Fleet::new();
+    let published = fleet.path("published/cn.bundle");
+    publish(&published, &fleet.bundle("cn", 1, false));
+    let kept = fleet.path("kept/policy.bundle");
+    std::fs::create_dir_all(kept.join("in-the-way")).unwrap();
+    let sidecar = fleet.sidecar(&format!("url = 'file:{}'", published.display()));
+    let mut h = start(&sidecar).await;
+    live_within_a_poll(&mut h, 1).await;
+    status_until(&h, "the keep failure", |s| {
+        s.failures.get(&Reason::KeepFailed).copied().unwrap_or(0) > 0
+    })
+    .await;
+    std::fs::remove_dir_all(&kept).unwrap();
+    let deadline = tokio::time::Instant::now() + POLL + Duration::from_secs(3);
+    while std::fs::read(&kept).ok() != Some(std::fs::read(&published).unwrap()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the live bundle was never kept: {:?}",
+            h.status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(live_revision(&h), Some(1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_source_takes_new_bundles_refuses_bad_ones_and_restarts_on_the_kept_one() {
     let fleet = Fleet::new();
