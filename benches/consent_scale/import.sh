@@ -5,6 +5,7 @@
 #
 #   benches/consent_scale/import.sh                 # 1,000,000 consents
 #   N=200000 benches/consent_scale/import.sh
+#   N=10000000 STORES=postgres benches/consent_scale/import.sh   # one store only
 #
 # PostgreSQL: RESIDENCY_TEST_POSTGRES if set (a database may be created from it), else a
 # throwaway cluster from .ci/postgres.sh, stopped on exit. Uses a release build
@@ -14,6 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 N=${N:-1000000}
+STORES=${STORES:-sqlite postgres}
 W=${W:-${CARGO_TARGET_DIR:-$ROOT/target}/consent_scale/$$}
 mkdir -p "$W"
 STARTED_PG=
@@ -92,9 +94,14 @@ run_import() {  # label, store URL
 
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs (the rates are wall-clock)"
 
-run_import "sqlite (new file)" "sqlite:$W/consent.db"
-run_import "sqlite (again: unchanged)" "sqlite:$W/consent.db"
-echo "sqlite file: $(du -m "$W/consent.db" | cut -f1) MiB"
+if [[ " $STORES " == *" sqlite "* ]]; then
+  run_import "sqlite (new file)" "sqlite:$W/consent.db"
+  run_import "sqlite (again: unchanged)" "sqlite:$W/consent.db"
+  echo "sqlite file: $(du -m "$W/consent.db" | cut -f1) MiB"
+fi
+if [[ " $STORES " != *" postgres "* ]]; then
+  exit 0
+fi
 
 if [ -z "${RESIDENCY_TEST_POSTGRES:-}" ]; then
   source "$ROOT/.ci/postgres.sh"

@@ -202,8 +202,8 @@ impl Settle {
 }
 
 /// The input of an import, read three times through one open file: a regular file as it was
-/// when opened (bytes appended later are not read; a file changed meanwhile fails the import
-/// before anything is committed), or anything else (standard input as `-`, a pipe, a
+/// when opened (bytes appended later are not read; a file changed meanwhile fails the import,
+/// keeping what it wrote before it noticed), or anything else (standard input as `-`, a pipe, a
 /// FIFO) spooled first to an unnamed temporary file, which the system removes however the
 /// process ends.
 pub struct Input {
@@ -255,7 +255,7 @@ impl Input {
         let meta = self.file.metadata()?;
         if meta.len() != self.len || meta.modified().ok() != self.modified {
             return Err(std::io::Error::other(format!(
-                "{} changed while it was being imported; nothing was imported",
+                "{} changed while it was being imported: import it again once it is written (what this import wrote is kept, and the next one completes it)",
                 self.name
             )));
         }
@@ -392,7 +392,7 @@ pub fn start(
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read(&input, now, &tx)))
                 .unwrap_or_else(|_| Err(std::io::Error::other("the import reader panicked")));
         if let Err(e) = &result {
-            // The store must not commit a partial file.
+            // The store must write no more of the file (the chunks it wrote stay).
             let _ = tx.blocking_send(Err(std::io::Error::new(e.kind(), e.to_string())));
         }
         result

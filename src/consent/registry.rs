@@ -141,8 +141,10 @@ impl Registry {
     }
 
     /// Imports a JSON lines file in bulk, as the file store reads it (see [`super::import`]):
-    /// the latest word on each id, streamed to the store in chunks and written in one
-    /// transaction. `refused` hears each refused line, in line order.
+    /// the latest word on each id, streamed to the store in chunks and written a chunk (in
+    /// SQLite, about a second) per transaction: a grant made meanwhile waits for one
+    /// transaction, and an import cut short is completed by running it again. `refused`
+    /// hears each refused line, in line order.
     pub async fn import_file(
         &self,
         input: Arc<Input>,

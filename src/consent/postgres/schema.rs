@@ -131,9 +131,11 @@ CREATE TRIGGER consent_revocations_changed AFTER INSERT ON consent_revocations
 /// comparison costs several times as much in every index insertion and lookup (an import's
 /// main cost). Not a numbered migration: a build that predates it reads and writes these
 /// columns as before, so it is not locked out of the registry. Changing a column's collation
-/// keeps the table but rebuilds the indexes on it, during which the table cannot be read:
-/// [`migrate`] does it only to an empty registry, and `consent import` (see [`collate_ids`])
-/// to any, as the first step of an import.
+/// keeps the table but rebuilds the indexes on it, during which the table cannot be read, by
+/// any sidecar (about 2 s per million consents): [`migrate`] does it only to an empty
+/// registry, and `consent import` (see [`collate_ids`]) to one small enough that the pause
+/// is as short as a grant's wait for an import's chunk; a larger one keeps its collation
+/// until its operator runs these statements once, at a quiet time.
 const COLLATE_IDS: &str = r#"
 ALTER TABLE consents ALTER COLUMN id TYPE text COLLATE "C", ALTER COLUMN subject TYPE text COLLATE "C";
 ALTER TABLE consent_revocations ALTER COLUMN consent_id TYPE text COLLATE "C";
@@ -224,30 +226,43 @@ pub(super) async fn migrate(client: &mut Client, target: &str) -> Result<(), PgE
     collate_ids(client, target, Rebuild::IfEmpty).await
 }
 
+/// The most consents an import rebuilds the indexes of by itself (see [`COLLATE_IDS`]):
+/// about 0.2 s during which no sidecar can read the registry.
+const REBUILD_AT_MOST: i64 = 100_000;
+
 /// When [`collate_ids`] may change the collation of a registry that holds consents.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub(super) enum Rebuild {
     /// Only an empty registry's (nothing to rebuild): what connecting does.
     IfEmpty,
-    /// Any registry's: what an import does first, taking the time the rebuild takes.
-    Always,
+    /// One holding at most [`REBUILD_AT_MOST`] consents: what an import does first. A
+    /// larger one is left as it is, with a warning naming the one-time step.
+    IfSmall,
 }
 
-/// Applies [`COLLATE_IDS`] under the writers' lock if it is not applied yet (and, with
-/// [`Rebuild::IfEmpty`], the registry is empty). A role that may not alter the tables
+/// Applies [`COLLATE_IDS`] under the writers' lock if it is not applied yet and the registry
+/// is empty (or, with [`Rebuild::IfSmall`], small). A role that may not alter the tables
 /// leaves them as they are: the registry works the same, only slower to import into.
 pub(super) async fn collate_ids(
     client: &mut Client,
     target: &str,
     rebuild: Rebuild,
 ) -> Result<(), PgError> {
-    let state = format!("SELECT ({IDS_COLLATED}), NOT EXISTS (SELECT 1 FROM consents)");
+    let state = format!(
+        "SELECT ({IDS_COLLATED}), (SELECT count(*) FROM (SELECT 1 FROM consents LIMIT {}) AS c)",
+        REBUILD_AT_MOST + 1
+    );
     let wanted = |row: tokio_postgres::Row| {
-        let (collated, empty): (bool, bool) = (row.get(0), row.get(1));
-        (!collated && (empty || rebuild == Rebuild::Always), empty)
+        let (collated, held): (bool, i64) = (row.get(0), row.get(1));
+        let small = held == 0 || (rebuild == Rebuild::IfSmall && held <= REBUILD_AT_MOST);
+        (!collated && small, held == 0, !collated && !small)
     };
     // Without the lock first: connecting to a registry that stays as it is takes no lock.
-    if !wanted(bounded(target, client.query_one(&state, &[])).await?).0 {
+    let (wanted_now, _, left) = wanted(bounded(target, client.query_one(&state, &[])).await?);
+    if left && rebuild == Rebuild::IfSmall {
+        tracing::warn!(consent.store = %target, "consent ids are compared by the database's collation, which is slower to import into; the registry holds more than {REBUILD_AT_MOST} consents, so the one-time change to comparing them byte by byte (its indexes rebuilt, during which no sidecar can read it) is left to you: see \"Importing in bulk\" in docs/consent.md");
+    }
+    if !wanted_now {
         return Ok(());
     }
     let tx = bounded(target, client.transaction()).await?;
@@ -256,7 +271,7 @@ pub(super) async fn collate_ids(
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY]),
     )
     .await?;
-    let (wanted, empty) = wanted(bounded(target, tx.query_one(&state, &[])).await?);
+    let (wanted, empty, _) = wanted(bounded(target, tx.query_one(&state, &[])).await?);
     if !wanted {
         return Ok(());
     }

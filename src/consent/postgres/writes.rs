@@ -1,6 +1,7 @@
 //! The registry's writer and reader for the admin API and the `consent` command: writes
 //! planned by [`crate::consent::change::plan`] and committed in one transaction under the
-//! writers' lock, bulk imports by binary `COPY` in one transaction, listings and history.
+//! writers' lock, bulk imports by binary `COPY` in a transaction per chunk, listings and
+//! history.
 //! Separate from the reader and the feed, which serve the proxy and never write.
 
 use super::connect::{PgError, bounded, config, connect};
@@ -146,7 +147,7 @@ struct ImportStatements {
 /// which undoes the chunk; it is then written after reading what the registry holds, as are
 /// the chunks after it while they find ids held. Returns the read failure that stopped it, if
 /// any (the chunks before it are written). Ids are first made to compare byte by byte
-/// ([`collate_ids`]). The `COPY`s are not bounded by [`super::connect::QUERY_TIMEOUT`]:
+/// ([`collate_ids`]) if the registry is small enough for its indexes to be rebuilt at once. The `COPY`s are not bounded by [`super::connect::QUERY_TIMEOUT`]:
 /// their time grows with the chunk and the registry.
 async fn import(
     client: &mut Client,
@@ -155,7 +156,7 @@ async fn import(
     by: &str,
     settle: &mut Settle,
 ) -> Result<Option<std::io::Error>, PgError> {
-    collate_ids(client, target, Rebuild::Always).await?;
+    collate_ids(client, target, Rebuild::IfSmall).await?;
     let held_sql = format!("SELECT {STATE_COLUMNS} FROM consents c WHERE c.id = ANY($1)");
     let statements = ImportStatements {
         held: bounded(target, client.prepare(&held_sql)).await?,

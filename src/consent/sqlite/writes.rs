@@ -54,8 +54,10 @@ fn insert(tx: &Connection, batch: &Batch, by: &str) -> rusqlite::Result<()> {
 }
 
 /// How long an import holds the write lock at a time: a grant made meanwhile waits up to
-/// this long, well within the 5 s every connection waits for the lock.
-const IMPORT_HOLD: Duration = Duration::from_secs(1);
+/// this long (and a chunk), within the 5 s every connection waits for the lock. Each
+/// commit writes the pages the transaction changed (most of the id index, whose ids come in
+/// no order): longer transactions write fewer times.
+const IMPORT_HOLD: Duration = Duration::from_secs(2);
 /// How long an import lets go of the write lock between its transactions: longer than the
 /// 100 ms a writer waiting for the lock sleeps between its tries, so that one waiting gets it.
 const IMPORT_GAP: Duration = Duration::from_millis(110);
@@ -123,12 +125,17 @@ fn import_chunk(
         // OR IGNORE applies to the trigger's insertion too: no statement can fail half
         // done, so none keeps a statement journal.
         let mut grant = tx.prepare_cached(
-            "INSERT OR IGNORE INTO consents (id, subject, recipient, purposes, categories, destinations, method, granted_at, expires_at, evidence, recorded_by) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            "INSERT OR IGNORE INTO consents (id, subject, recipient, purposes, categories, destinations, method, granted_at, expires_at, evidence, recorded_by, recorded_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         )?;
         let mut revoke = tx.prepare_cached(
-            "INSERT INTO consent_revocations (consent_id, revoked_at, evidence, recorded_by) VALUES (?1, ?2, NULL, ?3)",
+            "INSERT INTO consent_revocations (consent_id, revoked_at, evidence, recorded_by, recorded_at) VALUES (?1, ?2, NULL, ?3, ?4)",
         )?;
+        // The time the default would give each row, read once for the chunk.
+        let now: String =
+            tx.query_row("SELECT strftime('%Y-%m-%dT%H:%M:%fZ', 'now')", [], |row| {
+                row.get(0)
+            })?;
         for &i in &fresh.grants {
             let (Change::Record(r) | Change::Undated(r)) = &changes[i] else {
                 unreachable!("only records are granted")
@@ -145,6 +152,7 @@ fn import_chunk(
                 r.expires_at.to_string(),
                 r.evidence,
                 by,
+                now,
             ])?;
             match (inserted, r.revoked_at) {
                 (0, _) => {
@@ -152,7 +160,7 @@ fn import_chunk(
                     found += 1;
                 }
                 (_, Some(at)) => {
-                    revoke.execute(params![r.id, at.to_string(), by])?;
+                    revoke.execute(params![r.id, at.to_string(), by, now])?;
                 }
                 (_, None) => {}
             }
