@@ -1,11 +1,12 @@
 //! A large `consent import` and the admin API at once, against a real SQLite file and a real
 //! PostgreSQL server (`RESIDENCY_TEST_POSTGRES`; without it that test says it is skipped): a
 //! grant made while the import runs is answered within the API's time, takes effect, and
-//! the import still ends with every line counted.
+//! the import still ends with every line counted. And the one-time rebuild of a PostgreSQL
+//! registry's id indexes, done by an import only to a registry small enough not to stall.
 
 use crate::support::registry::{
-    TOKEN, admin, bureau_reads, consent_body, fresh_database, home_store, postgres_url,
-    registry_policy,
+    TOKEN, admin, bureau_reads, cli, cli_ok, consent_body, fresh_database, home_store, pg_connect,
+    postgres_url, registry_policy,
 };
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -118,4 +119,83 @@ async fn a_grant_during_a_large_postgres_import_is_served_and_the_import_complet
     let url = fresh_database(&server).await;
     let dir = tempfile::tempdir().unwrap();
     a_grant_is_served_while_an_import_runs(&url, dir.path()).await;
+}
+
+/// The collation of `consents.id` in the database at `url`.
+async fn id_collation(url: &str) -> String {
+    pg_connect(url)
+        .await
+        .query_one(
+            "SELECT c.collname::text FROM pg_attribute a JOIN pg_collation c ON c.oid = a.attcollation \
+             WHERE a.attrelid = 'consents'::regclass AND a.attname = 'id'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A registry as an earlier version left it: ids compared by the database's collation,
+/// holding `held` consents written by straight SQL.
+async fn registry_of_an_earlier_version(server: &str, held: i64) -> String {
+    let url = fresh_database(server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("one.jsonl");
+    std::fs::write(&file, consent_body("c-first", "u-first").to_string()).unwrap();
+    cli_ok(&["consent", "import", "--store", &url, file.to_str().unwrap()]).await;
+    assert_eq!(
+        id_collation(&url).await,
+        "C",
+        "a new registry compares bytes"
+    );
+    let db = pg_connect(&url).await;
+    db.batch_execute(
+        r#"ALTER TABLE consents ALTER COLUMN id TYPE text COLLATE "default", ALTER COLUMN subject TYPE text COLLATE "default";
+           ALTER TABLE consent_revocations ALTER COLUMN consent_id TYPE text COLLATE "default";
+           ALTER TABLE consent_changes ALTER COLUMN subject TYPE text COLLATE "default", ALTER COLUMN consent_id TYPE text COLLATE "default";"#,
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "INSERT INTO consents (id, subject, recipient, purposes, categories, destinations, method, granted_at, expires_at) \
+         SELECT 'c-old-' || g, 'u-old-' || g, 'credit-bureau-us', '{credit_scoring}', '{user.financial}', '{US}', \
+                'explicit', '2026-01-01T00:00:00Z', '2099-01-01T00:00:00Z' \
+         FROM generate_series(2, $1::bigint) AS g",
+        &[&held],
+    )
+    .await
+    .unwrap();
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_rebuilds_the_id_indexes_of_a_small_registry_only() {
+    let Some(server) = postgres_url("an_import_rebuilds_the_id_indexes_of_a_small_registry_only")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("more.jsonl");
+    std::fs::write(&file, consent_body("c-more", "u-more").to_string()).unwrap();
+    let import = |url: String| {
+        let file = file.display().to_string();
+        async move { cli(&["consent", "import", "--store", &url, &file]).await }
+    };
+
+    // Small: its indexes are rebuilt at once (a pause too short for the fleet to notice).
+    let small = registry_of_an_earlier_version(&server, 1_000).await;
+    assert_eq!(id_collation(&small).await, "default");
+    let out = import(small.clone()).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(id_collation(&small).await, "C");
+
+    // Large: left as it is (no sidecar stops reading), with a warning naming the step.
+    let large = registry_of_an_earlier_version(&server, 100_001).await;
+    let out = import(large.clone()).await;
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("docs/consent.md"), "{stderr}");
+    assert_eq!(id_collation(&large).await, "default");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("1 granted"), "{stdout}");
 }
