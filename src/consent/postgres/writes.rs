@@ -133,6 +133,10 @@ const COPY_REVOCATION_TYPES: [Type; 4] = [Type::TEXT, Type::TIMESTAMPTZ, Type::T
 
 /// The statements an import prepares once on its connection.
 struct ImportStatements {
+    /// Prepared, so that it goes on the wire as one message before the read it is pipelined
+    /// with: a statement given as text is prepared first (a round trip), and the prepared
+    /// read would then run before the lock is taken.
+    lock: Statement,
     held: Statement,
     grants: Statement,
     revocations: Statement,
@@ -159,6 +163,7 @@ async fn import(
     collate_ids(client, target, Rebuild::IfSmall).await?;
     let held_sql = format!("SELECT {STATE_COLUMNS} FROM consents c WHERE c.id = ANY($1)");
     let statements = ImportStatements {
+        lock: bounded(target, client.prepare("SELECT pg_advisory_xact_lock($1)")).await?,
         held: bounded(target, client.prepare(&held_sql)).await?,
         grants: bounded(target, client.prepare(COPY_GRANTS)).await?,
         revocations: bounded(target, client.prepare(COPY_REVOCATIONS)).await?,
@@ -190,11 +195,12 @@ async fn import(
 }
 
 /// Takes the writers' lock in a new transaction and reads what the registry holds for `ids`
-/// (nothing for none), in one round trip.
+/// (nothing for none), in one round trip: the lock's statement is sent first, so the server
+/// reads only once the lock is held.
 async fn lock_and_read<'c>(
     client: &'c mut Client,
     target: &str,
-    held: &Statement,
+    statements: &ImportStatements,
     ids: &[&str],
 ) -> Result<
     (
@@ -204,14 +210,11 @@ async fn lock_and_read<'c>(
     PgError,
 > {
     let tx = bounded(target, client.transaction()).await?;
-    let lock = bounded(
-        target,
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY]),
-    );
+    let lock = bounded(target, tx.execute(&statements.lock, &[&LOCK_KEY]));
     let rows = async {
         match ids.is_empty() {
             true => Ok(Vec::new()),
-            false => bounded(target, tx.query(held, &[&ids])).await,
+            false => bounded(target, tx.query(&statements.held, &[&ids])).await,
         }
     };
     let (locked, rows) = tokio::join!(lock, rows);
@@ -240,7 +243,7 @@ async fn write_fresh(
         .cloned()
         .collect();
     let ids: Vec<&str> = withdrawn.iter().map(Change::id).collect();
-    let (tx, held) = lock_and_read(client, target, &statements.held, &ids).await?;
+    let (tx, held) = lock_and_read(client, target, statements, &ids).await?;
     let (withdrawals, mut withdrawn) = plan_distinct(held, withdrawn);
     let copied = copy_grants(&tx, target, &statements.grants, fresh.records(changes), by).await;
     match copied {
@@ -271,7 +274,7 @@ async fn write_planned(
     by: &str,
 ) -> Result<(Vec<Result<Outcome, Refusal>>, usize), PgError> {
     let ids: Vec<&str> = changes.iter().map(Change::id).collect();
-    let (tx, held) = lock_and_read(client, target, &statements.held, &ids).await?;
+    let (tx, held) = lock_and_read(client, target, statements, &ids).await?;
     drop(ids);
     let found = held.len();
     let (batch, results) = plan_distinct(held, changes);
