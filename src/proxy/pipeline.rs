@@ -70,6 +70,8 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let started = Instant::now();
+    // Busy from the head on, while it is decided: its exchange counts it once it exists.
+    let _deciding = conn.activity.as_ref().map(|a| a.deciding());
     let ts = jiff::Timestamp::now();
     let id = DecisionId::new(ts);
     // Dataset, decision and reason are filled in once decided; never the path or subject.

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -66,18 +66,80 @@ pub struct Activity {
     /// Reads, writes and request ends so far.
     moves: AtomicU64,
     in_flight: AtomicUsize,
+    /// Requests ended so far.
+    ends: AtomicU64,
+    /// A byte arrived since the last request ended: the start of the next head, which
+    /// `header_read_timeout` bounds from its first byte (parking would restart that clock).
+    heard: AtomicBool,
+    /// The client left a write waiting (its receive window full): bytes are still queued.
+    write_blocked: AtomicBool,
 }
+
+/// What [`Activity::watch`] saw.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Quiet {
+    /// Nothing moved and no request was in progress for the whole limit.
+    Idle,
+    /// The connection waits for its next request, with nothing queued either way, and has
+    /// been quiet for this long: it can be parked.
+    Parkable(Duration),
+}
+
+/// How often a served connection is looked at, and so how long it has been quiet (between
+/// one and two of these) before it is parked.
+pub const PARK_AFTER: Duration = Duration::from_millis(250);
 
 impl Activity {
     pub fn new() -> Arc<Activity> {
         Arc::new(Activity {
             moves: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            ends: AtomicU64::new(0),
+            heard: AtomicBool::new(false),
+            write_blocked: AtomicBool::new(false),
         })
     }
 
     fn touch(&self) {
         self.moves.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests ended on the connection so far.
+    pub fn ends(&self) -> u64 {
+        self.ends.load(Ordering::Acquire)
+    }
+
+    /// Resolves with [`Quiet::Idle`] once no request has been in progress and no byte has
+    /// moved for `limit` (noticed within a quarter of `limit` more; a request in progress has
+    /// its own bounds: `upstream_timeout`, a stalled body, a stalled reader), or, when `park` is set,
+    /// with [`Quiet::Parkable`] once the connection has been quiet for one to two
+    /// [`PARK_AFTER`] between requests: a request ended after `ends_before` (so HTTP/1.1
+    /// is between messages), none is in progress, no byte of the next one has arrived and
+    /// no response byte waits for the client.
+    pub async fn watch(&self, limit: Duration, park: bool, ends_before: u64) -> Quiet {
+        let every = if park {
+            PARK_AFTER.min(limit / 4)
+        } else {
+            limit / 4
+        };
+        let mut seen = self.moves.load(Ordering::Relaxed);
+        let mut quiet_since = Instant::now();
+        loop {
+            tokio::time::sleep(every).await;
+            let moves = self.moves.load(Ordering::Relaxed);
+            if moves != seen || self.in_flight.load(Ordering::Acquire) > 0 {
+                seen = moves;
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() >= limit {
+                return Quiet::Idle;
+            } else if park
+                && self.ends() > ends_before
+                && !self.heard.load(Ordering::Acquire)
+                && !self.write_blocked.load(Ordering::Acquire)
+            {
+                return Quiet::Parkable(quiet_since.elapsed());
+            }
+        }
     }
 
     /// Counts a request in progress until the returned guard (held by its exchange) is
@@ -86,23 +148,23 @@ impl Activity {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
     }
+}
 
-    /// Resolves once no request is in progress and no byte has moved for `limit` (noticed
-    /// within a quarter of `limit` more). A request in progress has its own bounds
-    /// (`upstream_timeout`, a stalled body, a stalled reader).
-    pub async fn idle(&self, limit: Duration) {
-        let mut seen = self.moves.load(Ordering::Relaxed);
-        let mut quiet_since = Instant::now();
-        loop {
-            tokio::time::sleep(limit / 4).await;
-            let moves = self.moves.load(Ordering::Relaxed);
-            if moves != seen || self.in_flight.load(Ordering::Acquire) > 0 {
-                seen = moves;
-                quiet_since = Instant::now();
-            } else if quiet_since.elapsed() >= limit {
-                return;
-            }
-        }
+impl Activity {
+    /// Counts a request whose head has been read as in progress while it is decided,
+    /// before its exchange exists: a slow decision is not a quiet connection.
+    pub fn deciding(self: &Arc<Self>) -> Deciding {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Deciding(self.clone())
+    }
+}
+
+/// A request being decided (see [`Activity::deciding`]).
+pub struct Deciding(Arc<Activity>);
+
+impl Drop for Deciding {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -113,6 +175,8 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         // The idle clock starts when the last request ends.
         self.0.touch();
+        self.0.heard.store(false, Ordering::Release);
+        self.0.ends.fetch_add(1, Ordering::AcqRel);
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -136,11 +200,21 @@ impl<S> WriteStall<S> {
         }
     }
 
+    /// The stream itself (to wait for a parked connection's next byte).
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
     /// Bytes written count as activity; a flush does not (HTTP/2 flushes whenever its task
-    /// wakes, bytes or not).
+    /// wakes, bytes or not). A write left waiting is noted until one goes through.
     fn wrote(&self, r: &Poll<io::Result<usize>>) {
-        if matches!(r, Poll::Ready(Ok(n)) if *n > 0) {
-            self.activity.touch();
+        match r {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.activity.touch();
+                self.activity.write_blocked.store(false, Ordering::Release);
+            }
+            Poll::Pending => self.activity.write_blocked.store(true, Ordering::Release),
+            _ => {}
         }
     }
 
@@ -172,6 +246,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for WriteStall<S> {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.activity.touch();
+            self.activity.heard.store(true, Ordering::Release);
         }
         r
     }

@@ -848,6 +848,93 @@ async fn a_connection_on_which_nothing_moves_is_closed() {
     );
 }
 
+/// A keep-alive connection waiting for its next request is parked (hyper's connection and
+/// buffers let go, only the socket kept): a request after the wait, and two sent in one write
+/// after another, are answered on the same connection, each with its records; a connection
+/// left idle is still closed once `header_read_timeout` has passed, not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_keep_alive_connection_serves_its_next_requests() {
+    use tokio::io::AsyncWriteExt;
+    let w = World::start_with(Serve::Ok, |s| s.proxy("header_read_timeout = '2s'")).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{APP}:0").parse().unwrap()).unwrap();
+    let mut tcp = socket.connect(w.proxy.addr).await.unwrap();
+    let get = format!(
+        "GET /payments/u1/2026-01.json HTTP/1.1\r\nHost: {}\r\n\r\n",
+        client::HOST
+    );
+    let mut buffered = Vec::new();
+    let mut ids = Vec::new();
+    tcp.write_all(get.as_bytes()).await.unwrap();
+    ids.push(read_response(&mut tcp, &mut buffered).await);
+    for pipelined in [1, 2] {
+        // The client waits, long enough for the connection to be parked (a quarter to half
+        // a second of quiet).
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        tcp.write_all(get.repeat(pipelined).as_bytes())
+            .await
+            .unwrap();
+        for _ in 0..pipelined {
+            ids.push(read_response(&mut tcp, &mut buffered).await);
+        }
+    }
+    for id in &ids {
+        let out = w.proxy.log.outcome(id).await;
+        assert_eq!(out["status"], 200, "{out}");
+        assert_eq!(out["complete"], true, "{out}");
+    }
+    assert_eq!(w.home.requests(), 4);
+    // Left idle: closed after `header_read_timeout`, as an idle keep-alive connection is.
+    let idle = std::time::Instant::now();
+    let mut rest = [0u8; 64];
+    let closed = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read(&mut tcp, &mut rest),
+    )
+    .await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "an idle keep-alive connection stayed open: {closed:?}"
+    );
+    assert!(
+        idle.elapsed() >= Duration::from_millis(1500),
+        "closed after {:?}, before header_read_timeout",
+        idle.elapsed()
+    );
+}
+
+/// Reads one HTTP/1.1 response with a `Content-Length` from `tcp` (bytes past it stay in
+/// `buffered` for the next), checks it is a 200 and returns its decision id.
+async fn read_response(tcp: &mut tokio::net::TcpStream, buffered: &mut Vec<u8>) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buffered.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the proxy closed the connection");
+        buffered.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&buffered[..head_end]).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("no {name} in {head}"))
+    };
+    let len: usize = header("content-length:").parse().unwrap();
+    let id = header("x-residency-decision:").to_uppercase();
+    while buffered.len() < head_end + len {
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the proxy closed the connection mid-body");
+        buffered.extend_from_slice(&buf[..n]);
+    }
+    buffered.drain(..head_end + len);
+    id
+}
+
 /// Regression: the upstream timeout ran from the first byte sent, so an upload that took
 /// longer than `upstream_timeout` to send was cut off with a 504 although the store answered
 /// at once. The timeout is how long the store may take to answer once it has the request.
