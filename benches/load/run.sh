@@ -70,7 +70,10 @@ source "$ROOT/benches/lib.sh"
 # over HTTP/1.1 on 18080.
 H2_LISTEN=""; [ -n "$H2" ] && H2_LISTEN=" http2"
 nginx_conf backend "server { listen 127.0.0.2:18080 backlog=4096; ${H2:+listen 127.0.0.2:18083 backlog=4096 http2;} root $W/www; location / { } }" > "$W/backend.conf"
-nginx_conf proxy "upstream store { server 127.0.0.2:18080; keepalive 256; keepalive_requests 1000000; }
+# Each proxy keeps as many idle upstream connections as there are client connections: with a
+# smaller pool nginx reopens upstream connections under load and measures that churn instead.
+POOL=$(( CONNS > 256 ? CONNS : 256 ))
+nginx_conf proxy "upstream store { server 127.0.0.2:18080; keepalive $POOL; keepalive_requests 1000000; }
     server { listen 127.0.0.1:18081 backlog=4096$H2_LISTEN; $NGINX_PROXY_LOCATION }" > "$W/proxy.conf"
 
 # RP_BIN=/path/to/residency-proxy measures a given build (to compare two side by side).
@@ -81,7 +84,7 @@ BIN=${RP_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/residency-proxy}
 [ -n "$BASE_SHIP" ] && BASE_BIN=${BASE_BIN:-$BIN}
 "$BIN" certs init "$W" >/dev/null
 
-bench_policy load-bench 18090 18080 "$W/logs/decisions.jsonl" "upstream_idle_per_address = 512" \
+bench_policy load-bench 18090 18080 "$W/logs/decisions.jsonl" "upstream_idle_per_address = $(( POOL > 512 ? POOL : 512 ))" \
   "durability = \"$DURABILITY\"" > "$W/policy.toml"
 "$BIN" check "$W/policy.toml" >/dev/null
 
@@ -174,7 +177,7 @@ if [ -n "$BASE_SHIP" ]; then
   "$BIN" audit verify "file://$W/store/" > "$OUT/verify-shipped.txt" 2>&1 || true
   ls "$W/base-logs" | grep -c -- '-0000' > "$OUT/unshipped.txt" || true
 fi
-"$BIN" audit verify "$W/logs/decisions.jsonl" > "$OUT/verify.txt" 2>&1 || true
+"$BIN" audit verify "$W/logs" > "$OUT/verify.txt" 2>&1 || true
 python3 - "$OUT" "$W/logs/decisions.jsonl" "$RSS_KB" "$DURABILITY" <<'PY' | tee "$OUT/summary.md"
 import csv, json, statistics, sys
 out, log, rss, dur = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
@@ -202,6 +205,7 @@ print('ours / nginx throughput: %.2f; added latency p50 ours %.3f ms vs nginx %.
          d['ours']['p99_ms'] - d['direct']['p99_ms'], d['nginx']['p99_ms'] - d['direct']['p99_ms']))
 dec = out_ = 0
 ids = {}
+outs = {}
 import glob, os
 files = sorted(glob.glob(os.path.join(os.path.dirname(log), 'decisions*.jsonl')))
 for line in (l for f in files for l in open(f)):
@@ -209,9 +213,11 @@ for line in (l for f in files for l in open(f)):
     if r['kind'] == 'decision':
         dec += 1; ids[r['id']] = ids.get(r['id'], 0) + 1
     elif r['kind'] == 'outcome':
-        out_ += 1
+        out_ += 1; outs[r['id']] = outs.get(r['id'], 0) + 1
 dups = sum(1 for v in ids.values() if v > 1)
-print('decision log (%s): %d decision records, %d outcome records, %d duplicate ids; %s' % (dur, dec, out_, dups, open(out + '/verify.txt').read().strip()))
+unmatched = sum(1 for i in ids if outs.get(i, 0) != 1)
+print('decision log (%s, %d chain files): %d decision records, %d outcome records, %d duplicate ids, %d decisions without exactly one outcome; %s'
+      % (dur, len(files), dec, out_, dups, unmatched, open(out + '/verify.txt').read().strip()))
 print('proxy RSS at the end of the run: %.1f MiB' % (rss / 1024))
 if os.path.exists(out + '/verify-shipped.txt'):
     print('base shipped its log: %s; sealed files left unshipped: %s'
