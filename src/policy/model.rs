@@ -289,6 +289,9 @@ pub struct LogSettings {
     /// The chain's name (`[log] instance`, default the host name): every record carries it,
     /// and shipped files are kept under it.
     pub instance: Arc<str>,
+    /// `[log] instance` was written in the policy (else it is the host name, which changes
+    /// with every replaced container or pod).
+    pub instance_given: bool,
     /// Seal (rotate) the active file at least this often, so that it ships at low traffic.
     pub rotate_interval: Option<Duration>,
     pub ship: Option<ShipSettings>,

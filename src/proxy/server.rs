@@ -363,10 +363,14 @@ where
     };
     match (ended, parked_after) {
         (Err(e), _) => Ran::Failed(e),
-        // Ended by itself (the client closed, or asked to), or by the drain.
-        (Ok(()), None) => Ran::Closed,
-        (Ok(()), Some(_)) if drained => Ran::Closed,
-        (Ok(()), Some(quiet)) => Ran::Parked(conn.into_parts(), quiet),
+        (Ok(()), Some(quiet)) if !drained => Ran::Parked(conn.into_parts(), quiet),
+        // Ended by itself (the client closed, or asked to), or by the drain. Polled without
+        // shutdown, hyper may still hold the end of a response a slow client has not taken:
+        // polled as a future it flushes and shuts the stream down (bounded, as any stall).
+        (Ok(()), _) => {
+            let _ = tokio::time::timeout(limit, &mut conn).await;
+            Ran::Closed
+        }
     }
 }
 

@@ -159,11 +159,21 @@ impl Committer {
                 if let Some(was) = &start.instance
                     && **was != *settings.instance
                 {
-                    return Err(AuditError::Renamed {
-                        path: path.clone(),
-                        was: was.clone(),
-                        now: settings.instance.to_string(),
-                    });
+                    // A name the operator chose is held to; the host name (the default) changes
+                    // with every replaced container, and a sidecar must not stop over it.
+                    if settings.instance_given {
+                        return Err(AuditError::Renamed {
+                            path: path.clone(),
+                            was: was.clone(),
+                            now: settings.instance.to_string(),
+                        });
+                    }
+                    tracing::event!(target: EVENTS, tracing::Level::WARN,
+                        log.path = %path.display(),
+                        log.was = %was,
+                        log.instance = %settings.instance,
+                        "decision log continues a chain written under another instance name (the host name changed, and [log] instance is not set): set [log] instance so that a fleet's verification reads one chain per name"
+                    );
                 }
                 (Sink::File(file), start)
             }

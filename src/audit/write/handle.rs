@@ -396,6 +396,7 @@ mod tests {
         let p = policy();
         let mut renamed = settings(&p, &path, Durability::Write);
         renamed.instance = format!("{}-renamed", p.log.instance).into();
+        renamed.instance_given = true;
         let e = LogWriter::open(&renamed, None)
             .err()
             .expect("refused")
@@ -409,6 +410,39 @@ mod tests {
         assert_chain(&path, 3);
         write_log(&path, 3..5).await;
         assert_chain(&path, 5);
+        // Left to its default (the host name, which every replaced container changes), a new
+        // name continues the chain rather than stopping the sidecar.
+        renamed.instance_given = false;
+        let w = LogWriter::open(&renamed, None).unwrap();
+        w.append(record(&p, 5)).await.unwrap();
+        w.close().await;
+        assert_chain(&path, 6);
+    }
+
+    #[tokio::test]
+    async fn a_renamed_instance_is_refused_after_everything_shipped_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        write_log(&path, 0..3).await;
+        // As after a clean stop with shipping: the sealed file is gone, its head kept.
+        let last = lines(&path).pop().unwrap();
+        let head = serde_json::json!({
+            "seq": last["seq"], "hash": last["hash"], "kind": last["kind"], "final": true,
+            "object": "logs/shanghai-0/00000000000000000001-00000000000000000004-20261207T000000Z.jsonl.zst",
+        });
+        std::fs::write(super::super::ship::head_path(&path), head.to_string()).unwrap();
+        std::fs::write(&path, "").unwrap();
+        let p = policy();
+        let mut renamed = settings(&p, &path, Durability::Write);
+        renamed.instance = "shanghai-1".into();
+        renamed.instance_given = true;
+        let e = LogWriter::open(&renamed, None)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("is the chain of instance \"shanghai-0\""), "{e}");
+        renamed.instance = "shanghai-0".into();
+        LogWriter::open(&renamed, None).unwrap().close().await;
     }
 
     #[tokio::test]

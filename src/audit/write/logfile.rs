@@ -158,7 +158,8 @@ fn shipped_tail(path: &Path) -> Result<Option<Tail>, AuditError> {
             seq: h.seq,
             hash: h.hash,
         },
-        instance: None,
+        // The object went to `PREFIX/INSTANCE/NAME`: the chain's instance.
+        instance: h.object.rsplit('/').nth(1).map(str::to_string),
     }))
 }
 

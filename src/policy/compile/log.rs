@@ -100,6 +100,7 @@ pub(super) fn compile(cx: &mut Cx<'_>, place: &Place, l: RawLog) -> LogSettings 
     }
     LogSettings {
         instance,
+        instance_given: l.instance.is_some(),
         rotate_interval,
         ship,
         target,
