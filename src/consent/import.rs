@@ -366,10 +366,12 @@ pub fn read(
             chunk.changes.push(change);
         }
         if chunk.changes.len() >= CHUNK || chunk.refused.len() >= CHUNK {
-            // The store stopped (it failed): nothing more to read.
-            stopped = chunks
-                .blocking_send(Ok(std::mem::take(&mut chunk)))
-                .is_err();
+            // Chunks are written as they come: one read from a file being rewritten must not
+            // be (a torn line would withdraw its consent), so the file is checked first.
+            let next = input.unchanged().map(|()| std::mem::take(&mut chunk));
+            let changed = next.is_err();
+            // The store stopped (it failed), or the file changed: nothing more to read.
+            stopped = chunks.blocking_send(next).is_err() || changed;
         }
     })?;
     // The three passes read the same bytes, or the import is refused whole.
@@ -471,6 +473,42 @@ mod tests {
             [(2, "b".to_string(), false), (3, "a".to_string(), false)]
         );
         assert_eq!(superseded, 1);
+    }
+
+    /// Chunks are written as they are read: once the file changes, no chunk read after it
+    /// is sent as one (a line torn by the rewrite would otherwise withdraw its consent).
+    #[test]
+    fn no_chunk_is_sent_once_the_file_changed_under_the_read() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let chunks = 8;
+        let text: String = (0..chunks * CHUNK)
+            .map(|i| line(&format!("c{i}"), "p") + "\n")
+            .collect();
+        std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+        let input = Input::open(f.path()).unwrap();
+        // One chunk in flight at a time: the reader waits for each to be taken.
+        let (tx, mut rx) = mpsc::channel(1);
+        let reader = std::thread::spawn(move || read(&input, Timestamp::now(), &tx));
+        let first = rx.blocking_recv().unwrap();
+        assert!(first.is_ok());
+        std::io::Write::write_all(&mut f, line("late", "p").as_bytes()).unwrap();
+        let (mut sent, mut failed) = (1, false);
+        while let Some(chunk) = rx.blocking_recv() {
+            match chunk {
+                Ok(_) => sent += 1,
+                Err(e) => {
+                    assert!(e.to_string().contains("changed while"), "{e}");
+                    failed = true;
+                }
+            }
+        }
+        assert!(failed, "the change was not reported");
+        // The first, the one waiting in the channel, and one read before the write landed.
+        assert!(
+            sent <= 3,
+            "{sent} of {chunks} chunks sent after the file changed"
+        );
+        assert!(reader.join().unwrap().is_err());
     }
 
     #[test]
