@@ -16,11 +16,9 @@
 mod common;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
-use hyper::{Request, Response};
+use http_body_util::{BodyExt, Empty};
+use hyper::Request;
 use hyper_util::rt::TokioIo;
-use residency_proxy::audit::keys::SigningKey;
 use residency_proxy::proxy::snapshot::Overrides;
 use residency_proxy::proxy::{self, ServeConfig};
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -119,8 +117,11 @@ fn main() {
     // This thread runs the client.
     COUNTED.with(|c| c.set(false));
     let dir = tempfile::tempdir().expect("temp dir");
-    let upstream = start_upstream();
-    let policy = write_setup(dir.path(), upstream);
+    // A store answering 1 KiB, and the load benchmark's policy (`benches/lib.sh`).
+    let upstream = common::start_upstream(Bytes::from(vec![7u8; 1024]), || {
+        COUNTED.with(|c| c.set(false))
+    });
+    let policy = common::write_load_setup(dir.path(), "alloc-bench", upstream, "");
 
     let proxy_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -235,67 +236,4 @@ async fn send(addr: SocketAddr, path: &'static str, status: u16, total: u64) {
     for t in tasks {
         t.await.expect("client task");
     }
-}
-
-/// A store at 127.0.0.2 (placed at home) answering every GET with 1 KiB, on its own thread.
-fn start_upstream() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.2:0").expect("bind upstream");
-    listener.set_nonblocking(true).expect("nonblocking");
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        COUNTED.with(|c| c.set(false));
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .on_thread_start(|| COUNTED.with(|c| c.set(false)))
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            let body = Bytes::from(vec![7u8; 1024]);
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let body = body.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
-                        let body = body.clone();
-                        async move { Ok::<_, hyper::Error>(Response::new(Full::new(body))) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-    });
-    addr
-}
-
-/// The policy, consent file and signing key of the load benchmark (`benches/lib.sh`).
-fn write_setup(dir: &std::path::Path, upstream: SocketAddr) -> std::path::PathBuf {
-    let key = dir.join("log-signing.key");
-    std::fs::write(&key, SigningKey::generate_pem()).unwrap();
-    let consents = dir.join("consents.jsonl");
-    std::fs::write(
-        &consents,
-        r#"{"id":"c-bench-1","subject":"u1","recipient":"bureau","purposes":["credit_scoring"],"categories":["user.financial"],"destinations":["US"],"method":"explicit","granted_at":"2026-01-01T00:00:00Z","expires_at":"2036-01-01T00:00:00Z"}
-"#,
-    )
-    .unwrap();
-    let policy = dir.join("policy.toml");
-    let extra = format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n\
-         [consent]\nstore = \"file:{}\"\npurpose_header = \"X-Purpose\"\n\
-         [log]\npath = \"{}\"\nsigning_key = \"{}\"\ndurability = \"write\"\n",
-        consents.display(),
-        dir.join("logs/decisions.jsonl").display(),
-        key.display()
-    );
-    std::fs::write(
-        &policy,
-        common::load_policy("alloc-bench", &upstream.to_string(), &extra),
-    )
-    .unwrap();
-    policy
 }

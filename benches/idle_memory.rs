@@ -13,11 +13,6 @@
 mod common;
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use residency_proxy::audit::keys::SigningKey;
 use residency_proxy::proxy::snapshot::Overrides;
 use residency_proxy::proxy::{self, ServeConfig};
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -152,8 +147,17 @@ X-Purpose: credit_scoring\r\n\r\n";
 fn main() {
     COUNTED.with(|c| c.set(false));
     let dir = tempfile::tempdir().expect("temp dir");
-    let upstream = start_upstream();
-    let policy = write_setup(dir.path(), upstream);
+    // A store answering `small\n`, as nginx serves `small.txt` in the memory benchmark, and
+    // that benchmark's policy (`benches/memory/run.sh`).
+    let upstream = common::start_upstream(Bytes::from_static(b"small\n"), || {
+        COUNTED.with(|c| c.set(false))
+    });
+    let policy = common::write_load_setup(
+        dir.path(),
+        "idle-memory-bench",
+        upstream,
+        "header_read_timeout = \"300s\"\nmax_connections = 20000\n",
+    );
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let proxy_thread = std::thread::spawn(move || {
@@ -276,69 +280,4 @@ fn read_answer(s: &mut TcpStream) {
         "{}",
         String::from_utf8_lossy(&got)
     );
-}
-
-/// A store at 127.0.0.2 (placed at home) answering every GET with `small\n`, on its own
-/// thread, as nginx serves `small.txt` in the memory benchmark.
-fn start_upstream() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.2:0").expect("bind upstream");
-    listener.set_nonblocking(true).expect("nonblocking");
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        COUNTED.with(|c| c.set(false));
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .on_thread_start(|| COUNTED.with(|c| c.set(false)))
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
-                        Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(
-                            b"small\n",
-                        ))))
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-    });
-    addr
-}
-
-/// The memory benchmark's policy (`benches/memory/run.sh`): one worker, the policy, consent
-/// check and signed log on.
-fn write_setup(dir: &std::path::Path, upstream: SocketAddr) -> std::path::PathBuf {
-    let key = dir.join("log-signing.key");
-    std::fs::write(&key, SigningKey::generate_pem()).unwrap();
-    let consents = dir.join("consents.jsonl");
-    std::fs::write(
-        &consents,
-        r#"{"id":"c-bench-1","subject":"u1","recipient":"bureau","purposes":["credit_scoring"],"categories":["user.financial"],"destinations":["US"],"method":"explicit","granted_at":"2026-01-01T00:00:00Z","expires_at":"2036-01-01T00:00:00Z"}
-"#,
-    )
-    .unwrap();
-    let policy = dir.join("policy.toml");
-    let extra = format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 1\nheader_read_timeout = \"300s\"\n\
-         max_connections = 20000\n\
-         [consent]\nstore = \"file:{}\"\npurpose_header = \"X-Purpose\"\n\
-         [log]\npath = \"{}\"\nsigning_key = \"{}\"\ndurability = \"write\"\n",
-        consents.display(),
-        dir.join("logs/decisions.jsonl").display(),
-        key.display()
-    );
-    std::fs::write(
-        &policy,
-        common::load_policy("idle-memory-bench", &upstream.to_string(), &extra),
-    )
-    .unwrap();
-    policy
 }

@@ -111,3 +111,76 @@ pub fn request<'a>(
         copy_source: residency_proxy::policy::decide::Copied::Nothing,
     }
 }
+
+/// A store at 127.0.0.2 (placed at home) answering every request with `body`, on a thread
+/// of its own. `uncounted` runs first on each of its threads: an allocation-counting bench
+/// leaves the store's allocations out of what it counts.
+pub fn start_upstream(body: bytes::Bytes, uncounted: fn()) -> std::net::SocketAddr {
+    use http_body_util::Full;
+    use hyper::body::Incoming;
+    use hyper_util::rt::TokioIo;
+    let listener = std::net::TcpListener::bind("127.0.0.2:0").expect("bind upstream");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        uncounted();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .on_thread_start(uncounted)
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req: hyper::Request<Incoming>| {
+                        let body = body.clone();
+                        async move { Ok::<_, hyper::Error>(hyper::Response::new(Full::new(body))) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+    });
+    addr
+}
+
+/// The load benchmarks' policy in `dir` (one worker; the consent check and the signed log
+/// on), with a consent for `u1`, a signing key, and `proxy_keys` added to `[proxy]`.
+pub fn write_load_setup(
+    dir: &std::path::Path,
+    name: &str,
+    upstream: std::net::SocketAddr,
+    proxy_keys: &str,
+) -> std::path::PathBuf {
+    let key = dir.join("log-signing.key");
+    std::fs::write(
+        &key,
+        residency_proxy::audit::keys::SigningKey::generate_pem(),
+    )
+    .unwrap();
+    let consents = dir.join("consents.jsonl");
+    std::fs::write(
+        &consents,
+        r#"{"id":"c-bench-1","subject":"u1","recipient":"bureau","purposes":["credit_scoring"],"categories":["user.financial"],"destinations":["US"],"method":"explicit","granted_at":"2026-01-01T00:00:00Z","expires_at":"2036-01-01T00:00:00Z"}
+"#,
+    )
+    .unwrap();
+    let policy = dir.join("policy.toml");
+    let extra = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n{proxy_keys}\
+         [consent]\nstore = \"file:{}\"\npurpose_header = \"X-Purpose\"\n\
+         [log]\npath = \"{}\"\nsigning_key = \"{}\"\ndurability = \"write\"\n",
+        consents.display(),
+        dir.join("logs/decisions.jsonl").display(),
+        key.display()
+    );
+    std::fs::write(&policy, load_policy(name, &upstream.to_string(), &extra)).unwrap();
+    policy
+}
