@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Where the store listens: located at home (CN) by the bundle's policy.
@@ -255,6 +255,7 @@ async fn one(conn: &mut Conn, n: usize) -> Result<(u16, String), String> {
 fn keep_sending(
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    answered: Arc<AtomicUsize>,
 ) -> tokio::task::JoinHandle<Vec<Result<(u16, String), String>>> {
     tokio::spawn(async move {
         let mut conns = [Conn::open(APP, addr).await, Conn::open(APP, addr).await];
@@ -263,11 +264,24 @@ fn keep_sending(
         while !stop.load(Ordering::Relaxed) {
             for c in &mut conns {
                 answers.push(one(c, n).await);
+                answered.fetch_add(1, Ordering::Relaxed);
                 n += 1;
             }
         }
         answers
     })
+}
+
+/// Waits until every sidecar has answered `more` requests beyond `from` (its counts then).
+async fn answered_more(counts: &[Arc<AtomicUsize>], more: usize, what: &str) {
+    let from: Vec<usize> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    crate::support::wait_until(what, || {
+        counts
+            .iter()
+            .zip(&from)
+            .all(|(c, f)| c.load(Ordering::Relaxed) >= f + more)
+    })
+    .await;
 }
 
 /// The complete decision records of a sidecar's log, in chain order.
@@ -363,11 +377,13 @@ async fn a_fleet_takes_a_new_revision_under_load_refuses_bad_ones_and_restarts_o
 
     // Revision 2 rolls out while every sidecar is busy.
     let stop = Arc::new(AtomicBool::new(false));
+    let counts: Vec<Arc<AtomicUsize>> = fleet.iter().map(|_| Arc::default()).collect();
     let load: Vec<_> = fleet
         .iter()
-        .map(|s| keep_sending(s.data, stop.clone()))
+        .zip(&counts)
+        .map(|(s, c)| keep_sending(s.data, stop.clone(), c.clone()))
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    answered_more(&counts, 10, "every sidecar answering under revision 1").await;
     let published = Instant::now();
     publish(&store, publisher.bundle(2)).await;
     let mut live_after = vec![None; SIDECARS];
@@ -384,8 +400,8 @@ async fn a_fleet_takes_a_new_revision_under_load_refuses_bad_ones_and_restarts_o
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     eprintln!("revision 2 live after {live_after:?}");
-    // Requests keep flowing under the new revision for a while.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Requests keep flowing under the new revision.
+    answered_more(&counts, 10, "every sidecar answering under revision 2").await;
     stop.store(true, Ordering::Relaxed);
     for (n, (s, task)) in fleet.iter().zip(load).enumerate() {
         let answers = task.await.unwrap();
