@@ -1,6 +1,8 @@
 //! Decision-log records as a Parquet file with typed columns (`audit export --format parquet`,
 //! SPEC 5.1), for the engines a security team queries a fleet's log with (DuckDB, Trino,
-//! Athena, Spark). Written with parquet's own column writers: no arrow.
+//! Athena, Spark). Written with parquet's own column writers: no arrow. One file, though
+//! long: about 650 lines of code (the schema and the columns it fills, which change together),
+//! the rest its tests.
 //!
 //! One row per record, of any kind, but for a disclosure record (a batch of a bulk export
 //! naming the subjects whose records it carried): a row per subject it names, that subject in
