@@ -51,7 +51,11 @@ where
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
-        .with_ansi(colour);
+        .with_ansi(colour)
+        // A line that cannot be written (a full disk under a redirected stderr) is lost, as
+        // nginx loses its error-log lines: reporting that with `eprintln!` would panic and
+        // take the proxy down with it, decision log and all.
+        .log_internal_errors(false);
     // A second initialisation (tests that run several commands in one process) keeps the first.
     let _ = match format {
         LogFormat::Text => builder.try_init(),

@@ -1,7 +1,8 @@
 //! The proxy's own logs as a log collector sees them: `serve` with its output piped (as under
 //! systemd, `kubectl logs` or `serve > proxy.out`) writes plain lines with no colour escapes,
 //! `--log-format json` writes one JSON object per line, and colour appears only on a terminal
-//! (a real pseudo-terminal, through `script`), and not there either with `NO_COLOR` set.
+//! (a real pseudo-terminal, through `script`), and not there either with `NO_COLOR` set; a
+//! log that cannot be written (a full disk) loses its lines but not the proxy.
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -207,4 +208,39 @@ fn serve_on_a_terminal_colours_its_log_unless_no_color_is_set() {
         empty.contains("\x1b["),
         "an empty NO_COLOR turned colour off:\n{empty}"
     );
+}
+
+/// The proxy's own log cannot be written (standard error on a full disk: `/dev/full`): its
+/// lines are lost, but the proxy keeps serving and stops cleanly. It used to panic at its
+/// first line, as the logging library reported the failed write with `eprintln!`.
+#[test]
+fn serve_keeps_running_when_its_own_log_cannot_be_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full (Linux)");
+    let mut child = serve_command(dir.path(), BIN)
+        .args(["serve", "--policy", "policy.toml", "--admin", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(full)
+        .spawn()
+        .unwrap();
+    // Serving once its decision log is open (lines were logged, and lost, before that).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dir.path().join("decisions.jsonl").exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("serve ended with its own log unwritable: {status}");
+        }
+        assert!(Instant::now() < deadline, "serve did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "serve ended with its own log unwritable"
+    );
+    terminate(&mut child);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
 }
